@@ -1,0 +1,33 @@
+"""qbound: formal bounds on the error of quantized and compressed neural networks, in JAX.
+
+The one call most users make is :func:`certify`; the pieces it is built from are re-exported here.
+"""
+
+from qbound import bounds
+from qbound import quantize
+from qbound.attack import Search, maximize_error
+from qbound.box import Box, linf_ball
+from qbound.certify import Certificate, SoundnessError, certify
+from qbound.graph import Graph, Node
+from qbound.merge import MergedNetwork, merge
+from qbound.trace import UnsupportedPrimitiveError, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Box",
+    "Certificate",
+    "Graph",
+    "MergedNetwork",
+    "Node",
+    "Search",
+    "SoundnessError",
+    "UnsupportedPrimitiveError",
+    "bounds",
+    "certify",
+    "linf_ball",
+    "maximize_error",
+    "merge",
+    "quantize",
+    "trace",
+]

@@ -1,0 +1,60 @@
+"""Outward rounding: margins that keep float32 bound computations sound.
+
+Bound propagation runs in the graph's float dtype (float32 by default, the only wide type TPUs
+have). Every float operation may round, and XLA on CPU flushes subnormal results to zero, so a
+bound computed naively can sit a few units in the last place on the wrong side of the truth. The
+*sound mode* used by default widens each computed bound by a proven margin from the standard model
+of floating-point arithmetic (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+2002, sections 2.2 and 3.1): with unit roundoff ``u`` (2**-24 for float32), a sum of ``n``
+products computed in ANY order, with or without fused multiply-adds, has absolute error at most
+``gamma(n) * sum_i |a_i b_i|`` with ``gamma(n) = n u / (1 - n u)``. To that qbound adds ``n`` times
+the smallest normal number for flushed subnormals, and a factor 1.01 that covers the rounding of
+the margin's own computation (whose relative error is at most ``gamma(n)``, far below 1% while
+``n u < 1e-3``, which :func:`gamma` checks).
+
+What the guarantee is: a sound-mode bound holds for the *real-arithmetic* value of the network
+whose weights are exactly the float values given. Matrix products run at ``Precision.HIGHEST`` so
+that no backend silently computes them in bfloat16 or TF32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+SLACK = 1.01
+
+
+def unit_roundoff(dtype) -> float:
+  return float(np.finfo(np.dtype(dtype)).eps) / 2
+
+
+def gamma(n: int, dtype) -> float:
+  """``n u / (1 - n u)``: the relative error bound of a length-``n`` dot product."""
+  u = unit_roundoff(dtype)
+  nu = n * u
+  if nu >= 1e-3:
+    raise ValueError(f"a sum of {n} terms in {np.dtype(dtype).name} is too long for qbound's rounding "
+                     "margins (n * u must stay below 1e-3); compute in float64 (jax_enable_x64).")
+  return nu / (1 - nu)
+
+
+def tiny(dtype) -> float:
+  """The smallest normal number: the most a flushed subnormal result can lose."""
+  return float(np.finfo(np.dtype(dtype)).tiny)
+
+
+def round_down(x):
+  """A float strictly below ``x`` by at least one unit in the last place (and by a normal number at 0)."""
+  dtype = jnp.result_type(x)
+  return x - (jnp.abs(x) * (4 * unit_roundoff(dtype)) + 16 * tiny(dtype))
+
+
+def round_up(x):
+  dtype = jnp.result_type(x)
+  return x + (jnp.abs(x) * (4 * unit_roundoff(dtype)) + 16 * tiny(dtype))
+
+
+def dot_margin(n: int, magnitude, dtype):
+  """The proven error bound of a sum of ``n`` products whose absolute values add up to ``magnitude``."""
+  return SLACK * gamma(n + 2, dtype) * magnitude + (n + 2) * tiny(dtype)

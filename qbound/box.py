@@ -1,0 +1,138 @@
+"""Boxes: the input sets qbound certifies over, and the output bounds it proves.
+
+A :class:`Box` is an axis-aligned hyper-rectangle ``{x : lower <= x <= upper}`` stored as two
+arrays of the same shape (the shape of ONE unbatched input, e.g. ``(5,)`` or ``(28, 28, 1)``).
+It is a pytree, so boxes pass through ``jax.jit`` and ``jax.vmap`` (a leading axis on both arrays
+is a batch of boxes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Box:
+  """The set ``{x : lower <= x <= upper}`` (elementwise).
+
+  Attributes:
+    lower: lower corner, an array of the input's shape.
+    upper: upper corner, the same shape as ``lower``.
+
+  Example:
+    >>> import jax.numpy as jnp, qbound as qb
+    >>> box = qb.Box(lower=-jnp.ones(3), upper=jnp.ones(3))
+    >>> box.shape, float(box.radius.max())
+    ((3,), 1.0)
+  """
+
+  lower: Any
+  upper: Any
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(jnp.shape(self.lower))
+
+  @property
+  def center(self):
+    return (self.lower + self.upper) / 2
+
+  @property
+  def radius(self):
+    return (self.upper - self.lower) / 2
+
+  @property
+  def width(self):
+    return self.upper - self.lower
+
+  def contains(self, x, *, atol: float = 0.0) -> bool:
+    """Whether ``x`` lies in the box (up to ``atol``)."""
+    x = np.asarray(x)
+    return bool(np.all(x >= np.asarray(self.lower) - atol) and np.all(x <= np.asarray(self.upper) + atol))
+
+  def clip(self, x):
+    """Projects ``x`` onto the box (the nearest point of the box in every norm)."""
+    return jnp.clip(x, self.lower, self.upper)
+
+  def __repr__(self) -> str:
+    return f"Box(shape={self.shape}, lower={np.asarray(self.lower)!r}, upper={np.asarray(self.upper)!r})"
+
+
+def linf_ball(center, radius, *, clip_lower=None, clip_upper=None) -> Box:
+  """The L-infinity ball ``{x : |x - center|_inf <= radius}``, optionally intersected with a domain.
+
+  Args:
+    center: the ball's centre (one unbatched input).
+    radius: a scalar or an array broadcastable to ``center``.
+    clip_lower: optional lower limit of the input domain (e.g. 0 for pixels).
+    clip_upper: optional upper limit of the input domain (e.g. 1 for pixels).
+
+  Returns:
+    The ball as a :class:`Box`.
+
+  Example:
+    >>> import jax.numpy as jnp, qbound as qb
+    >>> qb.linf_ball(jnp.array([0.0, 0.99]), 0.02, clip_lower=0.0, clip_upper=1.0).upper
+    Array([0.02, 1.  ], dtype=float32)
+  """
+  center = jnp.asarray(center, dtype=jnp.result_type(center, jnp.float32))
+  lower = center - radius
+  upper = center + radius
+  if clip_lower is not None:
+    lower = jnp.maximum(lower, clip_lower)
+  if clip_upper is not None:
+    upper = jnp.minimum(upper, clip_upper)
+  return Box(lower=lower, upper=upper)
+
+
+def validate_box(box: Box, *, name: str = "box") -> Box:
+  """Checks a box and returns it with float arrays; raises ``ValueError`` saying what is wrong.
+
+  Rejects: a non-Box, lower/upper of different shapes, NaN or infinite corners, and inverted
+  (empty) boxes with ``lower > upper`` anywhere.
+  """
+  if not isinstance(box, Box):
+    raise ValueError(f"{name} must be a qbound.Box(lower=..., upper=...), got {type(box).__name__}.")
+  lower = np.asarray(box.lower)
+  upper = np.asarray(box.upper)
+  if lower.shape != upper.shape:
+    raise ValueError(f"{name}.lower has shape {lower.shape} but {name}.upper has shape {upper.shape}; "
+                     "they must match (the shape of one unbatched input).")
+  for side, arr in (("lower", lower), ("upper", upper)):
+    if not np.issubdtype(arr.dtype, np.number):
+      raise ValueError(f"{name}.{side} must be numeric, got dtype {arr.dtype}.")
+    if not np.all(np.isfinite(arr)):
+      bad = np.argwhere(~np.isfinite(arr))[0]
+      raise ValueError(f"{name}.{side} is not finite at index {tuple(int(i) for i in bad)} "
+                       f"(value {arr[tuple(bad)]}); give finite corners.")
+  if np.any(lower > upper):
+    bad = tuple(int(i) for i in np.argwhere(lower > upper)[0])
+    raise ValueError(f"{name} is empty: lower > upper at index {bad} ({lower[bad]} > {upper[bad]}). "
+                     "Swap the corners or build the box with qbound.linf_ball(center, radius).")
+  dtype = np.result_type(lower.dtype, np.float32) if np.issubdtype(lower.dtype, np.floating) else np.float32
+  return Box(lower=jnp.asarray(lower, dtype), upper=jnp.asarray(upper, dtype))
+
+
+def sample_uniform(key, box: Box, num: int):
+  """``num`` points drawn uniformly from the box, shape ``(num, *box.shape)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, qbound as qb
+    >>> xs = qb.box.sample_uniform(jax.random.key(0), qb.Box(jnp.zeros(2), jnp.ones(2)), 4)
+    >>> xs.shape
+    (4, 2)
+  """
+  u = jax.random.uniform(key, (num, *box.shape), dtype=jnp.result_type(box.lower))
+  return box.lower + u * (box.upper - box.lower)
+
+
+def sample_vertices(key, box: Box, num: int):
+  """``num`` random vertices of the box: the maximal error of a piecewise-linear net often sits there."""
+  bits = jax.random.bernoulli(key, 0.5, (num, *box.shape))
+  return jnp.where(bits, box.upper, box.lower)

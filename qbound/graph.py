@@ -1,0 +1,187 @@
+"""The layer graph: what a traced network looks like to qbound's bound propagation.
+
+A :class:`Graph` is a tuple of :class:`Node` s in topological order. Node 0 is the input. Every node
+holds one value (an array of ``node.shape``) computed from the values of ``node.inputs``. The kinds:
+
+=============  ==============================================================================
+kind           value
+=============  ==============================================================================
+``input``      the network's input x
+``affine``     ``op(x) + bias``: ``op`` a linear map (dot_general, conv, reshape, ...) whose
+               constant operands are ``weights``; ``bias`` may be None
+``add``        ``sum_i signs[i] * x_i`` over several nodes (residual additions, f - f_q)
+``concat``     concatenation of several nodes along ``attrs[0]``
+``relu``       ``max(x, 0)``
+=============  ==============================================================================
+
+The arrays (``weights``, ``bias``) are pytree leaves and the structure is static, so a graph is a
+pytree: bound propagation jit-compiles once per structure and takes the weights as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INPUT, AFFINE, ADD, CONCAT, RELU = "input", "affine", "add", "concat", "relu"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One value of the network. See the module docstring for the kinds.
+
+  Attributes:
+    kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``.
+    inputs: indices of the nodes this one reads.
+    shape: shape of this node's value.
+    op: for ``affine``, the linear map (a hashable object with ``apply``, ``apply_abs`` and
+      ``in_shape``; see :mod:`qbound.trace`); None means the identity.
+    weights: the linear map's constant operands (pytree leaves).
+    bias: constant added after ``op`` (same shape as the node) or None.
+    attrs: small static data (``add``: signs; ``concat``: axis).
+    where: the source location it was traced from, for error messages.
+  """
+
+  kind: str = dataclasses.field(metadata=dict(static=True))
+  inputs: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  op: Any = dataclasses.field(default=None, metadata=dict(static=True))
+  weights: tuple[Any, ...] = ()
+  bias: Any = None
+  attrs: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  where: str = dataclasses.field(default="", metadata=dict(static=True), compare=False)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  def linear(self, x):
+    """The node's linear part applied to ``x`` (``affine`` only)."""
+    return x if self.op is None else self.op.apply(self.weights, x)
+
+  def linear_abs(self, x):
+    """The linear part with every coefficient replaced by its absolute value."""
+    return x if self.op is None else self.op.apply_abs(self.weights, x)
+
+  def linear_transpose(self, y):
+    """The transpose of the linear part applied to ``y`` (one cotangent of the node's shape)."""
+    if self.op is None:
+      return y
+    return self.op.transpose(self.weights, y)
+
+  def linear_abs_transpose(self, y):
+    if self.op is None:
+      return y
+    return self.op.transpose_abs(self.weights, y)
+
+  @property
+  def terms(self) -> int:
+    """The largest number of products summed into one output of the linear part (for rounding)."""
+    return 1 if self.op is None else self.op.terms
+
+
+def _apply_node(node: Node, args):
+  if node.kind == AFFINE:
+    y = node.linear(args[0])
+    return y if node.bias is None else y + node.bias
+  if node.kind == ADD:
+    total = None
+    for sign, a in zip(node.attrs, args):
+      term = a if sign > 0 else -a
+      total = term if total is None else total + term
+    return total
+  if node.kind == CONCAT:
+    return jnp.concatenate(args, axis=node.attrs[0])
+  if node.kind == RELU:
+    return jnp.maximum(args[0], 0)
+  raise ValueError(f"unknown node kind {node.kind!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  """A network as a tuple of nodes; callable on ONE unbatched input.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, qbound as qb
+    >>> g = qb.trace(lambda x: jax.nn.relu(x @ jnp.ones((2, 3))), jnp.zeros(2))
+    >>> [n.kind for n in g.nodes], g.output_shape
+    (['input', 'affine', 'relu'], (3,))
+  """
+
+  nodes: tuple[Node, ...]
+  output: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return self.nodes[0].shape
+
+  @property
+  def output_shape(self) -> tuple[int, ...]:
+    return self.nodes[self.output].shape
+
+  def __call__(self, x):
+    return self.values(x)[self.output]
+
+  def values(self, x) -> list:
+    """Every node's value on input ``x``."""
+    vals = [x]
+    for node in self.nodes[1:]:
+      vals.append(_apply_node(node, [vals[i] for i in node.inputs]))
+    return vals
+
+  def consumers(self) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in self.nodes]
+    for idx, node in enumerate(self.nodes):
+      for i in node.inputs:
+        out[i].append(idx)
+    return out
+
+  def summary(self) -> str:
+    """A table of the nodes: index, kind, inputs, shape, parameters, source."""
+    rows = []
+    for idx, node in enumerate(self.nodes):
+      nparams = sum(int(np.size(w)) for w in node.weights) + (0 if node.bias is None else int(np.size(node.bias)))
+      opname = "" if node.op is None else node.op.name
+      rows.append(f"{idx:>4} {node.kind:<7} {opname:<22} in={list(node.inputs)!s:<12} "
+                  f"shape={node.shape!s:<16} params={nparams:<8} {node.where}")
+    return "\n".join(rows)
+
+  def __repr__(self) -> str:
+    return f"Graph({len(self.nodes)} nodes, {self.input_shape} -> {self.output_shape})"
+
+
+def astype(graph: Graph, dtype) -> Graph:
+  """The graph with every float constant cast to ``dtype`` (float64 needs ``jax.enable_x64``)."""
+  def cast(a):
+    return a if a is None or not jnp.issubdtype(jnp.result_type(a), jnp.floating) else jnp.asarray(a, dtype)
+
+  def convert(_, node: Node) -> Node:
+    op = None if node.op is None else node.op.with_dtype(dtype)
+    return dataclasses.replace(node, op=op, weights=tuple(cast(w) for w in node.weights), bias=cast(node.bias))
+
+  return map_nodes(graph, convert)
+
+
+def check_finite(graph: Graph, *, label: str = "network") -> None:
+  """Raises ``ValueError`` naming the first node whose weights or bias hold NaN or inf."""
+  for idx, node in enumerate(graph.nodes):
+    for part, arr in [("weights", w) for w in node.weights] + [("bias", node.bias)]:
+      if arr is None:
+        continue
+      arr = np.asarray(arr)
+      if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        kind = "NaN" if np.any(np.isnan(arr)) else "inf"
+        raise ValueError(f"{label}: the {part} of node {idx} ({node.kind} {node.where}) contain {kind}; "
+                         "qbound cannot bound a network with non-finite parameters. Check the params "
+                         "pytree (e.g. jax.tree_util.tree_map(jnp.isfinite, params)).")
+
+
+def map_nodes(graph: Graph, fn: Callable[[int, Node], Node]) -> Graph:
+  """A graph with every node replaced by ``fn(index, node)``."""
+  return Graph(nodes=tuple(fn(i, n) for i, n in enumerate(graph.nodes)), output=graph.output)

@@ -1,0 +1,205 @@
+"""The merged difference network ``g(x) = f(x) - f_q(x)``.
+
+Both networks read the same input; their hidden layers run side by side (for dense layers: one
+layer with the block-diagonal weight ``[[W, 0], [0, W_q]]`` acting on ``[z; z_q]``, the first one
+``[W, W_q]`` acting on ``x``), and a final layer ``[I, -I]`` subtracts the outputs. Any bound on
+``g`` bounds the error of the compressed network. This is the construction of Cooke, Mo, Xiang,
+"Guaranteed Quantization Error Computation for Neural Network Model Compression", 2023 (and the
+"merged network" alpha-beta-CROWN is run on in the differential verification literature).
+
+In qbound the merged network is a :class:`~qbound.graph.Graph` whose nodes are f's nodes, then
+f_q's (reading the same input node), then one ``add`` node with signs ``(+1, -1)``; this is the
+block-diagonal network written sparsely. :meth:`MergedNetwork.dense_layers` writes it out as
+explicit matrices for dense nets, and :attr:`MergedNetwork.layers` pairs f's nodes with f_q's when
+the two have the same structure (what the differential bounds need).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qbound import graph as G
+from qbound.box import Box
+from qbound.trace import trace
+
+
+class PairedLayer(NamedTuple):
+  """One layer of f and the corresponding layer of f_q (indices into the merged graph)."""
+
+  kind: str
+  shape: tuple[int, ...]
+  f_node: int
+  fq_node: int
+
+
+def _offset(node: G.Node, shift: int) -> G.Node:
+  return dataclasses.replace(node, inputs=tuple(0 if i == 0 else i + shift for i in node.inputs))
+
+
+def same_structure(a: G.Graph, b: G.Graph) -> bool:
+  """Whether two graphs have the same layers in the same order (weights may differ)."""
+  if len(a.nodes) != len(b.nodes) or a.output != b.output:
+    return False
+  for na, nb in zip(a.nodes, b.nodes):
+    if (na.kind, na.inputs, na.shape, na.op, na.attrs) != (nb.kind, nb.inputs, nb.shape, nb.op, nb.attrs):
+      return False
+    if (na.bias is None) != (nb.bias is None) or len(na.weights) != len(nb.weights):
+      return False
+    if any(np.shape(wa) != np.shape(wb) for wa, wb in zip(na.weights, nb.weights)):
+      return False
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class MergedNetwork:
+  """``g(x) = f(x) - f_q(x)`` as one explicit network. Callable on one unbatched input.
+
+  Attributes:
+    graph: the merged graph (f's nodes, f_q's nodes, the final ``[I, -I]`` node).
+    f_graph: the traced f.
+    fq_graph: the traced f_q.
+    fq_offset: f_q's node ``i > 0`` is node ``i + fq_offset`` of ``graph``.
+  """
+
+  graph: G.Graph
+  f_graph: G.Graph
+  fq_graph: G.Graph
+  fq_offset: int
+
+  def __call__(self, x):
+    return self.graph(x)
+
+  @property
+  def input_shape(self):
+    return self.graph.input_shape
+
+  @property
+  def output_shape(self):
+    return self.graph.output_shape
+
+  @property
+  def paired(self) -> bool:
+    """Whether f and f_q have the same layer structure."""
+    return same_structure(self.f_graph, self.fq_graph)
+
+  @property
+  def layers(self) -> tuple[PairedLayer, ...]:
+    """f's layers beside f_q's (raises ``ValueError`` if their structures differ)."""
+    if not self.paired:
+      raise ValueError("f and f_q have different layer structures, so their layers cannot be paired; "
+                       "the merged graph still works for interval, CROWN and sampling.")
+    return tuple(PairedLayer(n.kind, n.shape, i, i + self.fq_offset if i else 0)
+                 for i, n in enumerate(self.f_graph.nodes))
+
+  def dense_layers(self) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """The merged network as explicit dense layers ``(W, b, activation)`` with ``y = act(x @ W + b)``.
+
+    Hidden layers are block-diagonal ``[[W, 0], [0, W_q]]`` (the first is ``[W, W_q]``) and the last
+    layer is ``[I; -I]``: f's and f_q's final affine layers side by side, then the subtraction. Only
+    for chains of affine layers and ReLUs (MLPs); inputs and outputs are flattened.
+    """
+    layers_f, layers_q = _dense_chain(self.f_graph), _dense_chain(self.fq_graph)
+    if [a for _, _, a in layers_f] != [a for _, _, a in layers_q]:
+      raise ValueError("f and f_q have different layer sequences; cannot write block-diagonal layers.")
+    out = []
+    for k, ((w, b, act), (wq, bq, _)) in enumerate(zip(layers_f, layers_q)):
+      if k == 0:
+        merged_w = np.concatenate([w, wq], axis=1)
+      else:
+        merged_w = np.block([[w, np.zeros((w.shape[0], wq.shape[1]), w.dtype)],
+                             [np.zeros((wq.shape[0], w.shape[1]), w.dtype), wq]])
+      out.append((merged_w, np.concatenate([b, bq]), act))
+    n_out = layers_f[-1][0].shape[1]
+    eye = np.eye(n_out, dtype=layers_f[-1][0].dtype)
+    out.append((np.concatenate([eye, -eye], axis=0), np.zeros(n_out, eye.dtype), "linear"))
+    return out
+
+  def summary(self) -> str:
+    head = f"MergedNetwork: {self.input_shape} -> {self.output_shape}, {len(self.graph.nodes)} nodes"
+    if not self.paired:
+      return head + " (f and f_q structures differ)\n" + self.graph.summary()
+    lines = [head]
+    for layer in self.layers[1:]:
+      lines.append(f"  {layer.kind:<7} shape={layer.shape!s:<14} f: node {layer.f_node:<4} f_q: node {layer.fq_node}")
+    lines.append(f"  add     shape={self.output_shape!s:<14} [I, -I]: node {self.graph.output}")
+    return "\n".join(lines)
+
+
+def _dense_chain(graph: G.Graph) -> list[tuple[np.ndarray, np.ndarray, str]]:
+  """A chain graph as dense layers ``(W, b, activation)``; composes consecutive affine nodes."""
+  layers: list = []
+  w = b = None
+  prev = 0
+  for idx, node in enumerate(graph.nodes[1:], start=1):
+    if node.inputs != (prev,):
+      raise ValueError(f"node {idx} ({node.kind}) is not part of a simple chain; dense_layers() needs an MLP.")
+    if node.kind == G.AFFINE:
+      src_shape = graph.nodes[prev].shape
+      n_in = int(np.prod(src_shape))
+      eye = jnp.eye(n_in, dtype=jnp.float32).reshape((n_in, *src_shape))
+      mat = np.asarray(jax.vmap(node.linear)(eye)).reshape(n_in, -1)
+      bias = np.zeros(mat.shape[1], mat.dtype) if node.bias is None else np.asarray(node.bias).reshape(-1)
+      if w is None:
+        w, b = mat, bias
+      else:
+        w, b = w @ mat, b @ mat + bias
+    elif node.kind == G.RELU:
+      if w is None:
+        raise ValueError("dense_layers() needs an affine layer before every ReLU.")
+      layers.append((w, b, "relu"))
+      w = b = None
+    else:
+      raise ValueError(f"dense_layers() supports affine and relu nodes, not {node.kind!r}.")
+    prev = idx
+  if w is None:
+    raise ValueError("dense_layers() needs the network to end with an affine layer.")
+  layers.append((w, b, "linear"))
+  return layers
+
+
+def merge_graphs(f_graph: G.Graph, fq_graph: G.Graph) -> MergedNetwork:
+  """Merges two traced graphs with the same input shape into ``g = f - f_q``."""
+  if f_graph.input_shape != fq_graph.input_shape:
+    raise ValueError(f"f takes inputs of shape {f_graph.input_shape} but f_q takes {fq_graph.input_shape}.")
+  if f_graph.output_shape != fq_graph.output_shape:
+    raise ValueError(f"f returns shape {f_graph.output_shape} but f_q returns {fq_graph.output_shape}; "
+                     "the error f - f_q needs outputs of the same shape.")
+  shift = len(f_graph.nodes) - 1
+  nodes = list(f_graph.nodes) + [_offset(n, shift) for n in fq_graph.nodes[1:]]
+  fq_out = fq_graph.output + shift if fq_graph.output else 0
+  nodes.append(G.Node(kind=G.ADD, inputs=(f_graph.output, fq_out), shape=f_graph.output_shape,
+                      attrs=(1, -1), where="f - f_q"))
+  graph = G.Graph(nodes=tuple(nodes), output=len(nodes) - 1)
+  return MergedNetwork(graph=graph, f_graph=f_graph, fq_graph=fq_graph, fq_offset=shift)
+
+
+def merge(f: Callable, fq: Callable, example) -> MergedNetwork:
+  """The merged difference network ``g(x) = f(x) - fq(x)``.
+
+  Args:
+    f: the original network, a pure function of one unbatched input (or a traced Graph).
+    fq: the compressed network, same input and output shapes.
+    example: an input, a ``jax.ShapeDtypeStruct`` or a :class:`~qbound.box.Box` fixing the input shape.
+
+  Returns:
+    A :class:`MergedNetwork`; ``merged(x) == f(x) - fq(x)`` up to float rounding.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(3))
+    >>> qparams = qb.quantize.uniform(params, bits=4)
+    >>> g = qb.merge(functools.partial(model.apply, params), functools.partial(model.apply, qparams), jnp.zeros(3))
+    >>> [w.shape for w, _, _ in g.dense_layers()]
+    [(3, 16), (16, 4), (4, 2)]
+  """
+  f_graph = trace(f, example, label="f")
+  fq_graph = trace(fq, example, label="fq")
+  G.check_finite(f_graph, label="f")
+  G.check_finite(fq_graph, label="fq")
+  return merge_graphs(f_graph, fq_graph)

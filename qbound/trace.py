@@ -1,0 +1,460 @@
+"""Tracing: a pure JAX function of one input -> a :class:`~qbound.graph.Graph` of known layers.
+
+This is the only module that touches JAX internals (jaxpr equations, primitives, ``bind``). It
+walks the jaxpr of ``fn`` with every parameter folded in as a constant, evaluates what does not
+depend on the input, inlines nested calls (``jit``, ``custom_jvp_call`` as used by ``nn.relu``,
+checkpoints), and turns each equation that does depend on the input into a node:
+
+* linear maps with constant coefficients (``dot_general``, ``conv_general_dilated``, ``mul`` and
+  ``div`` by a constant, ``neg``) and data routing (``reshape``, ``transpose``, ``broadcast_in_dim``,
+  ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``concatenate``) become
+  ``affine`` nodes; an added constant becomes their bias;
+* ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
+* ``max``/``min``/``clamp`` against constants or each other are rewritten exactly with ReLUs
+  (``max(a, b) = a + relu(b - a)``), which covers ``nn.relu``, ``jnp.clip`` and hard-tanh.
+
+Anything else raises :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
+The idea of a table of per-primitive rules over a jaxpr comes from jax_verify (Stanislav Fort et
+al., DeepMind), whose released package no longer imports with current JAX (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import core as jcore  # internals live here and nowhere else in qbound
+from jax._src import source_info_util
+
+from qbound import graph as G
+from qbound.box import Box
+
+
+class UnsupportedPrimitiveError(ValueError):
+  """The traced function uses an operation qbound cannot bound."""
+
+
+_CALL_PARAM_NAMES = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_COEFFICIENT_PRIMS = {"dot_general", "conv_general_dilated", "mul", "div"}
+_ROUTING_PRIMS = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "reduce_sum",
+                  "slice", "pad", "rev", "concatenate", "dynamic_slice", "gather"}
+_IDENTITY_PRIMS = {"copy", "copy_p", "optimization_barrier"}
+_PRECISE_PRIMS = {"dot_general", "conv_general_dilated"}
+SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
+                   {"add", "add_any", "sub", "neg", "max", "min", "clamp", "convert_element_type",
+                    "jit", "pjit", "custom_jvp_call", "custom_vjp_call", "checkpoint", "closed_call"})
+
+
+def _freeze(value):
+  if isinstance(value, dict):
+    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearOp:
+  """A linear map given by one primitive whose other operands are constants.
+
+  ``apply(weights, x)`` evaluates ``primitive(*operands)`` with ``x`` at position ``var_pos`` and
+  the constant ``weights`` at the other positions. For coefficient primitives (dot, conv, mul,
+  div) ``apply_abs`` uses ``|weights|``; routing primitives (reshape, pad, ...) only move or sum
+  entries, so they are their own absolute value. ``terms`` is the largest number of products summed
+  into one output and ``terms_transpose`` the same for the transpose: they size rounding margins.
+  Matrix products run at ``Precision.HIGHEST`` so that TPUs and GPUs do not drop to bf16/TF32.
+  """
+
+  name: str
+  primitive: Any
+  params: tuple
+  var_pos: int
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  dtype: str
+  coefficients: bool
+  terms: int = 1
+  terms_transpose: int = 1
+
+  def _key(self):
+    return (self.name, self.primitive, self.params, self.var_pos, self.in_shape, self.dtype)
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def __eq__(self, other):
+    return isinstance(other, LinearOp) and self._key() == other._key()
+
+  def with_dtype(self, dtype) -> "LinearOp":
+    """The same map computing in ``dtype`` (e.g. float64 for exact checks)."""
+    name = np.dtype(dtype).name
+    params = tuple((k, np.dtype(dtype) if k == "preferred_element_type" and v is not None else v)
+                   for k, v in self.params)
+    return dataclasses.replace(self, params=params, dtype=name)
+
+  def apply(self, weights, x):
+    args = list(weights)
+    args.insert(self.var_pos, x)
+    out = self.primitive.bind(*args, **dict(self.params))
+    return out[0] if self.primitive.multiple_results else out
+
+  def apply_abs(self, weights, x):
+    if self.coefficients:
+      weights = tuple(jnp.abs(w) for w in weights)
+    return self.apply(weights, x)
+
+  def transpose(self, weights, y):
+    spec = jax.ShapeDtypeStruct(self.in_shape, jnp.dtype(self.dtype))
+    return jax.linear_transpose(lambda x: self.apply(weights, x), spec)(y)[0]
+
+  def transpose_abs(self, weights, y):
+    if self.coefficients:
+      weights = tuple(jnp.abs(w) for w in weights)
+    return self.transpose(weights, y)
+
+
+def _where(eqn) -> str:
+  try:
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - a JAX version without source info
+    return "<unknown source>"
+
+
+class _Builder:
+  """Walks jaxpr equations and emits graph nodes."""
+
+  def __init__(self, input_shape, dtype):
+    self.nodes: list[G.Node] = [G.Node(kind=G.INPUT, inputs=(), shape=tuple(input_shape))]
+    self.dtype = dtype
+
+  # Values are ('node', index) or ('const', array).
+  def emit(self, node: G.Node):
+    self.nodes.append(node)
+    return ("node", len(self.nodes) - 1)
+
+  def shape_of(self, value):
+    return self.nodes[value[1]].shape if value[0] == "node" else tuple(np.shape(value[1]))
+
+  def run(self, jaxpr, consts, args):
+    env: dict = {}
+
+    def read(v):
+      if isinstance(v, jcore.Literal):
+        return ("const", v.val)
+      return env[v]
+
+    for var, val in zip(jaxpr.constvars, consts):
+      env[var] = ("const", val)
+    for var, val in zip(jaxpr.invars, args):
+      env[var] = val
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      outs = self.equation(eqn, ins)
+      for var, val in zip(eqn.outvars, outs):
+        env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+  def equation(self, eqn, ins):
+    prim = eqn.primitive
+    name = prim.name
+    sub = next((eqn.params[p] for p in _CALL_PARAM_NAMES if p in eqn.params), None)
+    if sub is not None and name not in ("scan", "while", "cond"):
+      if isinstance(sub, jcore.ClosedJaxpr):
+        return self.run(sub.jaxpr, sub.consts, ins)
+      return self.run(sub, (), ins)
+    if all(v[0] == "const" for v in ins):
+      outs = prim.bind(*[v[1] for v in ins], **eqn.params)
+      outs = outs if prim.multiple_results else [outs]
+      return [("const", o) for o in outs]
+    if prim.multiple_results:
+      self.unsupported(eqn, "it has several results")
+    where = _where(eqn)
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    rule = _RULES.get(name)
+    if rule is None:
+      if name in _COEFFICIENT_PRIMS or name in _ROUTING_PRIMS:
+        return [self.linear(eqn, ins, where, out_shape)]
+      self.unsupported(eqn)
+    return [rule(self, eqn, ins, where, out_shape)]
+
+  def unsupported(self, eqn, why: str = ""):
+    name = eqn.primitive.name
+    extra = f" ({why})" if why else ""
+    raise UnsupportedPrimitiveError(
+        f"qbound cannot bound the primitive '{name}' used at {_where(eqn)}{extra}. Supported: "
+        f"{', '.join(SUPPORTED)}. Rewrite that step with supported operations or open an issue.")
+
+  # --- emitters --------------------------------------------------------------------------------
+
+  def linear(self, eqn, ins, where, out_shape):
+    var_positions = [i for i, v in enumerate(ins) if v[0] == "node"]
+    name = eqn.primitive.name
+    if len(var_positions) > 1:
+      if name == "concatenate":
+        return self.emit(G.Node(kind=G.CONCAT, inputs=tuple(v[1] for v in ins if v[0] == "node"),
+                                shape=out_shape, attrs=(eqn.params["dimension"],), where=where))
+      self.unsupported(eqn, "it multiplies two input-dependent values, which is not linear")
+    pos = var_positions[0]
+    if name == "div" and pos != 0:
+      self.unsupported(eqn, "dividing by an input-dependent value is not linear")
+    params = dict(eqn.params)
+    if name in _PRECISE_PRIMS and "precision" in params:
+      params["precision"] = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    frozen = _freeze(params)
+    try:
+      hash(frozen)
+    except TypeError:
+      frozen = tuple((k, _Unhashable(v)) for k, v in frozen)
+    coefficients = name in _COEFFICIENT_PRIMS
+    in_value = ins[pos]
+    consts = [jnp.asarray(v[1]) for i, v in enumerate(ins) if i != pos]
+    if name in ("mul", "div"):
+      consts = [jnp.broadcast_to(c, out_shape).astype(self.dtype) for c in consts]
+    bias = None
+    if not coefficients and any(np.any(np.asarray(c) != 0) for c in consts if np.issubdtype(np.asarray(c).dtype, np.floating)):
+      # Routing ops with constant data (pad value, concatenated constants) are affine: split them
+      # into the same op on zero data plus the op's value at x = 0.
+      zero_in = jnp.zeros(self.shape_of(in_value), self.dtype)
+      args = list(consts)
+      args.insert(pos, zero_in)
+      bias = eqn.primitive.bind(*args, **eqn.params)
+      consts = [jnp.zeros_like(c) if np.issubdtype(np.asarray(c).dtype, np.floating) else c for c in consts]
+    op = LinearOp(name=name, primitive=eqn.primitive, params=frozen, var_pos=pos,
+                  in_shape=self.shape_of(in_value), out_shape=out_shape, dtype=np.dtype(self.dtype).name,
+                  coefficients=coefficients)
+    op = _with_term_counts(op, tuple(consts))
+    node = G.Node(kind=G.AFFINE, inputs=(in_value[1],), shape=out_shape, op=op, weights=tuple(consts),
+                  bias=bias, where=where)
+    return self.emit(node)
+
+  def shift(self, value, const, where, shape):
+    """``value + const`` for an input-dependent value."""
+    c = jnp.broadcast_to(jnp.asarray(const, self.dtype), shape)
+    return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, bias=c, where=where))
+
+  def scale(self, value, factor, where, shape):
+    """``factor * value`` for a constant scalar factor."""
+    const = jnp.full(shape, factor, self.dtype)
+    op = LinearOp(name="mul", primitive=lax.mul_p, params=(), var_pos=0, in_shape=shape, out_shape=shape,
+                  dtype=np.dtype(self.dtype).name, coefficients=True)
+    return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, op=op, weights=(const,),
+                            where=where))
+
+  def add(self, a, b, signs, where, shape):
+    return self.emit(G.Node(kind=G.ADD, inputs=(a[1], b[1]), shape=shape, attrs=signs, where=where))
+
+  def relu(self, value, where, shape):
+    return self.emit(G.Node(kind=G.RELU, inputs=(value[1],), shape=shape, where=where))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Unhashable:
+  value: Any
+
+
+def _with_term_counts(op: LinearOp, consts) -> LinearOp:
+  """Counts the products summed per output (and per input, for the transpose) on all-ones data."""
+  ones_w = tuple(jnp.ones_like(c) if jnp.issubdtype(c.dtype, jnp.floating) else c for c in consts)
+  if not op.coefficients:
+    ones_w = consts
+  dtype = jnp.dtype(op.dtype)
+  with jax.ensure_compile_time_eval():
+    fwd = op.apply(ones_w, jnp.ones(op.in_shape, dtype))
+    bwd = op.transpose(ones_w, jnp.ones(op.out_shape, dtype))
+  terms = int(np.max(np.asarray(fwd), initial=1))
+  terms_t = int(np.max(np.asarray(bwd), initial=1))
+  return dataclasses.replace(op, terms=max(terms, 1), terms_transpose=max(terms_t, 1))
+
+
+def _both_nodes(ins):
+  return ins[0][0] == "node" and ins[1][0] == "node"
+
+
+def _rule_add(b: _Builder, eqn, ins, where, shape):
+  if _both_nodes(ins):
+    return b.add(ins[0], ins[1], (1, 1), where, shape)
+  var, const = (ins[0], ins[1]) if ins[0][0] == "node" else (ins[1], ins[0])
+  return b.shift(var, const[1], where, shape)
+
+
+def _rule_sub(b: _Builder, eqn, ins, where, shape):
+  if _both_nodes(ins):
+    return b.add(ins[0], ins[1], (1, -1), where, shape)
+  if ins[0][0] == "node":
+    return b.shift(ins[0], -jnp.asarray(ins[1][1]), where, shape)
+  neg = b.scale(ins[1], -1.0, where, shape)
+  return b.shift(neg, ins[0][1], where, shape)
+
+
+def _rule_neg(b: _Builder, eqn, ins, where, shape):
+  return b.scale(ins[0], -1.0, where, shape)
+
+
+def _rule_identity(b: _Builder, eqn, ins, where, shape):
+  return ins[0]
+
+
+def _rule_convert(b: _Builder, eqn, ins, where, shape):
+  new = np.dtype(eqn.params["new_dtype"])
+  old = np.dtype(eqn.invars[0].aval.dtype)
+  if new == old:
+    return ins[0]
+  b.unsupported(eqn, f"converting {old} to {new} rounds values; quantize activations with "
+                "qbound.quantize instead")
+
+
+def _max_pair(b: _Builder, x, y, where, shape):
+  """max(x, y) exactly: x + relu(y - x), with either side possibly constant."""
+  if x[0] == "const":
+    x, y = y, x
+  if y[0] == "const":
+    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
+    if not np.any(np.asarray(c)):
+      return b.relu(x, where, shape)
+    shifted = b.shift(x, -c, where, shape)
+    return b.shift(b.relu(shifted, where, shape), c, where, shape)
+  diff = b.add(y, x, (1, -1), where, shape)
+  return b.add(x, b.relu(diff, where, shape), (1, 1), where, shape)
+
+
+def _min_pair(b: _Builder, x, y, where, shape):
+  """min(x, y) exactly: x - relu(x - y), with either side possibly constant."""
+  if x[0] == "const":
+    x, y = y, x
+  if y[0] == "const":
+    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
+    shifted = b.shift(x, -c, where, shape)
+    return b.add(x, b.relu(shifted, where, shape), (1, -1), where, shape)
+  diff = b.add(x, y, (1, -1), where, shape)
+  return b.add(x, b.relu(diff, where, shape), (1, -1), where, shape)
+
+
+def _broadcast_value(b: _Builder, v, shape, where):
+  if v[0] == "node" and b.shape_of(v) != tuple(shape):
+    raise UnsupportedPrimitiveError(f"max/min of shapes {b.shape_of(v)} and {shape} at {where}")
+  return v
+
+
+def _rule_max(b: _Builder, eqn, ins, where, shape):
+  return _max_pair(b, _broadcast_value(b, ins[0], shape, where), _broadcast_value(b, ins[1], shape, where),
+                   where, shape)
+
+
+def _rule_min(b: _Builder, eqn, ins, where, shape):
+  return _min_pair(b, _broadcast_value(b, ins[0], shape, where), _broadcast_value(b, ins[1], shape, where),
+                   where, shape)
+
+
+def _rule_clamp(b: _Builder, eqn, ins, where, shape):
+  lo, x, hi = ins
+  return _min_pair(b, _max_pair(b, x, lo, where, shape), hi, where, shape)
+
+
+_RULES: dict[str, Callable] = {
+    "add": _rule_add,
+    "add_any": _rule_add,
+    "sub": _rule_sub,
+    "neg": _rule_neg,
+    "max": _rule_max,
+    "min": _rule_min,
+    "clamp": _rule_clamp,
+    "convert_element_type": _rule_convert,
+    **{name: _rule_identity for name in _IDENTITY_PRIMS},
+}
+
+
+def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
+  """Folds added constants into the affine node before them and drops nodes the output ignores."""
+  consumers: list[list[int]] = [[] for _ in nodes]
+  for idx, node in enumerate(nodes):
+    for i in node.inputs:
+      consumers[i].append(idx)
+  alias = list(range(len(nodes)))
+  new_nodes = list(nodes)
+  for idx, node in enumerate(nodes):
+    node = dataclasses.replace(node, inputs=tuple(alias[i] for i in node.inputs))
+    new_nodes[idx] = node
+    if node.kind != G.AFFINE or node.op is not None:
+      continue
+    src = node.inputs[0]
+    prev = new_nodes[src]
+    if node.bias is None:
+      alias[idx] = src
+      continue
+    if prev.kind == G.AFFINE and consumers[src] == [idx] and src != output:
+      bias = node.bias if prev.bias is None else prev.bias + node.bias
+      new_nodes[src] = dataclasses.replace(prev, bias=bias, shape=node.shape)
+      alias[idx] = src
+  output = alias[output]
+  # Keep what the output needs, in order.
+  needed = {0, output}
+  for idx in range(len(new_nodes) - 1, -1, -1):
+    if idx in needed and alias[idx] == idx:
+      needed.update(new_nodes[idx].inputs)
+  kept = [i for i in range(len(new_nodes)) if i in needed and alias[i] == i]
+  remap = {old: new for new, old in enumerate(kept)}
+  result = [dataclasses.replace(new_nodes[i], inputs=tuple(remap[j] for j in new_nodes[i].inputs)) for i in kept]
+  return result, remap[output]
+
+
+def _as_spec(example):
+  if isinstance(example, Box):
+    example = example.lower
+  if isinstance(example, jax.ShapeDtypeStruct):
+    return example
+  arr = np.asarray(example) if not isinstance(example, jax.Array) else example
+  dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.float32
+  return jax.ShapeDtypeStruct(tuple(arr.shape), dtype)
+
+
+def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
+  """Traces ``fn`` (a pure function of ONE unbatched input) into a :class:`~qbound.graph.Graph`.
+
+  Args:
+    fn: e.g. ``functools.partial(model.apply, params)`` for a Flax linen model, or a function
+      that merges an nnx graphdef with its state. Parameters become the graph's constants.
+    example: an input (or a ``jax.ShapeDtypeStruct``, or a :class:`~qbound.box.Box`) fixing the
+      input shape and dtype.
+    label: a name used in error messages (``"f"``, ``"fq"``).
+
+  Returns:
+    The layer graph; calling it equals ``fn`` (up to float rounding).
+
+  Raises:
+    UnsupportedPrimitiveError: ``fn`` uses an operation qbound has no rule for; the message names
+      it and the line it comes from.
+    ValueError: ``fn`` fails on an input of that shape, returns several outputs, or its output
+      does not depend on the input.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(3))
+    >>> g = qb.trace(functools.partial(model.apply, params), jnp.zeros(3))
+    >>> [n.kind for n in g.nodes]
+    ['input', 'affine', 'relu', 'affine']
+  """
+  if isinstance(fn, G.Graph):
+    return fn
+  spec = _as_spec(example)
+  try:
+    closed = jax.make_jaxpr(fn)(jnp.zeros(spec.shape, spec.dtype))
+  except Exception as err:  # the user's function rejected the input: say which input it was given
+    raise ValueError(f"{label} could not be evaluated on an input of shape {spec.shape} and dtype "
+                     f"{spec.dtype} (the box's shape): {type(err).__name__}: {err}") from err
+  jaxpr = closed.jaxpr
+  if len(jaxpr.outvars) != 1:
+    raise ValueError(f"{label} must return a single array; it returns {len(jaxpr.outvars)} outputs.")
+  out_aval = jaxpr.outvars[0].aval
+  if not jnp.issubdtype(out_aval.dtype, jnp.floating):
+    raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
+  builder = _Builder(spec.shape, spec.dtype)
+  (out,) = builder.run(jaxpr, closed.consts, [("node", 0)])
+  if out[0] == "const":
+    raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")
+  nodes, output = _simplify(builder.nodes, out[1])
+  return G.Graph(nodes=tuple(nodes), output=output)
