@@ -26,11 +26,12 @@ import numpy as np
 
 from qbound import attack
 from qbound.bounds.crown import crown_bounds
+from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
 from qbound.merge import MergedNetwork, merge
 
-METHODS = ("auto", "interval", "crown")
+METHODS = ("auto", "interval", "crown", "diff", "diff-interval")
 
 
 class SoundnessError(AssertionError):
@@ -127,15 +128,26 @@ def _max_abs(lower, upper) -> float:
   return float(max(np.max(-lower), np.max(upper), 0.0))
 
 
-def _bounds_by_method(method: str, graph, box, sound: bool):
+def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool):
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, merged.graph, merged.fq_offset, box, None, sound, symbolic)
+  return d[merged.f_graph.output]
+
+
+def _bounds_by_method(method: str, merged: MergedNetwork, box, sound: bool):
+  graph = merged.graph
   if method == "interval":
     return {"interval": interval_bounds(graph, box, sound)[graph.output]}
   if method == "crown":
     return {"crown": crown_bounds(graph, box, None, sound)[graph.output]}
+  if method in ("diff", "diff-interval"):
+    require_paired(merged)
+    return {method: _diff_output(merged, box, sound, method == "diff")}
   if method == "auto":
-    ibp = interval_bounds(graph, box, sound)[graph.output]
-    crown = crown_bounds(graph, box, None, sound)[graph.output]
-    return {"interval": ibp, "crown": crown}
+    found = {"interval": interval_bounds(graph, box, sound)[graph.output],
+             "crown": crown_bounds(graph, box, None, sound)[graph.output]}
+    if merged.paired:
+      found["diff"] = _diff_output(merged, box, sound, True)
+    return found
   raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
@@ -178,7 +190,7 @@ def certify(f: Callable, fq: Callable, box: Box, *, method: str = "auto", key=No
   merged = f if isinstance(f, MergedNetwork) and fq is None else merge(f, fq, box)
   graph = merged.graph
 
-  found = _bounds_by_method(method, graph, box, sound)
+  found = _bounds_by_method(method, merged, box, sound)
   diff_lower = np.max(np.stack([np.asarray(b[0], np.float64) for b in found.values()]), axis=0)
   diff_upper = np.min(np.stack([np.asarray(b[1], np.float64) for b in found.values()]), axis=0)
   per_method = {name: _max_abs(*b) for name, b in found.items()}

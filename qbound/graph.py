@@ -12,6 +12,7 @@ kind           value
 ``add``        ``sum_i signs[i] * x_i`` over several nodes (residual additions, f - f_q)
 ``concat``     concatenation of several nodes along ``attrs[0]``
 ``relu``       ``max(x, 0)``
+``clip``       ``min(max(x, lo), hi)`` with ``weights = (lo, hi)`` (may be -inf / +inf)
 =============  ==============================================================================
 
 The arrays (``weights``, ``bias``) are pytree leaves and the structure is static, so a graph is a
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INPUT, AFFINE, ADD, CONCAT, RELU = "input", "affine", "add", "concat", "relu"
+INPUT, AFFINE, ADD, CONCAT, RELU, CLIP = "input", "affine", "add", "concat", "relu", "clip"
 
 
 @jax.tree_util.register_dataclass
@@ -36,7 +37,7 @@ class Node:
   """One value of the network. See the module docstring for the kinds.
 
   Attributes:
-    kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``.
+    kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``, ``clip``.
     inputs: indices of the nodes this one reads.
     shape: shape of this node's value.
     op: for ``affine``, the linear map (a hashable object with ``apply``, ``apply_abs`` and
@@ -79,6 +80,10 @@ class Node:
       return y
     return self.op.transpose_abs(self.weights, y)
 
+  def apply_clip(self, x):
+    """``clip(x, lo, hi)`` for a ``clip`` node."""
+    return jnp.minimum(jnp.maximum(x, self.weights[0]), self.weights[1])
+
   @property
   def terms(self) -> int:
     """The largest number of products summed into one output of the linear part (for rounding)."""
@@ -99,6 +104,8 @@ def _apply_node(node: Node, args):
     return jnp.concatenate(args, axis=node.attrs[0])
   if node.kind == RELU:
     return jnp.maximum(args[0], 0)
+  if node.kind == CLIP:
+    return node.apply_clip(args[0])
   raise ValueError(f"unknown node kind {node.kind!r}")
 
 
@@ -175,6 +182,8 @@ def check_finite(graph: Graph, *, label: str = "network") -> None:
       if arr is None:
         continue
       arr = np.asarray(arr)
+      if node.kind == CLIP:  # clipping at +-inf is fine; NaN is not
+        arr = np.where(np.isinf(arr), 0, arr)
       if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         kind = "NaN" if np.any(np.isnan(arr)) else "inf"
         raise ValueError(f"{label}: the {part} of node {idx} ({node.kind} {node.where}) contain {kind}; "

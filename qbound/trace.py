@@ -10,8 +10,9 @@ checkpoints), and turns each equation that does depend on the input into a node:
   ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``concatenate``) become
   ``affine`` nodes; an added constant becomes their bias;
 * ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
-* ``max``/``min``/``clamp`` against constants or each other are rewritten exactly with ReLUs
-  (``max(a, b) = a + relu(b - a)``), which covers ``nn.relu``, ``jnp.clip`` and hard-tanh.
+* ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
+  ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
+  are rewritten exactly with ReLUs (``max(a, b) = a + relu(b - a)``).
 
 Anything else raises :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
 The idea of a table of per-primitive rules over a jaxpr comes from jax_verify (Stanislav Fort et
@@ -247,6 +248,9 @@ class _Builder:
   def add(self, a, b, signs, where, shape):
     return self.emit(G.Node(kind=G.ADD, inputs=(a[1], b[1]), shape=shape, attrs=signs, where=where))
 
+  def clip(self, value, lo, hi, where, shape):
+    return self.emit(G.Node(kind=G.CLIP, inputs=(value[1],), shape=shape, weights=(lo, hi), where=where))
+
   def relu(self, value, where, shape):
     return self.emit(G.Node(kind=G.RELU, inputs=(value[1],), shape=shape, where=where))
 
@@ -308,27 +312,25 @@ def _rule_convert(b: _Builder, eqn, ins, where, shape):
 
 
 def _max_pair(b: _Builder, x, y, where, shape):
-  """max(x, y) exactly: x + relu(y - x), with either side possibly constant."""
+  """max(x, y) exactly: relu for max(x, 0), a clip node against other constants, else x + relu(y - x)."""
   if x[0] == "const":
     x, y = y, x
   if y[0] == "const":
     c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
     if not np.any(np.asarray(c)):
       return b.relu(x, where, shape)
-    shifted = b.shift(x, -c, where, shape)
-    return b.shift(b.relu(shifted, where, shape), c, where, shape)
+    return b.clip(x, c, jnp.full(shape, jnp.inf, b.dtype), where, shape)
   diff = b.add(y, x, (1, -1), where, shape)
   return b.add(x, b.relu(diff, where, shape), (1, 1), where, shape)
 
 
 def _min_pair(b: _Builder, x, y, where, shape):
-  """min(x, y) exactly: x - relu(x - y), with either side possibly constant."""
+  """min(x, y) exactly: a clip node against a constant, else x - relu(x - y)."""
   if x[0] == "const":
     x, y = y, x
   if y[0] == "const":
     c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
-    shifted = b.shift(x, -c, where, shape)
-    return b.add(x, b.relu(shifted, where, shape), (1, -1), where, shape)
+    return b.clip(x, jnp.full(shape, -jnp.inf, b.dtype), c, where, shape)
   diff = b.add(x, y, (1, -1), where, shape)
   return b.add(x, b.relu(diff, where, shape), (1, -1), where, shape)
 
@@ -378,6 +380,16 @@ def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
   for idx, node in enumerate(nodes):
     node = dataclasses.replace(node, inputs=tuple(alias[i] for i in node.inputs))
     new_nodes[idx] = node
+    if node.kind == G.CLIP:
+      src = node.inputs[0]
+      prev = new_nodes[src]
+      if prev.kind == G.CLIP and consumers[src] == [idx] and src != output:
+        lo = jnp.maximum(prev.weights[0], node.weights[0])
+        hi = jnp.minimum(prev.weights[1], node.weights[1])
+        if bool(jnp.all(lo <= hi)):  # otherwise clip(clip(x)) is a constant that one clip cannot express
+          new_nodes[src] = dataclasses.replace(prev, weights=(lo, hi))
+          alias[idx] = src
+      continue
     if node.kind != G.AFFINE or node.op is not None:
       continue
     src = node.inputs[0]

@@ -96,11 +96,14 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
         width = graph.nodes[src].shape[node.attrs[0]]
         push(src, jax.lax.slice_in_dim(lam, start, start + width, axis=axis))
         start += width
-    elif node.kind == G.RELU:
+    elif node.kind in (G.RELU, G.CLIP):
       src = node.inputs[0]
       lo, hi = bounds[src]
-      alpha = None if alphas is None else alphas.get(idx)
-      r = relax.relu(lo, hi, alpha, sound=sound)
+      if node.kind == G.RELU:
+        alpha = None if alphas is None else alphas.get(idx)
+        r = relax.relu(lo, hi, alpha, sound=sound)
+      else:
+        r = relax.clip(lo, hi, *node.weights, sound=sound)
       pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
       push(src, pos * r.lower_slope + neg * r.upper_slope)
       beta = beta + _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
@@ -137,8 +140,8 @@ def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, so
 
 
 def relu_inputs(graph: G.Graph) -> list[int]:
-  """Indices of the nodes whose bounds a ReLU relaxation needs, in topological order."""
-  return sorted({node.inputs[0] for node in graph.nodes if node.kind == G.RELU} - {0})
+  """Indices of the nodes whose bounds an activation's relaxation needs, in topological order."""
+  return sorted({node.inputs[0] for node in graph.nodes if node.kind in (G.RELU, G.CLIP)} - {0})
 
 
 def intersect(a, b):

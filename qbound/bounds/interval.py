@@ -71,6 +71,9 @@ def node_interval(node: G.Node, bounds, sound: bool):
   if node.kind == G.RELU:
     l, u = bounds[node.inputs[0]]
     return jnp.maximum(l, 0), jnp.maximum(u, 0)
+  if node.kind == G.CLIP:
+    l, u = bounds[node.inputs[0]]
+    return node.apply_clip(l), node.apply_clip(u)
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 

@@ -8,6 +8,7 @@ for the float slopes actually used.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -55,3 +56,148 @@ def relu(lo, hi, alpha=None, *, sound: bool = True) -> Relaxation:
   alpha = jnp.clip(alpha, 0, 1).astype(dtype)
   lower_slope = jnp.where(active, 1, jnp.where(inactive, 0, alpha)).astype(dtype)
   return Relaxation(lower_slope, jnp.zeros_like(lo), upper_slope, upper_offset)
+
+
+class DiffRelaxation(NamedTuple):
+  """Lines bounding ``h = relu(zq + d) - relu(zq)`` by ``p * d + q * zq + r`` (lower and upper)."""
+
+  lower_d: jnp.ndarray
+  lower_q: jnp.ndarray
+  lower_r: jnp.ndarray
+  upper_d: jnp.ndarray
+  upper_q: jnp.ndarray
+  upper_r: jnp.ndarray
+
+
+def delta_chord_slopes(dl, du):
+  """The chords' slopes (lower, upper) of :func:`delta_lines`: the default relaxation."""
+  pos = dl >= 0
+  neg = du <= 0
+  mixed = ~(pos | neg)
+  width = jnp.where(mixed, du - dl, 1)
+  upper = jnp.where(mixed, du / width, jnp.where(pos, 1, 0)).astype(dl.dtype)
+  lower = jnp.where(mixed, -dl / width, jnp.where(neg, 1, 0)).astype(dl.dtype)
+  return lower, upper
+
+
+def delta_lines(dl, du, lower_slope=None, upper_slope=None, *, sound: bool = True):
+  """Lines around ``h = phi(zq + d) - phi(zq)`` from the difference alone, for monotone 1-Lipschitz
+  ``phi`` (ReLU, clip): ``h`` lies between ``min(d, 0)`` and ``max(d, 0)`` (ReluDiff, Paulsen,
+  Wang, Wang, ICSE 2020; NeuroDiff, Paulsen, Wang, Wang, Wang, ASE 2020).
+
+  Any slope ``a`` in [0, 1] gives valid lines over ``[dl, du]``: below the concave ``min(d, 0)``
+  with offset ``min((1 - a) dl, -a du)`` and above the convex ``max(d, 0)`` with offset
+  ``max(-a dl, (1 - a) du)``, both checked at the two ends. The chords are the default slopes;
+  optimised slopes (:mod:`qbound.bounds.alpha`) tighten them. Returns
+  ``(lower_slope, lower_offset, upper_slope, upper_offset)``.
+  """
+  dtype = dl.dtype
+  default_lo, default_up = delta_chord_slopes(dl, du)
+  lo_s = default_lo if lower_slope is None else jnp.clip(lower_slope, 0, 1).astype(dtype)
+  up_s = default_up if upper_slope is None else jnp.clip(upper_slope, 0, 1).astype(dtype)
+  lo_o = jnp.minimum((1 - lo_s) * dl, -lo_s * du)
+  up_o = jnp.maximum(-up_s * dl, (1 - up_s) * du)
+  if sound:
+    u = fp.unit_roundoff(dtype)
+    lo_o = lo_o - 3 * u * (jnp.abs(dl) + jnp.abs(du)) - fp.tiny(dtype)
+    up_o = up_o + 3 * u * (jnp.abs(dl) + jnp.abs(du)) + fp.tiny(dtype)
+  return lo_s, lo_o, up_s, up_o
+
+
+def relu_gap(lo, hi):
+  """Largest vertical gap of :func:`relu`'s default relaxation over ``[lo, hi]`` (0 if stable)."""
+  return jnp.where((lo >= 0) | (hi <= 0), 0, jnp.minimum(hi, -lo))
+
+
+def relu_diff(zl, zu, ql, qu, dl, du, params=None, *, sound: bool = True) -> DiffRelaxation:
+  """Linear bounds on ``relu(z) - relu(zq)`` in terms of ``d = z - zq`` and ``zq``.
+
+  Per neuron, the tighter of two families is used (by the largest gap between its lines at the
+  default slopes):
+
+  * from the difference alone, :func:`delta_lines` (exact when both neurons are active or both
+    inactive);
+  * from the two ReLUs' own relaxations written with ``z = zq + d`` (exact when each neuron is
+    stable, e.g. ``h = z`` when z is active and zq inactive).
+
+  Args:
+    zl, zu: bounds of the pre-activation z of f.
+    ql, qu: bounds of the pre-activation zq of f_q.
+    dl, du: bounds of ``d = z - zq``.
+    params: optional slopes to optimise: ``d_lower``, ``d_upper`` (for :func:`delta_lines`),
+      ``z`` and ``q`` (lower slopes of the two ReLUs' relaxations).
+    sound: outward-rounded offsets.
+  """
+  params = params or {}
+  rz = relu(zl, zu, params.get("z"), sound=sound)
+  rq = relu(ql, qu, params.get("q"), sound=sound)
+  # relu(z) - relu(zq) >= (lower of relu(z)) - (upper of relu(zq)), with z = zq + d.
+  pair = DiffRelaxation(
+      lower_d=rz.lower_slope, lower_q=rz.lower_slope - rq.upper_slope, lower_r=rz.lower_offset - rq.upper_offset,
+      upper_d=rz.upper_slope, upper_q=rz.upper_slope - rq.lower_slope, upper_r=rz.upper_offset - rq.lower_offset)
+  both_active = (zl >= 0) & (ql >= 0)
+  both_inactive = (zu <= 0) & (qu <= 0)
+  lo_s, lo_o, up_s, up_o = delta_lines(dl, du, params.get("d_lower"), params.get("d_upper"), sound=sound)
+  one, zero = jnp.ones_like(lo_s), jnp.zeros_like(lo_s)
+  lo_s = jnp.where(both_active, one, jnp.where(both_inactive, zero, lo_s))
+  up_s = jnp.where(both_active, one, jnp.where(both_inactive, zero, up_s))
+  lo_o = jnp.where(both_active | both_inactive, zero, lo_o)
+  up_o = jnp.where(both_active | both_inactive, zero, up_o)
+  chords = DiffRelaxation(lower_d=lo_s, lower_q=zero, lower_r=lo_o, upper_d=up_s, upper_q=zero, upper_r=up_o)
+  gap_pair = relu_gap(zl, zu) + relu_gap(ql, qu)
+  gap_chords = jnp.where(both_active | both_inactive, 0, jnp.maximum(jnp.abs(dl), jnp.abs(du)))
+  use_pair = (gap_pair < gap_chords) & ~(both_active | both_inactive)
+  if sound:
+    # The pair family subtracts slopes and offsets in float: widen by those roundings times |zq|.
+    u = fp.unit_roundoff(zl.dtype)
+    qmag = jnp.maximum(jnp.abs(ql), jnp.abs(qu))
+    pair = pair._replace(
+        lower_r=pair.lower_r - 2 * u * (jnp.abs(rz.lower_offset) + jnp.abs(rq.upper_offset)
+                                        + jnp.abs(pair.lower_q) * qmag) - fp.tiny(zl.dtype),
+        upper_r=pair.upper_r + 2 * u * (jnp.abs(rz.upper_offset) + jnp.abs(rq.lower_offset)
+                                        + jnp.abs(pair.upper_q) * qmag) + fp.tiny(zl.dtype))
+  return DiffRelaxation(*[jnp.where(use_pair, a, b) for a, b in zip(pair, chords)])
+
+
+def clip(lo, hi, low_cut, high_cut, *, sound: bool = True) -> Relaxation:
+  """Parallel-line relaxation of ``clip(x, low_cut, high_cut)`` on ``[lo, hi]``.
+
+  Both lines have the chord's slope; their offsets are the extremes of ``clip(x) - slope * x``,
+  a piecewise-linear function whose extremes sit at the interval's ends or the kinks. Exact when
+  the interval lies in one linear piece. (The cuts may be infinite.)
+  """
+  dtype = lo.dtype
+
+  def phi(x):
+    return jnp.minimum(jnp.maximum(x, low_cut), high_cut)
+
+  width = hi - lo
+  flat = width <= 0
+  slope = jnp.where(flat, 0, (phi(hi) - phi(lo)) / jnp.where(flat, 1, width)).astype(dtype)
+  points = [lo, hi, jnp.clip(low_cut, lo, hi), jnp.clip(high_cut, lo, hi)]
+  values = [phi(x) - slope * x for x in points]
+  upper = functools.reduce(jnp.maximum, values)
+  lower = functools.reduce(jnp.minimum, values)
+  if sound:
+    u = fp.unit_roundoff(dtype)
+    spread = functools.reduce(jnp.maximum, [jnp.abs(phi(x)) + jnp.abs(slope * x) for x in points])
+    upper = upper + 2 * u * spread + fp.tiny(dtype)
+    lower = lower - 2 * u * spread - fp.tiny(dtype)
+  return Relaxation(slope, lower, slope, upper)
+
+
+def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True) -> DiffRelaxation:
+  """Lines bounding ``phi(zq + d) - phi(zq)`` for a monotone 1-Lipschitz ``phi`` (clip, hard tanh).
+
+  :func:`delta_lines` hold for any such ``phi``; where both neurons sit in a piece where ``phi`` is
+  the identity (``identity``) the difference is exactly ``d``, and where both sit on the same
+  constant piece (``constant``) it is exactly 0.
+  """
+  params = params or {}
+  lo_s, lo_o, up_s, up_o = delta_lines(dl, du, params.get("d_lower"), params.get("d_upper"), sound=sound)
+  one, zero = jnp.ones_like(lo_s), jnp.zeros_like(lo_s)
+  lo_s = jnp.where(identity, one, jnp.where(constant, zero, lo_s))
+  up_s = jnp.where(identity, one, jnp.where(constant, zero, up_s))
+  lo_o = jnp.where(identity | constant, zero, lo_o)
+  up_o = jnp.where(identity | constant, zero, up_o)
+  return DiffRelaxation(lo_s, zero, lo_o, up_s, zero, up_o)

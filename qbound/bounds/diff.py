@@ -1,0 +1,374 @@
+"""Differential bound propagation: bounds that follow ``d = f(x) - f_q(x)`` layer by layer.
+
+Generic bounds on the merged network relax f and f_q independently, and their relaxation errors do
+not cancel. Differential verification instead tracks, for every pair of corresponding layers, the
+difference ``d = z - z_q`` of the two activations alongside ``z_q``:
+
+* affine layers: ``d' = A d + (A - A_q) z_q + (b - b_q)`` and ``z_q' = A_q z_q + b_q`` (exact);
+* ReLU: ``relu(z_q + d) - relu(z_q)`` bounded by lines in ``d`` and ``z_q``
+  (:func:`qbound.bounds.relax.relu_diff`).
+
+Two forms are computed: a forward *interval* form for every node (ReluDiff, Paulsen, Wang, Wang,
+ICSE 2020) and a backward *symbolic* form, CROWN-style, for every ReLU input and the output, whose
+coefficients on ``d`` and ``z_q`` are carried back to the input (the symbolic differential
+intervals of NeuroDiff, Paulsen, Wang, Wang, Wang, ASE 2020, written as a backward linear
+relaxation in the manner of CROWN, Zhang et al. 2018). Bounds on ``z`` and ``z_q`` come from CROWN
+on each network, and ``z = z_q + d`` tightens all three.
+
+Works for any two networks with the same layer structure (any weight perturbation, not only
+rounding); :attr:`qbound.merge.MergedNetwork.paired` tells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from qbound import graph as G
+from qbound.bounds import fp, relax
+from qbound.bounds.crown import crown_bounds, intersect, relu_inputs
+from qbound.bounds.interval import center_radius
+from qbound.box import Box, validate_box
+
+_WEIGHT_LINEAR = {"dot_general", "conv_general_dilated", "mul"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeltaLinear:
+  """The map ``x -> A x - A_q x`` of a pair of affine nodes, without cancellation where possible."""
+
+  nf: G.Node
+  nq: G.Node
+
+  @property
+  def zero(self) -> bool:
+    return self.nf.op is None or not self.nf.op.coefficients
+
+  @property
+  def exact_weights(self) -> bool:
+    return self.nf.op.name in _WEIGHT_LINEAR
+
+  def _dw(self):
+    return tuple(a - b for a, b in zip(self.nf.weights, self.nq.weights))
+
+  def apply(self, x):
+    if self.exact_weights:
+      return self.nf.op.apply(self._dw(), x)
+    return self.nf.linear(x) - self.nq.linear(x)
+
+  def apply_abs(self, x):
+    if self.exact_weights:
+      return self.nf.op.apply_abs(self._dw(), x)
+    return self.nf.linear_abs(x) + self.nq.linear_abs(x)
+
+  def transpose(self, y):
+    if self.exact_weights:
+      return self.nf.op.transpose(self._dw(), y)
+    return self.nf.linear_transpose(y) - self.nq.linear_transpose(y)
+
+  def transpose_abs(self, y):
+    if self.exact_weights:
+      return self.nf.op.transpose_abs(self._dw(), y)
+    return self.nf.linear_abs_transpose(y) + self.nq.linear_abs_transpose(y)
+
+
+def _bias_diff(nf: G.Node, nq: G.Node):
+  if nf.bias is None:
+    return None
+  return nf.bias - nq.bias
+
+
+def _magnitude(b):
+  return jnp.maximum(jnp.abs(b[0]), jnp.abs(b[1]))
+
+
+def _row_sum(x):
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
+  """Forward interval bounds of ``d`` at one node (ReluDiff's interval rules)."""
+  if nf.kind == G.AFFINE:
+    j = nf.inputs[0]
+    cd, rd = center_radius(*d[j], sound)
+    yc = nf.linear(cd)
+    yr = nf.linear_abs(rd)
+    magnitude = nf.linear_abs(jnp.abs(cd) + rd)
+    delta = _DeltaLinear(nf, nq)
+    if not delta.zero:
+      cq, rq = center_radius(*zq[j], sound)
+      yc = yc + delta.apply(cq)
+      yr = yr + delta.apply_abs(rq)
+      magnitude = magnitude + delta.apply_abs(jnp.abs(cq) + rq)
+    db = _bias_diff(nf, nq)
+    if db is not None:
+      yc = yc + db
+      magnitude = magnitude + jnp.abs(db)
+    if not sound:
+      return yc - yr, yc + yr
+    margin = fp.dot_margin(2 * nf.terms + 4, magnitude, yc.dtype)
+    return fp.round_down(yc - yr - margin), fp.round_up(yc + yr + margin)
+  if nf.kind == G.ADD:
+    lo = hi = None
+    for sign, i in zip(nf.attrs, nf.inputs):
+      tl, tu = d[i] if sign > 0 else (-d[i][1], -d[i][0])
+      lo, hi = (tl, tu) if lo is None else (lo + tl, hi + tu)
+      if sound and lo is not tl:
+        lo, hi = fp.round_down(lo), fp.round_up(hi)
+    return lo, hi
+  if nf.kind == G.CONCAT:
+    axis = nf.attrs[0]
+    return (jnp.concatenate([d[i][0] for i in nf.inputs], axis), jnp.concatenate([d[i][1] for i in nf.inputs], axis))
+  if nf.kind == G.RELU:
+    j = nf.inputs[0]
+    (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
+    # relu is monotone and 1-Lipschitz (d' between min(d,0) and max(d,0)), and d' lies in
+    # relu([z]) - relu([zq]).
+    lo = jnp.maximum(jnp.minimum(dl, 0), jnp.maximum(zl, 0) - jnp.maximum(qu, 0))
+    hi = jnp.minimum(jnp.maximum(du, 0), jnp.maximum(zu, 0) - jnp.maximum(ql, 0))
+    if sound:
+      lo = jnp.where(lo == jnp.minimum(dl, 0), lo, fp.round_down(lo))
+      hi = jnp.where(hi == jnp.maximum(du, 0), hi, fp.round_up(hi))
+    return lo, hi
+  if nf.kind == G.CLIP:
+    j = nf.inputs[0]
+    (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
+    lo = jnp.maximum(jnp.minimum(dl, 0), nf.apply_clip(zl) - nq.apply_clip(qu))
+    hi = jnp.minimum(jnp.maximum(du, 0), nf.apply_clip(zu) - nq.apply_clip(ql))
+    if sound:
+      lo = jnp.where(lo == jnp.minimum(dl, 0), lo, fp.round_down(lo))
+      hi = jnp.where(hi == jnp.maximum(du, 0), hi, fp.round_up(hi))
+    return lo, hi
+  raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
+
+
+def _clip_diff_relaxation(nf: G.Node, nq: G.Node, z, zq, d, params, sound: bool):
+  (zl, zu), (ql, qu), (dl, du) = z, zq, d
+  lo_f, hi_f = nf.weights
+  lo_q, hi_q = nq.weights
+  same_cuts = (lo_f == lo_q) & (hi_f == hi_q)
+  identity = same_cuts & (zl >= lo_f) & (zu <= hi_f) & (ql >= lo_q) & (qu <= hi_q)
+  constant = same_cuts & (((zu <= lo_f) & (qu <= lo_q)) | ((zl >= hi_f) & (ql >= hi_q)))
+  return relax.monotone_diff(dl, du, identity, constant, params, sound=sound)
+
+
+def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
+                        alphas=None, sound: bool = True):
+  """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``)."""
+  dtype = rows.dtype
+  lam = {target: rows}
+  mu: dict = {}
+  beta = jnp.zeros(rows.shape[0], dtype)
+  err = jnp.zeros(rows.shape[0], dtype)
+  u = fp.unit_roundoff(dtype)
+
+  def push(store, mags, idx, value):
+    nonlocal err
+    if idx in store:
+      total = store[idx] + value
+      if sound:
+        err = err + u * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(mags[idx]))
+      store[idx] = total
+    else:
+      store[idx] = value
+
+  for idx in range(target, 0, -1):
+    lv = lam.pop(idx, None)
+    mv = mu.pop(idx, None)
+    if lv is None and mv is None:
+      continue
+    nf, nq = fg.nodes[idx], qg.nodes[idx]
+    if nf.kind == G.AFFINE:
+      j = nf.inputs[0]
+      n_t = nf.op.terms_transpose if nf.op is not None else 1
+      if lv is not None:
+        db = _bias_diff(nf, nq)
+        if db is not None:
+          beta = beta + _row_sum(lv * db)
+          if sound:
+            err = err + fp.dot_margin(nf.size + 1, _row_sum(jnp.abs(lv * db)), dtype)
+        push(lam, d, j, jax.vmap(nf.linear_transpose)(lv))
+        delta = _DeltaLinear(nf, nq)
+        if not delta.zero:
+          push(mu, zq, j, jax.vmap(delta.transpose)(lv))
+        if sound:
+          absl = jnp.abs(lv)
+          err = err + fp.dot_margin(n_t, _row_sum(jax.vmap(nf.linear_abs_transpose)(absl) * _magnitude(d[j])), dtype)
+          if not delta.zero:
+            err = err + fp.dot_margin(n_t + 1, _row_sum(jax.vmap(delta.transpose_abs)(absl) * _magnitude(zq[j])), dtype)
+      if mv is not None:
+        if nq.bias is not None:
+          beta = beta + _row_sum(mv * nq.bias)
+          if sound:
+            err = err + fp.dot_margin(nq.size, _row_sum(jnp.abs(mv * nq.bias)), dtype)
+        push(mu, zq, j, jax.vmap(nq.linear_transpose)(mv))
+        if sound:
+          err = err + fp.dot_margin(n_t, _row_sum(jax.vmap(nq.linear_abs_transpose)(jnp.abs(mv)) * _magnitude(zq[j])), dtype)
+    elif nf.kind == G.ADD:
+      for sign, src in zip(nf.attrs, nf.inputs):
+        if lv is not None:
+          push(lam, d, src, lv if sign > 0 else -lv)
+        if mv is not None:
+          push(mu, zq, src, mv if sign > 0 else -mv)
+    elif nf.kind == G.CONCAT:
+      axis = nf.attrs[0] + 1
+      start = 0
+      for src in nf.inputs:
+        width = fg.nodes[src].shape[nf.attrs[0]]
+        if lv is not None:
+          push(lam, d, src, jax.lax.slice_in_dim(lv, start, start + width, axis=axis))
+        if mv is not None:
+          push(mu, zq, src, jax.lax.slice_in_dim(mv, start, start + width, axis=axis))
+        start += width
+    elif nf.kind in (G.RELU, G.CLIP):
+      j = nf.inputs[0]
+      a = {} if alphas is None else alphas.get(idx, {})
+      if lv is not None:
+        if nf.kind == G.RELU:
+          r = relax.relu_diff(*z[j], *zq[j], *d[j], a, sound=sound)
+        else:
+          r = _clip_diff_relaxation(nf, nq, z[j], zq[j], d[j], a, sound)
+        pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
+        push(lam, d, j, pos * r.lower_d + neg * r.upper_d)
+        push(mu, zq, j, pos * r.lower_q + neg * r.upper_q)
+        beta = beta + _row_sum(pos * r.lower_r + neg * r.upper_r)
+        if sound:
+          absl = jnp.abs(lv)
+          sd = jnp.maximum(jnp.abs(r.lower_d), jnp.abs(r.upper_d))
+          sq = jnp.maximum(jnp.abs(r.lower_q), jnp.abs(r.upper_q))
+          so = jnp.maximum(jnp.abs(r.lower_r), jnp.abs(r.upper_r))
+          err = err + u * fp.SLACK * _row_sum(absl * (sd * _magnitude(d[j]) + sq * _magnitude(zq[j])))
+          err = err + fp.dot_margin(nf.size, _row_sum(absl * so), dtype)
+      if mv is not None:
+        if nf.kind == G.RELU:
+          rq = relax.relu(*zq[j], a.get("mu"), sound=sound)
+        else:
+          rq = relax.clip(*zq[j], *nq.weights, sound=sound)
+        pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
+        push(mu, zq, j, pos * rq.lower_slope + neg * rq.upper_slope)
+        beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)
+        if sound:
+          absm = jnp.abs(mv)
+          slope = jnp.maximum(jnp.abs(rq.lower_slope), jnp.abs(rq.upper_slope))
+          err = err + u * fp.SLACK * _row_sum(absm * slope * _magnitude(zq[j]))
+          err = err + fp.dot_margin(nf.size, _row_sum(absm * jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))), dtype)
+    else:
+      raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
+
+  # At the input both networks read the same x: d = 0 there, and zq = x.
+  lam.pop(0, None)
+  mv = mu.pop(0, None)
+  if mv is None:
+    return fp.round_down(beta - err) if sound else beta
+  c, rad = center_radius(box.lower, box.upper, sound)
+  value = _row_sum(mv * c) - _row_sum(jnp.abs(mv) * rad) + beta
+  if not sound:
+    return value
+  err = err + fp.dot_margin(2 * int(c.size) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
+  return fp.round_down(value - err)
+
+
+def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True):
+  """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target``."""
+  shape = fg.nodes[target].shape
+  n = fg.nodes[target].size
+  eye = jnp.eye(n, dtype=box.lower.dtype)
+  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
+  return low[:n].reshape(shape), -low[n:].reshape(shape)
+
+
+def _tighten(z, zq, d, sound: bool):
+  """``z = zq + d``: each of the three intervals tightens the others."""
+  (zl, zu), (ql, qu), (dl, du) = z, zq, d
+  lo, hi = ql + dl, qu + du
+  z_new = (jnp.maximum(zl, fp.round_down(lo) if sound else lo), jnp.minimum(zu, fp.round_up(hi) if sound else hi))
+  lo, hi = zl - du, zu - dl
+  q_new = (jnp.maximum(ql, fp.round_down(lo) if sound else lo), jnp.minimum(qu, fp.round_up(hi) if sound else hi))
+  lo, hi = zl - qu, zu - ql
+  d_new = (jnp.maximum(dl, fp.round_down(lo) if sound else lo), jnp.minimum(du, fp.round_up(hi) if sound else hi))
+  return z_new, q_new, d_new
+
+
+@functools.partial(jax.jit, static_argnames=("fq_offset", "sound", "symbolic", "alpha_steps"))
+def diff_bounds(fg: G.Graph, qg: G.Graph, merged: G.Graph, fq_offset: int, box: Box, alphas=None,
+                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1):
+  """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
+
+  Args:
+    fg, qg: the traced f and f_q (same structure).
+    merged: their merged graph (``MergedNetwork.graph``), used for CROWN bounds on z and z_q.
+    fq_offset: ``MergedNetwork.fq_offset``.
+    box: the input box.
+    alphas: optional ``{activation node index: {name: slopes}}``, see :func:`relax.relu_diff`
+      (``d_lower``, ``d_upper``, ``z``, ``q``) and ``mu`` for the lower slope of relu(zq).
+    sound: proven floating-point margins.
+    symbolic: backward symbolic bounds on ReLU inputs and the output (else intervals only).
+    alpha_steps: if positive, optimise the relaxations' slopes for every bounded node with this
+      many Adam steps (:mod:`qbound.bounds.alpha`); ``alphas`` is then ignored.
+    alpha_lr: the optimiser's learning rate.
+  """
+  from qbound.bounds.alpha import diff_alpha_node
+
+  base = crown_bounds(merged, box, None, sound)
+  n = len(fg.nodes)
+  z = [base[i] for i in range(n)]
+  zq = [base[0]] + [base[i + fq_offset] for i in range(1, n)]
+  zero = jnp.zeros(box.shape, box.lower.dtype)
+  d = [(zero, zero)]
+  targets = set(relu_inputs(fg)) | {fg.output}
+  for i in range(1, n):
+    d.append(diff_interval_node(fg.nodes[i], qg.nodes[i], z, zq, d, sound))
+    if i in targets:
+      if symbolic and alpha_steps > 0:
+        d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
+                                               learning_rate=alpha_lr, sound=sound))
+      elif symbolic:
+        d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound))
+      z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)
+  return z, zq, d
+
+
+def diff(f, fq, box: Box, *, sound: bool = True, symbolic: bool = True) -> Box:
+  """Proven bounds on ``f(x) - fq(x)`` over ``box`` by differential bound propagation.
+
+  Args:
+    f: the original network (a pure function of one input) or a
+      :class:`~qbound.merge.MergedNetwork` (then ``fq`` is None).
+    fq: the compressed network, with the same layer structure as f.
+    box: the input set.
+    sound: widen by proven floating-point margins.
+    symbolic: use backward symbolic bounds (NeuroDiff-style); False gives ReluDiff's intervals.
+
+  Returns:
+    A :class:`~qbound.box.Box` with ``lower <= f(x) - fq(x) <= upper`` for all x in the box.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(4))
+    >>> f = functools.partial(model.apply, params)
+    >>> fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=8))
+    >>> box = qb.Box(-jnp.ones(4), jnp.ones(4))
+    >>> d, m = qb.bounds.diff(f, fq, box), qb.bounds.crown(qb.merge(f, fq, box), box)
+    >>> bool(jnp.all(d.upper - d.lower <= m.upper - m.lower))
+    True
+  """
+  from qbound.merge import MergedNetwork, merge
+
+  box = validate_box(box)
+  merged = f if isinstance(f, MergedNetwork) else merge(f, fq, box)
+  require_paired(merged)
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, merged.graph, merged.fq_offset, box, None, sound, symbolic)
+  return Box(*d[merged.f_graph.output])
+
+
+def require_paired(merged) -> None:
+  if not merged.paired:
+    raise ValueError("differential bounds need f and f_q with the same layer structure (the same layers in "
+                     "the same order, only weights differing); these differ. Use qbound.bounds.crown on the "
+                     "merged network instead, or certify(..., method='crown').")
