@@ -1,0 +1,322 @@
+"""Which parameters a transform touches, decided by their path, and composition.
+
+A parameter's path is a tuple such as ``('params', 'Dense_0', 'kernel')``, as in
+`flax.traverse_util.flatten_dict`. Paths come from `jax.tree_util` key paths, so
+any pytree works: linen variable dicts, nnx `State` (the trailing ``.value`` of
+an nnx `Variable` is dropped, so nnx states and their pure dicts give the same
+paths), lists, tuples, dataclasses. Dict keys and attribute names stay as they
+are, sequence positions become ints.
+
+A `where` argument selects parameters. It may be
+
+* ``None``: every float leaf;
+* a predicate ``path -> bool`` such as `kernels_only`;
+* a glob pattern over the '/'-joined path, e.g. ``'*/Dense_0/*'``, or a
+  sequence of patterns (any may match).
+
+Leaves that are not floating-point arrays (integer counters, PRNG keys, Python
+scalars) are never touched, whatever `where` says. Unselected leaves are
+returned as they are.
+
+A transform is a pure function ``params -> params`` returning a new pytree of
+the same structure; `chain` composes transforms, `masked` restricts one to some
+parameters and `by_path` assigns transforms to parameters by path, the way
+optax's `chain` and `masked` combine gradient transformations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Path = tuple[Union[str, int], ...]
+Predicate = Callable[[Path], bool]
+Where = Union[None, Predicate, str, Sequence[str]]
+Transform = Callable[[PyTree], PyTree]
+
+
+def path_of(key_path) -> Path:
+  """Converts a `jax.tree_util` key path into a plain path tuple.
+
+  >>> import jax
+  >>> [(path_of(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path({'a': [1.0, {'b': 2.0}]})]
+  [('a', 0), ('a', 1, 'b')]
+  """
+  out = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(k.key)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(k.idx)
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      out.append(k.key)
+    else:
+      out.append(str(k))
+  # nnx Variables flatten to their `.value`; drop it so paths end in 'kernel'.
+  if len(key_path) > 1 and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and out[-1] == 'value':
+    out.pop()
+  return tuple(out)
+
+
+def path_str(path: Path) -> str:
+  """'/'-joined path, the form used in messages, reports and glob patterns.
+
+  >>> path_str(('params', 'Dense_0', 'kernel'))
+  'params/Dense_0/kernel'
+  """
+  return '/'.join(str(p) for p in path)
+
+
+def kernels_only(path: Path) -> bool:
+  """Selects parameters named 'kernel' (Flax Dense, Conv, nnx Linear weights).
+
+  >>> kernels_only(('params', 'Dense_0', 'kernel')), kernels_only(('params', 'Dense_0', 'bias'))
+  (True, False)
+  """
+  return bool(path) and path[-1] == 'kernel'
+
+
+def biases_only(path: Path) -> bool:
+  """Selects parameters named 'bias'.
+
+  >>> biases_only(('params', 'Dense_0', 'bias'))
+  True
+  """
+  return bool(path) and path[-1] == 'bias'
+
+
+def path_matches(*patterns: str) -> Predicate:
+  """A predicate true when the '/'-joined path matches any glob pattern.
+
+  `fnmatch` semantics: '*' matches any run of characters, '/' included.
+
+  >>> first = path_matches('*/Dense_0/*', '*/Dense_2/*')
+  >>> first(('params', 'Dense_0', 'kernel')), first(('params', 'Dense_1', 'kernel'))
+  (True, False)
+  """
+  for p in patterns:
+    if not isinstance(p, str):
+      raise ValueError(f'path patterns must be strings, got {p!r}.')
+
+  def predicate(path: Path) -> bool:
+    s = path_str(path)
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns)
+
+  return predicate
+
+
+def as_predicate(where: Where) -> Predicate:
+  """Normalizes a `where` argument (None, predicate, pattern or patterns)."""
+  if where is None:
+    return lambda path: True
+  if isinstance(where, str):
+    return path_matches(where)
+  if callable(where):
+    return where
+  if isinstance(where, Sequence):
+    return path_matches(*where)
+  raise ValueError(
+      f'`where` must be None, a predicate path -> bool, a glob pattern or a list of '
+      f'patterns, got {where!r}.'
+  )
+
+
+def is_float_array(x) -> bool:
+  """True for arrays (numpy, JAX, tracers) with a floating-point dtype."""
+  dtype = getattr(x, 'dtype', None)
+  return dtype is not None and hasattr(x, 'shape') and jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_finite(path: Path, x) -> None:
+  """Raises a `ValueError` naming the parameter if it holds NaN or inf.
+
+  Skipped for traced values inside `jax.jit`, whose contents are unknown. Done
+  in numpy so that concrete parameters closed over by a jitted function are
+  still checked while it is traced.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return
+  a = np.asarray(x)
+  if a.dtype.kind != 'f':  # bfloat16 and float8 are numpy extension types
+    a = a.astype(np.float32)
+  for bad, test in (('NaN', np.isnan), ('inf', np.isinf)):
+    if test(a).any():
+      raise ValueError(
+          f'parameter {path_str(path)!r} contains {bad}; quantizing it would give a '
+          f'meaningless grid. Fix the weights, or leave this parameter out with `where=`.'
+      )
+
+
+def leaf_key(key: jax.Array, path: Path) -> jax.Array:
+  """A PRNG key for one parameter, derived from its path.
+
+  Keyed by path rather than by position, so a parameter gets the same random
+  draws whether or not other parameters are selected alongside it.
+  """
+  return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
+
+
+class Selection:
+  """A flattened pytree with the positions of the selected float leaves.
+
+  Used by transforms that need several parameters at once (global pruning).
+  """
+
+  def __init__(self, params: PyTree, where: Where = None, *, check: bool = True):
+    pairs, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+    self.paths: list[Path] = [path_of(kp) for kp, _ in pairs]
+    self.leaves: list[Any] = [x for _, x in pairs]
+    predicate = as_predicate(where)
+    self.indices: list[int] = [
+        i for i, (p, x) in enumerate(zip(self.paths, self.leaves)) if is_float_array(x) and predicate(p)
+    ]
+    if check:
+      for i in self.indices:
+        check_finite(self.paths[i], self.leaves[i])
+
+  @property
+  def selected(self) -> list[tuple[Path, Any]]:
+    """(path, leaf) of each selected leaf, in tree order."""
+    return [(self.paths[i], self.leaves[i]) for i in self.indices]
+
+  def rebuild(self, new_values: Sequence[Any]) -> PyTree:
+    """The original tree with the selected leaves replaced, in order."""
+    leaves = list(self.leaves)
+    for i, v in zip(self.indices, new_values, strict=True):
+      leaves[i] = v
+    return self.treedef.unflatten(leaves)
+
+
+def map_selected(fn: Callable[[Path, jax.Array], jax.Array], params: PyTree, where: Where = None) -> PyTree:
+  """Applies ``fn(path, leaf)`` to each selected float leaf; others pass through.
+
+  Every selected leaf is first checked for NaN and inf.
+
+  >>> map_selected(lambda path, x: 2 * x, {'kernel': jnp.ones(2), 'bias': jnp.ones(1)}, kernels_only)
+  {'bias': Array([1.], dtype=float32), 'kernel': Array([2., 2.], dtype=float32)}
+  """
+  sel = Selection(params, where)
+  return sel.rebuild([fn(p, x) for p, x in sel.selected])
+
+
+def chain(*transforms: Transform) -> Transform:
+  """Composes transforms left to right: ``chain(f, g)(p) == g(f(p))``.
+
+  >>> double = lambda p: jax.tree_util.tree_map(lambda x: 2 * x, p)
+  >>> chain(double, double)({'w': jnp.ones(2)})['w'].tolist()
+  [4.0, 4.0]
+  """
+  for t in transforms:
+    if not callable(t):
+      raise ValueError(f'chain expects callables params -> params, got {t!r}.')
+
+  def chained(params: PyTree) -> PyTree:
+    return functools.reduce(lambda p, t: t(p), transforms, params)
+
+  return chained
+
+
+class _Hidden:
+  """A pytree node with no children, standing in for a leaf a transform must not see."""
+
+
+jax.tree_util.register_pytree_node(_Hidden, lambda _: ((), None), lambda _, __: _Hidden())
+
+
+def _apply_to(transform: Transform, params: PyTree, chosen: set[int]) -> PyTree:
+  """Runs `transform` on a copy of `params` holding only the leaves in `chosen`."""
+  if not chosen:
+    return params
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  visible = treedef.unflatten([x if i in chosen else _Hidden() for i, x in enumerate(leaves)])
+  result = transform(visible)
+  # Flattening with _Hidden as a leaf realigns the result with the original leaves.
+  new = jax.tree_util.tree_leaves(result, is_leaf=lambda x: isinstance(x, _Hidden))
+  if len(new) != len(leaves):
+    raise ValueError('the transform changed the tree structure; transforms must keep it.')
+  return treedef.unflatten([leaves[i] if i not in chosen else v for i, v in enumerate(new)])
+
+
+def masked(transform: Transform, where: Where) -> Transform:
+  """Restricts `transform` to the selected parameters.
+
+  The inner transform sees a tree whose unselected leaves are hidden (empty
+  subtrees), so a transform that looks at several parameters at once, like
+  global pruning, only sees the selected ones. Non-float leaves are hidden too.
+
+  >>> from qbound.quantize.weights import uniform_quantizer
+  >>> p = {'kernel': jnp.array([0.3, 1.0]), 'bias': jnp.array([0.3])}
+  >>> q = masked(uniform_quantizer(bits=2), kernels_only)(p)
+  >>> q['kernel'].tolist(), q['bias'].tolist()
+  ([0.0, 1.0], [0.30000001192092896])
+  """
+  predicate = as_predicate(where)
+
+  def apply(params: PyTree) -> PyTree:
+    # No finiteness check here: the inner transform checks what it changes.
+    sel = Selection(params, predicate, check=False)
+    return _apply_to(transform, params, set(sel.indices))
+
+  return apply
+
+
+def by_path(rules: Sequence[tuple[Where, Transform | None]] | Mapping[Any, Transform | None]) -> Transform:
+  """A policy: each parameter gets the transform of the first rule it matches.
+
+  Args:
+    rules: ``(where, transform)`` pairs, in priority order (a dict works too).
+      `where` is a glob pattern, a list of patterns or a predicate; a `None`
+      transform keeps the matched parameters as they are. Parameters that match
+      no rule are returned unchanged.
+
+  Returns:
+    A transform ``params -> params``.
+
+  First and last layer at 8 bits, the rest at 4, kernels only:
+
+  >>> import flax.linen as nn
+  >>> from qbound.quantize.weights import uniform_quantizer
+  >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8), nn.relu, nn.Dense(1)])
+  >>> params = mlp.init(jax.random.key(0), jnp.ones(3))
+  >>> policy = by_path([
+  ...     (['*/layers_0/kernel', '*/layers_4/kernel'], uniform_quantizer(bits=8)),
+  ...     ('*/kernel', uniform_quantizer(bits=4)),
+  ... ])
+  >>> qparams = policy(params)
+  >>> len(set(qparams['params']['layers_2']['kernel'].ravel().tolist())) <= 15
+  True
+  """
+  items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+  compiled = []
+  for rule in items:
+    if not (isinstance(rule, tuple) and len(rule) == 2):
+      raise ValueError(f'each rule must be a (where, transform) pair, got {rule!r}.')
+    where, transform = rule
+    if transform is not None and not callable(transform):
+      raise ValueError(f'rule transform must be callable or None, got {transform!r}.')
+    compiled.append((as_predicate(where), transform))
+
+  def apply(params: PyTree) -> PyTree:
+    sel = Selection(params, check=False)
+    groups: list[set[int]] = [set() for _ in compiled]
+    for i in sel.indices:
+      for g, (predicate, _) in enumerate(compiled):
+        if predicate(sel.paths[i]):
+          groups[g].add(i)
+          break
+    for (_, transform), chosen in zip(compiled, groups):
+      if transform is not None:
+        params = _apply_to(transform, params, chosen)
+    return params
+
+  return apply

@@ -1,0 +1,183 @@
+"""Tests of the ``qbound`` command line (qbound.cli) and the demo (qbound.demo).
+
+``main(argv)`` is called in-process (jit caches are shared, so the suite stays fast); one smoke
+test runs the installed ``qbound`` entry point in a subprocess. The bundled digits MLP and the
+bundled ACAS Xu pair are the models: real files through the real loaders.
+
+No strict dtype promotion here: certify's lower-bound search uses optax.adam, whose bias
+correction (``decay ** count``, float ** int32) fails under ``jax.numpy_dtype_promotion("strict")``.
+"""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qbound as qb
+from qbound import cli, demo
+from qbound.io import bundled_path
+
+DIGITS = str(bundled_path("digits_mlp.nnet"))
+ACAS = str(bundled_path("ACASXU_run2a_1_1_batch_2000.nnet"))
+ACAS_16 = str(bundled_path("ACASXU_run2a_1_1_batch_2000_16bit.nnet"))
+# A small ACAS Xu box (raw units: feet, radians, feet per second) around a typical encounter.
+ACAS_BOX = ["--center", "5000,0.1,-0.2,700,600", "--radius", "10,0.01,0.01,5,5"]
+
+
+def run(argv, capsys):
+  """``(exit status, stdout, stderr)`` of ``qbound argv``, run in-process."""
+  code = cli.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_demo_returns_rows_and_prints_table():
+  buf = io.StringIO()
+  rows = demo.run_demo(bits=(8, 4), radius=0.02, image=1, progress=False, file=buf)
+  assert [r["bits"] for r in rows] == [8, 4]
+  for row in rows:
+    assert 0 < row["lower"] <= row["upper"] < np.inf
+    assert row["gap"] == pytest.approx(row["upper"] / row["lower"])
+    assert row["certificate"].box_lower.shape == (64,)
+  # Coarser weights, larger error: what the demo is meant to show.
+  assert rows[1]["lower"] > rows[0]["lower"]
+  table = buf.getvalue()
+  assert "certified upper" in table and "reached lower" in table
+  assert len([line for line in table.splitlines() if line.strip().startswith(("8 ", "4 "))]) == 2
+
+
+def test_demo_subcommand(capsys):
+  code, out, err = run(["demo", "--bits", "6", "--radius", "0.01", "--no-progress"], capsys)
+  assert code == 0, err
+  assert "radius 0.01" in out
+  assert any(line.split()[:1] == ["6"] for line in out.splitlines())
+
+
+def test_certify_json_is_a_certificate(capsys, tmp_path):
+  output = tmp_path / "cert.json"
+  code, out, err = run(["certify", DIGITS, "--bits", "4", "--per-channel", "--center", "0.3",
+                        "--radius", "0.02", "--json", "--output", str(output)], capsys)
+  assert code == 0, err
+  cert = qb.Certificate.from_json(out)
+  assert 0 < cert.lower <= cert.upper
+  assert cert.box_upper - cert.box_lower == pytest.approx(np.full(64, 0.04), abs=1e-6)
+  assert qb.Certificate.from_json(output.read_text()).upper == cert.upper
+  # The witness lies in the box and reaches the claimed error on the real files' networks.
+  assert np.all(cert.witness >= cert.box_lower) and np.all(cert.witness <= cert.box_upper)
+
+
+def test_certify_default_box_is_the_files_input_range(capsys):
+  code, out, err = run(["certify", DIGITS, "--bits", "8", "--asymmetric", "--method", "crown"], capsys)
+  assert code == 0, err
+  assert "64 inputs, widths 1 to 1" in out  # the digits file declares pixels in [0, 1]
+  assert "asymmetric" in out and "proven upper bound" in out
+
+
+def test_certify_box_npz_and_seed(capsys, tmp_path):
+  box = tmp_path / "box.npz"
+  np.savez(box, center=np.full(64, 0.5), radius=np.float64(0.01))
+  code, out, err = run(["certify", DIGITS, "--box-npz", str(box), "--method", "interval", "--seed", "3",
+                        "--json"], capsys)
+  assert code == 0, err
+  cert = json.loads(out)
+  assert cert["method"] == "interval" and cert["lower"] <= cert["upper"]
+
+
+def test_compare_acas_xu_with_its_16_bit_copy(capsys):
+  # CROWN, not auto: auto adds the differential bound, whose first compilation on ACAS Xu's
+  # seven layers takes ~40 s; the demo tests already run auto.
+  code, out, err = run(["certify", ACAS, "--compare", ACAS_16, *ACAS_BOX, "--method", "crown", "--json"],
+                       capsys)
+  assert code == 0, err
+  cert = qb.Certificate.from_json(out)
+  assert 0 < cert.lower <= cert.upper
+  # float16 weights: a small error, far below the network's output scale.
+  assert cert.upper < 0.1
+  assert cert.method == "crown" and set(cert.bounds) == {"crown"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["certify", "missing.nnet"], "missing.nnet: no such file"),
+    (["certify", "model.h5"], "unknown model format '.h5'"),
+    (["certify", DIGITS, "--lower", "0,0", "--upper", "1,1"], "--lower has 2 values but the model takes 64"),
+    (["certify", DIGITS, "--lower", "0.6", "--upper", "0.4"], "lower > upper at input 0"),
+    (["certify", DIGITS, "--lower", "0"], "--lower and --upper go together"),
+    (["certify", DIGITS, "--center", "0.5"], "--center and --radius go together"),
+    (["certify", DIGITS, "--center", "0.5", "--radius", "-1"], "--radius must be >= 0"),
+    (["certify", DIGITS, "--lower", "0,x", "--upper", "1"], "--lower: 'x' is not a number"),
+    (["certify", DIGITS, "--lower", "nan", "--upper", "1"], "must be finite"),
+    (["certify", DIGITS, "--lower", "0", "--upper", "1", "--center", "0", "--radius", "1"], "one way"),
+    (["certify", DIGITS, "--bits", "1"], "--bits: bits must be between 2 and"),
+    (["certify", DIGITS, "--compare", ACAS], "same inputs"),
+    (["certify", ACAS, "--compare", ACAS_16, "--bits", "8"], "cannot be used with --compare"),
+    (["certify", DIGITS, "--method", "magic"], "invalid choice: 'magic'"),
+    (["certify", DIGITS, "--box-npz", "nowhere.npz"], "nowhere.npz: no such file"),
+    (["demo", "--image", "99"], "image must be an index"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
+  code, out, err = run(argv, capsys)
+  assert code == 2
+  assert err.startswith("qbound: error: ") and message in err, err
+  assert "Traceback" not in err and out == ""
+
+
+def test_bad_files_exit_2_naming_the_file(capsys, tmp_path):
+  broken = tmp_path / "broken.nnet"
+  broken.write_text("// a comment\n3,64,10,64,\n64,32,10,\n")
+  binary = tmp_path / "binary.nnet"
+  binary.write_bytes(bytes(range(256)))
+  no_keys = tmp_path / "box.npz"
+  np.savez(no_keys, lo=np.zeros(64))
+  for argv, message in [([str(broken)], "broken.nnet, line 3"),
+                        ([str(binary)], "not a text NNet file"),
+                        ([DIGITS, "--box-npz", str(no_keys)], "must hold arrays 'lower' and 'upper'"),
+                        ([DIGITS, "--output", str(tmp_path)], "is a directory"),
+                        ([DIGITS, "--output", str(tmp_path / "no" / "c.json")], "does not exist")]:
+    code, _, err = run(["certify", *argv], capsys)
+    assert code == 2 and err.startswith("qbound: error: ") and message in err, err
+
+
+def test_certify_onnx_model(capsys, tmp_path):
+  onnx = pytest.importorskip("onnx")
+  from onnx import TensorProto, helper, numpy_helper
+
+  rng = np.random.default_rng(0)
+  weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("w1", (4, 8)), ("b1", (8,)), ("w2", (8, 3)))]
+  nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["z"]),
+           helper.make_node("Relu", ["z"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+  graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], weights)
+  path = tmp_path / "mlp.onnx"
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+  code, out, err = run(["certify", str(path), "--bits", "4", "--lower", "0,0,0,0", "--upper", "1,1,1,1",
+                        "--method", "crown", "--json"], capsys)
+  assert code == 0, err
+  cert = qb.Certificate.from_json(out)
+  assert 0 < cert.lower <= cert.upper
+  # ONNX files declare no input range: without a box option there is nothing to certify over.
+  code, _, err = run(["certify", str(path)], capsys)
+  assert code == 2 and "declares no finite input range" in err
+
+
+def test_help_exits_0(capsys):
+  code, out, _ = run(["certify", "--help"], capsys)
+  assert code == 0 and "--compare" in out
+
+
+def test_installed_entry_point_smoke():
+  exe = shutil.which("qbound", path=str(Path(sys.executable).parent)) or shutil.which("qbound")
+  if exe is None:
+    pytest.skip("the qbound entry point is not installed (pip install -e .)")
+  proc = subprocess.run([exe, "certify", ACAS, "--bits", "8", *ACAS_BOX, "--method", "interval"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "proven upper bound" in proc.stdout and "its 8-bit copy" in proc.stdout
