@@ -4,6 +4,8 @@ The one call most users make is :func:`certify`; the pieces it is built from are
 """
 
 from qbound import bounds
+from qbound import exact
+from qbound import io
 from qbound import quantize
 from qbound.attack import Search, maximize_error
 from qbound.box import Box, linf_ball
@@ -25,6 +27,8 @@ __all__ = [
     "UnsupportedPrimitiveError",
     "bounds",
     "certify",
+    "exact",
+    "io",
     "linf_ball",
     "maximize_error",
     "merge",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
 from qbound.merge import MergedNetwork, merge
 
-METHODS = ("auto", "interval", "crown", "diff", "diff-interval")
+METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 
 
 class SoundnessError(AssertionError):
@@ -122,49 +122,112 @@ class Certificate:
             f"method={self.method}, {self.seconds:.2f} s)")
 
 
-def _max_abs(lower, upper) -> float:
-  lower = np.asarray(lower, np.float64)
-  upper = np.asarray(upper, np.float64)
+def _max_abs(lower, upper, outputs=None) -> float:
+  lower = np.asarray(lower, np.float64).reshape(-1)
+  upper = np.asarray(upper, np.float64).reshape(-1)
+  if outputs is not None:
+    lower, upper = lower[outputs], upper[outputs]
   return float(max(np.max(-lower), np.max(upper), 0.0))
 
 
-def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool):
-  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, merged.graph, merged.fq_offset, box, None, sound, symbolic)
+def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, sound, symbolic, alpha_steps)
   return d[merged.f_graph.output]
 
 
-def _bounds_by_method(method: str, merged: MergedNetwork, box, sound: bool):
+def _crown_alpha_output(merged: MergedNetwork, box, sound: bool, steps: int):
+  from qbound.bounds.alpha import crown_alpha_node
+
   graph = merged.graph
-  if method == "interval":
-    return {"interval": interval_bounds(graph, box, sound)[graph.output]}
-  if method == "crown":
-    return {"crown": crown_bounds(graph, box, None, sound)[graph.output]}
-  if method in ("diff", "diff-interval"):
-    require_paired(merged)
-    return {method: _diff_output(merged, box, sound, method == "diff")}
-  if method == "auto":
-    found = {"interval": interval_bounds(graph, box, sound)[graph.output],
-             "crown": crown_bounds(graph, box, None, sound)[graph.output]}
-    if merged.paired:
-      found["diff"] = _diff_output(merged, box, sound, True)
-    return found
-  raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+  bounds = crown_bounds(graph, box, None, sound)
+  return crown_alpha_node(graph, graph.output, bounds, box, steps=steps, sound=sound)
 
 
-def certify(f: Callable, fq: Callable, box: Box, *, method: str = "auto", key=None, sound: bool = True,
-            search: Optional[attack.Search] = None) -> Certificate:
+def _small_relu_net(merged: MergedNetwork, max_neurons: int = 400) -> bool:
+  """Whether the exact MILP is worth trying: few activation neurons, only MILP-encodable nodes."""
+  from qbound import graph as G
+
+  kinds = {n.kind for n in merged.graph.nodes}
+  if not kinds <= {G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP}:
+    return False
+  return sum(n.size for n in merged.graph.nodes if n.kind in (G.RELU, G.CLIP)) <= max_neurons
+
+
+class _Tracker:
+  """The best proven bounds and the best reached error so far, with who proved what."""
+
+  def __init__(self, n_out: int, outputs):
+    self.diff_lower = np.full(n_out, -np.inf)
+    self.diff_upper = np.full(n_out, np.inf)
+    self.outputs = outputs
+    self.per_method: dict[str, float] = {}
+    self.best_method = None
+    self.lower = 0.0
+    self.witness = None
+
+  @property
+  def upper(self) -> float:
+    return _max_abs(self.diff_lower, self.diff_upper, self.outputs)
+
+  def add_bounds(self, name: str, lower, upper):
+    lower = np.asarray(lower, np.float64).reshape(-1)
+    upper = np.asarray(upper, np.float64).reshape(-1)
+    before = self.upper
+    self.per_method[name] = _max_abs(lower, upper, self.outputs)
+    self.diff_lower = np.maximum(self.diff_lower, lower)
+    self.diff_upper = np.minimum(self.diff_upper, upper)
+    if self.best_method is None or self.upper < before:
+      self.best_method = name
+
+  def add_upper(self, name: str, upper: float):
+    """A bound on the selected outputs' maximal error as a whole (MILP, branch and bound)."""
+    self.per_method[name] = float(upper)
+    if upper < self.upper:
+      self.best_method = name
+      sel = np.zeros_like(self.diff_lower, dtype=bool)
+      sel[self.outputs if self.outputs is not None else slice(None)] = True
+      self.diff_lower = np.where(sel, np.maximum(self.diff_lower, -upper), self.diff_lower)
+      self.diff_upper = np.where(sel, np.minimum(self.diff_upper, upper), self.diff_upper)
+
+  def add_witness(self, graph, x):
+    diff = attack.exact_error(graph, x).reshape(-1)
+    value = float(np.max(np.abs(diff if self.outputs is None else diff[self.outputs])))
+    if self.witness is None or value > self.lower:
+      self.lower, self.witness = value, np.asarray(x)
+
+  def done(self, target_gap: float, epsilon: Optional[float]) -> bool:
+    if epsilon is not None and (self.upper <= epsilon or self.lower > epsilon):
+      return True
+    return self.lower > 0 and self.upper <= (1 + target_gap) * self.lower
+
+
+def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "auto", key=None, sound: bool = True,
+            search: Optional[attack.Search] = None, time_budget: float = 10.0, target_gap: float = 0.02,
+            outputs: Optional[Sequence[int]] = None, epsilon: Optional[float] = None,
+            alpha_steps: int = 20) -> Certificate:
   """Certifies the maximal error ``max_{x in box} |f(x) - fq(x)|_inf`` as a proven interval.
 
   Args:
     f: the original network, a pure JAX function of one unbatched input (e.g.
-      ``functools.partial(model.apply, params)``).
+      ``functools.partial(model.apply, params)``); or a :class:`~qbound.merge.MergedNetwork`
+      with ``fq=None``.
     fq: the compressed network, with the same input and output shapes.
     box: the input set (a :class:`~qbound.box.Box`).
-    method: ``"interval"`` (IBP), ``"crown"`` (backward linear relaxation), or ``"auto"``
-      (every method, keeping the tightest per output).
+    method: ``"interval"`` (IBP), ``"crown"`` (CROWN on the merged network), ``"alpha"``
+      (optimised slopes), ``"diff"`` / ``"diff-interval"`` (differential bounds, symbolic or
+      interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, ReLU nets), or
+      ``"auto"``: cheap bounds first, then optimised differential bounds, then branch and bound,
+      then the exact MILP when the network is small, until ``upper <= (1 + target_gap) * lower``
+      or ``time_budget`` runs out; the tightest bound per output is kept.
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
     search: settings of the lower-bound search (:class:`qbound.attack.Search`).
+    time_budget: seconds ``auto``, ``bab`` and ``milp`` may use (compilation included).
+    target_gap: ``auto`` and ``bab`` stop once ``upper <= (1 + target_gap) * lower``.
+    outputs: flat output indices whose error counts (default: all).
+    epsilon: if given, ``auto`` and ``bab`` stop as soon as ``upper <= epsilon`` is proved or
+      ``lower > epsilon`` is found; see :meth:`Certificate.proves`.
+    alpha_steps: Adam steps for optimised slopes.
 
   Returns:
     A :class:`Certificate` with ``lower <= max error <= upper``.
@@ -172,6 +235,7 @@ def certify(f: Callable, fq: Callable, box: Box, *, method: str = "auto", key=No
   Raises:
     ValueError: an invalid box (inverted, NaN, wrong shape), f and fq with different output
       shapes, non-finite parameters, or an operation qbound cannot bound.
+    SoundnessError: a reached error above a proven bound (a bug; never expected).
 
   Example:
     >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
@@ -186,28 +250,79 @@ def certify(f: Callable, fq: Callable, box: Box, *, method: str = "auto", key=No
   start = time.perf_counter()
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+  if time_budget <= 0 or target_gap < 0:
+    raise ValueError(f"time_budget must be positive and target_gap non-negative, got {time_budget}, {target_gap}.")
   box = validate_box(box)
-  merged = f if isinstance(f, MergedNetwork) and fq is None else merge(f, fq, box)
+  if isinstance(f, MergedNetwork):
+    if fq is not None:
+      raise ValueError("pass either a MergedNetwork with fq=None, or two functions f and fq.")
+    merged = f
+  else:
+    merged = merge(f, fq, box)
   graph = merged.graph
+  n_out = int(np.prod(merged.output_shape))
+  if outputs is not None:
+    outputs = np.asarray(outputs, dtype=np.int64).reshape(-1)
+    if outputs.size == 0 or outputs.min() < 0 or outputs.max() >= n_out:
+      raise ValueError(f"outputs must be flat indices in [0, {n_out}), got {outputs.tolist()}.")
+  if method in ("diff", "diff-interval"):
+    require_paired(merged)
+  track = _Tracker(n_out, outputs)
 
-  found = _bounds_by_method(method, merged, box, sound)
-  diff_lower = np.max(np.stack([np.asarray(b[0], np.float64) for b in found.values()]), axis=0)
-  diff_upper = np.min(np.stack([np.asarray(b[1], np.float64) for b in found.values()]), axis=0)
-  per_method = {name: _max_abs(*b) for name, b in found.items()}
-  upper = _max_abs(diff_lower, diff_upper)
-  best_method = min(per_method, key=per_method.get)
+  def left() -> float:
+    return time_budget - (time.perf_counter() - start)
 
-  value32, witness = attack.maximize_error(graph, box, key=key, search=search)
+  def finished() -> bool:
+    return track.done(target_gap, epsilon) or left() <= 0
+
+  # Cheap proven bounds.
+  if method in ("interval", "auto"):
+    track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
+  if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
+    track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
+  if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
+    name = "diff-interval" if method == "diff-interval" else "diff"
+    track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
+
+  # Reached errors.
+  _, x = attack.maximize_error(graph, box, key=key, search=search)
+  track.add_witness(graph, x)
+
+  if method == "alpha" or (method == "auto" and not finished()):
+    if merged.paired:
+      track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
+    else:
+      track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
+
+  milp_ok = method == "milp" or (method == "auto" and _small_relu_net(merged))
+  if method == "bab" or (method == "auto" and not finished()):
+    from qbound.bounds.bab import branch_and_bound
+
+    # Leave the exact MILP a share of the time where it applies.
+    budget = left() * (0.4 if method == "auto" and milp_ok else 1.0)
+    if budget > 0:
+      res = branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
+                             epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound)
+      track.add_witness(graph, res.witness)
+      track.add_bounds("bab", res.diff_lower, res.diff_upper)
+
+  if milp_ok and (method == "milp" or not finished()):
+    from qbound.exact import milp as solve_milp
+
+    res = solve_milp(merged, None, box, time_limit=max(left(), 1.0), output=outputs)
+    track.add_witness(graph, res.maximizer)
+    track.add_upper("milp", res.upper)
+
+  lower, upper, witness = track.lower, track.upper, track.witness
   witness_diff = attack.exact_error(graph, witness)
-  lower = float(np.max(np.abs(witness_diff)))
-  lower_float32 = value32
+  lower_float32 = float(np.max(np.abs(np.asarray(graph(jnp.asarray(witness))))))
   if not isinstance(f, MergedNetwork):
     lower_float32 = float(jnp.max(jnp.abs(f(jnp.asarray(witness)) - fq(jnp.asarray(witness)))))
-
-  if sound and lower > upper:
+  if lower > upper:
+    hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
-                         f"({per_method}); this is a bug in qbound, please report it with this input.")
-  return Certificate(lower=lower, upper=upper, diff_lower=diff_lower, diff_upper=diff_upper, witness=witness,
-                     method=best_method, seconds=time.perf_counter() - start, bounds=per_method, sound=sound,
-                     lower_float32=lower_float32, witness_diff=witness_diff,
+                         f"({track.per_method}){hint}; please report this input.")
+  return Certificate(lower=lower, upper=upper, diff_lower=track.diff_lower, diff_upper=track.diff_upper,
+                     witness=witness, method=track.best_method, seconds=time.perf_counter() - start,
+                     bounds=track.per_method, sound=sound, lower_float32=lower_float32, witness_diff=witness_diff,
                      box_lower=np.asarray(box.lower), box_upper=np.asarray(box.upper))

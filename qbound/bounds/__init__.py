@@ -1,6 +1,24 @@
-"""Upper-bound methods: each ``method(fn, box) -> Box`` of proven output bounds."""
+"""Upper-bound methods.
 
+Each public method is shaped ``method(fn, box) -> Box`` of proven output bounds (``diff`` takes
+the two networks); the ``*_bounds`` functions return every node's bounds of a traced graph.
+"""
+
+from qbound.bounds.alpha import crown_alpha_node, diff_alpha_node
+from qbound.bounds.bab import BabResult, branch_and_bound
 from qbound.bounds.crown import crown, crown_bounds
+from qbound.bounds.diff import diff, diff_bounds
 from qbound.bounds.interval import interval, interval_bounds
 
-__all__ = ["interval", "interval_bounds", "crown", "crown_bounds"]
+__all__ = [
+    "BabResult",
+    "branch_and_bound",
+    "crown",
+    "crown_alpha_node",
+    "crown_bounds",
+    "diff",
+    "diff_alpha_node",
+    "diff_bounds",
+    "interval",
+    "interval_bounds",
+]

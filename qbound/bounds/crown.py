@@ -83,9 +83,9 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
       src = node.inputs[0]
       push(src, jax.vmap(node.linear_transpose)(lam))
       if sound:
-        spread = jax.vmap(node.linear_abs_transpose)(jnp.abs(lam))
-        err = err + fp.dot_margin(node.op.terms_transpose if node.op else 1,
-                                  _row_sum(spread * _magnitude(bounds, src)), dtype)
+        # sum_i (|A|^T |lam|)_i m_i = |lam| . (|A| m): one vector per node instead of a product per row.
+        spread = node.linear_abs(_magnitude(bounds, src))
+        err = err + fp.dot_margin(node.op.terms_transpose if node.op else 1, _row_sum(jnp.abs(lam) * spread), dtype)
     elif node.kind == G.ADD:
       for sign, src in zip(node.attrs, node.inputs):
         push(src, lam if sign > 0 else -lam)

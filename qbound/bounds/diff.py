@@ -70,11 +70,6 @@ class _DeltaLinear:
       return self.nf.op.transpose(self._dw(), y)
     return self.nf.linear_transpose(y) - self.nq.linear_transpose(y)
 
-  def transpose_abs(self, y):
-    if self.exact_weights:
-      return self.nf.op.transpose_abs(self._dw(), y)
-    return self.nf.linear_abs_transpose(y) + self.nq.linear_abs_transpose(y)
-
 
 def _bias_diff(nf: G.Node, nq: G.Node):
   if nf.bias is None:
@@ -197,9 +192,10 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
           push(mu, zq, j, jax.vmap(delta.transpose)(lv))
         if sound:
           absl = jnp.abs(lv)
-          err = err + fp.dot_margin(n_t, _row_sum(jax.vmap(nf.linear_abs_transpose)(absl) * _magnitude(d[j])), dtype)
+          # sum_i (|A|^T |l|)_i m_i = |l| . (|A| m): a vector per node instead of a product per row.
+          err = err + fp.dot_margin(n_t, _row_sum(absl * nf.linear_abs(_magnitude(d[j]))), dtype)
           if not delta.zero:
-            err = err + fp.dot_margin(n_t + 1, _row_sum(jax.vmap(delta.transpose_abs)(absl) * _magnitude(zq[j])), dtype)
+            err = err + fp.dot_margin(n_t + 1, _row_sum(absl * delta.apply_abs(_magnitude(zq[j]))), dtype)
       if mv is not None:
         if nq.bias is not None:
           beta = beta + _row_sum(mv * nq.bias)
@@ -207,7 +203,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
             err = err + fp.dot_margin(nq.size, _row_sum(jnp.abs(mv * nq.bias)), dtype)
         push(mu, zq, j, jax.vmap(nq.linear_transpose)(mv))
         if sound:
-          err = err + fp.dot_margin(n_t, _row_sum(jax.vmap(nq.linear_abs_transpose)(jnp.abs(mv)) * _magnitude(zq[j])), dtype)
+          err = err + fp.dot_margin(n_t, _row_sum(jnp.abs(mv) * nq.linear_abs(_magnitude(zq[j]))), dtype)
     elif nf.kind == G.ADD:
       for sign, src in zip(nf.attrs, nf.inputs):
         if lv is not None:
@@ -294,15 +290,15 @@ def _tighten(z, zq, d, sound: bool):
   return z_new, q_new, d_new
 
 
-@functools.partial(jax.jit, static_argnames=("fq_offset", "sound", "symbolic", "alpha_steps"))
-def diff_bounds(fg: G.Graph, qg: G.Graph, merged: G.Graph, fq_offset: int, box: Box, alphas=None,
+@functools.partial(jax.jit, static_argnames=("sound", "symbolic", "alpha_steps"))
+def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
                 sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
+  ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``.
+
   Args:
     fg, qg: the traced f and f_q (same structure).
-    merged: their merged graph (``MergedNetwork.graph``), used for CROWN bounds on z and z_q.
-    fq_offset: ``MergedNetwork.fq_offset``.
     box: the input box.
     alphas: optional ``{activation node index: {name: slopes}}``, see :func:`relax.relu_diff`
       (``d_lower``, ``d_upper``, ``z``, ``q``) and ``mu`` for the lower slope of relu(zq).
@@ -314,10 +310,9 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, merged: G.Graph, fq_offset: int, box: 
   """
   from qbound.bounds.alpha import diff_alpha_node
 
-  base = crown_bounds(merged, box, None, sound)
+  zq = list(crown_bounds(qg, box, None, sound))
+  z = list(crown_bounds(fg, box, None, sound))
   n = len(fg.nodes)
-  z = [base[i] for i in range(n)]
-  zq = [base[0]] + [base[i + fq_offset] for i in range(1, n)]
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
   targets = set(relu_inputs(fg)) | {fg.output}
@@ -363,7 +358,7 @@ def diff(f, fq, box: Box, *, sound: bool = True, symbolic: bool = True) -> Box:
   box = validate_box(box)
   merged = f if isinstance(f, MergedNetwork) else merge(f, fq, box)
   require_paired(merged)
-  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, merged.graph, merged.fq_offset, box, None, sound, symbolic)
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, sound, symbolic)
   return Box(*d[merged.f_graph.output])
 
 
