@@ -115,8 +115,22 @@ def validate_box(box: Box, *, name: str = "box") -> Box:
     bad = tuple(int(i) for i in np.argwhere(lower > upper)[0])
     raise ValueError(f"{name} is empty: lower > upper at index {bad} ({lower[bad]} > {upper[bad]}). "
                      "Swap the corners or build the box with qbound.linf_ball(center, radius).")
-  dtype = np.result_type(lower.dtype, np.float32) if np.issubdtype(lower.dtype, np.floating) else np.float32
-  return Box(lower=jnp.asarray(lower, dtype), upper=jnp.asarray(upper, dtype))
+  dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower.dtype, np.float32)
+                                        if np.issubdtype(lower.dtype, np.floating) else np.float32)
+  return Box(lower=_round_outward(lower, dtype, -np.inf), upper=_round_outward(upper, dtype, np.inf))
+
+
+def _round_outward(values: np.ndarray, dtype, direction: float):
+  """``values`` in ``dtype``, rounded toward ``direction`` where the cast is inexact, so a box
+  narrowed from float64 to float32 never shrinks."""
+  cast = values.astype(dtype)
+  inexact = cast.astype(np.float64) != values.astype(np.float64)
+  if direction < 0:
+    inexact &= cast.astype(np.float64) > values
+  else:
+    inexact &= cast.astype(np.float64) < values
+  cast = np.where(inexact, np.nextafter(cast, np.asarray(direction, dtype)), cast)
+  return jnp.asarray(cast, dtype)
 
 
 def sample_uniform(key, box: Box, num: int):

@@ -53,6 +53,8 @@ SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
 def _freeze(value):
   if isinstance(value, dict):
     return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuples (ConvDimensionNumbers) keep their type
+    return type(value)(*(_freeze(v) for v in value))
   if isinstance(value, (list, tuple)):
     return tuple(_freeze(v) for v in value)
   return value
@@ -118,11 +120,15 @@ class LinearOp:
     return self.transpose(weights, y)
 
 
-def _where(eqn) -> str:
+def _where(eqn, outer: str = "") -> str:
+  """The user's source line of an equation; inside JAX's own functions, the line that called them."""
   try:
-    return source_info_util.summarize(eqn.source_info)
+    here = source_info_util.summarize(eqn.source_info)
   except Exception:  # pragma: no cover - a JAX version without source info
-    return "<unknown source>"
+    here = ""
+  if outer and (not here or here.strip(". ") == "" or "/jax/" in here or "/jax/_src/" in here):
+    return outer
+  return here or outer or "<unknown source>"
 
 
 class _Builder:
@@ -140,7 +146,7 @@ class _Builder:
   def shape_of(self, value):
     return self.nodes[value[1]].shape if value[0] == "node" else tuple(np.shape(value[1]))
 
-  def run(self, jaxpr, consts, args):
+  def run(self, jaxpr, consts, args, outer_where: str = ""):
     env: dict = {}
 
     def read(v):
@@ -154,26 +160,27 @@ class _Builder:
       env[var] = val
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      outs = self.equation(eqn, ins)
+      outs = self.equation(eqn, ins, outer_where)
       for var, val in zip(eqn.outvars, outs):
         env[var] = val
     return [read(v) for v in jaxpr.outvars]
 
-  def equation(self, eqn, ins):
+  def equation(self, eqn, ins, outer_where: str = ""):
+    self.current_where = _where(eqn, outer_where)
     prim = eqn.primitive
     name = prim.name
     sub = next((eqn.params[p] for p in _CALL_PARAM_NAMES if p in eqn.params), None)
     if sub is not None and name not in ("scan", "while", "cond"):
       if isinstance(sub, jcore.ClosedJaxpr):
-        return self.run(sub.jaxpr, sub.consts, ins)
-      return self.run(sub, (), ins)
+        return self.run(sub.jaxpr, sub.consts, ins, _where(eqn, outer_where))
+      return self.run(sub, (), ins, _where(eqn, outer_where))
     if all(v[0] == "const" for v in ins):
       outs = prim.bind(*[v[1] for v in ins], **eqn.params)
       outs = outs if prim.multiple_results else [outs]
       return [("const", o) for o in outs]
     if prim.multiple_results:
       self.unsupported(eqn, "it has several results")
-    where = _where(eqn)
+    where = _where(eqn, outer_where)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     rule = _RULES.get(name)
     if rule is None:
@@ -182,11 +189,12 @@ class _Builder:
       self.unsupported(eqn)
     return [rule(self, eqn, ins, where, out_shape)]
 
-  def unsupported(self, eqn, why: str = ""):
+  def unsupported(self, eqn, why: str = "", where: str = ""):
     name = eqn.primitive.name
     extra = f" ({why})" if why else ""
+    where = where or getattr(self, "current_where", "") or _where(eqn)
     raise UnsupportedPrimitiveError(
-        f"qbound cannot bound the primitive '{name}' used at {_where(eqn)}{extra}. Supported: "
+        f"qbound cannot bound the primitive '{name}' used at {where}{extra}. Supported: "
         f"{', '.join(SUPPORTED)}. Rewrite that step with supported operations or open an issue.")
 
   # --- emitters --------------------------------------------------------------------------------
@@ -240,10 +248,16 @@ class _Builder:
   def scale(self, value, factor, where, shape):
     """``factor * value`` for a constant scalar factor."""
     const = jnp.full(shape, factor, self.dtype)
-    op = LinearOp(name="mul", primitive=lax.mul_p, params=(), var_pos=0, in_shape=shape, out_shape=shape,
-                  dtype=np.dtype(self.dtype).name, coefficients=True)
+    op = _op_of(lambda v, c: v * c, shape, self.dtype, const)
     return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, op=op, weights=(const,),
                             where=where))
+
+  def broadcast(self, value, shape, where):
+    """``value`` (e.g. a scalar) broadcast to ``shape``, as lax does implicitly for scalars."""
+    if self.shape_of(value) == tuple(shape):
+      return value
+    op = _op_of(lambda v: jnp.broadcast_to(v, shape), self.shape_of(value), self.dtype)
+    return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=tuple(shape), op=op, where=where))
 
   def add(self, a, b, signs, where, shape):
     return self.emit(G.Node(kind=G.ADD, inputs=(a[1], b[1]), shape=shape, attrs=signs, where=where))
@@ -274,20 +288,30 @@ def _with_term_counts(op: LinearOp, consts) -> LinearOp:
   return dataclasses.replace(op, terms=max(terms, 1), terms_transpose=max(terms_t, 1))
 
 
+def _op_of(fn: Callable, in_shape, dtype, *consts) -> LinearOp:
+  """The LinearOp of ``fn(x, *consts)``, a function made of exactly one linear primitive."""
+  closed = jax.make_jaxpr(fn)(jnp.zeros(in_shape, dtype), *consts)
+  (eqn,) = closed.jaxpr.eqns
+  op = LinearOp(name=eqn.primitive.name, primitive=eqn.primitive, params=_freeze(dict(eqn.params)), var_pos=0,
+                in_shape=tuple(in_shape), out_shape=tuple(eqn.outvars[0].aval.shape), dtype=np.dtype(dtype).name,
+                coefficients=eqn.primitive.name in _COEFFICIENT_PRIMS)
+  return _with_term_counts(op, tuple(jnp.asarray(c) for c in consts))
+
+
 def _both_nodes(ins):
   return ins[0][0] == "node" and ins[1][0] == "node"
 
 
 def _rule_add(b: _Builder, eqn, ins, where, shape):
   if _both_nodes(ins):
-    return b.add(ins[0], ins[1], (1, 1), where, shape)
+    return b.add(b.broadcast(ins[0], shape, where), b.broadcast(ins[1], shape, where), (1, 1), where, shape)
   var, const = (ins[0], ins[1]) if ins[0][0] == "node" else (ins[1], ins[0])
   return b.shift(var, const[1], where, shape)
 
 
 def _rule_sub(b: _Builder, eqn, ins, where, shape):
   if _both_nodes(ins):
-    return b.add(ins[0], ins[1], (1, -1), where, shape)
+    return b.add(b.broadcast(ins[0], shape, where), b.broadcast(ins[1], shape, where), (1, -1), where, shape)
   if ins[0][0] == "node":
     return b.shift(ins[0], -jnp.asarray(ins[1][1]), where, shape)
   neg = b.scale(ins[1], -1.0, where, shape)
@@ -420,7 +444,8 @@ def _as_spec(example):
     return example
   arr = np.asarray(example) if not isinstance(example, jax.Array) else example
   dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.float32
-  return jax.ShapeDtypeStruct(tuple(arr.shape), dtype)
+  # float64 inputs compute in float32 unless jax_enable_x64 is on, as everywhere in JAX.
+  return jax.ShapeDtypeStruct(tuple(arr.shape), jax.dtypes.canonicalize_dtype(dtype))
 
 
 def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:

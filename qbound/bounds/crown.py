@@ -31,7 +31,8 @@ from qbound.box import Box, validate_box
 
 
 def _row_sum(x):
-  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+  # A fixed pairwise order, so that sums over a layer carry log2(n) roundings, not n.
+  return fp.pairwise_sum(x)
 
 
 def _magnitude(bounds, idx):
@@ -79,7 +80,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
       if node.bias is not None:
         beta = beta + _row_sum(lam * node.bias)
         if sound:
-          err = err + fp.dot_margin(node.size, _row_sum(jnp.abs(lam * node.bias)), dtype)
+          err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(lam * node.bias)), dtype)
       src = node.inputs[0]
       push(src, jax.vmap(node.linear_transpose)(lam))
       if sound:
@@ -110,7 +111,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
       if sound:
         slope = jnp.maximum(jnp.abs(r.lower_slope), jnp.abs(r.upper_slope))
         err = err + fp.unit_roundoff(dtype) * fp.SLACK * _row_sum(jnp.abs(lam) * slope * _magnitude(bounds, src))
-        err = err + fp.dot_margin(node.size, _row_sum(jnp.abs(neg * r.upper_offset) + jnp.abs(pos * r.lower_offset)), dtype)
+        err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(neg * r.upper_offset) + jnp.abs(pos * r.lower_offset)), dtype)
     else:
       raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 
@@ -124,7 +125,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
   if not sound:
     return value
   n = int(c.size)
-  err = err + fp.dot_margin(2 * n + 2, _row_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(n) + 2, _row_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
   return fp.round_down(value - err)
 
 

@@ -82,7 +82,8 @@ def _magnitude(b):
 
 
 def _row_sum(x):
-  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+  # A fixed pairwise order, so that sums over a layer carry log2(n) roundings, not n.
+  return fp.pairwise_sum(x)
 
 
 def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
@@ -185,7 +186,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
         if db is not None:
           beta = beta + _row_sum(lv * db)
           if sound:
-            err = err + fp.dot_margin(nf.size + 1, _row_sum(jnp.abs(lv * db)), dtype)
+            err = err + fp.dot_margin(fp.pairwise_terms(nf.size) + 1, _row_sum(jnp.abs(lv * db)), dtype)
         push(lam, d, j, jax.vmap(nf.linear_transpose)(lv))
         delta = _DeltaLinear(nf, nq)
         if not delta.zero:
@@ -200,7 +201,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
         if nq.bias is not None:
           beta = beta + _row_sum(mv * nq.bias)
           if sound:
-            err = err + fp.dot_margin(nq.size, _row_sum(jnp.abs(mv * nq.bias)), dtype)
+            err = err + fp.dot_margin(fp.pairwise_terms(nq.size), _row_sum(jnp.abs(mv * nq.bias)), dtype)
         push(mu, zq, j, jax.vmap(nq.linear_transpose)(mv))
         if sound:
           err = err + fp.dot_margin(n_t, _row_sum(jnp.abs(mv) * nq.linear_abs(_magnitude(zq[j]))), dtype)
@@ -238,7 +239,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
           sq = jnp.maximum(jnp.abs(r.lower_q), jnp.abs(r.upper_q))
           so = jnp.maximum(jnp.abs(r.lower_r), jnp.abs(r.upper_r))
           err = err + u * fp.SLACK * _row_sum(absl * (sd * _magnitude(d[j]) + sq * _magnitude(zq[j])))
-          err = err + fp.dot_margin(nf.size, _row_sum(absl * so), dtype)
+          err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absl * so), dtype)
       if mv is not None:
         if nf.kind == G.RELU:
           rq = relax.relu(*zq[j], a.get("mu"), sound=sound)
@@ -251,7 +252,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
           absm = jnp.abs(mv)
           slope = jnp.maximum(jnp.abs(rq.lower_slope), jnp.abs(rq.upper_slope))
           err = err + u * fp.SLACK * _row_sum(absm * slope * _magnitude(zq[j]))
-          err = err + fp.dot_margin(nf.size, _row_sum(absm * jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))), dtype)
+          err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absm * jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))), dtype)
     else:
       raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
 
@@ -264,7 +265,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   value = _row_sum(mv * c) - _row_sum(jnp.abs(mv) * rad) + beta
   if not sound:
     return value
-  err = err + fp.dot_margin(2 * int(c.size) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(int(c.size)) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
   return fp.round_down(value - err)
 
 
