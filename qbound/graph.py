@@ -13,6 +13,8 @@ kind           value
 ``concat``     concatenation of several nodes along ``attrs[0]``
 ``relu``       ``max(x, 0)``
 ``clip``       ``min(max(x, lo), hi)`` with ``weights = (lo, hi)`` (may be -inf / +inf)
+``round``      rounding to an integer, ``attrs[0]`` in ``nearest``, ``floor``, ``ceil``
+               (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine)
 =============  ==============================================================================
 
 The arrays (``weights``, ``bias``) are pytree leaves and the structure is static, so a graph is a
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INPUT, AFFINE, ADD, CONCAT, RELU, CLIP = "input", "affine", "add", "concat", "relu", "clip"
+INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "concat", "relu", "clip", "round"
+ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}
 
 
 @jax.tree_util.register_dataclass
@@ -106,6 +109,8 @@ def _apply_node(node: Node, args):
     return jnp.maximum(args[0], 0)
   if node.kind == CLIP:
     return node.apply_clip(args[0])
+  if node.kind == ROUND:
+    return ROUNDING[node.attrs[0]](args[0])
   raise ValueError(f"unknown node kind {node.kind!r}")
 
 

@@ -10,6 +10,8 @@ checkpoints), and turns each equation that does depend on the input into a node:
   ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``concatenate``) become
   ``affine`` nodes; an added constant becomes their bias;
 * ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
+* ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
+  as the identity);
 * ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
   ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
   are rewritten exactly with ReLUs (``max(a, b) = a + relu(b - a)``).
@@ -47,6 +49,7 @@ _IDENTITY_PRIMS = {"copy", "copy_p", "optimization_barrier"}
 _PRECISE_PRIMS = {"dot_general", "conv_general_dilated"}
 SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
                    {"add", "add_any", "sub", "neg", "max", "min", "clamp", "convert_element_type",
+                    "round", "floor", "ceil",
                     "jit", "pjit", "custom_jvp_call", "custom_vjp_call", "checkpoint", "closed_call"})
 
 
@@ -380,7 +383,15 @@ def _rule_clamp(b: _Builder, eqn, ins, where, shape):
   return _min_pair(b, _max_pair(b, x, lo, where, shape), hi, where, shape)
 
 
+def _rule_round(b: _Builder, eqn, ins, where, shape):
+  mode = {"round": "nearest", "floor": "floor", "ceil": "ceil"}[eqn.primitive.name]
+  return b.emit(G.Node(kind=G.ROUND, inputs=(ins[0][1],), shape=shape, attrs=(mode,), where=where))
+
+
 _RULES: dict[str, Callable] = {
+    "round": _rule_round,
+    "floor": _rule_round,
+    "ceil": _rule_round,
     "add": _rule_add,
     "add_any": _rule_add,
     "sub": _rule_sub,

@@ -88,7 +88,7 @@ def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *
   m = rows.shape[0]
   init = {}
   for idx, n in enumerate(fg.nodes[: target + 1]):
-    if n.kind not in (G.RELU, G.CLIP):
+    if n.kind not in (G.RELU, G.CLIP):  # rounding has no slopes to optimise
       continue
     j = n.inputs[0]
     d_lower, d_upper = relax.delta_chord_slopes(*d[j])

@@ -30,6 +30,9 @@ from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
 
 
+ACTIVATIONS = (G.RELU, G.CLIP, G.ROUND)
+
+
 def _row_sum(x):
   # A fixed pairwise order, so that sums over a layer carry log2(n) roundings, not n.
   return fp.pairwise_sum(x)
@@ -97,14 +100,16 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
         width = graph.nodes[src].shape[node.attrs[0]]
         push(src, jax.lax.slice_in_dim(lam, start, start + width, axis=axis))
         start += width
-    elif node.kind in (G.RELU, G.CLIP):
+    elif node.kind in ACTIVATIONS:
       src = node.inputs[0]
       lo, hi = bounds[src]
       if node.kind == G.RELU:
         alpha = None if alphas is None else alphas.get(idx)
         r = relax.relu(lo, hi, alpha, sound=sound)
-      else:
+      elif node.kind == G.CLIP:
         r = relax.clip(lo, hi, *node.weights, sound=sound)
+      else:
+        r = relax.rounding(lo, hi, node.attrs[0], sound=sound)
       pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
       push(src, pos * r.lower_slope + neg * r.upper_slope)
       beta = beta + _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
@@ -142,7 +147,7 @@ def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, so
 
 def relu_inputs(graph: G.Graph) -> list[int]:
   """Indices of the nodes whose bounds an activation's relaxation needs, in topological order."""
-  return sorted({node.inputs[0] for node in graph.nodes if node.kind in (G.RELU, G.CLIP)} - {0})
+  return sorted({node.inputs[0] for node in graph.nodes if node.kind in ACTIVATIONS} - {0})
 
 
 def intersect(a, b):

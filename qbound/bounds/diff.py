@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.crown import crown_bounds, intersect, relu_inputs
+from qbound.bounds.crown import ACTIVATIONS, crown_bounds, intersect, relu_inputs
 from qbound.bounds.interval import center_radius
 from qbound.box import Box, validate_box
 
@@ -139,6 +139,13 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
       lo = jnp.where(lo == jnp.minimum(dl, 0), lo, fp.round_down(lo))
       hi = jnp.where(hi == jnp.maximum(du, 0), hi, fp.round_up(hi))
     return lo, hi
+  if nf.kind == G.ROUND:
+    j = nf.inputs[0]
+    (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
+    fn = G.ROUNDING[nf.attrs[0]]
+    lo = jnp.maximum(dl - 1, fn(zl) - fn(qu))
+    hi = jnp.minimum(du + 1, fn(zu) - fn(ql))
+    return (fp.round_down(lo), fp.round_up(hi)) if sound else (lo, hi)
   raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
 
 
@@ -221,14 +228,16 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
         if mv is not None:
           push(mu, zq, src, jax.lax.slice_in_dim(mv, start, start + width, axis=axis))
         start += width
-    elif nf.kind in (G.RELU, G.CLIP):
+    elif nf.kind in ACTIVATIONS:
       j = nf.inputs[0]
       a = {} if alphas is None else alphas.get(idx, {})
       if lv is not None:
         if nf.kind == G.RELU:
           r = relax.relu_diff(*z[j], *zq[j], *d[j], a, sound=sound)
-        else:
+        elif nf.kind == G.CLIP:
           r = _clip_diff_relaxation(nf, nq, z[j], zq[j], d[j], a, sound)
+        else:
+          r = relax.rounding_diff(*z[j], *zq[j], nf.attrs[0])
         pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
         push(lam, d, j, pos * r.lower_d + neg * r.upper_d)
         push(mu, zq, j, pos * r.lower_q + neg * r.upper_q)
@@ -243,8 +252,10 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
       if mv is not None:
         if nf.kind == G.RELU:
           rq = relax.relu(*zq[j], a.get("mu"), sound=sound)
-        else:
+        elif nf.kind == G.CLIP:
           rq = relax.clip(*zq[j], *nq.weights, sound=sound)
+        else:
+          rq = relax.rounding(*zq[j], nq.attrs[0], sound=sound)
         pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
         push(mu, zq, j, pos * rq.lower_slope + neg * rq.upper_slope)
         beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)

@@ -74,6 +74,10 @@ def node_interval(node: G.Node, bounds, sound: bool):
   if node.kind == G.CLIP:
     l, u = bounds[node.inputs[0]]
     return node.apply_clip(l), node.apply_clip(u)
+  if node.kind == G.ROUND:  # monotone
+    l, u = bounds[node.inputs[0]]
+    fn = G.ROUNDING[node.attrs[0]]
+    return fn(l), fn(u)
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 

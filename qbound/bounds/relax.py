@@ -201,3 +201,28 @@ def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True
   lo_o = jnp.where(identity | constant, zero, lo_o)
   up_o = jnp.where(identity | constant, zero, up_o)
   return DiffRelaxation(lo_s, zero, lo_o, up_s, zero, up_o)
+
+
+# Largest distance below and above x of each rounding: round(x) in [x - 1/2, x + 1/2], etc.
+ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0)}
+
+
+def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
+  """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
+  or the exact constant where the interval stays on one step. (The offsets are exact floats.)"""
+  fn = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}[mode]
+  below, above = ROUNDING_ERROR[mode]
+  flat = fn(lo) == fn(hi)
+  one = jnp.ones_like(lo)
+  slope = jnp.where(flat, 0, one)
+  return Relaxation(slope, jnp.where(flat, fn(lo), below), slope, jnp.where(flat, fn(lo), above))
+
+
+def rounding_diff(zl, zu, ql, qu, mode: str) -> DiffRelaxation:
+  """Lines around ``round(z) - round(zq)``: within ``d -/+ 1`` (the two roundings' errors differ
+  by less than 1), exactly 0 where both stay on the same step."""
+  fn = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}[mode]
+  same = (fn(zl) == fn(zu)) & (fn(ql) == fn(qu)) & (fn(zl) == fn(ql))
+  one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
+  slope = jnp.where(same, zero, one)
+  return DiffRelaxation(slope, zero, jnp.where(same, zero, -one), slope, zero, jnp.where(same, zero, one))
