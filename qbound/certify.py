@@ -334,7 +334,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
                          f"({track.per_method}){hint}; please report this input.")
+  per_method, best = track.per_method, track.best_method
+  if method != "auto":  # a named method reports under its own name (its preliminary bounds included)
+    per_method, best = {method: upper}, method
   return Certificate(lower=lower, upper=upper, diff_lower=track.diff_lower, diff_upper=track.diff_upper,
-                     witness=witness, method=track.best_method, seconds=time.perf_counter() - start,
-                     bounds=track.per_method, sound=sound, lower_float32=lower_float32, witness_diff=witness_diff,
+                     witness=witness, method=best, seconds=time.perf_counter() - start,
+                     bounds=per_method, sound=sound, lower_float32=lower_float32, witness_diff=witness_diff,
                      box_lower=np.asarray(box.lower), box_upper=np.asarray(box.upper))

@@ -13,7 +13,8 @@ kind           value
 ``concat``     concatenation of several nodes along ``attrs[0]``
 ``relu``       ``max(x, 0)``
 ``clip``       ``min(max(x, lo), hi)`` with ``weights = (lo, hi)`` (may be -inf / +inf)
-``round``      rounding to an integer, ``attrs[0]`` in ``nearest``, ``floor``, ``ceil``
+``round``      rounding to an integer, ``attrs[0]`` in ``nearest``, ``floor``, ``ceil`` (or
+               ``none``: the identity standing beside a rounding in the other network)
                (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine)
 =============  ==============================================================================
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "concat", "relu", "clip", "round"
-ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}
+ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 
 
 @jax.tree_util.register_dataclass

@@ -46,13 +46,114 @@ def same_structure(a: G.Graph, b: G.Graph) -> bool:
   if len(a.nodes) != len(b.nodes) or a.output != b.output:
     return False
   for na, nb in zip(a.nodes, b.nodes):
-    if (na.kind, na.inputs, na.shape, na.op, na.attrs) != (nb.kind, nb.inputs, nb.shape, nb.op, nb.attrs):
+    if (na.kind, na.inputs, na.shape, na.op) != (nb.kind, nb.inputs, nb.shape, nb.op):
+      return False
+    if na.attrs != nb.attrs and na.kind != G.ROUND:  # a rounding may face another rounding mode
       return False
     if (na.bias is None) != (nb.bias is None) or len(na.weights) != len(nb.weights):
       return False
     if any(np.shape(wa) != np.shape(wb) for wa, wb in zip(na.weights, nb.weights)):
       return False
   return True
+
+
+def _identity_beside(node: G.Node, src: int) -> Optional[G.Node]:
+  """An identity node of the same structure as ``node`` (a step f_q has and f lacks), or None."""
+  if len(node.inputs) != 1:
+    return None
+  base = dict(inputs=(src,), where="identity beside f_q's " + (node.where or node.kind))
+  if node.kind == G.ROUND:
+    return dataclasses.replace(node, attrs=("none",), **base)
+  if node.kind == G.CLIP:
+    lo = jnp.full(node.shape, -jnp.inf, jnp.result_type(node.weights[0]))
+    return dataclasses.replace(node, weights=(lo, -lo), **base)
+  if node.kind == G.AFFINE and (node.op is None or (node.op.name in ("mul", "div") and node.op.in_shape == node.shape)):
+    # The same scaling as f_q's, so both networks' values stay in the same units; the chain of
+    # such steps must then compose to the identity, which _is_identity_chain proves.
+    return dataclasses.replace(node, **base)
+  return None
+
+
+def _is_identity_chain(chain: list[G.Node]) -> bool:
+  """Whether elementwise steps (scalings, shifts, identity roundings and clips) compose to the
+  identity exactly, checked in rational arithmetic on the float values."""
+  from fractions import Fraction
+
+  affine = [n for n in chain if n.kind == G.AFFINE]
+  if not affine:
+    return True
+  size = affine[0].size
+  scales = [Fraction(1)] * size
+  shifts = [Fraction(0)] * size
+  for node in affine:
+    if node.op is not None:
+      c = np.asarray(node.weights[0], np.float64).reshape(-1)
+      for e in range(size):
+        f = Fraction(float(c[e]))
+        if node.op.name == "mul":
+          scales[e], shifts[e] = scales[e] * f, shifts[e] * f
+        elif f == 0:
+          return False
+        else:
+          scales[e], shifts[e] = scales[e] / f, shifts[e] / f
+    if node.bias is not None:
+      b = np.asarray(node.bias, np.float64).reshape(-1)
+      shifts = [sh + Fraction(float(b[e])) for e, sh in enumerate(shifts)]
+  return all(a == 1 for a in scales) and all(b == 0 for b in shifts)
+
+
+def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
+  """f's graph with identity steps inserted where f_q has extra elementwise steps.
+
+  Activation quantization turns ``relu(z)`` into ``clip(round(relu(z) / s), lo, hi) * s``: f_q has
+  a scaling, a rounding, a clipping and a scaling that f lacks. Inserting their identities into f
+  (multiply by 1, round "none", clip at +-inf) gives two graphs of the same structure computing
+  the same functions, so the differential bounds apply. Returns None when no such alignment exists.
+  """
+  fn, qn = f_graph.nodes, fq_graph.nodes
+  new: list[G.Node] = [fn[0]]
+  from_f = {0: 0}  # f's original index -> index in ``new``
+  from_q = {0: 0}  # f_q's index -> index in ``new``
+  through: dict[int, int] = {}  # inserted identity -> the node it passes on
+
+  def resolve(idx: int) -> int:
+    while idx in through:
+      idx = through[idx]
+    return idx
+
+  i = 1
+  for k in range(1, len(qn)):
+    q = qn[k]
+    inputs = tuple(from_q[j] for j in q.inputs)
+    if i < len(fn):
+      cand = fn[i]
+      same = (cand.kind, cand.shape, cand.op, cand.attrs, cand.bias is None, len(cand.weights)) == \
+             (q.kind, q.shape, q.op, q.attrs, q.bias is None, len(q.weights))
+      if same and len(cand.inputs) == len(inputs) and all(
+          resolve(a) == from_f[b] for a, b in zip(inputs, cand.inputs)):
+        new.append(dataclasses.replace(cand, inputs=inputs))
+        from_f[i] = from_q[k] = len(new) - 1
+        i += 1
+        continue
+    ident = _identity_beside(q, inputs[0]) if inputs else None
+    if ident is None:
+      return None
+    new.append(ident)
+    from_q[k] = len(new) - 1
+    through[len(new) - 1] = inputs[0]
+  out = from_q[fq_graph.output]
+  if i != len(fn) or resolve(out) != from_f[f_graph.output]:
+    return None
+  # Every chain of inserted steps, as read by a real node or the output, must be the identity.
+  readers = [inp for idx, n in enumerate(new) if idx not in through for inp in n.inputs] + [out]
+  for idx in set(readers):
+    chain = []
+    while idx in through:
+      chain.append(new[idx])
+      idx = through[idx]
+    if not _is_identity_chain(chain[::-1]):
+      return None
+  return G.Graph(nodes=tuple(new), output=out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +270,10 @@ def merge_graphs(f_graph: G.Graph, fq_graph: G.Graph) -> MergedNetwork:
   if f_graph.output_shape != fq_graph.output_shape:
     raise ValueError(f"f returns shape {f_graph.output_shape} but f_q returns {fq_graph.output_shape}; "
                      "the error f - f_q needs outputs of the same shape.")
+  if not same_structure(f_graph, fq_graph):
+    aligned = align(f_graph, fq_graph)
+    if aligned is not None and same_structure(aligned, fq_graph):
+      f_graph = aligned
   shift = len(f_graph.nodes) - 1
   nodes = list(f_graph.nodes) + [_offset(n, shift) for n in fq_graph.nodes[1:]]
   fq_out = fq_graph.output + shift if fq_graph.output else 0

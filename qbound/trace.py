@@ -418,7 +418,13 @@ def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
     if node.kind == G.CLIP:
       src = node.inputs[0]
       prev = new_nodes[src]
-      if prev.kind == G.CLIP and consumers[src] == [idx] and src != output:
+      if prev.kind == G.RELU and consumers[src] == [idx] and src != output:
+        # relu then clip (jnp.clip(x, 0, hi) traces so) is one clip at max(lo, 0).
+        lo = jnp.maximum(node.weights[0], 0)
+        if bool(jnp.all(lo <= node.weights[1])):
+          new_nodes[src] = dataclasses.replace(node, inputs=prev.inputs, weights=(lo, node.weights[1]))
+          alias[idx] = src
+      elif prev.kind == G.CLIP and consumers[src] == [idx] and src != output:
         lo = jnp.maximum(prev.weights[0], node.weights[0])
         hi = jnp.minimum(prev.weights[1], node.weights[1])
         if bool(jnp.all(lo <= hi)):  # otherwise clip(clip(x)) is a constant that one clip cannot express

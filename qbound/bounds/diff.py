@@ -142,9 +142,10 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
   if nf.kind == G.ROUND:
     j = nf.inputs[0]
     (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
-    fn = G.ROUNDING[nf.attrs[0]]
-    lo = jnp.maximum(dl - 1, fn(zl) - fn(qu))
-    hi = jnp.minimum(du + 1, fn(zu) - fn(ql))
+    fn_f, fn_q = G.ROUNDING[nf.attrs[0]], G.ROUNDING[nq.attrs[0]]
+    e_f, e_q = relax.ROUNDING_ERROR[nf.attrs[0]], relax.ROUNDING_ERROR[nq.attrs[0]]
+    lo = jnp.maximum(dl + (e_f[0] - e_q[1]), fn_f(zl) - fn_q(qu))
+    hi = jnp.minimum(du + (e_f[1] - e_q[0]), fn_f(zu) - fn_q(ql))
     return (fp.round_down(lo), fp.round_up(hi)) if sound else (lo, hi)
   raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
 
@@ -237,7 +238,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
         elif nf.kind == G.CLIP:
           r = _clip_diff_relaxation(nf, nq, z[j], zq[j], d[j], a, sound)
         else:
-          r = relax.rounding_diff(*z[j], *zq[j], nf.attrs[0])
+          r = relax.rounding_diff(*z[j], *zq[j], nf.attrs[0], nq.attrs[0])
         pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
         push(lam, d, j, pos * r.lower_d + neg * r.upper_d)
         push(mu, zq, j, pos * r.lower_q + neg * r.upper_q)

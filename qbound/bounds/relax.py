@@ -204,13 +204,14 @@ def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True
 
 
 # Largest distance below and above x of each rounding: round(x) in [x - 1/2, x + 1/2], etc.
-ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0)}
+ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
+_ROUND_FN = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 
 
 def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
   """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
   or the exact constant where the interval stays on one step. (The offsets are exact floats.)"""
-  fn = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}[mode]
+  fn = _ROUND_FN[mode]
   below, above = ROUNDING_ERROR[mode]
   flat = fn(lo) == fn(hi)
   one = jnp.ones_like(lo)
@@ -218,11 +219,13 @@ def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
   return Relaxation(slope, jnp.where(flat, fn(lo), below), slope, jnp.where(flat, fn(lo), above))
 
 
-def rounding_diff(zl, zu, ql, qu, mode: str) -> DiffRelaxation:
-  """Lines around ``round(z) - round(zq)``: within ``d -/+ 1`` (the two roundings' errors differ
-  by less than 1), exactly 0 where both stay on the same step."""
-  fn = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil}[mode]
-  same = (fn(zl) == fn(zu)) & (fn(ql) == fn(qu)) & (fn(zl) == fn(ql))
+def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str) -> DiffRelaxation:
+  """Lines around ``round_f(z) - round_q(zq)``: ``d`` plus the difference of the two rounding
+  errors, exactly 0 where both round the same way and stay on the same step."""
+  fn_f, fn_q = _ROUND_FN[mode_f], _ROUND_FN[mode_q]
+  lo_f, hi_f = ROUNDING_ERROR[mode_f]
+  lo_q, hi_q = ROUNDING_ERROR[mode_q]
+  same = (mode_f == mode_q != "none") & (fn_f(zl) == fn_f(zu)) & (fn_q(ql) == fn_q(qu)) & (fn_f(zl) == fn_q(ql))
   one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
   slope = jnp.where(same, zero, one)
-  return DiffRelaxation(slope, zero, jnp.where(same, zero, -one), slope, zero, jnp.where(same, zero, one))
+  return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))

@@ -1,4 +1,4 @@
-"""The exact maximal error of a ReLU network, by mixed-integer linear programming.
+"""The exact maximal error of a piecewise-linear network, by mixed-integer linear programming.
 
 Every node of the merged network ``g = f - f_q`` becomes MILP variables: the input ranges over the
 box, ``affine`` and ``add`` nodes are linear equalities, ``concat`` nodes reuse their inputs'
@@ -13,7 +13,10 @@ values ``l, u`` are the tightest sound bounds qbound has (CROWN intersected with
 and for paired f and f_q tightened by differential bounds): the tighter they are, the fewer ReLUs
 are unstable and the smaller the branch-and-bound tree. The differential bounds on ``z - z_q``
 also enter as cuts: the LP relaxation relaxes f and f_q independently and cannot otherwise see
-that they nearly cancel.
+that they nearly cancel. A ``round`` node (fake quantization of activations) is one integer
+variable ``k`` with ``|x - k| <= 1/2`` (``floor`` and ``ceil`` alike), so activation-quantized
+networks are solved exactly too.
+
 Maximising ``s * g_j`` for every output ``j`` and sign ``s`` and taking the largest gives
 ``max_x |g(x)|_inf``. The solver is HiGHS (through :func:`scipy.optimize.milp`), an open solver.
 
@@ -49,7 +52,7 @@ from qbound.bounds.diff import diff_bounds
 from qbound.box import Box, validate_box
 from qbound.merge import MergedNetwork, merge
 
-SUPPORTED_KINDS = (G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP)
+SUPPORTED_KINDS = (G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP, G.ROUND)
 
 # HiGHS's default tolerances (HiGHS options reference): an LP is solved when its primal and dual
 # residuals are below 1e-7; a MIP solution is accepted with row and integrality violations below
@@ -85,7 +88,9 @@ class MilpResult:
     tolerance: the amount added to the solver's dual bounds (see :func:`tolerance`).
     solved: how many sub-problems ``max s * g_j`` the solver ran; ``pruned``: how many were
       skipped because their propagated bound could not beat the value already reached.
-    binaries: the number of unstable ReLUs (binary variables) in the encoding.
+    binaries: the number of binary variables (one per unstable ReLU, two at most per clipped
+      entry).
+    integers: the number of integer variables: the binaries and one per rounded entry.
   """
 
   value: float
@@ -99,6 +104,7 @@ class MilpResult:
   solved: int = 0
   pruned: int = 0
   binaries: int = 0
+  integers: int = 0
 
   @property
   def gap(self) -> float:
@@ -115,7 +121,8 @@ class Encoding(NamedTuple):
   """The MILP of a graph: ``row_lower <= A v <= row_upper``, ``var_lower <= v <= var_upper``.
 
   ``index[i]`` holds the variable index of every entry of node ``i`` (an int array of the node's
-  shape); ``integrality[k]`` is 1 for the binaries of unstable ReLUs.
+  shape); ``integrality[k]`` is 1 for integer variables (the binaries of unstable ReLUs, and the
+  steps of rounding nodes); ``binaries`` counts the former.
   """
 
   matrix: scipy.sparse.csr_array
@@ -125,6 +132,7 @@ class Encoding(NamedTuple):
   var_upper: np.ndarray
   integrality: np.ndarray
   index: list
+  binaries: int = 0
 
 
 def check_kinds(graph: G.Graph) -> None:
@@ -160,7 +168,7 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
   """The big-M MILP of ``graph`` with every node's value a variable (Tjeng et al., ICLR 2019).
 
   Args:
-    graph: a graph of input, affine, add, concat, relu and clip nodes.
+    graph: a graph of input, affine, add, concat, relu, clip and round nodes.
     bounds: sound ``(lower, upper)`` of every node (e.g. from
       :func:`qbound.bounds.crown.crown_bounds`); node 0's bounds are the input box.
     differences: optional cuts ``(a, b, lower, upper)``: proven bounds on ``z_a - z_b`` for two
@@ -183,14 +191,14 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
   vals: list[np.ndarray] = []
   row_lower: list[np.ndarray] = []
   row_upper: list[np.ndarray] = []
-  count = [0, 0]  # variables, rows
+  count = [0, 0, 0]  # variables, rows, binaries
 
-  def new_vars(lo, hi, binary=False):
+  def new_vars(lo, hi, integer=False):
     lo = np.ravel(lo)
     n = lo.size
     var_lower.append(lo)
     var_upper.append(np.ravel(hi))
-    integrality.append(np.full(n, 1 if binary else 0, np.int8))
+    integrality.append(np.full(n, 1 if integer else 0, np.int8))
     start = count[0]
     count[0] += n
     return np.arange(start, start + n)
@@ -215,16 +223,21 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
     lz, uz = l - shift, u - shift
     active, inactive = lz >= 0, uz <= 0
     unstable = ~(active | inactive)
-    r = new_vars(np.maximum(lz, 0), np.maximum(uz, 0))
-    k = int(active.sum())
+    r = np.empty(xs.size, np.int64)
+    alias = active & (shift == 0)  # r = x exactly: reuse x's variable rather than add an equality
+    r[alias] = xs[alias]
+    r[~alias] = new_vars(np.maximum(lz[~alias], 0), np.maximum(uz[~alias], 0))
+    shifted = active & ~alias
+    k = int(shifted.sum())
     if k:  # r - x = -shift
       rng = np.arange(k)
-      add_rows(np.concatenate([rng, rng]), np.concatenate([r[active], xs[active]]),
-               np.concatenate([np.ones(k), -np.ones(k)]), -shift[active], -shift[active])
+      add_rows(np.concatenate([rng, rng]), np.concatenate([r[shifted], xs[shifted]]),
+               np.concatenate([np.ones(k), -np.ones(k)]), -shift[shifted], -shift[shifted])
     k = int(unstable.sum())
     if k:
       rs, x, c, lu, uu = r[unstable], xs[unstable], shift[unstable], lz[unstable], uz[unstable]
-      a = new_vars(np.zeros(k), np.ones(k), binary=True)
+      a = new_vars(np.zeros(k), np.ones(k), integer=True)
+      count[2] += k
       rng = np.arange(k)
       # r - x >= -c
       add_rows(np.concatenate([rng, rng]), np.concatenate([rs, x]),
@@ -271,10 +284,7 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
     elif node.kind == G.RELU:
       src = index[node.inputs[0]].ravel()
       l, u = lows[node.inputs[0]].ravel(), highs[node.inputs[0]].ravel()
-      out = relu_of_shift(src, np.zeros(node.size), l, u)
-      active = l >= 0
-      out[active] = src[active]  # y = x exactly: reuse x's variable rather than add an equality
-      index.append(out.reshape(node.shape))
+      index.append(relu_of_shift(src, np.zeros(node.size), l, u).reshape(node.shape))
     elif node.kind == G.CLIP:
       # clip(x, lo, hi) = lo + relu(x - lo) - relu(x - hi) for lo <= hi: two ReLUs of shifted x. An
       # infinite end is replaced by a finite one beyond x's bounds, which changes nothing on them
@@ -296,13 +306,32 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
       add_rows(np.concatenate([rng, rng, rng]), np.concatenate([y, r_lo, r_hi]),
                np.concatenate([np.ones(m), -np.ones(m), np.ones(m)]), lo_f, lo_f)
       index.append(y.reshape(node.shape))
+    elif node.kind == G.ROUND:
+      # y = round(x) is an integer k with |x - k| <= 1/2 (floor: 0 <= x - k <= 1; ceil:
+      # 0 <= k - x <= 1). The closed intervals admit both neighbours at a tie, so the MILP maximises
+      # over the closure of each step: its bound stays valid, and the value re-evaluated at its
+      # maximiser is what the network really computes there.
+      if node.attrs[0] == "none":  # the identity merge puts beside a rounding of the other network
+        index.append(index[node.inputs[0]])
+        continue
+      src = index[node.inputs[0]].ravel()
+      l, u = lows[node.inputs[0]].ravel(), highs[node.inputs[0]].ravel()
+      below, above = {"nearest": (0.5, 0.5), "floor": (0.0, 1.0), "ceil": (1.0, 0.0)}[node.attrs[0]]
+      # k in [x - above, x + below] for x in [l, u]
+      k = new_vars(np.ceil(l - above), np.floor(u + below), integer=True)
+      m = node.size
+      rng = np.arange(m)
+      # -below <= x - k <= above
+      add_rows(np.concatenate([rng, rng]), np.concatenate([src, k]), np.concatenate([np.ones(m), -np.ones(m)]),
+               np.full(m, -below), np.full(m, above))
+      index.append(k.reshape(node.shape))
   for a, b, d_lo, d_hi in differences:
     ia, ib = index[a].ravel(), index[b].ravel()
     m = ia.size
     rng = np.arange(m)
     add_rows(np.concatenate([rng, rng]), np.concatenate([ia, ib]), np.concatenate([np.ones(m), -np.ones(m)]),
              np.asarray(d_lo, np.float64).ravel(), np.asarray(d_hi, np.float64).ravel())
-  n_vars, n_rows = count
+  n_vars, n_rows, n_binaries = count
   if rows:
     matrix = scipy.sparse.csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                                     shape=(n_rows, n_vars))
@@ -310,7 +339,7 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
     matrix = scipy.sparse.csr_array((0, n_vars))
   cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
   return Encoding(matrix, cat(row_lower, np.float64), cat(row_upper, np.float64), cat(var_lower, np.float64),
-                  cat(var_upper, np.float64), cat(integrality, np.int8), index)
+                  cat(var_upper, np.float64), cat(integrality, np.int8), index, n_binaries)
 
 
 def tolerance(enc: Encoding) -> float:
@@ -372,6 +401,20 @@ def _starts(box: Box, num: int) -> np.ndarray:
   return np.concatenate([((lo + hi) / 2)[None], vertices, uniform])
 
 
+def _neighbours(x: np.ndarray, box: Box, num: int = 64) -> np.ndarray:
+  """``x`` and points just beside it: steps of 1e-7 and 1e-5 of the box's width along each axis
+  and in random diagonal directions (fixed seed)."""
+  width = np.asarray(box.upper, np.float64) - np.asarray(box.lower, np.float64)
+  flat = x.reshape(-1)
+  n = flat.size
+  rng = np.random.default_rng(0)
+  directions = np.concatenate([np.eye(n), -np.eye(n), rng.choice([-1.0, 1.0], size=(num, n))])
+  points = [flat[None]]
+  for scale in (1e-7, 1e-5):
+    points.append(flat + scale * directions * width.reshape(-1))
+  return np.concatenate(points).reshape(-1, *x.shape)
+
+
 def _as64(bounds) -> list:
   return [(np.asarray(lo, np.float64), np.asarray(hi, np.float64)) for lo, hi in bounds]
 
@@ -397,7 +440,9 @@ def _differential(merged: MergedNetwork, box: Box, bounds: list) -> tuple[list, 
   (proving that identical networks have zero error takes HiGHS seconds without them, and no
   branching with them).
   """
-  z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, sound=True, symbolic=True)
+  # Passed exactly as qbound.certify passes them (positionally, alpha_steps=0): jit caches on how
+  # arguments are passed, so this shares certify's compilation (seconds per network structure).
+  z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True, 0)
   as64 = lambda b: (np.asarray(b[0], np.float64), np.asarray(b[1], np.float64))
   meet = lambda a, b: (np.maximum(a[0], b[0]), np.minimum(a[1], b[1]))
   bounds = list(bounds)
@@ -447,7 +492,7 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
 
   Raises:
     ValueError: an invalid box, a network with other operations than affine maps, additions,
-      concatenations, ReLUs and clips, or an output index out of range.
+      concatenations, ReLUs, clips and roundings, or an output index out of range.
 
   Example:
     >>> import jax, jax.numpy as jnp, qbound as qb
@@ -484,6 +529,9 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
                      f"got {output!r}.")
 
   enc = encode(graph, bounds, cuts)
+  # With roundings g jumps at steps, and the solver's maximiser may sit on a step, where the
+  # network takes the other side's value: look at points just beside it too.
+  steps = any(n.kind == G.ROUND and n.attrs[0] != "none" for n in graph.nodes)
   tol = tolerance(enc)
   out_vars = enc.index[graph.output].ravel()
   out_lo, out_hi = bounds[graph.output][0].ravel(), bounds[graph.output][1].ravel()
@@ -530,14 +578,16 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
           # With a cutoff the solver only searched where s * g_j >= cutoff.
           bound = min(bound, max(dual, cutoff or -np.inf) + tol)
       if sol is not None:
-        (x,), (errs,) = measure(sol[enc.index[0].ravel()])
-        per_output = np.maximum(per_output, errs)
-        if errs.max() > best:
-          best, best_x = float(errs.max()), x
+        point = sol[enc.index[0].ravel()].reshape(box.shape)
+        xs, errs = measure(_neighbours(point, box) if steps else point[None])
+        per_output = np.maximum(per_output, errs.max(axis=0))
+        k = int(np.argmax(errs.max(axis=1)))
+        if errs[k].max() > best:
+          best, best_x = float(errs[k].max()), xs[k]
     per_upper[j] = bound if math.isnan(per_upper[j]) else max(per_upper[j], bound)
 
   upper = max(float(np.nanmax(per_upper)), best, 0.0)
   return MilpResult(value=best, upper=upper, maximizer=best_x, optimal=optimal,
                     seconds=time.perf_counter() - start, per_output=per_output.reshape(out_shape),
                     per_output_upper=per_upper.reshape(out_shape), tolerance=tol, solved=solved, pruned=pruned,
-                    binaries=int(enc.integrality.sum()))
+                    binaries=enc.binaries, integers=int(enc.integrality.sum()))

@@ -61,3 +61,15 @@ from qbound.quantize.weights import power_of_two as power_of_two
 from qbound.quantize.weights import power_of_two_quantizer as power_of_two_quantizer
 from qbound.quantize.weights import uniform as uniform
 from qbound.quantize.weights import uniform_quantizer as uniform_quantizer
+from qbound.quantize.activations import ActivationRange as ActivationRange
+from qbound.quantize.activations import DQALayer as DQALayer
+from qbound.quantize.activations import DQAReport as DQAReport
+from qbound.quantize.activations import activation_grid as activation_grid
+from qbound.quantize.activations import calibrate as calibrate
+from qbound.quantize.activations import dqa as dqa
+from qbound.quantize.activations import fake_quant as fake_quant
+from qbound.quantize.activations import quantize_activations as quantize_activations
+from qbound.quantize.activations import shift_split as shift_split
+from qbound.quantize.qat import retrain as retrain
+from qbound.quantize.qat import retrain_ttq as retrain_ttq
+from qbound.quantize.qat import straight_through as straight_through
