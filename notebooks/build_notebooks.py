@@ -1,0 +1,348 @@
+"""Writes the analysis notebooks in notebooks/ from the cells below (so they are reviewable code).
+
+Each notebook reads what an experiment wrote under ``results/NAME/`` (the full run) or, when that
+is absent, ``results/smoke/NAME/``; ``QBOUND_RESULTS=DIR`` points them at another results root
+(``DIR/NAME`` or ``DIR/smoke/NAME``). They only load, tabulate, check and plot: no qbound code,
+no bounds computed. Rebuild after editing this file, then execute headless::
+
+    python notebooks/build_notebooks.py
+    python experiments/run_all.py --smoke          # runs the experiments, then every notebook
+
+The notebooks are written without outputs; ``run_all.py`` saves executed copies under
+``results/[smoke/]notebooks/``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+# Shared by every notebook: find the results, read CSV and JSON, show a table.
+SETUP = r'''import csv, json, math, os, pathlib
+import numpy as np
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+%matplotlib inline
+
+
+def results_root() -> pathlib.Path:
+    """$QBOUND_RESULTS, else the results/ folder of the checkout this notebook runs in."""
+    if os.environ.get("QBOUND_RESULTS"):
+        return pathlib.Path(os.environ["QBOUND_RESULTS"])
+    for d in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]:
+        if (d / "results").is_dir() and (d / "experiments").is_dir():
+            return d / "results"
+    raise FileNotFoundError("no results/ folder found; run the experiment first or set QBOUND_RESULTS")
+
+
+def experiment_dir(name: str) -> pathlib.Path:
+    """results/NAME (full run) if it has a summary, else results/smoke/NAME."""
+    root = results_root()
+    for d in (root / name, root / "smoke" / name):
+        if (d / "summary.json").is_file():
+            return d
+    raise FileNotFoundError(f"no results for {name} under {root}: run python experiments/{name}.py [--smoke]")
+
+
+def number(v):
+    if v in ("", None):
+        return None
+    if v in ("True", "False"):
+        return v == "True"
+    try:
+        x = float(v)
+    except ValueError:
+        return v
+    return int(x) if x.is_integer() and "." not in v and "e" not in v.lower() else x
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def show_table(rows, columns, title=""):
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(columns) + " |",
+                                                       "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    display(Markdown("\n".join(lines)))
+
+
+def check_sound(rows, lower="lower", upper="upper"):
+    """Every proven upper bound is at least the error reached (lower); returns how many rows checked."""
+    n = 0
+    for r in rows:
+        lo, up = r.get(lower), r.get(upper)
+        if isinstance(lo, (int, float)) and isinstance(up, (int, float)):
+            assert 0 <= lo <= up, r
+            n += 1
+    return n
+'''
+
+
+def load(name: str) -> str:
+  return f'''NAME = "{name}"
+RESULTS = experiment_dir(NAME)
+summary = json.loads((RESULTS / "summary.json").read_text())
+print(f"results from {{RESULTS}} (smoke run: {{summary['smoke']}}, {{summary['seconds']:.0f}} s, "
+      f"{{summary['machine']['cpu_count']}} CPUs, jax {{summary['machine']['jax']}})")'''
+
+
+NOTEBOOKS = {
+    "random_nets": [
+        ("md", """# Random ReLU networks: certified quantization error against the bit width
+
+After Cooke, Mo and Xiang 2023 ("Guaranteed quantization error computation for neural network model
+compression"): N(0, 1) weights and biases, inputs in [-1, 1]^n, uniform symmetric per-tensor quantization
+of weights and biases. Produced by `python experiments/random_nets.py` (`--smoke` for the CI version)."""),
+        ("code", SETUP),
+        ("code", load("random_nets")),
+        ("code", """rows = read_csv(RESULTS / "errors.csv")
+print("rows checked lower <= upper:", check_sound(rows))
+methods = list(dict.fromkeys(r["method"] for r in rows))
+for net in dict.fromkeys(r["net"] for r in rows):
+    sel = [r for r in rows if r["net"] == net]
+    bits = sorted({r["bits"] for r in sel})
+    table = []
+    for b in bits:
+        row = {"bits": b}
+        for m in methods:
+            hit = [r for r in sel if r["bits"] == b and r["method"] == m]
+            row[m] = hit[0]["upper"] if hit else None
+        row["reached"] = max(r["lower"] for r in sel if r["bits"] == b and r["lower"] is not None)
+        table.append(row)
+    show_table(table, ["bits", *methods, "reached"], title=f"net {net}: proven upper bound per method")"""),
+        ("md", """How loose is each method? The ratio of its upper bound to the exact maximal error (the MILP value when
+it was solved to optimality, else the largest error reached, which makes the ratio an upper estimate)."""),
+        ("code", """fig, axes = plt.subplots(1, len(set(r["net"] for r in rows)), figsize=(11, 3.6), squeeze=False)
+for ax, net in zip(axes[0], dict.fromkeys(r["net"] for r in rows)):
+    sel = [r for r in rows if r["net"] == net]
+    bits = sorted({r["bits"] for r in sel})
+    def exact(b):
+        m = [r for r in sel if r["bits"] == b and r["method"] == "exact-milp" and r.get("optimal")]
+        return m[0]["lower"] if m else max(r["lower"] for r in sel if r["bits"] == b and r["lower"] is not None)
+    for m in methods:
+        if m == "exact-milp":
+            continue
+        pts = [(r["bits"], r["upper"] / exact(r["bits"])) for r in sel if r["method"] == m]
+        ax.plot(*zip(*pts), "o-", label=m, ms=4)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_yscale("log"); ax.set_xlabel("bits"); ax.set_ylabel("upper / exact"); ax.set_title(net)
+    ax.grid(True, which="both", alpha=0.3)
+axes[0][0].legend(fontsize=7)
+plt.tight_layout()"""),
+        ("code", """reach = summary["reachable"]
+print(f"reachable-set plot: {reach['samples']} samples, {reach['bits']}-bit copy")
+for k in ("f", "fq", "diff"):
+    lo, hi = np.array(reach["sampled"][f"{k}_min"]), np.array(reach["sampled"][f"{k}_max"])
+    print(f"  sampled {k:>4}: output ranges {np.round(np.stack([lo, hi], 1), 4).tolist()}")
+for name, (lo, hi) in reach["certified"].items():
+    print(f"  certified {name:>18}: {np.round(np.stack([lo, hi], 1), 4).tolist()}")
+    who = name.split("_")[0]
+    assert np.all(np.array(lo) <= np.array(reach["sampled"][f"{who}_min"]) + 1e-4)
+    assert np.all(np.array(hi) >= np.array(reach["sampled"][f"{who}_max"]) - 1e-4)"""),
+        ("md", "The figures the experiment saved:"),
+        ("code", """from IPython.display import Image
+for png in ("error_vs_bits.png", "reachable_sets.png"):
+    display(Image(filename=str(RESULTS / png)))"""),
+    ],
+    "resiliency": [
+        ("md", """# Resiliency under quantization: accuracy, storage and certified error against network size
+
+After Sung, Shin and Hwang 2016: digits MLPs 64-w-w-10 of growing width, kernels quantized ternary / 2 / 3 / 4 /
+8 bits, directly and (when qbound has it) after quantization-aware retraining. The certified error compares each
+quantized network with the float network it came from. Produced by `python experiments/resiliency.py`."""),
+        ("code", SETUP),
+        ("code", load("resiliency")),
+        ("code", """rows = read_csv(RESULTS / "resiliency.csv")
+print("rows checked lower <= upper:", check_sound(rows))
+for note in summary["notes"]:
+    print("note:", note)
+print("retraining:", summary["retraining"])
+show_table(rows, ["net", "params", "quantizer", "retrained", "acc", "ratio", "bits_per_weight", "upper", "lower", "gap"],
+           title=f"certified over {summary['config']['images']} boxes of radius {summary['config']['radius']}, "
+                 f"method {summary['config']['method']}")"""),
+        ("md", "Accuracy lost to quantization (float accuracy minus quantized accuracy), against the number of parameters:"),
+        ("code", """fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+for q in dict.fromkeys(r["quantizer"] for r in rows if r["quantizer"] != "float32"):
+    for retrained, ls in ((False, "--"), (True, "-")):
+        sel = sorted((r for r in rows if r["quantizer"] == q and r["retrained"] == retrained and r["family"] == "mlp"),
+                     key=lambda r: r["params"])
+        if sel:
+            ax[0].plot([r["params"] for r in sel], [r["float_acc"] - r["acc"] for r in sel], ls, marker="o", ms=4,
+                       label=f"{q}{' retrained' if retrained else ''}")
+            ax[1].plot([r["params"] for r in sel], [r["upper"] / r["lower"] for r in sel], ls, marker="o", ms=4)
+ax[0].set_xscale("log"); ax[0].set_xlabel("parameters"); ax[0].set_ylabel("accuracy drop"); ax[0].legend(fontsize=6, ncol=2)
+ax[1].set_xscale("log"); ax[1].set_xlabel("parameters"); ax[1].set_ylabel("upper / lower (gap)"); ax[1].set_title("tightness")
+for a in ax: a.grid(True, which="both", alpha=0.3)
+plt.tight_layout()"""),
+        ("code", """from IPython.display import Image
+display(Image(filename=str(RESULTS / "resiliency.png")))"""),
+    ],
+    "deep_compression": [
+        ("md", """# Deep Compression of the digits MLP: size, accuracy and certified error per stage
+
+Prune -> retrain -> share (k-means) -> Huffman (Han et al. 2016) on the bundled digits MLP 64-32-32-10. The
+certified error compares each stage with the original network. Produced by `python experiments/deep_compression.py`."""),
+        ("code", SETUP),
+        ("code", load("deep_compression")),
+        ("code", """stages = read_csv(RESULTS / "stages.csv")
+print("rows checked lower <= upper:", check_sound(stages))
+show_table(stages, ["stage", "sparsity", "bits", "size_bytes", "ratio", "acc", "nonzero", "upper", "lower"],
+           title=f"pipeline (method {summary['config']['method']}, {summary['config']['images']} boxes)")
+sizes = [r["size_bytes"] for r in stages]
+assert sizes[-1] <= sizes[-2], "Huffman coding must not grow the storage"
+assert stages[0]["ratio"] == 1"""),
+        ("code", """sweep_path = RESULTS / "sweep.csv"
+if sweep_path.is_file():
+    sweep = read_csv(sweep_path)
+    print("rows checked lower <= upper:", check_sound(sweep))
+    show_table(sweep, ["stage", "sparsity", "bits", "ratio", "acc", "upper", "lower"], title="sweep")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    for s in sorted({r["sparsity"] for r in sweep}):
+        sel = sorted((r for r in sweep if r["sparsity"] == s), key=lambda r: r["bits"])
+        label = "uniform, unpruned" if s == 0 else f"sparsity {s}"
+        ax[0].plot([r["ratio"] for r in sel], [r["acc"] for r in sel], "o-", label=label)
+        ax[1].plot([r["ratio"] for r in sel], [r["upper"] for r in sel], "o-", label=label)
+    ax[0].set_ylabel("test accuracy"); ax[1].set_ylabel("certified max logit error"); ax[1].set_yscale("log")
+    for a in ax: a.set_xscale("log"); a.set_xlabel("compression ratio"); a.grid(True, which="both", alpha=0.3)
+    ax[0].legend(fontsize=7); plt.tight_layout()
+else:
+    print("no sweep in this (smoke) run")"""),
+        ("code", """from IPython.display import Image
+display(Image(filename=str(RESULTS / "deep_compression.png")))"""),
+    ],
+    "bench_differential": [
+        ("md", """# Differential verification benchmarks beside NeuroDiff
+
+MNIST 3x100, HAR and ACAS Xu 1_1..1_9 against their float16 copies (the ReluDiff / NeuroDiff problems,
+`../shared/bench`). Bounds on max |f_16 - f| per input and method, with compile time shown apart from the
+per-input time. Produced by `python experiments/bench_differential.py`."""),
+        ("code", SETUP),
+        ("code", load("bench_differential")),
+        ("code", """rows = read_csv(RESULTS / "bench.csv")
+for note in summary["notes"]:
+    print("note:", note)
+for r in rows:
+    if r["method"] != "sampling":
+        assert r["bound"] >= 0
+# every proven bound is at least the error reached by sampling on the same input
+reached = {(r["net"], r["input"]): r["lower"] for r in rows if r["method"] == "sampling"}
+for r in rows:
+    if r["method"] != "sampling":
+        assert reached[(r["net"], r["input"])] <= r["bound"], r
+show_table(summary["summary"], ["family", "method", "n", "bound_mean", "ratio_to_neurodiff", "proved_0.05",
+                                 "lower_mean", "compile_seconds", "per_input_seconds", "neurodiff_seconds"],
+           title="per family and method (compile = first call minus the median per-input call)")"""),
+        ("code", """fams = list(dict.fromkeys(r["family"] for r in rows))
+fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+for ax, fam in zip(axes[0], fams):
+    sel = [r for r in rows if r["family"] == fam]
+    for m in dict.fromkeys(r["method"] for r in sel):
+        pts = [(i, r["bound"] if m != "sampling" else r["lower"]) for i, r in enumerate(x for x in sel if x["method"] == m)]
+        ax.plot(*zip(*pts), "o-" if m != "sampling" else "*", label=m, ms=4)
+    nd = [r["neurodiff"] for r in sel if r["method"] == "sampling"]
+    ax.plot(range(len(nd)), nd, "k--", label="NeuroDiff" if fam != "acas" else "epsilon 0.05")
+    ax.set_yscale("log"); ax.set_title(fam); ax.set_xlabel("input / network"); ax.grid(True, which="both", alpha=0.3)
+axes[0][0].set_ylabel("max |f_16 - f|"); axes[0][0].legend(fontsize=6)
+plt.tight_layout()"""),
+        ("code", """from IPython.display import Image
+for png in ("bench_bounds.png", "bench_times.png"):
+    display(Image(filename=str(RESULTS / png)))"""),
+    ],
+    "scaling": [
+        ("md", """# Scaling of the bound methods with width and depth; sampling throughput
+
+Random MLPs 16 -> [w] x d -> 10 and their 8-bit copies. Time (compile apart), XLA memory, fitted growth
+exponents, and forward passes per second of `jit(vmap(f))` against this machine's matmul rate. Produced by
+`python experiments/scaling.py`."""),
+        ("code", SETUP),
+        ("code", load("scaling")),
+        ("code", """width = read_csv(RESULTS / "width.csv")
+depth = read_csv(RESULTS / "depth.csv")
+tp = read_csv(RESULTS / "throughput.csv")
+cols = ["method", "width", "depth", "seconds", "compile_seconds", "xla_temp_mib", "skipped"]
+show_table(width, cols, title="vs width (depth 2)")
+show_table(depth, cols, title="vs depth")
+exps = [dict(sweep=k, method=m, **v) for k, d in summary["exponents"].items() for m, v in d.items()]
+show_table(exps, ["sweep", "method", "time", "compile", "xla_temp_memory", "points"], title="growth exponents (log-log slopes)")
+show_table(tp, ["network", "width", "passes_per_second", "gflops", "fraction_of_matmul"],
+           title=f"sampling throughput; matmul {summary['matmul_gflops']:.1f} GFLOP/s")
+assert all(r["seconds"] > 0 for r in width + depth if r.get("seconds") is not None)
+assert all(0 < r["fraction_of_matmul"] < 5 for r in tp)"""),
+        ("code", """fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+for m in dict.fromkeys(r["method"] for r in width):
+    sel = [r for r in width if r["method"] == m and r.get("seconds") is not None]
+    ax[0].plot([r["width"] for r in sel], [r["seconds"] for r in sel], "o-", label=m)
+    sel = [r for r in depth if r["method"] == m and r.get("seconds") is not None]
+    ax[1].plot([r["depth"] for r in sel], [r["compile_seconds"] for r in sel], "o-", label=m)
+ax[0].set_xscale("log", base=2); ax[0].set_yscale("log"); ax[0].set_xlabel("width"); ax[0].set_ylabel("run time (s)")
+ax[1].set_yscale("log"); ax[1].set_xlabel("depth"); ax[1].set_ylabel("compile time (s)")
+for a in ax: a.grid(True, which="both", alpha=0.3); a.legend(fontsize=7)
+plt.tight_layout()"""),
+        ("code", """from IPython.display import Image
+display(Image(filename=str(RESULTS / "scaling.png")))"""),
+    ],
+    "activation_quant": [
+        ("md", """# Activation quantization: DQA against direct quantization
+
+The hidden pre-activations of a digits MLP quantized to b = 3, 4, 5 bits directly, with DQA (important channels
+get 2 extra bits, their shift errors Huffman coded), and directly at b + 2 bits for reference. Weights stay
+float32. Produced by `python experiments/activation_quant.py`."""),
+        ("code", SETUP),
+        ("code", load("activation_quant")),
+        ("code", """rows = read_csv(RESULTS / "activation_quant.csv")
+print("rows checked lower <= upper:", check_sound(rows))
+print(f"float32 accuracy {summary['float_acc']:.4f}; quantized layers {summary['layers']}")
+show_table(rows, ["scheme", "bits", "acc", "memory_bits", "overhead", "upper", "lower", "best_method"],
+           title=f"certified over {summary['config']['images']} boxes, method {summary['config']['method']}")"""),
+        ("md", "Accuracy and certified error per bit of activation memory:"),
+        ("code", """fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+for s in dict.fromkeys(r["scheme"] for r in rows):
+    sel = sorted((r for r in rows if r["scheme"] == s), key=lambda r: r["memory_bits"])
+    ax[0].plot([r["memory_bits"] for r in sel], [r["acc"] for r in sel], "o-", label=s)
+    ax[1].plot([r["memory_bits"] for r in sel], [r["upper"] for r in sel], "o-", label=s)
+ax[0].axhline(summary["float_acc"], color="k", ls=":", label="float32")
+ax[0].set_ylabel("test accuracy"); ax[1].set_ylabel("certified max logit error"); ax[1].set_yscale("log")
+for a in ax: a.set_xlabel("activation bits per input"); a.grid(True, which="both", alpha=0.3); a.legend(fontsize=7)
+plt.tight_layout()"""),
+        ("code", """from IPython.display import Image
+display(Image(filename=str(RESULTS / "activation_quant.png")))"""),
+    ],
+}
+
+
+def build(name: str, cells) -> nbformat.NotebookNode:
+  nb = new_notebook()
+  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  nb.metadata["language_info"] = {"name": "python"}
+  nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
+  for i, cell in enumerate(nb.cells):
+    cell["id"] = f"{name}-{i}"
+  return nb
+
+
+def main(argv=None) -> list[pathlib.Path]:
+  names = list(argv if argv is not None else sys.argv[1:]) or list(NOTEBOOKS)
+  written = []
+  for name in names:
+    path = HERE / f"{name}.ipynb"
+    nbformat.write(build(name, NOTEBOOKS[name]), path)
+    written.append(path)
+    print(f"wrote {path.relative_to(HERE.parent)}")
+  return written
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,29 @@
+"""Shared pytest configuration: hypothesis profiles and the test helpers on the path."""
+
+import os
+import sys
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from every test module
+
+# Few, reproducible examples by default (the whole suite must stay within a few minutes on two
+# cores); `pytest --hypothesis-profile=thorough` runs many more.
+settings.register_profile("default", max_examples=15, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def strict_promotion():
+  """Runs a test with strict dtype promotion, so no silent float64/int promotion hides in the code.
+
+  Not used around :func:`qbound.attack.maximize_error` and :func:`qbound.certify`: optax's
+  schedules mix an int32 step count with Python floats, which strict promotion rejects.
+  """
+  with jax.numpy_dtype_promotion("strict"):
+    yield

@@ -1,0 +1,209 @@
+"""Tests of qbound.certify: the one call most users make, and its error messages."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers as H
+import qbound as qb
+from qbound.certify import METHODS
+
+
+class Net(nn.Module):
+  """The README's user-written network: 5 -> 64 -> 64 -> 3."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(64)(x))
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(3)(x)
+
+
+def numpy_forward(params, x):
+  """Net in float64 numpy, independent of qbound's tracing."""
+  h = np.asarray(x, np.float64)
+  layers = params["params"]
+  for i in range(3):
+    h = h @ np.asarray(layers[f"Dense_{i}"]["kernel"], np.float64) + np.asarray(layers[f"Dense_{i}"]["bias"], np.float64)
+    if i < 2:
+      h = np.maximum(h, 0)
+  return h
+
+
+@pytest.fixture(scope="module")
+def readme():
+  model = Net()
+  params = model.init(jax.random.key(0), jnp.zeros(5))
+  qparams = qb.quantize.uniform(params, bits=8)  # exactly as in the README
+  f = functools.partial(model.apply, params)
+  fq = functools.partial(model.apply, qparams)
+  box = qb.Box(lower=-jnp.ones(5), upper=jnp.ones(5))
+  cert = qb.certify(f, fq, box)
+  return f, fq, params, qparams, box, cert
+
+
+def test_readme_contract(readme):
+  f, fq, params, qparams, box, cert = readme
+  # The quantized weights differ from the originals, on an 8-bit grid (255 levels at most).
+  kernel = np.asarray(qparams["params"]["Dense_1"]["kernel"])
+  assert not np.array_equal(kernel, np.asarray(params["params"]["Dense_1"]["kernel"]))
+  assert len(np.unique(kernel)) <= 255
+  assert 0 < cert.lower <= cert.upper
+  assert box.contains(cert.witness) and cert.witness.shape == (5,)
+  assert cert.diff_lower.shape == (3,) and cert.diff_upper.shape == (3,)
+  assert np.all(cert.diff_lower <= cert.diff_upper)
+  assert cert.upper == pytest.approx(max(np.max(-cert.diff_lower), np.max(cert.diff_upper)))
+  # lower is the error at the witness in float64, recomputed here without qbound.
+  diff64 = numpy_forward(params, cert.witness) - numpy_forward(qparams, cert.witness)
+  assert cert.lower == pytest.approx(np.max(np.abs(diff64)), rel=1e-9, abs=1e-12)
+  np.testing.assert_allclose(cert.witness_diff, diff64, rtol=1e-9, atol=1e-12)
+  # ... and as f and fq compute it in float32: close, but only up to rounding.
+  assert cert.lower_float32 == pytest.approx(cert.lower, rel=1e-2)
+  assert cert.method in cert.bounds
+  assert cert.upper <= min(cert.bounds.values()) + 1e-12  # per-output intersection can only help
+  assert 0 < cert.seconds < 120
+  assert cert.sound
+  np.testing.assert_array_equal(cert.box_lower, box.lower)
+  assert cert.gap == pytest.approx(cert.upper / cert.lower)
+  assert cert.proves(cert.upper) and not cert.proves(cert.lower * 0.5)
+  assert "max error in [" in str(cert)
+
+
+def test_json_round_trip(readme):
+  *_, cert = readme
+  text = cert.to_json()
+  json.loads(text)  # plain JSON
+  back = qb.Certificate.from_json(text)
+  for field in ("lower", "upper", "method", "seconds", "bounds", "sound", "lower_float32"):
+    assert getattr(back, field) == getattr(cert, field)
+  for field in ("diff_lower", "diff_upper", "witness", "witness_diff", "box_lower", "box_upper"):
+    np.testing.assert_array_equal(getattr(back, field), getattr(cert, field))
+  with pytest.raises(ValueError, match="unknown fields"):
+    qb.Certificate.from_dict({**cert.to_dict(), "colour": "red"})
+
+
+def test_sampled_errors_below_upper(readme):
+  f, fq, _, _, box, cert = readme
+  merged = qb.merge(f, fq, box)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
+  assert np.max(np.abs(values)) <= cert.lower * (1 + 1e-6) + 1e-9  # the search beats plain sampling
+
+
+def check_method(method, **kwargs):
+  f, fq, _, _ = H.random_pair(3, H.SHAPES[0], bits=4)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  one = qb.certify(f, fq, box, method=method, search=H.search(), **kwargs)
+  assert one.method == method and set(one.bounds) == {method}
+  assert one.lower <= one.upper
+  values = H.eval64(qb.merge(f, fq, box), H.sample_points(box, 1000))
+  assert np.all(values >= one.diff_lower) and np.all(values <= one.diff_upper)
+  return f, fq, box, one
+
+
+@pytest.mark.parametrize("method", ["interval", "crown", "diff", "diff-interval", "milp"])
+def test_each_method_is_sound(method):
+  f, fq, box, one = check_method(method)
+  if method in ("interval", "crown", "diff"):
+    # auto always runs these three and keeps the tightest bound per output (what it runs after
+    # them depends on the time budget, so nothing more is certain).
+    auto = qb.certify(f, fq, box, search=H.search())
+    assert auto.upper <= one.upper + 1e-12
+  if method == "milp":  # exact: the interval closes up to the solver's tolerance
+    assert one.upper - one.lower <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"auto", "interval", "crown", "diff", "diff-interval", "milp"}))
+def test_each_slow_method_is_sound(method):
+  check_method(method)
+
+
+def test_merged_network_and_unsound_mode():
+  f, fq, _, _ = H.random_pair(4, H.SHAPES[0], bits=4)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  search = H.search()
+  via_merged = qb.certify(merged, None, box, method="crown", key=jax.random.key(1), search=search)
+  via_fns = qb.certify(f, fq, box, method="crown", key=jax.random.key(1), search=search)
+  assert via_merged.upper == via_fns.upper and via_merged.lower == via_fns.lower
+  loose = qb.certify(f, fq, box, method="crown", sound=False, search=search)
+  assert not loose.sound and loose.upper <= via_fns.upper
+  with pytest.raises(ValueError, match="not both|fq=None"):
+    qb.certify(merged, fq, box)
+
+
+def test_identical_networks_have_zero_error():
+  f, _, _, _ = H.random_pair(5, H.SHAPES[0], bits=4)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  cert = qb.certify(f, f, box, method="diff", search=H.search())
+  assert cert.lower == 0.0
+  assert cert.upper < 1e-4  # differential bounds see the cancellation: only float margins remain
+  assert cert.gap == float("inf")
+  # CROWN on the merged network relaxes both copies independently: sound, but far from zero.
+  assert qb.certify(f, f, box, method="crown", search=H.search()).upper > 1e-2
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+  f, fq, params, _ = H.random_pair(6, H.SHAPES[0], bits=4)
+  return f, fq, params
+
+
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        (qb.Box(jnp.ones(2), -jnp.ones(2)), r"box is empty: lower > upper at index \(0,\)"),
+        (qb.Box(jnp.array([0.0, jnp.nan]), jnp.ones(2)), r"box.lower is not finite at index \(1,\)"),
+        (qb.Box(jnp.zeros(2), jnp.array([jnp.inf, 1.0])), "box.upper is not finite"),
+        (qb.Box(jnp.zeros(2), jnp.ones(3)), r"box.lower has shape \(2,\) but box.upper has shape \(3,\)"),
+        (qb.Box(jnp.zeros(3), jnp.ones(3)), r"f could not be evaluated on an input of shape \(3,\)"),
+    ],
+)
+def test_bad_box(small_pair, box, match):
+  f, fq, _ = small_pair
+  with pytest.raises(ValueError, match=match):
+    qb.certify(f, fq, box)
+
+
+def test_box_must_be_a_box(small_pair):
+  f, fq, _ = small_pair
+  with pytest.raises(ValueError, match="must be a qbound.Box"):
+    qb.certify(f, fq, (jnp.zeros(2), jnp.ones(2)))
+
+
+def test_different_output_shapes(small_pair):
+  f, _, _ = small_pair
+  other = lambda x: jax.nn.relu(x @ jnp.ones((2, 5)))
+  with pytest.raises(ValueError, match=r"f returns shape \(2,\) but f_q returns \(5,\)"):
+    qb.certify(f, other, qb.Box(-jnp.ones(2), jnp.ones(2)))
+
+
+@pytest.mark.parametrize("bad, word", [(jnp.nan, "NaN"), (jnp.inf, "inf"), (-jnp.inf, "inf")])
+def test_non_finite_params(small_pair, bad, word):
+  f, _, params = small_pair
+  broken = jax.tree_util.tree_map(lambda w: w, params)
+  broken["params"]["Dense_0"]["bias"] = broken["params"]["Dense_0"]["bias"].at[1].set(bad)
+  fq = functools.partial(H.mlp((8, 8), 2).apply, broken)
+  with pytest.raises(ValueError, match=f"fq: the bias of node 1 .* contain {word}.*Check the params"):
+    qb.certify(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)))
+
+
+def test_invalid_method(small_pair):
+  f, fq, _ = small_pair
+  with pytest.raises(ValueError, match="unknown method 'exact'; choose one of auto, interval, crown"):
+    qb.certify(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)), method="exact")
+
+
+def test_unsupported_operation(small_pair):
+  f, _, _ = small_pair
+  with pytest.raises(qb.UnsupportedPrimitiveError, match="'tanh'"):
+    qb.certify(f, lambda x: jnp.tanh(f(x)), qb.Box(-jnp.ones(2), jnp.ones(2)))

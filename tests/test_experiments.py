@@ -1,0 +1,181 @@
+"""The experiments' smoke modes and the analysis notebooks run, and what they write is sane.
+
+Each experiment's ``main(['--smoke', '--out', DIR])`` is called in-process (once per test session)
+into a temporary results root; the notebooks are then executed headless against that root
+(``QBOUND_RESULTS``). Checks: the files exist, every reached error is at most its proven bound,
+and a few relations that must hold between methods (e.g. the exact MILP value is below every proven
+upper bound). About a minute on two cores with a warm XLA cache (the smoke runs keep one in
+``~/.cache/qbound/jax-smoke``), two to three minutes cold.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+NOTEBOOKS = ROOT / "notebooks"
+sys.path.insert(0, str(EXPERIMENTS))
+
+NAMES = ["random_nets", "resiliency", "deep_compression", "bench_differential", "scaling"]
+if (EXPERIMENTS / "activation_quant.py").is_file():
+  NAMES.append("activation_quant")
+
+
+@pytest.fixture(scope="module")
+def results_root(tmp_path_factory):
+  return tmp_path_factory.mktemp("results")
+
+
+_RUNS: dict = {}
+
+
+@pytest.fixture
+def smoke(results_root):
+  """``smoke(name) -> (summary, out_dir)``: runs the experiment's smoke mode once per session."""
+
+  def run(name):
+    if name not in _RUNS:
+      out = results_root / "smoke" / name
+      module = importlib.import_module(name)
+      try:
+        _RUNS[name] = (module.main(["--smoke", "--out", str(out)]), out)
+      except BaseException as exc:
+        _RUNS[name] = exc
+    if isinstance(_RUNS[name], BaseException):
+      pytest.fail(f"{name} --smoke failed: {_RUNS[name]!r}")
+    return _RUNS[name]
+
+  return run
+
+
+def read_csv(path):
+  with open(path, newline="") as fh:
+    rows = list(csv.DictReader(fh))
+  return [{k: _num(v) for k, v in r.items()} for r in rows]
+
+
+def _num(v):
+  if v == "":
+    return None
+  try:
+    return float(v)
+  except ValueError:
+    return v
+
+
+def assert_sound(rows, lower="lower", upper="upper"):
+  checked = 0
+  for r in rows:
+    lo, up = r.get(lower), r.get(upper)
+    if isinstance(lo, float) and isinstance(up, float):
+      assert math.isfinite(up) and 0 <= lo <= up, r
+      checked += 1
+  assert checked > 0
+  return checked
+
+
+def test_random_nets(smoke):
+  summary, out = smoke("random_nets")
+  for f in ("errors.csv", "summary.json", "error_vs_bits.png", "reachable_sets.png"):
+    assert (out / f).stat().st_size > 0
+  rows = read_csv(out / "errors.csv")
+  assert_sound(rows)
+  for bits in {r["bits"] for r in rows}:
+    sel = {r["method"]: r for r in rows if r["bits"] == bits}
+    assert set(sel) >= {"interval", "crown", "diff-interval", "diff"}
+    # CROWN's bounds are intersected with interval bounds, so never looser.
+    assert sel["crown"]["upper"] <= sel["interval"]["upper"] * (1 + 1e-6)
+    if "exact-milp" in sel:
+      exact = sel["exact-milp"]["lower"]
+      assert all(exact <= r["upper"] * (1 + 1e-6) + 1e-9 for r in sel.values()), sel
+  reach = summary["reachable"]
+  assert set(reach["certified"]) >= {"f_interval", "f_crown", "fq_crown", "diff_diff"}
+
+
+def test_resiliency(smoke):
+  summary, out = smoke("resiliency")
+  rows = read_csv(out / "resiliency.csv")
+  assert (out / "resiliency.png").stat().st_size > 0
+  assert_sound(rows)
+  for r in rows:
+    assert 0 <= r["acc"] <= 1
+    if r["quantizer"] != "float32":
+      assert r["ratio"] > 1, r
+  assert isinstance(summary["cnn_supported"], bool) and summary["cnn_note"]
+
+
+def test_deep_compression(smoke):
+  summary, out = smoke("deep_compression")
+  stages = read_csv(out / "stages.csv")
+  assert [r["stage"] for r in stages] == ["float32", "pruned", "pruned+retrained", "shared", "huffman"]
+  assert_sound(stages)
+  sizes = [r["size_bytes"] for r in stages]
+  assert sizes[0] > sizes[1] >= sizes[3] >= sizes[4]
+  assert stages[0]["acc"] > 0.9
+  assert stages[3]["upper"] == stages[4]["upper"]  # Huffman coding changes storage, not values
+
+
+def test_bench_differential(smoke):
+  summary, out = smoke("bench_differential")
+  rows = read_csv(out / "bench.csv")
+  assert any(r["family"] == "acas" for r in rows)  # ACAS 1_1 is bundled, so it always runs
+  reached = {(r["net"], r["input"]): r["lower"] for r in rows if r["method"] == "sampling"}
+  for r in rows:
+    if r["method"] != "sampling":
+      assert r["bound"] >= reached[(r["net"], r["input"])] >= 0, r
+  for s in summary["summary"]:
+    assert s["first_call_seconds"] > 0
+
+
+def test_scaling(smoke):
+  summary, out = smoke("scaling")
+  width = read_csv(out / "width.csv")
+  measured = [r for r in width if r.get("seconds") is not None]
+  assert measured and all(r["seconds"] > 0 and r["first_seconds"] >= r["seconds"] for r in measured)
+  assert summary["matmul_gflops"] > 0
+  tp = read_csv(out / "throughput.csv")
+  assert all(r["passes_per_second"] > 0 for r in tp)
+  assert "interval" in summary["exponents"]["width"]
+
+
+@pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")
+def test_activation_quant(smoke):
+  summary, out = smoke("activation_quant")
+  rows = read_csv(out / "activation_quant.csv")
+  assert_sound(rows)
+
+
+def test_build_notebooks_is_reproducible(tmp_path):
+  """The committed notebooks are what build_notebooks.py writes (so edits go through the generator)."""
+  sys.path.insert(0, str(NOTEBOOKS))
+  build = importlib.import_module("build_notebooks")
+  import nbformat
+
+  for name, cells in build.NOTEBOOKS.items():
+    committed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert [c.source for c in committed.cells] == [c.source for c in build.build(name, cells).cells], name
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if (NOTEBOOKS / f"{n}.ipynb").is_file()])
+def test_notebook_runs(name, smoke, results_root, monkeypatch):
+  smoke(name)
+  monkeypatch.setenv("QBOUND_RESULTS", str(results_root))
+  import nbformat
+  from nbclient import NotebookClient
+
+  nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.get("output_type") == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook plots nothing"
+  # It read the temporary smoke results, not the checkout's.
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert str(results_root) in text
