@@ -127,7 +127,7 @@ def _max_abs(lower, upper, outputs=None) -> float:
   upper = np.asarray(upper, np.float64).reshape(-1)
   if outputs is not None:
     lower, upper = lower[outputs], upper[outputs]
-  return float(max(np.max(-lower), np.max(upper), 0.0))
+  return float(max(np.max(-lower), np.max(upper), 0.0)) + 0.0  # never -0.0
 
 
 def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
@@ -207,7 +207,7 @@ class _Tracker:
   def done(self, target_gap: float, epsilon: Optional[float]) -> bool:
     if epsilon is not None and (self.upper <= epsilon or self.lower > epsilon):
       return True
-    return self.lower > 0 and self.upper <= (1 + target_gap) * self.lower
+    return self.upper <= (1 + target_gap) * self.lower  # also true when both are 0
 
 
 def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "auto", key=None, sound: bool = True,

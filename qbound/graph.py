@@ -35,6 +35,20 @@ INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "conca
 ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 
 
+class SourceNote(str):
+  """A source location kept for messages: every note compares equal, so two graphs traced from
+  different lines share one jit compilation (pytree structures compare their static fields)."""
+
+  def __eq__(self, other):
+    return isinstance(other, str)
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+  def __hash__(self):
+    return 0
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Node:
@@ -59,7 +73,11 @@ class Node:
   weights: tuple[Any, ...] = ()
   bias: Any = None
   attrs: tuple = dataclasses.field(default=(), metadata=dict(static=True))
-  where: str = dataclasses.field(default="", metadata=dict(static=True), compare=False)
+  where: str = dataclasses.field(default=SourceNote(""), metadata=dict(static=True), compare=False)
+
+  def __post_init__(self):
+    if not isinstance(self.where, SourceNote):
+      object.__setattr__(self, "where", SourceNote(self.where))
 
   @property
   def size(self) -> int:
