@@ -22,6 +22,7 @@ def sampled_max(f, fq, n=20000):
   return float(np.max(np.abs(jax.vmap(f)(xs) - jax.vmap(fq)(xs))))
 
 
+@pytest.mark.slow  # compiling the differential bounds of a rounding graph takes minutes on 2 cores
 @pytest.mark.parametrize("bits, symmetric", [(4, False)])
 def test_direct_activation_quantization_is_certified_soundly(bits, symmetric):
   ranges = qb.quantize.calibrate(MODEL.apply, PARAMS, CALIB)
