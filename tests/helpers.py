@@ -23,6 +23,26 @@ from qbound import graph as G
 SHAPES = ((2, (8, 8), 2), (3, (6, 6, 6), 2), (5, (8, 8), 3), (4, (5, 7), 1), (1, (8, 8), 1))
 
 
+class BiasedMLP(nn.Module):
+  """Dense layers of ``sizes`` with ReLU between them and random (not zero) biases."""
+
+  sizes: tuple = (8, 8, 3)
+
+  @nn.compact
+  def __call__(self, x):
+    for i, n in enumerate(self.sizes):
+      x = nn.Dense(n, bias_init=nn.initializers.normal(0.1))(x)
+      if i < len(self.sizes) - 1:
+        x = nn.relu(x)
+    return x
+
+
+def biased_mlp_params(seed=0, sizes=(8, 8, 3), dtype=jnp.float32):
+  """Parameters of a :class:`BiasedMLP` on 5 inputs, the quantizer tests' standard pytree."""
+  params = BiasedMLP(tuple(sizes)).init(jax.random.key(seed), jnp.ones(5))
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+
 class MLP(nn.Module):
   """A user-written linen MLP: Dense -> ReLU ... -> Dense."""
 

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from qbound import quantize as qz
+from helpers import biased_mlp_params
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -16,17 +17,8 @@ def strict_promotion():
     yield
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    for i, n in enumerate((8, 8, 3)):
-      x = nn.Dense(n, bias_init=nn.initializers.normal(0.1))(x)
-      x = nn.relu(x) if i < 2 else x
-    return x
-
-
 def mlp_params(seed=0):
-  return MLP().init(jax.random.key(seed), jnp.ones(5))
+  return biased_mlp_params(seed)
 
 
 def layer(tree, name, leaf):

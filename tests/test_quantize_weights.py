@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbound import quantize as qz
+from helpers import biased_mlp_params
 from qbound.quantize import numerics
 
 
@@ -19,21 +20,8 @@ def strict_promotion():
     yield
 
 
-class MLP(nn.Module):
-  sizes: tuple = (8, 8, 3)
-
-  @nn.compact
-  def __call__(self, x):
-    for i, n in enumerate(self.sizes):
-      x = nn.Dense(n, bias_init=nn.initializers.normal(0.1))(x)
-      if i < len(self.sizes) - 1:
-        x = nn.relu(x)
-    return x
-
-
 def mlp_params(seed=0, dtype=jnp.float32):
-  params = MLP().init(jax.random.key(seed), jnp.ones(5))
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  return biased_mlp_params(seed, dtype=dtype)
 
 
 def leaves_by_path(tree):
