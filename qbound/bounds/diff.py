@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.crown import ACTIVATIONS, crown_bounds, intersect, relu_inputs
+from qbound.bounds.crown import ACTIVATIONS, _row_sum, crown_bounds, intersect, relu_inputs
 from qbound.bounds.interval import center_radius
 from qbound.box import Box, validate_box
 
@@ -79,11 +79,6 @@ def _bias_diff(nf: G.Node, nq: G.Node):
 
 def _magnitude(b):
   return jnp.maximum(jnp.abs(b[0]), jnp.abs(b[1]))
-
-
-def _row_sum(x):
-  # A fixed pairwise order, so that sums over a layer carry log2(n) roundings, not n.
-  return fp.pairwise_sum(x)
 
 
 def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):

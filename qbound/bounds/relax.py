@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from qbound import graph as G
 from qbound.bounds import fp
 
 
@@ -205,13 +206,12 @@ def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True
 
 # Largest distance below and above x of each rounding: round(x) in [x - 1/2, x + 1/2], etc.
 ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
-_ROUND_FN = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 
 
 def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
   """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
   or the exact constant where the interval stays on one step. (The offsets are exact floats.)"""
-  fn = _ROUND_FN[mode]
+  fn = G.ROUNDING[mode]
   below, above = ROUNDING_ERROR[mode]
   flat = fn(lo) == fn(hi)
   one = jnp.ones_like(lo)
@@ -222,7 +222,7 @@ def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
 def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str) -> DiffRelaxation:
   """Lines around ``round_f(z) - round_q(zq)``: ``d`` plus the difference of the two rounding
   errors, exactly 0 where both round the same way and stay on the same step."""
-  fn_f, fn_q = _ROUND_FN[mode_f], _ROUND_FN[mode_q]
+  fn_f, fn_q = G.ROUNDING[mode_f], G.ROUNDING[mode_q]
   lo_f, hi_f = ROUNDING_ERROR[mode_f]
   lo_q, hi_q = ROUNDING_ERROR[mode_q]
   same = (mode_f == mode_q != "none") & (fn_f(zl) == fn_f(zu)) & (fn_q(ql) == fn_q(qu)) & (fn_f(zl) == fn_q(ql))
