@@ -51,18 +51,9 @@ SMOKE = dict(sparsity=0.8, bits=4, retrain_epochs=2, images=1, radius=0.02, meth
 
 
 def sparse_float_bits(weights) -> int:
-  """Bits of float weights in the paper's sparse format: for each kernel, 32-bit values and 5-bit
-  relative positions for every stored entry (nonzeros and fillers), or 32 bits per weight when
-  that is smaller; every other float parameter at 32 bits. Entry counts come from ``size_report``."""
-  report = qb.quantize.size_report(weights, huffman=False, position_bits=POSITION_BITS)
-  bits = 32 * report.uncompressed_params
-  for layer in report.layers:
-    if layer.sparse:
-      entries = layer.position_bits // POSITION_BITS
-      bits += min(entries * (32 + POSITION_BITS), 32 * layer.num_params)
-    else:
-      bits += 32 * layer.num_params
-  return bits
+  """Bits of float weights in the paper's sparse format: 32-bit values with 5-bit relative
+  positions, or 32 bits per weight where that is smaller (``size_report`` stores such weights raw)."""
+  return qb.quantize.size_report(weights, huffman=False, position_bits=POSITION_BITS).total_bits
 
 
 def masked_retrain(apply, variables, weights, data, key, epochs):

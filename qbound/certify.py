@@ -143,14 +143,17 @@ def _crown_alpha_output(merged: MergedNetwork, box, sound: bool, steps: int):
   return crown_alpha_node(graph, graph.output, bounds, box, steps=steps, sound=sound)
 
 
-def _small_relu_net(merged: MergedNetwork, max_neurons: int = 128) -> bool:
-  """Whether the exact MILP is worth trying: few activation neurons, only MILP-encodable nodes."""
+def _small_piecewise_linear_net(merged: MergedNetwork, max_neurons: int = 128) -> bool:
+  """Whether the exact MILP is worth trying: few piecewise-linear neurons (ReLU, clip and rounding
+  steps; the identities merge puts beside a rounding cost nothing), only MILP-encodable nodes."""
   from qbound import graph as G
+  from qbound.exact.milp import SUPPORTED_KINDS
 
-  kinds = {n.kind for n in merged.graph.nodes}
-  if not kinds <= {G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP}:
+  nodes = merged.graph.nodes
+  if not {n.kind for n in nodes} <= set(SUPPORTED_KINDS):
     return False
-  return sum(n.size for n in merged.graph.nodes if n.kind in (G.RELU, G.CLIP)) <= max_neurons
+  neurons = [n for n in nodes if n.kind in (G.RELU, G.CLIP) or (n.kind == G.ROUND and n.attrs[0] != "none")]
+  return sum(n.size for n in neurons) <= max_neurons
 
 
 def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
@@ -224,9 +227,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     box: the input set (a :class:`~qbound.box.Box`).
     method: ``"interval"`` (IBP), ``"crown"`` (CROWN on the merged network), ``"alpha"``
       (optimised slopes), ``"diff"`` / ``"diff-interval"`` (differential bounds, symbolic or
-      interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, ReLU nets), or
-      ``"auto"``: cheap bounds first (interval, CROWN, differential); then, on small ReLU nets
-      (at most 128 activations in all), the exact MILP with half the time left; then optimised
+      interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, for piecewise-linear
+      nets: ReLU, clip, rounding), or ``"auto"``: cheap bounds first (interval, CROWN,
+      differential); then, on small piecewise-linear nets (at most 128 ReLU, clip and rounding
+      neurons in all), the exact MILP with half the time left; then optimised
       differential bounds, branch and bound, and the MILP again with what time is left, until
       ``upper <= (1 + target_gap) * lower`` or ``time_budget`` runs out. The tightest bound per
       output is kept and ``Certificate.bounds`` records what each method proved.
@@ -299,9 +303,9 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   _, x = attack.maximize_error(graph, box, key=key, search=search)
   track.add_witness(graph, x)
 
-  milp_ok = method == "milp" or (method == "auto" and _small_relu_net(merged))
+  milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
   if milp_ok and method == "auto" and not finished():
-    # On small ReLU nets the exact MILP usually closes the gap in well under a second: try it
+    # On small piecewise-linear nets the exact MILP usually closes the gap in well under a second: try it
     # first with half the time left, and fall back to the incomplete methods only if it stops.
     _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 

@@ -85,6 +85,10 @@ def test_size_report_after_deep_compression():
   assert r.layers[0].codebook_size <= 16 and r.layers[0].sparse
   assert r.compression_ratio > 10
   uncompressed = qz.size_report(params)
-  assert uncompressed.compression_ratio < 1  # distinct float32 values: the codebook alone is the model
+  # Distinct float32 values: a codebook would cost more than the weights, so they are stored raw.
+  assert uncompressed.layers[0].raw and uncompressed.compression_ratio == 1
+  pruned = qz.size_report(qz.prune(params, 0.9))
+  assert pruned.layers[0].raw and pruned.layers[0].sparse and pruned.layers[0].codebook_bits == 0
+  assert 2 < pruned.compression_ratio < 32 / 3  # 10% of the values, plus their positions
   with pytest.raises(ValueError, match='position_bits'):
     qz.size_report(out, position_bits=0)

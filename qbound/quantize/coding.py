@@ -104,7 +104,9 @@ class LayerSize:
     sparse: stored as nonzero entries with relative positions (else dense).
     index_bits: bits of the codebook indices (fillers included when sparse).
     position_bits: bits of the relative positions (0 when dense).
-    codebook_bits: 32 * codebook_size.
+    codebook_bits: 32 * codebook_size (0 when raw).
+    raw: values stored as plain float32 (no codebook, no indices): chosen when cheaper, e.g. for
+      weights that were never shared or quantized, so a report never shows a ratio below 1.
   """
 
   path: str
@@ -115,6 +117,7 @@ class LayerSize:
   index_bits: int
   position_bits: int
   codebook_bits: int
+  raw: bool = False
 
   @property
   def total_bits(self) -> int:
@@ -183,16 +186,26 @@ def _layer_size(path: str, x: np.ndarray, huffman: bool, position_bits: int) -> 
       _stream_bits(gap_stream, True) if huffman else position_bits * gap_stream.size
   )
 
-  sparse = nonzero.size < flat.size and sparse_index_bits + sparse_position_bits < dense_index_bits
+  has_zeros = nonzero.size < flat.size
+  # (sparse, raw) -> (value or index bits, position bits, codebook bits); the cheapest is stored.
+  candidates = {
+      (False, False): (dense_index_bits, 0, codebook_bits),
+      (False, True): (FLOAT32_BITS * flat.size, 0, 0),
+  }
+  if has_zeros:
+    candidates[(True, False)] = (sparse_index_bits, sparse_position_bits, codebook_bits)
+    candidates[(True, True)] = (FLOAT32_BITS * index_stream.size, sparse_position_bits, 0)
+  (sparse, raw), (index_bits, positions, codebook_bits) = min(candidates.items(), key=lambda kv: sum(kv[1]))
   return LayerSize(
       path=path,
       num_params=int(flat.size),
       num_nonzero=int(nonzero.size),
-      codebook_size=int(codebook.size),
+      codebook_size=0 if raw else int(codebook.size),
       sparse=bool(sparse),
-      index_bits=int(sparse_index_bits if sparse else dense_index_bits),
-      position_bits=int(sparse_position_bits if sparse else 0),
+      index_bits=int(index_bits),
+      position_bits=int(positions),
       codebook_bits=int(codebook_bits),
+      raw=bool(raw),
   )
 
 
@@ -205,7 +218,9 @@ def size_report(
   values, plus either a dense stream of one index per weight, or (if smaller,
   and the parameter has zeros) a sparse stream of the nonzero weights' indices
   and their relative positions in `position_bits` bits with filler zeros
-  (Han et al., ICLR 2016, Sec. 3-4). With `huffman` both streams are Huffman
+  (Han et al., ICLR 2016, Sec. 3-4). Where plain float32 values (dense, or the
+  sparse stream's values) cost less than a codebook, e.g. for weights never
+  shared or quantized, those are counted instead, so the ratio is never below 1. With `huffman` both streams are Huffman
   coded (code tables not counted, as in the paper); otherwise indices take
   ceil(log2(#symbols)) bits each. Unselected float parameters count at 32
   bits; non-float leaves are not counted.
