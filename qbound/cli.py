@@ -2,10 +2,13 @@
 
 ``qbound demo`` runs :func:`qbound.demo.run_demo`; ``qbound certify MODEL`` certifies the maximal
 error between a model file and its uniformly quantized copy (or a second model file given with
-``--compare``) over an input box, and prints a summary or the certificate as JSON::
+``--compare``) over an input box, and prints a summary or the certificate as JSON; ``qbound export
+MODEL`` writes their merged difference network as ONNX and the property "error <= epsilon over the
+box" as VNN-LIB, for other verifiers (:func:`qbound.io.export_property`)::
 
     qbound certify net.nnet --bits 4 --center 0.1,0.2,0.3 --radius 0.01
     qbound certify net.nnet --compare net_fp16.nnet --lower 0,0,0 --upper 1,1,1 --json
+    qbound export net.nnet --compare net_fp16.nnet --lower 0,0,0 --upper 1,1,1 --epsilon 0.05 --out prop/
 
 Mistakes in the command line or its files (a missing file, a box of the wrong size, lower > upper)
 print ``qbound: error: <message>`` on stderr and exit with status 2, without a traceback: they
@@ -69,7 +72,7 @@ def _is_number(token: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``qbound`` argument parser with its ``demo`` and ``certify`` subcommands."""
+  """The ``qbound`` argument parser with its ``demo``, ``certify`` and ``export`` subcommands."""
   from qbound.certify import METHODS
   from qbound.demo import DEFAULT_RADIUS
 
@@ -93,26 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
       description="Certify max_x |f(x) - f_q(x)|_inf over an input box, where f is MODEL and f_q its "
                   "uniformly quantized copy (or the model in --compare). Without a box option the box "
                   "is the input range declared in the model file.")
-  cert.add_argument("model", metavar="MODEL", help="the model file (.nnet, or .onnx with qbound[onnx])")
-  quant = cert.add_argument_group("quantization of MODEL's weights (kernels and biases)")
+  _add_model_arguments(cert)
+  cert.add_argument("--method", choices=METHODS, default="auto", help="upper-bound method (default: auto)")
+  cert.add_argument("--seed", type=int, default=0, help="seed of the lower-bound search (default: 0)")
+  cert.add_argument("--json", action="store_true", help="print the certificate as JSON")
+  cert.add_argument("--output", metavar="FILE", help="also write the certificate as JSON to FILE")
+  cert.set_defaults(run=_run_certify)
+
+  export = commands.add_parser(
+      "export", help="write the merged network f - f_q as ONNX and 'error <= epsilon' as VNN-LIB",
+      description="Write the merged difference network g = f - f_q (f is MODEL, f_q its uniformly "
+                  "quantized copy or the model in --compare) to OUT/merged.onnx, and the property "
+                  "'|g_j(x)| <= epsilon for every x in the box' to OUT/property.vnnlib, in the form "
+                  "VNN-COMP verifiers (alpha-beta-CROWN, Marabou, NNV) read. A verifier's 'unsat' "
+                  "proves |g_j(x)| < epsilon on the whole box. Without a box option the box is the "
+                  "input range declared in the model file.")
+  _add_model_arguments(export)
+  export.add_argument("--epsilon", metavar="E", required=True,
+                      help="the error bound to check, e.g. the 'upper' of 'qbound certify --json'")
+  export.add_argument("--outputs", metavar="J,J,..", help="flat indices of the outputs to check "
+                                                          "(default: all)")
+  export.add_argument("--out", metavar="DIR", required=True,
+                      help="directory to write merged.onnx and property.vnnlib to (created if missing)")
+  export.set_defaults(run=_run_export)
+  return parser
+
+
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+  """MODEL, how to get f_q from it (quantizer options or --compare), and the input box."""
+  command.add_argument("model", metavar="MODEL", help="the model file (.nnet, or .onnx with qbound[onnx])")
+  quant = command.add_argument_group("quantization of MODEL's weights (kernels and biases)")
   quant.add_argument("--bits", type=int, default=None, help="bit width of the uniform quantizer (default: 8)")
   quant.add_argument("--per-channel", action="store_true", help="one scale per output channel")
   quant.add_argument("--asymmetric", action="store_true", help="min-max range with a zero point")
-  cert.add_argument("--compare", metavar="OTHER", help="a second model file to compare MODEL with, "
-                                                       "instead of quantizing it")
-  box = cert.add_argument_group("input box (one of the three forms; a single value applies to every input)")
+  command.add_argument("--compare", metavar="OTHER", help="a second model file to compare MODEL with, "
+                                                          "instead of quantizing it")
+  box = command.add_argument_group("input box (one of the three forms; a single value applies to every input)")
   box.add_argument("--lower", metavar="V,V,..", help="the box's lower corner")
   box.add_argument("--upper", metavar="V,V,..", help="the box's upper corner")
   box.add_argument("--center", metavar="V,V,..", help="the centre of an L-inf ball")
   box.add_argument("--radius", metavar="R", help="the L-inf ball's radius (or one per input, V,V,..)")
   box.add_argument("--box-npz", metavar="FILE", help="a .npz with arrays 'lower' and 'upper' "
                                                      "(or 'center' and 'radius') of the input's shape")
-  cert.add_argument("--method", choices=METHODS, default="auto", help="upper-bound method (default: auto)")
-  cert.add_argument("--seed", type=int, default=0, help="seed of the lower-bound search (default: 0)")
-  cert.add_argument("--json", action="store_true", help="print the certificate as JSON")
-  cert.add_argument("--output", metavar="FILE", help="also write the certificate as JSON to FILE")
-  cert.set_defaults(run=_run_certify)
-  return parser
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -274,15 +299,43 @@ def _run_certify(args: argparse.Namespace, out) -> int:
 
   import qbound as qb
 
-  quantizing = args.bits is not None or args.per_channel or args.asymmetric
-  if args.compare is not None and quantizing:
-    raise UsageError("--bits, --per-channel and --asymmetric quantize MODEL, so they cannot be used with "
-                     "--compare, which compares MODEL with another file as it is.")
+  _check_compressor_options(args)
   # Checked before certifying, so a typo in the path does not throw away a long computation.
   if args.output is not None and pathlib.Path(args.output).is_dir():
     raise UsageError(f"--output {args.output} is a directory; give a file name.")
   if args.output is not None and not pathlib.Path(args.output).resolve().parent.is_dir():
     raise UsageError(f"--output {args.output}: the directory {pathlib.Path(args.output).parent} does not exist.")
+
+  f, fq, box, against = _networks_and_box(args)
+  try:
+    cert = qb.certify(f, fq, box, method=args.method, key=jax.random.key(args.seed))
+  except qb.SoundnessError:
+    raise  # a bug in qbound, not a usage error: keep the traceback for the report
+  except ValueError as err:
+    raise UsageError(str(err)) from None
+
+  if args.output is not None:
+    try:
+      pathlib.Path(args.output).write_text(cert.to_json(indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+      raise UsageError(f"--output {args.output}: cannot write it ({err.strerror or err}).") from None
+  if args.json:
+    print(cert.to_json(indent=2), file=out)
+  else:
+    print(summary(cert, args.model, against, args.output), file=out)
+  return 0
+
+
+def _check_compressor_options(args: argparse.Namespace) -> None:
+  quantizing = args.bits is not None or args.per_channel or args.asymmetric
+  if args.compare is not None and quantizing:
+    raise UsageError("--bits, --per-channel and --asymmetric quantize MODEL, so they cannot be used with "
+                     "--compare, which compares MODEL with another file as it is.")
+
+
+def _networks_and_box(args: argparse.Namespace):
+  """``(f, f_q, box, description of f_q)`` from MODEL, --compare or the quantizer options, and the box."""
+  import qbound as qb
 
   apply, params = load_model(args.model)
   shape = declared_input_shape(params)
@@ -313,23 +366,48 @@ def _run_certify(args: argparse.Namespace, out) -> int:
     fq = functools.partial(apply, dict(params, params=qweights))
     against = (f"its {bits}-bit copy (uniform, {'asymmetric' if args.asymmetric else 'symmetric'}, "
                f"{'per channel' if args.per_channel else 'per tensor'})")
+  return f, fq, box, against
 
+
+def _run_export(args: argparse.Namespace, out) -> int:
+  import qbound as qb
+
+  _check_compressor_options(args)
+  epsilon = parse_values(args.epsilon, "--epsilon")
+  if epsilon.size != 1 or epsilon[0] < 0:
+    raise UsageError(f"--epsilon needs one number >= 0, got {args.epsilon!r}.")
+  epsilon = float(epsilon[0])
+  outputs = None
+  if args.outputs is not None:
+    values = parse_values(args.outputs, "--outputs")
+    if np.any(values != np.round(values)) or np.any(values < 0):
+      raise UsageError(f"--outputs takes output indices (integers >= 0), got {args.outputs!r}.")
+    outputs = [int(v) for v in values]
+  directory = pathlib.Path(args.out)
+  if directory.exists() and not directory.is_dir():
+    raise UsageError(f"--out {args.out} is a file; give a directory.")
+
+  f, fq, box, against = _networks_and_box(args)
   try:
-    cert = qb.certify(f, fq, box, method=args.method, key=jax.random.key(args.seed))
-  except qb.SoundnessError:
-    raise  # a bug in qbound, not a usage error: keep the traceback for the report
-  except ValueError as err:
+    merged = qb.merge(f, fq, box)
+    onnx_path, vnnlib_path = qb.io.export_property(
+        merged, box, directory, epsilon=epsilon, outputs=outputs,
+        comment=f"f: {args.model}\nf_q: {args.compare if args.compare is not None else against}")
+  except (ValueError, ImportError) as err:
     raise UsageError(str(err)) from None
-
-  if args.output is not None:
-    try:
-      pathlib.Path(args.output).write_text(cert.to_json(indent=2) + "\n", encoding="utf-8")
-    except OSError as err:
-      raise UsageError(f"--output {args.output}: cannot write it ({err.strerror or err}).") from None
-  if args.json:
-    print(cert.to_json(indent=2), file=out)
-  else:
-    print(summary(cert, args.model, against, args.output), file=out)
+  except OSError as err:
+    raise UsageError(f"--out {args.out}: cannot write there ({err.strerror or err}).") from None
+  chosen = [] if outputs is None else sorted(set(outputs))
+  checked = ("all outputs" if outputs is None else
+             ("output " if len(chosen) == 1 else "outputs ") + ", ".join(map(str, chosen)))
+  print("\n".join([
+      f"model:        {args.model}",
+      f"compared to:  {against}",
+      f"network:      {onnx_path}   (g = f - f_q, input {box.shape} with a batch axis of 1 in front)",
+      f"property:     {vnnlib_path}   (|g_j| <= {epsilon:.9g} over the box, {checked})",
+      "check it:     abcrown.py --onnx_path " + str(onnx_path) + " --vnnlib_path " + str(vnnlib_path),
+      "              'unsat' (safe) proves the bound; 'sat' (unsafe) comes with an input where it fails.",
+  ]), file=out)
   return 0
 
 

@@ -68,6 +68,20 @@ def _binary(fn: Callable) -> Callable[[Builder, Node], Run]:
   return rule
 
 
+def _variadic(fn: Callable) -> Callable[[Builder, Node], Run]:
+  """Max, Min: any number of inputs, broadcast against each other (numpy rules, as ONNX's)."""
+  def rule(b: Builder, node: Node) -> Run:
+    parts = [b.input(node, i) for i in range(len(node.inputs))]
+
+    def run(params, env):
+      out = parts[0](params, env)
+      for part in parts[1:]:
+        out = fn(out, part(params, env))
+      return (out,)
+    return run
+  return rule
+
+
 def _add(b: Builder, node: Node) -> Run:
   # MatMul followed by Add of a constant is how many exporters write a dense layer: file the
   # constant as that layer's bias, so params look like flax's {'kernel', 'bias'}.
@@ -389,22 +403,27 @@ RULES: dict[str, Callable[[Builder, Node], Run]] = {
     "Add": _add,
     "AveragePool": _average_pool,
     "BatchNormalization": _batch_norm,
+    "Ceil": _elementwise(jnp.ceil),
     "Clip": _clip,
     "Concat": _concat,
     "Conv": _conv,
     "Div": _binary(jnp.divide),
     "Dropout": _identity,  # inference: the identity (a used mask output is refused by the loader)
     "Flatten": _flatten,
+    "Floor": _elementwise(jnp.floor),
     "Gemm": _gemm,
     "GlobalAveragePool": _global_pool(jnp.mean),
     "GlobalMaxPool": _global_pool(jnp.max),
     "Identity": _identity,
     "LeakyRelu": _leaky_relu,
     "MatMul": _matmul,
+    "Max": _variadic(jnp.maximum),
     "MaxPool": _max_pool,
+    "Min": _variadic(jnp.minimum),
     "Mul": _binary(jnp.multiply),
     "Relu": _elementwise(jax.nn.relu),
     "Reshape": _reshape,
+    "Round": _elementwise(jnp.round),  # both round halves to even
     "Sigmoid": _elementwise(jax.nn.sigmoid),
     "Softmax": _softmax,
     "Squeeze": _squeeze,
