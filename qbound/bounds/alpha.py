@@ -36,32 +36,39 @@ def _rows(n, shape, dtype):
 def maximize_rows(bound: Callable, init, *, steps: int, learning_rate: float):
   """Maximises ``bound(params) -> (m,)`` rowwise over params in [0, 1]; best value per row.
 
-  Rows share nothing (each has its own slopes), so ascending the sum ascends each row.
+  Rows share nothing (each has its own slopes), so ascending the sum ascends each row. A Python
+  loop of Adam steps: ``bound`` is a walk over jit-compiled per-node steps, whose derivatives JAX
+  compiles once per step, so nothing here compiles the whole unrolled walk.
   """
   optimizer = optax.adam(learning_rate)
 
-  def step(carry, _):
-    params, state, best = carry
-    def total(p):
-      rows = bound(p)
-      return jnp.sum(rows), rows
+  def total(p):
+    rows = bound(p)
+    return jnp.sum(rows), rows
 
-    (_, rows), grad = jax.value_and_grad(total, has_aux=True)(params)
-    best = jnp.maximum(best, rows)
-    updates, state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grad), state, params)
-    params = jax.tree_util.tree_map(lambda p: jnp.clip(p, 0, 1), optax.apply_updates(params, updates))
-    return (params, state, best), None
+  value_and_grad = jax.value_and_grad(total, has_aux=True)
+  params, state = init, optimizer.init(init)
+  best = None
+  for _ in range(steps):
+    (_, rows), grad = value_and_grad(params)
+    best = rows if best is None else jnp.maximum(best, rows)
+    params, state = _adam_step(optimizer, grad, state, params)
+  last = bound(params)
+  return last if best is None else jnp.maximum(best, last)
 
-  first = bound(init)
-  (params, _, best), _ = jax.lax.scan(step, (init, optimizer.init(init), first), None, length=steps)
-  return jnp.maximum(best, bound(params))
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adam_step(optimizer, grad, state, params):
+  """One projected ascent step: Adam on the negated gradient, then back into [0, 1]."""
+  updates, state = optimizer.update(jax.tree_util.tree_map(jnp.negative, grad), state, params)
+  params = jax.tree_util.tree_map(lambda p: jnp.clip(p, 0, 1), optax.apply_updates(params, updates))
+  return params, state
 
 
 def _per_row(x, m):
   return jnp.broadcast_to(x, (m, *x.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("target", "steps", "sound"))
 def crown_alpha_node(graph: G.Graph, target: int, bounds, box: Box, *, steps: int = 20,
                      learning_rate: float = 0.1, sound: bool = True):
   """alpha-CROWN bounds ``(lower, upper)`` of node ``target`` given bounds of its ReLU inputs."""
@@ -79,7 +86,6 @@ def crown_alpha_node(graph: G.Graph, target: int, bounds, box: Box, *, steps: in
   return low[:n].reshape(node.shape), -low[n:].reshape(node.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("target", "steps", "sound"))
 def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *, steps: int = 20,
                     learning_rate: float = 0.1, sound: bool = True):
   """Differential bounds of ``d`` at node ``target`` with optimised slopes."""

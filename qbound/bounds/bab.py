@@ -19,7 +19,6 @@ NeuroDiff (Paulsen et al., ASE 2020), with the batched GPU-style bounding of alp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import heapq
 import itertools
 import time
@@ -63,9 +62,9 @@ class BabResult:
   seconds: float
 
 
-@functools.partial(jax.jit, static_argnames=("paired", "sound"))
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool):
-  """Bounds on ``f - f_q`` over a batch of pieces (one compilation per structure and batch size)."""
+  """Bounds on ``f - f_q`` over a batch of pieces: the per-node steps of the bound propagation are
+  jit-compiled (once per layer shape and batch size) and batched by ``vmap``."""
   def one(lo, hi):
     if paired:
       _, _, d = diff_bounds(fg, qg, Box(lo, hi), None, sound, True)

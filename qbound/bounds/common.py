@@ -21,3 +21,16 @@ def as_graph(fn, box: Box) -> G.Graph:
     raise ValueError(f"the box has shape {box.shape} but the network's input has shape {graph.input_shape}.")
   G.check_finite(graph)
   return graph
+
+
+def local(node: G.Node) -> G.Node:
+  """The node reading inputs ``0..k-1``: the per-node steps of bound propagation are jit-compiled
+  on it, so every node of the same kind, shapes and operation shares one compilation."""
+  import dataclasses
+
+  return dataclasses.replace(node, inputs=tuple(range(len(node.inputs))))
+
+
+def plus(total, value):
+  """``total + value`` with None as zero (running sums that start empty)."""
+  return value if total is None else total + value

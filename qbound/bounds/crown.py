@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.common import as_graph
+from qbound.bounds.common import as_graph, local
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
 
@@ -43,8 +43,80 @@ def _magnitude(bounds, idx):
   return jnp.maximum(jnp.abs(lo), jnp.abs(hi))
 
 
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _accumulate(total, value, src_bounds, sound: bool):
+  """``total + value`` for a node's coefficients reached twice, and the rounding of that sum."""
+  total = total + value
+  if not sound:
+    return total, jnp.zeros(total.shape[0], total.dtype)
+  mag = jnp.maximum(jnp.abs(src_bounds[0]), jnp.abs(src_bounds[1]))
+  return total, fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * mag)
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _backward_step(node: G.Node, lam, src_bounds, alpha, sound: bool):
+  """One node of the backward pass: the coefficients passed to each input (in ``node.inputs``
+  order), and the constant and rounding margin it adds, per row."""
+  dtype = lam.dtype
+  beta = jnp.zeros(lam.shape[0], dtype)
+  err = jnp.zeros(lam.shape[0], dtype)
+  if node.kind == G.AFFINE:
+    if node.bias is not None:
+      beta = _row_sum(lam * node.bias)
+      if sound:
+        err = fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(lam * node.bias)), dtype)
+    if sound:
+      # sum_i (|A|^T |lam|)_i m_i = |lam| . (|A| m): one vector per node instead of a product per row.
+      spread = node.linear_abs(_magnitude(src_bounds, 0))
+      err = err + fp.dot_margin(node.op.terms_transpose if node.op else 1, _row_sum(jnp.abs(lam) * spread), dtype)
+    return (jax.vmap(node.linear_transpose)(lam),), beta, err
+  if node.kind == G.ADD:
+    return tuple(lam if sign > 0 else -lam for sign in node.attrs), beta, err
+  if node.kind == G.CONCAT:
+    axis = node.attrs[0] + 1
+    parts, start = [], 0
+    for lo, _ in src_bounds:
+      width = lo.shape[node.attrs[0]]
+      parts.append(jax.lax.slice_in_dim(lam, start, start + width, axis=axis))
+      start += width
+    return tuple(parts), beta, err
+  if node.kind in ACTIVATIONS:
+    lo, hi = src_bounds[0]
+    if node.kind == G.RELU:
+      r = relax.relu(lo, hi, alpha, sound=sound)
+    elif node.kind == G.CLIP:
+      r = relax.clip(lo, hi, *node.weights, sound=sound)
+    else:
+      r = relax.rounding(lo, hi, node.attrs[0], sound=sound)
+    pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+    beta = _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
+    if sound:
+      slope = jnp.maximum(jnp.abs(r.lower_slope), jnp.abs(r.upper_slope))
+      err = fp.unit_roundoff(dtype) * fp.SLACK * _row_sum(jnp.abs(lam) * slope * _magnitude(src_bounds, 0))
+      err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(neg * r.upper_offset) + jnp.abs(pos * r.lower_offset)), dtype)
+    return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
+  raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _at_input(lam, beta, err, box: Box, sound: bool):
+  """The minimum of ``lam . x + beta`` over the box, less the accumulated rounding margin."""
+  c, rad = center_radius(box.lower, box.upper, sound)
+  value = _row_sum(lam * c) - _row_sum(jnp.abs(lam) * rad) + beta
+  if not sound:
+    return value
+  n = int(c.size)
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(n) + 2, _row_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), lam.dtype)
+  return fp.round_down(value - err)
+
+
 def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True):
   """Lower bounds of ``rows[k] . z_target`` over the box, one per row.
+
+  The walk is a Python loop over jit-compiled per-node steps (compiled once per node kind, shape
+  and operation, see :func:`qbound.bounds.common.local`): compiling the unrolled walks of every
+  target as one program takes time quadratic in depth and more, minutes for nets with
+  fake-quantized activations. Under an outer ``jax.jit`` (or ``vmap``, ``grad``) it traces as usual.
 
   Args:
     graph: the layer graph.
@@ -59,89 +131,46 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
   Returns:
     An array of shape ``(m,)``.
   """
-  dtype = rows.dtype
   lambdas = {target: rows}
-  beta = jnp.zeros(rows.shape[0], dtype)
-  err = jnp.zeros(rows.shape[0], dtype)
-
-  def push(idx, value):
-    nonlocal err
-    if idx in lambdas:
-      total = lambdas[idx] + value
-      if sound:
-        err = err + fp.unit_roundoff(dtype) * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(bounds, idx))
-      lambdas[idx] = total
-    else:
-      lambdas[idx] = value
-
+  beta = err = jnp.zeros(rows.shape[0], rows.dtype)
   for idx in range(target, 0, -1):
     if idx not in lambdas:
       continue
-    lam = lambdas.pop(idx)
     node = graph.nodes[idx]
-    if node.kind == G.AFFINE:
-      if node.bias is not None:
-        beta = beta + _row_sum(lam * node.bias)
-        if sound:
-          err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(lam * node.bias)), dtype)
-      src = node.inputs[0]
-      push(src, jax.vmap(node.linear_transpose)(lam))
-      if sound:
-        # sum_i (|A|^T |lam|)_i m_i = |lam| . (|A| m): one vector per node instead of a product per row.
-        spread = node.linear_abs(_magnitude(bounds, src))
-        err = err + fp.dot_margin(node.op.terms_transpose if node.op else 1, _row_sum(jnp.abs(lam) * spread), dtype)
-    elif node.kind == G.ADD:
-      for sign, src in zip(node.attrs, node.inputs):
-        push(src, lam if sign > 0 else -lam)
-    elif node.kind == G.CONCAT:
-      axis = node.attrs[0] + 1
-      start = 0
-      for src in node.inputs:
-        width = graph.nodes[src].shape[node.attrs[0]]
-        push(src, jax.lax.slice_in_dim(lam, start, start + width, axis=axis))
-        start += width
-    elif node.kind in ACTIVATIONS:
-      src = node.inputs[0]
-      lo, hi = bounds[src]
-      if node.kind == G.RELU:
-        alpha = None if alphas is None else alphas.get(idx)
-        r = relax.relu(lo, hi, alpha, sound=sound)
-      elif node.kind == G.CLIP:
-        r = relax.clip(lo, hi, *node.weights, sound=sound)
+    alpha = None if alphas is None or node.kind != G.RELU else alphas.get(idx)
+    src_bounds = tuple(bounds[i] for i in node.inputs)
+    parts, b, e = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, sound)
+    beta, err = beta + b, err + e
+    for src, value in zip(node.inputs, parts):
+      if src in lambdas:
+        lambdas[src], e = _accumulate(lambdas[src], value, bounds[src], sound)
+        err = err + e
       else:
-        r = relax.rounding(lo, hi, node.attrs[0], sound=sound)
-      pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
-      push(src, pos * r.lower_slope + neg * r.upper_slope)
-      beta = beta + _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
-      if sound:
-        slope = jnp.maximum(jnp.abs(r.lower_slope), jnp.abs(r.upper_slope))
-        err = err + fp.unit_roundoff(dtype) * fp.SLACK * _row_sum(jnp.abs(lam) * slope * _magnitude(bounds, src))
-        err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(neg * r.upper_offset) + jnp.abs(pos * r.lower_offset)), dtype)
-    else:
-      raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
-
+        lambdas[src] = value
   lam = lambdas.pop(0, None)
   if lam is None:  # the target does not depend on the input
     return beta - err if sound else beta
-  c, rad = center_radius(box.lower, box.upper, sound)
-  lin = _row_sum(lam * c)
-  spread = _row_sum(jnp.abs(lam) * rad)
-  value = lin - spread + beta
-  if not sound:
-    return value
-  n = int(c.size)
-  err = err + fp.dot_margin(2 * fp.pairwise_terms(n) + 2, _row_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
-  return fp.round_down(value - err)
+  return _at_input(lam, beta, err, box, sound)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "shape", "dtype"))
+def unit_rows(n: int, shape: tuple, dtype):
+  """The rows ``+e_i`` then ``-e_i``: a lower and an upper bound of every entry at once."""
+  eye = jnp.eye(n, dtype=dtype)
+  return jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
 
 
 def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True):
   """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape)."""
-  shape = graph.nodes[target].shape
-  n = graph.nodes[target].size
-  dtype = box.lower.dtype
-  eye = jnp.eye(n, dtype=dtype)
-  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+  node = graph.nodes[target]
+  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype))
   low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
+  return _split_rows(low, tuple(node.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _split_rows(low, shape):
+  n = low.shape[0] // 2
   return low[:n].reshape(shape), -low[n:].reshape(shape)
 
 
@@ -154,7 +183,6 @@ def intersect(a, b):
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
 def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True) -> list:
   """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output."""
   bounds = list(interval_bounds(graph, box, sound))

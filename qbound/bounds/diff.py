@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+
 
 import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.crown import ACTIVATIONS, _row_sum, crown_bounds, intersect, relu_inputs
+from qbound.bounds.common import local
+from qbound.bounds.crown import ACTIVATIONS, _row_sum, _split_rows, crown_bounds, intersect, relu_inputs, unit_rows
 from qbound.bounds.interval import center_radius
 from qbound.box import Box, validate_box
 
@@ -155,25 +156,142 @@ def _clip_diff_relaxation(nf: G.Node, nq: G.Node, z, zq, d, params, sound: bool)
   return relax.monotone_diff(dl, du, identity, constant, params, sound=sound)
 
 
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _diff_step(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
+  """One node pair of the backward pass, with ``z, zq, d`` the bounds of its inputs (in order).
+
+  Returns the coefficients on ``d`` and on ``z_q`` passed to each input (tuples, or None), and the
+  constant and rounding margin added per row.
+  """
+  rows = (lv if lv is not None else mv).shape[0]
+  dtype = (lv if lv is not None else mv).dtype
+  u = fp.unit_roundoff(dtype)
+  beta = jnp.zeros(rows, dtype)
+  err = jnp.zeros(rows, dtype)
+  to_d = to_q = None
+  if nf.kind == G.AFFINE:
+    n_t = nf.op.terms_transpose if nf.op is not None else 1
+    if lv is not None:
+      db = _bias_diff(nf, nq)
+      if db is not None:
+        beta = beta + _row_sum(lv * db)
+        if sound:
+          err = err + fp.dot_margin(fp.pairwise_terms(nf.size) + 1, _row_sum(jnp.abs(lv * db)), dtype)
+      to_d = (jax.vmap(nf.linear_transpose)(lv),)
+      delta = _DeltaLinear(nf, nq)
+      if not delta.zero:
+        to_q = (jax.vmap(delta.transpose)(lv),)
+      if sound:
+        absl = jnp.abs(lv)
+        # sum_i (|A|^T |l|)_i m_i = |l| . (|A| m): a vector per node instead of a product per row.
+        err = err + fp.dot_margin(n_t, _row_sum(absl * nf.linear_abs(_magnitude(d[0]))), dtype)
+        if not delta.zero:
+          err = err + fp.dot_margin(n_t + 1, _row_sum(absl * delta.apply_abs(_magnitude(zq[0]))), dtype)
+    if mv is not None:
+      if nq.bias is not None:
+        beta = beta + _row_sum(mv * nq.bias)
+        if sound:
+          err = err + fp.dot_margin(fp.pairwise_terms(nq.size), _row_sum(jnp.abs(mv * nq.bias)), dtype)
+      from_mu = jax.vmap(nq.linear_transpose)(mv)
+      to_q = (from_mu,) if to_q is None else (to_q[0] + from_mu,)
+      if sound:
+        if lv is not None and not _DeltaLinear(nf, nq).zero:  # the sum just formed
+          err = err + u * fp.SLACK * _row_sum(jnp.abs(to_q[0]) * _magnitude(zq[0]))
+        err = err + fp.dot_margin(n_t, _row_sum(jnp.abs(mv) * nq.linear_abs(_magnitude(zq[0]))), dtype)
+  elif nf.kind == G.ADD:
+    if lv is not None:
+      to_d = tuple(lv if sign > 0 else -lv for sign in nf.attrs)
+    if mv is not None:
+      to_q = tuple(mv if sign > 0 else -mv for sign in nf.attrs)
+  elif nf.kind == G.CONCAT:
+    axis = nf.attrs[0] + 1
+    widths = [lo.shape[nf.attrs[0]] for lo, _ in d]
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    if lv is not None:
+      to_d = tuple(jax.lax.slice_in_dim(lv, s, s + w, axis=axis) for s, w in zip(starts, widths))
+    if mv is not None:
+      to_q = tuple(jax.lax.slice_in_dim(mv, s, s + w, axis=axis) for s, w in zip(starts, widths))
+  elif nf.kind in ACTIVATIONS:
+    a = a or {}
+    if lv is not None:
+      if nf.kind == G.RELU:
+        r = relax.relu_diff(*z[0], *zq[0], *d[0], a, sound=sound)
+      elif nf.kind == G.CLIP:
+        r = _clip_diff_relaxation(nf, nq, z[0], zq[0], d[0], a, sound)
+      else:
+        r = relax.rounding_diff(*z[0], *zq[0], nf.attrs[0], nq.attrs[0])
+      pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
+      to_d = (pos * r.lower_d + neg * r.upper_d,)
+      to_q = (pos * r.lower_q + neg * r.upper_q,)
+      beta = beta + _row_sum(pos * r.lower_r + neg * r.upper_r)
+      if sound:
+        absl = jnp.abs(lv)
+        sd = jnp.maximum(jnp.abs(r.lower_d), jnp.abs(r.upper_d))
+        sq = jnp.maximum(jnp.abs(r.lower_q), jnp.abs(r.upper_q))
+        so = jnp.maximum(jnp.abs(r.lower_r), jnp.abs(r.upper_r))
+        err = err + u * fp.SLACK * _row_sum(absl * (sd * _magnitude(d[0]) + sq * _magnitude(zq[0])))
+        err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absl * so), dtype)
+    if mv is not None:
+      if nf.kind == G.RELU:
+        rq = relax.relu(*zq[0], a.get("mu"), sound=sound)
+      elif nf.kind == G.CLIP:
+        rq = relax.clip(*zq[0], *nq.weights, sound=sound)
+      else:
+        rq = relax.rounding(*zq[0], nq.attrs[0], sound=sound)
+      pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
+      from_mu = pos * rq.lower_slope + neg * rq.upper_slope
+      if sound and to_q is not None:
+        total = to_q[0] + from_mu
+        err = err + u * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(zq[0]))
+      to_q = (from_mu,) if to_q is None else (to_q[0] + from_mu,)
+      beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)
+      if sound:
+        absm = jnp.abs(mv)
+        slope = jnp.maximum(jnp.abs(rq.lower_slope), jnp.abs(rq.upper_slope))
+        err = err + u * fp.SLACK * _row_sum(absm * slope * _magnitude(zq[0]))
+        err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absm * jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))), dtype)
+  else:
+    raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
+  return to_d, to_q, beta, err
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _accumulate(total, value, bounds, sound: bool):
+  """``total + value`` for coefficients reaching a node twice, and the rounding of that sum."""
+  total = total + value
+  if not sound:
+    return total, jnp.zeros(total.shape[0], total.dtype)
+  return total, fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(bounds))
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _at_input(mv, beta, err, box: Box, sound: bool):
+  """At the input both networks read the same x: d = 0 there, and zq = x."""
+  c, rad = center_radius(box.lower, box.upper, sound)
+  value = _row_sum(mv * c) - _row_sum(jnp.abs(mv) * rad) + beta
+  if not sound:
+    return value
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(int(c.size)) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), mv.dtype)
+  return fp.round_down(value - err)
+
+
 def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
                         alphas=None, sound: bool = True):
-  """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``)."""
-  dtype = rows.dtype
+  """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``).
+
+  A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`.
+  """
   lam = {target: rows}
   mu: dict = {}
-  beta = jnp.zeros(rows.shape[0], dtype)
-  err = jnp.zeros(rows.shape[0], dtype)
-  u = fp.unit_roundoff(dtype)
+  beta = err = jnp.zeros(rows.shape[0], rows.dtype)
 
-  def push(store, mags, idx, value):
+  def push(store, mags, src, value):
     nonlocal err
-    if idx in store:
-      total = store[idx] + value
-      if sound:
-        err = err + u * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(mags[idx]))
-      store[idx] = total
+    if src in store:
+      store[src], e = _accumulate(store[src], value, mags[src], sound)
+      err = err + e
     else:
-      store[idx] = value
+      store[src] = value
 
   for idx in range(target, 0, -1):
     lv = lam.pop(idx, None)
@@ -181,111 +299,32 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
     if lv is None and mv is None:
       continue
     nf, nq = fg.nodes[idx], qg.nodes[idx]
-    if nf.kind == G.AFFINE:
-      j = nf.inputs[0]
-      n_t = nf.op.terms_transpose if nf.op is not None else 1
-      if lv is not None:
-        db = _bias_diff(nf, nq)
-        if db is not None:
-          beta = beta + _row_sum(lv * db)
-          if sound:
-            err = err + fp.dot_margin(fp.pairwise_terms(nf.size) + 1, _row_sum(jnp.abs(lv * db)), dtype)
-        push(lam, d, j, jax.vmap(nf.linear_transpose)(lv))
-        delta = _DeltaLinear(nf, nq)
-        if not delta.zero:
-          push(mu, zq, j, jax.vmap(delta.transpose)(lv))
-        if sound:
-          absl = jnp.abs(lv)
-          # sum_i (|A|^T |l|)_i m_i = |l| . (|A| m): a vector per node instead of a product per row.
-          err = err + fp.dot_margin(n_t, _row_sum(absl * nf.linear_abs(_magnitude(d[j]))), dtype)
-          if not delta.zero:
-            err = err + fp.dot_margin(n_t + 1, _row_sum(absl * delta.apply_abs(_magnitude(zq[j]))), dtype)
-      if mv is not None:
-        if nq.bias is not None:
-          beta = beta + _row_sum(mv * nq.bias)
-          if sound:
-            err = err + fp.dot_margin(fp.pairwise_terms(nq.size), _row_sum(jnp.abs(mv * nq.bias)), dtype)
-        push(mu, zq, j, jax.vmap(nq.linear_transpose)(mv))
-        if sound:
-          err = err + fp.dot_margin(n_t, _row_sum(jnp.abs(mv) * nq.linear_abs(_magnitude(zq[j]))), dtype)
-    elif nf.kind == G.ADD:
-      for sign, src in zip(nf.attrs, nf.inputs):
-        if lv is not None:
-          push(lam, d, src, lv if sign > 0 else -lv)
-        if mv is not None:
-          push(mu, zq, src, mv if sign > 0 else -mv)
-    elif nf.kind == G.CONCAT:
-      axis = nf.attrs[0] + 1
-      start = 0
-      for src in nf.inputs:
-        width = fg.nodes[src].shape[nf.attrs[0]]
-        if lv is not None:
-          push(lam, d, src, jax.lax.slice_in_dim(lv, start, start + width, axis=axis))
-        if mv is not None:
-          push(mu, zq, src, jax.lax.slice_in_dim(mv, start, start + width, axis=axis))
-        start += width
-    elif nf.kind in ACTIVATIONS:
-      j = nf.inputs[0]
-      a = {} if alphas is None else alphas.get(idx, {})
-      if lv is not None:
-        if nf.kind == G.RELU:
-          r = relax.relu_diff(*z[j], *zq[j], *d[j], a, sound=sound)
-        elif nf.kind == G.CLIP:
-          r = _clip_diff_relaxation(nf, nq, z[j], zq[j], d[j], a, sound)
-        else:
-          r = relax.rounding_diff(*z[j], *zq[j], nf.attrs[0], nq.attrs[0])
-        pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
-        push(lam, d, j, pos * r.lower_d + neg * r.upper_d)
-        push(mu, zq, j, pos * r.lower_q + neg * r.upper_q)
-        beta = beta + _row_sum(pos * r.lower_r + neg * r.upper_r)
-        if sound:
-          absl = jnp.abs(lv)
-          sd = jnp.maximum(jnp.abs(r.lower_d), jnp.abs(r.upper_d))
-          sq = jnp.maximum(jnp.abs(r.lower_q), jnp.abs(r.upper_q))
-          so = jnp.maximum(jnp.abs(r.lower_r), jnp.abs(r.upper_r))
-          err = err + u * fp.SLACK * _row_sum(absl * (sd * _magnitude(d[j]) + sq * _magnitude(zq[j])))
-          err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absl * so), dtype)
-      if mv is not None:
-        if nf.kind == G.RELU:
-          rq = relax.relu(*zq[j], a.get("mu"), sound=sound)
-        elif nf.kind == G.CLIP:
-          rq = relax.clip(*zq[j], *nq.weights, sound=sound)
-        else:
-          rq = relax.rounding(*zq[j], nq.attrs[0], sound=sound)
-        pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
-        push(mu, zq, j, pos * rq.lower_slope + neg * rq.upper_slope)
-        beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)
-        if sound:
-          absm = jnp.abs(mv)
-          slope = jnp.maximum(jnp.abs(rq.lower_slope), jnp.abs(rq.upper_slope))
-          err = err + u * fp.SLACK * _row_sum(absm * slope * _magnitude(zq[j]))
-          err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absm * jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))), dtype)
-    else:
-      raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
+    a = None if alphas is None or nf.kind not in ACTIVATIONS else alphas.get(idx)
+    ins = nf.inputs
+    to_d, to_q, b, e = _diff_step(local(nf), local(nq), lv, mv, tuple(z[i] for i in ins), tuple(zq[i] for i in ins),
+                                  tuple(d[i] for i in ins), a, sound)
+    beta, err = beta + b, err + e
+    for src, value in zip(ins, to_d or ()):
+      push(lam, d, src, value)
+    for src, value in zip(ins, to_q or ()):
+      push(mu, zq, src, value)
 
-  # At the input both networks read the same x: d = 0 there, and zq = x.
   lam.pop(0, None)
   mv = mu.pop(0, None)
   if mv is None:
     return fp.round_down(beta - err) if sound else beta
-  c, rad = center_radius(box.lower, box.upper, sound)
-  value = _row_sum(mv * c) - _row_sum(jnp.abs(mv) * rad) + beta
-  if not sound:
-    return value
-  err = err + fp.dot_margin(2 * fp.pairwise_terms(int(c.size)) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), dtype)
-  return fp.round_down(value - err)
+  return _at_input(mv, beta, err, box, sound)
 
 
 def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True):
   """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target``."""
-  shape = fg.nodes[target].shape
-  n = fg.nodes[target].size
-  eye = jnp.eye(n, dtype=box.lower.dtype)
-  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+  node = fg.nodes[target]
+  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype))
   low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
-  return low[:n].reshape(shape), -low[n:].reshape(shape)
+  return _split_rows(low, tuple(node.shape))
 
 
+@functools.partial(jax.jit, static_argnames=("sound",))
 def _tighten(z, zq, d, sound: bool):
   """``z = zq + d``: each of the three intervals tightens the others."""
   (zl, zu), (ql, qu), (dl, du) = z, zq, d
@@ -298,12 +337,18 @@ def _tighten(z, zq, d, sound: bool):
   return z_new, q_new, d_new
 
 
-@functools.partial(jax.jit, static_argnames=("sound", "symbolic", "alpha_steps"))
+_diff_interval_step = jax.jit(lambda nf, nq, z, zq, d, sound: diff_interval_node(nf, nq, z, zq, d, sound),
+                              static_argnames=("sound",))
+
+
 def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
-                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1):
+                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1,
+                alpha_everywhere: bool = False):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
-  ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``.
+  ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``. Runs as a
+  Python loop over jit-compiled per-node steps (see :func:`qbound.bounds.crown.backward_lower`);
+  wrap it in ``jax.jit`` or ``jax.vmap`` as needed.
 
   Args:
     fg, qg: the traced f and f_q (same structure).
@@ -312,9 +357,11 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
       (``d_lower``, ``d_upper``, ``z``, ``q``) and ``mu`` for the lower slope of relu(zq).
     sound: proven floating-point margins.
     symbolic: backward symbolic bounds on ReLU inputs and the output (else intervals only).
-    alpha_steps: if positive, optimise the relaxations' slopes for every bounded node with this
+    alpha_steps: if positive, optimise the relaxations' slopes of the output's bounds with this
       many Adam steps (:mod:`qbound.bounds.alpha`); ``alphas`` is then ignored.
     alpha_lr: the optimiser's learning rate.
+    alpha_everywhere: optimise the slopes of every bounded node, not only the output's (tighter
+      intermediate bounds at roughly one optimisation per ReLU layer more).
   """
   from qbound.bounds.alpha import diff_alpha_node
 
@@ -325,9 +372,12 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
   d = [(zero, zero)]
   targets = set(relu_inputs(fg)) | {fg.output}
   for i in range(1, n):
-    d.append(diff_interval_node(fg.nodes[i], qg.nodes[i], z, zq, d, sound))
+    nf, nq = fg.nodes[i], qg.nodes[i]
+    ins = nf.inputs
+    d.append(_diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
+                                 tuple(d[j] for j in ins), sound))
     if i in targets:
-      if symbolic and alpha_steps > 0:
+      if symbolic and alpha_steps > 0 and (alpha_everywhere or i == fg.output):
         d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
                                                learning_rate=alpha_lr, sound=sound))
       elif symbolic:

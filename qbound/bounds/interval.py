@@ -10,14 +10,13 @@ Neural Networks", ICML 2018.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp
-from qbound.bounds.common import as_graph
+from qbound.bounds.common import as_graph, local
 from qbound.box import Box, validate_box
 
 
@@ -81,12 +80,18 @@ def node_interval(node: G.Node, bounds, sound: bool):
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
+_node_interval = jax.jit(node_interval, static_argnames=("sound",))
+
+
 def interval_bounds(graph: G.Graph, box: Box, sound: bool = True) -> list:
-  """IBP bounds ``(lower, upper)`` of every node of ``graph`` over ``box``."""
+  """IBP bounds ``(lower, upper)`` of every node of ``graph`` over ``box``.
+
+  One jit-compiled step per node (shared by nodes of the same kind, shapes and operation), so
+  compilation grows with the number of distinct layers, not with the whole unrolled graph.
+  """
   bounds = [(box.lower, box.upper)]
   for node in graph.nodes[1:]:
-    bounds.append(node_interval(node, bounds, sound))
+    bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound))
   return bounds
 
 
