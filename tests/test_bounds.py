@@ -279,3 +279,25 @@ def test_sound_mode_survives_float32_cancellation(ulps):
     assert cert.upper >= np.max(np.abs(exact))
     assert cert.lower == pytest.approx(np.max(np.abs(exact)), rel=1e-3)  # float64 re-evaluation
     assert cert.lower <= result.upper and result.value <= cert.upper
+
+
+@pytest.mark.parametrize("shape", H.SHAPES[:3])
+def test_batched_bounds_equal_one_box_at_a_time(shape):
+  """``batched=True`` (branch and bound's path) bounds every box exactly as a call on it alone."""
+  from qbound.bounds.diff import diff_bounds
+
+  f, fq, _, _ = H.random_pair(11, shape, bits=4)
+  boxes = [H.random_box(20 + k, shape[0], radius=(0.05, 1.0)) for k in range(3)]
+  merged = qb.merge(f, fq, boxes[0])
+  batch = qb.Box(jnp.stack([b.lower for b in boxes]), jnp.stack([b.upper for b in boxes]))
+  fg, qg, g = merged.f_graph, merged.fq_graph, merged.graph
+  together = {"interval": interval_bounds(g, batch, True, batched=True)[g.output],
+              "crown": crown_bounds(g, batch, None, True, batched=True)[g.output],
+              "diff": diff_bounds(fg, qg, batch, None, True, True, batched=True)[2][fg.output]}
+  for k, box in enumerate(boxes):
+    alone = {"interval": interval_bounds(g, box, True)[g.output],
+             "crown": crown_bounds(g, box, None, True)[g.output],
+             "diff": diff_bounds(fg, qg, box, None, True, True)[2][fg.output]}
+    for method, (lo, hi) in alone.items():
+      np.testing.assert_allclose(together[method][0][k], lo, rtol=1e-6, atol=1e-7, err_msg=method)
+      np.testing.assert_allclose(together[method][1][k], hi, rtol=1e-6, atol=1e-7, err_msg=method)

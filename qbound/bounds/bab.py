@@ -63,15 +63,13 @@ class BabResult:
 
 
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool):
-  """Bounds on ``f - f_q`` over a batch of pieces: the per-node steps of the bound propagation are
-  jit-compiled (once per layer shape and batch size) and batched by ``vmap``."""
-  def one(lo, hi):
-    if paired:
-      _, _, d = diff_bounds(fg, qg, Box(lo, hi), None, sound, True)
-      return d[fg.output]
-    return crown_bounds(mg, Box(lo, hi), None, sound)[mg.output]
-
-  return jax.vmap(one)(lo, hi)
+  """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``): the per-node
+  steps of the bound propagation are compiled once per layer shape and batch size."""
+  box = Box(jnp.asarray(lo), jnp.asarray(hi))
+  if paired:
+    _, _, d = diff_bounds(fg, qg, box, None, sound, True, batched=True)
+    return d[fg.output]
+  return crown_bounds(mg, box, None, sound, batched=True)[mg.output]
 
 
 @jax.jit

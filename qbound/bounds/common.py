@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
+import jax
+
 from qbound import graph as G
 from qbound.box import Box
 
@@ -34,3 +39,25 @@ def local(node: G.Node) -> G.Node:
 def plus(total, value):
   """``total + value`` with None as zero (running sums that start empty)."""
   return value if total is None else total + value
+
+
+def jit_step(fn: Callable, in_axes: tuple) -> Callable:
+  """``fn`` jit-compiled twice: as is, and mapped over a leading batch axis of the arguments whose
+  ``in_axes`` entry is 0 (None: shared, e.g. the node). Call as ``step(*args, sound=..., batched=...)``.
+
+  Branch and bound and batched certification bound many boxes at once; mapping inside each compiled
+  step keeps the Python walk between steps as cheap as for one box (``jax.vmap`` around the walk
+  would re-batch every step on every call).
+  """
+  single = jax.jit(fn, static_argnames=("sound",))
+
+  def mapped(*args, sound):
+    return jax.vmap(functools.partial(fn, sound=sound), in_axes=in_axes)(*args)
+
+  batch = jax.jit(mapped, static_argnames=("sound",))
+
+  def step(*args, sound: bool, batched: bool = False):
+    return (batch if batched else single)(*args, sound=sound)
+
+  step.__doc__ = fn.__doc__
+  return step

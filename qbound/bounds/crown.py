@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.common import as_graph, local
+from qbound.bounds.common import as_graph, jit_step, local
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
 
@@ -43,20 +43,23 @@ def _magnitude(bounds, idx):
   return jnp.maximum(jnp.abs(lo), jnp.abs(hi))
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def _accumulate(total, value, src_bounds, sound: bool):
-  """``total + value`` for a node's coefficients reached twice, and the rounding of that sum."""
+def _accumulate(total, value, src_bounds, err, sound: bool):
+  """``total + value`` for a node's coefficients reached twice, and ``err`` plus that sum's rounding."""
   total = total + value
   if not sound:
-    return total, jnp.zeros(total.shape[0], total.dtype)
+    return total, err
   mag = jnp.maximum(jnp.abs(src_bounds[0]), jnp.abs(src_bounds[1]))
-  return total, fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * mag)
+  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * mag)
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def _backward_step(node: G.Node, lam, src_bounds, alpha, sound: bool):
+def _backward_step(node: G.Node, lam, src_bounds, alpha, beta_in, err_in, sound: bool):
   """One node of the backward pass: the coefficients passed to each input (in ``node.inputs``
-  order), and the constant and rounding margin it adds, per row."""
+  order), and the running constant and rounding margin per row with this node's added."""
+  parts, beta, err = _backward_rule(node, lam, src_bounds, alpha, sound)
+  return parts, beta_in + beta, err_in + err
+
+
+def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
   dtype = lam.dtype
   beta = jnp.zeros(lam.shape[0], dtype)
   err = jnp.zeros(lam.shape[0], dtype)
@@ -98,7 +101,6 @@ def _backward_step(node: G.Node, lam, src_bounds, alpha, sound: bool):
   raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
 def _at_input(lam, beta, err, box: Box, sound: bool):
   """The minimum of ``lam . x + beta`` over the box, less the accumulated rounding margin."""
   c, rad = center_radius(box.lower, box.upper, sound)
@@ -110,7 +112,13 @@ def _at_input(lam, beta, err, box: Box, sound: bool):
   return fp.round_down(value - err)
 
 
-def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True):
+_accumulate = jit_step(_accumulate, (0, 0, 0, 0))
+_backward_step = jit_step(_backward_step, (None, 0, 0, 0, 0, 0))
+_at_input = jit_step(_at_input, (0, 0, 0, 0))
+
+
+def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True,
+                   batched: bool = False):
   """Lower bounds of ``rows[k] . z_target`` over the box, one per row.
 
   The walk is a Python loop over jit-compiled per-node steps (compiled once per node kind, shape
@@ -127,51 +135,61 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     box: the input box.
     alphas: optional ``{relu node index: lower slope array}`` (values in [0, 1]).
     sound: add proven floating-point margins.
+    batched: ``box``, ``bounds``, ``rows`` and ``alphas`` carry a leading axis of many boxes.
 
   Returns:
-    An array of shape ``(m,)``.
+    An array of shape ``(m,)`` (``(batch, m)`` when batched).
   """
   lambdas = {target: rows}
-  beta = err = jnp.zeros(rows.shape[0], rows.dtype)
+  beta = err = jnp.zeros(rows.shape[: 2 if batched else 1], rows.dtype)
   for idx in range(target, 0, -1):
     if idx not in lambdas:
       continue
     node = graph.nodes[idx]
     alpha = None if alphas is None or node.kind != G.RELU else alphas.get(idx)
     src_bounds = tuple(bounds[i] for i in node.inputs)
-    parts, b, e = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, sound)
-    beta, err = beta + b, err + e
+    parts, beta, err = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, beta, err, sound=sound,
+                                      batched=batched)
     for src, value in zip(node.inputs, parts):
       if src in lambdas:
-        lambdas[src], e = _accumulate(lambdas[src], value, bounds[src], sound)
-        err = err + e
+        lambdas[src], err = _accumulate(lambdas[src], value, bounds[src], err, sound=sound, batched=batched)
       else:
         lambdas[src] = value
   lam = lambdas.pop(0, None)
   if lam is None:  # the target does not depend on the input
     return beta - err if sound else beta
-  return _at_input(lam, beta, err, box, sound)
+  return _at_input(lam, beta, err, box, sound=sound, batched=batched)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "shape", "dtype"))
-def unit_rows(n: int, shape: tuple, dtype):
-  """The rows ``+e_i`` then ``-e_i``: a lower and an upper bound of every entry at once."""
+@functools.partial(jax.jit, static_argnames=("n", "shape", "dtype", "batch"))
+def unit_rows(n: int, shape: tuple, dtype, batch=None):
+  """The rows ``+e_i`` then ``-e_i``: a lower and an upper bound of every entry at once (the same
+  rows for each of ``batch`` boxes when given)."""
   eye = jnp.eye(n, dtype=dtype)
-  return jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+  return rows if batch is None else jnp.broadcast_to(rows, (batch, *rows.shape))
 
 
-def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True):
+def batch_of(box: Box, batched: bool):
+  """The number of boxes of a batched box (None when not batched)."""
+  return int(box.lower.shape[0]) if batched else None
+
+
+def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True,
+               batched: bool = False):
   """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape)."""
   node = graph.nodes[target]
-  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype))
-  low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
-  return _split_rows(low, tuple(node.shape))
+  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
+  low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound, batched=batched)
+  return split_rows(low, tuple(node.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
-def _split_rows(low, shape):
-  n = low.shape[0] // 2
-  return low[:n].reshape(shape), -low[n:].reshape(shape)
+def split_rows(low, shape):
+  """Lower bounds of the rows ``+e_i, -e_i`` (last axis) as ``(lower, upper)`` of the node."""
+  n = low.shape[-1] // 2
+  lead = low.shape[:-1]
+  return low[..., :n].reshape((*lead, *shape)), -low[..., n:].reshape((*lead, *shape))
 
 
 def relu_inputs(graph: G.Graph) -> list[int]:
@@ -179,17 +197,24 @@ def relu_inputs(graph: G.Graph) -> list[int]:
   return sorted({node.inputs[0] for node in graph.nodes if node.kind in ACTIVATIONS} - {0})
 
 
+@jax.jit
 def intersect(a, b):
+  """The intersection of two ``(lower, upper)`` bounds."""
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
-def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True) -> list:
-  """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output."""
-  bounds = list(interval_bounds(graph, box, sound))
+def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,
+                 batched: bool = False) -> list:
+  """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output.
+
+  With ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
+  """
+  bounds = list(interval_bounds(graph, box, sound, batched=batched))
   for idx in relu_inputs(graph) + [graph.output]:
     if idx == 0:
       continue
-    bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound))
+    bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
+                                                    batched=batched))
   return bounds
 
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax
-from qbound.bounds.common import local
-from qbound.bounds.crown import ACTIVATIONS, _row_sum, _split_rows, crown_bounds, intersect, relu_inputs, unit_rows
+from qbound.bounds.common import jit_step, local
+from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius
 from qbound.box import Box, validate_box
 
@@ -156,8 +156,13 @@ def _clip_diff_relaxation(nf: G.Node, nq: G.Node, z, zq, d, params, sound: bool)
   return relax.monotone_diff(dl, du, identity, constant, params, sound=sound)
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def _diff_step(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
+def _diff_step(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, beta_in, err_in, sound: bool):
+  """:func:`_diff_rule` with the running constant and margin per row carried through."""
+  to_d, to_q, beta, err = _diff_rule(nf, nq, lv, mv, z, zq, d, a, sound)
+  return to_d, to_q, beta_in + beta, err_in + err
+
+
+def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
   """One node pair of the backward pass, with ``z, zq, d`` the bounds of its inputs (in order).
 
   Returns the coefficients on ``d`` and on ``z_q`` passed to each input (tuples, or None), and the
@@ -255,16 +260,14 @@ def _diff_step(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
   return to_d, to_q, beta, err
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def _accumulate(total, value, bounds, sound: bool):
-  """``total + value`` for coefficients reaching a node twice, and the rounding of that sum."""
+def _accumulate(total, value, bounds, err, sound: bool):
+  """``total + value`` for coefficients reaching a node twice, and ``err`` plus that sum's rounding."""
   total = total + value
   if not sound:
-    return total, jnp.zeros(total.shape[0], total.dtype)
-  return total, fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(bounds))
+    return total, err
+  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(bounds))
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
 def _at_input(mv, beta, err, box: Box, sound: bool):
   """At the input both networks read the same x: d = 0 there, and zq = x."""
   c, rad = center_radius(box.lower, box.upper, sound)
@@ -275,21 +278,26 @@ def _at_input(mv, beta, err, box: Box, sound: bool):
   return fp.round_down(value - err)
 
 
+_diff_step = jit_step(_diff_step, (None, None, 0, 0, 0, 0, 0, 0, 0, 0))
+_accumulate = jit_step(_accumulate, (0, 0, 0, 0))
+_at_input = jit_step(_at_input, (0, 0, 0, 0))
+
+
 def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
-                        alphas=None, sound: bool = True):
+                        alphas=None, sound: bool = True, batched: bool = False):
   """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``).
 
-  A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`.
+  A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`
+  (``batched``: a leading axis of many boxes on the box, bounds and rows).
   """
   lam = {target: rows}
   mu: dict = {}
-  beta = err = jnp.zeros(rows.shape[0], rows.dtype)
+  beta = err = jnp.zeros(rows.shape[: 2 if batched else 1], rows.dtype)
 
   def push(store, mags, src, value):
     nonlocal err
     if src in store:
-      store[src], e = _accumulate(store[src], value, mags[src], sound)
-      err = err + e
+      store[src], err = _accumulate(store[src], value, mags[src], err, sound=sound, batched=batched)
     else:
       store[src] = value
 
@@ -301,9 +309,9 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
     nf, nq = fg.nodes[idx], qg.nodes[idx]
     a = None if alphas is None or nf.kind not in ACTIVATIONS else alphas.get(idx)
     ins = nf.inputs
-    to_d, to_q, b, e = _diff_step(local(nf), local(nq), lv, mv, tuple(z[i] for i in ins), tuple(zq[i] for i in ins),
-                                  tuple(d[i] for i in ins), a, sound)
-    beta, err = beta + b, err + e
+    to_d, to_q, beta, err = _diff_step(local(nf), local(nq), lv, mv, tuple(z[i] for i in ins),
+                                       tuple(zq[i] for i in ins), tuple(d[i] for i in ins), a, beta, err,
+                                       sound=sound, batched=batched)
     for src, value in zip(ins, to_d or ()):
       push(lam, d, src, value)
     for src, value in zip(ins, to_q or ()):
@@ -313,15 +321,15 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   mv = mu.pop(0, None)
   if mv is None:
     return fp.round_down(beta - err) if sound else beta
-  return _at_input(mv, beta, err, box, sound)
+  return _at_input(mv, beta, err, box, sound=sound, batched=batched)
 
 
-def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True):
+def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, batched=False):
   """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target``."""
   node = fg.nodes[target]
-  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype))
-  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
-  return _split_rows(low, tuple(node.shape))
+  rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
+  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound, batched=batched)
+  return split_rows(low, tuple(node.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("sound",))
@@ -337,13 +345,12 @@ def _tighten(z, zq, d, sound: bool):
   return z_new, q_new, d_new
 
 
-_diff_interval_step = jax.jit(lambda nf, nq, z, zq, d, sound: diff_interval_node(nf, nq, z, zq, d, sound),
-                              static_argnames=("sound",))
+_diff_interval_step = jit_step(diff_interval_node, (None, None, 0, 0, 0))
 
 
 def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
                 sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1,
-                alpha_everywhere: bool = False):
+                alpha_everywhere: bool = False, batched: bool = False):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
   ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``. Runs as a
@@ -362,11 +369,15 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     alpha_lr: the optimiser's learning rate.
     alpha_everywhere: optimise the slopes of every bounded node, not only the output's (tighter
       intermediate bounds at roughly one optimisation per ReLU layer more).
+    batched: ``box`` holds many boxes along a leading axis, and so does every bound (optimised
+      slopes are not available then).
   """
   from qbound.bounds.alpha import diff_alpha_node
 
-  zq = list(crown_bounds(qg, box, None, sound))
-  z = list(crown_bounds(fg, box, None, sound))
+  if batched and alpha_steps > 0:
+    raise ValueError("optimised slopes (alpha_steps > 0) bound one box at a time; call without batched.")
+  zq = list(crown_bounds(qg, box, None, sound, batched=batched))
+  z = list(crown_bounds(fg, box, None, sound, batched=batched))
   n = len(fg.nodes)
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
@@ -375,14 +386,15 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     nf, nq = fg.nodes[i], qg.nodes[i]
     ins = nf.inputs
     d.append(_diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
-                                 tuple(d[j] for j in ins), sound))
+                                 tuple(d[j] for j in ins), sound=sound, batched=batched))
     if i in targets:
       if symbolic and alpha_steps > 0 and (alpha_everywhere or i == fg.output):
         d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
                                                learning_rate=alpha_lr, sound=sound))
       elif symbolic:
-        d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound))
-      z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)
+        d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
+                                               batched=batched))
+      z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)  # elementwise: batched or not
   return z, zq, d
 
 

@@ -11,12 +11,11 @@ Neural Networks", ICML 2018.
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp
-from qbound.bounds.common import as_graph, local
+from qbound.bounds.common import as_graph, jit_step, local
 from qbound.box import Box, validate_box
 
 
@@ -80,18 +79,19 @@ def node_interval(node: G.Node, bounds, sound: bool):
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 
-_node_interval = jax.jit(node_interval, static_argnames=("sound",))
+_node_interval = jit_step(node_interval, (None, 0))
 
 
-def interval_bounds(graph: G.Graph, box: Box, sound: bool = True) -> list:
+def interval_bounds(graph: G.Graph, box: Box, sound: bool = True, *, batched: bool = False) -> list:
   """IBP bounds ``(lower, upper)`` of every node of ``graph`` over ``box``.
 
   One jit-compiled step per node (shared by nodes of the same kind, shapes and operation), so
-  compilation grows with the number of distinct layers, not with the whole unrolled graph.
+  compilation grows with the number of distinct layers, not with the whole unrolled graph. With
+  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
   """
   bounds = [(box.lower, box.upper)]
   for node in graph.nodes[1:]:
-    bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound))
+    bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound=sound, batched=batched))
   return bounds
 
 
