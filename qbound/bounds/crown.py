@@ -10,7 +10,8 @@ with interval bounds.
 
 Reference: Zhang, Weng, Chen, Hsieh, Daniel, "Efficient Neural Network Robustness Certification
 with General Activation Functions", NeurIPS 2018 (CROWN); the ReLU relaxation is that of Wong &
-Kolter 2018 and DeepPoly (Singh et al., POPL 2019). Optimised lower slopes (``alphas``) follow Xu
+Kolter 2018 and DeepPoly (Singh et al., POPL 2019); tanh and sigmoid use CROWN's tangent and chord
+lines (:mod:`qbound.bounds.smooth`). Optimised lower slopes (``alphas``) follow Xu
 et al., "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and
 Massively Parallel Incomplete Verifiers", ICLR 2021.
 """
@@ -30,7 +31,7 @@ from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
 
 
-ACTIVATIONS = (G.RELU, G.CLIP, G.ROUND)
+ACTIVATIONS = (G.RELU, G.CLIP, G.ROUND, G.TANH, G.SIGMOID)
 
 
 def _row_sum(x):
@@ -53,7 +54,8 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     bounds: proven ``(lower, upper)`` for every node that feeds a ReLU before ``target`` (and,
       in sound mode, for every node, to size rounding margins).
     box: the input box.
-    alphas: optional ``{relu node index: lower slope array}`` (values in [0, 1]).
+    alphas: optional ``{activation node index: slopes}``: a ReLU's lower slope array, or a
+      tanh/sigmoid's ``{"lower", "upper"}`` slope fractions (values in [0, 1]).
     sound: add proven floating-point margins.
 
   Returns:
@@ -103,13 +105,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     elif node.kind in ACTIVATIONS:
       src = node.inputs[0]
       lo, hi = bounds[src]
-      if node.kind == G.RELU:
-        alpha = None if alphas is None else alphas.get(idx)
-        r = relax.relu(lo, hi, alpha, sound=sound)
-      elif node.kind == G.CLIP:
-        r = relax.clip(lo, hi, *node.weights, sound=sound)
-      else:
-        r = relax.rounding(lo, hi, node.attrs[0], sound=sound)
+      r = relax.for_node(node, lo, hi, None if alphas is None else alphas.get(idx), sound=sound)
       pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
       push(src, pos * r.lower_slope + neg * r.upper_slope)
       beta = beta + _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
