@@ -177,19 +177,21 @@ def window_taps(in_shape, window, strides, padding, dilation):
   per_dim = []  # per dim: (out positions, offsets) -> index, and whether each offset is always valid
   for n, w, s, (plo, phi), dil in zip(in_shape, window, strides, padding, dilation):
     span = (w - 1) * dil + 1
-    out = (n + plo + phi - span) // s + 1
+    out = max((n + plo + phi - span) // s + 1, 0)
     out_shape.append(out)
     o = np.arange(out)[:, None]
     k = np.arange(w)[None, :]
     idx = o * s + k * dil - plo  # (out, w)
     valid = (idx >= 0) & (idx < n)
-    if not np.all(valid.any(axis=1)):
+    if out and not np.all(valid.any(axis=1)):
       raise NotPiecewiseLinear("a pooling window lies entirely in the padding")
     first = np.argmax(valid, axis=1)[:, None]
     last = (w - 1 - np.argmax(valid[:, ::-1], axis=1))[:, None]
     clamped = o * s + np.clip(k, first, last) * dil - plo
     per_dim.append((clamped, valid.all(axis=0)))
   taps = []
+  if min(out_shape) <= 0:  # an empty result
+    return taps, tuple(max(o, 0) for o in out_shape)
   seen = set()
   for offsets in itertools.product(*[range(w) for w in window]):
     if all(per_dim[d][1][k] for d, k in enumerate(offsets)):

@@ -608,6 +608,8 @@ def _rule_reduce_window_max(b: _Builder, eqn, ins, where, shape):
                                      p["window_dilation"])
   except PW.NotPiecewiseLinear as err:
     b.unsupported(eqn, str(err))
+  if not taps:  # an empty output
+    return ("const", jnp.zeros(out_shape, b.dtype))
   values = []
   for tap in taps:
     if tap[0] == "slice":
