@@ -6,6 +6,7 @@ The one call most users make is :func:`certify`; the pieces it is built from are
 from qbound import bounds
 from qbound import exact
 from qbound import io
+from qbound import models
 from qbound import quantize
 from qbound.attack import Search, maximize_error
 from qbound.box import Box, linf_ball
@@ -32,6 +33,7 @@ __all__ = [
     "linf_ball",
     "maximize_error",
     "merge",
+    "models",
     "quantize",
     "trace",
 ]

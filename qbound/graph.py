@@ -16,7 +16,13 @@ kind           value
 ``round``      rounding to an integer, ``attrs[0]`` in ``nearest``, ``floor``, ``ceil`` (or
                ``none``: the identity standing beside a rounding in the other network)
                (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine)
+``tanh``       ``tanh(x)``
+``sigmoid``    the logistic function ``1 / (1 + exp(-x))``
 =============  ==============================================================================
+
+Other piecewise-linear operations are written exactly with these kinds when traced (leaky ReLU
+and ``jnp.where`` as ReLUs, max pooling as a tree of ``max(a, b) = a + relu(b - a)``, average
+pooling and inference batch norm as affine nodes); see :mod:`qbound.trace`.
 
 The arrays (``weights``, ``bias``) are pytree leaves and the structure is static, so a graph is a
 pytree: bound propagation jit-compiles once per structure and takes the weights as arguments.
@@ -32,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "concat", "relu", "clip", "round"
+TANH, SIGMOID = "tanh", "sigmoid"
 ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
+# S-shaped activations (increasing, convex below 0 and concave above): their functions.
+SMOOTH = {TANH: jnp.tanh, SIGMOID: jax.nn.sigmoid}
 
 
 class SourceNote(str):
@@ -55,7 +64,8 @@ class Node:
   """One value of the network. See the module docstring for the kinds.
 
   Attributes:
-    kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``, ``clip``.
+    kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``, ``clip``, ``round``,
+      ``tanh``, ``sigmoid``.
     inputs: indices of the nodes this one reads.
     shape: shape of this node's value.
     op: for ``affine``, the linear map (a hashable object with ``apply``, ``apply_abs`` and
@@ -130,6 +140,8 @@ def _apply_node(node: Node, args):
     return node.apply_clip(args[0])
   if node.kind == ROUND:
     return ROUNDING[node.attrs[0]](args[0])
+  if node.kind in SMOOTH:
+    return SMOOTH[node.kind](args[0])
   raise ValueError(f"unknown node kind {node.kind!r}")
 
 

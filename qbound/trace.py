@@ -34,6 +34,7 @@ from jax._src import core as jcore  # internals live here and nowhere else in qb
 from jax._src import source_info_util
 
 from qbound import graph as G
+from qbound import piecewise as PW
 from qbound.box import Box
 
 
@@ -44,12 +45,13 @@ class UnsupportedPrimitiveError(ValueError):
 _CALL_PARAM_NAMES = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _COEFFICIENT_PRIMS = {"dot_general", "conv_general_dilated", "mul", "div"}
 _ROUTING_PRIMS = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "reduce_sum",
-                  "slice", "pad", "rev", "concatenate", "dynamic_slice", "gather"}
+                  "slice", "pad", "rev", "concatenate", "dynamic_slice", "gather", "reduce_window_sum", "tile"}
 _IDENTITY_PRIMS = {"copy", "copy_p", "optimization_barrier"}
 _PRECISE_PRIMS = {"dot_general", "conv_general_dilated"}
 SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
                    {"add", "add_any", "sub", "neg", "max", "min", "clamp", "convert_element_type",
-                    "round", "floor", "ceil",
+                    "round", "floor", "ceil", "tanh", "logistic", "abs", "select_n", "ge", "gt", "le", "lt",
+                    "reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min",
                     "jit", "pjit", "custom_jvp_call", "custom_vjp_call", "checkpoint", "closed_call"})
 
 
@@ -140,6 +142,9 @@ class _Builder:
   def __init__(self, input_shape, dtype):
     self.nodes: list[G.Node] = [G.Node(kind=G.INPUT, inputs=(), shape=tuple(input_shape))]
     self.dtype = dtype
+    # node index -> (index of x, Piecewise): nodes known as piecewise-linear functions of another
+    # node, so that nested jnp.where (hard tanh) can extend them.
+    self.piecewise_of: dict[int, tuple[int, PW.Piecewise]] = {}
 
   # Values are ('node', index) or ('const', array).
   def emit(self, node: G.Node):
@@ -183,6 +188,9 @@ class _Builder:
       return [("const", o) for o in outs]
     if prim.multiple_results:
       self.unsupported(eqn, "it has several results")
+    if name != "select_n" and any(v[0] == "pred" for v in ins):
+      self.unsupported(eqn, "it uses the result of comparing an input-dependent value (a step); only "
+                       "jnp.where choosing between continuous pieces can be bounded")
     where = _where(eqn, outer_where)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     rule = _RULES.get(name)
@@ -271,6 +279,117 @@ class _Builder:
   def relu(self, value, where, shape):
     return self.emit(G.Node(kind=G.RELU, inputs=(value[1],), shape=shape, where=where))
 
+  def multiply(self, value, factors, where):
+    """``factors * value`` for a constant array of the value's shape (elementwise)."""
+    shape = self.shape_of(value)
+    const = jnp.asarray(np.broadcast_to(np.asarray(factors), shape), self.dtype)
+    op = _op_of(lambda v, c: v * c, shape, self.dtype, const)
+    return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, op=op, weights=(const,), where=where))
+
+  def combine(self, a, c, sign: int, where, shape):
+    """``a + sign * c`` for values that may be constants."""
+    if a[0] == "const" and c[0] == "const":
+      return ("const", jnp.asarray(a[1], self.dtype) + sign * jnp.asarray(c[1], self.dtype))
+    if c[0] == "const":
+      return self.shift(a, sign * jnp.asarray(c[1], self.dtype), where, shape)
+    if a[0] == "const":
+      term = c if sign > 0 else self.scale(c, -1.0, where, shape)
+      return self.shift(term, a[1], where, shape)
+    return self.add(a, c, (1, sign), where, shape)
+
+  def piecewise(self, x, pw: PW.Piecewise, where):
+    """A node computing ``pw(x)`` exactly from the pieces' own values (see :mod:`qbound.piecewise`)."""
+    shape = self.shape_of(x)
+    form = PW.clip_form(pw)
+    if not pw.breaks:
+      out = pw.values[0]
+    elif form is not None and self.is_same(pw.values[form[2]], x):
+      lo, hi, _ = form
+      if np.all(lo == 0) and np.all(np.isposinf(hi)):
+        out = self.relu(x, where, shape)
+      else:
+        out = self.clip(x, jnp.asarray(lo, self.dtype), jnp.asarray(hi, self.dtype), where, shape)
+    else:
+      out = pw.values[0]
+      for k in range(1, len(pw.values)):
+        step = self.combine(pw.values[k], pw.values[k - 1], -1, where, shape)  # (s_k - s_{k-1}) (x - c_k)
+        kink = self.relu(step, where, shape)
+        rising = pw.slopes[k] >= pw.slopes[k - 1]
+        if np.all(rising):  # T_k = relu(step)
+          out = self.combine(out, kink, 1, where, shape)
+        elif not np.any(rising):  # T_k = min(step, 0) = step - relu(step)
+          out = self.combine(self.combine(out, step, 1, where, shape), kink, -1, where, shape)
+        else:
+          falling = (~rising.astype(bool)).astype(np.float32)
+          out = self.combine(out, self.multiply(step, falling, where), 1, where, shape)
+          out = self.combine(out, self.multiply(kink, 1 - 2 * falling, where), 1, where, shape)
+    if out[0] == "node" and not self.is_same(out, x):
+      self.piecewise_of[out[1]] = (x[1], pw)
+    return out
+
+  def is_same(self, a, c) -> bool:
+    return a[0] == "node" and c[0] == "node" and self.same(a[1], c[1])
+
+  def as_piecewise(self, value, x):
+    """``value`` as a :class:`~qbound.piecewise.Piecewise` function of node ``x``, or None."""
+    shape = self.shape_of(x)
+    if value[0] == "const":
+      return PW.Piecewise.affine(0, np.asarray(value[1]), shape, value)
+    if self.same(value[1], x[1]):
+      return PW.Piecewise.affine(1, 0, shape, value)
+    idx = value[1]
+    if idx in self.piecewise_of and self.same(self.piecewise_of[idx][0], x[1]):
+      return dataclasses.replace(self.piecewise_of[idx][1])
+    node = self.nodes[idx]
+    if node.kind != G.AFFINE or len(node.inputs) != 1 or node.shape != shape:
+      return None
+    inner = self.as_piecewise(("node", node.inputs[0]), x)
+    if inner is None or inner.breaks:
+      return None
+    one = np.ones(shape)
+    if node.op is None:
+      scale = one
+    elif node.op.in_shape == shape and np.shape(node.weights[0]) == shape and node.op.name in ("mul", "div"):
+      w = PW.exact(np.asarray(node.weights[0]), shape)
+      if node.op.name == "div":
+        if node.op.var_pos != 0 or np.any(w == 0):
+          return None
+        w = 1 / w
+      scale = w
+    else:
+      return None
+    return inner.then_affine(scale, 0 if node.bias is None else np.asarray(node.bias), value)
+
+  def same(self, i: int, j: int) -> bool:
+    """Whether nodes ``i`` and ``j`` compute the same value (the same operations on the same
+    constants), e.g. ``x @ w`` written twice in ``jnp.where(x @ w > 0, x @ w, 0)``."""
+    if i == j:
+      return True
+    a, c = self.nodes[i], self.nodes[j]
+    if (a.kind, a.shape, a.op, a.attrs, len(a.inputs), len(a.weights), a.bias is None) != \
+       (c.kind, c.shape, c.op, c.attrs, len(c.inputs), len(c.weights), c.bias is None):
+      return False
+    if a.kind == G.INPUT:
+      return False
+    arrays = list(zip(a.weights, c.weights)) + ([] if a.bias is None else [(a.bias, c.bias)])
+    if not all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in arrays):
+      return False
+    return all(self.same(p, q) for p, q in zip(a.inputs, c.inputs))
+
+  def max_of(self, values, where, shape, *, minimum: bool = False):
+    """The elementwise maximum (or minimum) of several values, as a balanced tree of pairs."""
+    pair = _min_pair if minimum else _max_pair
+    while len(values) > 1:
+      merged = [pair(self, values[i], values[i + 1], where, shape) for i in range(0, len(values) - 1, 2)]
+      values = merged + values[len(merged) * 2:]
+    return values[0]
+
+  def route(self, x, fn, where, *consts):
+    """``fn(x, *consts)`` for a function made of one routing primitive (slice, gather, reshape)."""
+    op = _op_of(fn, self.shape_of(x), self.dtype, *consts)
+    return self.emit(G.Node(kind=G.AFFINE, inputs=(x[1],), shape=op.out_shape, op=op, weights=tuple(consts),
+                            where=where))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Unhashable:
@@ -345,8 +464,12 @@ def _max_pair(b: _Builder, x, y, where, shape):
   if y[0] == "const":
     c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
     if not np.any(np.asarray(c)):
-      return b.relu(x, where, shape)
-    return b.clip(x, c, jnp.full(shape, jnp.inf, b.dtype), where, shape)
+      out = b.relu(x, where, shape)
+    else:
+      out = b.clip(x, c, jnp.full(shape, jnp.inf, b.dtype), where, shape)
+    if np.all(np.isfinite(np.asarray(c))):
+      b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=True, x=x, constant=("const", c)))
+    return out
   diff = b.add(y, x, (1, -1), where, shape)
   return b.add(x, b.relu(diff, where, shape), (1, 1), where, shape)
 
@@ -357,7 +480,10 @@ def _min_pair(b: _Builder, x, y, where, shape):
     x, y = y, x
   if y[0] == "const":
     c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
-    return b.clip(x, jnp.full(shape, -jnp.inf, b.dtype), c, where, shape)
+    out = b.clip(x, jnp.full(shape, -jnp.inf, b.dtype), c, where, shape)
+    if np.all(np.isfinite(np.asarray(c))):
+      b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=False, x=x, constant=("const", c)))
+    return out
   diff = b.add(x, y, (1, -1), where, shape)
   return b.add(x, b.relu(diff, where, shape), (1, -1), where, shape)
 
@@ -388,7 +514,130 @@ def _rule_round(b: _Builder, eqn, ins, where, shape):
   return b.emit(G.Node(kind=G.ROUND, inputs=(ins[0][1],), shape=shape, attrs=(mode,), where=where))
 
 
+def _rule_smooth(b: _Builder, eqn, ins, where, shape):
+  kind = {"tanh": G.TANH, "logistic": G.SIGMOID}[eqn.primitive.name]
+  return b.emit(G.Node(kind=kind, inputs=(ins[0][1],), shape=shape, where=where))
+
+
+_FLIPPED = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}
+
+
+def _rule_compare(b: _Builder, eqn, ins, where, shape):
+  """``x >= c`` and friends: a symbolic comparison, usable only by ``select_n`` (``jnp.where``)."""
+  (x, c), name = ins, eqn.primitive.name
+  if x[0] == "const":
+    (c, x), name = (x, c), _FLIPPED[name]
+  if c[0] != "const":
+    b.unsupported(eqn, "it compares two input-dependent values; use jnp.maximum / jnp.minimum")
+  x = b.broadcast(x, shape, where)
+  cut = np.broadcast_to(np.asarray(c[1], np.dtype(b.dtype)), shape)
+  return ("pred", x, name, cut)
+
+
+def _rule_select_n(b: _Builder, eqn, ins, where, shape):
+  """``jnp.where``: a constant mask selects elementwise; a comparison ``x >= c`` selects between two
+  continuous piecewise-linear functions of ``x`` (leaky ReLU, hard tanh), written exactly with ReLUs."""
+  pred, *cases = ins
+  if pred[0] == "const":
+    mask = np.broadcast_to(np.asarray(pred[1]), shape)
+    out, bias = None, np.zeros(shape, np.dtype(b.dtype))
+    for i, case in enumerate(cases):
+      chosen = (mask == i) if mask.dtype != np.bool_ else (mask == bool(i))
+      if case[0] == "const":
+        bias = bias + np.where(chosen, np.broadcast_to(np.asarray(case[1]), shape), 0)
+        continue
+      if not chosen.any():
+        continue
+      term = b.multiply(b.broadcast(case, shape, where), chosen.astype(np.float32), where)
+      out = term if out is None else b.add(out, term, (1, 1), where, shape)
+    if out is None:
+      return ("const", jnp.asarray(bias, b.dtype))
+    return b.shift(out, bias, where, shape) if np.any(bias) else out
+  if len(cases) != 2:
+    b.unsupported(eqn, "it selects among more than two input-dependent cases")
+  _, x, name, cut = pred
+  false_pw, true_pw = (b.as_piecewise(b.broadcast(v, shape, where) if v[0] == "node" else v, x) for v in cases)
+  if false_pw is None or true_pw is None:
+    b.unsupported(eqn, "jnp.where chooses between values that are not piecewise-linear functions of the "
+                  "compared value")
+  below, above = (false_pw, true_pw) if name in ("ge", "gt") else (true_pw, false_pw)
+  try:
+    pw = PW.join(below, above, cut)
+  except PW.NotPiecewiseLinear as err:
+    b.unsupported(eqn, f"this jnp.where is not a continuous piecewise-linear function: {err}")
+  return b.piecewise(x, pw, where)
+
+
+def _rule_abs(b: _Builder, eqn, ins, where, shape):
+  """``|x| = -x + relu(x - (-x))``."""
+  x = ins[0]
+  zero, one = PW.exact(0, shape), PW.exact(1, shape)
+  pw = PW.Piecewise((np.zeros(shape),), (-one, one), (zero, zero), (b.scale(x, -1.0, where, shape), x))
+  return b.piecewise(x, pw, where)
+
+
+def _rule_reduce_max(b: _Builder, eqn, ins, where, shape):
+  """``jnp.max`` over axes: halves compared pairwise along each axis, ``log2 n`` levels."""
+  minimum = eqn.primitive.name == "reduce_min"
+  x = ins[0]
+  for axis in sorted(eqn.params["axes"]):
+    n = b.shape_of(x)[axis]
+    while n > 1:
+      h = n // 2
+      def part(start, stop, axis=axis):
+        return b.route(x, lambda v: lax.slice_in_dim(v, start, stop, axis=axis), where)
+      first, second = part(0, h), part(h, 2 * h)
+      m = b.max_of([first, second], where, b.shape_of(first), minimum=minimum)
+      if n % 2:
+        rest = part(2 * h, n)
+        m_shape = list(b.shape_of(m))
+        m_shape[axis] += 1
+        m = b.emit(G.Node(kind=G.CONCAT, inputs=(m[1], rest[1]), shape=tuple(m_shape), attrs=(axis,), where=where))
+      x, n = m, h + n % 2
+  return x if b.shape_of(x) == tuple(shape) else b.route(x, lambda v: jnp.reshape(v, shape), where)
+
+
+def _rule_reduce_window_max(b: _Builder, eqn, ins, where, shape):
+  """Max (min) pooling: the maximum of the window's taps, each a strided slice or a gather."""
+  p = eqn.params
+  if any(d != 1 for d in p["base_dilation"]):
+    b.unsupported(eqn, "base dilation is not supported")
+  x = ins[0]
+  try:
+    taps, out_shape = PW.window_taps(b.shape_of(x), p["window_dimensions"], p["window_strides"], p["padding"],
+                                     p["window_dilation"])
+  except PW.NotPiecewiseLinear as err:
+    b.unsupported(eqn, str(err))
+  if not taps:  # an empty output
+    return ("const", jnp.zeros(out_shape, b.dtype))
+  values = []
+  for tap in taps:
+    if tap[0] == "slice":
+      _, start, limit, strides = tap
+      values.append(b.route(x, lambda v: lax.slice(v, start, limit, strides), where))
+    else:
+      values.append(b.route(x, _gather_taps, where, jnp.asarray(tap[1])))
+  return b.max_of(values, where, tuple(out_shape), minimum=eqn.primitive.name == "reduce_window_min")
+
+
+def _gather_taps(v, indices):
+  """``v[indices[..., 0], indices[..., 1], ...]`` as one gather primitive."""
+  nd = v.ndim
+  dnums = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=tuple(range(nd)),
+                                     start_index_map=tuple(range(nd)))
+  return lax.gather(v, indices, dnums, slice_sizes=(1,) * nd, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 _RULES: dict[str, Callable] = {
+    "tanh": _rule_smooth,
+    "logistic": _rule_smooth,
+    **{name: _rule_compare for name in _FLIPPED},
+    "select_n": _rule_select_n,
+    "abs": _rule_abs,
+    "reduce_max": _rule_reduce_max,
+    "reduce_min": _rule_reduce_max,
+    "reduce_window_max": _rule_reduce_window_max,
+    "reduce_window_min": _rule_reduce_window_max,
     "round": _rule_round,
     "floor": _rule_round,
     "ceil": _rule_round,

@@ -208,7 +208,7 @@ def test_division_by_input_is_rejected():
     qb.trace(lambda x: 1.0 / (x + 2.0), jnp.zeros(4))
 
 
-@pytest.mark.parametrize("fn, prim", [(jnp.abs, "abs"), (jnp.tanh, "tanh"), (jnp.exp, "exp")])
+@pytest.mark.parametrize("fn, prim", [(jnp.sign, "sign"), (jnp.sin, "sin"), (jnp.exp, "exp")])
 def test_other_unsupported_primitives(fn, prim):
   with pytest.raises(qb.UnsupportedPrimitiveError, match=f"'{prim}'"):
     qb.trace(lambda x: fn(x @ W), jnp.zeros(4))
@@ -220,8 +220,8 @@ def test_dtype_conversion_is_rejected():
 
 
 def test_unsupported_primitive_inside_library_function_has_a_location():
-  with pytest.raises(qb.UnsupportedPrimitiveError) as err:
-    qb.trace(lambda x: jax.nn.hard_tanh(x @ W), jnp.zeros(4))
+  with pytest.raises(qb.UnsupportedPrimitiveError, match="'expm1'") as err:
+    qb.trace(lambda x: jax.nn.elu(x @ W), jnp.zeros(4))
   assert "used at ." not in str(err.value)
   assert "test_trace.py" in str(err.value)
 
@@ -249,3 +249,171 @@ def test_wrong_input_shape_is_reported():
 def test_node_kinds_are_known():
   graph = qb.trace(lambda x: jnp.clip(jax.nn.relu(x @ W) @ W2, -1.0, 1.0) + x, jnp.zeros(4))
   assert set(kinds(graph)) <= {G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, getattr(G, "CLIP", "clip")}
+
+
+# --- smooth and piecewise-linear activations -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, fn, expected",
+    [
+        ("jnp.tanh", lambda x: jnp.tanh(x @ W), {"tanh"}),
+        ("nn.tanh", lambda x: nn.tanh(x @ W), {"tanh"}),
+        ("nnx.tanh", lambda x: nnx.tanh(x @ W), {"tanh"}),
+        ("jax.nn.sigmoid", lambda x: jax.nn.sigmoid(x @ W), {"sigmoid"}),
+        ("nn.sigmoid", lambda x: nn.sigmoid(x @ W), {"sigmoid"}),
+        ("nnx.sigmoid", lambda x: nnx.sigmoid(x @ W), {"sigmoid"}),
+        ("jax.nn.leaky_relu", lambda x: jax.nn.leaky_relu(x @ W), {"relu"}),
+        ("nn.leaky_relu(0.2)", lambda x: nn.leaky_relu(x @ W, 0.2), {"relu"}),
+        ("leaky slope above 1", lambda x: jax.nn.leaky_relu(x @ W, 1.5), {"relu"}),
+        ("nn.hard_tanh", lambda x: nn.hard_tanh(x @ W), {"clip"}),
+        ("jax.nn.hard_sigmoid", lambda x: jax.nn.hard_sigmoid(x @ W), {"clip"}),
+        ("jnp.abs", lambda x: jnp.abs(x @ W), {"relu"}),
+        ("where as relu", lambda x: jnp.where(x @ W > 0, x @ W, 0.0), {"relu"}),
+        ("where with the constant first", lambda x: jnp.where(0.5 <= x @ W, x @ W, 0.5), {"clip"}),
+        ("where of affine pieces", lambda x: jnp.where(x @ W >= 1.0, 2 * (x @ W) - 1, (x @ W) / 1), {"relu"}),
+        ("nested where, three pieces",
+         lambda x: jnp.where(x @ W > 1, 2 * (x @ W) - 1, jnp.where(x @ W < -1, 0.5 * (x @ W) - 0.5, x @ W)), {"relu"}),
+        ("where with a vector threshold", lambda x: jnp.where(x @ W > jnp.array([0.0, 1.0, -1.0]), x @ W,
+                                                                jnp.array([0.0, 1.0, -1.0])), {"clip"}),
+        ("where with a constant mask", lambda x: jnp.where(jnp.array([True, False, True]), x @ W, -(x @ W)), set()),
+    ],
+)
+def test_activation_forms_trace_exactly(name, fn, expected):
+  graph = assert_traces_exactly(fn, (4,), num=64)
+  assert set(kinds(graph)) - {"input", "affine", "add"} == expected
+
+
+def test_leaky_relu_is_a_x_plus_relu_of_the_rest():
+  """No constant is computed in float: the graph is a x + relu(x - a x), exactly leaky_relu in reals."""
+  graph = qb.trace(lambda x: jax.nn.leaky_relu(x, 0.1), jnp.zeros(3))
+  assert kinds(graph) == ["input", "affine", "add", "relu", "add"]
+  assert np.all(np.asarray(graph.nodes[1].weights[0]) == np.float32(0.1))
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda x: jnp.where(x @ W > 0, 1.0, 0.0), "step function"),
+        (lambda x: jnp.where(x @ W > 0, x @ W, x @ W + 1), "step function"),
+        (lambda x: jnp.where(x[:3] > x @ W, x[:3], 0.0), "compares two input-dependent values"),
+        (lambda x: jnp.where(x @ W > 0, x[:3], 0.0), "not piecewise-linear functions of the compared value"),
+        (lambda x: (x @ W > 0).astype(jnp.float32), "comparing an input-dependent value"),
+        (lambda x: jnp.where(x @ W > 0, jnp.tanh(x @ W), 0.0), "not piecewise-linear"),
+    ],
+)
+def test_where_that_is_not_continuous_piecewise_linear_is_rejected(fn, match):
+  with pytest.raises(qb.UnsupportedPrimitiveError, match=match) as err:
+    qb.trace(fn, jnp.zeros(4))
+  assert "test_trace.py" in str(err.value)
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 2),
+       st.integers(0, 1), st.integers(1, 2), st.booleans())
+def test_max_pooling_traces_exactly(wh, ww, sh, sw, pad_lo, pad_hi, dil, take_min):
+  """Any window, stride, padding (-inf, so a padded tap never wins) and dilation."""
+  window, strides = (wh, ww, 1), (sh, sw, 1)
+  padding = ((pad_lo, pad_hi), (min(pad_lo, ww - 1), pad_hi), (0, 0))
+  padding = tuple((min(a, (w - 1) * dil), min(b, (w - 1) * dil)) for (a, b), w in zip(padding, (wh, ww, 1)))
+  if (ww - 1) * dil + 1 > 4 + padding[1][0] + padding[1][1]:
+    ww = 1  # the window must fit into the (padded) input
+    window, padding = (wh, 1, 1), (padding[0], (0, 0), (0, 0))
+  op, init = (jax.lax.min, jnp.inf) if take_min else (jax.lax.max, -jnp.inf)
+  fn = lambda x: jax.lax.reduce_window(x, init, op, window, strides, padding, window_dilation=(dil, dil, 1))
+  graph = assert_traces_exactly(fn, (5, 4, 2))
+  assert set(kinds(graph)) <= {"input", "affine", "add", "relu"}
+
+
+def standard(fn, *args, **kwargs):
+  """``fn`` under standard dtype promotion (flax's avg_pool divides by a Python int)."""
+  with jax.numpy_dtype_promotion("standard"):
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("nn.max_pool 2x2", lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))),
+        ("nn.max_pool SAME", lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")),
+        ("nn.avg_pool 2x2", lambda x: standard(nn.avg_pool, x, (2, 2), strides=(2, 2))),
+        ("nn.avg_pool SAME without padding",
+         lambda x: standard(nn.avg_pool, x, (3, 3), padding="SAME", count_include_pad=False)),
+        ("min pooling", lambda x: jax.lax.reduce_window(x, jnp.inf, jax.lax.min, (2, 2, 1), (2, 2, 1), "VALID")),
+        ("global max", lambda x: jnp.max(x, axis=(0, 1))),
+        ("max over odd axis", lambda x: jnp.max(x[:5], axis=0)),
+        ("global min", lambda x: jnp.min(x)),
+    ],
+)
+def test_pooling_traces_exactly(name, fn):
+  graph = assert_traces_exactly(fn, (6, 6, 2))
+  assert set(kinds(graph)) <= {"input", "affine", "add", "relu", "concat"}
+  if "avg" in name:
+    assert kinds(graph).count("relu") == 0  # average pooling is linear
+
+
+def test_pooling_window_entirely_in_padding_is_rejected():
+  fn = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (1,), ((0, 3),))
+  with pytest.raises(qb.UnsupportedPrimitiveError, match="entirely in the padding"):
+    qb.trace(fn, jnp.zeros(4))
+
+
+# --- linen and nnx layers ----------------------------------------------------------------------
+
+
+class BatchNormNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=True)(x)
+    x = nn.Dropout(0.5, deterministic=True)(nn.tanh(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(2)(x.reshape(-1))
+
+
+def test_linen_batch_norm_and_dropout_fold_into_affine_nodes():
+  model = BatchNormNet()
+  variables = model.init(jax.random.key(0), jnp.zeros((4, 4, 1)))
+  # Non-trivial running statistics, so that the folded constants matter.
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  variables = {**variables, "batch_stats": {"BatchNorm_0": {"mean": stats["mean"] + 0.3, "var": stats["var"] * 2.5}}}
+  graph = assert_traces_exactly(functools.partial(model.apply, variables), (4, 4, 1))
+  # rsqrt(var + eps) * scale was evaluated while tracing: batch norm is a scaling and a shift.
+  assert set(kinds(graph)) <= {"input", "affine", "add", "relu", "tanh"}
+  assert kinds(graph).count("tanh") == 1
+
+
+def test_linen_sequential_with_new_activations():
+  model = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(6), nn.leaky_relu, nn.Dense(6), nn.sigmoid,
+                         nn.Dense(6), nn.hard_tanh, nn.Dense(2)])
+  params = model.init(jax.random.key(1), jnp.zeros(3))
+  graph = assert_traces_exactly(functools.partial(model.apply, params), (3,))
+  assert {"tanh", "sigmoid", "relu", "clip"} <= set(kinds(graph))
+
+
+class NnxConvNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(2, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.linear = nnx.Linear(2 * 2 * 2, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.tanh(self.bn(self.conv(x)))
+    x = self.drop(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    return self.linear(nnx.relu(x).reshape(-1))
+
+
+def test_nnx_conv_batch_norm_dropout_in_eval_mode():
+  model = NnxConvNet(nnx.Rngs(0))
+  model.bn.mean[...] = model.bn.mean[...] + 0.2
+  model.bn.var[...] = model.bn.var[...] * 3.0
+  model.eval()  # running statistics, no dropout
+  graphdef, state = nnx.split(model)
+  graph = assert_traces_exactly(lambda x: nnx.merge(graphdef, state)(x), (4, 4, 1))
+  assert {"tanh", "relu"} <= set(kinds(graph))

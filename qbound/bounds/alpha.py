@@ -1,7 +1,8 @@
 """Optimised relaxations ("alpha"): slopes chosen by gradient ascent on the bound itself.
 
 Every lower slope in [0, 1] of an unstable ReLU (and every slope of the difference lines of
-:func:`qbound.bounds.relax.delta_lines`) gives a valid relaxation, so the bound is a function of
+:func:`qbound.bounds.relax.delta_lines`, and every slope of the lines around tanh and sigmoid and
+their differences, :mod:`qbound.bounds.smooth`) gives a valid relaxation, so the bound is a function of
 the slopes that can be maximised: the slopes are a pytree, one set per bounded row (output and
 sign), optimised with optax's Adam and projected back onto [0, 1] after each step. Every
 iterate is a valid bound, so the best per row seen so far is kept (the result is anytime and
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from qbound import graph as G
-from qbound.bounds import relax
+from qbound.bounds import relax, smooth
 from qbound.bounds.crown import backward_lower
 from qbound.bounds.diff import diff_backward_lower
 from qbound.box import Box
@@ -80,6 +81,9 @@ def crown_alpha_node(graph: G.Graph, target: int, bounds, box: Box, *, steps: in
     if n.kind == G.RELU:
       lo, hi = bounds[n.inputs[0]]
       init[idx] = _per_row(relax.relu_default_alpha(lo, hi), m)
+    elif n.kind in G.SMOOTH:
+      lo, hi = bounds[n.inputs[0]]
+      init[idx] = {k: _per_row(v, m) for k, v in smooth.default_params(n.kind, lo, hi).items()}
   low = maximize_rows(lambda a: backward_lower(graph, target, rows, bounds, box, alphas=a, sound=sound), init,
                       steps=steps, learning_rate=learning_rate)
   n = node.size
@@ -94,6 +98,12 @@ def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *
   m = rows.shape[0]
   init = {}
   for idx, n in enumerate(fg.nodes[: target + 1]):
+    if n.kind in G.SMOOTH:
+      j = n.inputs[0]
+      params = smooth.default_diff_params(n.kind, *z[j], *zq[j], *d[j])
+      params["mu"] = smooth.default_params(n.kind, *zq[j])
+      init[idx] = jax.tree_util.tree_map(lambda v: _per_row(v, m), params)
+      continue
     if n.kind not in (G.RELU, G.CLIP):  # rounding has no slopes to optimise
       continue
     j = n.inputs[0]

@@ -10,7 +10,8 @@ with interval bounds.
 
 Reference: Zhang, Weng, Chen, Hsieh, Daniel, "Efficient Neural Network Robustness Certification
 with General Activation Functions", NeurIPS 2018 (CROWN); the ReLU relaxation is that of Wong &
-Kolter 2018 and DeepPoly (Singh et al., POPL 2019). Optimised lower slopes (``alphas``) follow Xu
+Kolter 2018 and DeepPoly (Singh et al., POPL 2019); tanh and sigmoid use CROWN's tangent and chord
+lines (:mod:`qbound.bounds.smooth`). Optimised lower slopes (``alphas``) follow Xu
 et al., "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and
 Massively Parallel Incomplete Verifiers", ICLR 2021.
 """
@@ -30,7 +31,7 @@ from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
 
 
-ACTIVATIONS = (G.RELU, G.CLIP, G.ROUND)
+ACTIVATIONS = (G.RELU, G.CLIP, G.ROUND, G.TANH, G.SIGMOID)
 
 
 def _row_sum(x):
@@ -85,12 +86,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
     return tuple(parts), beta, err
   if node.kind in ACTIVATIONS:
     lo, hi = src_bounds[0]
-    if node.kind == G.RELU:
-      r = relax.relu(lo, hi, alpha, sound=sound)
-    elif node.kind == G.CLIP:
-      r = relax.clip(lo, hi, *node.weights, sound=sound)
-    else:
-      r = relax.rounding(lo, hi, node.attrs[0], sound=sound)
+    r = relax.for_node(node, lo, hi, alpha, sound=sound)
     pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
     beta = _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
     if sound:
@@ -133,7 +129,8 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     bounds: proven ``(lower, upper)`` for every node that feeds a ReLU before ``target`` (and,
       in sound mode, for every node, to size rounding margins).
     box: the input box.
-    alphas: optional ``{relu node index: lower slope array}`` (values in [0, 1]).
+    alphas: optional ``{activation node index: slopes}``: a ReLU's lower slope array, or a
+      tanh/sigmoid's ``{"lower", "upper"}`` slope fractions (values in [0, 1]).
     sound: add proven floating-point margins.
     batched: ``box``, ``bounds``, ``rows`` and ``alphas`` carry a leading axis of many boxes.
 
@@ -146,7 +143,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     if idx not in lambdas:
       continue
     node = graph.nodes[idx]
-    alpha = None if alphas is None or node.kind != G.RELU else alphas.get(idx)
+    alpha = None if alphas is None or node.kind not in ACTIVATIONS else alphas.get(idx)
     src_bounds = tuple(bounds[i] for i in node.inputs)
     parts, beta, err = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, beta, err, sound=sound,
                                       batched=batched)

@@ -6,7 +6,9 @@ difference ``d = z - z_q`` of the two activations alongside ``z_q``:
 
 * affine layers: ``d' = A d + (A - A_q) z_q + (b - b_q)`` and ``z_q' = A_q z_q + b_q`` (exact);
 * ReLU: ``relu(z_q + d) - relu(z_q)`` bounded by lines in ``d`` and ``z_q``
-  (:func:`qbound.bounds.relax.relu_diff`).
+  (:func:`qbound.bounds.relax.relu_diff`); tanh and sigmoid by the mean value theorem,
+  ``phi(z_q + d) - phi(z_q) = s d`` with ``s`` in the range of ``phi'``
+  (:func:`qbound.bounds.smooth.diff_relaxation`).
 
 Two forms are computed: a forward *interval* form for every node (ReluDiff, Paulsen, Wang, Wang,
 ICSE 2020) and a backward *symbolic* form, CROWN-style, for every ReLU input and the output, whose
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, relax
+from qbound.bounds import fp, relax, smooth
 from qbound.bounds.common import jit_step, local
 from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius
@@ -143,6 +145,9 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
     lo = jnp.maximum(dl + (e_f[0] - e_q[1]), fn_f(zl) - fn_q(qu))
     hi = jnp.minimum(du + (e_f[1] - e_q[0]), fn_f(zu) - fn_q(ql))
     return (fp.round_down(lo), fp.round_up(hi)) if sound else (lo, hi)
+  if nf.kind in G.SMOOTH:
+    j = nf.inputs[0]
+    return smooth.diff_interval(nf.kind, z[j], zq[j], d[j], sound=sound)
   raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
 
 
@@ -223,6 +228,8 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
         r = relax.relu_diff(*z[0], *zq[0], *d[0], a, sound=sound)
       elif nf.kind == G.CLIP:
         r = _clip_diff_relaxation(nf, nq, z[0], zq[0], d[0], a, sound)
+      elif nf.kind in G.SMOOTH:
+        r = smooth.diff_relaxation(nf.kind, *z[0], *zq[0], *d[0], a, sound=sound)
       else:
         r = relax.rounding_diff(*z[0], *zq[0], nf.attrs[0], nq.attrs[0])
       pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
@@ -237,12 +244,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
         err = err + u * fp.SLACK * _row_sum(absl * (sd * _magnitude(d[0]) + sq * _magnitude(zq[0])))
         err = err + fp.dot_margin(fp.pairwise_terms(nf.size), _row_sum(absl * so), dtype)
     if mv is not None:
-      if nf.kind == G.RELU:
-        rq = relax.relu(*zq[0], a.get("mu"), sound=sound)
-      elif nf.kind == G.CLIP:
-        rq = relax.clip(*zq[0], *nq.weights, sound=sound)
-      else:
-        rq = relax.rounding(*zq[0], nq.attrs[0], sound=sound)
+      rq = relax.for_node(nq, *zq[0], a.get("mu"), sound=sound)
       pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
       from_mu = pos * rq.lower_slope + neg * rq.upper_slope
       if sound and to_q is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp
+from qbound.bounds import fp, smooth
 from qbound.bounds.common import as_graph, jit_step, local
 from qbound.box import Box, validate_box
 
@@ -76,6 +76,8 @@ def node_interval(node: G.Node, bounds, sound: bool):
     l, u = bounds[node.inputs[0]]
     fn = G.ROUNDING[node.attrs[0]]
     return fn(l), fn(u)
+  if node.kind in G.SMOOTH:  # monotone, evaluated with a proven error bound
+    return smooth.interval(node.kind, *bounds[node.inputs[0]], sound=sound)
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 

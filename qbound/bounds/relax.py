@@ -229,3 +229,22 @@ def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str) -> DiffRelaxation:
   one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
   slope = jnp.where(same, zero, one)
   return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))
+
+
+def for_node(node: G.Node, lo, hi, params=None, *, sound: bool = True) -> Relaxation:
+  """The relaxation of an activation node (relu, clip, round, tanh, sigmoid) on ``[lo, hi]``.
+
+  ``params`` are the optimisable slopes: ReLU's lower slope, or the ``{"lower", "upper"}``
+  fractions of :func:`qbound.bounds.smooth.relaxation`; None gives the defaults.
+  """
+  if node.kind == G.RELU:
+    return relu(lo, hi, params, sound=sound)
+  if node.kind == G.CLIP:
+    return clip(lo, hi, *node.weights, sound=sound)
+  if node.kind == G.ROUND:
+    return rounding(lo, hi, node.attrs[0], sound=sound)
+  if node.kind in G.SMOOTH:
+    from qbound.bounds import smooth  # smooth builds on this module's types
+
+    return smooth.relaxation(node.kind, lo, hi, params, sound=sound)
+  raise ValueError(f"no linear relaxation for node kind {node.kind!r}")
