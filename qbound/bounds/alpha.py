@@ -26,11 +26,7 @@ from qbound.bounds import relax
 from qbound.bounds.crown import backward_lower
 from qbound.bounds.diff import diff_backward_lower
 from qbound.box import Box
-
-
-def _rows(n, shape, dtype):
-  eye = jnp.eye(n, dtype=dtype)
-  return jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+from qbound.memory import node_bounds_by_rows
 
 
 def maximize_rows(bound: Callable, init, *, steps: int, learning_rate: float):
@@ -61,31 +57,32 @@ def _per_row(x, m):
   return jnp.broadcast_to(x, (m, *x.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("target", "steps", "sound"))
+@functools.partial(jax.jit, static_argnames=("target", "steps", "sound", "row_chunk"))
 def crown_alpha_node(graph: G.Graph, target: int, bounds, box: Box, *, steps: int = 20,
-                     learning_rate: float = 0.1, sound: bool = True):
-  """alpha-CROWN bounds ``(lower, upper)`` of node ``target`` given bounds of its ReLU inputs."""
+                     learning_rate: float = 0.1, sound: bool = True, row_chunk=None):
+  """alpha-CROWN bounds ``(lower, upper)`` of node ``target`` given bounds of its ReLU inputs
+  (``row_chunk`` rows at a time when given, see :mod:`qbound.memory`)."""
   node = graph.nodes[target]
-  rows = _rows(node.size, node.shape, box.lower.dtype)
-  m = rows.shape[0]
   init = {}
   for idx, n in enumerate(graph.nodes[: target + 1]):
     if n.kind == G.RELU:
       lo, hi = bounds[n.inputs[0]]
-      init[idx] = _per_row(relax.relu_default_alpha(lo, hi), m)
-  low = maximize_rows(lambda a: backward_lower(graph, target, rows, bounds, box, alphas=a, sound=sound), init,
-                      steps=steps, learning_rate=learning_rate)
-  n = node.size
-  return low[:n].reshape(node.shape), -low[n:].reshape(node.shape)
+      init[idx] = relax.relu_default_alpha(lo, hi)
+
+  def lower(rows):  # every row has its own slopes
+    start = jax.tree_util.tree_map(lambda v: _per_row(v, rows.shape[0]), init)
+    return maximize_rows(lambda a: backward_lower(graph, target, rows, bounds, box, alphas=a, sound=sound), start,
+                         steps=steps, learning_rate=learning_rate)
+
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("target", "steps", "sound"))
+@functools.partial(jax.jit, static_argnames=("target", "steps", "sound", "row_chunk"))
 def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *, steps: int = 20,
-                    learning_rate: float = 0.1, sound: bool = True):
-  """Differential bounds of ``d`` at node ``target`` with optimised slopes."""
+                    learning_rate: float = 0.1, sound: bool = True, row_chunk=None):
+  """Differential bounds of ``d`` at node ``target`` with optimised slopes (``row_chunk`` rows at a
+  time when given)."""
   node = fg.nodes[target]
-  rows = _rows(node.size, node.shape, box.lower.dtype)
-  m = rows.shape[0]
   init = {}
   for idx, n in enumerate(fg.nodes[: target + 1]):
     if n.kind not in (G.RELU, G.CLIP):  # rounding has no slopes to optimise
@@ -96,8 +93,11 @@ def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *
     if n.kind == G.RELU:
       params.update(z=relax.relu_default_alpha(*z[j]), q=relax.relu_default_alpha(*zq[j]),
                     mu=relax.relu_default_alpha(*zq[j]))
-    init[idx] = {k: _per_row(v, m) for k, v in params.items()}
-  low = maximize_rows(lambda a: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=a, sound=sound),
-                      init, steps=steps, learning_rate=learning_rate)
-  n = node.size
-  return low[:n].reshape(node.shape), -low[n:].reshape(node.shape)
+    init[idx] = params
+
+  def lower(rows):  # every row has its own slopes
+    start = jax.tree_util.tree_map(lambda v: _per_row(v, rows.shape[0]), init)
+    return maximize_rows(lambda a: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=a, sound=sound),
+                         start, steps=steps, learning_rate=learning_rate)
+
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)

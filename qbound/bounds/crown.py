@@ -134,15 +134,17 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
   return fp.round_down(value - err)
 
 
-def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True):
-  """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape)."""
-  shape = graph.nodes[target].shape
-  n = graph.nodes[target].size
-  dtype = box.lower.dtype
-  eye = jnp.eye(n, dtype=dtype)
-  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
-  low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
-  return low[:n].reshape(shape), -low[n:].reshape(shape)
+def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True,
+               row_chunk: Optional[int] = None):
+  """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape).
+
+  ``row_chunk`` rows at a time when given (bounded memory, :mod:`qbound.memory`), else all ``2n``.
+  """
+  from qbound.memory import node_bounds_by_rows
+
+  node = graph.nodes[target]
+  lower = lambda rows: backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
 
 
 def relu_inputs(graph: G.Graph) -> list[int]:
@@ -154,14 +156,19 @@ def intersect(a, b):
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True) -> list:
-  """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output."""
+@functools.partial(jax.jit, static_argnames=("sound", "row_chunk"))
+def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,
+                 row_chunk: Optional[int] = None) -> list:
+  """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output.
+
+  ``row_chunk``: backward rows per block (None: all at once); see :mod:`qbound.memory`.
+  """
   bounds = list(interval_bounds(graph, box, sound))
   for idx in relu_inputs(graph) + [graph.output]:
     if idx == 0:
       continue
-    bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound))
+    bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
+                                                    row_chunk=row_chunk))
   return bounds
 
 

@@ -276,14 +276,14 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   return fp.round_down(value - err)
 
 
-def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True):
-  """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target``."""
-  shape = fg.nodes[target].shape
-  n = fg.nodes[target].size
-  eye = jnp.eye(n, dtype=box.lower.dtype)
-  rows = jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
-  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
-  return low[:n].reshape(shape), -low[n:].reshape(shape)
+def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, row_chunk=None):
+  """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target`` (``row_chunk`` rows
+  at a time when given, see :mod:`qbound.memory`)."""
+  from qbound.memory import node_bounds_by_rows
+
+  node = fg.nodes[target]
+  lower = lambda rows: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
 
 
 def _tighten(z, zq, d, sound: bool):
@@ -298,9 +298,10 @@ def _tighten(z, zq, d, sound: bool):
   return z_new, q_new, d_new
 
 
-@functools.partial(jax.jit, static_argnames=("sound", "symbolic", "alpha_steps"))
+@functools.partial(jax.jit, static_argnames=("sound", "symbolic", "alpha_steps", "row_chunk"))
 def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
-                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1):
+                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1,
+                row_chunk: Optional[int] = None):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
   ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``.
@@ -315,11 +316,12 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     alpha_steps: if positive, optimise the relaxations' slopes for every bounded node with this
       many Adam steps (:mod:`qbound.bounds.alpha`); ``alphas`` is then ignored.
     alpha_lr: the optimiser's learning rate.
+    row_chunk: backward rows per block (None: all at once); see :mod:`qbound.memory`.
   """
   from qbound.bounds.alpha import diff_alpha_node
 
-  zq = list(crown_bounds(qg, box, None, sound))
-  z = list(crown_bounds(fg, box, None, sound))
+  zq = list(crown_bounds(qg, box, None, sound, row_chunk))
+  z = list(crown_bounds(fg, box, None, sound, row_chunk))
   n = len(fg.nodes)
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
@@ -329,9 +331,10 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     if i in targets:
       if symbolic and alpha_steps > 0:
         d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
-                                               learning_rate=alpha_lr, sound=sound))
+                                               learning_rate=alpha_lr, sound=sound, row_chunk=row_chunk))
       elif symbolic:
-        d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound))
+        d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
+                                               row_chunk=row_chunk))
       z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)
   return z, zq, d
 
