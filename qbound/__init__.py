@@ -6,9 +6,12 @@ The one call most users make is :func:`certify`; the pieces it is built from are
 from qbound import bounds
 from qbound import exact
 from qbound import io
+from qbound import memory
 from qbound import models
 from qbound import quantize
+from qbound import sharding
 from qbound.attack import Search, maximize_error
+from qbound.batch import BatchCertificate, certify_batch
 from qbound.box import Box, linf_ball
 from qbound.certify import Certificate, SoundnessError, certify
 from qbound.graph import Graph, Node
@@ -18,6 +21,7 @@ from qbound.trace import UnsupportedPrimitiveError, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchCertificate",
     "Box",
     "Certificate",
     "Graph",
@@ -28,12 +32,15 @@ __all__ = [
     "UnsupportedPrimitiveError",
     "bounds",
     "certify",
+    "certify_batch",
     "exact",
     "io",
     "linf_ball",
     "maximize_error",
+    "memory",
     "merge",
     "models",
     "quantize",
+    "sharding",
     "trace",
 ]

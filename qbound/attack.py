@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from qbound import graph as G
+from qbound import sharding
 from qbound.box import Box, sample_uniform, sample_vertices, validate_box
 
 
@@ -43,19 +44,21 @@ def _abs_max(fn, x):
   return jnp.max(jnp.abs(fn(x)))
 
 
-def _search(fn: Callable, box: Box, key, search: Search):
-  """Best ``(value, x)`` of ``|fn(x)|_inf`` found over the box."""
+def _search(fn: Callable, box: Box, key, search: Search, mesh=None):
+  """Best ``(value, x)`` of ``|fn(x)|_inf`` found over the box (samples and restarts split over
+  ``mesh``'s devices when given)."""
   k_uniform, k_vertex = jax.random.split(key)
   xs = jnp.concatenate([sample_uniform(k_uniform, box, search.samples),
                         sample_vertices(k_vertex, box, max(search.samples // 4, 1)),
                         box.center[None]])
+  xs = sharding.constrain_batch(xs, mesh)
   objective = functools.partial(_abs_max, fn)
   values = jax.vmap(objective)(xs)
   restarts = min(search.restarts, xs.shape[0])
   _, top = jax.lax.top_k(values, restarts)
   width = box.upper - box.lower
   safe_width = jnp.where(width > 0, width, 1)
-  starts = (xs[top] - box.lower) / safe_width
+  starts = sharding.constrain_batch((xs[top] - box.lower) / safe_width, mesh)
 
   schedule = optax.cosine_decay_schedule(search.learning_rate, max(search.steps, 1))
   optimizer = optax.adam(schedule)
@@ -86,19 +89,41 @@ def _search(fn: Callable, box: Box, key, search: Search):
   return cand_v[best], cand_x[best]
 
 
-@functools.partial(jax.jit, static_argnames=("search",))
-def _search_graph(graph: G.Graph, box: Box, key, search: Search):
-  return _search(graph, box, key, search)
+@functools.partial(jax.jit, static_argnames=("search", "mesh"))
+def _search_graph(graph: G.Graph, box: Box, key, search: Search, mesh=None):
+  return _search(graph, box, key, search, mesh)
 
 
 def exact_error(graph: G.Graph, x) -> np.ndarray:
-  """``graph(x)`` evaluated in float64: the real-arithmetic value up to ~1e-16 relative."""
-  with jax.enable_x64(True):
-    out = G.astype(graph, jnp.float64)(jnp.asarray(np.asarray(x), jnp.float64))
+  """``graph(x)`` evaluated in float64: the real-arithmetic value up to ~1e-16 relative.
+
+  Runs on the host's CPU backend (always present in jaxlib), whatever the default device: TPUs
+  have no float64, and this one evaluation per witness is all of qbound's default path that
+  uses it (bounds and searches run in float32 on the devices).
+  """
+  with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
+    out = _host64(graph)(jnp.asarray(np.asarray(x), jnp.float64))
     return np.asarray(out, np.float64)
 
 
-def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None):
+def exact_errors(graph: G.Graph, xs) -> np.ndarray:
+  """:func:`exact_error` for a batch of inputs ``xs`` (leading axis), in one compiled call."""
+  with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
+    out = _vmapped(_host64(graph), jnp.asarray(np.asarray(xs), jnp.float64))
+    return np.asarray(out, np.float64)
+
+
+def _host64(graph: G.Graph) -> G.Graph:
+  """The graph's weights copied to the host and cast to float64 (call under ``jax.enable_x64``)."""
+  return G.astype(jax.tree_util.tree_map(np.asarray, graph), jnp.float64)
+
+
+@jax.jit
+def _vmapped(graph: G.Graph, xs):
+  return jax.vmap(graph)(xs)
+
+
+def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, mesh=None):
   """The largest ``|fn(x)|_inf`` found over ``box`` and the input reaching it.
 
   Args:
@@ -108,6 +133,8 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None):
     box: the input set.
     key: a ``jax.random`` key; ``jax.random.key(0)`` when omitted.
     search: the sampling and gradient-ascent settings.
+    mesh: the devices the samples and restarts are split over (a one-axis
+      :class:`jax.sharding.Mesh`, see :mod:`qbound.sharding`); default: all of ``jax.devices()``.
 
   Returns:
     ``(value, witness)`` with ``value == |fn(witness)|_inf`` (as computed in the function's dtype).
@@ -125,8 +152,9 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None):
   search = search or Search()
   if isinstance(fn, MergedNetwork):
     fn = fn.graph
+  mesh = sharding.resolve_mesh(mesh)
   if isinstance(fn, G.Graph):
-    value, x = _search_graph(fn, box, key, search)
+    value, x = _search_graph(fn, box, key, search, mesh)
   else:
-    value, x = jax.jit(_search, static_argnums=(0, 3))(fn, box, key, search)
+    value, x = jax.jit(_search, static_argnums=(0, 3, 4))(fn, box, key, search, mesh)
   return float(value), np.asarray(x)

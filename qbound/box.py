@@ -67,8 +67,12 @@ class Box:
 def linf_ball(center, radius, *, clip_lower=None, clip_upper=None) -> Box:
   """The L-infinity ball ``{x : |x - center|_inf <= radius}``, optionally intersected with a domain.
 
+  A batch of centres (a leading axis) gives a batch of balls, one Box whose arrays have that
+  leading axis, as :func:`qbound.certify_batch` takes (one radius per ball: ``radius[:, None]``
+  for flat inputs).
+
   Args:
-    center: the ball's centre (one unbatched input).
+    center: the ball's centre (one unbatched input), or a batch of centres.
     radius: a scalar or an array broadcastable to ``center``.
     clip_lower: optional lower limit of the input domain (e.g. 0 for pixels).
     clip_upper: optional upper limit of the input domain (e.g. 1 for pixels).
@@ -118,6 +122,27 @@ def validate_box(box: Box, *, name: str = "box") -> Box:
   dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower.dtype, np.float32)
                                         if np.issubdtype(lower.dtype, np.floating) else np.float32)
   return Box(lower=_round_outward(lower, dtype, -np.inf), upper=_round_outward(upper, dtype, np.inf))
+
+
+def validate_boxes(boxes: Box, *, name: str = "boxes") -> Box:
+  """:func:`validate_box` for a batch of boxes (arrays with a leading batch axis of length >= 1).
+
+  Example:
+    >>> import jax.numpy as jnp, qbound as qb
+    >>> qb.box.validate_boxes(qb.linf_ball(jnp.zeros((4, 3)), 0.1)).shape
+    (4, 3)
+  """
+  if isinstance(boxes, Box) and np.ndim(boxes.lower) == 0:
+    raise ValueError(f"{name} needs a leading batch axis (one box per row); got scalar corners.")
+  boxes = validate_box(boxes, name=name)
+  if boxes.shape[0] == 0:
+    raise ValueError(f"{name} is an empty batch (leading axis of length 0); give at least one box.")
+  return boxes
+
+
+def box_at(boxes: Box, index) -> Box:
+  """Box ``index`` of a batch (or a sub-batch for a slice or an index array)."""
+  return Box(lower=boxes.lower[index], upper=boxes.upper[index])
 
 
 def _round_outward(values: np.ndarray, dtype, direction: float):

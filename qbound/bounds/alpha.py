@@ -27,19 +27,17 @@ from qbound.bounds import relax, smooth
 from qbound.bounds.crown import backward_lower
 from qbound.bounds.diff import diff_backward_lower
 from qbound.box import Box
-
-
-def _rows(n, shape, dtype):
-  eye = jnp.eye(n, dtype=dtype)
-  return jnp.concatenate([eye, -eye]).reshape((2 * n, *shape))
+from qbound.memory import node_bounds_by_rows
 
 
 def maximize_rows(bound: Callable, init, *, steps: int, learning_rate: float):
   """Maximises ``bound(params) -> (m,)`` rowwise over params in [0, 1]; best value per row.
 
-  Rows share nothing (each has its own slopes), so ascending the sum ascends each row. A Python
-  loop of Adam steps: ``bound`` is a walk over jit-compiled per-node steps, whose derivatives JAX
-  compiles once per step, so nothing here compiles the whole unrolled walk.
+  Rows share nothing (each has its own slopes), so ascending the sum ascends each row. Called
+  eagerly, a Python loop of Adam steps: ``bound`` is a walk over jit-compiled per-node steps whose
+  derivatives JAX compiles once per step, so nothing compiles the whole unrolled walk. Under a
+  transformation (``jit``, ``vmap``: batched certification), a ``lax.scan``, so the walk is traced
+  once, not once per step.
   """
   optimizer = optax.adam(learning_rate)
 
@@ -48,6 +46,16 @@ def maximize_rows(bound: Callable, init, *, steps: int, learning_rate: float):
     return jnp.sum(rows), rows
 
   value_and_grad = jax.value_and_grad(total, has_aux=True)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(init)):
+    def step(carry, _):
+      params, state, best = carry
+      (_, rows), grad = value_and_grad(params)
+      params, state = _adam_step(optimizer, grad, state, params)
+      return (params, state, jnp.maximum(best, rows)), None
+
+    first = bound(init)
+    (params, _, best), _ = jax.lax.scan(step, (init, optimizer.init(init), first), None, length=steps)
+    return jnp.maximum(best, bound(params))
   params, state = init, optimizer.init(init)
   best = None
   for _ in range(steps):
@@ -71,38 +79,39 @@ def _per_row(x, m):
 
 
 def crown_alpha_node(graph: G.Graph, target: int, bounds, box: Box, *, steps: int = 20,
-                     learning_rate: float = 0.1, sound: bool = True):
-  """alpha-CROWN bounds ``(lower, upper)`` of node ``target`` given bounds of its ReLU inputs."""
+                     learning_rate: float = 0.1, sound: bool = True, row_chunk=None):
+  """alpha-CROWN bounds ``(lower, upper)`` of node ``target`` given bounds of its ReLU inputs
+  (``row_chunk`` rows at a time when given, see :mod:`qbound.memory`)."""
   node = graph.nodes[target]
-  rows = _rows(node.size, node.shape, box.lower.dtype)
-  m = rows.shape[0]
   init = {}
   for idx, n in enumerate(graph.nodes[: target + 1]):
     if n.kind == G.RELU:
       lo, hi = bounds[n.inputs[0]]
-      init[idx] = _per_row(relax.relu_default_alpha(lo, hi), m)
+      init[idx] = relax.relu_default_alpha(lo, hi)
     elif n.kind in G.SMOOTH:
       lo, hi = bounds[n.inputs[0]]
-      init[idx] = {k: _per_row(v, m) for k, v in smooth.default_params(n.kind, lo, hi).items()}
-  low = maximize_rows(lambda a: backward_lower(graph, target, rows, bounds, box, alphas=a, sound=sound), init,
-                      steps=steps, learning_rate=learning_rate)
-  n = node.size
-  return low[:n].reshape(node.shape), -low[n:].reshape(node.shape)
+      init[idx] = smooth.default_params(n.kind, lo, hi)
+
+  def lower(rows):  # every row has its own slopes
+    start = jax.tree_util.tree_map(lambda v: _per_row(v, rows.shape[0]), init)
+    return maximize_rows(lambda a: backward_lower(graph, target, rows, bounds, box, alphas=a, sound=sound), start,
+                         steps=steps, learning_rate=learning_rate)
+
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
 
 
 def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *, steps: int = 20,
-                    learning_rate: float = 0.1, sound: bool = True):
-  """Differential bounds of ``d`` at node ``target`` with optimised slopes."""
+                    learning_rate: float = 0.1, sound: bool = True, row_chunk=None):
+  """Differential bounds of ``d`` at node ``target`` with optimised slopes (``row_chunk`` rows at a
+  time when given)."""
   node = fg.nodes[target]
-  rows = _rows(node.size, node.shape, box.lower.dtype)
-  m = rows.shape[0]
   init = {}
   for idx, n in enumerate(fg.nodes[: target + 1]):
     if n.kind in G.SMOOTH:
       j = n.inputs[0]
       params = smooth.default_diff_params(n.kind, *z[j], *zq[j], *d[j])
       params["mu"] = smooth.default_params(n.kind, *zq[j])
-      init[idx] = jax.tree_util.tree_map(lambda v: _per_row(v, m), params)
+      init[idx] = params
       continue
     if n.kind not in (G.RELU, G.CLIP):  # rounding has no slopes to optimise
       continue
@@ -112,8 +121,11 @@ def diff_alpha_node(fg: G.Graph, qg: G.Graph, target: int, z, zq, d, box: Box, *
     if n.kind == G.RELU:
       params.update(z=relax.relu_default_alpha(*z[j]), q=relax.relu_default_alpha(*zq[j]),
                     mu=relax.relu_default_alpha(*zq[j]))
-    init[idx] = {k: _per_row(v, m) for k, v in params.items()}
-  low = maximize_rows(lambda a: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=a, sound=sound),
-                      init, steps=steps, learning_rate=learning_rate)
-  n = node.size
-  return low[:n].reshape(node.shape), -low[n:].reshape(node.shape)
+    init[idx] = params
+
+  def lower(rows):  # every row has its own slopes
+    start = jax.tree_util.tree_map(lambda v: _per_row(v, rows.shape[0]), init)
+    return maximize_rows(lambda a: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=a, sound=sound),
+                         start, steps=steps, learning_rate=learning_rate)
+
+  return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)

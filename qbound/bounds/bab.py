@@ -19,6 +19,7 @@ NeuroDiff (Paulsen et al., ASE 2020), with the batched GPU-style bounding of alp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import time
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound import sharding
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.box import Box
@@ -49,6 +51,8 @@ class BabResult:
     stopped: why it stopped: ``"gap"``, ``"time"``, ``"proved"``, ``"refuted"``, ``"exhausted"``
       or ``"max_pieces"``.
     seconds: wall-clock time.
+    layout: ``{device id: pieces}`` of one bounded batch: how the frontier was split over the
+      devices (see :mod:`qbound.sharding`).
   """
 
   upper: float
@@ -60,27 +64,30 @@ class BabResult:
   pieces_left: int
   stopped: str
   seconds: float
+  layout: Optional[dict] = None
 
 
-def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool):
+def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, mesh=None):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``): the per-node
-  steps of the bound propagation are compiled once per layer shape and batch size."""
-  box = Box(jnp.asarray(lo), jnp.asarray(hi))
+  steps of the bound propagation are compiled once per layer shape and batch size, and run where
+  the pieces are (placed over ``mesh``'s devices by the caller; XLA keeps each step's batch axis
+  split the same way)."""
+  box = Box(lo, hi)
   if paired:
     _, _, d = diff_bounds(fg, qg, box, None, sound, True, batched=True)
     return d[fg.output]
   return crown_bounds(mg, box, None, sound, batched=True)[mg.output]
 
 
-@jax.jit
-def _probe(graph: G.Graph, outputs, xs, worst):
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _probe(graph: G.Graph, outputs, xs, worst, mesh=None):
   """Batched ``max_j |g_j(x)|`` over the selected outputs, and the gradient of output ``worst``."""
   def one(x, j):
     value = jnp.max(jnp.abs(graph(x).reshape(-1)[outputs]))
     grad = jax.grad(lambda x: graph(x).reshape(-1)[outputs][j])(x)
     return value, grad
 
-  return jax.vmap(one)(xs, worst)
+  return sharding.data_parallel(jax.vmap(one), mesh, 0, 2)(xs, worst)
 
 
 def _halves(lo, hi, axis):
@@ -95,7 +102,7 @@ def _halves(lo, hi, axis):
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: int = 64,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
-                     sound: bool = True, strong_branching_dims: int = 8) -> BabResult:
+                     sound: bool = True, strong_branching_dims: int = 8, mesh=None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -105,13 +112,16 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     time_budget: seconds before it stops (the certificate is valid whenever it stops).
     target_gap: stop once ``upper <= (1 + target_gap) * lower``.
     epsilon: if given, stop as soon as ``upper <= epsilon`` (proved) or ``lower > epsilon`` (refuted).
-    batch_size: pieces bounded per batch (a fixed shape, so one compilation).
+    batch_size: pieces bounded per batch (a fixed shape, so one compilation), rounded up to a
+      multiple of the device count.
     max_pieces: most open pieces kept.
     strong_branching_dims: for inputs of at most this many entries, every split is chosen by
       bounding both halves along every dimension (strong branching); above, by the gradient
       heuristic.
     initial_lower, initial_witness: an error already reached (e.g. by sampling).
     sound: proven floating-point margins.
+    mesh: the devices each batch of pieces is split over (a one-axis mesh, see
+      :mod:`qbound.sharding`); default: all of ``jax.devices()``. The network is replicated.
 
   Returns:
     A :class:`BabResult`.
@@ -131,12 +141,19 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   n_out = int(np.prod(merged.output_shape))
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, dtype=np.int64)
   paired = merged.paired
+  mesh = sharding.resolve_mesh(mesh)
+  batch_size = sharding.padded_size(batch_size, mesh)
+  fg, qg, mg = sharding.put_replicated((merged.f_graph, merged.fq_graph, merged.graph), mesh)
+  out_idx = sharding.put_replicated(np.asarray(outputs), mesh)
+  layout = {}
 
   def bound_fn(lo, hi):
-    return _batch_bounds(merged.f_graph, merged.fq_graph, merged.graph, lo, hi, paired, sound)
+    lo, hi = sharding.put_batch((lo, hi), mesh)
+    layout.update(sharding.layout(lo))
+    return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, mesh))
 
   def probe_fn(xs, worst):
-    return _probe(merged.graph, jnp.asarray(outputs), xs, worst)
+    return sharding.gather(_probe(mg, out_idx, *sharding.put_batch((xs, worst), mesh), mesh))
   shape = box.shape
   lower0 = np.asarray(box.lower, np.float32).reshape(-1)
   upper0 = np.asarray(box.upper, np.float32).reshape(-1)
@@ -157,14 +174,14 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     pad = batch_size - k
     lo = np.stack(los + [los[-1]] * pad).reshape((batch_size, *shape))
     hi = np.stack(his + [his[-1]] * pad).reshape((batch_size, *shape))
-    dlo, dhi = bound_fn(jnp.asarray(lo), jnp.asarray(hi))
+    dlo, dhi = bound_fn(lo, hi)
     dlo = np.asarray(dlo, np.float64).reshape(batch_size, -1)[:k]
     dhi = np.asarray(dhi, np.float64).reshape(batch_size, -1)[:k]
     sel = np.maximum(-dlo[:, outputs], dhi[:, outputs])
     worst = np.argmax(sel, axis=1)
     ups = sel[np.arange(k), worst]
     centres = (lo + hi) / 2
-    values, _ = probe_fn(jnp.asarray(centres), jnp.asarray(np.concatenate([worst, np.zeros(pad, np.int64)])))
+    values, _ = probe_fn(centres, np.concatenate([worst, np.zeros(pad, np.int64)]))
     values = np.asarray(values)[:k]
     i = int(np.argmax(values))
     if values[i] > best_lower:
@@ -235,8 +252,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     centres = np.stack([(t[2] + t[3]) / 2 for t in take]).reshape((len(take), *shape))
     worst = np.array([t[4] for t in take])
     pad = batch_size - len(take)
-    _, grads = probe_fn(jnp.asarray(np.concatenate([centres, np.repeat(centres[-1:], pad, 0)])),
-                        jnp.asarray(np.concatenate([worst, np.zeros(pad, np.int64)])))
+    _, grads = probe_fn(np.concatenate([centres, np.repeat(centres[-1:], pad, 0)]),
+                        np.concatenate([worst, np.zeros(pad, np.int64)]))
     grads = np.abs(np.asarray(grads)[: len(take)].reshape(len(take), -1))
     los, his = [], []
     for t, g in zip(take, grads):
@@ -258,4 +275,5 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   upper, diff_lower, diff_upper = closed["upper"], closed["lo"], closed["hi"]
   return BabResult(upper=float(upper), lower=best_lower, witness=np.asarray(best_x).reshape(shape),
                    diff_lower=diff_lower, diff_upper=diff_upper, pieces_bounded=bounded,
-                   pieces_left=len(heap), stopped=stopped, seconds=time.perf_counter() - start)
+                   pieces_left=len(heap), stopped=stopped, seconds=time.perf_counter() - start,
+                   layout=dict(layout))

@@ -173,9 +173,19 @@ def batch_of(box: Box, batched: bool):
 
 
 def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, sound: bool = True,
-               batched: bool = False):
-  """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape)."""
+               row_chunk: Optional[int] = None, batched: bool = False):
+  """CROWN lower and upper bounds of node ``target`` (elementwise, the node's shape).
+
+  ``row_chunk`` rows at a time when given (bounded memory, :mod:`qbound.memory`), else all ``2n``.
+  """
   node = graph.nodes[target]
+  if row_chunk is not None:
+    from qbound.memory import node_bounds_by_rows
+
+    if batched:
+      raise ValueError("row_chunk bounds one box at a time (vmap it over boxes); call without batched.")
+    lower = lambda rows: backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
+    return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
   rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
   low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound, batched=batched)
   return split_rows(low, tuple(node.shape))
@@ -201,17 +211,18 @@ def intersect(a, b):
 
 
 def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,
-                 batched: bool = False) -> list:
+                 row_chunk: Optional[int] = None, *, batched: bool = False) -> list:
   """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output.
 
-  With ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
+  ``row_chunk``: backward rows per block (None: all at once); see :mod:`qbound.memory`. With
+  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
   """
   bounds = list(interval_bounds(graph, box, sound, batched=batched))
   for idx in relu_inputs(graph) + [graph.output]:
     if idx == 0:
       continue
     bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
-                                                    batched=batched))
+                                                    row_chunk=row_chunk, batched=batched))
   return bounds
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 
 import jax
@@ -326,9 +327,17 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   return _at_input(mv, beta, err, box, sound=sound, batched=batched)
 
 
-def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, batched=False):
-  """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target``."""
+def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, row_chunk=None, batched=False):
+  """Symbolic differential bounds ``(lower, upper)`` of ``d`` at node ``target`` (``row_chunk`` rows
+  at a time when given, see :mod:`qbound.memory`)."""
   node = fg.nodes[target]
+  if row_chunk is not None:
+    from qbound.memory import node_bounds_by_rows
+
+    if batched:
+      raise ValueError("row_chunk bounds one box at a time (vmap it over boxes); call without batched.")
+    lower = lambda rows: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
+    return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
   rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
   low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound, batched=batched)
   return split_rows(low, tuple(node.shape))
@@ -352,7 +361,7 @@ _diff_interval_step = jit_step(diff_interval_node, (None, None, 0, 0, 0))
 
 def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
                 sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1,
-                alpha_everywhere: bool = False, batched: bool = False):
+                row_chunk: Optional[int] = None, *, alpha_everywhere: bool = False, batched: bool = False):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
   ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``. Runs as a
@@ -369,6 +378,7 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     alpha_steps: if positive, optimise the relaxations' slopes of the output's bounds with this
       many Adam steps (:mod:`qbound.bounds.alpha`); ``alphas`` is then ignored.
     alpha_lr: the optimiser's learning rate.
+    row_chunk: backward rows per block (None: all at once); see :mod:`qbound.memory`.
     alpha_everywhere: optimise the slopes of every bounded node, not only the output's (tighter
       intermediate bounds at roughly one optimisation per ReLU layer more).
     batched: ``box`` holds many boxes along a leading axis, and so does every bound (optimised
@@ -378,8 +388,8 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
 
   if batched and alpha_steps > 0:
     raise ValueError("optimised slopes (alpha_steps > 0) bound one box at a time; call without batched.")
-  zq = list(crown_bounds(qg, box, None, sound, batched=batched))
-  z = list(crown_bounds(fg, box, None, sound, batched=batched))
+  zq = list(crown_bounds(qg, box, None, sound, row_chunk, batched=batched))
+  z = list(crown_bounds(fg, box, None, sound, row_chunk, batched=batched))
   n = len(fg.nodes)
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
@@ -392,10 +402,10 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     if i in targets:
       if symbolic and alpha_steps > 0 and (alpha_everywhere or i == fg.output):
         d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
-                                               learning_rate=alpha_lr, sound=sound))
+                                               learning_rate=alpha_lr, sound=sound, row_chunk=row_chunk))
       elif symbolic:
         d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
-                                               batched=batched))
+                                               row_chunk=row_chunk, batched=batched))
       z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)  # elementwise: batched or not
   return z, zq, d
 
