@@ -3,7 +3,11 @@
 The one call most users make is :func:`certify`; the pieces it is built from are re-exported here.
 """
 
-from qbound import bounds
+from qbound import _xla_flags
+
+_xla_flags.apply()  # before anything creates JAX's CPU backend
+
+from qbound import bounds  # noqa: E402  (the flags above must come first)
 from qbound import exact
 from qbound import io
 from qbound import memory
