@@ -160,7 +160,7 @@ class ResidualCNN(nn.Module):
     >>> params = model.init(jax.random.key(0), jnp.zeros((4, 4, 1)))
     >>> f = functools.partial(model.apply, params)
     >>> box = qb.linf_ball(jnp.zeros((4, 4, 1)), 0.1)
-    >>> out = qb.bounds.crown(f, box)
+    >>> out = qb.bounds.interval(f, box)
     >>> bool(jnp.all(out.lower <= f(box.center)) and jnp.all(f(box.center) <= out.upper))
     True
   """

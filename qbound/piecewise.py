@@ -98,6 +98,19 @@ def join(below: Piecewise, above: Piecewise, cut) -> Piecewise:
   Raises:
     NotPiecewiseLinear: the result jumps at ``cut``, ``cut`` is not finite, or a break of either
       part lies below ``cut`` for some entries and above it for others.
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound import piecewise as PW
+    >>> x = PW.Piecewise.affine(1, 0, (1,), "x")                 # the identity, computed by "x"
+    >>> quarter = PW.Piecewise.affine(0.25, 0, (1,), "x / 4")
+    >>> leaky = PW.join(quarter, x, np.zeros(1))                  # jnp.where(x >= 0, x, x / 4)
+    >>> leaky.values, leaky(np.array([-2.0, 3.0])).tolist()
+    (('x / 4', 'x'), [-0.5, 3.0])
+    >>> PW.join(PW.Piecewise.affine(0, 0, (1,), "0"), PW.Piecewise.affine(0, 1, (1,), "1"), np.zeros(1))
+    Traceback (most recent call last):
+    ...
+    qbound.piecewise.NotPiecewiseLinear: it jumps where the comparison changes (a step function)
   """
   cut = np.broadcast_to(np.asarray(cut), below.shape)
   if not np.all(np.isfinite(cut)):

@@ -7,15 +7,24 @@ checkpoints), and turns each equation that does depend on the input into a node:
 
 * linear maps with constant coefficients (``dot_general``, ``conv_general_dilated``, ``mul`` and
   ``div`` by a constant, ``neg``) and data routing (``reshape``, ``transpose``, ``broadcast_in_dim``,
-  ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``concatenate``) become
-  ``affine`` nodes; an added constant becomes their bias;
+  ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``tile``,
+  ``concatenate``, ``reduce_window_sum`` i.e. average pooling) become ``affine`` nodes; an added
+  constant becomes their bias. Operations on constants only (batch norm's ``rsqrt(var + eps)``)
+  are evaluated while tracing;
 * ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
 * ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
   as the identity);
+* ``tanh`` and ``logistic`` (sigmoid) become ``tanh`` and ``sigmoid`` nodes;
 * ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
   ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
-  are rewritten exactly with ReLUs (``max(a, b) = a + relu(b - a)``).
+  are rewritten exactly with ReLUs (``max(a, b) = a + relu(b - a)``); ``reduce_max`` and max
+  pooling (``reduce_window_max``) are trees of those over slices (or gathers, where a window meets
+  the padding) of the input;
+* a comparison with a constant feeding ``select_n`` (``jnp.where``: leaky ReLU, hard tanh) and
+  ``abs`` become ReLUs and clips when the result is a continuous piecewise-linear function of the
+  compared value (:mod:`qbound.piecewise`); a ``select_n`` with a constant mask is affine.
 
+The piecewise-linear rewrites are exact in real arithmetic: no new constant is computed in float.
 Anything else raises :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
 The idea of a table of per-primitive rules over a jaxpr comes from jax_verify (Stanislav Fort et
 al., DeepMind), whose released package no longer imports with current JAX (see the README).
