@@ -96,8 +96,8 @@ def run_demo(bits: Iterable[int] = (8, 6, 4), radius: float = DEFAULT_RADIUS, im
   f = functools.partial(apply, params)
   box = qb.linf_ball(images[image], radius, clip_lower=0.0, clip_upper=1.0)
 
-  print(f"qbound demo: digits MLP 64-32-32-10 (ReLU) vs. its weight-quantized copies "
-        f"(uniform, symmetric, per tensor)", file=file)
+  print("qbound demo: digits MLP 64-32-32-10 (ReLU) vs. its weight-quantized copies "
+        "(uniform, symmetric, per tensor)", file=file)
   print(f"input box: L-inf ball of radius {radius:g} around test image {image} (label {labels[image]}), "
         f"clipped to [0, 1]; error = max |logits - quantized logits|_inf over the box", file=file)
   rows = []

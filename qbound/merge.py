@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound.box import Box
 from qbound.trace import trace
 
 

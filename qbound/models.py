@@ -19,8 +19,6 @@ from __future__ import annotations
 from typing import Callable, Sequence, Union
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
