@@ -1,6 +1,6 @@
 """Scale: boxes per second of ``qb.certify_batch``, and peak memory under a budget on wide nets.
 
-Prints two tables:
+Prints three tables:
 
 1. **Throughput**: boxes per second of one ``certify_batch`` call against the batch size (1 ... 1024), its
    compilation time apart (each new chunk shape compiles once; a later call with the same shape does not),
@@ -14,7 +14,9 @@ Prints two tables:
    all backward rows at once). An unchunked run whose own estimate exceeds ``--max-unchunked`` (default
    12 GiB, this machine has 23 GiB shared) is not run: its estimate is shown.
 
-    python benchmarks/bench_scale.py            # both tables (tens of minutes on 2 cores)
+3. **Devices**: the same 64 boxes on 1, 2 and 8 host devices (``XLA_FLAGS``), each in a fresh process.
+
+    python benchmarks/bench_scale.py            # all three tables (tens of minutes on 2 cores)
     python benchmarks/bench_scale.py --quick    # a few minutes: small batch sizes, digits, 2 boxes
     python benchmarks/bench_scale.py --part memory --nets mlp --methods crown
 """
@@ -114,35 +116,43 @@ def throughput(args):
   label, f, fq, boxes = mnist_or_digits(net, max(sizes))
   method = args.method
   merged = qb.merge(f, fq, qb.box.box_at(boxes, 0))
+  searches = {"full": qb.Search(), "bounds": qb.Search(samples=1, restarts=1, steps=1)}
   print(f"\n== 1. throughput: {label}, method {method}, {len(jax.devices())} device(s) ==")
   rows = []
   for n in sizes:
     sub = qb.box.box_at(boxes, slice(0, n))
-    batch = qb.certify_batch(merged, None, sub, method=method, key=jax.random.key(0), progress=False)
-    again = qb.certify_batch(merged, None, sub, method=method, key=jax.random.key(0), progress=False)
-    run = again.total_seconds - again.compile_seconds
-    row = dict(n=n, chunk=batch.layout["chunk"], compile=batch.compile_seconds, first=batch.total_seconds,
-               run=run, boxes_per_s=n / run, median_upper=float(np.median(batch.upper)))
-    if n in loop_sizes:
-      keys = jax.random.split(jax.random.key(0), n)
-      qb.certify(merged, None, qb.box.box_at(sub, 0), method=method, key=keys[0])  # compile
-      t = time.perf_counter()
-      certs = [qb.certify(merged, None, qb.box.box_at(sub, i), method=method, key=keys[i]) for i in range(n)]
-      loop = time.perf_counter() - t
-      row.update(loop_boxes_per_s=n / loop, speedup=loop / run,
-                 same=bool(np.allclose([c.upper for c in certs], batch.upper, rtol=1e-5)))
+    row = dict(n=n)
+    for name, search in searches.items():
+      run = functools.partial(qb.certify_batch, merged, None, sub, method=method, key=jax.random.key(0),
+                              search=search, progress=False)
+      first = run()
+      seconds = first.total_seconds - first.compile_seconds  # compilation is timed apart (AOT, before the chunks)
+      row.update({f"{name}_compile": first.compile_seconds, f"{name}_per_s": n / seconds,
+                  f"{name}_chunk": first.layout["chunk"], "median_upper": float(np.median(first.upper))})
+      if n in loop_sizes:
+        keys = jax.random.split(jax.random.key(0), n)
+        one = lambda i: qb.certify(merged, None, qb.box.box_at(sub, i), method=method, key=keys[i], search=search)
+        one(0)  # compiled once, not counted
+        t = time.perf_counter()
+        certs = [one(i) for i in range(n)]
+        loop = time.perf_counter() - t
+        row[f"{name}_loop_per_s"] = n / loop
+        row["same"] = row.get("same", True) and bool(np.allclose([c.upper for c in certs], first.upper, rtol=1e-5))
     rows.append(row)
-    print(f"  n={n:>5}: {row['boxes_per_s']:9.1f} boxes/s (compile {row['compile']:.1f} s)"
-          + (f", loop {row['loop_boxes_per_s']:.1f} boxes/s" if "loop_boxes_per_s" in row else ""), flush=True)
-  print(f"\n{'boxes':>6} {'chunk':>6} {'compile s':>10} {'run s':>8} {'boxes/s':>9} {'loop boxes/s':>13} "
-        f"{'speedup':>8} {'same':>5} {'median upper':>13}")
+    print(f"  n={n:>5}: {row['full_per_s']:8.1f} boxes/s, bounds only {row['bounds_per_s']:8.1f} boxes/s "
+          f"(compile {row['full_compile']:.1f} s)", flush=True)
+  cell = lambda r, k, w: f"{r[k]:{w}.1f}" if k in r else f"{'-':>{w}}"
+  print(f"\n{'boxes':>6} | {'chunk':>6} {'compile s':>9} {'boxes/s':>8} {'loop':>8} | {'chunk':>6} {'compile s':>9} "
+        f"{'bounds only':>11} {'loop':>8} | {'same':>5} {'median upper':>13}")
   for r in rows:
-    loop = f"{r['loop_boxes_per_s']:13.1f} {r['speedup']:8.1f} {str(r['same']):>5}" if "loop_boxes_per_s" in r \
-        else f"{'-':>13} {'-':>8} {'-':>5}"
-    print(f"{r['n']:>6} {r['chunk']:>6} {r['compile']:>10.1f} {r['run']:>8.2f} {r['boxes_per_s']:>9.1f} {loop} "
-          f"{r['median_upper']:>13.6g}")
-  print("run s: a second call with the same chunk shape (compiled); the loop calls qb.certify once per box on "
-        "one merged network (compiled once, not counted).")
+    print(f"{r['n']:>6} | {r['full_chunk']:>6} {r['full_compile']:>9.1f} {cell(r, 'full_per_s', 8)} "
+          f"{cell(r, 'full_loop_per_s', 8)} | {r['bounds_chunk']:>6} {r['bounds_compile']:>9.1f} "
+          f"{cell(r, 'bounds_per_s', 11)} {cell(r, 'bounds_loop_per_s', 8)} | "
+          f"{str(r.get('same', '-')):>5} {r['median_upper']:>13.6g}")
+  print("boxes/s: one certify_batch call, its compilation (timed apart) excluded, with the default Search "
+        "(4096 samples, 16 x 100 ascent steps per box); 'bounds only': a one-sample search, so the bounds dominate; "
+        "loop: qb.certify once per box on one merged network (compiled once, not counted); same: the loop's upper "
+        "bounds equal the batch's. A chunk shape compiled before (in this process) compiles in no time.")
   return rows
 
 
@@ -228,10 +238,53 @@ def memory(args):
   return rows
 
 
+def devices_child(spec: dict) -> dict:
+  """Boxes per second of certify_batch on this process's devices (bounds only, then with the search)."""
+  import jax
+
+  import qbound as qb
+
+  label, f, fq, boxes = mnist_or_digits(spec["net"], spec["boxes"])
+  merged = qb.merge(f, fq, qb.box.box_at(boxes, 0))
+  out = dict(spec, devices=len(jax.devices()), label=label)
+  for name, search in (("bounds", qb.Search(samples=1, restarts=1, steps=1)), ("full", qb.Search())):
+    b = qb.certify_batch(merged, None, boxes, method=spec["method"], search=search, progress=False)
+    out[f"{name}_per_s"] = spec["boxes"] / (b.total_seconds - b.compile_seconds)
+    out[f"{name}_compile"] = b.compile_seconds
+    out["upper"] = float(b.upper.max())
+  return out
+
+
+def devices(args):
+  """The same batch on 1, 2 and 8 host devices (XLA_FLAGS), each in a fresh process."""
+  net = args.net or ("mnist" if (BENCH / "nnet" / "mnist_relu_3_100.nnet").is_file() else "digits")
+  n = 16 if args.quick else 64
+  print(f"\n== 3. devices: {n} boxes, {net}, method {args.method}, host devices from XLA_FLAGS ==")
+  rows = []
+  for count in (1, 2, 8):
+    spec = dict(net=net, method=args.method, boxes=n)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, "--devices-child", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+      print(proc.stderr[-2000:])
+      continue
+    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  print(f"{'devices':>7} {'bounds only boxes/s':>20} {'with search boxes/s':>20} {'compile s':>10} {'max upper':>11}")
+  for r in rows:
+    print(f"{r['devices']:>7} {r['bounds_per_s']:>20.1f} {r['full_per_s']:>20.1f} {r['bounds_compile']:>10.1f} "
+          f"{r['upper']:>11.6g}")
+  print(f"host devices share this machine's {os.cpu_count()} cores, so splitting the same work 1, 2 or 8 ways "
+        "cannot make it much faster here (it checks the layout and its cost); on GPUs and TPUs each device "
+        "brings its own compute.")
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="small sizes only (a few minutes)")
-  p.add_argument("--part", choices=("all", "throughput", "memory"), default="all")
+  p.add_argument("--part", choices=("all", "throughput", "memory", "devices"), default="all")
   p.add_argument("--net", choices=("mnist", "digits"), default=None, help="throughput network (default: mnist if "
                                                                            "../shared/bench is there)")
   p.add_argument("--method", default="diff", help="throughput method (default: diff)")
@@ -242,9 +295,13 @@ def main(argv=None):
   p.add_argument("--budget", type=float, default=4 * GiB)
   p.add_argument("--max-unchunked", type=float, default=12 * GiB)
   p.add_argument("--child", help=argparse.SUPPRESS)
+  p.add_argument("--devices-child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(memory_child(json.loads(args.child))))
+    return
+  if args.devices_child:
+    print(json.dumps(devices_child(json.loads(args.devices_child))))
     return
   if args.quick and args.net is None:
     args.net, args.method = "digits", "crown"
@@ -252,6 +309,8 @@ def main(argv=None):
     throughput(args)
   if args.part in ("all", "memory"):
     memory(args)
+  if args.part in ("all", "devices"):
+    devices(args)
 
 
 if __name__ == "__main__":

@@ -341,9 +341,10 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   buffers = memory.buffer_budget(budget, local)
   if buffers <= 0:
-    raise ValueError(f"memory_budget of {budget / 2**20:.1f} MiB is too small: on CPU it includes this process, "
-                     f"which already holds {memory.process_bytes() / 2**20:.1f} MiB (plus "
-                     f"{memory.CPU_ALLOWANCE / 2**20:.0f} MiB for compiling); see qbound.memory.")
+    raise ValueError(f"memory_budget of {budget / 2**20:.1f} MiB per device is too small: on CPU it includes this "
+                     f"process, which already holds {memory.process_bytes() / 2**20:.1f} MiB (plus "
+                     f"{memory.CPU_ALLOWANCE / 2**20:.0f} MiB for compiled code) shared by {len(local)} "
+                     "device(s); see qbound.memory.buffer_budget.")
   plan = memory.plan(merged, method, budget=buffers, boxes=n, devices=n_dev, search=search)
   key_data, impl = _key_data(key, n)
   lo_all = np.asarray(boxes.lower)
@@ -367,14 +368,12 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
     run_search = _search_chunk.lower(mg, lo, hi, kd, search=search, impl=impl, mesh=mesh).compile()
     used = [b for b in (memory.compiled_bytes(run_bounds), memory.compiled_bytes(run_search)) if b is not None]
     xla_bytes = max(used) if used else None
-    # Now that the programs are compiled, only the process's resident size comes off (on CPU).
-    limit = memory.buffer_budget(budget, local) + (memory.CPU_ALLOWANCE if buffers < budget else 0)
-    if xla_bytes is None or xla_bytes <= limit:
+    if xla_bytes is None or xla_bytes <= buffers:
       break
     smaller = memory.shrink(plan, memory.max_rows(merged, method))
     if smaller is None:
       warnings.warn(f"certify_batch: XLA needs {xla_bytes / 2**20:.1f} MiB per device for one box and one row "
-                    f"at a time, above the {limit / 2**20:.1f} MiB left of memory_budget={budget / 2**20:.1f} "
+                    f"at a time, above the {buffers / 2**20:.1f} MiB left of memory_budget={budget / 2**20:.1f} "
                     "MiB; running anyway.")
       break
     plan = smaller

@@ -215,7 +215,7 @@ def default_budget(device=None) -> int:
   return int(ram // 2 // max(len(jax.local_devices()), 1))
 
 
-CPU_ALLOWANCE = 512 * 2**20  # compiling and compiled code, beyond what the process holds already
+CPU_ALLOWANCE = 256 * 2**20  # compiled code and runtime growth, beyond what the process holds already
 
 
 def process_bytes() -> int:
@@ -235,12 +235,14 @@ def buffer_budget(budget: float, devices) -> float:
   """The bytes per device left for XLA's buffers out of ``budget``.
 
   On GPUs and TPUs that is the budget itself. On CPU the devices' memory is the process's own, so
-  what the process holds already (its resident size now) and an allowance for compiling
-  (:data:`CPU_ALLOWANCE`) come off first: the process's peak then stays near the budget.
+  what the process holds already (its resident size now) and an allowance for compiled code
+  (:data:`CPU_ALLOWANCE`) come off first, shared among the process's CPU ``devices``: the
+  process's peak then stays near the budget times the device count. (Compiling itself can take
+  more for a while, before the buffers exist; that memory is reused for them.)
   """
-  if math.isinf(budget) or any(d.platform != "cpu" for d in devices):
+  if math.isinf(budget) or not devices or any(d.platform != "cpu" for d in devices):
     return budget
-  return budget - process_bytes() - CPU_ALLOWANCE
+  return budget - (process_bytes() + CPU_ALLOWANCE) / len(devices)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,15 +149,18 @@ def test_scaling(smoke):
 def test_batch_mnist(smoke):
   """All boxes in one certify_batch call (the bundled digits in smoke mode)."""
   summary, out = smoke("batch_mnist")
-  for f in ("images.csv", "summary.json", "batch.json", "bounds_hist.png"):
+  for f in ("images.csv", "summary.json", "batch.json.gz", "bounds_hist.png"):
     assert (out / f).stat().st_size > 0
   rows = read_csv(out / "images.csv")
   assert len(rows) == summary["images"] and assert_sound(rows) == len(rows)
   assert summary["one_call"] and summary["seconds_per_image"] > 0 and summary["compile_seconds"] >= 0
   assert summary["upper"]["min"] <= summary["upper"]["median"] <= summary["upper"]["max"]
+  import gzip
+
   import qbound as qb
 
-  batch = qb.BatchCertificate.from_json((out / "batch.json").read_text())
+  with gzip.open(out / "batch.json.gz", "rt") as fh:
+    batch = qb.BatchCertificate.from_json(fh.read())
   assert [r["upper"] for r in rows] == batch.upper.tolist()
 
 
