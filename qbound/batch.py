@@ -65,10 +65,12 @@ class BatchCertificate:
     total_seconds: wall-clock time of the whole call (tracing, compilation, chunks, witnesses).
     layout: how the work was laid out: ``devices``, ``chunk`` (boxes per compiled call, all
       devices), ``row_chunk`` (backward rows per block, None for all), ``memory_budget`` and
-      ``memory_estimate`` (bytes per device, :mod:`qbound.memory`), ``xla_bytes`` (what XLA
+      ``buffer_budget`` (what is left of it for XLA's buffers), ``memory_estimate`` (bytes per
+      device, :mod:`qbound.memory`), ``xla_bytes`` (what XLA
       assigned to the larger of the two compiled programs, per device), ``device_of_box`` (the mesh
-      position of the device that bounded each box) and ``shards`` (``{device id: boxes}`` of a
-      chunk's input).
+      position of the device that bounded each box), ``shards`` (``{device id: boxes}`` of a
+      chunk's input) and ``seconds`` (running time of the bounds, the search and the witnesses'
+      re-evaluation, all boxes together).
 
   Example:
     >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
@@ -228,13 +230,14 @@ def _key_data(key, n: int):
   return np.asarray(keys), None
 
 
-def _float32_errors(f, fq, merged: MergedNetwork, xs: np.ndarray) -> np.ndarray:
-  """``max_j |f_j(x) - fq_j(x)|`` per witness, as the user's functions compute it (as certify does)."""
+def _float32_errors(f, fq, merged: MergedNetwork, xs):
+  """Compiled ``max_j |f_j(x) - fq_j(x)|`` per witness for witnesses shaped like ``xs``, as the user's
+  functions compute it (as certify does)."""
   if f is merged:
     fn = lambda x: jnp.max(jnp.abs(merged.graph(x)))
   else:
     fn = lambda x: jnp.max(jnp.abs(f(x) - fq(x)))
-  return np.asarray(jax.jit(jax.vmap(fn))(jnp.asarray(xs)), np.float64)
+  return jax.jit(jax.vmap(fn)).lower(jax.ShapeDtypeStruct(xs.shape, xs.dtype)).compile()
 
 
 # ---------------------------------------------------------------------------------------- the call
@@ -266,9 +269,10 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       boxes over; or ``devices``, a list of devices; default: all of ``jax.devices()`` (every
       host's, after ``jax.distributed.initialize()``). The networks are replicated.
     devices: see ``mesh``.
-    memory_budget: bytes per device for one chunk (:func:`qbound.memory.plan` picks the boxes
-      per chunk and, if one box does not fit, the backward rows per block); None: half the
-      device's memory (:func:`qbound.memory.default_budget`); ``math.inf``: no chunking.
+    memory_budget: bytes per device (:func:`qbound.memory.plan` picks the boxes per chunk and,
+      if one box does not fit, the backward rows per block); on CPU it includes what the process
+      holds already (:func:`qbound.memory.buffer_budget`); None: half the device's memory
+      (:func:`qbound.memory.default_budget`); ``math.inf``: no chunking by memory.
     progress: show a tqdm progress bar (on stderr).
 
   Returns:
@@ -331,7 +335,17 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
 
   mesh = sharding.resolve_mesh(mesh, devices)
   n_dev = sharding.size(mesh)
-  plan = memory.plan(merged, method, budget=memory_budget, boxes=n, devices=n_dev, search=search)
+  budget = memory.default_budget() if memory_budget is None else memory_budget
+  if not budget > 0:
+    raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  buffers = memory.buffer_budget(budget, local)
+  if buffers <= 0:
+    raise ValueError(f"memory_budget of {budget / 2**20:.1f} MiB per device is too small: on CPU it includes this "
+                     f"process, which already holds {memory.process_bytes() / 2**20:.1f} MiB (plus "
+                     f"{memory.CPU_ALLOWANCE / 2**20:.0f} MiB for compiled code) shared by {len(local)} "
+                     "device(s); see qbound.memory.buffer_budget.")
+  plan = memory.plan(merged, method, budget=buffers, boxes=n, devices=n_dev, search=search)
   key_data, impl = _key_data(key, n)
   lo_all = np.asarray(boxes.lower)
   hi_all = np.asarray(boxes.upper)
@@ -354,18 +368,23 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
     run_search = _search_chunk.lower(mg, lo, hi, kd, search=search, impl=impl, mesh=mesh).compile()
     used = [b for b in (memory.compiled_bytes(run_bounds), memory.compiled_bytes(run_search)) if b is not None]
     xla_bytes = max(used) if used else None
-    if xla_bytes is None or xla_bytes <= plan.budget:
+    if xla_bytes is None or xla_bytes <= buffers:
       break
     smaller = memory.shrink(plan, memory.max_rows(merged, method))
     if smaller is None:
       warnings.warn(f"certify_batch: XLA needs {xla_bytes / 2**20:.1f} MiB per device for one box and one row "
-                    f"at a time, above memory_budget={plan.budget / 2**20:.1f} MiB; running anyway.")
+                    f"at a time, above the {buffers / 2**20:.1f} MiB left of memory_budget={budget / 2**20:.1f} "
+                    "MiB; running anyway.")
       break
     plan = smaller
+  # The witnesses' float32 and float64 (host CPU) evaluations, compiled for n witnesses now too.
+  float32_errors = _float32_errors(f, fq, merged, lo_all)
+  attack.exact_errors(merged.graph, lo_all)
   compile_seconds = time.perf_counter() - t0
   shards = sharding.layout(lo)
 
   per_method: dict[str, list] = {}
+  phases = {"bounds": 0.0, "search": 0.0}
   witnesses, device_of_box, seconds = [], [], np.zeros(n)
   show = progress and jax.process_index() == 0
   with tqdm(total=n, desc=f"certify_batch ({method})", unit="box", disable=not show, leave=False) as bar:
@@ -373,8 +392,11 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       t1 = time.perf_counter()
       if first:
         lo, hi, kd = chunk_inputs(first, chunk)
-      out, where = run_bounds(fg, qg, mg, lo, hi)
-      _, x = run_search(mg, lo, hi, kd)
+      out, where = jax.block_until_ready(run_bounds(fg, qg, mg, lo, hi))
+      t_bounds = time.perf_counter()
+      _, x = jax.block_until_ready(run_search(mg, lo, hi, kd))
+      phases["bounds"] += t_bounds - t1
+      phases["search"] += time.perf_counter() - t_bounds
       out, where, x = sharding.gather((out, where, x))
       real = min(chunk, n - first)
       for name, (dl, du) in out.items():
@@ -399,19 +421,22 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
   witness_diff = attack.exact_errors(merged.graph, witness).reshape(n, -1)
   sel = witness_diff if outputs is None else witness_diff[:, outputs]
   lower = np.max(np.abs(sel), axis=1) + 0.0
-  lower_float32 = _float32_errors(f, fq, merged, witness)
+  lower_float32 = np.asarray(float32_errors(witness), np.float64)
   bad = np.flatnonzero(lower > upper)
   if bad.size:
     i = int(bad[0])
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"box {i}: reached error {lower[i]!r} at {witness[i].tolist()} exceeds the proven bound "
                          f"{upper[i]!r} ({method}){hint}; {bad.size} box(es) affected; please report this input.")
-  seconds += (time.perf_counter() - t2) / n
+  phases["witnesses"] = time.perf_counter() - t2
+  seconds += phases["witnesses"] / n
   layout = {"devices": n_dev, "chunk": chunk, "row_chunk": row_chunk,
-            "memory_budget": None if math.isinf(plan.budget) else int(plan.budget),
+            "memory_budget": None if math.isinf(budget) else int(budget),
+            "buffer_budget": None if math.isinf(plan.budget) else int(plan.budget),
             "memory_estimate": plan.estimate, "xla_bytes": xla_bytes,
             "device_of_box": np.concatenate(device_of_box).astype(int).tolist(),
-            "shards": {str(k): v for k, v in shards.items()}}
+            "shards": {str(k): v for k, v in shards.items()},
+            "seconds": {k: round(v, 6) for k, v in phases.items()}}
   return BatchCertificate(upper=upper, lower=lower, diff_lower=diff_lower, diff_upper=diff_upper, witness=witness,
                           seconds=seconds, method=method, bounds=bounds, sound=sound, lower_float32=lower_float32,
                           witness_diff=witness_diff, box_lower=lo_all, box_upper=hi_all,

@@ -8,7 +8,11 @@ box" as VNN-LIB, for other verifiers (:func:`qbound.io.export_property`)::
 
     qbound certify net.nnet --bits 4 --center 0.1,0.2,0.3 --radius 0.01
     qbound certify net.nnet --compare net_fp16.nnet --lower 0,0,0 --upper 1,1,1 --json
+    qbound certify net.nnet --compare net_fp16.nnet --inputs images.npz --radius 0.0118 --clip 0,1
     qbound export net.nnet --compare net_fp16.nnet --lower 0,0,0 --upper 1,1,1 --epsilon 0.05 --out prop/
+
+With ``--inputs``, ``certify`` certifies an L-inf ball around every input of a file in one
+:func:`qbound.certify_batch` call (vmapped, split over every device, chunked to memory).
 
 Mistakes in the command line or its files (a missing file, a box of the wrong size, lower > upper)
 print ``qbound: error: <message>`` on stderr and exit with status 2, without a traceback: they
@@ -97,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "uniformly quantized copy (or the model in --compare). Without a box option the box "
                   "is the input range declared in the model file.")
   _add_model_arguments(cert)
+  many = cert.add_argument_group("many inputs at once (qbound.certify_batch): a ball of --radius around each")
+  many.add_argument("--inputs", metavar="FILE", help="a .npy, or a .npz with an array 'inputs' (or a single "
+                                                     "array), of shape (n, *input_shape) or (n, input_size)")
+  many.add_argument("--clip", metavar="LO,HI", help="intersect every ball with [LO, HI] (e.g. 0,1 for pixels)")
+  many.add_argument("--memory-budget", metavar="BYTES", help="bytes per device for one chunk of inputs, "
+                                                             "e.g. 4GiB (default: half the device's memory)")
+  many.add_argument("--devices", type=int, metavar="N", help="use the first N devices (default: all)")
   cert.add_argument("--method", choices=METHODS, default="auto", help="upper-bound method (default: auto)")
   cert.add_argument("--seed", type=int, default=0, help="seed of the lower-bound search (default: 0)")
   cert.add_argument("--json", action="store_true", help="print the certificate as JSON")
@@ -306,7 +317,13 @@ def _run_certify(args: argparse.Namespace, out) -> int:
   if args.output is not None and not pathlib.Path(args.output).resolve().parent.is_dir():
     raise UsageError(f"--output {args.output}: the directory {pathlib.Path(args.output).parent} does not exist.")
 
-  f, fq, box, against = _networks_and_box(args)
+  for option, value in (("--clip", args.clip), ("--memory-budget", args.memory_budget), ("--devices", args.devices)):
+    if value is not None and args.inputs is None:
+      raise UsageError(f"{option} applies to many inputs at once: use it with --inputs FILE --radius R.")
+
+  f, fq, box, against, boxes = _networks_and_box(args)
+  if boxes is not None:
+    return _run_certify_batch(args, f, fq, boxes, against, out)
   try:
     cert = qb.certify(f, fq, box, method=args.method, key=jax.random.key(args.seed))
   except qb.SoundnessError:
@@ -334,12 +351,14 @@ def _check_compressor_options(args: argparse.Namespace) -> None:
 
 
 def _networks_and_box(args: argparse.Namespace):
-  """``(f, f_q, box, description of f_q)`` from MODEL, --compare or the quantizer options, and the box."""
+  """``(f, f_q, box, description of f_q, boxes)`` from MODEL, --compare or the quantizer options, the box,
+  and with --inputs the batch of boxes (``box`` is then its first; ``boxes`` is None without --inputs)."""
   import qbound as qb
 
   apply, params = load_model(args.model)
   shape = declared_input_shape(params)
-  box = build_box(args, shape, params)
+  boxes = build_boxes(args, shape) if getattr(args, "inputs", None) is not None else None
+  box = build_box(args, shape, params) if boxes is None else qb.box.box_at(boxes, 0)
   f = functools.partial(apply, params)
   out_shape = _output_shape(args.model, f, box.shape)
 
@@ -366,7 +385,7 @@ def _networks_and_box(args: argparse.Namespace):
     fq = functools.partial(apply, dict(params, params=qweights))
     against = (f"its {bits}-bit copy (uniform, {'asymmetric' if args.asymmetric else 'symmetric'}, "
                f"{'per channel' if args.per_channel else 'per tensor'})")
-  return f, fq, box, against
+  return f, fq, box, against, boxes
 
 
 def _run_export(args: argparse.Namespace, out) -> int:
@@ -387,7 +406,7 @@ def _run_export(args: argparse.Namespace, out) -> int:
   if directory.exists() and not directory.is_dir():
     raise UsageError(f"--out {args.out} is a file; give a directory.")
 
-  f, fq, box, against = _networks_and_box(args)
+  f, fq, box, against, _ = _networks_and_box(args)
   try:
     merged = qb.merge(f, fq, box)
     onnx_path, vnnlib_path = qb.io.export_property(
@@ -409,6 +428,154 @@ def _run_export(args: argparse.Namespace, out) -> int:
       "              'unsat' (safe) proves the bound; 'sat' (unsafe) comes with an input where it fails.",
   ]), file=out)
   return 0
+
+
+def build_boxes(args: argparse.Namespace, shape: Optional[tuple[int, ...]]):
+  """A batch of L-inf balls of ``--radius`` around the rows of ``--inputs`` (clipped to ``--clip``)."""
+  import qbound as qb
+
+  for option, value in (("--lower", args.lower), ("--upper", args.upper), ("--center", args.center),
+                        ("--box-npz", args.box_npz)):
+    if value is not None:
+      raise UsageError(f"--inputs certifies a ball around each input; it cannot be combined with {option}.")
+  if args.radius is None:
+    raise UsageError("--inputs needs --radius: the L-inf radius of the ball around each input.")
+  x = _inputs_from_file(args.inputs)
+  n = x.shape[0]
+  if shape is not None:
+    if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+      raise UsageError(f"--inputs {args.inputs}: each input has shape {x.shape[1:]} ({int(np.prod(x.shape[1:]))} "
+                       f"values) but {args.model} takes inputs of shape {shape} ({int(np.prod(shape))} values).")
+    x = x.reshape((n, *shape))
+  radius = _fit(parse_values(args.radius, "--radius"), x.shape[1:], "--radius")
+  if np.any(radius < 0):
+    raise UsageError(f"--radius must be >= 0, got {args.radius}.")
+  lower, upper = x - radius, x + radius
+  if args.clip is not None:
+    lo_hi = parse_values(args.clip, "--clip")
+    if lo_hi.size != 2 or lo_hi[0] > lo_hi[1]:
+      raise UsageError(f"--clip needs two numbers LO,HI with LO <= HI, got {args.clip!r}.")
+    lower, upper = np.clip(lower, *lo_hi), np.clip(upper, *lo_hi)
+    if np.any(x < lo_hi[0]) or np.any(x > lo_hi[1]):
+      raise UsageError(f"--inputs {args.inputs}: some inputs lie outside --clip {args.clip}.")
+  return qb.Box(lower=np.asarray(lower, np.float32), upper=np.asarray(upper, np.float32))
+
+
+def _inputs_from_file(path: str) -> np.ndarray:
+  """The batch of inputs in a .npy or .npz file, as float64 with a leading batch axis."""
+  try:
+    data = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise UsageError(f"--inputs {path}: no such file.") from None
+  except Exception as err:  # numpy raises ValueError, OSError, zipfile.BadZipFile, ... for bad files
+    raise UsageError(f"--inputs {path}: not a readable .npy or .npz file ({err}).") from None
+  if isinstance(data, np.lib.npyio.NpzFile):
+    with data:
+      names = list(data.files)
+      if "inputs" in names:
+        name = "inputs"
+      elif len(names) == 1:
+        name = names[0]
+      else:
+        raise UsageError(f"--inputs {path} holds {sorted(names) or 'nothing'}; name the batch 'inputs' "
+                         "(or save a single array).")
+      x = np.asarray(data[name])
+  else:
+    x = np.asarray(data)
+  if x.ndim < 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
+    raise UsageError(f"--inputs {path}: need a numeric array of shape (n, *input_shape) with n >= 1, "
+                     f"got shape {x.shape} and dtype {x.dtype}.")
+  x = x.astype(np.float64)
+  if not np.all(np.isfinite(x)):
+    raise UsageError(f"--inputs {path}: some inputs are not finite.")
+  return x
+
+
+def parse_bytes(text: str) -> float:
+  """``4GiB``, ``512MiB``, ``1e9`` or ``inf`` as a number of bytes.
+
+  Example:
+    >>> parse_bytes("4GiB"), parse_bytes("1.5e9")
+    (4294967296.0, 1500000000.0)
+  """
+  units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+  t = text.strip().lower()
+  scale = 1.0
+  for unit, size in units.items():
+    if t.endswith(unit):
+      t, scale = t[: -len(unit)].strip(), size
+      break
+  try:
+    value = float(t) * scale
+  except ValueError:
+    raise UsageError(f"--memory-budget: {text!r} is not a number of bytes (e.g. 4GiB, 512MiB, 1e9).") from None
+  if not value > 0:
+    raise UsageError(f"--memory-budget must be positive, got {text!r}.")
+  return value
+
+
+def _run_certify_batch(args: argparse.Namespace, f, fq, boxes, against: str, out) -> int:
+  import jax
+
+  import qbound as qb
+
+  method = args.method
+  if method == "auto":  # auto adapts per box; in a batch, the tightest one-shot bound that applies
+    method = "diff" if qb.merge(f, fq, qb.box.box_at(boxes, 0)).paired else "crown"
+  budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+  devices = None
+  if args.devices is not None:
+    if not 1 <= args.devices <= len(jax.devices()):
+      raise UsageError(f"--devices must be between 1 and {len(jax.devices())} (the devices jax sees), got {args.devices}.")
+    devices = jax.devices()[: args.devices]
+  try:
+    batch = qb.certify_batch(f, fq, boxes, method=method, key=jax.random.key(args.seed), devices=devices,
+                             memory_budget=budget, progress=not args.json)
+  except qb.SoundnessError:
+    raise  # a bug in qbound, not a usage error: keep the traceback for the report
+  except ValueError as err:
+    raise UsageError(str(err)) from None
+  if args.output is not None:
+    try:
+      pathlib.Path(args.output).write_text(batch.to_json() + "\n", encoding="utf-8")
+    except OSError as err:
+      raise UsageError(f"--output {args.output}: cannot write it ({err.strerror or err}).") from None
+  if args.json:
+    print(batch.to_json(), file=out)
+  else:
+    print(batch_summary(batch, args.model, against, args.inputs, args.output), file=out)
+  return 0
+
+
+def batch_summary(batch, model: str, against: str, inputs: str, output: Optional[str] = None,
+                  rows: int = 20) -> str:
+  """A human-readable account of a batch of certificates (the first ``rows`` inputs, then totals)."""
+  n = len(batch)
+  width = np.asarray(batch.box_upper) - np.asarray(batch.box_lower)
+  lines = [
+      f"model:        {model}",
+      f"compared to:  {against}",
+      f"inputs:       {n} from {inputs}, boxes of widths {width.min():.6g} to {width.max():.6g}",
+      f"method:       {batch.method} on {batch.layout.get('devices', 1)} device(s), {batch.layout.get('chunk')} "
+      "inputs per compiled call" + ("" if batch.layout.get("row_chunk") is None
+                                    else f", {batch.layout['row_chunk']} backward rows per block"),
+      "max error |f(x) - f_q(x)|_inf over each box:",
+      f"{'input':>7}  {'proven upper':>13}  {'reached lower':>13}  {'gap':>7}",
+  ]
+  for i in range(min(n, rows)):
+    lines.append(f"{i:>7}  {batch.upper[i]:>13.6g}  {batch.lower[i]:>13.6g}  {batch.gap[i]:>7.4g}")
+  if n > rows:
+    lines.append(f"{'...':>7}  ({n - rows} more; --json or --output for all)")
+  worst = int(np.argmax(batch.upper))
+  lines += [
+      f"proven upper: median {np.median(batch.upper):.6g}, max {batch.upper[worst]:.6g} (input {worst})",
+      f"reached lower: max {np.max(batch.lower):.6g}",
+      f"time:         {batch.total_seconds:.2f} s ({batch.compile_seconds:.2f} s compiling, "
+      f"{np.mean(batch.seconds):.4f} s per input after)" + ("" if batch.sound else " (unsound mode)"),
+  ]
+  if output is not None:
+    lines.append(f"certificates written to {output}")
+  return "\n".join(lines)
 
 
 def summary(cert, model: str, against: str, output: Optional[str] = None) -> str:

@@ -9,35 +9,44 @@ batch. Rows are independent, so they can be bounded a block at a time
 (:func:`node_bounds_by_rows`, a ``lax.map`` over blocks of ``row_chunk`` rows whose rows are
 built inside the loop, never as one ``2n x n`` identity), and boxes a chunk at a time.
 
-:func:`plan` chooses both from a budget in bytes with an explicit estimate of the peak:
+:func:`plan` chooses both from a budget in bytes (per device) with an explicit estimate of the peak:
 
-``peak per device = weights + boxes * max(per_box + row_chunk * per_row, search_per_box)``
+``peak = fixed + boxes * max(per_box + row_chunk * per_row, search_per_box)``
 
-* ``per_row`` (one backward row): ``itemsize * ROW_FACTOR[method] * live`` where ``live`` is the
-  largest number of coefficients one row holds at once while it walks back through the graph
-  (the coefficients of every node still waiting to be reached, plus the node being transposed and
-  its inputs; :func:`backward_live`). The differential bounds carry two sets (on ``d`` and on
-  ``z_q``) and the factor covers the temporaries (absolute values, relaxation products, the
-  pairwise sums' padding to a power of two), calibrated against XLA's own buffer assignment
-  (``compiled.memory_analysis()``) on MLPs and CNNs and rounded up.
-* ``per_box`` (one box, independent of the rows): every node's bounds and relaxation
-  coefficients, ``itemsize * BOX_FACTOR[method] * (sum of node sizes)``.
-* ``search_per_box`` (the lower-bound search of :mod:`qbound.attack`): the sampled points and
-  the two widest layers' values for each, plus the gradient-ascent restarts' activations.
+* ``fixed``: twice the weights' bytes (the weights and the ``|W|`` the rounding margins use).
+* ``per_row`` (one backward row): ``itemsize * ROW_FACTOR[method] * live``, where ``live`` is the
+  most coefficients one row holds at once on its way back through the graph (the coefficients of
+  every node still waiting to be reached, plus the node being transposed and its inputs;
+  :func:`backward_live`, exact for any DAG). The factor (CROWN 10, differential 24: they carry
+  coefficients on ``d`` and on ``z_q``) covers the temporaries: absolute values, relaxation
+  products, the pairwise sums' padding to a power of two. ``alpha`` adds ``SLOPE_FACTOR`` values
+  per activation neuron: every row has its own slopes, their Adam moments and gradients.
+* ``per_box`` (one box, whatever the rows): every node's bounds and relaxation coefficients,
+  ``itemsize * BOX_FACTOR[method] * (sum of the merged graph's node sizes)``.
+* ``search_per_box`` (the lower-bound search of :mod:`qbound.attack`, run after the bounds, so
+  the larger of the two counts): ``itemsize * (SEARCH_FACTOR * points * (input size + twice the
+  two widest nodes) + restarts * 4 * sum of node sizes)``.
+
+The factors were calibrated against XLA's own buffer assignment (``compiled.memory_analysis()``)
+on MLPs (100-256-256-10, 784-1024x4-10, MNIST 3x100) and CNNs (12x12x3 and 32x32x3 inputs), CROWN
+and differential, with row blocks of 16 rows to half of all rows and 1 to 8 boxes: the estimate
+exceeds XLA's count on every one of them, by 1.26x to 7.3x (most conservative for large blocks,
+whose loop XLA compiles into less than the sum of its parts). It is an estimate of XLA's buffers, not of the
+process's resident size, which adds the runtime, compiled code and host copies (the benchmark
+``benchmarks/bench_scale.py`` measures both). :func:`qbound.certify_batch` also checks XLA's count
+after compiling and halves the chunk (or the row block) if it is over the budget after all.
 
 The row chunk is the whole node (one block) when one box's full rows fit; otherwise it is the
-largest that fits with one box per device. The box chunk is then the largest power of two that
-fits (at most the boxes per device). Estimates are upper bounds of XLA's temporaries on the
-networks it was calibrated on (see ``tests/test_memory.py``), not of the process's resident size,
-which adds the runtime, the compiled code and the inputs and results held on the host.
+largest that fits with one box per device. The boxes per device are then cut into the fewest
+chunks that fit, all of one size (so the last one is padded by less than a chunk).
 
 Example:
   >>> import jax, jax.numpy as jnp, qbound as qb
   >>> f = lambda x: jax.nn.relu(x @ jnp.ones((4, 3))) @ jnp.ones((3, 2))
   >>> box = qb.Box(-jnp.ones(4), jnp.ones(4))
   >>> p = qb.memory.plan(qb.merge(f, f, box), "crown", budget=2**30, boxes=10)
-  >>> p.row_chunk is None, p.box_chunk   # everything fits: full rows, all 10 boxes (padded to 16)
-  (True, 16)
+  >>> p.row_chunk is None, p.box_chunk   # everything fits: full rows, all 10 boxes at once
+  (True, 10)
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ from qbound import graph as G
 
 # Temporaries per live backward coefficient, and per neuron per box: calibrated (see module doc).
 ROW_FACTOR = {"interval": 0.0, "crown": 10.0, "diff": 24.0, "diff-interval": 0.0, "alpha": 48.0}
-BOX_FACTOR = {"interval": 8.0, "crown": 24.0, "diff": 48.0, "diff-interval": 32.0, "alpha": 96.0}
+BOX_FACTOR = {"interval": 8.0, "crown": 40.0, "diff": 48.0, "diff-interval": 32.0, "alpha": 96.0}
+SEARCH_FACTOR = 1.25  # per sampled point: the input, the widest layer's value and its successor's
 SLOPE_FACTOR = 24.0  # alpha: per row, its own slopes for every activation (a few sets), Adam's moments, gradients
 
 
@@ -68,17 +78,22 @@ def node_bounds_by_rows(lower_fn: Callable, n: int, shape, dtype, row_chunk: Opt
     n: the node's size; rows ``+e_i`` give lower bounds, rows ``-e_i`` upper bounds.
     shape: the node's shape.
     dtype: the rows' dtype.
-    row_chunk: rows per block (``lax.map`` over blocks); None or ``>= 2n``: one block.
+    row_chunk: rows per block (``lax.map`` over blocks), at most half the rows from
+      :data:`MIN_BLOCKED_ROWS` rows up; None: all rows at once, without a loop.
 
   Returns:
     ``(lower, upper)`` arrays of ``shape``.
   """
   total = 2 * n
-  if row_chunk is None or row_chunk >= total:
+  if row_chunk is None:
     eye = jnp.eye(n, dtype=dtype)
-    low = lower_fn(jnp.concatenate([eye, -eye]).reshape((total, *shape)))
+    rows = jax.lax.optimization_barrier(jnp.concatenate([eye, -eye]))
+    low = lower_fn(rows.reshape((total, *shape)))
   else:
-    row_chunk = max(int(row_chunk), 1)
+    # A node of many rows always takes two blocks or more: with one, XLA unrolls the loop into the
+    # straight-line code that default_row_chunk avoids.
+    most = total if total < MIN_BLOCKED_ROWS else -(-total // 2)
+    row_chunk = min(max(int(row_chunk), 1), most)
     blocks = -(-total // row_chunk)
     # The last block repeats the last row; its extra results are dropped below.
     ids = jnp.minimum(jnp.arange(blocks * row_chunk), total - 1).reshape(blocks, row_chunk)
@@ -179,7 +194,7 @@ def search_bytes(merged, search) -> int:
   widest = sorted((n.size for n in graph.nodes), reverse=True)[:2]
   per_sample = int(np.prod(graph.input_shape)) + 2 * sum(widest)
   ascent = search.restarts * 4 * _sizes(graph)
-  return int(_itemsize(graph) * (2 * samples * per_sample + ascent))
+  return int(_itemsize(graph) * (SEARCH_FACTOR * samples * per_sample + ascent))
 
 
 def default_budget(device=None) -> int:
@@ -198,6 +213,36 @@ def default_budget(device=None) -> int:
   except (ValueError, OSError, AttributeError):
     ram = 8 * 2**30
   return int(ram // 2 // max(len(jax.local_devices()), 1))
+
+
+CPU_ALLOWANCE = 256 * 2**20  # compiled code and runtime growth, beyond what the process holds already
+
+
+def process_bytes() -> int:
+  """Resident bytes of this process now (Linux ``/proc/self/statm``; elsewhere the peak so far)."""
+  try:
+    with open("/proc/self/statm") as fh:
+      return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError, AttributeError):
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def buffer_budget(budget: float, devices) -> float:
+  """The bytes per device left for XLA's buffers out of ``budget``.
+
+  On GPUs and TPUs that is the budget itself. On CPU the devices' memory is the process's own, so
+  what the process holds already (its resident size now) and an allowance for compiled code
+  (:data:`CPU_ALLOWANCE`) come off first, shared among the process's CPU ``devices``: the
+  process's peak then stays near the budget times the device count. (Compiling itself can take
+  more for a while, before the buffers exist; that memory is reused for them.)
+  """
+  if math.isinf(budget) or not devices or any(d.platform != "cpu" for d in devices):
+    return budget
+  return budget - (process_bytes() + CPU_ALLOWANCE) / len(devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +266,21 @@ class Plan:
   per_box: int
   search_per_box: int
   fixed: int
+
+
+MIN_BLOCKED_ROWS = 64
+
+
+def default_row_chunk(rows: int) -> Optional[int]:
+  """Rows per block when memory does not force any: half the rows (two blocks) from
+  :data:`MIN_BLOCKED_ROWS` rows up, else None (all at once).
+
+  Measured on this project's CPU: XLA compiles all rows at once as straight-line code that is
+  slower to compile and to run than a ``lax.map`` over two or more blocks (MNIST 3x100, 50 boxes,
+  differential bounds: compile 88 s -> 42 s, run 6.4 s -> 1.3 s, XLA buffers 1.86 -> 0.45 GiB;
+  784-1024x4-10 MLP, CROWN, 2 boxes: run 15.6 s -> 1.3 s), the bounds being the same.
+  """
+  return None if rows < MIN_BLOCKED_ROWS else -(-rows // 2)
 
 
 def shrink(p: Plan, rows: int) -> Optional[Plan]:
@@ -247,14 +307,6 @@ def compiled_bytes(compiled) -> Optional[int]:
     return None
 
 
-def _pow2_floor(n: int) -> int:
-  return 1 << (max(int(n), 1).bit_length() - 1)
-
-
-def _pow2_ceil(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def plan(merged, method: str, *, budget: Optional[float] = None, boxes: int = 1, devices: int = 1,
          search=None) -> Plan:
   """The box chunk and row chunk for ``boxes`` boxes on ``devices`` devices within ``budget``.
@@ -262,8 +314,8 @@ def plan(merged, method: str, *, budget: Optional[float] = None, boxes: int = 1,
   Args:
     merged: the :class:`~qbound.merge.MergedNetwork`.
     method: ``interval``, ``crown``, ``diff``, ``diff-interval`` or ``alpha``.
-    budget: bytes per device; None: :func:`default_budget`; ``math.inf``: no chunking (all boxes
-      in one call, all rows at once).
+    budget: bytes per device; None: :func:`default_budget`; ``math.inf``: no chunking by memory
+      (all boxes in one call; rows in the blocks of :func:`default_row_chunk`).
     boxes: how many boxes will be certified.
     devices: how many devices share them.
     search: the :class:`~qbound.attack.Search` settings (their footprint counts too); None: the
@@ -287,17 +339,22 @@ def plan(merged, method: str, *, budget: Optional[float] = None, boxes: int = 1,
   per_search = search_bytes(merged, search)
   fixed = 2 * weight_bytes(merged.graph)
   rows = max_rows(merged, method)
-  wanted = _pow2_ceil(-(-max(int(boxes), 1) // max(int(devices), 1)))
+  wanted = -(-max(int(boxes), 1) // max(int(devices), 1))  # boxes per device
+  # Wide nodes go in (at least) two blocks anyway: see default_row_chunk.
+  block = default_row_chunk(rows)
+  block_rows = rows if block is None else block
 
   def cost(r):
     return max(per_box + r * per_row, per_search)
 
   if math.isinf(budget):
-    return Plan(wanted, None, fixed + wanted * cost(rows), budget, per_row, per_box, per_search, fixed)
+    return Plan(wanted, block, fixed + wanted * cost(block_rows), budget, per_row, per_box, per_search, fixed)
   room = budget - fixed
-  if room >= cost(rows):
-    chunk = min(wanted, _pow2_floor(room // cost(rows)))
-    return Plan(chunk, None, fixed + chunk * cost(rows), budget, per_row, per_box, per_search, fixed)
+  if room >= cost(block_rows):
+    fit = int(room // cost(block_rows))
+    chunks = -(-wanted // fit)
+    chunk = -(-wanted // chunks)  # equal chunks: the last one is padded by less than one chunk's worth
+    return Plan(chunk, block, fixed + chunk * cost(block_rows), budget, per_row, per_box, per_search, fixed)
   row_chunk = int((room - per_box) // per_row) if per_row else 0
   if row_chunk < 1 or room < per_search:
     need = fixed + cost(1)

@@ -42,8 +42,8 @@ def main(argv=None):
     v, x = qb.maximize_error(merged, box, key=jax.random.key(5), search=search)
     out["sampling"] = {"value": v, "witness": x.tolist()}
     # Stops at a gap (not a time limit), so both runs do the same work.
-    res = qb.bounds.branch_and_bound(merged, box, time_budget=600, target_gap=0.01, initial_lower=v,
-                                     initial_witness=x)
+    res = qb.bounds.branch_and_bound(merged, box, time_budget=600, target_gap=0.2 if args.bab_paired else 0.01,
+                                     initial_lower=v, initial_witness=x)
     out["bab"] = {"upper": res.upper, "lower": res.lower, "pieces": res.pieces_bounded, "stopped": res.stopped,
                   "layout": {str(k): v for k, v in res.layout.items()}}
   json.dump(out, sys.stdout)

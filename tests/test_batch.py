@@ -66,7 +66,14 @@ def test_alpha_matches_certify(pair):
   check_against_certify(f, fq, boxes, "alpha", key, batch, alpha_steps=5)
 
 
-def test_chunks_and_row_blocks_change_nothing(pair):
+@pytest.fixture
+def buffers_only(monkeypatch):
+  """Budgets count XLA's buffers only, not the process (which on CPU they also include)."""
+  monkeypatch.setattr(qb.memory, "process_bytes", lambda: 0)
+  monkeypatch.setattr(qb.memory, "CPU_ALLOWANCE", 0)
+
+
+def test_chunks_and_row_blocks_change_nothing(pair, buffers_only):
   """One box and three backward rows per call, from a tiny budget: the same certificates."""
   f, fq, boxes = pair
   key = jax.random.key(7)
@@ -78,7 +85,7 @@ def test_chunks_and_row_blocks_change_nothing(pair):
   budget = p.fixed + max(p.per_box + 3 * p.per_row, p.search_per_box)
   small = qb.certify_batch(merged, None, boxes, method="crown", key=key, search=search,
                            memory_budget=budget, progress=False)
-  assert whole.layout["chunk"] == 8 and whole.layout["row_chunk"] is None
+  assert whole.layout["chunk"] == N_BOXES and whole.layout["row_chunk"] is None
   assert small.layout["chunk"] == 1 and small.layout["row_chunk"] == 3
   assert small.layout["memory_estimate"] <= budget
   np.testing.assert_allclose(small.upper, whole.upper, rtol=1e-6)
@@ -91,8 +98,8 @@ def test_last_chunk_is_padded_not_recompiled(pair):
   merged = qb.merge(f, fq, box_at(boxes, 0))
   run = lambda b: qb.certify_batch(merged, None, b, method="interval", search=H.search(), progress=False,
                                    memory_budget=math.inf)
-  first = run(boxes)  # 5 boxes: one chunk of 8, three of them padding
-  assert first.layout["chunk"] == 8
+  first = run(boxes)
+  assert first.layout["chunk"] == N_BOXES
   cache = getattr(qb.batch._bounds_chunk, "_cache_size", lambda: None)
   before = cache()
   again = run(qb.Box(boxes.lower[::-1], boxes.upper[::-1]))
@@ -131,6 +138,12 @@ def test_adaptive_methods_are_refused(pair, method):
     qb.certify_batch(f, fq, boxes, method=method)
 
 
+def test_budget_below_one_row(pair, buffers_only):
+  f, fq, boxes = pair
+  with pytest.raises(ValueError, match="too small for this network and method 'crown'"):
+    qb.certify_batch(f, fq, boxes, method="crown", memory_budget=1000)
+
+
 def test_bad_calls(pair):
   f, fq, boxes = pair
   with pytest.raises(ValueError, match="unknown method 'cROWN'"):
@@ -143,8 +156,10 @@ def test_bad_calls(pair):
     qb.certify_batch(f, fq, qb.Box(boxes.upper, boxes.lower), method="interval")
   with pytest.raises(ValueError, match="outputs must be flat indices"):
     qb.certify_batch(f, fq, boxes, method="interval", outputs=[2])
-  with pytest.raises(ValueError, match="memory_budget .* too small"):
+  with pytest.raises(ValueError, match="memory_budget of .* too small: on CPU it includes this process"):
     qb.certify_batch(f, fq, boxes, method="crown", memory_budget=1000)
+  with pytest.raises(ValueError, match="memory_budget must be a positive number"):
+    qb.certify_batch(f, fq, boxes, method="crown", memory_budget=-1)
   g = lambda x: jnp.concatenate([f(x)[:1] * 2.0, f(x)[1:]])  # not f's layer structure
   with pytest.raises(ValueError, match="same layer structure"):
     qb.certify_batch(f, g, boxes, method="diff")

@@ -181,3 +181,78 @@ def test_installed_entry_point_smoke():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "proven upper bound" in proc.stdout and "its 8-bit copy" in proc.stdout
+
+
+# ------------------------------------------------------------------- many inputs (certify_batch)
+
+
+@pytest.fixture
+def digit_inputs(tmp_path):
+  """Five bundled digits test images, as a .npz with an 'inputs' array."""
+  with np.load(bundled_path("digits_test.npz")) as data:
+    images = np.asarray(data["images"][:5], np.float32)
+  path = tmp_path / "digits.npz"
+  np.savez(path, inputs=images, labels=np.arange(5))
+  return str(path), images
+
+
+def test_certify_many_inputs_at_once(capsys, tmp_path, digit_inputs):
+  path, images = digit_inputs
+  out_file = tmp_path / "batch.json"
+  code, out, err = run(["certify", DIGITS, "--bits", "8", "--inputs", path, "--radius", "0.02", "--clip", "0,1",
+                        "--method", "crown", "--json", "--output", str(out_file)], capsys)
+  assert code == 0, err
+  batch = qb.BatchCertificate.from_json(out)
+  assert len(batch) == 5 and batch.method == "crown"
+  assert np.all((0 < batch.lower) & (batch.lower <= batch.upper))
+  np.testing.assert_allclose(batch.box_lower, np.maximum(images - 0.02, 0), atol=1e-6)
+  np.testing.assert_allclose(batch.box_upper, np.minimum(images + 0.02, 1), atol=1e-6)
+  assert qb.BatchCertificate.from_json(out_file.read_text()).upper.tolist() == batch.upper.tolist()
+  # The same box through the one-box path gives the same proven bound.
+  code, out, err = run(["certify", DIGITS, "--bits", "8", "--box-npz", str(_box_file(tmp_path, batch, 3)),
+                        "--method", "crown", "--json"], capsys)
+  assert code == 0, err
+  assert qb.Certificate.from_json(out).upper == pytest.approx(batch.upper[3], rel=1e-5)
+
+
+def _box_file(tmp_path, batch, i):
+  path = tmp_path / f"box{i}.npz"
+  np.savez(path, lower=batch.box_lower[i], upper=batch.box_upper[i])
+  return path
+
+
+def test_certify_many_inputs_summary(capsys, digit_inputs):
+  path, _ = digit_inputs
+  code, out, err = run(["certify", DIGITS, "--inputs", path, "--radius", "0.02", "--method", "interval",
+                        "--memory-budget", "256MiB", "--devices", "1"], capsys)
+  assert code == 0, err
+  assert "inputs:       5 from" in out and "proven upper: median" in out
+  assert len([line for line in out.splitlines() if line.strip()[:1].isdigit() and "  " in line.strip()]) >= 5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--center", "0"], "cannot be combined with --center"),
+    ([], "needs --radius"),
+    (["--radius", "-1"], "--radius must be >= 0"),
+    (["--radius", "0.1", "--clip", "1,0"], "--clip needs two numbers"),
+    (["--radius", "0.1", "--clip", "0.5,1"], "outside --clip"),
+    (["--radius", "0.1", "--method", "bab"], "not batched"),
+    (["--radius", "0.1", "--memory-budget", "lots"], "not a number of bytes"),
+    (["--radius", "0.1", "--devices", "99"], "--devices must be between 1"),
+])
+def test_many_inputs_bad_options(extra, message, capsys, digit_inputs):
+  path, _ = digit_inputs
+  code, _, err = run(["certify", DIGITS, "--inputs", path, *extra], capsys)
+  assert code == 2 and message in err, err
+
+
+def test_many_inputs_bad_files(capsys, tmp_path):
+  np.save(tmp_path / "flat.npy", np.zeros(64))
+  np.savez(tmp_path / "two.npz", a=np.zeros((2, 64)), b=np.zeros((2, 64)))
+  np.save(tmp_path / "wrong.npy", np.zeros((2, 10)))
+  for name, message in (("missing.npz", "no such file"), ("flat.npy", "shape (n, *input_shape)"),
+                        ("two.npz", "name the batch 'inputs'"), ("wrong.npy", "each input has shape (10,)")):
+    code, _, err = run(["certify", DIGITS, "--inputs", str(tmp_path / name), "--radius", "0.1"], capsys)
+    assert code == 2 and message in err, (name, err)
+  code, _, err = run(["certify", DIGITS, "--clip", "0,1"], capsys)
+  assert code == 2 and "use it with --inputs" in err

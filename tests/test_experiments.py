@@ -146,6 +146,24 @@ def test_scaling(smoke):
   assert "interval" in summary["exponents"]["width"]
 
 
+def test_batch_mnist(smoke):
+  """All boxes in one certify_batch call (the bundled digits in smoke mode)."""
+  summary, out = smoke("batch_mnist")
+  for f in ("images.csv", "summary.json", "batch.json.gz", "bounds_hist.png"):
+    assert (out / f).stat().st_size > 0
+  rows = read_csv(out / "images.csv")
+  assert len(rows) == summary["images"] and assert_sound(rows) == len(rows)
+  assert summary["one_call"] and summary["seconds_per_image"] > 0 and summary["compile_seconds"] >= 0
+  assert summary["upper"]["min"] <= summary["upper"]["median"] <= summary["upper"]["max"]
+  import gzip
+
+  import qbound as qb
+
+  with gzip.open(out / "batch.json.gz", "rt") as fh:
+    batch = qb.BatchCertificate.from_json(fh.read())
+  assert [r["upper"] for r in rows] == batch.upper.tolist()
+
+
 @pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")
 def test_activation_quant(smoke):
   summary, out = smoke("activation_quant")
