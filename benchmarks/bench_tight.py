@@ -1,7 +1,8 @@
 """Tightness and speed of qbound's certificates against exact values and published baselines.
 
 Prints, in one run:
-  1. exactness: certify(method="auto") vs the exact MILP on small random ReLU nets;
+  1. exactness: certify(method="auto") vs the exact maximal error (bracketed by the MILP and a
+     long branch and bound) on small random ReLU nets;
   2. MNIST 3x100 vs its 16-bit copy (radius 3/255, images 0..9): differential vs CROWN on the
      merged network vs NeuroDiff's published numbers (../shared/bench/README.md);
   3. HAR vs its 16-bit copy (radius 0.1, inputs 0..9): same columns;
@@ -57,11 +58,22 @@ def mlp_apply(params, x):
   return x
 
 
-def bench_exact(n_nets: int = 12):
-  print("\n== 1. exactness: certify(method='auto') vs exact MILP on small random ReLU nets ==")
-  print(f"{'net':<18}{'bits':>5}{'exact':>12}{'upper':>12}{'upper/exact':>13}{'lower':>12}{'method':>10}{'s':>7}")
+def bench_exact(n_nets: int = 12, budget: float = 4.5, reference_seconds: float = 30.0):
+  """certify(method="auto") within ``budget`` seconds against the exact maximal error.
+
+  The exact value is bracketed by two independent long runs per net: HiGHS on the MILP and branch
+  and bound to a 0.1% gap, each with ``reference_seconds``; ``exact in [lo, hi]`` is the tightest
+  bracket they (and the certificate) prove. ``upper/exact <=`` divides by ``lo``, so it is an
+  upper bound on the true ratio. The first ``s`` column is the first call on the net (compiling
+  its new layer shapes, in a process that has certified the nets above it); the second is a
+  second call, compiled.
+  """
+  print(f"\n== 1. exactness: certify(method='auto', time_budget={budget}) vs the exact maximal error on small "
+        "random ReLU nets ==")
+  print(f"{'net':<18}{'bits':>5}{'exact in [lo, hi]':>26}{'upper':>11}{'upper/exact <=':>16}{'lower':>11}"
+        f"{'method':>8}{'s first':>9}{'s again':>9}{'milp':>16}")
   rng = np.random.default_rng(0)
-  ratios, times = [], []
+  ratios, firsts, agains = [], [], []
   for i in range(n_nets):
     n_in = int(rng.integers(2, 6))
     hidden = [int(rng.choice([8, 12, 16])) for _ in range(int(rng.integers(2, 4)))]
@@ -71,16 +83,24 @@ def bench_exact(n_nets: int = 12):
     qparams = qb.quantize.uniform(params, bits=bits)
     f, fq = functools.partial(mlp_apply, params), functools.partial(mlp_apply, qparams)
     box = qb.Box(-jnp.ones(n_in), jnp.ones(n_in))
-    exact = qb.exact.milp(f, fq, box, time_limit=120)
-    cert = qb.certify(f, fq, box, method="auto", time_budget=5.0, target_gap=0.02)
-    ratio = cert.upper / exact.value
+    cert = qb.certify(f, fq, box, method="auto", time_budget=budget, target_gap=0.02)
+    again = qb.certify(f, fq, box, method="auto", time_budget=budget, target_gap=0.02)
+    exact = qb.exact.milp(f, fq, box, time_limit=reference_seconds)
+    reference = branch_and_bound(qb.merge(f, fq, box), box, time_budget=reference_seconds, target_gap=1e-3,
+                                 initial_lower=max(exact.value, cert.lower), initial_witness=exact.maximizer)
+    lo = max(exact.value, reference.lower, cert.lower, again.lower)
+    hi = min(exact.upper, reference.upper, cert.upper, again.upper)
+    ratio = cert.upper / lo
     ratios.append(ratio)
-    times.append(cert.seconds)
+    firsts.append(cert.seconds)
+    agains.append(again.seconds)
     name = "-".join(map(str, widths))
-    print(f"{name:<18}{bits:>5}{exact.value:>12.6f}{cert.upper:>12.6f}{ratio:>13.4f}{cert.lower:>12.6f}"
-          f"{cert.method:>10}{cert.seconds:>7.2f}")
-  print(f"upper/exact: max {max(ratios):.4f}, median {np.median(ratios):.4f}; "
-        f"time: max {max(times):.2f} s (includes compilation of each new shape)")
+    milp = f"{exact.seconds:.1f} s" + (" optimal" if exact.optimal else " limit")
+    print(f"{name:<18}{bits:>5}{f'[{lo:.6f}, {hi:.6f}]':>26}{cert.upper:>11.6f}{ratio:>16.4f}{cert.lower:>11.6f}"
+          f"{cert.method:>8}{cert.seconds:>9.2f}{again.seconds:>9.2f}{milp:>16}", flush=True)
+  ok = sum(r <= 1.02 and s < 5 for r, s in zip(ratios, firsts))
+  print(f"upper/exact: max {max(ratios):.4f}, median {np.median(ratios):.4f}; within 1.02 in under 5 s (first "
+        f"call): {ok}/{len(ratios)}; time: first call max {max(firsts):.2f} s, again max {max(agains):.2f} s")
 
 
 def _pairs(name):
@@ -157,7 +177,10 @@ def main(argv=None):
   parser.add_argument("--cache", default=None, help="a JAX persistent compilation cache directory")
   args = parser.parse_args(argv)
   if args.cache:
+    # Every compiled step, however small: they are many and each compiles in well under a second.
     jax.config.update("jax_compilation_cache_dir", args.cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   only = set(args.only.split(","))
   if "exact" in only:
     bench_exact()

@@ -31,6 +31,8 @@ from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
 from qbound.merge import MergedNetwork, merge
 
+# Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
+LOW_DIMENSIONAL_INPUTS = 8
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 
 
@@ -229,11 +231,16 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       (optimised slopes), ``"diff"`` / ``"diff-interval"`` (differential bounds, symbolic or
       interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, for piecewise-linear
       nets: ReLU, clip, rounding), or ``"auto"``: cheap bounds first (interval, CROWN,
-      differential); then, on small piecewise-linear nets (at most 128 ReLU, clip and rounding
-      neurons in all), the exact MILP with half the time left; then optimised
-      differential bounds, branch and bound, and the MILP again with what time is left, until
-      ``upper <= (1 + target_gap) * lower`` or ``time_budget`` runs out. The tightest bound per
-      output is kept and ``Certificate.bounds`` records what each method proved.
+      differential) and the lower-bound search. Then, for paired networks with inputs of at
+      most ``LOW_DIMENSIONAL_INPUTS`` (8) entries, branch and bound on the input with all the
+      time left (its first batch is the differential bound, its probes the search), and the exact
+      MILP on small piecewise-linear nets (at most 128 ReLU, clip and rounding neurons in all)
+      only if branch and bound stops early. For larger
+      inputs: the MILP first with half the time left (small piecewise-linear nets), then
+      optimised differential bounds, branch and bound, and the MILP again with what time is left.
+      Each stage runs only while ``upper > (1 + target_gap) * lower`` and time is left. The
+      tightest bound per output is kept and ``Certificate.bounds`` records what each method
+      proved.
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
     search: settings of the lower-bound search (:class:`qbound.attack.Search`).
@@ -290,39 +297,51 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   def finished() -> bool:
     return track.done(target_gap, epsilon) or left() <= 0
 
+  # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
+  # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
+  # So auto on paired networks goes to branch and bound directly: its first batch is the
+  # differential bound on the whole box, its probes find the reached errors, and the MILP gets
+  # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
+  few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
+  branch_first = method == "auto" and few_inputs and merged.paired
+
   # Cheap proven bounds.
   if method in ("interval", "auto"):
     track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-  if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
-    track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
-  if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
-    name = "diff-interval" if method == "diff-interval" else "diff"
-    track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
+  if not branch_first:
+    if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
+      track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
+    if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
+      name = "diff-interval" if method == "diff-interval" else "diff"
+      track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
 
-  # Reached errors.
-  _, x = attack.maximize_error(graph, box, key=key, search=search)
-  track.add_witness(graph, x)
+    # Reached errors.
+    _, x = attack.maximize_error(graph, box, key=key, search=search)
+    track.add_witness(graph, x)
 
   milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
-  if milp_ok and method == "auto" and not finished():
-    # On small piecewise-linear nets the exact MILP usually closes the gap in well under a second: try it
+  if milp_ok and method == "auto" and not few_inputs and not finished():
+    # On small piecewise-linear nets the exact MILP often closes the gap in well under a second: try it
     # first with half the time left, and fall back to the incomplete methods only if it stops.
     _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
-  if method == "alpha" or (method == "auto" and not finished()):
+  if method == "alpha" or (method == "auto" and not few_inputs and not finished()):
     if merged.paired:
       track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
     else:
       track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
 
-  if method == "bab" or (method == "auto" and not finished()):
+  if method == "bab" or branch_first or (method == "auto" and not finished()):
     from qbound.bounds.bab import branch_and_bound
 
-    # Leave the exact MILP a share of the time where it applies.
-    budget = left() * (0.4 if method == "auto" and milp_ok else 1.0)
-    if budget > 0:
-      res = branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
+    # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
+    # it keeps the time, and the MILP runs only if it stops early).
+    budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
+    if budget > 0 or branch_first:  # branch_first needs at least the whole box bounded (its first batch)
+      res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(budget, 0.0), target_gap=target_gap,
                              epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound)
+      if branch_first:
+        track.add_bounds("diff", res.root_lower, res.root_upper)
       track.add_witness(graph, res.witness)
       track.add_bounds("bab", res.diff_lower, res.diff_upper)
 

@@ -66,6 +66,7 @@ TOLERANCE_FACTOR = 10.0
 MIP_REL_GAP = 1e-9
 # Points evaluated before solving, for a first reached error (cheap: one float64 batch).
 STARTS = 256
+PAIR_CUTS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,12 +326,33 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
       add_rows(np.concatenate([rng, rng]), np.concatenate([src, k]), np.concatenate([np.ones(m), -np.ones(m)]),
                np.full(m, -below), np.full(m, above))
       index.append(k.reshape(node.shape))
-  for a, b, d_lo, d_hi in differences:
+  known = {(a, b): (np.asarray(d_lo, np.float64).ravel(), np.asarray(d_hi, np.float64).ravel())
+           for a, b, d_lo, d_hi in differences}
+  for (a, b), (d_lo, d_hi) in known.items():
     ia, ib = index[a].ravel(), index[b].ravel()
     m = ia.size
     rng = np.arange(m)
     add_rows(np.concatenate([rng, rng]), np.concatenate([ia, ib]), np.concatenate([np.ones(m), -np.ones(m)]),
-             np.asarray(d_lo, np.float64).ravel(), np.asarray(d_hi, np.float64).ravel())
+             d_lo, d_hi)
+    na, nb = graph.nodes[a], graph.nodes[b]
+    pre = (na.inputs[0], nb.inputs[0]) if na.kind == nb.kind == G.RELU else None
+    if PAIR_CUTS and pre in known:
+      # relu is monotone and 1-Lipschitz, so for t = x - x_q: min(t, 0) <= y - y_q <= max(t, 0). Over
+      # t in [tl, tu] the chords of these two hinges are linear cuts tying y - y_q to x - x_q, which
+      # the LP relaxation of two independent big-M encodings does not see.
+      tl, tu = known[pre]
+      xa, xb = index[pre[0]].ravel(), index[pre[1]].ravel()
+      cols4 = np.concatenate([ia, ib, xa, xb])
+      rows4 = np.concatenate([rng] * 4)
+      span = np.where(tu > tl, tu - tl, 1.0)
+      # upper: y - y_q <= s (t - tl) + max(tl, 0) with s the chord's slope of max(t, 0)
+      up_s = np.where(tl >= 0, 1.0, np.where(tu <= 0, 0.0, tu / span))
+      up_c = np.where(tl >= 0, 0.0, np.where(tu <= 0, 0.0, -up_s * tl))
+      add_rows(rows4, cols4, np.concatenate([np.ones(m), -np.ones(m), -up_s, up_s]), np.full(m, -np.inf), up_c)
+      # lower: y - y_q >= s (t - tu) + min(tu, 0) with s the chord's slope of min(t, 0)
+      lo_s = np.where(tu <= 0, 1.0, np.where(tl >= 0, 0.0, -tl / span))
+      lo_c = np.where(tu <= 0, 0.0, np.where(tl >= 0, 0.0, -lo_s * tu))
+      add_rows(rows4, cols4, np.concatenate([np.ones(m), -np.ones(m), -lo_s, lo_s]), lo_c, np.full(m, np.inf))
   n_vars, n_rows, n_binaries = count
   if rows:
     matrix = scipy.sparse.csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),

@@ -1,0 +1,87 @@
+"""Branch and bound on the input (qbound.bounds.bab): sound at every stop, and converging to the
+exact maximal error on small ReLU nets."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers as H
+import qbound as qb
+from qbound.bounds import bab
+from qbound.bounds.diff import diff_bounds
+
+
+def small_case(seed=0, shape=H.SHAPES[0], bits=3):
+  f, fq, _, _ = H.random_pair(seed, shape, bits=bits)
+  n_in = shape[0]
+  box = qb.Box(-jnp.ones(n_in), jnp.ones(n_in))
+  return f, fq, box, qb.merge(f, fq, box)
+
+
+def test_root_bounds_are_the_differential_bounds():
+  _, _, box, merged = small_case()
+  res = bab.branch_and_bound(merged, box, time_budget=0.0)
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
+  lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in d[merged.f_graph.output])
+  np.testing.assert_allclose(res.root_lower, lo, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(res.root_upper, hi, rtol=1e-5, atol=1e-7)
+  assert res.upper >= res.lower and res.pieces_bounded >= 1
+
+
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (1, H.SHAPES[1], 4), (2, H.SHAPES[3], 6)])
+def test_converges_to_the_exact_value(seed, shape, bits):
+  """Every stop is sound (lower <= exact <= upper), and the gap closes on small nets."""
+  f, fq, box, merged = small_case(seed, shape, bits)
+  exact = qb.exact.milp(f, fq, box, time_limit=60)
+  assert exact.optimal
+  res = bab.branch_and_bound(merged, box, time_budget=60, target_gap=0.01)
+  tol = exact.tolerance
+  assert res.lower <= exact.upper + tol and res.upper >= exact.value - tol
+  assert res.stopped in ("gap", "exhausted"), res
+  assert res.upper <= 1.01 * exact.upper + tol
+  # The reached error is reached: the witness's error, in float64, is the lower bound (up to float32).
+  assert np.abs(H.eval64(merged, res.witness[None])).max() == pytest.approx(res.lower, rel=1e-4, abs=1e-6)
+
+
+def test_sampled_errors_within_the_bounds_when_stopped_early():
+  f, fq, box, merged = small_case(3, H.SHAPES[2], 4)
+  res = bab.branch_and_bound(merged, box, time_budget=0.3, target_gap=0.0)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.all(values >= res.diff_lower - 1e-9) and np.all(values <= res.diff_upper + 1e-9)
+  assert np.abs(values).max() <= res.upper + 1e-9
+
+
+def test_candidate_axes_skip_narrow_and_empty_dimensions():
+  scale = np.array([2.0, 2.0, 100.0, 0.0])
+  # relative widths 0.5, 0.01, 0.5, (no width): the second is more than ASPECT times narrower
+  assert bab._candidate_axes(np.array([1.0, 0.02, 50.0, 0.0]), scale) == [0, 2]
+  assert bab._candidate_axes(np.zeros(4), scale) == []
+  assert bab._candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), scale) == [1]
+
+
+def test_strong_branching_prefers_splits_that_help_both_children():
+  # Minimax would pick axis 0 (worse child 0.9 < 0.95); the product of gains picks axis 1.
+  assert bab._strong_branching_axis(1.0, [(0.9, 0.999), (0.95, 0.6)]) == 1
+  # No gain anywhere: any axis, but a valid one.
+  assert bab._strong_branching_axis(1.0, [(1.0, 1.0), (1.0, 1.0)]) in (0, 1)
+
+
+def test_default_batch_size_follows_the_net_size():
+  _, _, _, small = small_case()
+  assert bab.default_batch_size(small) == 256
+  f, fq, _, _ = H.random_pair(0, (4, (200, 200), 2), bits=8)
+  box = qb.Box(-jnp.ones(4), jnp.ones(4))
+  assert bab.default_batch_size(qb.merge(f, fq, box)) == 64
+
+
+def test_auto_branches_first_on_few_inputs():
+  """Paired networks with few inputs: auto goes to branch and bound (no separate CROWN pass) and
+  closes the gap to the exact value."""
+  f, fq, box, _ = small_case(0, H.SHAPES[0], 3)
+  cert = qb.certify(f, fq, box, method="auto", time_budget=60, target_gap=0.02)
+  assert {"interval", "diff", "bab"} <= set(cert.bounds) and "crown" not in cert.bounds
+  exact = qb.exact.milp(f, fq, box, time_limit=60)
+  assert cert.lower <= exact.upper + exact.tolerance
+  assert exact.value - exact.tolerance <= cert.upper <= 1.02 * exact.upper + exact.tolerance
