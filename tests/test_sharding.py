@@ -56,8 +56,9 @@ def compare(one, eight):
   assert (eight["bab"]["pieces"], eight["bab"]["stopped"]) == (one["bab"]["pieces"], one["bab"]["stopped"])
   for k in ("upper", "lower"):
     assert eight["bab"][k] == pytest.approx(one["bab"][k], rel=1e-6), k
-  assert one["bab"]["layout"] == {"0": 64}
-  assert sorted(eight["bab"]["layout"].values()) == [8] * 8
+  batch = 256  # qbound.bounds.bab.default_batch_size of this small net
+  assert one["bab"]["layout"] == {"0": batch}
+  assert sorted(eight["bab"]["layout"].values()) == [batch // 8] * 8
   assert eight["sampling"]["value"] == pytest.approx(one["sampling"]["value"], rel=1e-6)
 
 
