@@ -230,17 +230,16 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     method: ``"interval"`` (IBP), ``"crown"`` (CROWN on the merged network), ``"alpha"``
       (optimised slopes), ``"diff"`` / ``"diff-interval"`` (differential bounds, symbolic or
       interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, for piecewise-linear
-      nets: ReLU, clip, rounding), or ``"auto"``: cheap bounds first (interval, CROWN,
-      differential) and the lower-bound search. Then, for paired networks with inputs of at
+      nets: ReLU, clip, rounding), or ``"auto"``: interval bounds first. Then, for inputs of at
       most ``LOW_DIMENSIONAL_INPUTS`` (8) entries, branch and bound on the input with all the
-      time left (its first batch is the differential bound, its probes the search), and the exact
+      time left (for paired networks straight away: its first batch is the differential bound
+      and its probes replace the search; otherwise after CROWN and the search), and the exact
       MILP on small piecewise-linear nets (at most 128 ReLU, clip and rounding neurons in all)
-      only if branch and bound stops early. For larger
-      inputs: the MILP first with half the time left (small piecewise-linear nets), then
-      optimised differential bounds, branch and bound, and the MILP again with what time is left.
-      Each stage runs only while ``upper > (1 + target_gap) * lower`` and time is left. The
-      tightest bound per output is kept and ``Certificate.bounds`` records what each method
-      proved.
+      only if branch and bound stops early. For larger inputs: CROWN, differential bounds and
+      the search, the MILP with half the time left (small piecewise-linear nets), optimised
+      slopes, branch and bound, and the MILP again with what time is left. Each stage runs only
+      while ``upper > (1 + target_gap) * lower`` and time is left. The tightest bound per output
+      is kept and ``Certificate.bounds`` records what each method proved.
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
     search: settings of the lower-bound search (:class:`qbound.attack.Search`).
