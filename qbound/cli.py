@@ -331,16 +331,22 @@ def _run_certify(args: argparse.Namespace, out) -> int:
   except ValueError as err:
     raise UsageError(str(err)) from None
 
-  if args.output is not None:
-    try:
-      pathlib.Path(args.output).write_text(cert.to_json(indent=2) + "\n", encoding="utf-8")
-    except OSError as err:
-      raise UsageError(f"--output {args.output}: cannot write it ({err.strerror or err}).") from None
+  _write_output(args.output, cert.to_json(indent=2))
   if args.json:
     print(cert.to_json(indent=2), file=out)
   else:
     print(summary(cert, args.model, against, args.output), file=out)
   return 0
+
+
+def _write_output(path: Optional[str], text: str) -> None:
+  """Writes ``text`` (a certificate's JSON) to ``--output`` when it was given."""
+  if path is None:
+    return
+  try:
+    pathlib.Path(path).write_text(text + "\n", encoding="utf-8")
+  except OSError as err:
+    raise UsageError(f"--output {path}: cannot write it ({err.strerror or err}).") from None
 
 
 def _check_compressor_options(args: argparse.Namespace) -> None:
@@ -535,11 +541,7 @@ def _run_certify_batch(args: argparse.Namespace, f, fq, boxes, against: str, out
     raise  # a bug in qbound, not a usage error: keep the traceback for the report
   except ValueError as err:
     raise UsageError(str(err)) from None
-  if args.output is not None:
-    try:
-      pathlib.Path(args.output).write_text(batch.to_json() + "\n", encoding="utf-8")
-    except OSError as err:
-      raise UsageError(f"--output {args.output}: cannot write it ({err.strerror or err}).") from None
+  _write_output(args.output, batch.to_json())
   if args.json:
     print(batch.to_json(), file=out)
   else:
