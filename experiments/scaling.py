@@ -7,9 +7,10 @@ random input. For each method (interval, CROWN on the merged network, differenti
 
 * ``first_seconds``: the first call (tracing + XLA compilation + run); ``seconds``: the fastest of
   three later calls; ``compile_seconds`` = first - seconds;
-* memory: XLA's own accounting of the compiled computation (``memory_analysis()``: temporary
-  buffers, and arguments = the weights) where the JAX version provides it, and the process's
-  peak RSS (which only grows);
+* memory: XLA's own accounting of the bound compiled as one program (``memory_analysis()``:
+  temporary buffers, and arguments = the weights) where the JAX version provides it, left empty
+  once that compilation is predicted to pass ``--cap`` (it grows far faster with depth than the
+  per-step compilation the bounds run with), and the process's peak RSS (which only grows);
 * growth exponents: slopes of log(time) and log(memory) against log(width) / log(depth) by
   ``numpy.polyfit`` over the largest sizes measured.
 
@@ -80,17 +81,19 @@ def xla_memory(method, merged, box):
     return None, None
 
 
-def measure(method, merged, box):
+def measure(method, merged, box, whole_program: bool = True):
+  """Times of the bound; with ``whole_program``, XLA's memory estimate for it compiled as one program
+  (seconds to minutes of compilation on deep nets, so the sweep skips it past the cap)."""
   _, first = common.timed(common.bound, method, merged, box)
   steady = min(common.timed(common.bound, method, merged, box)[1] for _ in range(3))
-  temp, args = xla_memory(method, merged, box)
+  (temp, args), memory_seconds = common.timed(xla_memory, method, merged, box) if whole_program else ((None, None), None)
   return dict(first_seconds=first, seconds=steady, compile_seconds=max(first - steady, 0.0),
               xla_temp_mib=None if temp is None else temp / 2**20, xla_args_mib=None if args is None else args / 2**20,
-              peak_rss_mib=common.peak_rss_mib())
+              xla_memory_seconds=memory_seconds, peak_rss_mib=common.peak_rss_mib())
 
 
 def sweep(kind, sizes, cfg, key):
-  rows, last, skipped = [], {}, {}
+  rows, last, skipped, whole = [], {}, {}, {}
   for size in sizes:
     hidden = (size, size) if kind == "width" else (cfg["depth_width"],) * size
     f, fq, box = net(jax.random.fold_in(key, size), hidden)
@@ -109,7 +112,14 @@ def sweep(kind, sizes, cfg, key):
           skipped[m] = f"predicted {predicted:.0f} s > cap {cfg['cap']:.0f} s"
           rows.append(dict(row, skipped=skipped[m]))
           continue
-      row.update(measure(m, merged, box))
+      # XLA's memory estimate compiles the bound as one program, which grows much faster with depth
+      # than the per-step compilation the bounds use (diff: about depth^3.5).
+      whole_program = m not in whole or whole[m] is not None  # None: an earlier size was already past the cap
+      if whole.get(m) is not None:
+        prev_size, prev_seconds = whole[m]
+        whole_program = prev_seconds * (size / prev_size) ** GROWTH[kind][m][1] <= cfg["cap"]
+      row.update(measure(m, merged, box, whole_program))
+      whole[m] = (size, row["xla_memory_seconds"]) if whole_program else None
       last[m] = (size, row["seconds"], row["compile_seconds"])
       rows.append(row)
       print(f"  {kind} {size:>5} {m:<9} first {row['first_seconds']:8.3f} s  steady {row['seconds']:8.4f} s  "
