@@ -61,6 +61,48 @@ def test_candidate_axes_skip_narrow_and_empty_dimensions():
   assert bab._candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), scale) == [1]
 
 
+def test_candidate_axes_keep_the_most_sensitive_dimensions():
+  scale = np.full(5, 2.0)
+  width = np.full(5, 1.0)
+  grad = np.array([0.1, 3.0, 0.0, 2.0, 1.0])
+  assert bab._candidate_axes(width, scale, grad) == [1, 3, 4]
+  # The sensitivity is |gradient| times width: a narrower piece side counts for less.
+  assert bab._candidate_axes(np.array([1.0, 0.2, 1.0, 1.0, 1.0]), scale, grad) == [3, 4, 1]
+  assert bab._candidate_axes(width[:3], scale[:3], grad[:3]) == [0, 1, 2]  # few dimensions: all
+
+
+@pytest.mark.parametrize("seed,shape,compression", [(0, H.SHAPES[1], {"bits": 3}), (1, H.SHAPES[2], {"bits": 8}),
+                                                    (2, H.SHAPES[0], {"noise": 1e-3})])
+def test_diff_bounds_without_f_crown_are_sound(seed, shape, compression):
+  """f_crown=False bounds f's nodes by intervals and z = z_q + d: still sound, and for a close copy
+  as tight as with f's CROWN bounds."""
+  f, fq, _, _ = H.random_pair(seed, shape, **compression)
+  box = H.random_box(seed, shape[0])
+  merged = qb.merge(f, fq, box)
+  values = H.eval64(merged, H.sample_points(box, 2000, seed))
+  for f_crown in (True, False):
+    _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True, f_crown=f_crown)
+    lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in d[merged.f_graph.output])
+    assert np.all(values >= lo - 1e-9) and np.all(values <= hi + 1e-9), f_crown
+    if f_crown:
+      width = hi - lo
+    elif "noise" in compression:
+      assert np.all(hi - lo <= 1.05 * width + 1e-7)
+
+
+def test_f_crown_is_skipped_only_for_close_copies():
+  """Branch and bound drops f's CROWN bounds when z_q + d is barely wider than them (a close copy),
+  and keeps them for a coarse one."""
+  widening = {}
+  for name, compression in (("close", {"noise": 1e-4}), ("coarse", {"bits": 2})):
+    f, fq, _, _ = H.random_pair(3, H.SHAPES[1], init_scale=2.0, **compression)
+    box = qb.Box(-jnp.ones(3), jnp.ones(3))
+    merged = qb.merge(f, fq, box)
+    z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
+    widening[name] = bab._widening(merged.f_graph, z, zq, d)
+  assert widening["close"] <= bab.F_CROWN_WIDENING < widening["coarse"]
+
+
 def test_strong_branching_prefers_splits_that_help_both_children():
   # Minimax would pick axis 0 (worse child 0.9 < 0.95); the product of gains picks axis 1.
   assert bab._strong_branching_axis(1.0, [(0.9, 0.999), (0.95, 0.6)]) == 1
