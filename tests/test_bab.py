@@ -115,7 +115,7 @@ def test_default_batch_size_follows_the_net_size():
   assert bab.default_batch_size(small) == 256
   f, fq, _, _ = H.random_pair(0, (4, (200, 200), 2), bits=8)
   box = qb.Box(-jnp.ones(4), jnp.ones(4))
-  assert bab.default_batch_size(qb.merge(f, fq, box)) == 64
+  assert bab.default_batch_size(qb.merge(f, fq, box)) == 32
 
 
 def test_auto_branches_first_on_few_inputs():

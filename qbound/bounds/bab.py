@@ -130,14 +130,15 @@ SMALL_NET_NEURONS = 256
 
 
 def default_batch_size(merged) -> int:
-  """Pieces per batch: 256 on small nets, 64 otherwise (measured in ``benchmarks/bench_tight.py``).
+  """Pieces per batch: 256 on small nets, 32 otherwise (measured in ``benchmarks/bench_tight.py``).
 
   On random MLPs of 2-5 inputs and 2-3 hidden layers of 8-16 ReLUs a batch of 256 costs about
-  twice one of 64 and branch and bound closes the gap sooner; on ACAS Xu (300 ReLUs per network)
-  epsilon = 0.05 took 1.9 s with 64 and 10.7 s with 256 (measured before pieces skipped f's CROWN bounds).
+  twice one of 64 and branch and bound closes the gap sooner. On ACAS Xu (300 ReLUs per network) a
+  batch costs in proportion to its pieces, and strong branching fills it with few parents early on:
+  epsilon = 0.05 over 1_1..1_9 took a median 0.92 s with 32 (24: 0.91 s, 64: 1.22 s, 256: 5x longer).
   """
   neurons = sum(n.size for n in merged.f_graph.nodes if n.kind not in (G.INPUT, G.AFFINE, G.ADD, G.CONCAT))
-  return 256 if neurons <= SMALL_NET_NEURONS else 64
+  return 256 if neurons <= SMALL_NET_NEURONS else 32
 
 
 # Dimensions split by strong branching are those at least 1/ASPECT as wide (relative to the box)
@@ -204,7 +205,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     batch_size: pieces bounded per batch (a fixed shape, so one compilation), rounded up to a
       multiple of the device count. None: :func:`default_batch_size` (256 for nets of at most
       ``SMALL_NET_NEURONS`` activation neurons, whose batches cost little more than their
-      dispatch, else 64, which keeps the search focused on the worst pieces of larger nets).
+      dispatch, else 32, whose batches cost in proportion to their pieces).
     max_pieces: most open pieces kept.
     strong_branching_dims: for inputs of at most this many entries, every split is chosen by
       bounding both halves along each candidate dimension (strong branching); above, by the gradient

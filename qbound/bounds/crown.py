@@ -67,12 +67,16 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
   if node.kind == G.AFFINE:
     if node.bias is not None:
       beta = _row_sum(lam * node.bias)
-      if sound:
-        err = fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(lam * node.bias)), dtype)
     if sound:
       # sum_i (|A|^T |lam|)_i m_i = |lam| . (|A| m): one vector per node instead of a product per row.
-      spread = node.linear_abs(_magnitude(src_bounds, 0))
-      err = err + fp.dot_margin(node.op.terms_transpose if node.op else 1, _row_sum(jnp.abs(lam) * spread), dtype)
+      # The margins are linear in the magnitudes, so the bias's is added entry by entry: one row sum.
+      n_t = node.op.terms_transpose if node.op else 1
+      spread = fp.margin_coefficient(n_t, dtype) * node.linear_abs(_magnitude(src_bounds, 0))
+      err = err + fp.margin_floor(n_t, dtype)
+      if node.bias is not None:
+        spread = spread + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * jnp.abs(node.bias)
+        err = err + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
+      err = err + _row_sum(jnp.abs(lam) * spread)
     return (jax.vmap(node.linear_transpose)(lam),), beta, err
   if node.kind == G.ADD:
     return tuple(lam if sign > 0 else -lam for sign in node.attrs), beta, err
@@ -88,11 +92,14 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
     lo, hi = src_bounds[0]
     r = relax.for_node(node, lo, hi, alpha, sound=sound)
     pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
-    beta = _row_sum(neg * r.upper_offset) + _row_sum(pos * r.lower_offset)
+    # One of pos, neg is 0 in every entry: the two products add up exactly.
+    beta = _row_sum(neg * r.upper_offset + pos * r.lower_offset)
     if sound:
       slope = jnp.maximum(jnp.abs(r.lower_slope), jnp.abs(r.upper_slope))
-      err = fp.unit_roundoff(dtype) * fp.SLACK * _row_sum(jnp.abs(lam) * slope * _magnitude(src_bounds, 0))
-      err = err + fp.dot_margin(fp.pairwise_terms(node.size), _row_sum(jnp.abs(neg * r.upper_offset) + jnp.abs(pos * r.lower_offset)), dtype)
+      offset = jnp.maximum(jnp.abs(r.lower_offset), jnp.abs(r.upper_offset))
+      spread = (fp.unit_roundoff(dtype) * fp.SLACK * slope * _magnitude(src_bounds, 0)
+                + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * offset)
+      err = _row_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
     return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
   raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 

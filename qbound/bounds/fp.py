@@ -57,7 +57,23 @@ def round_up(x):
 
 def dot_margin(n: int, magnitude, dtype):
   """The proven error bound of a sum of ``n`` products whose absolute values add up to ``magnitude``."""
-  return SLACK * gamma(n + 2, dtype) * magnitude + (n + 2) * tiny(dtype)
+  return margin_coefficient(n, dtype) * magnitude + margin_floor(n, dtype)
+
+
+def margin_coefficient(n: int, dtype) -> float:
+  """:func:`dot_margin`'s factor on the magnitude. Being linear in it, the margins of several sums
+  can be added up term by term and summed once (the SLACK covers that sum's own rounding too)."""
+  return SLACK * gamma(n + 2, dtype)
+
+
+def margin_floor(n: int, dtype) -> float:
+  """:func:`dot_margin`'s constant: flushed subnormals, at most one per rounding."""
+  return (n + 2) * tiny(dtype)
+
+
+def plus(total, value):
+  """``total + value`` with None as zero."""
+  return value if total is None else total + value
 
 
 def pairwise_sum(x):
