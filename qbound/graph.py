@@ -39,7 +39,10 @@ import numpy as np
 
 INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "concat", "relu", "clip", "round"
 TANH, SIGMOID = "tanh", "sigmoid"
-ROUNDING = {"nearest": jnp.round, "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
+# Rounding modes of ``round`` nodes: ``nearest`` rounds halves to even (jnp.round), ``away`` rounds
+# them away from zero (jax.lax.round's default).
+ROUNDING = {"nearest": jnp.round, "away": lambda x: jax.lax.round(x, jax.lax.RoundingMethod.AWAY_FROM_ZERO),
+            "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 # S-shaped activations (increasing, convex below 0 and concave above): their functions.
 SMOOTH = {TANH: jnp.tanh, SIGMOID: jax.nn.sigmoid}
 

@@ -13,7 +13,8 @@ checkpoints), and turns each equation that does depend on the input into a node:
   are evaluated while tracing;
 * ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
 * ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
-  as the identity);
+  as the identity), with halves rounded as the function does (to even for ``jnp.round``, away
+  from zero for ``jax.lax.round``'s default);
 * ``tanh`` and ``logistic`` (sigmoid) become ``tanh`` and ``sigmoid`` nodes;
 * ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
   ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
@@ -520,6 +521,8 @@ def _rule_clamp(b: _Builder, eqn, ins, where, shape):
 
 def _rule_round(b: _Builder, eqn, ins, where, shape):
   mode = {"round": "nearest", "floor": "floor", "ceil": "ceil"}[eqn.primitive.name]
+  if mode == "nearest" and eqn.params.get("rounding_method") != jax.lax.RoundingMethod.TO_NEAREST_EVEN:
+    mode = "away"  # jax.lax.round's default: halves away from zero
   return b.emit(G.Node(kind=G.ROUND, inputs=(ins[0][1],), shape=shape, attrs=(mode,), where=where))
 
 

@@ -50,6 +50,20 @@ def test_rounding_alone_is_not_treated_as_identity():
     assert cert.upper >= 0.25 - 1e-6, method
 
 
+@pytest.mark.parametrize("tie, away, even", [(0.5, 1.0, 0.0), (2.5, 3.0, 2.0), (-1.5, -2.0, -2.0)])
+def test_halves_round_as_the_network_rounds_them(tie, away, even):
+  """jax.lax.round rounds halves away from zero, jnp.round to even: the graph, the bounds and the
+  reached error follow the function's own rule (a box on the tie itself shows any mix-up)."""
+  box = qb.Box(jnp.full(1, tie), jnp.full(1, tie))
+  for rounding, want in ((jax.lax.round, away), (jnp.round, even)):
+    fq = lambda x: rounding(x) * 1.0
+    f = lambda x: x * 0.0
+    assert float(qb.trace(fq, box)(jnp.full(1, tie))[0]) == want
+    for method in ("interval", "crown", "milp"):
+      cert = qb.certify(f, fq, box, method=method)
+      assert cert.lower == abs(want) and cert.upper >= abs(want), (rounding, method)
+
+
 def test_alignment_rejects_a_scaling_that_does_not_cancel():
   f = lambda x: jax.nn.relu(x @ jnp.ones((2, 3))) @ jnp.ones((3, 1))
   fq = lambda x: (jax.nn.relu(x @ jnp.ones((2, 3))) * 0.5) @ jnp.ones((3, 1))

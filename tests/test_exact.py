@@ -115,7 +115,7 @@ def test_clip_nodes():
   assert_brackets(result, H.max_error(merged, H.grid(box, 30001)), close=1e-3)
 
 
-@pytest.mark.parametrize("rounding", [jnp.round, jnp.floor, jnp.ceil])
+@pytest.mark.parametrize("rounding", [jnp.round, jax.lax.round, jnp.floor, jnp.ceil])
 def test_rounding_nodes(rounding):
   # A staircase minus a line: the maximum sits just beside a step, where the solver's maximiser (on
   # the step itself, the closure of each piece) is moved to the side the network really takes.

@@ -336,6 +336,8 @@ def test_unknown_kind_and_inexact_constants_are_refused(tmp_path):
     qb.io.export_onnx(lambda x: x * 2.0, tmp_path / "x.onnx")
   with pytest.raises(ValueError, match="batch_size"):
     qb.io.export_onnx(lambda x: x * 2.0, tmp_path / "x.onnx", jnp.zeros(2), batch_size=0)
+  with pytest.raises(qb.io.UnsupportedNodeError, match="away from zero.*jnp.round"):
+    qb.io.export_onnx(lambda x: jax.lax.round(x * 2.0), tmp_path / "x.onnx", jnp.zeros(2))
 
 
 # ------------------------------------------------------------------------------------------ VNN-LIB

@@ -205,7 +205,7 @@ def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True
 
 
 # Largest distance below and above x of each rounding: round(x) in [x - 1/2, x + 1/2], etc.
-ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
+ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
 
 
 def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:

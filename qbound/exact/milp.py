@@ -321,7 +321,7 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
         continue
       src = index[node.inputs[0]].ravel()
       l, u = lows[node.inputs[0]].ravel(), highs[node.inputs[0]].ravel()
-      below, above = {"nearest": (0.5, 0.5), "floor": (0.0, 1.0), "ceil": (1.0, 0.0)}[node.attrs[0]]
+      below, above = {"nearest": (0.5, 0.5), "away": (0.5, 0.5), "floor": (0.0, 1.0), "ceil": (1.0, 0.0)}[node.attrs[0]]
       # k in [x - above, x + below] for x in [l, u]
       k = new_vars(np.ceil(l - above), np.floor(u + below), integer=True)
       m = node.size

@@ -374,6 +374,10 @@ ROUNDING_OPS = {"nearest": "Round", "floor": "Floor", "ceil": "Ceil", "none": "I
 
 def _round(em: _Emitter, node: G.Node, inputs: Inputs) -> str:
   mode = node.attrs[0]
+  if mode == "away":
+    raise UnsupportedNodeError("the network rounds halves away from zero (jax.lax.round's default), which no "
+                               "single ONNX op does (ONNX Round rounds them to even); round with jnp.round "
+                               "to export it")
   if mode not in ROUNDING_OPS:
     raise UnsupportedNodeError(f"rounding mode {mode!r} has no ONNX op "
                                f"(known: {', '.join(ROUNDING_OPS)})")
