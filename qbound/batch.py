@@ -35,7 +35,7 @@ from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, box_at, validate_boxes
-from qbound.certify import Certificate, SoundnessError, _max_abs
+from qbound.certify import Certificate, SoundnessError, _max_abs, fields_from_dict
 from qbound.merge import MergedNetwork, merge
 
 BATCH_METHODS = ("interval", "crown", "diff", "diff-interval", "alpha")
@@ -148,13 +148,9 @@ class BatchCertificate:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "BatchCertificate":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-      raise ValueError(f"not a qbound batch certificate: unknown fields {sorted(unknown)}")
     arrays = {"upper", "lower", "diff_lower", "diff_upper", "witness", "seconds", "lower_float32",
               "witness_diff", "box_lower", "box_upper"}
-    kwargs = {k: (np.asarray(v, np.float64) if k in arrays and v is not None else v) for k, v in data.items()}
+    kwargs = fields_from_dict(cls, data, arrays, "qbound batch certificate")
     if "bounds" in kwargs:
       kwargs["bounds"] = {k: np.asarray(v, np.float64) for k, v in kwargs["bounds"].items()}
     return cls(**kwargs)

@@ -107,13 +107,8 @@ class Certificate:
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "Certificate":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-      raise ValueError(f"not a qbound certificate: unknown fields {sorted(unknown)}")
     arrays = {"diff_lower", "diff_upper", "witness", "witness_diff", "box_lower", "box_upper"}
-    kwargs = {k: (np.asarray(v, np.float64) if k in arrays and v is not None else v) for k, v in data.items()}
-    return cls(**kwargs)
+    return cls(**fields_from_dict(cls, data, arrays, "qbound certificate"))
 
   @classmethod
   def from_json(cls, text: str) -> "Certificate":
@@ -122,6 +117,15 @@ class Certificate:
   def __str__(self) -> str:
     return (f"Certificate(max error in [{self.lower:.6g}, {self.upper:.6g}], gap {self.gap:.3g}, "
             f"method={self.method}, {self.seconds:.2f} s)")
+
+
+def fields_from_dict(cls, data: dict[str, Any], arrays: set, what: str) -> dict[str, Any]:
+  """The fields of the dataclass ``cls`` read back from its ``to_dict`` form: unknown names are an
+  error (naming ``what`` was expected), the fields in ``arrays`` become float64 arrays."""
+  unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"not a {what}: unknown fields {sorted(unknown)}")
+  return {k: (np.asarray(v, np.float64) if k in arrays and v is not None else v) for k, v in data.items()}
 
 
 def _max_abs(lower, upper, outputs=None) -> float:
