@@ -22,6 +22,7 @@ are the user's to fix. Anything else propagates with its traceback, because it i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import pathlib
 import sys
@@ -35,6 +36,16 @@ _MODEL_SUFFIXES = (".nnet", ".onnx")
 
 class UsageError(Exception):
   """A mistake the user can fix; ``main`` prints it as ``qbound: error: <message>`` and returns 2."""
+
+
+@contextlib.contextmanager
+def _bad_input_is_usage_error():
+  """qbound's ValueErrors (empty boxes, mismatched shapes, unsupported layers) are the user's to fix.
+  A :class:`qbound.SoundnessError` is an AssertionError, a bug in qbound: it keeps its traceback."""
+  try:
+    yield
+  except ValueError as err:
+    raise UsageError(str(err)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -324,12 +335,8 @@ def _run_certify(args: argparse.Namespace, out) -> int:
   f, fq, box, against, boxes = _networks_and_box(args)
   if boxes is not None:
     return _run_certify_batch(args, f, fq, boxes, against, out)
-  try:
+  with _bad_input_is_usage_error():
     cert = qb.certify(f, fq, box, method=args.method, key=jax.random.key(args.seed))
-  except qb.SoundnessError:
-    raise  # a bug in qbound, not a usage error: keep the traceback for the report
-  except ValueError as err:
-    raise UsageError(str(err)) from None
 
   _write_output(args.output, cert.to_json(indent=2))
   if args.json:
@@ -534,13 +541,9 @@ def _run_certify_batch(args: argparse.Namespace, f, fq, boxes, against: str, out
     if not 1 <= args.devices <= len(jax.devices()):
       raise UsageError(f"--devices must be between 1 and {len(jax.devices())} (the devices jax sees), got {args.devices}.")
     devices = jax.devices()[: args.devices]
-  try:
+  with _bad_input_is_usage_error():
     batch = qb.certify_batch(f, fq, boxes, method=method, key=jax.random.key(args.seed), devices=devices,
                              memory_budget=budget, progress=not args.json)
-  except qb.SoundnessError:
-    raise  # a bug in qbound, not a usage error: keep the traceback for the report
-  except ValueError as err:
-    raise UsageError(str(err)) from None
   _write_output(args.output, batch.to_json())
   if args.json:
     print(batch.to_json(), file=out)

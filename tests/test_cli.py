@@ -128,6 +128,17 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
   assert "Traceback" not in err and out == ""
 
 
+def test_a_soundness_error_is_not_taken_for_bad_input(capsys, monkeypatch):
+  """A reached error above a proven bound is qbound's bug: it surfaces with its traceback, never as
+  exit status 2 with the user blamed."""
+  def broken(*args, **kwargs):
+    raise qb.SoundnessError("reached error 2.0 exceeds the proven bound 1.0")
+
+  monkeypatch.setattr(qb, "certify", broken)
+  with pytest.raises(qb.SoundnessError, match="exceeds the proven bound"):
+    cli.main(["certify", DIGITS])
+
+
 def test_bad_files_exit_2_naming_the_file(capsys, tmp_path):
   broken = tmp_path / "broken.nnet"
   broken.write_text("// a comment\n3,64,10,64,\n64,32,10,\n")
