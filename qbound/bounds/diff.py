@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax, smooth
-from qbound.bounds.common import jit_step, local
+from qbound.bounds.common import jit_step, local, plus
 from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.box import Box, validate_box
@@ -219,7 +219,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
         if nq.bias is not None:
           spread = spread + fp.margin_coefficient(fp.pairwise_terms(nq.size), dtype) * jnp.abs(nq.bias)
           err = err + fp.margin_floor(fp.pairwise_terms(nq.size), dtype)
-        margins = fp.plus(margins, jnp.abs(mv) * spread)
+        margins = plus(margins, jnp.abs(mv) * spread)
     if sound:
       err = err + _row_sum(margins) + (0 if input_margins is None else _row_sum(input_margins))
   elif nf.kind == G.ADD:
@@ -264,7 +264,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
       pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
       from_mu = pos * rq.lower_slope + neg * rq.upper_slope
       if sound and to_q is not None:
-        margins = fp.plus(margins, jnp.abs(to_q[0] + from_mu) * (u * fp.SLACK * _magnitude(zq[0])))
+        margins = plus(margins, jnp.abs(to_q[0] + from_mu) * (u * fp.SLACK * _magnitude(zq[0])))
       to_q = (from_mu,) if to_q is None else (to_q[0] + from_mu,)
       beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)
       if sound:
@@ -272,7 +272,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
         offset = jnp.maximum(jnp.abs(rq.lower_offset), jnp.abs(rq.upper_offset))
         spread = (u * fp.SLACK * slope * _magnitude(zq[0])
                   + fp.margin_coefficient(fp.pairwise_terms(nf.size), dtype) * offset)
-        margins = fp.plus(margins, jnp.abs(mv) * spread)
+        margins = plus(margins, jnp.abs(mv) * spread)
         err = err + fp.margin_floor(fp.pairwise_terms(nf.size), dtype)
     if sound:
       err = err + _row_sum(margins)

@@ -71,11 +71,6 @@ def margin_floor(n: int, dtype) -> float:
   return (n + 2) * tiny(dtype)
 
 
-def plus(total, value):
-  """``total + value`` with None as zero."""
-  return value if total is None else total + value
-
-
 def pairwise_sum(x):
   """Row sums of a ``(rows, n)`` array by pairwise (tree) summation in a fixed order.
 
