@@ -91,9 +91,7 @@ def main(argv=None):
   p.add_argument("--method", default=None, help="qbound.certify method (default: crown full, interval smoke)")
   args = p.parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
-  if args.method:
-    cfg["method"] = args.method
+  cfg = common.settings(args, SMOKE, FULL, method=args.method)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
   k_model, k_cert = jax.random.split(jax.random.key(args.seed))

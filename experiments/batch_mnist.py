@@ -112,9 +112,7 @@ def main(argv=None):
   p.add_argument("--memory-budget", type=float, default=None, help="bytes per device (default: half the memory)")
   args = p.parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
-  if args.method:
-    cfg["method"] = args.method
+  cfg = common.settings(args, SMOKE, FULL, method=args.method)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
 

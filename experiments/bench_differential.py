@@ -248,10 +248,7 @@ def main(argv=None):
                       "mode (the full mode runs them anyway)")
   args = p.parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
-  cfg["families"] = tuple(args.families)
-  if args.acas_nets:
-    cfg["acas"] = tuple(args.acas_nets)
+  cfg = common.settings(args, SMOKE, FULL, families=tuple(args.families), acas=tuple(args.acas_nets or ()))
   if args.acas_heavy:
     cfg["methods"] = dict(cfg["methods"], acas=ACAS_HEAVY["methods"])
     cfg["certify"] = dict(cfg["certify"], acas=ACAS_HEAVY["certify"])

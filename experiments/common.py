@@ -58,6 +58,14 @@ def out_dir(name: str, args) -> pathlib.Path:
   return path
 
 
+def settings(args, smoke: dict, full: dict, **overrides) -> dict:
+  """A copy of the ``smoke`` or ``full`` settings (by ``--smoke``), with the ``overrides`` the
+  command line gave (those that are not None, empty or 0) put in."""
+  cfg = dict(smoke if args.smoke else full)
+  cfg.update({name: value for name, value in overrides.items() if value})
+  return cfg
+
+
 def setup(args) -> None:
   """In smoke mode, a persistent XLA compilation cache (``~/.cache/qbound/jax-smoke``, or
   ``$QBOUND_JAX_CACHE``; ``QBOUND_JAX_CACHE=0`` turns it off): smoke runs are dominated by

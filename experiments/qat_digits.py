@@ -83,7 +83,7 @@ def quantized_variables(scheme, mode, apply, variables, data, cfg, key):
 def main(argv=None):
   args = common.parser(NAME, __doc__).parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
+  cfg = common.settings(args, SMOKE, FULL)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
   key = jax.random.key(args.seed)

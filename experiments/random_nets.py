@@ -189,7 +189,7 @@ def reachable_sets(apply, variables, spec, bits, samples, key, path, budget):
 def main(argv=None):
   args = common.parser(NAME, __doc__).parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
+  cfg = common.settings(args, SMOKE, FULL)
   out = common.out_dir(NAME, args)
   milp, milp_note = load_milp()
   if milp_note:

@@ -186,9 +186,7 @@ def main(argv=None):
   p.add_argument("--method", default=None, help="qbound.certify method (default: diff full, interval smoke)")
   args = p.parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
-  if args.method:
-    cfg["method"] = args.method
+  cfg = common.settings(args, SMOKE, FULL, method=args.method)
   if cfg["method"] not in common.certify_methods():
     cfg["method"] = "diff"
   out = common.out_dir(NAME, args)

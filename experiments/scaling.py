@@ -260,9 +260,7 @@ def main(argv=None):
   if args.replot:
     return replot(common.out_dir(NAME, args))
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
-  if args.cap:
-    cfg["cap"] = args.cap
+  cfg = common.settings(args, SMOKE, FULL, cap=args.cap)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
   key = jax.random.key(args.seed)

@@ -91,7 +91,7 @@ def format_bits(params, width, constants) -> int:
 def main(argv=None):
   args = common.parser(NAME, __doc__).parse_args(argv)
   common.setup(args)
-  cfg = dict(SMOKE if args.smoke else FULL)
+  cfg = common.settings(args, SMOKE, FULL)
   names = SMOKE_SCHEMES if args.smoke else tuple(SCHEMES)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
