@@ -17,18 +17,22 @@ from qbound import sharding
 from qbound.attack import Search, maximize_error
 from qbound.batch import BatchCertificate, certify_batch
 from qbound.box import Box, linf_ball
-from qbound.certify import Certificate, SoundnessError, certify
+from qbound.certify import Certificate, certify
+from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError
 from qbound.graph import Graph, Node
 from qbound.merge import MergedNetwork, merge
 from qbound.trace import UnsupportedPrimitiveError, trace
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it; CITATION.cff repeats it (tests/test_packaging.py)
 
 __all__ = [
     "BatchCertificate",
+    "BoundOverflowError",
     "Box",
     "Certificate",
     "Graph",
+    "InfiniteBoundWarning",
+    "InvalidBoundsError",
     "MergedNetwork",
     "Node",
     "Search",

@@ -19,8 +19,9 @@ import numpy as np
 import optax
 
 from qbound import graph as G
-from qbound import sharding
+from qbound import sharding, validate
 from qbound.box import Box, sample_uniform, sample_vertices, validate_box
+from qbound.errors import BoundOverflowError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,21 @@ class Search:
   steps: int = 100
   learning_rate: float = 0.05
 
+  def __post_init__(self):
+    # Checked here, once: the settings are static arguments of compiled searches, where a negative
+    # count or a NaN step would fail deep inside XLA or search nothing without a word.
+    validate.integer("Search.samples", self.samples, minimum=0)
+    validate.integer("Search.restarts", self.restarts, minimum=0)
+    validate.integer("Search.steps", self.steps, minimum=0)
+    validate.non_negative("Search.learning_rate", self.learning_rate)
+
 
 def _abs_max(fn, x):
   return jnp.max(jnp.abs(fn(x)))
+
+
+def _nan_last(values):
+  return jnp.where(jnp.isnan(values), -jnp.inf, values)
 
 
 def _search(fn: Callable, box: Box, key, search: Search, mesh=None):
@@ -53,7 +66,9 @@ def _search(fn: Callable, box: Box, key, search: Search, mesh=None):
                         box.center[None]])
   xs = sharding.constrain_batch(xs, mesh)
   objective = functools.partial(_abs_max, fn)
-  values = jax.vmap(objective)(xs)
+  # NaN marks an input where the float32 evaluation overflowed (inf - inf): no error is known there,
+  # and NaN would win argmax and top_k (NaN sorts above everything), so such samples rank last.
+  values = _nan_last(jax.vmap(objective)(xs))
   restarts = min(search.restarts, xs.shape[0])
   _, top = jax.lax.top_k(values, restarts)
   width = box.upper - box.lower
@@ -83,7 +98,7 @@ def _search(fn: Callable, box: Box, key, search: Search, mesh=None):
     return jnp.where(final_v > best_v, final_v, best_v), jnp.where(final_v > best_v, t, best_t)
 
   asc_v, asc_t = jax.vmap(ascend)(starts)
-  cand_v = jnp.concatenate([values, asc_v])
+  cand_v = jnp.concatenate([values, _nan_last(asc_v)])
   cand_x = jnp.concatenate([xs, jax.vmap(to_x)(asc_t)])
   best = jnp.argmax(cand_v)
   return cand_v[best], cand_x[best]
@@ -103,14 +118,31 @@ def exact_error(graph: G.Graph, x) -> np.ndarray:
   """
   with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
     out = _host64(graph)(jnp.asarray(np.asarray(x), jnp.float64))
-    return np.asarray(out, np.float64)
+    out = np.asarray(out, np.float64)
+  _check_no_nan(out[None], np.asarray(x)[None])
+  return out
 
 
 def exact_errors(graph: G.Graph, xs) -> np.ndarray:
   """:func:`exact_error` for a batch of inputs ``xs`` (leading axis), in one compiled call."""
   with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
     out = _vmapped(_host64(graph), jnp.asarray(np.asarray(xs), jnp.float64))
-    return np.asarray(out, np.float64)
+    out = np.asarray(out, np.float64)
+  _check_no_nan(out, np.asarray(xs))
+  return out
+
+
+def _check_no_nan(values: np.ndarray, xs: np.ndarray) -> None:
+  """Raises if a float64 evaluation overflowed to NaN (``values`` and ``xs`` with one row per input):
+  NaN would be taken for an error reached, or slip through every comparison with a bound, when no
+  error is known there at all."""
+  rows = np.isnan(values.reshape(values.shape[0], -1)).any(axis=1)
+  if rows.any():
+    x = xs[int(np.flatnonzero(rows)[0])].reshape(-1)
+    shown = x[:8].tolist() + (["..."] if x.size > 8 else [])
+    raise BoundOverflowError(
+        f"evaluating the networks in float64 at x = {shown} gave NaN: a value overflowed even float64. "
+        "The inputs or weights are too large; scale them down.")
 
 
 def _host64(graph: G.Graph) -> G.Graph:
@@ -138,6 +170,11 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
 
   Returns:
     ``(value, witness)`` with ``value == |fn(witness)|_inf`` (as computed in the function's dtype).
+    Inputs where ``fn`` overflows to NaN are never chosen; ``value`` is ``-inf`` if every input
+    tried did.
+
+  Raises:
+    TypeError, ValueError: an argument of the wrong kind or out of range (see :mod:`qbound.validate`).
 
   Example:
     >>> import jax, jax.numpy as jnp, qbound as qb
@@ -147,7 +184,11 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
   """
   from qbound.merge import MergedNetwork
 
+  validate.function("fn", fn)
   box = validate_box(box)
+  key = validate.prng_key("key", key)
+  search = validate.search_settings(search)
+  validate.mesh_or_devices(mesh, None)
   key = jax.random.key(0) if key is None else key
   search = search or Search()
   if isinstance(fn, MergedNetwork):

@@ -80,11 +80,18 @@ def linf_ball(center, radius, *, clip_lower=None, clip_upper=None) -> Box:
   Returns:
     The ball as a :class:`Box`.
 
+  Raises:
+    TypeError: a centre, radius or limit that is not numeric.
+    ValueError: a NaN or infinite centre or radius, a negative radius, a radius that does not
+      broadcast to the centre, ``clip_lower > clip_upper``, or a ball entirely outside the domain
+      (checked where the values are known, not under ``jax.jit``).
+
   Example:
     >>> import jax.numpy as jnp, qbound as qb
     >>> qb.linf_ball(jnp.array([0.0, 0.99]), 0.02, clip_lower=0.0, clip_upper=1.0).upper
     Array([0.02, 1.  ], dtype=float32)
   """
+  _check_ball(center, radius, clip_lower, clip_upper)
   center = jnp.asarray(center, dtype=jnp.result_type(center, jnp.float32))
   lower = center - radius
   upper = center + radius
@@ -92,7 +99,49 @@ def linf_ball(center, radius, *, clip_lower=None, clip_upper=None) -> Box:
     lower = jnp.maximum(lower, clip_lower)
   if clip_upper is not None:
     upper = jnp.minimum(upper, clip_upper)
+  if not isinstance(lower, jax.core.Tracer) and np.any(np.asarray(lower) > np.asarray(upper)):
+    i = tuple(int(k) for k in np.argwhere(np.asarray(lower) > np.asarray(upper))[0])
+    raise ValueError(f"the ball around center[{', '.join(map(str, i))}] = {np.asarray(center)[i]} lies outside "
+                     f"[clip_lower, clip_upper] = [{clip_lower}, {clip_upper}], so the box is empty there; move the "
+                     "centre into the domain or widen the limits.")
   return Box(lower=lower, upper=upper)
+
+
+def _check_ball(center, radius, clip_lower, clip_upper) -> None:
+  """linf_ball's arguments: numeric, finite, radius >= 0 and broadcastable, limits in order. Values
+  inside ``jax.jit`` are unknown (tracers): only their kinds are checked then."""
+  arrays = {}
+  for name, value in (("center", center), ("radius", radius), ("clip_lower", clip_lower), ("clip_upper", clip_upper)):
+    if value is None and name.startswith("clip"):
+      continue
+    if isinstance(value, (str, bytes)) or value is None:
+      raise TypeError(f"{name} must be a number or an array of numbers; got {type(value).__name__} {value!r}.")
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+      try:
+        dtype = np.asarray(value).dtype
+      except Exception:
+        dtype = np.dtype(object)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"{name} must be a number or an array of numbers; got {type(value).__name__} of dtype "
+                      f"{dtype}.")
+    if not isinstance(value, jax.core.Tracer):
+      arrays[name] = np.asarray(value, np.float64)
+  if "center" in arrays and "radius" in arrays:
+    try:
+      np.broadcast_shapes(arrays["radius"].shape, arrays["center"].shape)
+    except ValueError:
+      raise ValueError(f"radius of shape {arrays['radius'].shape} does not broadcast to the centre's shape "
+                       f"{arrays['center'].shape}; give a scalar, one radius per entry, or radius[:, None] for one "
+                       "per ball of a batch.") from None
+  for name, values in arrays.items():
+    if np.isnan(values).any() or (name in ("center", "radius") and np.isinf(values).any()):
+      raise ValueError(f"{name} must be finite; it holds {'nan' if np.isnan(values).any() else 'inf'}"
+                       + (" (a clip limit may be +-inf, never NaN)." if name.startswith("clip") else "."))
+  if "radius" in arrays and (arrays["radius"] < 0).any():
+    raise ValueError(f"radius must be >= 0; got {arrays['radius'].min():g}.")
+  if "clip_lower" in arrays and "clip_upper" in arrays and (arrays["clip_lower"] > arrays["clip_upper"]).any():
+    raise ValueError(f"clip_lower must be <= clip_upper; got {clip_lower} > {clip_upper}.")
 
 
 def validate_box(box: Box, *, name: str = "box") -> Box:

@@ -234,3 +234,39 @@ def test_broken_files_name_file_line_and_expectation(tmp_path, text, match):
   with pytest.raises(ValueError, match=match) as info:
     load_nnet(path)
   assert str(path) in str(info.value)
+
+
+# --- files that are not NNet text --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, line", [
+    (bytes(range(256)), 1),                                           # binary from the first byte
+    (np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes(), 1),
+    (b"// header\n2,2,1,3,\n2,3,1,\n\x00\x00\x00,\n", 4),             # NUL bytes on a data line
+    (b"// header\n2,2,1,3,\n2,3,\xe91,\n", 3),                          # Latin-1 byte on a data line
+])
+def test_bytes_that_are_not_text_name_file_and_line(tmp_path, content, line):
+  path = tmp_path / "random.nnet"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=rf"random\.nnet, line {line}: not a text NNet file: byte 0x[0-9a-f]{{2}}"):
+    load_nnet(path)
+  assert read_nnet_header(path) == ([] if line == 1 else ["// header"])  # no UnicodeDecodeError either
+
+
+def test_truncated_bundled_file_names_file_and_line(tmp_path):
+  data = Path(bundled_path("digits_mlp.nnet")).read_bytes()
+  for cut in (100, 3000, len(data) // 2, len(data) - 10):
+    path = tmp_path / f"cut{cut}.nnet"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError) as info:
+      load_nnet(path)
+    assert str(path) in str(info.value) and ("line" in str(info.value))
+
+
+def test_latin1_comment_is_read_not_refused(tmp_path):
+  path = tmp_path / "latin.nnet"
+  path.write_bytes(b"// Copyright caf\xe9\n" + SMALL.encode())
+  apply, params = load_nnet(path)
+  assert read_nnet_header(path)[0] == "// Copyright caf\u00e9"
+  save_nnet(tmp_path / "copy.nnet", params, header=read_nnet_header(path))  # written back as UTF-8
+  assert read_nnet_header(tmp_path / "copy.nnet")[0] == "// Copyright caf\u00e9"

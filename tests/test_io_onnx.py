@@ -243,3 +243,29 @@ def test_missing_onnx_package_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "onnx", None)
   with pytest.raises(ImportError, match=r"pip install .qbound\[onnx\]"):
     load_onnx(tmp_path / "any.onnx")
+
+
+def test_text_file_is_not_taken_for_a_corrupt_model(tmp_path):
+  from qbound.io import bundled_path
+
+  path = tmp_path / "digits.onnx"
+  path.write_bytes(bundled_path("digits_mlp.nnet").read_bytes())
+  with pytest.raises(ValueError, match=r"not a readable ONNX model: it is a text file \(starting '// qbound") as info:
+    load_onnx(path)
+  assert str(path) in str(info.value) and "load_nnet" in str(info.value)
+
+
+def test_random_bytes_are_a_value_error_naming_the_file(tmp_path):
+  path = tmp_path / "random.onnx"
+  path.write_bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+  with pytest.raises(ValueError, match="random.onnx: not a readable ONNX model"):
+    load_onnx(path)
+
+
+def test_apply_knows_its_input_shape(tmp_path):
+  w = np.ones((5, 3), np.float32)
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+  for shape, unbatched in [([5], (5,)), (["n", 5], (5,)), ([2, 5], (2, 5)), (["n", "m", 5], (None, 5))]:
+    out = [*shape[:-1], 3]
+    apply, _ = load_onnx(save_model(tmp_path, nodes, shape, out, dict(w=w)))
+    assert apply.input_shape == unbatched

@@ -137,3 +137,102 @@ def test_map_selected_passes_paths():
   seen = []
   qz.map_selected(lambda path, x: seen.append(path) or x, mlp_params(), qz.biases_only)
   assert seen == [('params', f'Dense_{i}', 'bias') for i in range(3)]
+
+
+# --- only parameters, never model state; patterns that match nothing ----------------------------
+
+
+class _ConvBN(nn.Module):
+  """Dense, batch norm (inference form), dense: model.init gives 'params' and 'batch_stats'."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+    return nn.Dense(2)(nn.relu(x))
+
+
+def _linen_variables():
+  variables = _ConvBN().init(jax.random.key(0), jnp.zeros(3))
+  # A small variance, as trained nets have: on any 4-bit grid scaled to these values it becomes 0.
+  stats = {'mean': jnp.linspace(-0.3, 0.2, 4), 'var': jnp.array([1e-4, 2e-4, 5e-2, 1.0])}
+  return {'params': variables['params'], 'batch_stats': {'BatchNorm_0': stats}}
+
+
+@pytest.mark.parametrize('quantizer', [
+    qz.uniform_quantizer(4), qz.fixed_point_quantizer(4), qz.power_of_two_quantizer(3), qz.ternary_quantizer(),
+    qz.binary_quantizer(), qz.float_quantizer('float8_e4m3'), qz.pruner(0.5, where=None),
+])
+def test_whole_linen_variables_keep_batch_norm_statistics(quantizer):
+  variables = _linen_variables()
+  out = quantizer(variables)
+  for leaf in ('mean', 'var'):
+    assert out['batch_stats']['BatchNorm_0'][leaf] is variables['batch_stats']['BatchNorm_0'][leaf]
+  assert not np.array_equal(layer(out, 'Dense_0', 'kernel'), layer(variables, 'Dense_0', 'kernel'))
+
+
+def test_whole_linen_variables_keep_statistics_unless_given_alone():
+  """The README's quick start passes model.init's whole output: with batch norm, the quantized copy
+  keeps the statistics, so f and fq differ only by their weights."""
+  variables = _linen_variables()
+  q = qz.uniform(variables, bits=8)
+  np.testing.assert_array_equal(q['batch_stats']['BatchNorm_0']['var'], variables['batch_stats']['BatchNorm_0']['var'])
+  # The statistics collection on its own is transformed when asked for explicitly.
+  alone = qz.uniform(variables['batch_stats'], bits=2)
+  assert not np.array_equal(alone['BatchNorm_0']['var'], variables['batch_stats']['BatchNorm_0']['var'])
+
+
+def test_nnx_state_keeps_batch_stats_and_rng_state():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(3, 4, rngs=rngs)
+      self.bn = nnx.BatchNorm(4, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.drop(self.bn(self.lin(x)))
+
+  model = Net(nnx.Rngs(0))
+  model.eval()
+  graphdef, state = nnx.split(model)  # the README's nnx recipe
+  state['bn']['var'][...] = jnp.array([1e-4, 2e-4, 5e-2, 1.0])
+  out = qz.uniform(state, bits=4)
+  np.testing.assert_array_equal(out['bn']['var'][...], state['bn']['var'][...])
+  np.testing.assert_array_equal(out['bn']['mean'][...], state['bn']['mean'][...])
+  assert is_on_grid(out['lin']['kernel'][...], 4)
+  assert not np.array_equal(out['lin']['kernel'][...], state['lin']['kernel'][...])
+  nnx.merge(graphdef, out)(jnp.ones(3))  # still a working model
+
+
+def test_parameter_mask():
+  assert qz.policy.parameter_mask({'params': {}, 'batch_stats': {}}, [('params', 'a'), ('batch_stats', 'b')]) == [
+      True, False]
+  assert qz.policy.parameter_mask({'w': jnp.ones(2)}, [('w',)]) == [True]
+
+
+@pytest.mark.parametrize('where', ['*/kernl', ['*/kernel', '*/bais'], 'params/Dense_9/*'])
+def test_a_pattern_that_matches_nothing_raises(where):
+  params = mlp_params()
+  with pytest.raises(ValueError, match='matches nothing') as err:
+    qz.uniform(params, 4, where=where)
+  message = str(err.value)
+  assert "'params/Dense_0/kernel'" in message  # real paths, to compare the typo with
+  bad = where if isinstance(where, str) else where[1]
+  assert repr(bad) in message
+
+
+def test_patterns_that_match_nothing_raise_in_every_form():
+  params = mlp_params()
+  with pytest.raises(ValueError, match="'\\*/kernl' matches nothing"):
+    qz.masked(qz.uniform_quantizer(4), '*/kernl')(params)
+  with pytest.raises(ValueError, match="'\\*/bais' matches nothing"):
+    qz.by_path([('*/kernel', qz.uniform_quantizer(4)), ('*/bais', None)])(params)
+  with pytest.raises(ValueError, match='empty list of patterns'):
+    qz.uniform(params, 4, where=[])
+  with pytest.raises(ValueError, match='no float parameters'):
+    qz.uniform({'step': jnp.array(1, jnp.int32)}, 4, where='*')
+  # Patterns never match statistics, so one aimed only at them matches nothing.
+  with pytest.raises(ValueError, match='matches nothing'):
+    qz.uniform(_linen_variables(), 4, where='batch_stats/*')
+  # Predicates are functions: selecting nothing with one is allowed (biases of a bias-free net).
+  out = qz.uniform(params, 4, where=lambda path: False)
+  np.testing.assert_array_equal(layer(out, 'Dense_0', 'kernel'), layer(params, 'Dense_0', 'kernel'))

@@ -98,11 +98,14 @@ def read_nnet_header(path: PathLike) -> list[str]:
     '// The contents of this file are licensed under the Creative Commons'
   """
   header = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if not line.lstrip().startswith("//"):
-        break
-      header.append(line.rstrip("\r\n"))
+  for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    if not line.lstrip().startswith("//"):
+      break
+    if "\x00" in line:
+      _check_text(os.fspath(path), number, line)
+    # A comment that is not UTF-8 is most likely Latin-1 (where every byte is a character): read
+    # it so, to be written back as UTF-8 by save_nnet.
+    header.append(line.encode("utf-8", "surrogateescape").decode("latin-1") if _escaped(line) else line)
   return header
 
 
@@ -123,8 +126,10 @@ def load_nnet(path: PathLike) -> tuple[Callable[[Params, jax.Array], jax.Array],
     module docstring. ``functools.partial(apply, params)`` is the network.
 
   Raises:
-    ValueError: the file is truncated, has wrong counts, non-numeric or non-finite weights;
-      the message names the file, the line and what was expected there.
+    ValueError: the file is not text (binary, or not UTF-8 outside its comments), is truncated,
+      has wrong counts, non-numeric or non-finite weights; the message names the file, the line
+      and what was expected there.
+    OSError: the file cannot be opened (missing, a directory, no permission).
 
   Example:
     >>> from qbound.io import bundled_path
@@ -135,8 +140,7 @@ def load_nnet(path: PathLike) -> tuple[Callable[[Params, jax.Array], jax.Array],
     dtype('float32')
   """
   path = os.fspath(path)
-  with open(path, encoding="utf-8") as f:
-    lines = _Lines(path, f.read())
+  lines = _Lines(path, _read_text(path))
   num_layers, num_inputs, num_outputs, _ = lines.ints("numLayers,numInputs,numOutputs,maxLayerSize", 4)
   if num_layers < 1 or num_inputs < 1 or num_outputs < 1:
     lines.fail("numLayers, numInputs and numOutputs must all be positive")
@@ -252,6 +256,30 @@ def save_nnet(path: PathLike, params: Params, *, header: Iterable[str] = ()) -> 
     f.write("\n".join(out) + "\n")
 
 
+def _read_text(path: PathLike) -> str:
+  """The file's text. Bytes that are not UTF-8 are kept as surrogate escapes instead of failing the
+  whole read, so that a comment in Latin-1 (a licence notice with an accent) is no error, and a
+  data line holding such bytes is refused by `_check_text` naming its line."""
+  with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    return f.read()
+
+
+def _escaped(line: str) -> bool:
+  return any("\udc80" <= ch <= "\udcff" for ch in line)
+
+
+def _check_text(path: str, number: int, line: str) -> None:
+  """Raises ``ValueError`` naming the file and line if ``line`` holds bytes that are not text."""
+  bad = next((i for i, ch in enumerate(line) if "\udc80" <= ch <= "\udcff" or ch == "\x00"), None)
+  if bad is None:
+    return
+  ch = line[bad]
+  byte = ord(ch) - 0xDC00 if ch != "\x00" else 0
+  raise ValueError(f"{path}, line {number}: not a text NNet file: byte 0x{byte:02x} at column {bad + 1} is not "
+                   "UTF-8 text (a binary file, or one in another encoding or format: .nnet files are plain "
+                   "text).")
+
+
 class _Lines:
   """The data lines of an NNet file, read in order, remembering line numbers for errors."""
 
@@ -259,6 +287,13 @@ class _Lines:
     self.path = path
     self._rows = [(number, line) for number, line in enumerate(text.splitlines(), start=1)
                   if line.strip() and not line.lstrip().startswith("//")]
+    for number, line in self._rows:
+      _check_text(path, number, line)
+    self._lines_in_file = len(text.splitlines())
+    # A file cut off inside its last number still parses ('0.0883' cut to '0.'); NNet writers end
+    # every data line with a comma and a line break, so one without either betrays the cut.
+    commas = [line.rstrip().endswith(",") for _, line in self._rows]
+    self._cut = bool(commas) and not text.endswith(("\n", "\r")) and not commas[-1] and all(commas[:-1])
     self._pos = 0
     self.line = 0  # the number of the line read last, for messages
 
@@ -268,7 +303,7 @@ class _Lines:
   def next(self, what: str) -> list[str]:
     if self._pos == len(self._rows):
       raise ValueError(
-          f"{self.path}: the file ends (after line {self.line}) where {what} was expected; "
+          f"{self.path}: the file ends (after line {self._lines_in_file}) where {what} was expected; "
           "it is truncated, or its header promises more layers or neurons than it holds")
     self.line, text = self._rows[self._pos]
     self._pos += 1
@@ -295,6 +330,10 @@ class _Lines:
       self.fail(f"{bad!r} is not an integer (expected {what})")
 
   def expect_end(self):
+    if self._cut:
+      self.line = self._rows[-1][0]
+      self.fail("the file is cut off in this line: it has no trailing comma and no line break, unlike every "
+                "other line, so its last number may be incomplete; the file is truncated")
     if self._pos < len(self._rows):
       self.line = self._rows[self._pos][0]
       self.fail("unexpected data after the last bias of the last layer; the header "

@@ -53,7 +53,8 @@ def load_onnx(path: str | os.PathLike) -> tuple[Callable[[Params, jax.Array], An
   Returns:
     ``(apply, params)``: ``apply(params, x)`` evaluates the graph in topological order;
     params as in the module docstring. It returns one array, or a tuple if the model has
-    several outputs.
+    several outputs. ``apply.input_shape`` is the unbatched input shape the file declares
+    (None for a size it leaves open; None without a declared shape).
 
   Raises:
     ImportError: the ``onnx`` package is missing (``pip install 'qbound[onnx]'``).
@@ -84,7 +85,7 @@ def load_onnx(path: str | os.PathLike) -> tuple[Callable[[Params, jax.Array], An
   except OSError:
     raise
   except Exception as err:  # protobuf raises its own DecodeError, among others
-    raise ValueError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    raise ValueError(f"{path}: not a readable ONNX model: {_what_it_is(path)} ({type(err).__name__}: {err})") from err
   graph = model.graph
   opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
   if "ai.onnx" not in opsets or not graph.node:
@@ -147,7 +148,30 @@ def load_onnx(path: str | os.PathLike) -> tuple[Callable[[Params, jax.Array], An
     outputs = tuple(_unbatch(get(params, env), batched) for get in output_getters)
     return outputs[0] if len(outputs) == 1 else outputs
 
+  # The unbatched input shape the file declares (None where it leaves a size open, None for no
+  # shape), for callers that need it before calling (the command line spreads one --lower value).
+  apply.input_shape = expected
   return apply, params
+
+
+def _what_it_is(path: str) -> str:
+  """A guess at what a file that does not parse as ONNX is, for the error message."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(200)
+  except OSError:  # pragma: no cover - it was just opened by onnx.load
+    return "it cannot be read"
+  if not head:
+    return "the file is empty"
+  try:
+    text = head.decode("utf-8")
+  except UnicodeDecodeError:
+    return "the file is corrupt or truncated, or not an ONNX model at all"
+  if text.isprintable() or all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+    first = text.splitlines()[0][:60] if text.splitlines() else text[:60]
+    return (f"it is a text file (starting {first!r}), and ONNX models are binary protobuf; a .nnet file "
+            "is read by qbound.io.load_nnet")
+  return "the file is corrupt or truncated, or not an ONNX model at all"
 
 
 def _import_onnx():

@@ -7,16 +7,27 @@ an nnx `Variable` is dropped, so nnx states and their pure dicts give the same
 paths), lists, tuples, dataclasses. Dict keys and attribute names stay as they
 are, sequence positions become ints.
 
-A `where` argument selects parameters. It may be
+Only parameters are ever selected: the float leaves a model learns as weights.
+In linen variables (a dict with a ``'params'`` key, as ``model.init`` returns)
+those are the leaves of the ``'params'`` collection; in an nnx `State` the
+values of `nnx.Param` variables. Everything else is state, not weights, and is
+never touched, whatever `where` says: batch-norm statistics (linen's
+``'batch_stats'`` collection, nnx `BatchStat`), other collections and variable
+types, leaves that are not floating-point arrays (integer counters, PRNG keys,
+Python scalars). Any other pytree (a plain dict of arrays, ``variables['params']``
+alone, ``variables['batch_stats']`` when you do mean to transform statistics)
+counts as parameters throughout.
 
-* ``None``: every float leaf;
+A `where` argument selects among the parameters. It may be
+
+* ``None``: every parameter;
 * a predicate ``path -> bool`` such as `kernels_only`;
 * a glob pattern over the '/'-joined path, e.g. ``'*/Dense_0/*'``, or a
-  sequence of patterns (any may match).
+  sequence of patterns (any may match). A pattern that matches no parameter
+  raises ``ValueError`` naming it and listing real paths: a typo such as
+  ``'*/kernl'`` would otherwise quantize nothing without a word.
 
-Leaves that are not floating-point arrays (integer counters, PRNG keys, Python
-scalars) are never touched, whatever `where` says. Unselected leaves are
-returned as they are.
+Unselected leaves are returned as they are.
 
 A transform is a pure function ``params -> params`` returning a new pytree of
 the same structure; `chain` composes transforms, `masked` restricts one to some
@@ -95,6 +106,27 @@ def biases_only(path: Path) -> bool:
   return bool(path) and path[-1] == 'bias'
 
 
+class PathPattern:
+  """A predicate true when the '/'-joined path matches any of its glob patterns.
+
+  It keeps its patterns (``.patterns``) so that a selection can check each one
+  matches something.
+  """
+
+  def __init__(self, patterns: Sequence[str]):
+    for p in patterns:
+      if not isinstance(p, str):
+        raise ValueError(f'path patterns must be strings, got {p!r}.')
+    self.patterns = tuple(patterns)
+
+  def __call__(self, path: Path) -> bool:
+    s = path_str(path)
+    return any(fnmatch.fnmatchcase(s, p) for p in self.patterns)
+
+  def __repr__(self) -> str:
+    return f'path_matches({", ".join(map(repr, self.patterns))})'
+
+
 def path_matches(*patterns: str) -> Predicate:
   """A predicate true when the '/'-joined path matches any glob pattern.
 
@@ -104,15 +136,34 @@ def path_matches(*patterns: str) -> Predicate:
   >>> first(('params', 'Dense_0', 'kernel')), first(('params', 'Dense_1', 'kernel'))
   (True, False)
   """
-  for p in patterns:
-    if not isinstance(p, str):
-      raise ValueError(f'path patterns must be strings, got {p!r}.')
+  return PathPattern(patterns)
 
-  def predicate(path: Path) -> bool:
-    s = path_str(path)
-    return any(fnmatch.fnmatchcase(s, p) for p in patterns)
 
-  return predicate
+def check_patterns_match(predicate: Predicate, paths: Sequence[Path]) -> None:
+  """Raises ``ValueError`` if a glob pattern of `predicate` matches none of `paths`.
+
+  Args:
+    predicate: a `where` normalised by `as_predicate`; only patterns (not
+      functions) are checked.
+    paths: the paths of the parameters the patterns select among.
+
+  >>> check_patterns_match(path_matches('*/kernl'), [('params', 'Dense_0', 'kernel')])
+  Traceback (most recent call last):
+  ...
+  ValueError: `where` pattern '*/kernl' matches nothing; the parameters here are 'params/Dense_0/kernel'. ...
+  """
+  if not isinstance(predicate, PathPattern):
+    return
+  names = [path_str(p) for p in paths]
+  for pattern in predicate.patterns:
+    if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+      if not names:
+        raise ValueError(f'`where` pattern {pattern!r} matches nothing: there are no float parameters here.')
+      shown = ', '.join(repr(n) for n in names[:6]) + (f', ... ({len(names)} in all)' if len(names) > 6 else '')
+      raise ValueError(
+          f'`where` pattern {pattern!r} matches nothing; the parameters here are {shown}. Patterns match the '
+          "whole '/'-joined path ('*' spans '/'), e.g. '*/kernel'."
+      )
 
 
 def as_predicate(where: Where) -> Predicate:
@@ -124,6 +175,9 @@ def as_predicate(where: Where) -> Predicate:
   if callable(where):
     return where
   if isinstance(where, Sequence):
+    if not where:
+      raise ValueError('`where` is an empty list of patterns, which selects nothing; give patterns, or None '
+                       'for every parameter.')
     return path_matches(*where)
   raise ValueError(
       f'`where` must be None, a predicate path -> bool, a glob pattern or a list of '
@@ -166,10 +220,43 @@ def leaf_key(key: jax.Array, path: Path) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
 
 
+def _nnx_variable_types(tree: PyTree) -> dict[Path, type]:
+  """The nnx Variable type (Param, BatchStat, ...) of each leaf path, for trees holding nnx Variables."""
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax is a dependency, nnx part of it
+    return {}
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]
+  return {path_of(kp): type(v) for kp, v in pairs if is_variable(v)}
+
+
+def parameter_mask(tree: PyTree, paths: Sequence[Path]) -> list[bool]:
+  """Per leaf (given by its path), whether it is a parameter rather than model state.
+
+  Linen variables (a mapping with a ``'params'`` key): leaves of that collection.
+  nnx states: values of `nnx.Param` variables. Other trees: every leaf.
+
+  >>> parameter_mask({'params': {'w': 1.0}, 'batch_stats': {'mean': 0.0}},
+  ...                [('params', 'w'), ('batch_stats', 'mean')])
+  [True, False]
+  """
+  if isinstance(tree, Mapping) and 'params' in tree:
+    return [bool(p) and p[0] == 'params' for p in paths]
+  types = _nnx_variable_types(tree)
+  if not types:
+    return [True] * len(paths)
+  from flax import nnx
+
+  return [p not in types or issubclass(types[p], nnx.Param) for p in paths]
+
+
 class Selection:
-  """A flattened pytree with the positions of the selected float leaves.
+  """A flattened pytree with the positions of the selected float parameters.
 
   Used by transforms that need several parameters at once (global pruning).
+  Only parameters are ever selected (see `parameter_mask`); a glob pattern in
+  `where` that matches none of them raises ``ValueError``.
   """
 
   def __init__(self, params: PyTree, where: Where = None, *, check: bool = True):
@@ -177,9 +264,12 @@ class Selection:
     self.paths: list[Path] = [path_of(kp) for kp, _ in pairs]
     self.leaves: list[Any] = [x for _, x in pairs]
     predicate = as_predicate(where)
-    self.indices: list[int] = [
-        i for i, (p, x) in enumerate(zip(self.paths, self.leaves)) if is_float_array(x) and predicate(p)
+    candidates = [
+        i for i, (p, x, keep) in enumerate(zip(self.paths, self.leaves, parameter_mask(params, self.paths)))
+        if keep and is_float_array(x)
     ]
+    check_patterns_match(predicate, [self.paths[i] for i in candidates])
+    self.indices: list[int] = [i for i in candidates if predicate(self.paths[i])]
     if check:
       for i in self.indices:
         check_finite(self.paths[i], self.leaves[i])
@@ -308,6 +398,8 @@ def by_path(rules: Sequence[tuple[Where, Transform | None]] | Mapping[Any, Trans
 
   def apply(params: PyTree) -> PyTree:
     sel = Selection(params, check=False)
+    for predicate, _ in compiled:
+      check_patterns_match(predicate, [sel.paths[i] for i in sel.indices])
     groups: list[set[int]] = [set() for _ in compiled]
     for i in sel.indices:
       for g, (predicate, _) in enumerate(compiled):

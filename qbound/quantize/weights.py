@@ -10,8 +10,10 @@ weights) and maps it over a pytree.
 All transforms return a new pytree of the same structure whose selected float
 leaves keep their dtype and lie on the scheme's grid; unselected and non-float
 leaves are returned as they are. They work under `jax.jit` (the NaN/inf check on
-the inputs then is skipped). By default (``where=None``) kernels *and* biases
-are quantized; pass ``where=kernels_only`` to keep biases in full precision.
+the inputs then is skipped). By default (``where=None``) every parameter is
+quantized: kernels *and* biases (and normalisation scales); pass
+``where=kernels_only`` to keep biases in full precision. Batch-norm statistics
+and other non-parameter state are never touched (see `qbound.quantize.policy`).
 """
 
 from __future__ import annotations

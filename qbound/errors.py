@@ -1,0 +1,32 @@
+"""The errors qbound raises where a bound cannot be trusted.
+
+* :class:`SoundnessError`: a proven bound contradicts something true. Either a reached error
+  exceeds a proven upper bound (:func:`qbound.certify` and :func:`qbound.certify_batch` check
+  every certificate against its witness before returning it), or a bound propagation produced an
+  empty interval (``lower > upper``) at some node, which no true value can lie in
+  (:class:`InvalidBoundsError`). Both are bugs in qbound: please report them.
+* :class:`BoundOverflowError`: a bound propagation produced NaN, because some value overflowed
+  the float type it runs in (huge inputs or weights). Not a bug, but no bound either.
+"""
+
+from __future__ import annotations
+
+
+class SoundnessError(AssertionError):
+  """A proven bound contradicts a reached error or itself: a bug in qbound; please report it."""
+
+
+class InvalidBoundsError(SoundnessError):
+  """A bound propagation produced ``lower > upper`` at some node: no value lies in an empty interval,
+  so one of the bounds that made it is wrong (a bug in a relaxation; please report it)."""
+
+
+class BoundOverflowError(ValueError):
+  """A bound propagation produced NaN: some value overflowed the float type (inputs or weights too
+  large for float32). Scale the problem down or compute in float64 (``jax.enable_x64``)."""
+
+
+class InfiniteBoundWarning(RuntimeWarning):
+  """A certificate's upper bound is ``inf``: the bounds overflowed float32 without turning NaN (inputs
+  or weights too large for it). The certificate is valid but proves nothing; scale the problem
+  down, shrink the box, or compute in float64 (``jax.enable_x64``)."""

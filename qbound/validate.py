@@ -1,0 +1,405 @@
+"""Checks of the arguments of qbound's public calls: one place, one wording.
+
+Every public entry point (:func:`qbound.certify`, :func:`qbound.certify_batch`,
+:func:`qbound.maximize_error`, :func:`qbound.merge`, :func:`qbound.linf_ball`,
+:func:`qbound.bounds.branch_and_bound`, :func:`qbound.exact.milp`) checks what it is given before
+any tracing or compilation, so a wrong argument costs nothing and never reaches JAX, where it would
+surface as an unrelated error deep inside a compiled program, or not at all (a string ``sound``
+is truthy; a NaN ``time_budget`` compares false with everything, so the loop it bounds never stops
+for time).
+
+Each check raises :class:`TypeError` for a value of the wrong kind and :class:`ValueError` for one
+out of range, with a message of the form ``"<name> must be <what is accepted>; got <value>."``,
+and returns the value in a normal form (a Python ``float``, ``int`` or ``bool``, an index array).
+
+Example:
+  >>> from qbound import validate
+  >>> validate.positive("time_budget", 2)
+  2.0
+  >>> validate.positive("time_budget", float("nan"))
+  Traceback (most recent call last):
+  ...
+  ValueError: time_budget must be a finite number > 0; got nan.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+# ------------------------------------------------------------------------------------------ numbers
+
+
+def _show(value: Any) -> str:
+  """The value as a message quotes it: short, with its type when that is the problem."""
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _real(name: str, value: Any, accepted: str) -> float:
+  """``value`` as a float, or a TypeError: Python and numpy numbers and 0-d arrays, never bools."""
+  # bool is an int in Python: time_budget=True or epsilon=False is a slip, not a number.
+  if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
+  if isinstance(value, numbers.Real):
+    return float(value)
+  try:
+    array = np.asarray(value)
+  except Exception:  # pragma: no cover - objects numpy cannot even look at
+    array = None
+  if array is None or array.shape != () or not (np.issubdtype(array.dtype, np.integer)
+                                                or np.issubdtype(array.dtype, np.floating)):
+    shape = "" if array is None or array.shape == () else f" of shape {array.shape}"
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__}{shape} {_show(value)}.")
+  return float(array)
+
+
+def number(name: str, value: Any, *, minimum: Optional[float] = None, strict: bool = False,
+           allow_inf: bool = False, accepted: Optional[str] = None) -> float:
+  """A real number, not NaN, finite unless ``allow_inf``, and ``>= minimum`` (``> minimum`` if ``strict``).
+
+  Args:
+    name: the argument's name, for the message.
+    value: what the caller passed.
+    minimum: the smallest value allowed (None: any).
+    strict: whether ``minimum`` itself is excluded.
+    allow_inf: whether ``+inf`` is allowed (it means "no limit" for time budgets).
+    accepted: how the message describes the values accepted (default: built from the above).
+
+  Returns:
+    The value as a Python float.
+
+  Raises:
+    TypeError: not a real number (a string, a bool, an array of several values).
+    ValueError: NaN, infinite (unless allowed) or below the minimum.
+  """
+  if accepted is None:
+    accepted = "a number" if allow_inf else "a finite number"
+    if minimum is not None:
+      accepted += f" {'>' if strict else '>='} {minimum:g}"
+    if allow_inf:
+      accepted += " (math.inf for no limit)"
+  result = _real(name, value, accepted)
+  if math.isnan(result):
+    raise ValueError(f"{name} must be {accepted}; got nan.")
+  if math.isinf(result) and not (allow_inf and result > 0):
+    raise ValueError(f"{name} must be {accepted}; got {result}.")
+  if minimum is not None and (result < minimum or (strict and result == minimum)):
+    raise ValueError(f"{name} must be {accepted}; got {_show(value)}.")
+  return result
+
+
+def positive(name: str, value: Any, *, allow_inf: bool = False, accepted: Optional[str] = None) -> float:
+  """A number ``> 0`` (see :func:`number`).
+
+  Example:
+    >>> positive("time_limit", float("inf"), allow_inf=True)
+    inf
+  """
+  if accepted is None:
+    accepted = "a number > 0 (math.inf for no limit)" if allow_inf else "a finite number > 0"
+  return number(name, value, minimum=0.0, strict=True, allow_inf=allow_inf, accepted=accepted)
+
+
+def seconds(name: str, value: Any) -> float:
+  """A time limit: a number of seconds ``> 0``, or ``math.inf`` for none.
+
+  Example:
+    >>> seconds("time_budget", -1)
+    Traceback (most recent call last):
+    ...
+    ValueError: time_budget must be a number of seconds > 0 (math.inf for no limit); got -1.
+  """
+  return positive(name, value, allow_inf=True, accepted="a number of seconds > 0 (math.inf for no limit)")
+
+
+def non_negative(name: str, value: Any, *, accepted: Optional[str] = None) -> float:
+  """A finite number ``>= 0`` (see :func:`number`).
+
+  Example:
+    >>> non_negative("target_gap", 0)
+    0.0
+  """
+  return number(name, value, minimum=0.0, accepted=accepted or "a finite number >= 0")
+
+
+def optional_non_negative(name: str, value: Any, *, accepted: Optional[str] = None) -> Optional[float]:
+  """None, or a finite number ``>= 0`` (e.g. ``epsilon``)."""
+  return None if value is None else non_negative(name, value, accepted=accepted or "None or a finite number >= 0")
+
+
+def integer(name: str, value: Any, *, minimum: Optional[int] = None, accepted: Optional[str] = None) -> int:
+  """A whole number (Python or numpy integer, never a bool or a float), ``>= minimum``.
+
+  Example:
+    >>> integer("alpha_steps", 20, minimum=0)
+    20
+    >>> integer("alpha_steps", 2.5, minimum=0)
+    Traceback (most recent call last):
+    ...
+    TypeError: alpha_steps must be an integer >= 0; got float 2.5.
+  """
+  accepted = accepted or ("an integer" if minimum is None else f"an integer >= {minimum}")
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
+  result = int(value)
+  if minimum is not None and result < minimum:
+    raise ValueError(f"{name} must be {accepted}; got {result}.")
+  return result
+
+
+def boolean(name: str, value: Any) -> bool:
+  """``True`` or ``False`` (numpy bools too); a string such as ``'no'`` is refused, not read as true.
+
+  Example:
+    >>> boolean("sound", "no")
+    Traceback (most recent call last):
+    ...
+    TypeError: sound must be True or False; got str 'no'.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False; got {type(value).__name__} {_show(value)}.")
+  return bool(value)
+
+
+def choice(name: str, value: Any, choices: Sequence[str]) -> str:
+  """One of ``choices`` (strings)."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"unknown {name} {_show(value)}; choose one of {', '.join(choices)}.")
+  return value
+
+
+# ---------------------------------------------------------------------------------- keys, functions
+
+
+@functools.cache
+def _raw_key_shape() -> tuple[int, ...]:
+  # uint32[2] for the default threefry implementation; other implementations have other sizes.
+  return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
+
+
+def prng_key(name: str, key: Any):
+  """None, or one JAX PRNG key: typed (``jax.random.key(0)``) or raw (``jax.random.PRNGKey(0)``, uint32[2]).
+
+  Returns:
+    The key as given (None stays None: the callee picks its default).
+
+  Raises:
+    TypeError: anything else (a string, an int seed, a float array), with what to pass instead.
+    ValueError: a batch of keys where one is expected.
+
+  Example:
+    >>> prng_key("key", "abc")
+    Traceback (most recent call last):
+    ...
+    TypeError: key must be a JAX PRNG key: jax.random.key(0) (typed) or ...; got str 'abc'.
+  """
+  if key is None:
+    return None
+  accepted = ("a JAX PRNG key: jax.random.key(0) (typed) or jax.random.PRNGKey(0) (raw uint32"
+              f"{list(_raw_key_shape())})")
+  hint = ""
+  if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, (bool, np.bool_)):
+    hint = f" (for a seed, pass jax.random.key({int(key)}))"
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and hasattr(key, "shape") and not isinstance(key, (str, bytes)):
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      if tuple(key.shape) != ():
+        raise ValueError(f"{name} must be a single PRNG key; got a batch of keys of shape {tuple(key.shape)} "
+                         f"(qbound splits one key itself).")
+      return key
+    if np.dtype(dtype) == np.uint32 and tuple(key.shape) == _raw_key_shape():
+      return key
+    raise TypeError(f"{name} must be {accepted}; got an array of dtype {np.dtype(dtype).name} and shape "
+                    f"{tuple(key.shape)}.")
+  raise TypeError(f"{name} must be {accepted}; got {type(key).__name__} {_show(key)}{hint}.")
+
+
+def function(name: str, fn: Any) -> Callable:
+  """A callable (a network: a pure function of one input, a traced Graph, a MergedNetwork)."""
+  if not callable(fn):
+    raise TypeError(f"{name} must be a function of one input (e.g. functools.partial(model.apply, params)); "
+                    f"got {type(fn).__name__} {_show(fn)}.")
+  return fn
+
+
+def networks(f: Any, fq: Any) -> None:
+  """``f`` and ``fq`` two functions, or ``f`` a :class:`~qbound.merge.MergedNetwork` and ``fq`` None."""
+  from qbound.merge import MergedNetwork
+
+  if isinstance(f, MergedNetwork):
+    if fq is not None:
+      raise ValueError("pass either a MergedNetwork with fq=None, or two functions f and fq.")
+    return
+  function("f", f)
+  if fq is None:
+    raise TypeError("fq is None: pass the compressed network fq as well (or a qbound.MergedNetwork as f, "
+                    "from qbound.merge(f, fq, box)).")
+  function("fq", fq)
+
+
+def example(name: str, value: Any) -> None:
+  """An input fixing the shape and dtype: an array of numbers, a ``jax.ShapeDtypeStruct`` or a Box."""
+  from qbound.box import Box
+
+  if isinstance(value, (Box, jax.ShapeDtypeStruct)):
+    return
+  accepted = "an input (an array of numbers), a jax.ShapeDtypeStruct or a qbound.Box fixing the input shape"
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    try:
+      dtype = np.asarray(value).dtype
+    except Exception:
+      dtype = np.dtype(object)
+  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) or jax.dtypes.issubdtype(
+      dtype, jax.numpy.floating)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} of dtype {dtype}.")
+
+
+def search_settings(value: Any):
+  """None or a :class:`qbound.attack.Search` (whose fields check themselves)."""
+  from qbound.attack import Search
+
+  if value is not None and not isinstance(value, Search):
+    raise TypeError(f"search must be None or a qbound.Search(samples=..., restarts=..., steps=..., "
+                    f"learning_rate=...); got {type(value).__name__} {_show(value)}.")
+  return value
+
+
+def output_indices(name: str, outputs: Any, n_out: Optional[int] = None) -> Optional[np.ndarray]:
+  """None, or flat output indices: an int or a non-empty sequence of ints, in ``[0, n_out)`` when given.
+
+  Called once before tracing (kinds only) and once after (range, when ``n_out`` is known).
+
+  Returns:
+    The indices as a flat int64 array (None stays None).
+
+  Example:
+    >>> output_indices("outputs", [0, 2], 3).tolist()
+    [0, 2]
+    >>> output_indices("outputs", [0.5])
+    Traceback (most recent call last):
+    ...
+    TypeError: outputs must be None, a flat output index or a sequence of them (integers); got list [0.5].
+  """
+  if outputs is None:
+    return None
+  accepted = "None, a flat output index or a sequence of them (integers)"
+  if isinstance(outputs, (str, bytes, bool, np.bool_)):
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.")
+  try:
+    array = np.asarray(outputs)
+  except Exception:
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.") from None
+  if array.size and not np.issubdtype(array.dtype, np.integer):
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.")
+  array = array.astype(np.int64).reshape(-1)
+  if array.size == 0:
+    raise ValueError(f"{name} is empty; give at least one output index, or None for all outputs.")
+  if n_out is not None and (array.min() < 0 or array.max() >= n_out):
+    raise ValueError(f"{name} must be flat indices in [0, {n_out}) (the network has {n_out} outputs); "
+                     f"got {array.tolist()}.")
+  return array
+
+
+def mesh_or_devices(mesh: Any, devices: Any) -> None:
+  """``mesh`` None or a :class:`jax.sharding.Mesh`; ``devices`` None or a non-empty sequence of devices."""
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be None or a jax.sharding.Mesh (see qbound.sharding.default_mesh); "
+                    f"got {type(mesh).__name__}.")
+  if devices is None:
+    return
+  if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence) or not devices:
+    raise TypeError(f"devices must be None or a non-empty list of JAX devices (e.g. jax.devices()[:2]); "
+                    f"got {_show(devices)}.")
+  for device in devices:
+    if not isinstance(device, jax.Device):
+      raise TypeError(f"devices must hold JAX devices (from jax.devices()); got {type(device).__name__} "
+                      f"{_show(device)}.")
+
+
+# --------------------------------------------------------------------------------- public entry points
+
+
+def branch_and_bound_args(merged, box, *, outputs=None, time_budget=10.0, target_gap=0.05, epsilon=None,
+                          batch_size=None, max_pieces=1_000_000, initial_lower=0.0, initial_witness=None,
+                          sound=True, strong_branching_dims=8, mesh=None):
+  """Checks every argument of :func:`qbound.bounds.branch_and_bound`; returns the box, validated.
+
+  Meant as the first line of ``branch_and_bound`` (``box = validate.branch_and_bound_args(merged, box,
+  outputs=outputs, ...)``), with the same defaults, so that it refuses what it cannot use before
+  compiling anything.
+  """
+  from qbound.box import validate_box
+  from qbound.merge import MergedNetwork
+
+  if not isinstance(merged, MergedNetwork):
+    raise TypeError(f"merged must be a qbound.MergedNetwork, from qbound.merge(f, fq, box); got "
+                    f"{type(merged).__name__}.")
+  box = validate_box(box)
+  if tuple(box.shape) != tuple(merged.input_shape):
+    raise ValueError(f"box has shape {box.shape} but the network's input has shape {tuple(merged.input_shape)}.")
+  output_indices("outputs", outputs, int(np.prod(merged.output_shape)))
+  # 0 is allowed here (bound the root piece only); the public entry points ask for > 0.
+  number("time_budget", time_budget, minimum=0.0, allow_inf=True,
+         accepted="a number of seconds >= 0 (math.inf for no limit)")
+  non_negative("target_gap", target_gap)
+  optional_non_negative("epsilon", epsilon)
+  if batch_size is not None:
+    integer("batch_size", batch_size, minimum=1, accepted="None or an integer >= 1")
+  integer("max_pieces", max_pieces, minimum=1)
+  non_negative("initial_lower", initial_lower)
+  if initial_witness is not None:
+    witness = np.asarray(initial_witness)
+    if witness.shape != tuple(box.shape) or not np.issubdtype(witness.dtype, np.number):
+      raise ValueError(f"initial_witness must be None or an input of the box's shape {box.shape}; got an array of "
+                       f"shape {witness.shape} and dtype {witness.dtype}.")
+  boolean("sound", sound)
+  integer("strong_branching_dims", strong_branching_dims, minimum=0)
+  mesh_or_devices(mesh, None)
+  return box
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def certificate_values(what: str, lower, upper, *, warn: bool = True) -> None:
+  """Checks the proven and reached errors of a certificate (one box or a batch) as they are built.
+
+  An upper bound is never NaN: it would compare false with everything, so ``cert.proves(eps)``
+  and every ``lower <= upper`` check would be silently wrong. A NaN reached error means no error is
+  known at the witness. Both raise :class:`~qbound.errors.BoundOverflowError`. An infinite upper
+  bound is sound (it proves nothing): a :class:`~qbound.errors.InfiniteBoundWarning` says why.
+
+  Args:
+    what: names the certificate in messages (``"certificate"``, ``"batch certificate"``).
+    lower: reached error(s).
+    upper: proven upper bound(s).
+    warn: whether to warn for infinite upper bounds.
+  """
+  import warnings
+
+  from qbound.errors import BoundOverflowError, InfiniteBoundWarning
+
+  lower = np.asarray(lower, np.float64).reshape(-1)
+  upper = np.asarray(upper, np.float64).reshape(-1)
+  for name, values in (("upper bound", upper), ("reached error (lower)", lower)):
+    if np.isnan(values).any():
+      where = "" if values.size == 1 else f" for box {int(np.flatnonzero(np.isnan(values))[0])}"
+      raise BoundOverflowError(
+          f"{what}: the {name} is NaN{where}: a value overflowed while computing it. The inputs or weights "
+          "are too large for float32; scale them down, shrink the box, or compute in float64 "
+          "(jax.enable_x64(True)).")
+  if warn and np.isinf(upper).any():
+    count = "" if upper.size == 1 else f" for {int(np.isinf(upper).sum())} of {upper.size} boxes"
+    warnings.warn(
+        f"{what}: the proven upper bound is inf{count}: the bounds overflowed float32 (inputs or weights too "
+        "large for it), so nothing is proved there. Scale the problem down, shrink the box, or compute in "
+        "float64 (jax.enable_x64(True)).", InfiniteBoundWarning, stacklevel=5)
