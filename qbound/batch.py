@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 import warnings
@@ -30,15 +29,25 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qbound import attack, memory, sharding
+from qbound import attack, memory, serialize, sharding, validate
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
+from qbound.bounds import guards
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, box_at, validate_boxes
-from qbound.certify import Certificate, SoundnessError, _max_abs, fields_from_dict
+from qbound.certify import Certificate, _max_abs
+from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError
 from qbound.merge import MergedNetwork, merge
 
 BATCH_METHODS = ("interval", "crown", "diff", "diff-interval", "alpha")
+# What each field of a BatchCertificate holds, for reading it back (qbound.serialize).
+_BATCH_FIELDS = {
+    "upper": serialize.ARRAY, "lower": serialize.ARRAY, "diff_lower": serialize.ARRAY,
+    "diff_upper": serialize.ARRAY, "witness": serialize.ARRAY, "seconds": serialize.ARRAY, "method": serialize.STRING,
+    "bounds": serialize.ARRAYS, "sound": serialize.BOOL, "lower_float32": serialize.ARRAY,
+    "witness_diff": serialize.ARRAY, "box_lower": serialize.ARRAY, "box_upper": serialize.ARRAY,
+    "compile_seconds": serialize.FLOAT, "total_seconds": serialize.FLOAT, "layout": serialize.OBJECT,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +112,10 @@ class BatchCertificate:
   total_seconds: float = 0.0
   layout: dict = dataclasses.field(default_factory=dict)
 
+  def __post_init__(self):
+    # Never a NaN upper bound (it compares false with everything); infinite ones warn.
+    validate.certificate_values("batch certificate", self.lower, self.upper)
+
   def __len__(self) -> int:
     return int(self.upper.shape[0])
 
@@ -110,13 +123,16 @@ class BatchCertificate:
     """Box ``i``'s certificate."""
     i = range(len(self))[i]
     opt = lambda a: None if a is None else a[i]
-    return Certificate(lower=float(self.lower[i]), upper=float(self.upper[i]), diff_lower=self.diff_lower[i],
-                       diff_upper=self.diff_upper[i], witness=self.witness[i], method=self.method,
-                       seconds=float(self.seconds[i]), bounds={self.method: float(self.upper[i])},
-                       sound=self.sound,
-                       lower_float32=None if self.lower_float32 is None else float(self.lower_float32[i]),
-                       witness_diff=opt(self.witness_diff), box_lower=opt(self.box_lower),
-                       box_upper=opt(self.box_upper))
+    with warnings.catch_warnings():  # the batch warned for its infinite bounds already
+      warnings.simplefilter("ignore", InfiniteBoundWarning)
+      return Certificate(lower=float(self.lower[i]), upper=float(self.upper[i]),
+                         diff_lower=self.diff_lower[i],
+                         diff_upper=self.diff_upper[i], witness=self.witness[i], method=self.method,
+                         seconds=float(self.seconds[i]), bounds={self.method: float(self.upper[i])},
+                         sound=self.sound,
+                         lower_float32=None if self.lower_float32 is None else float(self.lower_float32[i]),
+                         witness_diff=opt(self.witness_diff), box_lower=opt(self.box_lower),
+                         box_upper=opt(self.box_upper))
 
   def certificates(self) -> list[Certificate]:
     """Every box's :class:`~qbound.certify.Certificate`, in order."""
@@ -133,31 +149,39 @@ class BatchCertificate:
     return self.upper <= epsilon
 
   def to_dict(self) -> dict[str, Any]:
-    def plain(v):
-      if isinstance(v, dict):
-        return {str(k): plain(x) for k, x in v.items()}
-      if isinstance(v, (np.ndarray, jax.Array, np.generic)):
-        return np.asarray(v).tolist()
-      return v
-
-    return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    """The fields as plain Python values (arrays as nested lists; numbers may be inf or NaN)."""
+    return {f.name: serialize.plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
   def to_json(self, **kwargs) -> str:
-    """The batch as JSON (arrays as nested lists); :meth:`from_json` reads it back."""
-    return json.dumps(self.to_dict(), **kwargs)
+    """The batch as strict JSON (arrays as nested lists; inf and NaN as the strings ``"Infinity"``,
+    ``"-Infinity"``, ``"NaN"``); :meth:`from_json` reads it back. ``kwargs`` go to ``json.dumps``."""
+    return serialize.dumps(self.to_dict(), **kwargs)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "BatchCertificate":
-    arrays = {"upper", "lower", "diff_lower", "diff_upper", "witness", "seconds", "lower_float32",
-              "witness_diff", "box_lower", "box_upper"}
-    kwargs = fields_from_dict(cls, data, arrays, "qbound batch certificate")
-    if "bounds" in kwargs:
-      kwargs["bounds"] = {k: np.asarray(v, np.float64) for k, v in kwargs["bounds"].items()}
-    return cls(**kwargs)
+    """The batch :meth:`to_dict` wrote (or parsed JSON); ``ValueError`` saying what is wrong otherwise."""
+    what = "qbound batch certificate"
+    kwargs = serialize.fields_from_dict(cls, data, _BATCH_FIELDS, what)
+    # Every per-box array has one row per box, as many as upper has entries.
+    if kwargs["upper"].ndim != 1:
+      hint = " (one number: a one-box certificate? read it with qbound.Certificate.from_json)"
+      raise ValueError(f"not a {what}: upper must be a list of one number per box, got shape "
+                       f"{kwargs['upper'].shape}{hint if kwargs['upper'].ndim == 0 else ''}.")
+    n = kwargs["upper"].size
+    per_box = [(name, kwargs.get(name)) for name in _BATCH_FIELDS if _BATCH_FIELDS[name] == serialize.ARRAY]
+    per_box += [(f"bounds[{k!r}]", v) for k, v in kwargs.get("bounds", {}).items()]
+    for name, value in per_box:
+      if value is not None and (value.ndim < 1 or value.shape[0] != n):
+        raise ValueError(f"not a {what}: every array needs one row per box, as upper has; upper has shape "
+                         f"{kwargs['upper'].shape} and {name} {value.shape}.")
+    with warnings.catch_warnings():  # it warned when it was made; reading it back is no news
+      warnings.simplefilter("ignore", InfiniteBoundWarning)
+      return cls(**kwargs)
 
   @classmethod
   def from_json(cls, text: str) -> "BatchCertificate":
-    return cls.from_dict(json.loads(text))
+    """The batch :meth:`to_json` wrote; ``ValueError`` saying what is wrong for other text."""
+    return cls.from_dict(serialize.loads(text, "qbound batch certificate"))
 
   def __str__(self) -> str:
     up = np.asarray(self.upper)
@@ -169,38 +193,55 @@ class BatchCertificate:
 # ------------------------------------------------------------------------------- device programs
 
 
-def _box_bounds(fg, qg, mg, box: Box, method: str, sound: bool, row_chunk, alpha_steps: int) -> dict:
-  """``{name: (lower, upper)}`` of ``f - fq`` at the output, as :func:`qbound.certify` computes them."""
+def _box_bounds(fg, qg, mg, box: Box, method: str, sound: bool, row_chunk, alpha_steps: int):
+  """``{name: (lower, upper)}`` of ``f - fq`` at the output, as :func:`qbound.certify` computes them,
+  and :func:`qbound.bounds.guards.counts` of every node bound computed on the way (under jit the
+  bound functions cannot raise for an empty interval themselves: the host reads the counts)."""
+  lists = []
+
   def diff_out(symbolic=True, steps=0):
-    _, _, d = diff_bounds(fg, qg, box, None, sound, symbolic, steps, 0.1, row_chunk)
+    if steps:
+      from qbound.bounds.alpha import diff_alpha_bounds
+
+      z, zq, d = diff_alpha_bounds(fg, qg, box, steps=steps, sound=sound, row_chunk=row_chunk)
+    else:
+      z, zq, d = diff_bounds(fg, qg, box, None, sound, symbolic, row_chunk=row_chunk)
+    lists.extend([z, zq, d])
     return d[fg.output]
 
   if method == "interval":
-    return {"interval": interval_bounds(mg, box, sound)[mg.output]}
-  if method == "diff":
-    return {"diff": diff_out()}
-  if method == "diff-interval":
-    return {"diff-interval": diff_out(symbolic=False)}
-  crown = crown_bounds(mg, box, None, sound, row_chunk)
-  out = {"crown": crown[mg.output]}
-  if method == "alpha":
-    if fg is not None:
-      out["diff"] = diff_out()
-      out["diff-alpha"] = diff_out(steps=alpha_steps)
-    else:
-      from qbound.bounds.alpha import crown_alpha_node
+    bounds = interval_bounds(mg, box, sound)
+    lists.append(bounds)
+    out = {"interval": bounds[mg.output]}
+  elif method == "diff":
+    out = {"diff": diff_out()}
+  elif method == "diff-interval":
+    out = {"diff-interval": diff_out(symbolic=False)}
+  else:
+    crown = crown_bounds(mg, box, None, sound, row_chunk)
+    lists.append(crown)
+    out = {"crown": crown[mg.output]}
+    if method == "alpha":
+      if fg is not None:
+        out["diff"] = diff_out()
+        out["diff-alpha"] = diff_out(steps=alpha_steps)
+      else:
+        from qbound.bounds.alpha import crown_alpha_node
 
-      out["crown-alpha"] = crown_alpha_node(mg, mg.output, crown, box, steps=alpha_steps, sound=sound,
-                                            row_chunk=row_chunk)
-  return out
+        out["crown-alpha"] = crown_alpha_node(mg, mg.output, crown, box, steps=alpha_steps, sound=sound,
+                                              row_chunk=row_chunk)
+        lists.append([out["crown-alpha"]])
+  return out, guards.counts([("", None, bounds) for bounds in lists], sound=sound)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "sound", "row_chunk", "alpha_steps", "mesh"))
 def _bounds_chunk(fg, qg, mg, lo, hi, method, sound, row_chunk, alpha_steps, mesh):
-  """Bounds for a chunk of boxes, split over the mesh: ``({name: (lo, hi)}, device of each box)``."""
+  """Bounds for a chunk of boxes, split over the mesh: ``({name: (lo, hi)}, per-box count of empty or
+  NaN node intervals, device of each box)``."""
   def body(fg, qg, mg, lo, hi):
     one = lambda lo, hi: _box_bounds(fg, qg, mg, Box(lo, hi), method, sound, row_chunk, alpha_steps)
-    return jax.vmap(one)(lo, hi), sharding.device_index(mesh, lo.shape[0])
+    out, bad = jax.vmap(one)(lo, hi)
+    return out, jnp.sum(bad, axis=(1, 2)), sharding.device_index(mesh, lo.shape[0])
 
   return sharding.data_parallel(body, mesh, 3, 2)(fg, qg, mg, lo, hi)
 
@@ -216,6 +257,21 @@ def _search_chunk(mg, lo, hi, keys, search, impl, mesh):
     return jax.vmap(one)(lo, hi, keys)
 
   return sharding.data_parallel(body, mesh, 1, 3)(mg, lo, hi, keys)
+
+
+def _raise_invalid(merged: MergedNetwork, boxes: Box, i: int, method: str, sound: bool, row_chunk,
+                   alpha_steps: int):
+  """Box ``i``'s bounds held an empty or NaN interval: bound it again on its own, where the bound
+  functions raise with the node named; or raise here if that run comes out well-formed."""
+  paired = method in ("diff", "diff-interval", "alpha") and merged.paired
+  fg, qg = (merged.f_graph, merged.fq_graph) if paired else (None, None)
+  box = Box(jnp.asarray(boxes.lower[i]), jnp.asarray(boxes.upper[i]))
+  try:
+    _box_bounds(fg, qg, merged.graph, box, method, sound, row_chunk, alpha_steps)
+  except (InvalidBoundsError, BoundOverflowError) as err:
+    raise type(err)(f"box {i}: {err}") from None
+  raise InvalidBoundsError(f"box {i}: the batched {method} bounds held an empty or NaN interval (bound alone, "
+                           "the box's bounds are well-formed): a bug in qbound; please report it with this box.")
 
 
 def _key_data(key, n: int):
@@ -275,6 +331,7 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
     A :class:`BatchCertificate`; ``result[i]`` is box ``i``'s :class:`~qbound.certify.Certificate`.
 
   Raises:
+    TypeError: an argument of the wrong kind (``sound="no"``, ``key="abc"``, ``alpha_steps=2.5``).
     ValueError: an unknown or unbatched method, invalid boxes (no batch axis, inverted, NaN,
       wrong shape), f and fq not paired for ``diff``, or a memory budget too small for one row.
     SoundnessError: a reached error above a proven bound (a bug; never expected).
@@ -298,6 +355,19 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       raise ValueError(f"method {method!r} is not batched: it adapts to each box as it goes. certify_batch takes "
                        f"{', '.join(BATCH_METHODS)}; for {method!r} call qbound.certify once per box.")
     raise ValueError(f"unknown method {method!r}; certify_batch takes one of {', '.join(BATCH_METHODS)}.")
+  # Every other argument is checked before tracing or compiling anything (qbound.validate).
+  validate.networks(f, fq)
+  validate.mesh_or_devices(mesh, devices)
+  key = validate.prng_key("key", key)
+  sound = validate.boolean("sound", sound)
+  search = validate.search_settings(search)
+  outputs = validate.output_indices("outputs", outputs)
+  alpha_steps = validate.integer("alpha_steps", alpha_steps, minimum=0)
+  if memory_budget is not None:
+    memory_budget = validate.positive("memory_budget", memory_budget, allow_inf=True,
+                                      accepted="a positive number of bytes (None: half the device's memory; "
+                                               "math.inf: no chunking by memory)")
+  progress = validate.boolean("progress", progress)
   boxes = validate_boxes(boxes)
   n = int(boxes.lower.shape[0])
   key = jax.random.key(0) if key is None else key
@@ -388,13 +458,16 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       t1 = time.perf_counter()
       if first:
         lo, hi, kd = chunk_inputs(first, chunk)
-      out, where = jax.block_until_ready(run_bounds(fg, qg, mg, lo, hi))
+      out, bad, where = jax.block_until_ready(run_bounds(fg, qg, mg, lo, hi))
       t_bounds = time.perf_counter()
       _, x = jax.block_until_ready(run_search(mg, lo, hi, kd))
       phases["bounds"] += t_bounds - t1
       phases["search"] += time.perf_counter() - t_bounds
-      out, where, x = sharding.gather((out, where, x))
+      out, bad, where, x = sharding.gather((out, bad, where, x))
       real = min(chunk, n - first)
+      if np.any(np.asarray(bad)[:real]):
+        _raise_invalid(merged, Box(lo_all, hi_all), first + int(np.flatnonzero(np.asarray(bad)[:real])[0]), method,
+                       sound, row_chunk, alpha_steps)
       for name, (dl, du) in out.items():
         per_method.setdefault(name, []).append((dl[:real].reshape(real, -1), du[:real].reshape(real, -1)))
       witnesses.append(x[:real])

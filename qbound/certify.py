@@ -16,28 +16,24 @@ same error as f and fq compute it in their own dtype, which differs from it by r
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack
+from qbound import attack, serialize, validate
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
+from qbound.errors import InfiniteBoundWarning, SoundnessError
 from qbound.merge import MergedNetwork, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
 LOW_DIMENSIONAL_INPUTS = 8
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
-
-
-class SoundnessError(AssertionError):
-  """A reached error exceeds a proven upper bound: a bug in qbound; please report it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +81,10 @@ class Certificate:
   box_lower: Optional[np.ndarray] = None
   box_upper: Optional[np.ndarray] = None
 
+  def __post_init__(self):
+    # Never a NaN upper bound (it compares false with everything); an infinite one warns.
+    validate.certificate_values("certificate", self.lower, self.upper)
+
   @property
   def gap(self) -> float:
     """``upper / lower`` (inf when nothing was reached): 1 means the maximal error is known exactly."""
@@ -95,37 +95,39 @@ class Certificate:
     return self.upper <= epsilon
 
   def to_dict(self) -> dict[str, Any]:
-    out = {}
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      out[field.name] = np.asarray(value).tolist() if isinstance(value, (np.ndarray, jax.Array)) else value
-    return out
+    """The fields as plain Python values (arrays as nested lists; numbers may be inf or NaN)."""
+    return {field.name: serialize.plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
   def to_json(self, **kwargs) -> str:
-    """The certificate as JSON (arrays as nested lists)."""
-    return json.dumps(self.to_dict(), **kwargs)
+    """The certificate as strict JSON (arrays as nested lists; inf and NaN as the strings
+    ``"Infinity"``, ``"-Infinity"``, ``"NaN"``); ``kwargs`` go to ``json.dumps``."""
+    return serialize.dumps(self.to_dict(), **kwargs)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "Certificate":
-    arrays = {"diff_lower", "diff_upper", "witness", "witness_diff", "box_lower", "box_upper"}
-    return cls(**fields_from_dict(cls, data, arrays, "qbound certificate"))
+    """The certificate :meth:`to_dict` wrote (or parsed JSON); ``ValueError`` saying what is wrong otherwise."""
+    kwargs = serialize.fields_from_dict(cls, data, _CERTIFICATE_FIELDS, "qbound certificate")
+    with warnings.catch_warnings():  # it warned when it was made; reading it back is no news
+      warnings.simplefilter("ignore", InfiniteBoundWarning)
+      return cls(**kwargs)
 
   @classmethod
   def from_json(cls, text: str) -> "Certificate":
-    return cls.from_dict(json.loads(text))
+    """The certificate :meth:`to_json` wrote; ``ValueError`` saying what is wrong for other text."""
+    return cls.from_dict(serialize.loads(text, "qbound certificate"))
 
   def __str__(self) -> str:
     return (f"Certificate(max error in [{self.lower:.6g}, {self.upper:.6g}], gap {self.gap:.3g}, "
             f"method={self.method}, {self.seconds:.2f} s)")
 
 
-def fields_from_dict(cls, data: dict[str, Any], arrays: set, what: str) -> dict[str, Any]:
-  """The fields of the dataclass ``cls`` read back from its ``to_dict`` form: unknown names are an
-  error (naming ``what`` was expected), the fields in ``arrays`` become float64 arrays."""
-  unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-  if unknown:
-    raise ValueError(f"not a {what}: unknown fields {sorted(unknown)}")
-  return {k: (np.asarray(v, np.float64) if k in arrays and v is not None else v) for k, v in data.items()}
+# What each field of a Certificate holds, for reading it back (qbound.serialize).
+_CERTIFICATE_FIELDS = {
+    "lower": serialize.FLOAT, "upper": serialize.FLOAT, "diff_lower": serialize.ARRAY, "diff_upper": serialize.ARRAY,
+    "witness": serialize.ARRAY, "method": serialize.STRING, "seconds": serialize.FLOAT, "bounds": serialize.FLOATS,
+    "sound": serialize.BOOL, "lower_float32": serialize.FLOAT, "witness_diff": serialize.ARRAY,
+    "box_lower": serialize.ARRAY, "box_upper": serialize.ARRAY,
+}
 
 
 def _max_abs(lower, upper, outputs=None) -> float:
@@ -137,7 +139,12 @@ def _max_abs(lower, upper, outputs=None) -> float:
 
 
 def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
-  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, sound, symbolic, alpha_steps)
+  if alpha_steps:
+    from qbound.bounds.alpha import diff_alpha_bounds
+
+    _, _, d = diff_alpha_bounds(merged.f_graph, merged.fq_graph, box, steps=alpha_steps, sound=sound)
+  else:
+    _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, sound, symbolic)
   return d[merged.f_graph.output]
 
 
@@ -247,7 +254,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
     search: settings of the lower-bound search (:class:`qbound.attack.Search`).
-    time_budget: seconds ``auto``, ``bab`` and ``milp`` may use (compilation included).
+    time_budget: seconds ``auto``, ``bab`` and ``milp`` may use (compilation included);
+      ``math.inf``: no limit (they stop at ``target_gap``).
     target_gap: ``auto`` and ``bab`` stop once ``upper <= (1 + target_gap) * lower``.
     outputs: flat output indices whose error counts (default: all).
     epsilon: if given, ``auto`` and ``bab`` stop as soon as ``upper <= epsilon`` is proved or
@@ -258,8 +266,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     A :class:`Certificate` with ``lower <= max error <= upper``.
 
   Raises:
-    ValueError: an invalid box (inverted, NaN, wrong shape), f and fq with different output
-      shapes, non-finite parameters, or an operation qbound cannot bound.
+    TypeError: an argument of the wrong kind (``sound='no'``, ``key='abc'``, ``alpha_steps=2.5``).
+    ValueError: an argument out of range (NaN or negative numbers, an unknown method, output
+      indices out of range), an invalid box (inverted, NaN, wrong shape), f and fq with different
+      output shapes, non-finite parameters, or an operation qbound cannot bound.
+    BoundOverflowError: a bound overflowed float32 to NaN (inputs or weights too large).
     SoundnessError: a reached error above a proven bound (a bug; never expected).
 
   Example:
@@ -273,10 +284,17 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     True
   """
   start = time.perf_counter()
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-  if time_budget <= 0 or target_gap < 0:
-    raise ValueError(f"time_budget must be positive and target_gap non-negative, got {time_budget}, {target_gap}.")
+  # Every argument is checked before tracing or compiling anything (qbound.validate).
+  validate.choice("method", method, METHODS)
+  validate.networks(f, fq)
+  key = validate.prng_key("key", key)
+  sound = validate.boolean("sound", sound)
+  search = validate.search_settings(search)
+  time_budget = validate.seconds("time_budget", time_budget)
+  target_gap = validate.non_negative("target_gap", target_gap)
+  epsilon = validate.optional_non_negative("epsilon", epsilon)
+  alpha_steps = validate.integer("alpha_steps", alpha_steps, minimum=0)
+  outputs = validate.output_indices("outputs", outputs)
   box = validate_box(box)
   if isinstance(f, MergedNetwork):
     if fq is not None:
@@ -341,7 +359,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # it keeps the time, and the MILP runs only if it stops early).
     budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
     if budget > 0 or branch_first:  # branch_first needs at least the whole box bounded (its first batch)
-      res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(budget, 0.0), target_gap=target_gap,
+      res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(budget, 1e-6), target_gap=target_gap,
                              epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound)
       if branch_first:
         track.add_bounds("diff", res.root_lower, res.root_upper)

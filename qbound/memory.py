@@ -6,7 +6,7 @@ that are carried back to the input: a ``(rows, neurons)`` matrix per layer on th
 layer (a 32x32x16 convolution has 16,384 neurons: 32,768 rows of up to 16,384 entries, 2 GiB in
 float32 each) this is what fills memory, and vmapping over a batch of boxes multiplies it by the
 batch. Rows are independent, so they can be bounded a block at a time
-(:func:`node_bounds_by_rows`, a ``lax.map`` over blocks of ``row_chunk`` rows whose rows are
+(:func:`qbound.bounds.rows.node_bounds_by_rows`, a ``lax.map`` over blocks of ``row_chunk`` rows whose rows are
 built inside the loop, never as one ``2n x n`` identity), and boxes a chunk at a time.
 
 :func:`plan` chooses both from a budget in bytes (per device) with an explicit estimate of the peak:
@@ -61,50 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound.bounds.crown import relu_inputs
+from qbound.bounds.rows import MIN_BLOCKED_ROWS, node_bounds_by_rows  # noqa: F401  (re-exported)
 
 # Temporaries per live backward coefficient, and per neuron per box: calibrated (see module doc).
 ROW_FACTOR = {"interval": 0.0, "crown": 10.0, "diff": 24.0, "diff-interval": 0.0, "alpha": 48.0}
 BOX_FACTOR = {"interval": 8.0, "crown": 40.0, "diff": 48.0, "diff-interval": 32.0, "alpha": 96.0}
 SEARCH_FACTOR = 1.25  # per sampled point: the input, the widest layer's value and its successor's
 SLOPE_FACTOR = 24.0  # alpha: per row, its own slopes for every activation (a few sets), Adam's moments, gradients
-
-
-def node_bounds_by_rows(lower_fn: Callable, n: int, shape, dtype, row_chunk: Optional[int] = None):
-  """Elementwise ``(lower, upper)`` of a node from row lower bounds, ``row_chunk`` rows at a time.
-
-  Args:
-    lower_fn: ``rows (m, *shape) -> (m,)`` lower bounds of ``rows[k] . z`` (e.g.
-      :func:`qbound.bounds.crown.backward_lower` with everything else bound).
-    n: the node's size; rows ``+e_i`` give lower bounds, rows ``-e_i`` upper bounds.
-    shape: the node's shape.
-    dtype: the rows' dtype.
-    row_chunk: rows per block (``lax.map`` over blocks), at most half the rows from
-      :data:`MIN_BLOCKED_ROWS` rows up; None: all rows at once, without a loop.
-
-  Returns:
-    ``(lower, upper)`` arrays of ``shape``.
-  """
-  total = 2 * n
-  if row_chunk is None:
-    eye = jnp.eye(n, dtype=dtype)
-    rows = jax.lax.optimization_barrier(jnp.concatenate([eye, -eye]))
-    low = lower_fn(rows.reshape((total, *shape)))
-  else:
-    # A node of many rows always takes two blocks or more: with one, XLA unrolls the loop into the
-    # straight-line code that default_row_chunk avoids.
-    most = total if total < MIN_BLOCKED_ROWS else -(-total // 2)
-    row_chunk = min(max(int(row_chunk), 1), most)
-    blocks = -(-total // row_chunk)
-    # The last block repeats the last row; its extra results are dropped below.
-    ids = jnp.minimum(jnp.arange(blocks * row_chunk), total - 1).reshape(blocks, row_chunk)
-
-    def block(idx):
-      sign = jnp.where(idx < n, 1, -1).astype(dtype)
-      rows = jax.nn.one_hot(idx % n, n, dtype=dtype) * sign[:, None]
-      return lower_fn(rows.reshape((row_chunk, *shape)))
-
-    low = jax.lax.map(block, ids).reshape(-1)[:total]
-  return low[:n].reshape(shape), -low[n:].reshape(shape)
 
 
 # ------------------------------------------------------------------------------------ estimates
@@ -130,8 +94,6 @@ def backward_live(graph: G.Graph, target: int) -> int:
 
 def bounded_nodes(graph: G.Graph) -> list[int]:
   """The nodes backward bounds are computed for: every activation's input and the output."""
-  from qbound.bounds.crown import relu_inputs
-
   return [t for t in relu_inputs(graph) + [graph.output] if t != 0]
 
 
@@ -268,7 +230,6 @@ class Plan:
   fixed: int
 
 
-MIN_BLOCKED_ROWS = 64
 
 
 def default_row_chunk(rows: int) -> Optional[int]:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound import validate
 from qbound.trace import trace
 
 
@@ -67,9 +68,12 @@ def _identity_beside(node: G.Node, src: int) -> Optional[G.Node]:
     lo = jnp.full(node.shape, -jnp.inf, jnp.result_type(node.weights[0]))
     return dataclasses.replace(node, weights=(lo, -lo), **base)
   if node.kind == G.AFFINE and (node.op is None or (node.op.name in ("mul", "div") and node.op.in_shape == node.shape)):
-    # The same scaling as f_q's, so both networks' values stay in the same units; the chain of
-    # such steps must then compose to the identity, which _is_identity_chain proves.
-    return dataclasses.replace(node, **base)
+    # The same scaling as f_q's, so both networks' values stay in the same units, but no shift:
+    # f_q's shifts (the +1/2 of floor(x s + 1/2), zero points) are part of its quantization, and
+    # copying them would leave f's chain off the identity by them. The chain of such steps must
+    # compose to the identity, which _is_identity_chain proves.
+    bias = None if node.bias is None else jnp.zeros_like(node.bias)
+    return dataclasses.replace(node, bias=bias, **base)
   return None
 
 
@@ -293,6 +297,11 @@ def merge(f: Callable, fq: Callable, example) -> MergedNetwork:
   Returns:
     A :class:`MergedNetwork`; ``merged(x) == f(x) - fq(x)`` up to float rounding.
 
+  Raises:
+    TypeError: ``f`` or ``fq`` not callable, or ``example`` not an input, shape or box.
+    ValueError: f and fq that cannot be traced on such an input, or with non-finite parameters.
+    UnsupportedPrimitiveError: an operation qbound cannot bound (the message names it).
+
   Example:
     >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
@@ -302,6 +311,9 @@ def merge(f: Callable, fq: Callable, example) -> MergedNetwork:
     >>> [w.shape for w, _, _ in g.dense_layers()]
     [(3, 16), (16, 4), (4, 2)]
   """
+  validate.function("f", f)
+  validate.function("fq", fq)
+  validate.example("example", example)
   f_graph = trace(f, example, label="f")
   fq_graph = trace(fq, example, label="fq")
   G.check_finite(f_graph, label="f")

@@ -17,7 +17,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds.alpha import crown_alpha_node
+from qbound.bounds.alpha import crown_alpha_node, diff_alpha_bounds
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.bounds.interval import interval_bounds
@@ -94,8 +94,8 @@ def check_methods(f, fq, box, label, methods=("interval", "crown", "diff-interva
   compute = {
       "interval": lambda: interval_bounds(merged.graph, box, True)[merged.graph.output],
       "crown": lambda: crown_bounds(merged.graph, box, None, True)[merged.graph.output],
-      "diff-interval": lambda: diff_bounds(fg, qg, box, None, True, False, 0)[2][out_f],
-      "diff": lambda: diff_bounds(fg, qg, box, None, True, True, 0)[2][out_f],
+      "diff-interval": lambda: diff_bounds(fg, qg, box, None, True, False)[2][out_f],
+      "diff": lambda: diff_bounds(fg, qg, box, None, True, True)[2][out_f],
   }
   widths = {}
   for method in methods:
@@ -132,7 +132,7 @@ def test_optimised_differential_slopes_are_sound(seed, bits):
   sigmoid slopes (and their mean-value lines)."""
   f, fq = pair(SmoothNet(), seed, bits)
   merged = qb.merge(f, fq, BOX)
-  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, BOX, None, True, True, 8)
+  _, _, d = diff_alpha_bounds(merged.f_graph, merged.fq_graph, BOX, steps=8)
   assert_encloses(*d[merged.f_graph.output], sampled(merged, BOX), "diff alpha")
 
 
@@ -147,8 +147,8 @@ def test_optimised_slopes_are_sound_and_never_looser(seed, bits):
   bounds = crown_bounds(graph, BOX, None, True)
   lo, hi = crown_alpha_node(graph, graph.output, bounds, BOX, steps=8, sound=True)
   assert_encloses(lo, hi, values, "crown alpha")
-  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, BOX, None, True, True, 8)
-  _, _, d0 = diff_bounds(merged.f_graph, merged.fq_graph, BOX, None, True, True, 0)  # the default slopes
+  _, _, d = diff_alpha_bounds(merged.f_graph, merged.fq_graph, BOX, steps=8)
+  _, _, d0 = diff_bounds(merged.f_graph, merged.fq_graph, BOX, None, True, True)  # the default slopes
   out = merged.f_graph.output
   assert_encloses(*d[out], values, "diff alpha")
   # The optimisation starts from the default slopes and keeps the best bound per row.

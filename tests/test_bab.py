@@ -53,22 +53,22 @@ def test_sampled_errors_within_the_bounds_when_stopped_early():
   assert np.abs(values).max() <= res.upper + 1e-9
 
 
-def test_candidate_axes_skip_narrow_and_empty_dimensions():
-  scale = np.array([2.0, 2.0, 100.0, 0.0])
-  # relative widths 0.5, 0.01, 0.5, (no width): the second is more than ASPECT times narrower
-  assert bab._candidate_axes(np.array([1.0, 0.02, 50.0, 0.0]), scale) == [0, 2]
-  assert bab._candidate_axes(np.zeros(4), scale) == []
-  assert bab._candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), scale) == [1]
+def test_candidate_axes_skip_empty_dimensions():
+  sensitivity = np.ones(4)
+  assert bab._candidate_axes(np.array([1.0, 0.02, 50.0, 0.0]), sensitivity) == [2, 0, 1]
+  assert bab._candidate_axes(np.zeros(4), sensitivity) == []
+  assert bab._candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), sensitivity) == [1]
 
 
-def test_candidate_axes_keep_the_most_sensitive_dimensions():
-  scale = np.full(5, 2.0)
+def test_candidate_axes_keep_the_dimensions_that_weigh_most_in_the_bound():
   width = np.full(5, 1.0)
-  grad = np.array([0.1, 3.0, 0.0, 2.0, 1.0])
-  assert bab._candidate_axes(width, scale, grad) == [1, 3, 4]
-  # The sensitivity is |gradient| times width: a narrower piece side counts for less.
-  assert bab._candidate_axes(np.array([1.0, 0.2, 1.0, 1.0, 1.0]), scale, grad) == [3, 4, 1]
-  assert bab._candidate_axes(width[:3], scale[:3], grad[:3]) == [0, 1, 2]  # few dimensions: all
+  sensitivity = np.array([0.1, 3.0, 0.0, 2.0, 1.0])
+  assert bab._candidate_axes(width, sensitivity) == [1, 3, 4]
+  # The weight is |coefficient| times width: a narrower piece side counts for less.
+  assert bab._candidate_axes(np.array([1.0, 0.2, 1.0, 1.0, 1.0]), sensitivity) == [3, 4, 1]
+  assert bab._candidate_axes(width[:3], sensitivity[:3]) == [1, 0, 2]  # few dimensions: all
+  # A dimension the bound ignores is still split once it is the only one left with width.
+  assert bab._candidate_axes(np.array([0.0, 0.0, 1.0, 0.0, 0.0]), sensitivity) == [2]
 
 
 @pytest.mark.parametrize("seed,shape,compression", [(0, H.SHAPES[1], {"bits": 3}), (1, H.SHAPES[2], {"bits": 8}),

@@ -49,7 +49,7 @@ def test_row_blocks_change_no_bound(small_pair, row_chunk):
 def test_row_blocks_change_no_differential_bound(small_pair):
   merged, box = small_pair
   _, _, d_full = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
-  _, _, d_blocked = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True, 0, 0.1, 3)
+  _, _, d_blocked = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True, 3)
   out = merged.f_graph.output
   np.testing.assert_allclose(d_blocked[out][0], d_full[out][0], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(d_blocked[out][1], d_full[out][1], rtol=1e-6, atol=1e-7)

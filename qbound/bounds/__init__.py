@@ -4,10 +4,11 @@ Each public method is shaped ``method(fn, box) -> Box`` of proven output bounds 
 the two networks); the ``*_bounds`` functions return every node's bounds of a traced graph.
 """
 
-from qbound.bounds.alpha import crown_alpha_node, diff_alpha_node
+from qbound.bounds.alpha import crown_alpha_node, diff_alpha_bounds, diff_alpha_node
 from qbound.bounds.bab import BabResult, branch_and_bound
 from qbound.bounds.crown import crown, crown_bounds
 from qbound.bounds.diff import diff, diff_bounds
+from qbound.bounds.forward import forward_diff, forward_diff_batch, forward_diff_bounds
 from qbound.bounds.interval import interval, interval_bounds
 
 __all__ = [
@@ -17,8 +18,12 @@ __all__ = [
     "crown_alpha_node",
     "crown_bounds",
     "diff",
+    "diff_alpha_bounds",
     "diff_alpha_node",
     "diff_bounds",
+    "forward_diff",
+    "forward_diff_batch",
+    "forward_diff_bounds",
     "interval",
     "interval_bounds",
 ]

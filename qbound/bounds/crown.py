@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, relax
+from qbound.bounds import fp, rules
 from qbound.bounds.common import as_graph, jit_step, local
 from qbound.bounds.interval import center_radius, interval_bounds
+from qbound.bounds.rows import node_bounds_by_rows
+from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
 
 
@@ -90,7 +92,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
     return tuple(parts), beta, err
   if node.kind in ACTIVATIONS:
     lo, hi = src_bounds[0]
-    r = relax.for_node(node, lo, hi, alpha, sound=sound)
+    r = rules.for_node(node, lo, hi, alpha, sound=sound)
     pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
     # One of pos, neg is 0 in every entry: the two products add up exactly.
     beta = _row_sum(neg * r.upper_offset + pos * r.lower_offset)
@@ -121,7 +123,7 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
 def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True,
-                   batched: bool = False):
+                   batched: bool = False, with_coefficients: bool = False):
   """Lower bounds of ``rows[k] . z_target`` over the box, one per row.
 
   The walk is a Python loop over jit-compiled per-node steps (compiled once per node kind, shape
@@ -140,9 +142,11 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
       tanh/sigmoid's ``{"lower", "upper"}`` slope fractions (values in [0, 1]).
     sound: add proven floating-point margins.
     batched: ``box``, ``bounds``, ``rows`` and ``alphas`` carry a leading axis of many boxes.
+    with_coefficients: also return each row's coefficients on the input.
 
   Returns:
-    An array of shape ``(m,)`` (``(batch, m)`` when batched).
+    An array of shape ``(m,)`` (``(batch, m)`` when batched); with ``with_coefficients`` also the
+    coefficients, ``(m, *input shape)`` (``(batch, m, ...)``).
   """
   lambdas = {target: rows}
   beta = err = jnp.zeros(rows.shape[: 2 if batched else 1], rows.dtype)
@@ -161,8 +165,11 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
         lambdas[src] = value
   lam = lambdas.pop(0, None)
   if lam is None:  # the target does not depend on the input
-    return beta - err if sound else beta
-  return _at_input(lam, beta, err, box, sound=sound, batched=batched)
+    value = fp.round_down(beta - err) if sound else beta
+    lam = jnp.zeros((*rows.shape[: 2 if batched else 1], *box.lower.shape[1 if batched else 0:]), rows.dtype)
+  else:
+    value = _at_input(lam, beta, err, box, sound=sound, batched=batched)
+  return (value, lam) if with_coefficients else value
 
 
 @functools.partial(jax.jit, static_argnames=("n", "shape", "dtype", "batch"))
@@ -187,8 +194,6 @@ def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, so
   """
   node = graph.nodes[target]
   if row_chunk is not None:
-    from qbound.memory import node_bounds_by_rows
-
     if batched:
       raise ValueError("row_chunk bounds one box at a time (vmap it over boxes); call without batched.")
     lower = lambda rows: backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
@@ -218,18 +223,21 @@ def intersect(a, b):
 
 
 def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,
-                 row_chunk: Optional[int] = None, *, batched: bool = False) -> list:
+                 row_chunk: Optional[int] = None, *, batched: bool = False, check: bool = True) -> list:
   """Bounds of every node: interval bounds, tightened by CROWN on every ReLU input and the output.
 
   ``row_chunk``: backward rows per block (None: all at once); see :mod:`qbound.memory`. With
-  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
+  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound. ``check``:
+  raise if any node's interval is empty or NaN (:mod:`qbound.bounds.guards`).
   """
-  bounds = list(interval_bounds(graph, box, sound, batched=batched))
+  bounds = list(interval_bounds(graph, box, sound, batched=batched, check=False))
   for idx in relu_inputs(graph) + [graph.output]:
     if idx == 0:
       continue
     bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
                                                     row_chunk=row_chunk, batched=batched))
+  if check:
+    check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
   return bounds
 
 
@@ -256,5 +264,6 @@ def crown(fn, box: Box, *, sound: bool = True) -> Box:
   """
   box = validate_box(box)
   graph = as_graph(fn, box)
-  bounds = crown_bounds(graph, box, None, sound)
-  return Box(*bounds[graph.output])
+  lower, upper = crown_bounds(graph, box, None, sound)[graph.output]
+  spot_check(graph, box, lower, upper, sound=sound, what="CROWN bounds")
+  return Box(lower, upper)

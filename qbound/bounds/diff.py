@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 
 import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, relax, smooth
+from qbound.bounds import fp, relax, rules, smooth
 from qbound.bounds.common import jit_step, local, plus
 from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius, interval_bounds
+from qbound.bounds.rows import node_bounds_by_rows
+from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
 
 _WEIGHT_LINEAR = {"dot_general", "conv_general_dilated", "mul"}
@@ -129,18 +131,12 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
       lo = jnp.where(lo == jnp.minimum(dl, 0), lo, fp.round_down(lo))
       hi = jnp.where(hi == jnp.maximum(du, 0), hi, fp.round_up(hi))
     return lo, hi
-  if nf.kind == G.CLIP:
+  if nf.kind == G.CLIP:  # the cuts may differ (a saturating fake quantization beside an identity)
     j = nf.inputs[0]
-    (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
-    lo = jnp.maximum(jnp.minimum(dl, 0), nf.apply_clip(zl) - nq.apply_clip(qu))
-    hi = jnp.minimum(jnp.maximum(du, 0), nf.apply_clip(zu) - nq.apply_clip(ql))
-    if sound:
-      lo = jnp.where(lo == jnp.minimum(dl, 0), lo, fp.round_down(lo))
-      hi = jnp.where(hi == jnp.maximum(du, 0), hi, fp.round_up(hi))
-    return lo, hi
+    return relax.clip_diff_interval(z[j], zq[j], d[j], nf.weights, nq.weights, sound=sound)
   if nf.kind == G.ROUND:
     j = nf.inputs[0]
-    (zl, zu), (ql, qu), (dl, du) = z[j], zq[j], d[j]
+    (zl, zu), (ql, qu), (dl, du) = relax.step_input(*z[j], sound), relax.step_input(*zq[j], sound), d[j]
     fn_f, fn_q = G.ROUNDING[nf.attrs[0]], G.ROUNDING[nq.attrs[0]]
     e_f, e_q = relax.ROUNDING_ERROR[nf.attrs[0]], relax.ROUNDING_ERROR[nq.attrs[0]]
     lo = jnp.maximum(dl + (e_f[0] - e_q[1]), fn_f(zl) - fn_q(qu))
@@ -150,16 +146,6 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
     j = nf.inputs[0]
     return smooth.diff_interval(nf.kind, z[j], zq[j], d[j], sound=sound)
   raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
-
-
-def _clip_diff_relaxation(nf: G.Node, nq: G.Node, z, zq, d, params, sound: bool):
-  (zl, zu), (ql, qu), (dl, du) = z, zq, d
-  lo_f, hi_f = nf.weights
-  lo_q, hi_q = nq.weights
-  same_cuts = (lo_f == lo_q) & (hi_f == hi_q)
-  identity = same_cuts & (zl >= lo_f) & (zu <= hi_f) & (ql >= lo_q) & (qu <= hi_q)
-  constant = same_cuts & (((zu <= lo_f) & (qu <= lo_q)) | ((zl >= hi_f) & (ql >= hi_q)))
-  return relax.monotone_diff(dl, du, identity, constant, params, sound=sound)
 
 
 def _diff_step(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, beta_in, err_in, sound: bool):
@@ -239,14 +225,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
     a = a or {}
     margins = None  # sound mode: the step's margins entry by entry, summed once (see above)
     if lv is not None:
-      if nf.kind == G.RELU:
-        r = relax.relu_diff(*z[0], *zq[0], *d[0], a, sound=sound)
-      elif nf.kind == G.CLIP:
-        r = _clip_diff_relaxation(nf, nq, z[0], zq[0], d[0], a, sound)
-      elif nf.kind in G.SMOOTH:
-        r = smooth.diff_relaxation(nf.kind, *z[0], *zq[0], *d[0], a, sound=sound)
-      else:
-        r = relax.rounding_diff(*z[0], *zq[0], nf.attrs[0], nq.attrs[0])
+      r = rules.diff_for_nodes(nf, nq, z[0], zq[0], d[0], a, sound=sound)
       pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
       to_d = (pos * r.lower_d + neg * r.upper_d,)
       to_q = (pos * r.lower_q + neg * r.upper_q,)
@@ -260,7 +239,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool):
         margins = jnp.abs(lv) * spread
         err = err + fp.margin_floor(fp.pairwise_terms(nf.size), dtype)
     if mv is not None:
-      rq = relax.for_node(nq, *zq[0], a.get("mu"), sound=sound)
+      rq = rules.for_node(nq, *zq[0], a.get("mu"), sound=sound)
       pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
       from_mu = pos * rq.lower_slope + neg * rq.upper_slope
       if sound and to_q is not None:
@@ -305,11 +284,13 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
 def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
-                        alphas=None, sound: bool = True, batched: bool = False):
+                        alphas=None, sound: bool = True, batched: bool = False, with_coefficients: bool = False):
   """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``).
 
   A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`
-  (``batched``: a leading axis of many boxes on the box, bounds and rows).
+  (``batched``: a leading axis of many boxes on the box, bounds and rows). ``with_coefficients``:
+  also return each row's coefficients on the input, ``(rows, *input shape)`` (the bound is their
+  minimum over the box plus a constant; branch and bound splits where they weigh most).
   """
   lam = {target: rows}
   mu: dict = {}
@@ -341,8 +322,11 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   lam.pop(0, None)
   mv = mu.pop(0, None)
   if mv is None:
-    return fp.round_down(beta - err) if sound else beta
-  return _at_input(mv, beta, err, box, sound=sound, batched=batched)
+    value = fp.round_down(beta - err) if sound else beta
+    mv = jnp.zeros((*rows.shape[: 2 if batched else 1], *box.lower.shape[1 if batched else 0:]), rows.dtype)
+  else:
+    value = _at_input(mv, beta, err, box, sound=sound, batched=batched)
+  return (value, mv) if with_coefficients else value
 
 
 def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, row_chunk=None, batched=False):
@@ -350,8 +334,6 @@ def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, r
   at a time when given, see :mod:`qbound.memory`)."""
   node = fg.nodes[target]
   if row_chunk is not None:
-    from qbound.memory import node_bounds_by_rows
-
     if batched:
       raise ValueError("row_chunk bounds one box at a time (vmap it over boxes); call without batched.")
     lower = lambda rows: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
@@ -377,10 +359,9 @@ def _tighten(z, zq, d, sound: bool):
 _diff_interval_step = jit_step(diff_interval_node, (None, None, 0, 0, 0))
 
 
-def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
-                sound: bool = True, symbolic: bool = True, alpha_steps: int = 0, alpha_lr: float = 0.1,
-                row_chunk: Optional[int] = None, *, alpha_everywhere: bool = False, batched: bool = False,
-                f_crown: bool = True):
+def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = True, symbolic: bool = True,
+                row_chunk: Optional[int] = None, *, batched: bool = False, f_crown: bool = True, check: bool = True,
+                node_bound: Optional[Callable] = None):
   """Bounds ``(z, zq, d)`` for every node of two paired graphs (lists indexed by f's nodes).
 
   ``z`` and ``zq`` come from CROWN on f and f_q, then tightened with ``z = zq + d``. Runs as a
@@ -394,27 +375,21 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
       (``d_lower``, ``d_upper``, ``z``, ``q``) and ``mu`` for the lower slope of relu(zq).
     sound: proven floating-point margins.
     symbolic: backward symbolic bounds on ReLU inputs and the output (else intervals only).
-    alpha_steps: if positive, optimise the relaxations' slopes of the output's bounds with this
-      many Adam steps (:mod:`qbound.bounds.alpha`); ``alphas`` is then ignored.
-    alpha_lr: the optimiser's learning rate.
     row_chunk: backward rows per block (None: all at once); see :mod:`qbound.memory`.
-    alpha_everywhere: optimise the slopes of every bounded node, not only the output's (tighter
-      intermediate bounds at roughly one optimisation per ReLU layer more).
-    batched: ``box`` holds many boxes along a leading axis, and so does every bound (optimised
-      slopes are not available then).
+    batched: ``box`` holds many boxes along a leading axis, and so does every bound.
     f_crown: bound f's own nodes by CROWN. False: by intervals, then ``z = z_q + d`` at every node
       an activation reads, about a third less work and as tight when ``d`` is small next to ``z_q``
       (close copies such as float16).
+    check: raise if any node's interval is empty or NaN (:mod:`qbound.bounds.guards`).
+    node_bound: ``(target, z, zq, d) -> (lower, upper)``, the symbolic bounds of ``d`` at a node
+      (default :func:`diff_bound_node`); optimised slopes plug in here
+      (:func:`qbound.bounds.alpha.diff_alpha_bounds`).
   """
-  from qbound.bounds.alpha import diff_alpha_node
-
-  if batched and alpha_steps > 0:
-    raise ValueError("optimised slopes (alpha_steps > 0) bound one box at a time; call without batched.")
-  zq = list(crown_bounds(qg, box, None, sound, row_chunk, batched=batched))
+  zq = list(crown_bounds(qg, box, None, sound, row_chunk, batched=batched, check=False))
   if f_crown:
-    z = list(crown_bounds(fg, box, None, sound, row_chunk, batched=batched))
+    z = list(crown_bounds(fg, box, None, sound, row_chunk, batched=batched, check=False))
   else:
-    z = list(interval_bounds(fg, box, sound, batched=batched))
+    z = list(interval_bounds(fg, box, sound, batched=batched, check=False))
   n = len(fg.nodes)
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
@@ -425,13 +400,15 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None,
     d.append(_diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                                  tuple(d[j] for j in ins), sound=sound, batched=batched))
     if i in targets:
-      if symbolic and alpha_steps > 0 and (alpha_everywhere or i == fg.output):
-        d[i] = intersect(d[i], diff_alpha_node(fg, qg, i, z, zq, d, box, steps=alpha_steps,
-                                               learning_rate=alpha_lr, sound=sound, row_chunk=row_chunk))
+      if symbolic and node_bound is not None:
+        d[i] = intersect(d[i], node_bound(i, z, zq, d))
       elif symbolic:
         d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
                                                row_chunk=row_chunk, batched=batched))
       z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)  # elementwise: batched or not
+  if check:
+    check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),
+                  ("differential bounds: d = f - f_q", fg, d)], sound=sound)
   return z, zq, d
 
 
@@ -466,7 +443,9 @@ def diff(f, fq, box: Box, *, sound: bool = True, symbolic: bool = True) -> Box:
   merged = f if isinstance(f, MergedNetwork) else merge(f, fq, box)
   require_paired(merged)
   _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, sound, symbolic)
-  return Box(*d[merged.f_graph.output])
+  lower, upper = d[merged.f_graph.output]
+  spot_check(merged.graph, box, lower, upper, sound=sound, what="differential bounds")
+  return Box(lower, upper)
 
 
 def require_paired(merged) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, smooth
+from qbound.bounds import fp, relax, smooth
 from qbound.bounds.common import as_graph, jit_step, local
+from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
 
 
@@ -73,7 +74,7 @@ def node_interval(node: G.Node, bounds, sound: bool):
     l, u = bounds[node.inputs[0]]
     return node.apply_clip(l), node.apply_clip(u)
   if node.kind == G.ROUND:  # monotone
-    l, u = bounds[node.inputs[0]]
+    l, u = relax.step_input(*bounds[node.inputs[0]], sound)
     fn = G.ROUNDING[node.attrs[0]]
     return fn(l), fn(u)
   if node.kind in G.SMOOTH:  # monotone, evaluated with a proven error bound
@@ -84,16 +85,20 @@ def node_interval(node: G.Node, bounds, sound: bool):
 _node_interval = jit_step(node_interval, (None, 0))
 
 
-def interval_bounds(graph: G.Graph, box: Box, sound: bool = True, *, batched: bool = False) -> list:
+def interval_bounds(graph: G.Graph, box: Box, sound: bool = True, *, batched: bool = False,
+                    check: bool = True) -> list:
   """IBP bounds ``(lower, upper)`` of every node of ``graph`` over ``box``.
 
   One jit-compiled step per node (shared by nodes of the same kind, shapes and operation), so
   compilation grows with the number of distinct layers, not with the whole unrolled graph. With
-  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound.
+  ``batched``, ``box`` holds many boxes along a leading axis and so does every bound. ``check``:
+  raise if any node's interval is empty or NaN (:mod:`qbound.bounds.guards`).
   """
   bounds = [(box.lower, box.upper)]
   for node in graph.nodes[1:]:
     bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound=sound, batched=batched))
+  if check:
+    check_bounds([("interval bounds", graph, bounds)], sound=sound)
   return bounds
 
 
@@ -117,5 +122,6 @@ def interval(fn, box: Box, *, sound: bool = True) -> Box:
   """
   box = validate_box(box)
   graph = as_graph(fn, box)
-  bounds = interval_bounds(graph, box, sound)
-  return Box(*bounds[graph.output])
+  lower, upper = interval_bounds(graph, box, sound)[graph.output]
+  spot_check(graph, box, lower, upper, sound=sound, what="interval bounds")
+  return Box(lower, upper)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
@@ -187,30 +188,161 @@ def clip(lo, hi, low_cut, high_cut, *, sound: bool = True) -> Relaxation:
   return Relaxation(slope, lower, slope, upper)
 
 
-def monotone_diff(dl, du, identity, constant, params=None, *, sound: bool = True) -> DiffRelaxation:
-  """Lines bounding ``phi(zq + d) - phi(zq)`` for a monotone 1-Lipschitz ``phi`` (clip, hard tanh).
+def clip_value(x, cuts):
+  """``min(max(x, lo), hi)`` for ``cuts = (lo, hi)`` (either may be infinite)."""
+  return jnp.minimum(jnp.maximum(x, cuts[0]), cuts[1])
 
-  :func:`delta_lines` hold for any such ``phi``; where both neurons sit in a piece where ``phi`` is
-  the identity (``identity``) the difference is exactly ``d``, and where both sit on the same
-  constant piece (``constant``) it is exactly 0.
+
+def clip_gap_lines(a, b, cuts_f, cuts_q, slope=None, *, sound: bool = True):
+  """Parallel lines ``slope * x + (lower, upper)`` around ``e(x) = clip_f(x) - clip_q(x)`` on ``[a, b]``.
+
+  ``e`` is what two clips with different cuts add to the difference of their inputs' images (0
+  everywhere when the cuts are the same). It is piecewise linear with kinks at the four cuts, so
+  for any slope ``k`` the extremes of ``e(x) - k x`` over ``[a, b]`` sit at the ends or at the cuts
+  inside it: evaluating those six points gives the tightest offsets, valid for every ``k`` (the
+  chord's by default). Returns ``(slope, lower_offset, upper_offset)``.
   """
-  params = params or {}
+  dtype = a.dtype
+
+  def gap(x):
+    return clip_value(x, cuts_f) - clip_value(x, cuts_q)
+
+  if slope is None:
+    width = b - a
+    flat = width <= 0
+    slope = jnp.where(flat, 0, (gap(b) - gap(a)) / jnp.where(flat, 1, width))
+  slope = jnp.broadcast_to(jnp.asarray(slope, dtype), a.shape)
+  points = [a, b] + [jnp.clip(jnp.broadcast_to(c, a.shape), a, b) for c in (*cuts_f, *cuts_q)]
+  values = [gap(x) - slope * x for x in points]
+  upper = functools.reduce(jnp.maximum, values)
+  lower = functools.reduce(jnp.minimum, values)
+  if sound:
+    # gap(x) - k x takes three roundings: within 3u of |clip_f(x)| + |clip_q(x)| + |k x|.
+    spread = functools.reduce(jnp.maximum, [jnp.abs(clip_value(x, cuts_f)) + jnp.abs(clip_value(x, cuts_q))
+                                            + jnp.abs(slope * x) for x in points])
+    upper = upper + 4 * fp.unit_roundoff(dtype) * spread + fp.tiny(dtype)
+    lower = lower - 4 * fp.unit_roundoff(dtype) * spread - fp.tiny(dtype)
+  same = (jnp.broadcast_to(cuts_f[0], a.shape) == cuts_q[0]) & (jnp.broadcast_to(cuts_f[1], a.shape) == cuts_q[1])
+  zero = jnp.zeros_like(a)
+  return (jnp.where(same, zero, slope).astype(dtype), jnp.where(same, zero, lower).astype(dtype),
+          jnp.where(same, zero, upper).astype(dtype))
+
+
+def _clip_pieces(zl, zu, ql, qu, cuts):
+  """Where one clip maps both intervals through its identity piece, and where onto one constant."""
+  identity = (cuts[0] <= jnp.minimum(zl, ql)) & (jnp.maximum(zu, qu) <= cuts[1])
+  constant = ((zu <= cuts[0]) & (qu <= cuts[0])) | ((zl >= cuts[1]) & (ql >= cuts[1]))
+  return identity, constant
+
+
+def _same_clip_lines(dl, du, identity, constant, params, sound):
+  """Lines in ``d`` around ``phi(zq + d) - phi(zq)`` for ONE clip ``phi`` (monotone, 1-Lipschitz):
+  :func:`delta_lines`, exactly ``d`` on the identity piece and 0 on a constant one."""
   lo_s, lo_o, up_s, up_o = delta_lines(dl, du, params.get("d_lower"), params.get("d_upper"), sound=sound)
   one, zero = jnp.ones_like(lo_s), jnp.zeros_like(lo_s)
   lo_s = jnp.where(identity, one, jnp.where(constant, zero, lo_s))
   up_s = jnp.where(identity, one, jnp.where(constant, zero, up_s))
   lo_o = jnp.where(identity | constant, zero, lo_o)
   up_o = jnp.where(identity | constant, zero, up_o)
-  return DiffRelaxation(lo_s, zero, lo_o, up_s, zero, up_o)
+  return lo_s, lo_o, up_s, up_o
+
+
+def clip_diff(zl, zu, ql, qu, dl, du, cuts_f, cuts_q, params=None, *, sound: bool = True) -> DiffRelaxation:
+  """Linear bounds on ``clip_f(z) - clip_q(zq)`` in ``d = z - zq`` and ``zq``, for clips whose cuts
+  may differ (f_q's fake quantization saturates at its range while f, aligned beside it, has an
+  identity clip at +-inf; or relu6 beside relu, hard tanh beside a wider one).
+
+  Only for the SAME monotone 1-Lipschitz ``phi`` does ``phi(zq + d) - phi(zq)`` lie between
+  ``min(d, 0)`` and ``max(d, 0)`` (ReluDiff's rule, Paulsen et al., ICSE 2020). With two clips,
+  split off the difference of the two functions at one point:
+
+  * ``A``: ``[clip_f(z) - clip_f(zq)] + e(zq)``, ``e = clip_f - clip_q`` read at ``zq`` in ``[ql, qu]``;
+  * ``B``: ``[clip_q(z) - clip_q(zq)] + e(z)``, ``e`` read at ``z = zq + d`` in ``[zl, zu]``.
+
+  The bracket takes ReluDiff's lines (exact on the identity or on one constant piece), ``e``
+  the parallel lines of :func:`clip_gap_lines`; per neuron the family whose lines are closer
+  (largest vertical gap) is used. With equal cuts ``e`` is exactly 0 and both are ReluDiff's rule.
+
+  Args:
+    zl, zu, ql, qu, dl, du: bounds of ``z``, ``zq`` and ``d``.
+    cuts_f, cuts_q: ``(lo, hi)`` of each network's clip.
+    params: optional slopes ``d_lower``, ``d_upper`` in [0, 1] of the bracket's lines.
+    sound: outward-rounded offsets.
+  """
+  params = params or {}
+  dtype = dl.dtype
+  families = []
+  for own, other_interval, on_z in ((cuts_f, (ql, qu), False), (cuts_q, (zl, zu), True)):
+    identity, constant = _clip_pieces(zl, zu, ql, qu, own)
+    lo_s, lo_o, up_s, up_o = _same_clip_lines(dl, du, identity, constant, params, sound)
+    k, e_lo, e_hi = clip_gap_lines(*other_interval, cuts_f, cuts_q, sound=sound)
+    # e(z) with z = zq + d puts k on both d and zq; e(zq) puts it on zq only.
+    k_d = k if on_z else jnp.zeros_like(k)
+    relaxation = DiffRelaxation(lower_d=lo_s + k_d, lower_q=k, lower_r=lo_o + e_lo,
+                                upper_d=up_s + k_d, upper_q=k, upper_r=up_o + e_hi)
+    if sound:  # the two offsets and the slopes were added in float
+      u = fp.unit_roundoff(dtype)
+      dmag = jnp.maximum(jnp.abs(dl), jnp.abs(du))
+      relaxation = relaxation._replace(
+          lower_r=relaxation.lower_r - 2 * u * (jnp.abs(lo_o) + jnp.abs(e_lo) + jnp.abs(k_d) * dmag) - fp.tiny(dtype),
+          upper_r=relaxation.upper_r + 2 * u * (jnp.abs(up_o) + jnp.abs(e_hi) + jnp.abs(k_d) * dmag) + fp.tiny(dtype))
+    width = jnp.maximum((up_s - lo_s) * dl, (up_s - lo_s) * du) + up_o - lo_o + e_hi - e_lo
+    families.append((relaxation, width))
+  (first, width_first), (second, width_second) = families
+  use_first = jax.lax.stop_gradient(width_first <= width_second)
+  return DiffRelaxation(*[jnp.where(use_first, a, b).astype(dtype) for a, b in zip(first, second)])
+
+
+def clip_diff_interval(z, zq, d, cuts_f, cuts_q, *, sound: bool = True):
+  """Interval bounds of ``clip_f(z) - clip_q(zq)`` (the two families of :func:`clip_diff` as
+  intervals, intersected with the range ``clip_f([z]) - clip_q([zq])``)."""
+  (zl, zu), (ql, qu), (dl, du) = z, zq, d
+  lo = clip_value(zl, cuts_f) - clip_value(qu, cuts_q)
+  hi = clip_value(zu, cuts_f) - clip_value(ql, cuts_q)
+  if sound:
+    lo, hi = fp.round_down(lo), fp.round_up(hi)
+  for own, (a, b) in ((cuts_f, (ql, qu)), (cuts_q, (zl, zu))):
+    identity, constant = _clip_pieces(zl, zu, ql, qu, own)
+    # The same clip on both: between min(d, 0) and max(d, 0), and within its own image's range.
+    same_lo = jnp.maximum(jnp.minimum(dl, 0), clip_value(zl, own) - clip_value(qu, own))
+    same_hi = jnp.minimum(jnp.maximum(du, 0), clip_value(zu, own) - clip_value(ql, own))
+    if sound:
+      same_lo = jnp.where(same_lo == jnp.minimum(dl, 0), same_lo, fp.round_down(same_lo))
+      same_hi = jnp.where(same_hi == jnp.maximum(du, 0), same_hi, fp.round_up(same_hi))
+    same_lo = jnp.where(identity, dl, jnp.where(constant, 0, same_lo))
+    same_hi = jnp.where(identity, du, jnp.where(constant, 0, same_hi))
+    _, e_lo, e_hi = clip_gap_lines(a, b, cuts_f, cuts_q, jnp.zeros_like(a), sound=sound)
+    total_lo, total_hi = same_lo + e_lo, same_hi + e_hi
+    if sound:
+      total_lo = jnp.where(e_lo == 0, same_lo, fp.round_down(total_lo))
+      total_hi = jnp.where(e_hi == 0, same_hi, fp.round_up(total_hi))
+    lo, hi = jnp.maximum(lo, total_lo), jnp.minimum(hi, total_hi)
+  return lo.astype(dl.dtype), hi.astype(dl.dtype)
 
 
 # Largest distance below and above x of each rounding: round(x) in [x - 1/2, x + 1/2], etc.
 ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
 
 
+# Without floating-point margins (sound=False) a bound may sit a few ulps on the wrong side of the
+# truth, and at a rounding step that is a whole quantization step: relu(x) * 9 over x in [-a, a]
+# came out as [1.5e-8, 9a], and ceil made its lower end 1 for a true 0. Unsound bounds therefore
+# enter rounding nodes widened by this many units of roundoff of their magnitude.
+UNSOUND_STEP_ULPS = 64
+
+
+def step_input(lo, hi, sound: bool):
+  """The bounds a rounding node rounds: as given when sound, else widened (``UNSOUND_STEP_ULPS``)."""
+  if sound:
+    return lo, hi
+  slack = UNSOUND_STEP_ULPS * fp.unit_roundoff(lo.dtype) * (1 + jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+  return lo - slack, hi + slack
+
+
 def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
   """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
   or the exact constant where the interval stays on one step. (The offsets are exact floats.)"""
+  lo, hi = step_input(lo, hi, sound)
   fn = G.ROUNDING[mode]
   below, above = ROUNDING_ERROR[mode]
   flat = fn(lo) == fn(hi)
@@ -219,9 +351,11 @@ def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
   return Relaxation(slope, jnp.where(flat, fn(lo), below), slope, jnp.where(flat, fn(lo), above))
 
 
-def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str) -> DiffRelaxation:
+def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = True) -> DiffRelaxation:
   """Lines around ``round_f(z) - round_q(zq)``: ``d`` plus the difference of the two rounding
   errors, exactly 0 where both round the same way and stay on the same step."""
+  zl, zu = step_input(zl, zu, sound)
+  ql, qu = step_input(ql, qu, sound)
   fn_f, fn_q = G.ROUNDING[mode_f], G.ROUNDING[mode_q]
   lo_f, hi_f = ROUNDING_ERROR[mode_f]
   lo_q, hi_q = ROUNDING_ERROR[mode_q]
@@ -229,22 +363,3 @@ def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str) -> DiffRelaxation:
   one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
   slope = jnp.where(same, zero, one)
   return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))
-
-
-def for_node(node: G.Node, lo, hi, params=None, *, sound: bool = True) -> Relaxation:
-  """The relaxation of an activation node (relu, clip, round, tanh, sigmoid) on ``[lo, hi]``.
-
-  ``params`` are the optimisable slopes: ReLU's lower slope, or the ``{"lower", "upper"}``
-  fractions of :func:`qbound.bounds.smooth.relaxation`; None gives the defaults.
-  """
-  if node.kind == G.RELU:
-    return relu(lo, hi, params, sound=sound)
-  if node.kind == G.CLIP:
-    return clip(lo, hi, *node.weights, sound=sound)
-  if node.kind == G.ROUND:
-    return rounding(lo, hi, node.attrs[0], sound=sound)
-  if node.kind in G.SMOOTH:
-    from qbound.bounds import smooth  # smooth builds on this module's types
-
-    return smooth.relaxation(node.kind, lo, hi, params, sound=sound)
-  raise ValueError(f"no linear relaxation for node kind {node.kind!r}")

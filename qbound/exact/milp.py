@@ -49,10 +49,12 @@ import scipy.optimize
 import scipy.sparse
 
 from qbound import graph as G
+from qbound import validate
 from qbound.bounds.common import as_graph
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.box import Box, validate_box
+from qbound.errors import SoundnessError
 from qbound.merge import MergedNetwork, merge
 
 SUPPORTED_KINDS = (G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP, G.ROUND)
@@ -466,9 +468,7 @@ def _differential(merged: MergedNetwork, box: Box, bounds: list) -> tuple[list, 
   (proving that identical networks have zero error takes HiGHS seconds without them, and no
   branching with them).
   """
-  # Passed exactly as qbound.certify passes them (positionally, alpha_steps=0): jit caches on how
-  # arguments are passed, so this shares certify's compilation (seconds per network structure).
-  z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True, 0)
+  z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
   as64 = lambda b: (np.asarray(b[0], np.float64), np.asarray(b[1], np.float64))
   meet = lambda a, b: (np.maximum(a[0], b[0]), np.minimum(a[1], b[1]))
   bounds = list(bounds)
@@ -517,8 +517,10 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
     A :class:`MilpResult` with ``value <= max error <= upper``.
 
   Raises:
-    ValueError: an invalid box, a network with other operations than affine maps, additions,
-      concatenations, ReLUs, clips and roundings, or an output index out of range.
+    TypeError: an argument of the wrong kind (``prune='no'``, ``output=1.5``, ``time_limit='60'``).
+    ValueError: an invalid box, a NaN or negative ``time_limit``, a network with other
+      operations than affine maps, additions, concatenations, ReLUs, clips and roundings, or an
+      output index out of range.
 
   Example:
     >>> import jax, jax.numpy as jnp, qbound as qb
@@ -532,6 +534,20 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
   start = time.perf_counter()
   if box is None:
     raise ValueError("milp needs the input box: milp(f, fq, box) or milp(merged, box=box).")
+  # Every argument is checked before tracing or solving anything (qbound.validate).
+  validate.function("f", f)
+  if fq is not None:
+    validate.function("fq", fq)
+  # 0 is allowed: no solver call, the interval comes from the sampled starts and propagated bounds.
+  time_limit = validate.number("time_limit", time_limit, minimum=0.0, allow_inf=True,
+                               accepted="a number of seconds >= 0 (math.inf for no limit)")
+  if output is not None:
+    validate.output_indices("output", output)
+  prune = validate.boolean("prune", prune)
+  differential = validate.boolean("differential", differential)
+  if bounds is not None and (isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence)):
+    raise TypeError(f"bounds must be None or a list of (lower, upper) pairs, one per node of the graph; got "
+                    f"{type(bounds).__name__}.")
   box = validate_box(box)
   graph, merged = _network_of(f, fq, box)
   check_kinds(graph)
@@ -612,7 +628,14 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
           best, best_x = float(errs[k].max()), xs[k]
     per_upper[j] = bound if math.isnan(per_upper[j]) else max(per_upper[j], bound)
 
-  upper = max(float(np.nanmax(per_upper)), best, 0.0)
+  proven = float(np.nanmax(per_upper))
+  if best > proven:
+    # A value the network really takes (float64) above the solver's bound plus its tolerance: the
+    # encoding or the propagated bounds it was given are wrong. Never hide that behind max().
+    raise SoundnessError(f"MILP: the error {best!r} reached at x = {np.asarray(best_x).reshape(-1).tolist()} "
+                         f"exceeds the solver's proven bound {proven!r}: a bug in qbound (or bounds= given that "
+                         "are not sound); please report it with this network and box.")
+  upper = max(proven, 0.0)
   return MilpResult(value=best, upper=upper, maximizer=best_x, optimal=optimal,
                     seconds=time.perf_counter() - start, per_output=per_output.reshape(out_shape),
                     per_output_upper=per_upper.reshape(out_shape), tolerance=tol, solved=solved, pruned=pruned,

@@ -1,0 +1,347 @@
+"""Forward symbolic differential intervals: f, f_q and f - f_q as linear functions of the input.
+
+Every node's value is enclosed between two linear functions of the input ``x``,
+``L x + l <= value <= U x + u`` (symbolic intervals, Wang et al., "Formal Security Analysis of
+Neural Networks using Symbolic Intervals", USENIX Security 2018), for f's node ``z``, f_q's node
+``z_q`` and their difference ``d = z - z_q`` alike, pushed forward once through the graph:
+
+* affine layers map both functions exactly: ``W+ L + W- U`` below, ``W+ U + W- L`` above, and for
+  the difference ``d' = W d + (W - W_q) z_q + (b - b_q)`` (ReluDiff's rule, Paulsen, Wang, Wang,
+  ICSE 2020);
+* an activation is replaced by the linear lines of its relaxation over its input's concrete range
+  (:mod:`qbound.bounds.rules`), and the difference of two activations by the differential lines in
+  ``d`` and ``z_q`` (ReLU, clips with their own cuts, roundings, tanh and sigmoid), each line
+  substituted by the input's lower or upper function by the sign of its slope: the symbolic
+  differential intervals of NeuroDiff (Paulsen, Wang, Wang, Wang, ASE 2020).
+
+Because ``d`` is carried as a function of ``x`` in its own right, it keeps the correlation between
+the two networks that intervals on ``z`` and ``z_q`` lose; and because everything is a function of
+the few input coordinates, a whole pass costs ``O(layers * width^2 * inputs)``: for inputs of a
+few dimensions (ACAS Xu's 5) about a tenth of the backward pass (:mod:`qbound.bounds.diff`), which
+bounds every layer from the output back. It is the bound branch and bound splits low-dimensional
+inputs with; the backward pass stays the better one for wide inputs. The linear functions also
+say how much each input coordinate widens the output's bound (``|U - L|`` times the coordinate's
+width): the split rule of ReluVal and of VeryDiff's generator influence (Teuber et al., TACAS 2025).
+
+Every node's concrete range (the functions' extremes over the box) is intersected with interval
+arithmetic on its inputs' ranges, with optional ``prior`` bounds (a parent piece's, in branch and
+bound) and, for paired nodes, with ``z = z_q + d``; the activations' relaxations use those ranges.
+
+Sound mode: the coefficients are computed in float, so every step adds to the constants ``l`` and
+``u`` a proven bound on the rounding of that step's coefficients times the largest ``|x|`` over the
+box (the standard model of arithmetic, Higham 2002, as in :mod:`qbound.bounds.fp`), and the
+concrete ranges are rounded outward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from qbound import graph as G
+from qbound.bounds import fp, rules
+from qbound.bounds.diff import _DeltaLinear, diff_interval_node
+from qbound.bounds.interval import node_interval
+from qbound.box import Box
+
+
+class Symbolic(NamedTuple):
+  """``L x + l <= value <= U x + u`` over the box: ``L``, ``U`` of shape ``(inputs, *node shape)``."""
+
+  L: jnp.ndarray
+  l: jnp.ndarray
+  U: jnp.ndarray
+  u: jnp.ndarray
+
+
+class ForwardBounds(NamedTuple):
+  """What :func:`forward_diff_bounds` returns: concrete ``(lower, upper)`` per node of f (``z``), of
+  f_q (``zq``) and of their difference (``d``), and the output difference as linear functions."""
+
+  z: list
+  zq: list
+  d: list
+  d_out: Symbolic
+
+
+def _gamma(n: int, dtype) -> float:
+  return fp.SLACK * fp.gamma(n, dtype)
+
+
+def _split_sign(a):
+  return jnp.maximum(a, 0), jnp.minimum(a, 0)
+
+
+class _Context(NamedTuple):
+  """The box as the steps need it: centre and radius (flat) and the largest ``|x|`` per input."""
+
+  center: jnp.ndarray
+  radius: jnp.ndarray
+  xmax: jnp.ndarray
+  sound: bool
+
+
+def _magnitude(s: Symbolic, ctx: _Context):
+  """A bound on ``|L x + l|`` and ``|U x + u|`` over the box, per entry (sizes rounding margins)."""
+  coef = jnp.tensordot(ctx.xmax, jnp.abs(s.L) + jnp.abs(s.U), axes=1)
+  return coef + jnp.abs(s.l) + jnp.abs(s.u)
+
+
+def _widen(s: Symbolic, err, ctx: _Context) -> Symbolic:
+  if not ctx.sound:
+    return s
+  return s._replace(l=fp.round_down(s.l - err), u=fp.round_up(s.u + err))
+
+
+def _affine(lin, lin_abs, s: Symbolic):
+  """``W s`` for a linear map given as ``lin`` (W) and ``lin_abs`` (|W|), without its bias."""
+  total = jax.vmap(lin)(s.L + s.U)
+  spread = jax.vmap(lin_abs)(s.U - s.L)
+  c_total = lin(s.l + s.u)
+  c_spread = lin_abs(s.u - s.l)
+  return Symbolic((total - spread) / 2, (c_total - c_spread) / 2, (total + spread) / 2, (c_total + c_spread) / 2)
+
+
+def _add(a: Symbolic, b: Symbolic) -> Symbolic:
+  return Symbolic(a.L + b.L, a.l + b.l, a.U + b.U, a.u + b.u)
+
+
+def _lines(terms, offsets, shape, n_in, dtype):
+  """``sum_k slope_k * s_k + offset`` as a symbolic interval, for lines ``(lower slope, upper slope,
+  s_k)`` per term and ``offsets = (lower, upper)``: each line takes ``s_k``'s lower or upper
+  function by its slope's sign."""
+  L = jnp.zeros((n_in, *shape), dtype)
+  U = jnp.zeros((n_in, *shape), dtype)
+  l, u = offsets
+  for lower_slope, upper_slope, s in terms:
+    lp, ln = _split_sign(lower_slope)
+    up, un = _split_sign(upper_slope)
+    L = L + lp * s.L + ln * s.U
+    l = l + lp * s.l + ln * s.u
+    U = U + up * s.U + un * s.L
+    u = u + up * s.u + un * s.l
+  return Symbolic(L, l, U, u)
+
+
+def _lines_error(terms, offsets, ctx: _Context, dtype):
+  """The rounding of :func:`_lines`: each entry is a sum of ``2 * terms + 1`` products and sums."""
+  total = jnp.maximum(jnp.abs(offsets[0]), jnp.abs(offsets[1]))
+  for lower_slope, upper_slope, s in terms:
+    total = total + jnp.maximum(jnp.abs(lower_slope), jnp.abs(upper_slope)) * _magnitude(s, ctx)
+  return _gamma(2 * len(terms) + 2, dtype) * total + (2 * len(terms) + 2) * fp.tiny(dtype)
+
+
+def concretize(s: Symbolic, ctx: _Context):
+  """The extremes of ``L x + l`` and ``U x + u`` over the box: ``(lower, upper)``."""
+  dtype = s.l.dtype
+  lo = jnp.tensordot(ctx.center, s.L, axes=1) - jnp.tensordot(ctx.radius, jnp.abs(s.L), axes=1) + s.l
+  hi = jnp.tensordot(ctx.center, s.U, axes=1) + jnp.tensordot(ctx.radius, jnp.abs(s.U), axes=1) + s.u
+  if not ctx.sound:
+    return lo, hi
+  n = ctx.center.size
+  reach = jnp.abs(ctx.center) + ctx.radius
+  err_lo = _gamma(2 * n + 2, dtype) * (jnp.tensordot(reach, jnp.abs(s.L), axes=1) + jnp.abs(s.l))
+  err_hi = _gamma(2 * n + 2, dtype) * (jnp.tensordot(reach, jnp.abs(s.U), axes=1) + jnp.abs(s.u))
+  floor = (2 * n + 2) * fp.tiny(dtype)
+  return fp.round_down(lo - err_lo - floor), fp.round_up(hi + err_hi + floor)
+
+
+def _network_step(node: G.Node, ins, bounds_in, ctx: _Context, n_in: int) -> Symbolic:
+  """One node of one network: its symbolic interval from its inputs' (``ins``) and their ranges."""
+  dtype = ins[0].l.dtype
+  if node.kind == G.AFFINE:
+    s = _affine(node.linear, node.linear_abs, ins[0])
+    err = 0.0
+    if ctx.sound:
+      err = _gamma(node.terms + 4, dtype) * node.linear_abs(_magnitude(ins[0], ctx)) + (node.terms + 4) * fp.tiny(dtype)
+    if node.bias is not None:
+      s = s._replace(l=s.l + node.bias, u=s.u + node.bias)
+      if ctx.sound:
+        err = err + fp.unit_roundoff(dtype) * fp.SLACK * (jnp.abs(s.l) + jnp.abs(s.u))
+    return _widen(s, err, ctx)
+  if node.kind == G.ADD:
+    zero = jnp.zeros(node.shape, dtype)
+    terms = [(jnp.full(node.shape, sign, dtype),) * 2 + (_broadcast(s, node.shape),) for sign, s in zip(node.attrs, ins)]
+    s = _lines(terms, (zero, zero), node.shape, n_in, dtype)
+    return _widen(s, _lines_error(terms, (zero, zero), ctx, dtype) if ctx.sound else 0.0, ctx)
+  if node.kind == G.CONCAT:
+    axis = node.attrs[0]
+    return Symbolic(jnp.concatenate([s.L for s in ins], axis + 1), jnp.concatenate([s.l for s in ins], axis),
+                    jnp.concatenate([s.U for s in ins], axis + 1), jnp.concatenate([s.u for s in ins], axis))
+  if node.kind in (G.RELU, G.CLIP, G.ROUND) or node.kind in G.SMOOTH:
+    lo, hi = bounds_in[0]
+    r = rules.for_node(node, lo, hi, None, sound=ctx.sound)
+    terms = [(r.lower_slope, r.upper_slope, ins[0])]
+    offsets = (r.lower_offset, r.upper_offset)
+    s = _lines(terms, offsets, node.shape, n_in, dtype)
+    return _widen(s, _lines_error(terms, offsets, ctx, dtype) if ctx.sound else 0.0, ctx)
+  raise ValueError(f"forward symbolic bounds have no rule for node kind {node.kind!r}")
+
+
+def _broadcast(s: Symbolic, shape) -> Symbolic:
+  """A symbolic interval broadcast to ``shape`` (a scalar added to a vector, as the graph does)."""
+  if tuple(s.l.shape) == tuple(shape):
+    return s
+  n_in = s.L.shape[0]
+  return Symbolic(jnp.broadcast_to(s.L, (n_in, *shape)), jnp.broadcast_to(s.l, shape),
+                  jnp.broadcast_to(s.U, (n_in, *shape)), jnp.broadcast_to(s.u, shape))
+
+
+def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Context, n_in: int) -> Symbolic:
+  """One node pair: the symbolic interval of ``d = z - z_q`` at the node."""
+  dtype = d_ins[0].l.dtype
+  if nf.kind == G.AFFINE:
+    s = _affine(nf.linear, nf.linear_abs, d_ins[0])
+    err = 0.0
+    if ctx.sound:
+      err = _gamma(nf.terms + 4, dtype) * nf.linear_abs(_magnitude(d_ins[0], ctx)) + (nf.terms + 4) * fp.tiny(dtype)
+    delta = _DeltaLinear(nf, nq)
+    if not delta.zero:
+      s = _add(s, _affine(delta.apply, delta.apply_abs, zq_ins[0]))
+      if ctx.sound:
+        err = (err + _gamma(nf.terms + 6, dtype) * delta.apply_abs(_magnitude(zq_ins[0], ctx))
+               + (nf.terms + 6) * fp.tiny(dtype))
+    if nf.bias is not None:
+      db = nf.bias - nq.bias
+      s = s._replace(l=s.l + db, u=s.u + db)
+      if ctx.sound:
+        err = err + fp.unit_roundoff(dtype) * fp.SLACK * (2 * jnp.abs(db) + jnp.abs(s.l) + jnp.abs(s.u))
+    return _widen(s, err, ctx)
+  if nf.kind in (G.ADD, G.CONCAT):
+    return _network_step(nf, d_ins, None, ctx, n_in)
+  if nf.kind in (G.RELU, G.CLIP, G.ROUND) or nf.kind in G.SMOOTH:
+    r = rules.diff_for_nodes(nf, nq, z_b[0], zq_b[0], d_b[0], None, sound=ctx.sound)
+    terms = [(r.lower_d, r.upper_d, d_ins[0]), (r.lower_q, r.upper_q, zq_ins[0])]
+    offsets = (r.lower_r, r.upper_r)
+    s = _lines(terms, offsets, nf.shape, n_in, dtype)
+    return _widen(s, _lines_error(terms, offsets, ctx, dtype) if ctx.sound else 0.0, ctx)
+  raise ValueError(f"forward differential bounds have no rule for node kind {nf.kind!r}")
+
+
+def _meet(a, b):
+  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+
+def _tighten(z, zq, d, sound: bool):
+  """``z = zq + d``: each of the three intervals tightens the others."""
+  (zl, zu), (ql, qu), (dl, du) = z, zq, d
+  down = fp.round_down if sound else (lambda v: v)
+  up = fp.round_up if sound else (lambda v: v)
+  z = (jnp.maximum(zl, down(ql + dl)), jnp.minimum(zu, up(qu + du)))
+  zq = (jnp.maximum(ql, down(zl - du)), jnp.minimum(qu, up(zu - dl)))
+  d = (jnp.maximum(dl, down(zl - qu)), jnp.minimum(du, up(zu - ql)))
+  return z, zq, d
+
+
+def _context(box: Box, sound: bool) -> _Context:
+  lo = box.lower.reshape(-1)
+  hi = box.upper.reshape(-1)
+  center = (lo + hi) / 2
+  radius = jnp.maximum(hi - center, center - lo)
+  if sound:
+    radius = fp.round_up(radius)
+  return _Context(center, radius, jnp.maximum(jnp.abs(lo), jnp.abs(hi)), sound)
+
+
+def _input_symbolic(box: Box) -> Symbolic:
+  n_in = box.lower.size
+  eye = jnp.eye(n_in, dtype=box.lower.dtype).reshape((n_in, *box.lower.shape))
+  zero = jnp.zeros(box.lower.shape, box.lower.dtype)
+  return Symbolic(eye, zero, eye, zero)
+
+
+def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, prior=None) -> ForwardBounds:
+  """Symbolic differential intervals of two paired graphs over one box (see the module docstring).
+
+  A pure function of the graphs (whose structure is static) and the box: ``jax.jit`` it, and
+  ``jax.vmap`` it over many boxes (:func:`forward_diff_batch`).
+
+  Args:
+    fg, qg: the traced f and f_q of the same structure (:attr:`qbound.merge.MergedNetwork.paired`).
+    box: the input box.
+    sound: proven floating-point margins.
+    prior: optional ``(z, zq, d)`` bounds known to hold on the box (e.g. a parent piece's), one
+      ``(lower, upper)`` per node each (None entries are skipped); intersected with every node's.
+
+  Returns:
+    A :class:`ForwardBounds`.
+  """
+  ctx = _context(box, sound)
+  n_in = int(box.lower.size)
+  x = _input_symbolic(box)
+  zero = Symbolic(jnp.zeros_like(x.L), x.l, jnp.zeros_like(x.U), x.u)
+  zs, qs, ds = [x], [x], [zero]
+  z = [(box.lower, box.upper)]
+  zq = [(box.lower, box.upper)]
+  d = [(jnp.zeros_like(box.lower), jnp.zeros_like(box.lower))]
+  for i in range(1, len(fg.nodes)):
+    nf, nq = fg.nodes[i], qg.nodes[i]
+    ins = nf.inputs
+    zb, qb, db = [z[j] for j in ins], [zq[j] for j in ins], [d[j] for j in ins]
+    zs.append(_network_step(nf, [zs[j] for j in ins], zb, ctx, n_in))
+    qs.append(_network_step(nq, [qs[j] for j in ins], qb, ctx, n_in))
+    ds.append(_diff_step(nf, nq, [ds[j] for j in ins], [qs[j] for j in ins], zb, qb, db, ctx, n_in))
+    zi = _meet(concretize(zs[i], ctx), node_interval(_local(nf), tuple(zb), sound))
+    qi = _meet(concretize(qs[i], ctx), node_interval(_local(nq), tuple(qb), sound))
+    di = _meet(concretize(ds[i], ctx), diff_interval_node(_local(nf), _local(nq), tuple(zb), tuple(qb), tuple(db), sound))
+    if prior is not None:  # bounds known to hold on the box already (a parent piece's)
+      zi, qi, di = (b if known is None or known[i] is None else _meet(b, known[i])
+                    for b, known in zip((zi, qi, di), prior))
+    zi, qi, di = _tighten(zi, qi, di, sound)
+    z.append(zi)
+    zq.append(qi)
+    d.append(di)
+  return ForwardBounds(z, zq, d, ds[fg.output])
+
+
+def _local(node: G.Node) -> G.Node:
+  import dataclasses
+
+  return dataclasses.replace(node, inputs=tuple(range(len(node.inputs))))
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def forward_diff_batch(fg: G.Graph, qg: G.Graph, lower, upper, prior=None, *, sound: bool = True) -> ForwardBounds:
+  """:func:`forward_diff_bounds` for a batch of boxes (leading axis of ``lower``, ``upper`` and of
+  every array of ``prior``), one compiled program per graph structure and batch size."""
+  one = lambda lo, hi, p: forward_diff_bounds(fg, qg, Box(lo, hi), sound=sound, prior=p)
+  return jax.vmap(one)(lower, upper, prior)
+
+
+def forward_diff(f, fq, box: Box, *, sound: bool = True) -> Box:
+  """Proven bounds on ``f(x) - fq(x)`` over ``box`` by forward symbolic differential intervals.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(4))
+    >>> f = functools.partial(model.apply, params)
+    >>> fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=8))
+    >>> box = qb.Box(-jnp.ones(4), jnp.ones(4))
+    >>> out = qb.bounds.forward_diff(f, fq, box)
+    >>> v = f(box.center) - fq(box.center)
+    >>> bool(jnp.all((out.lower <= v) & (v <= out.upper)))
+    True
+  """
+  from qbound.bounds.diff import require_paired
+  from qbound.bounds.guards import check_bounds, spot_check
+  from qbound.box import validate_box
+  from qbound.merge import MergedNetwork, merge
+
+  box = validate_box(box)
+  merged = f if isinstance(f, MergedNetwork) else merge(f, fq, box)
+  require_paired(merged)
+  out = _jitted(merged.f_graph, merged.fq_graph, box, sound=sound)
+  check_bounds([("forward bounds: f's nodes", merged.f_graph, out.z), ("forward bounds: f_q's nodes", merged.fq_graph,
+                out.zq), ("forward bounds: d = f - f_q", merged.f_graph, out.d)], sound=sound)
+  lower, upper = out.d[merged.f_graph.output]
+  spot_check(merged.graph, box, lower, upper, sound=sound, what="forward differential bounds")
+  return Box(lower, upper)
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _jitted(fg, qg, box, sound):
+  return forward_diff_bounds(fg, qg, box, sound=sound)
