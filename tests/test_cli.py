@@ -275,3 +275,122 @@ def test_many_inputs_bad_files(capsys, tmp_path):
     assert code == 2 and message in err, (name, err)
   code, _, err = run(["certify", DIGITS, "--clip", "0,1"], capsys)
   assert code == 2 and "use it with --inputs" in err
+
+
+# ------------------------------------------- negative values, broadcasting, time budget, verbosity
+
+
+@pytest.fixture
+def onnx_mlp(tmp_path):
+  """A 4-input ONNX MLP (no declared input range, a declared input shape)."""
+  onnx = pytest.importorskip("onnx")
+  from onnx import TensorProto, helper, numpy_helper
+
+  rng = np.random.default_rng(0)
+  weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("w1", (4, 8)), ("b1", (8,)), ("w2", (8, 3)))]
+  nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["z"]),
+           helper.make_node("Relu", ["z"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+  graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], weights)
+  path = tmp_path / "mlp.onnx"
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+  return str(path)
+
+
+def test_negative_values_after_a_space(capsys, onnx_mlp):
+  code, out, err = run(["certify", onnx_mlp, "--lower", "-1,-1,-0.5,-.5", "--upper", "1,1,1,1", "--method",
+                        "interval", "--json"], capsys)
+  assert code == 0, err
+  cert = qb.Certificate.from_json(out)
+  np.testing.assert_array_equal(cert.box_lower, [-1, -1, -0.5, -0.5])
+  code, out, err = run(["certify", onnx_mlp, "--center", "-1,-2,0,1e-3", "--radius", "0.1", "--method",
+                        "interval", "--json"], capsys)
+  assert code == 0, err
+  assert qb.Certificate.from_json(out).box_lower[1] == pytest.approx(-2.1)
+  # Still refused where a negative value makes no sense, with the same message as before.
+  code, _, err = run(["certify", onnx_mlp, "--center", "0", "--radius", "-1,-1,-1,-1"], capsys)
+  assert code == 2 and "--radius must be >= 0" in err
+
+
+def test_join_negative_values_leaves_other_tokens_alone():
+  options = {"--lower", "--upper", "--seed"}
+  assert cli.common.join_negative_values(["--lower", "-inf,0", "--seed", "-3", "--json", "-v"], options) == [
+      "--lower=-inf,0", "--seed=-3", "--json", "-v"]
+  assert cli.common.join_negative_values(["--upper", "-v"], options) == ["--upper", "-v"]  # an option, not a value
+
+
+def test_single_value_spreads_over_an_onnx_models_inputs(capsys, onnx_mlp):
+  code, out, err = run(["certify", onnx_mlp, "--lower", "-1", "--upper", "1", "--method", "interval", "--json"],
+                       capsys)
+  assert code == 0, err
+  cert = qb.Certificate.from_json(out)
+  np.testing.assert_array_equal(cert.box_lower, -np.ones(4))
+  np.testing.assert_array_equal(cert.box_upper, np.ones(4))
+  code, out, err = run(["certify", onnx_mlp, "--center", "0.5", "--radius", "0.1", "--method", "interval",
+                        "--json"], capsys)
+  assert code == 0, err
+  np.testing.assert_allclose(qb.Certificate.from_json(out).box_upper, np.full(4, 0.6), rtol=1e-6)
+
+
+def test_time_budget_reaches_certify(capsys, monkeypatch):
+  seen = {}
+  real = qb.certify
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(qb, "certify", spy)
+  code, _, err = run(["certify", DIGITS, "--method", "interval", "--time-budget", "2.5", "--quiet"], capsys)
+  assert code == 0, err
+  assert seen["time_budget"] == 2.5 and seen["method"] == "interval"
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1", "soon"])
+def test_bad_time_budget(capsys, value):
+  code, out, err = run(["certify", DIGITS, "--time-budget", value], capsys)
+  assert code == 2 and "--time-budget needs a number of seconds > 0" in err and out == ""
+
+
+def test_time_budget_is_for_one_box(capsys, digit_inputs):
+  path, _ = digit_inputs
+  code, _, err = run(["certify", DIGITS, "--inputs", path, "--radius", "0.1", "--time-budget", "5"], capsys)
+  assert code == 2 and "--time-budget applies to one box" in err
+
+
+def test_version(capsys):
+  code, out, _ = run(["--version"], capsys)
+  assert code == 0 and out.startswith(f"qbound {qb.__version__} (jax ")
+
+
+def test_quiet_and_verbose(capsys):
+  code, out, err = run(["certify", DIGITS, "--method", "interval", "--verbose"], capsys)
+  assert code == 0
+  assert "qbound: certifying over a box of shape (64,) with method interval" in err
+  assert "proven upper bound" in out  # the result still goes to stdout
+  code, out, err = run(["certify", DIGITS, "--method", "interval", "-q"], capsys)
+  assert code == 0 and err == "" and "proven upper bound" in out
+  code, _, err = run(["certify", DIGITS, "--quiet", "--verbose"], capsys)
+  assert code == 2 and "not allowed with argument" in err
+
+
+def test_quiet_batch_has_no_progress_bar(capsys, monkeypatch, digit_inputs):
+  path, _ = digit_inputs
+  seen = {}
+  real = qb.certify_batch
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(qb, "certify_batch", spy)
+  code, _, err = run(["certify", DIGITS, "--inputs", path, "--radius", "0.02", "--method", "interval", "-q"], capsys)
+  assert code == 0, err
+  assert seen["progress"] is False and err == ""
+
+
+def test_python_dash_m(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "qbound.cli", "--version"], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0 and proc.stdout.startswith("qbound "), proc.stderr

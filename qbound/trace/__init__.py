@@ -1,0 +1,120 @@
+"""Tracing: a pure JAX function of one input -> a :class:`~qbound.graph.Graph` of known layers.
+
+This package is the only part of qbound that touches JAX internals (jaxpr equations, primitives,
+``bind``). It walks the jaxpr of ``fn`` with every parameter folded in as a constant, evaluates what does not
+depend on the input, inlines nested calls (``jit``, ``custom_jvp_call`` as used by ``nn.relu``,
+checkpoints), and turns each equation that does depend on the input into a node:
+
+* linear maps with constant coefficients (``dot_general``, ``conv_general_dilated``, ``mul`` and
+  ``div`` by a constant, ``neg``) and data routing (``reshape``, ``transpose``, ``broadcast_in_dim``,
+  ``squeeze``, ``expand_dims``, ``reduce_sum``, ``slice``, ``pad``, ``rev``, ``tile``,
+  ``concatenate``, ``reduce_window_sum`` i.e. average pooling) become ``affine`` nodes; an added
+  constant becomes their bias. Operations on constants only (batch norm's ``rsqrt(var + eps)``)
+  are evaluated while tracing;
+* ``add``/``sub`` of two inputs-dependent values become ``add`` nodes;
+* ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
+  as the identity), with halves rounded as the function does (to even for ``jnp.round``, away
+  from zero for ``jax.lax.round``'s default);
+* ``tanh`` and ``logistic`` (sigmoid) become ``tanh`` and ``sigmoid`` nodes;
+* ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
+  ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
+  are rewritten exactly with ReLUs (``max(a, b) = a + relu(b - a)``); ``reduce_max`` and max
+  pooling (``reduce_window_max``) are trees of those over slices (or gathers, where a window meets
+  the padding) of the input;
+* a comparison with a constant feeding ``select_n`` (``jnp.where``: leaky ReLU, hard tanh) and
+  ``abs`` become ReLUs and clips when the result is a continuous piecewise-linear function of the
+  compared value (:mod:`qbound.piecewise`); a ``select_n`` with a constant mask is affine.
+
+The piecewise-linear rewrites are exact in real arithmetic: no new constant is computed in float.
+Anything else raises :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
+The idea of a table of per-primitive rules over a jaxpr comes from jax_verify (Stanislav Fort et
+al., DeepMind), whose released package no longer imports with current JAX (see the README).
+
+The package, one idea per module:
+
+* :mod:`qbound.trace.primitives`: the primitives known, :class:`UnsupportedPrimitiveError`;
+* :mod:`qbound.trace.linear`: :class:`LinearOp`, a linear map given by one primitive;
+* :mod:`qbound.trace.builder`: the jaxpr walker and the emitters the rules build nodes with;
+* :mod:`qbound.trace.unsupported`: the message of :class:`UnsupportedPrimitiveError`, naming the
+  user's operation (``jax.nn.gelu``) rather than JAX's primitive where it can;
+* :mod:`qbound.trace.rules`: the per-primitive rules;
+* :mod:`qbound.trace.simplify`: the clean-up pass on the finished node list;
+* here: :func:`trace`, the one public entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qbound import graph as G
+from qbound.box import Box
+from qbound.trace.builder import _Builder
+from qbound.trace.linear import LinearOp
+from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
+from qbound.trace.simplify import _simplify
+
+__all__ = ["SUPPORTED", "LinearOp", "UnsupportedPrimitiveError", "trace"]
+
+
+def _as_spec(example):
+  if isinstance(example, Box):
+    example = example.lower
+  if isinstance(example, jax.ShapeDtypeStruct):
+    return example
+  arr = np.asarray(example) if not isinstance(example, jax.Array) else example
+  dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.float32
+  # float64 inputs compute in float32 unless jax_enable_x64 is on, as everywhere in JAX.
+  return jax.ShapeDtypeStruct(tuple(arr.shape), jax.dtypes.canonicalize_dtype(dtype))
+
+
+def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
+  """Traces ``fn`` (a pure function of ONE unbatched input) into a :class:`~qbound.graph.Graph`.
+
+  Args:
+    fn: e.g. ``functools.partial(model.apply, params)`` for a Flax linen model, or a function
+      that merges an nnx graphdef with its state. Parameters become the graph's constants.
+    example: an input (or a ``jax.ShapeDtypeStruct``, or a :class:`~qbound.box.Box`) fixing the
+      input shape and dtype.
+    label: a name used in error messages (``"f"``, ``"fq"``).
+
+  Returns:
+    The layer graph; calling it equals ``fn`` (up to float rounding).
+
+  Raises:
+    UnsupportedPrimitiveError: ``fn`` uses an operation qbound has no rule for; the message names
+      it and the line it comes from.
+    ValueError: ``fn`` fails on an input of that shape, returns several outputs, or its output
+      does not depend on the input.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(3))
+    >>> g = qb.trace(functools.partial(model.apply, params), jnp.zeros(3))
+    >>> [n.kind for n in g.nodes]
+    ['input', 'affine', 'relu', 'affine']
+  """
+  if isinstance(fn, G.Graph):
+    return fn
+  spec = _as_spec(example)
+  try:
+    closed = jax.make_jaxpr(fn)(jnp.zeros(spec.shape, spec.dtype))
+  except Exception as err:  # the user's function rejected the input: say which input it was given
+    raise ValueError(f"{label} could not be evaluated on an input of shape {spec.shape} and dtype "
+                     f"{spec.dtype} (the box's shape): {type(err).__name__}: {err}") from err
+  jaxpr = closed.jaxpr
+  if len(jaxpr.outvars) != 1:
+    raise ValueError(f"{label} must return a single array; it returns {len(jaxpr.outvars)} outputs.")
+  out_aval = jaxpr.outvars[0].aval
+  if not jnp.issubdtype(out_aval.dtype, jnp.floating):
+    raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
+  builder = _Builder(spec.shape, spec.dtype)
+  (out,) = builder.run(jaxpr, closed.consts, [("node", 0)])
+  if out[0] == "const":
+    raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")
+  nodes, output = _simplify(builder.nodes, out[1])
+  return G.Graph(nodes=tuple(nodes), output=output)

@@ -1,0 +1,261 @@
+"""Per-primitive rules: how each known JAX primitive on input-dependent values becomes graph nodes.
+
+A rule is ``rule(builder, eqn, ins, where, shape) -> value``; :data:`_RULES` maps primitive names
+to rules (rules are data, as in jax_verify). Linear primitives have no entry here: the builder
+turns them into affine nodes itself (:meth:`qbound.trace.builder._Builder.linear`). Every rewrite
+is exact in real arithmetic: ``max(a, b) = a + relu(b - a)``, ``|x| = -x + relu(2x)``, max pooling
+as a tree of those over strided slices, ``jnp.where`` between continuous pieces as ReLUs and clips
+(:mod:`qbound.piecewise`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qbound import graph as G
+from qbound import piecewise as PW
+from qbound.trace.primitives import UnsupportedPrimitiveError, _IDENTITY_PRIMS
+
+if TYPE_CHECKING:
+  from qbound.trace.builder import _Builder
+
+
+def _both_nodes(ins):
+  return ins[0][0] == "node" and ins[1][0] == "node"
+
+
+def _rule_add(b: _Builder, eqn, ins, where, shape):
+  if _both_nodes(ins):
+    return b.add(b.broadcast(ins[0], shape, where), b.broadcast(ins[1], shape, where), (1, 1), where, shape)
+  var, const = (ins[0], ins[1]) if ins[0][0] == "node" else (ins[1], ins[0])
+  return b.shift(var, const[1], where, shape)
+
+
+def _rule_sub(b: _Builder, eqn, ins, where, shape):
+  if _both_nodes(ins):
+    return b.add(b.broadcast(ins[0], shape, where), b.broadcast(ins[1], shape, where), (1, -1), where, shape)
+  if ins[0][0] == "node":
+    return b.shift(ins[0], -jnp.asarray(ins[1][1]), where, shape)
+  neg = b.scale(ins[1], -1.0, where, shape)
+  return b.shift(neg, ins[0][1], where, shape)
+
+
+def _rule_neg(b: _Builder, eqn, ins, where, shape):
+  return b.scale(ins[0], -1.0, where, shape)
+
+
+def _rule_identity(b: _Builder, eqn, ins, where, shape):
+  return ins[0]
+
+
+def _rule_convert(b: _Builder, eqn, ins, where, shape):
+  new = np.dtype(eqn.params["new_dtype"])
+  old = np.dtype(eqn.invars[0].aval.dtype)
+  if new == old:
+    return ins[0]
+  b.unsupported(eqn, f"converting {old} to {new} rounds values; quantize activations with "
+                "qbound.quantize instead")
+
+
+def _max_pair(b: _Builder, x, y, where, shape):
+  """max(x, y) exactly: relu for max(x, 0), a clip node against other constants, else x + relu(y - x)."""
+  if x[0] == "const":
+    x, y = y, x
+  if y[0] == "const":
+    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
+    if not np.any(np.asarray(c)):
+      out = b.relu(x, where, shape)
+    else:
+      out = b.clip(x, c, jnp.full(shape, jnp.inf, b.dtype), where, shape)
+    if np.all(np.isfinite(np.asarray(c))):
+      b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=True, x=x, constant=("const", c)))
+    return out
+  diff = b.add(y, x, (1, -1), where, shape)
+  return b.add(x, b.relu(diff, where, shape), (1, 1), where, shape)
+
+
+def _min_pair(b: _Builder, x, y, where, shape):
+  """min(x, y) exactly: a clip node against a constant, else x - relu(x - y)."""
+  if x[0] == "const":
+    x, y = y, x
+  if y[0] == "const":
+    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
+    out = b.clip(x, jnp.full(shape, -jnp.inf, b.dtype), c, where, shape)
+    if np.all(np.isfinite(np.asarray(c))):
+      b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=False, x=x, constant=("const", c)))
+    return out
+  diff = b.add(x, y, (1, -1), where, shape)
+  return b.add(x, b.relu(diff, where, shape), (1, -1), where, shape)
+
+
+def _broadcast_value(b: _Builder, v, shape, where):
+  if v[0] == "node" and b.shape_of(v) != tuple(shape):
+    raise UnsupportedPrimitiveError(f"max/min of shapes {b.shape_of(v)} and {shape} at {where}")
+  return v
+
+
+def _rule_max(b: _Builder, eqn, ins, where, shape):
+  return _max_pair(b, _broadcast_value(b, ins[0], shape, where), _broadcast_value(b, ins[1], shape, where),
+                   where, shape)
+
+
+def _rule_min(b: _Builder, eqn, ins, where, shape):
+  return _min_pair(b, _broadcast_value(b, ins[0], shape, where), _broadcast_value(b, ins[1], shape, where),
+                   where, shape)
+
+
+def _rule_clamp(b: _Builder, eqn, ins, where, shape):
+  lo, x, hi = ins
+  return _min_pair(b, _max_pair(b, x, lo, where, shape), hi, where, shape)
+
+
+def _rule_round(b: _Builder, eqn, ins, where, shape):
+  mode = {"round": "nearest", "floor": "floor", "ceil": "ceil"}[eqn.primitive.name]
+  if mode == "nearest" and eqn.params.get("rounding_method") != jax.lax.RoundingMethod.TO_NEAREST_EVEN:
+    mode = "away"  # jax.lax.round's default: halves away from zero
+  return b.emit(G.Node(kind=G.ROUND, inputs=(ins[0][1],), shape=shape, attrs=(mode,), where=where))
+
+
+def _rule_smooth(b: _Builder, eqn, ins, where, shape):
+  kind = {"tanh": G.TANH, "logistic": G.SIGMOID}[eqn.primitive.name]
+  return b.emit(G.Node(kind=kind, inputs=(ins[0][1],), shape=shape, where=where))
+
+
+_FLIPPED = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}
+
+
+def _rule_compare(b: _Builder, eqn, ins, where, shape):
+  """``x >= c`` and friends: a symbolic comparison, usable only by ``select_n`` (``jnp.where``)."""
+  (x, c), name = ins, eqn.primitive.name
+  if x[0] == "const":
+    (c, x), name = (x, c), _FLIPPED[name]
+  if c[0] != "const":
+    b.unsupported(eqn, "it compares two input-dependent values; use jnp.maximum / jnp.minimum")
+  x = b.broadcast(x, shape, where)
+  cut = np.broadcast_to(np.asarray(c[1], np.dtype(b.dtype)), shape)
+  return ("pred", x, name, cut)
+
+
+def _rule_select_n(b: _Builder, eqn, ins, where, shape):
+  """``jnp.where``: a constant mask selects elementwise; a comparison ``x >= c`` selects between two
+  continuous piecewise-linear functions of ``x`` (leaky ReLU, hard tanh), written exactly with ReLUs."""
+  pred, *cases = ins
+  if pred[0] == "const":
+    mask = np.broadcast_to(np.asarray(pred[1]), shape)
+    out, bias = None, np.zeros(shape, np.dtype(b.dtype))
+    for i, case in enumerate(cases):
+      chosen = (mask == i) if mask.dtype != np.bool_ else (mask == bool(i))
+      if case[0] == "const":
+        bias = bias + np.where(chosen, np.broadcast_to(np.asarray(case[1]), shape), 0)
+        continue
+      if not chosen.any():
+        continue
+      term = b.multiply(b.broadcast(case, shape, where), chosen.astype(np.float32), where)
+      out = term if out is None else b.add(out, term, (1, 1), where, shape)
+    if out is None:
+      return ("const", jnp.asarray(bias, b.dtype))
+    return b.shift(out, bias, where, shape) if np.any(bias) else out
+  if len(cases) != 2:
+    b.unsupported(eqn, "it selects among more than two input-dependent cases")
+  _, x, name, cut = pred
+  false_pw, true_pw = (b.as_piecewise(b.broadcast(v, shape, where) if v[0] == "node" else v, x) for v in cases)
+  if false_pw is None or true_pw is None:
+    b.unsupported(eqn, "jnp.where chooses between values that are not piecewise-linear functions of the "
+                  "compared value")
+  below, above = (false_pw, true_pw) if name in ("ge", "gt") else (true_pw, false_pw)
+  try:
+    pw = PW.join(below, above, cut)
+  except PW.NotPiecewiseLinear as err:
+    b.unsupported(eqn, f"this jnp.where is not a continuous piecewise-linear function: {err}")
+  return b.piecewise(x, pw, where)
+
+
+def _rule_abs(b: _Builder, eqn, ins, where, shape):
+  """``|x| = -x + relu(x - (-x))``."""
+  x = ins[0]
+  zero, one = PW.exact(0, shape), PW.exact(1, shape)
+  pw = PW.Piecewise((np.zeros(shape),), (-one, one), (zero, zero), (b.scale(x, -1.0, where, shape), x))
+  return b.piecewise(x, pw, where)
+
+
+def _rule_reduce_max(b: _Builder, eqn, ins, where, shape):
+  """``jnp.max`` over axes: halves compared pairwise along each axis, ``log2 n`` levels."""
+  minimum = eqn.primitive.name == "reduce_min"
+  x = ins[0]
+  for axis in sorted(eqn.params["axes"]):
+    n = b.shape_of(x)[axis]
+    while n > 1:
+      h = n // 2
+      def part(start, stop, axis=axis):
+        return b.route(x, lambda v: lax.slice_in_dim(v, start, stop, axis=axis), where)
+      first, second = part(0, h), part(h, 2 * h)
+      m = b.max_of([first, second], where, b.shape_of(first), minimum=minimum)
+      if n % 2:
+        rest = part(2 * h, n)
+        m_shape = list(b.shape_of(m))
+        m_shape[axis] += 1
+        m = b.emit(G.Node(kind=G.CONCAT, inputs=(m[1], rest[1]), shape=tuple(m_shape), attrs=(axis,), where=where))
+      x, n = m, h + n % 2
+  return x if b.shape_of(x) == tuple(shape) else b.route(x, lambda v: jnp.reshape(v, shape), where)
+
+
+def _rule_reduce_window_max(b: _Builder, eqn, ins, where, shape):
+  """Max (min) pooling: the maximum of the window's taps, each a strided slice or a gather."""
+  p = eqn.params
+  if any(d != 1 for d in p["base_dilation"]):
+    b.unsupported(eqn, "base dilation is not supported")
+  x = ins[0]
+  try:
+    taps, out_shape = PW.window_taps(b.shape_of(x), p["window_dimensions"], p["window_strides"], p["padding"],
+                                     p["window_dilation"])
+  except PW.NotPiecewiseLinear as err:
+    b.unsupported(eqn, str(err))
+  if not taps:  # an empty output
+    return ("const", jnp.zeros(out_shape, b.dtype))
+  values = []
+  for tap in taps:
+    if tap[0] == "slice":
+      _, start, limit, strides = tap
+      values.append(b.route(x, lambda v: lax.slice(v, start, limit, strides), where))
+    else:
+      values.append(b.route(x, _gather_taps, where, jnp.asarray(tap[1])))
+  return b.max_of(values, where, tuple(out_shape), minimum=eqn.primitive.name == "reduce_window_min")
+
+
+def _gather_taps(v, indices):
+  """``v[indices[..., 0], indices[..., 1], ...]`` as one gather primitive."""
+  nd = v.ndim
+  dnums = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=tuple(range(nd)),
+                                     start_index_map=tuple(range(nd)))
+  return lax.gather(v, indices, dnums, slice_sizes=(1,) * nd, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+_RULES: dict[str, Callable] = {
+    "tanh": _rule_smooth,
+    "logistic": _rule_smooth,
+    **{name: _rule_compare for name in _FLIPPED},
+    "select_n": _rule_select_n,
+    "abs": _rule_abs,
+    "reduce_max": _rule_reduce_max,
+    "reduce_min": _rule_reduce_max,
+    "reduce_window_max": _rule_reduce_window_max,
+    "reduce_window_min": _rule_reduce_window_max,
+    "round": _rule_round,
+    "floor": _rule_round,
+    "ceil": _rule_round,
+    "add": _rule_add,
+    "add_any": _rule_add,
+    "sub": _rule_sub,
+    "neg": _rule_neg,
+    "max": _rule_max,
+    "min": _rule_min,
+    "clamp": _rule_clamp,
+    "convert_element_type": _rule_convert,
+    **{name: _rule_identity for name in _IDENTITY_PRIMS},
+}
+
