@@ -1,0 +1,321 @@
+"""Epsilon-equivalence of ACAS Xu nets and their pruned-and-retrained copies, beside VeryDiff.
+
+VeryDiff (Teuber, Kern, Janzen and Beckert, "Revisiting Differential Verification: Equivalence
+Verification with Confidence", TACAS 2025) reports, on its ``acas-prune`` family (ACAS Xu nets
+against pruned-and-retrained copies, 10 nets x 10 properties, epsilon 0.05 over all five outputs,
+120 s): 43 proved, 57 counterexamples, 0 unknown, median 0.24 s on the proved ones
+(``../shared/bench/verydiff/README.md``). Its networks are not public here, so this benchmark runs
+the same kind of instance on qbound's own family (``benchmarks/make_differing_pairs.py``): nets
+1_1..1_9 of ``../shared/bench/nnet`` against their 10%-pruned, distilled copies, on the input boxes of
+ACAS Xu properties 1-5 and 7-10 (Katz et al., "Reluplex", CAV 2017, Appendix VI;
+``benchmarks/acas_properties.py``), for epsilon in {0.05, 0.5}. The networks take raw inputs and
+normalise them as their .nnet files say (`qbound.io.load_nnet`), so the boxes are in raw units.
+
+Each instance is one ``qb.certify(f, fq, box, epsilon=eps, time_budget=T)`` (method ``auto``: for
+these 5-input paired nets, branch and bound on the input with differential bounds, as NeuroDiff,
+Paulsen et al., ASE 2020, splits the input). Verdict: ``proved`` if ``upper <= eps``,
+``counterexample`` if ``lower > eps`` (an input whose float64 error exceeds eps), else
+``undecided``. Before the table, one warm-up call on the first instance compiles the bound steps,
+with a budget of at most 2 s; its time is reported as the cold time, and every time in the
+table is warm.
+
+``--pieces`` measures instead how tight one bound is on small boxes: for 1_1 against its pruned copy
+and against its float16 copy (``../shared/bench/nnet_16bit``), on random sub-boxes of property 1's
+box whose edges are 1/2, 1/4, ..., 1/64 of the box's, each method's bound on ``max |f - f_q|``
+divided by the error reached there (``qb.maximize_error`` on the merged net). Methods are the
+entries of `PIECE_METHODS` (name -> ``callable(f, fq, box) -> Box`` of bounds on ``f - f_q``);
+add one there (or pass ``methods=`` to `main`) to put a new method in the table.
+
+Run from the repository root::
+
+    python benchmarks/bench_differing.py                         # 9 nets x 9 boxes x 2 eps, <= 20 s each
+    python benchmarks/bench_differing.py --nets 1 2 3 --props 1 3 --eps 0.05 --time-budget 5
+    python benchmarks/bench_differing.py --smoke                 # 1_1, property 1, eps 0.05, 2 s
+    python benchmarks/bench_differing.py --pieces [--pieces-per-size 20]
+
+Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
+``results/smoke/`` with ``--smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qbound as qb
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import acas_properties  # noqa: E402  (needs the path above)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = pathlib.Path(os.environ.get("QBOUND_BENCH", ROOT.parent / "shared" / "bench"))
+PAIRS = ROOT / "benchmarks" / "data" / "acas_pruned"
+NAME = "ACASXU_run2a_1_{k}_batch_2000"
+
+# VeryDiff's own published run on acas-prune (../shared/bench/verydiff/README.md).
+VERYDIFF = dict(tool="VeryDiff (published)", family="acas-prune", eps=0.05, instances=100, proved=43,
+                counterexample=57, undecided=0, median_proved_s=0.24, timeout_s=120)
+
+VERDICTS = ("proved", "counterexample", "undecided")
+
+# Seconds the warm-up call may use beyond compiling (it compiles whatever its budget).
+WARMUP_BUDGET = 2.0
+
+
+# --- networks -------------------------------------------------------------------------------------
+
+def load(path: pathlib.Path) -> Callable:
+  """The network of a .nnet file as a function of one raw input (normalised inside)."""
+  apply, params = qb.io.load_nnet(path)
+  return functools.partial(apply, params)
+
+
+def acas_pair(k: int, copy: str = "pruned10") -> tuple[Callable, Callable]:
+  """``(f, fq)``: ACAS Xu net 1_k and its copy (``pruned10``, ``pruned5``, ``pruned30`` or ``16bit``)."""
+  name = NAME.format(k=k)
+  if copy == "16bit":
+    other = BENCH / "nnet_16bit" / f"{name}_16bit.nnet"
+  else:
+    other = PAIRS / f"{name}_{copy}.nnet"
+  if not other.exists():
+    raise FileNotFoundError(f"{other} is missing; build it with python benchmarks/make_differing_pairs.py")
+  return load(BENCH / "nnet" / f"{name}.nnet"), load(other)
+
+
+def verdict(cert: qb.Certificate, eps: float) -> str:
+  """``proved`` if the proven bound is at most eps, ``counterexample`` if a reached error exceeds it."""
+  if cert.upper <= eps:
+    return "proved"
+  if cert.lower > eps:
+    return "counterexample"
+  return "undecided"
+
+
+# --- certify table --------------------------------------------------------------------------------
+
+def run_instance(f, fq, net: str, prop: str, eps: float, budget: float) -> dict:
+  """One certify call; a row of the table. An exception becomes verdict ``error`` (and is printed):
+  a long run should not be lost to one instance, but an error is never counted as decided."""
+  box = acas_properties.get(prop).raw_box()
+  start = time.perf_counter()
+  try:
+    cert = qb.certify(f, fq, box, epsilon=eps, time_budget=budget, key=jax.random.key(0))
+  except Exception as e:  # noqa: BLE001  (reported in the row and on the console)
+    print(f"  ERROR on {net} property {prop} eps {eps}: {type(e).__name__}: {e}", flush=True)
+    return dict(net=net, prop=prop, eps=eps, verdict="error", upper=math.nan, lower=math.nan,
+                seconds=time.perf_counter() - start, method=type(e).__name__, diff_root=math.nan,
+                interval=math.nan)
+  # "diff_root": the differential bound on the whole box (branch and bound's first batch), the
+  # bound VeryDiff reports as its first (3252 on 1_1, property 1, against its own pruned copy).
+  return dict(net=net, prop=prop, eps=eps, verdict=verdict(cert, eps), upper=cert.upper, lower=cert.lower,
+              seconds=cert.seconds, method=cert.method, diff_root=cert.bounds.get("diff", math.nan),
+              interval=cert.bounds.get("interval", math.nan))
+
+
+def summarise(rows: list[dict], eps: float) -> dict:
+  chosen = [r for r in rows if r["eps"] == eps]
+  counts = {v: sum(r["verdict"] == v for r in chosen) for v in VERDICTS}
+  proved_s = [r["seconds"] for r in chosen if r["verdict"] == "proved"]
+  decided_s = [r["seconds"] for r in chosen if r["verdict"] in ("proved", "counterexample")]
+  med = lambda xs: float(np.median(xs)) if xs else math.nan
+  return dict(tool="qbound (this run)", family="pruned10 (ours)", eps=eps, instances=len(chosen), **counts,
+              errors=sum(r["verdict"] == "error" for r in chosen), median_proved_s=med(proved_s),
+              median_decided_s=med(decided_s), max_decided_s=max(decided_s, default=math.nan))
+
+
+def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path) -> list[dict]:
+  first_f, first_fq = acas_pair(nets[0])
+  # Warm-up: the first instance with a short budget, so that the table's times exclude compiling the
+  # bound steps (compiled per layer shape and batch size, and shared by every ACAS Xu pair). Branch
+  # and bound always bounds its first batch, so the call compiles however short its budget.
+  warm_budget = min(budget, WARMUP_BUDGET)
+  warm = run_instance(first_f, first_fq, f"1_{nets[0]}", props[0], epsilons[0], warm_budget)
+  print(f"cold: first call (compilation included, budget {warm_budget:g} s) on 1_{nets[0]} property {props[0]} "
+        f"eps {epsilons[0]}: {warm['verdict']}, upper {warm['upper']:.4g}, lower {warm['lower']:.4g}, "
+        f"{warm['seconds']:.2f} s", flush=True)
+
+  rows = []
+  header = (f"{'net':>4} {'prop':>4} {'eps':>5} {'verdict':>14} {'upper':>11} {'lower':>11} {'s':>7} "
+            f"{'diff_root':>10}  method")
+  print(f"\nwarm, time budget {budget:g} s per instance\n{header}\n{'-' * len(header)}", flush=True)
+  for k in nets:
+    f, fq = (first_f, first_fq) if k == nets[0] else acas_pair(k)
+    for prop in props:
+      for eps in epsilons:
+        row = run_instance(f, fq, f"1_{k}", prop, eps, budget)
+        rows.append(row)
+        print(f"{row['net']:>4} {row['prop']:>4} {row['eps']:>5g} {row['verdict']:>14} {row['upper']:>11.4g} "
+              f"{row['lower']:>11.4g} {row['seconds']:>7.2f} {row['diff_root']:>10.4g}  {row['method']}", flush=True)
+  write_csv(out / "results.csv", rows)
+
+  summary = [summarise(rows, eps) for eps in epsilons] + [VERYDIFF]
+  cols = ["tool", "family", "eps", "instances", "proved", "counterexample", "undecided", "errors",
+          "median_proved_s", "median_decided_s", "timeout_s"]
+  for s in summary[:-1]:
+    s["timeout_s"] = budget
+  print()
+  print(table(summary, cols, title="summary (qbound: warm times; VeryDiff: its published acas-prune run, "
+                                   "other networks and hardware)"))
+  same = [r for r in rows if (r["net"], r["prop"], r["eps"]) == (warm["net"], warm["prop"], warm["eps"])]
+  if same:
+    print(f"cold vs warm on {warm['net']} property {warm['prop']} eps {warm['eps']}: {warm['seconds']:.2f} s "
+          f"first call (budget {warm_budget:g} s), {same[0]['seconds']:.2f} s warm (budget {budget:g} s, "
+          f"{same[0]['verdict']})")
+  print(f"wrote {out / 'results.csv'}")
+  return rows
+
+
+# --- tightness on pieces --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def merged(f, fq) -> qb.MergedNetwork:
+  """The merged network of a pair, traced once (any box of the input's shape serves as example)."""
+  return qb.merge(f, fq, jnp.zeros(5, jnp.float32))
+
+
+def _crown_merged(f, fq, box):
+  return qb.bounds.crown(merged(f, fq), box)
+
+
+def _diff(f, fq, box):
+  return qb.bounds.diff(merged(f, fq), None, box)
+
+
+# name -> callable(f, fq, box) -> Box of proven bounds on f(x) - fq(x) over the box. Add an entry
+# to put a new method in the pieces table.
+def _forward(f, fq, box):
+  return qb.bounds.forward_diff(merged(f, fq), None, box)
+
+
+PIECE_METHODS: dict[str, Callable] = {"crown (merged)": _crown_merged, "diff": _diff, "forward": _forward}
+
+
+def random_pieces(box: qb.Box, fraction: float, count: int, rng: np.random.Generator) -> list[qb.Box]:
+  """``count`` sub-boxes whose every edge is ``fraction`` of the box's, placed uniformly inside it."""
+  lo, hi = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  edge = fraction * (hi - lo)
+  pieces = []
+  for _ in range(count):
+    start = lo + rng.uniform(size=lo.shape) * (hi - lo - edge)
+    low = np.clip(start, lo, hi).astype(np.float32)
+    high = np.clip(start + edge, lo, hi).astype(np.float32)
+    pieces.append(qb.Box(jnp.asarray(np.minimum(low, high)), jnp.asarray(high)))
+  return pieces
+
+
+def bench_pieces(methods: Mapping[str, Callable], per_size: int, sizes, out: pathlib.Path, seed: int = 0):
+  box = acas_properties.get("1").raw_box()
+  pairs = {}
+  for label, copy in (("1_1 pruned10", "pruned10"), ("1_1 float16", "16bit")):
+    try:
+      pairs[label] = acas_pair(1, copy)
+    except FileNotFoundError as e:
+      print(f"skipping {label}: {e}")
+  rows = []
+  for label, (f, fq) in pairs.items():
+    rng = np.random.default_rng(seed)
+    m = merged(f, fq)
+    for fraction in sizes:
+      for i, piece in enumerate(random_pieces(box, fraction, per_size, rng)):
+        reached, _ = qb.maximize_error(m, piece, key=jax.random.key(i))
+        for name, method in methods.items():
+          start = time.perf_counter()
+          bounds = jax.block_until_ready(method(f, fq, piece))
+          seconds = time.perf_counter() - start
+          bound = float(max(np.max(-np.asarray(bounds.lower, np.float64)), np.max(np.asarray(bounds.upper)), 0.0))
+          rows.append(dict(pair=label, edge=f"1/{round(1 / fraction)}", piece=i, method=name, bound=bound,
+                           reached=reached, ratio=bound / reached if reached > 0 else math.inf, seconds=seconds))
+  write_csv(out / "pieces.csv", rows)
+
+  summary = []
+  for label in pairs:
+    for fraction in sizes:
+      for name in methods:
+        sel = [r for r in rows if r["pair"] == label and r["edge"] == f"1/{round(1 / fraction)}" and r["method"] == name]
+        ratios = np.array([r["ratio"] for r in sel])
+        summary.append(dict(pair=label, edge=f"1/{round(1 / fraction)}", method=name, pieces=len(sel),
+                            median_reached=float(np.median([r["reached"] for r in sel])),
+                            median_bound=float(np.median([r["bound"] for r in sel])),
+                            median_ratio=float(np.median(ratios)), worst_ratio=float(np.max(ratios)),
+                            # the first call of each method on a pair compiles: the median ignores it
+                            median_s=float(np.median([r["seconds"] for r in sel]))))
+  print(table(summary, ["pair", "edge", "method", "pieces", "median_reached", "median_bound", "median_ratio",
+                        "worst_ratio", "median_s"],
+              title=f"bound / reached on random pieces of property 1's box ({per_size} per size, seed {seed}; "
+                    "reached = qb.maximize_error on the merged net over the piece)"))
+  print(f"wrote {out / 'pieces.csv'}")
+  return summary
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with path.open("w", newline="") as fh:
+    writer = csv.DictWriter(fh, columns)
+    writer.writeheader()
+    writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+
+
+def table(rows: list[dict], columns: list[str], *, title: str = "") -> str:
+  def cell(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+      return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+  body = [[cell(r.get(c)) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+  lines = [title] if title else []
+  lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  lines.append("  ".join("-" * w for w in widths))
+  lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+  return "\n".join(lines)
+
+
+def main(argv=None, methods: Mapping[str, Callable] | None = None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--nets", type=int, nargs="+", default=list(range(1, 10)), help="ACAS Xu nets 1_k")
+  p.add_argument("--props", nargs="+", default=list(acas_properties.DEFAULT),
+                 help="property boxes (1-5, 7-10; 6.1 and 6.2 too)")
+  p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.5])
+  p.add_argument("--time-budget", type=float, default=20.0, help="seconds per certify call")
+  p.add_argument("--smoke", action="store_true", help="1_1, property 1, eps 0.05, 2 s")
+  p.add_argument("--pieces", action="store_true", help="tightness on random pieces of property 1's box instead")
+  p.add_argument("--pieces-per-size", type=int, default=20)
+  p.add_argument("--methods", nargs="+", default=None, help=f"pieces mode: which of {list(PIECE_METHODS)}")
+  p.add_argument("--out", type=pathlib.Path, default=None)
+  args = p.parse_args(argv)
+  if not (BENCH / "nnet").is_dir():
+    print(f"{BENCH} is absent (set QBOUND_BENCH to the bench checkout): nothing to run.")
+    return None
+  out = args.out or (ROOT / "results" / ("smoke/bench_differing" if args.smoke else "bench_differing"))
+  if args.pieces:
+    methods = dict(methods or PIECE_METHODS)
+    if args.methods:
+      methods = {name: methods[name] for name in args.methods}
+    sizes = [2.0 ** -j for j in range(1, 7)]
+    if args.smoke:
+      sizes, args.pieces_per_size = sizes[:1], 2
+    return bench_pieces(methods, args.pieces_per_size, sizes, out)
+  for prop in args.props:
+    acas_properties.get(prop)  # fail early on a name that is not a property
+  if args.smoke:
+    args.nets, args.props, args.eps, args.time_budget = args.nets[:1], args.props[:1], args.eps[:1], 2.0
+  return bench_certify(args.nets, args.props, args.eps, args.time_budget, out)
+
+
+if __name__ == "__main__":
+  main()
