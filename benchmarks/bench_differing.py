@@ -49,6 +49,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+# Cold times are real compile times: no persistent compilation cache unless QBOUND_JAX_CACHE asks.
+os.environ.setdefault("QBOUND_JAX_CACHE", "0")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -18,11 +18,15 @@ memory so far (``ru_maxrss``, which only grows). Run from anywhere::
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import platform
 import resource
 import sys
 import time
+
+# Cold times are real compile times: no persistent compilation cache unless QBOUND_JAX_CACHE asks.
+os.environ.setdefault("QBOUND_JAX_CACHE", "0")
 
 import flax.linen as nn
 import jax

@@ -7,6 +7,10 @@ from qbound import _xla_flags
 
 _xla_flags.apply()  # before anything creates JAX's CPU backend
 
+from qbound import _compilation_cache  # noqa: E402
+
+_compilation_cache.apply()  # compiled steps kept across processes (QBOUND_JAX_CACHE=0 turns it off)
+
 from qbound import bounds  # noqa: E402  (the flags above must come first)
 from qbound import exact
 from qbound import io

@@ -20,6 +20,7 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -220,16 +221,38 @@ class _Tracker:
     if self.witness is None or value > self.lower:
       self.lower, self.witness = value, np.asarray(x)
 
+  def add_witnesses(self, graph, xs):
+    """The best of a batch of inputs ``xs`` (leading axis), evaluated in float64 in one call."""
+    diffs = attack.exact_errors(graph, xs).reshape(xs.shape[0], -1)
+    if self.outputs is not None:
+      diffs = diffs[:, self.outputs]
+    values = np.max(np.abs(diffs), axis=1)
+    best = int(np.argmax(values))
+    if self.witness is None or values[best] > self.lower:
+      self.lower, self.witness = float(values[best]), np.asarray(xs[best])
+
   def done(self, target_gap: float, epsilon: Optional[float]) -> bool:
     if epsilon is not None and (self.upper <= epsilon or self.lower > epsilon):
       return True
     return self.upper <= (1 + target_gap) * self.lower  # also true when both are 0
 
 
+FIRST_RANDOM_CORNERS = 13
+
+
+def _first_probes(box: Box, key) -> np.ndarray:
+  """The box's centre, lower and upper corners and :data:`FIRST_RANDOM_CORNERS` random corners."""
+  lower, upper = np.asarray(box.lower), np.asarray(box.upper)
+  key = jax.random.key(0) if key is None else key
+  bits = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (FIRST_RANDOM_CORNERS, *lower.shape)))
+  corners = np.where(bits, upper, lower)
+  return np.concatenate([((lower + upper) / 2)[None], lower[None], upper[None], corners]).astype(lower.dtype)
+
+
 def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "auto", key=None, sound: bool = True,
             search: Optional[attack.Search] = None, time_budget: float = 10.0, target_gap: float = 0.02,
             outputs: Optional[Sequence[int]] = None, epsilon: Optional[float] = None,
-            alpha_steps: int = 20) -> Certificate:
+            alpha_steps: int = 20, progress: Optional[bool] = None) -> Certificate:
   """Certifies the maximal error ``max_{x in box} |f(x) - fq(x)|_inf`` as a proven interval.
 
   Args:
@@ -261,6 +284,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     epsilon: if given, ``auto`` and ``bab`` stop as soon as ``upper <= epsilon`` is proved or
       ``lower > epsilon`` is found; see :meth:`Certificate.proves`.
     alpha_steps: Adam steps for optimised slopes.
+    progress: a progress bar (stderr) while branch and bound runs, with the current
+      ``[lower, upper]`` and pieces per second; ``None`` (default) shows it only on a terminal.
 
   Returns:
     A :class:`Certificate` with ``lower <= max error <= upper``.
@@ -289,6 +314,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   validate.networks(f, fq)
   key = validate.prng_key("key", key)
   sound = validate.boolean("sound", sound)
+  progress = validate.optional_boolean("progress", progress)
   search = validate.search_settings(search)
   time_budget = validate.seconds("time_budget", time_budget)
   target_gap = validate.non_negative("target_gap", target_gap)
@@ -326,6 +352,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
   branch_first = method == "auto" and few_inputs and merged.paired
 
+  # A first reached error before anything else: the centre, the two extreme corners and a few random
+  # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
+  # of these inputs already differs, however the time budget is spent.
+  track.add_witnesses(graph, _first_probes(box, key))
+
   # Cheap proven bounds.
   if method in ("interval", "auto"):
     track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
@@ -360,7 +391,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
     if budget > 0 or branch_first:  # branch_first needs at least the whole box bounded (its first batch)
       res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(budget, 1e-6), target_gap=target_gap,
-                             epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound)
+                             epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound,
+                             progress=progress)
       if branch_first:
         track.add_bounds("diff", res.root_lower, res.root_upper)
       track.add_witness(graph, res.witness)

@@ -167,6 +167,11 @@ def boolean(name: str, value: Any) -> bool:
   return bool(value)
 
 
+def optional_boolean(name: str, value: Any) -> Optional[bool]:
+  """``None`` (the callee decides, e.g. a progress bar only on a terminal), ``True`` or ``False``."""
+  return None if value is None else boolean(name, value)
+
+
 def choice(name: str, value: Any, choices: Sequence[str]) -> str:
   """One of ``choices`` (strings)."""
   if not isinstance(value, str) or value not in choices:
@@ -330,7 +335,7 @@ def mesh_or_devices(mesh: Any, devices: Any) -> None:
 
 def branch_and_bound_args(merged, box, *, outputs=None, time_budget=10.0, target_gap=0.05, epsilon=None,
                           batch_size=None, max_pieces=1_000_000, initial_lower=0.0, initial_witness=None,
-                          sound=True, strong_branching_dims=8, mesh=None):
+                          sound=True, strong_branching_dims=8, mesh=None, progress=False):
   """Checks every argument of :func:`qbound.bounds.branch_and_bound`; returns the box, validated.
 
   Meant as the first line of ``branch_and_bound`` (``box = validate.branch_and_bound_args(merged, box,
@@ -350,6 +355,7 @@ def branch_and_bound_args(merged, box, *, outputs=None, time_budget=10.0, target
   # 0 is allowed here (bound the root piece only); the public entry points ask for > 0.
   number("time_budget", time_budget, minimum=0.0, allow_inf=True,
          accepted="a number of seconds >= 0 (math.inf for no limit)")
+  optional_boolean("progress", progress)
   non_negative("target_gap", target_gap)
   optional_non_negative("epsilon", epsilon)
   if batch_size is not None:

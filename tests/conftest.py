@@ -10,6 +10,10 @@ import sys
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 
+# The suite is hermetic: no persistent compilation cache carried between runs (import qbound turns
+# one on by default; tests/test_compilation_cache.py checks that in fresh processes).
+os.environ.setdefault("QBOUND_JAX_CACHE", "0")
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings

@@ -127,3 +127,13 @@ def test_auto_branches_first_on_few_inputs():
   exact = qb.exact.milp(f, fq, box, time_limit=60)
   assert cert.lower <= exact.upper + exact.tolerance
   assert exact.value - exact.tolerance <= cert.upper <= 1.02 * exact.upper + exact.tolerance
+
+
+def test_progress_bar_shows_the_interval(capsys):
+  _, _, box, merged = small_case()
+  res = bab.branch_and_bound(merged, box, time_budget=0.5, progress=True)
+  err = capsys.readouterr().err
+  assert "branch and bound" in err and "piece" in err, err
+  assert res.upper >= res.lower
+  with pytest.raises(TypeError, match="progress"):
+    bab.branch_and_bound(merged, box, progress="yes")

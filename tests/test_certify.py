@@ -207,3 +207,19 @@ def test_unsupported_operation(small_pair):
   f, _, _ = small_pair
   with pytest.raises(qb.UnsupportedPrimitiveError, match="'sin'"):
     qb.certify(f, lambda x: jnp.sin(f(x)), qb.Box(-jnp.ones(2), jnp.ones(2)))
+
+
+@pytest.mark.parametrize("method", ["interval", "auto"])
+def test_lower_is_not_zero_when_a_corner_differs(method):
+  """Zero biases and a box centred at 0: the centre reaches no error, but corners do, and the
+  certificate's lower bound must show it whatever the time budget leaves for searching."""
+  W1 = jax.random.normal(jax.random.key(1), (6, 16))
+  W2 = jax.random.normal(jax.random.key(2), (16, 3))
+  q = lambda w: jnp.round(w * 4) / 4
+  f = lambda x: jax.nn.relu(x @ W1) @ W2
+  fq = lambda x: jax.nn.relu(x @ q(W1)) @ q(W2)
+  box = qb.Box(-jnp.ones(6), jnp.ones(6))
+  corner = float(jnp.max(jnp.abs(f(box.upper) - fq(box.upper))))
+  assert corner > 0
+  cert = qb.certify(f, fq, box, method=method, time_budget=0.1)
+  assert cert.lower >= corner * (1 - 1e-5) and cert.lower > 0

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
@@ -228,7 +229,8 @@ def _halves(lo, hi, axis):
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
-                     sound: bool = True, strong_branching_dims: int = 8, mesh=None) -> BabResult:
+                     sound: bool = True, strong_branching_dims: int = 8, mesh=None,
+                     progress: Optional[bool] = False) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -250,6 +252,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     sound: proven floating-point margins.
     mesh: the devices each batch of pieces is split over (a one-axis mesh, see
       :mod:`qbound.sharding`); default: all of ``jax.devices()``. The network is replicated.
+    progress: a tqdm bar on stderr with the current ``[lower, upper]`` and pieces per second;
+      ``None`` shows it only when stderr is a terminal.
 
   Returns:
     A :class:`BabResult`.
@@ -269,7 +273,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   box = validate.branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
                                        epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
                                        initial_lower=initial_lower, initial_witness=initial_witness, sound=sound,
-                                       strong_branching_dims=strong_branching_dims, mesh=mesh)
+                                       strong_branching_dims=strong_branching_dims, mesh=mesh,
+                                       progress=progress)
   n_out = int(np.prod(merged.output_shape))
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, dtype=np.int64)
   paired = merged.paired
@@ -354,11 +359,15 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     closed["lo"] = np.minimum(closed["lo"], item[5])
     closed["hi"] = np.maximum(closed["hi"], item[6])
 
+  bar = tqdm(desc="branch and bound", unit="piece", disable=None if progress is None else not progress,
+             leave=False)
   root = bound_batch([lower0], [upper0], [None], root=True)
   root_lower, root_upper = root[0][4], root[0][5]
   push(root)
   stopped = "exhausted"
   while heap:
+    bar.update(bounded - bar.n)
+    bar.set_postfix_str(f"[{best_lower:.4g}, {-heap[0][0]:.4g}]", refresh=False)
     # Pieces that cannot beat the best error reached are finished.
     if -heap[0][0] <= best_lower:
       for item in heap:
@@ -428,6 +437,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     for chunk in range(0, len(los), batch_size):
       push(bound_batch(los[chunk:chunk + batch_size], his[chunk:chunk + batch_size], priors[chunk:chunk + batch_size]))
 
+  bar.close()
   for item in heap:
     close(item)
   upper, diff_lower, diff_upper = closed["upper"], closed["lo"], closed["hi"]
