@@ -40,7 +40,6 @@ Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` m
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import math
 import os
@@ -59,7 +58,9 @@ import numpy as np
 import qbound as qb
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 import acas_properties  # noqa: E402  (needs the path above)
+from common import table, write_csv  # noqa: E402  (experiments/common.py: one table and CSV format)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = pathlib.Path(os.environ.get("QBOUND_BENCH", ROOT.parent / "shared" / "bench"))
@@ -160,6 +161,7 @@ def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path) -> li
         rows.append(row)
         print(f"{row['net']:>4} {row['prop']:>4} {row['eps']:>5g} {row['verdict']:>14} {row['upper']:>11.4g} "
               f"{row['lower']:>11.4g} {row['seconds']:>7.2f} {row['diff_root']:>10.4g}  {row['method']}", flush=True)
+  out.mkdir(parents=True, exist_ok=True)
   write_csv(out / "results.csv", rows)
 
   summary = [summarise(rows, eps) for eps in epsilons] + [VERYDIFF]
@@ -239,6 +241,7 @@ def bench_pieces(methods: Mapping[str, Callable], per_size: int, sizes, out: pat
           bound = float(max(np.max(-np.asarray(bounds.lower, np.float64)), np.max(np.asarray(bounds.upper)), 0.0))
           rows.append(dict(pair=label, edge=f"1/{round(1 / fraction)}", piece=i, method=name, bound=bound,
                            reached=reached, ratio=bound / reached if reached > 0 else math.inf, seconds=seconds))
+  out.mkdir(parents=True, exist_ok=True)
   write_csv(out / "pieces.csv", rows)
 
   summary = []
@@ -259,32 +262,6 @@ def bench_pieces(methods: Mapping[str, Callable], per_size: int, sizes, out: pat
                     "reached = qb.maximize_error on the merged net over the piece)"))
   print(f"wrote {out / 'pieces.csv'}")
   return summary
-
-
-# --- output ---------------------------------------------------------------------------------------
-
-def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with path.open("w", newline="") as fh:
-    writer = csv.DictWriter(fh, columns)
-    writer.writeheader()
-    writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-
-
-def table(rows: list[dict], columns: list[str], *, title: str = "") -> str:
-  def cell(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-      return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-  body = [[cell(r.get(c)) for c in columns] for r in rows]
-  widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
-  lines = [title] if title else []
-  lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-  lines.append("  ".join("-" * w for w in widths))
-  lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
-  return "\n".join(lines)
 
 
 def main(argv=None, methods: Mapping[str, Callable] | None = None):

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbound import validate
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +118,7 @@ def _check_ball(center, radius, clip_lower, clip_upper) -> None:
       continue
     if isinstance(value, (str, bytes)) or value is None:
       raise TypeError(f"{name} must be a number or an array of numbers; got {type(value).__name__} {value!r}.")
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-      try:
-        dtype = np.asarray(value).dtype
-      except Exception:
-        dtype = np.dtype(object)
+    dtype = validate.dtype_of(value)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
       raise TypeError(f"{name} must be a number or an array of numbers; got {type(value).__name__} of dtype "
                       f"{dtype}.")

@@ -248,6 +248,26 @@ def networks(f: Any, fq: Any) -> None:
   function("fq", fq)
 
 
+def dtype_of(value: Any) -> np.dtype:
+  """The dtype of an array, a JAX value or anything numpy can read (``object`` if it cannot)."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None:
+    return dtype
+  try:
+    return np.asarray(value).dtype
+  except Exception:
+    return np.dtype(object)
+
+
+def is_number(token: str) -> bool:
+  """Whether a text token reads as a number (``float`` accepts it)."""
+  try:
+    float(token)
+  except ValueError:
+    return False
+  return True
+
+
 def example(name: str, value: Any) -> None:
   """An input fixing the shape and dtype: an array of numbers, a ``jax.ShapeDtypeStruct`` or a Box."""
   from qbound.box import Box
@@ -257,12 +277,7 @@ def example(name: str, value: Any) -> None:
   accepted = "an input (an array of numbers), a jax.ShapeDtypeStruct or a qbound.Box fixing the input shape"
   if value is None or isinstance(value, (str, bytes)):
     raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
-  dtype = getattr(value, "dtype", None)
-  if dtype is None:
-    try:
-      dtype = np.asarray(value).dtype
-    except Exception:
-      dtype = np.dtype(object)
+  dtype = dtype_of(value)
   if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) or jax.dtypes.issubdtype(
       dtype, jax.numpy.floating)):
     raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} of dtype {dtype}.")

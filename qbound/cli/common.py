@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from qbound import validate
+
 USAGE_ERROR = 2
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 log = logging.getLogger("qbound.cli")
@@ -101,19 +103,11 @@ def parse_values(text: str, option: str) -> np.ndarray:
   try:
     values = np.array([float(t) for t in tokens], np.float64)
   except ValueError:
-    bad = next(t for t in tokens if not _is_number(t))
+    bad = next(t for t in tokens if not validate.is_number(t))
     raise UsageError(f"{option}: {bad!r} is not a number.") from None
   if not np.all(np.isfinite(values)):
     raise UsageError(f"{option}: every value must be finite, got {text!r}.")
   return values
-
-
-def _is_number(token: str) -> bool:
-  try:
-    float(token)
-  except ValueError:
-    return False
-  return True
 
 
 def parse_seconds(text: str, option: str) -> float:

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbound import validate
+
 Params = dict[str, Any]
 PathLike = str | os.PathLike
 
@@ -316,7 +318,7 @@ class _Lines:
     try:
       return np.array(tokens, dtype=np.float64)
     except ValueError:
-      bad = next(t for t in tokens if not _is_number(t))
+      bad = next(t for t in tokens if not validate.is_number(t))
       self.fail(f"{bad!r} is not a number (expected {what})")
 
   def ints(self, what: str, count: int) -> list[int]:
@@ -343,14 +345,6 @@ class _Lines:
 def _used(values: np.ndarray, num_inputs: int) -> np.ndarray:
   """The inputs' entries and the output's (the last) of a means or ranges line."""
   return np.concatenate([values[:num_inputs], values[-1:]])
-
-
-def _is_number(token: str) -> bool:
-  try:
-    float(token)
-  except ValueError:
-    return False
-  return True
 
 
 def _check_finite(lines: _Lines, values: np.ndarray, what: str) -> np.ndarray:
