@@ -11,15 +11,17 @@ from qbound import _compilation_cache
 
 CERTIFY = """
 import json, sys, time
+import jax
 import jax.numpy as jnp
 import qbound as qb
-start = time.perf_counter()
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kwargs: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
 W = jnp.array([[1.0, -2.0], [0.5, 1.5]])
 f = lambda x: jnp.tanh(x @ W) @ W
 fq = lambda x: jnp.tanh(x @ jnp.round(W * 4) / 4) @ W
 cert = qb.certify(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)), method="crown")
-import jax
-print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "upper": cert.upper}))
+print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "upper": cert.upper, "hits": len(hits)}))
 """
 
 
@@ -50,10 +52,12 @@ def test_on_by_default_and_reused_by_the_next_process(tmp_path):
   assert first["dir"] == str(cache)
   entries = {p.name for p in cache.iterdir()}
   assert entries, "the first process wrote no compiled step to the cache"
+  assert first["hits"] == 0
   second = run({"XDG_CACHE_HOME": str(tmp_path)})
   assert second["upper"] == first["upper"]
-  # The second process found what it compiles in the cache: it wrote (almost) nothing new.
-  assert len({p.name for p in cache.iterdir()} - entries) <= len(entries) // 10
+  # The second process read programs the first one compiled (which ones compile above the
+  # threshold, and so are written, depends on the machine's load).
+  assert second["hits"] >= 1
 
 
 def test_users_own_cache_directory_wins(tmp_path):
