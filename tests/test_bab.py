@@ -137,3 +137,20 @@ def test_progress_bar_shows_the_interval(capsys):
   assert res.upper >= res.lower
   with pytest.raises(TypeError, match="progress"):
     bab.branch_and_bound(merged, box, progress="yes")
+
+
+def test_sparse_bounds_on_every_neuron_measure_the_dense_widening():
+  """``every_neuron=True`` (branch and bound's check of how close f_q is) gives about the widening
+  of the dense differential bounds, and its bounds hold the values the networks reach."""
+  from qbound.bounds.sparse import diff_bounds_sparse
+
+  f, fq, box, merged = small_case(seed=1, shape=H.SHAPES[1], bits=4)
+  boxes = qb.Box(box.lower[None], box.upper[None])
+  fg, qg = merged.f_graph, merged.fq_graph
+  dense = bab._widening(fg, *diff_bounds(fg, qg, boxes, None, True, True, batched=True))
+  full = diff_bounds_sparse(fg, qg, boxes, every_neuron=True)
+  assert bab._widening(fg, full.z, full.zq, full.d) == pytest.approx(dense, rel=0.1)
+  xs = np.random.default_rng(0).uniform(np.asarray(box.lower), np.asarray(box.upper), (64, box.lower.size))
+  values = np.stack([np.asarray(f(jnp.asarray(x)) - fq(jnp.asarray(x)), np.float64).reshape(-1) for x in xs])
+  lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in full.d[fg.output])
+  assert np.all(values >= lo - 1e-6) and np.all(values <= hi + 1e-6)

@@ -139,14 +139,14 @@ class SparseDiff(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("n", "shape", "dtype", "batch"))
-def _output_rows(n: int, outputs, shape, dtype, batch: int):
+def output_rows(n: int, outputs, shape, dtype, batch: int):
   eye = jnp.eye(n, dtype=dtype)[jnp.asarray(outputs)]
   rows = jnp.concatenate([eye, -eye]).reshape((2 * len(outputs), *shape))
   return jnp.broadcast_to(rows, (batch, *rows.shape))
 
 
 @jax.jit
-def _output_scatter(bounds, outputs, low):
+def output_scatter(bounds, outputs, low):
   lo, hi = bounds
   batch, shape = lo.shape[0], lo.shape[1:]
   k = outputs.shape[0]
@@ -157,7 +157,7 @@ def _output_scatter(bounds, outputs, low):
 
 def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, f_crown: bool = True,
                        prior: Optional[Sequence] = None, outputs: Optional[Sequence[int]] = None,
-                       coefficients: bool = False, check: bool = True) -> SparseDiff:
+                       coefficients: bool = False, check: bool = True, every_neuron: bool = False) -> SparseDiff:
   """Differential bounds of two paired graphs over a batch of boxes, rows only where they matter.
 
   The same bounds as :func:`qbound.bounds.diff.diff_bounds` (``batched=True``) where they could
@@ -177,8 +177,14 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       others keep their interval bounds.
     coefficients: also return the output rows' input coefficients.
     check: raise for empty or NaN intervals (:mod:`qbound.bounds.guards`).
+    every_neuron: rows for every neuron of every activation's input, loose or not: the bounds of
+      the dense passes, on the steps compiled for the sparse ones.
   """
   n_nodes = len(fg.nodes)
+
+  def loose(mask):
+    return jnp.ones(mask.shape, bool) if every_neuron else mask
+
   out_idx = fg.output
   n_out = fg.nodes[out_idx].size
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, np.int64)
@@ -200,17 +206,17 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i]) for b, p in zip((zi, qi, di), prior))
     if i in targets:
       state_q = {"box": boxes, "bounds": zq + [qi]}
-      qi = tighten_where(qi, _loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi),
+      qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
                          lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
                                                           batched=True), state_q)
       if f_crown:
         state_f = {"box": boxes, "bounds": z + [zi]}
-        zi = tighten_where(zi, _loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi),
+        zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
                            lambda r, g, i=i: backward_lower(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
                                                             batched=True), state_f)
       zi, qi, di = _tighten(zi, qi, di, sound)
       pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
-      mask = _diff_loose_any(pairs, zi, qi, di)
+      mask = loose(_diff_loose_any(pairs, zi, qi, di))
       rows[i] = int(np.asarray(mask).sum())
       state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di]}
       di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
@@ -218,12 +224,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
       shape = tuple(nf.shape)
-      out_rows = _output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
+      out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
       low = diff_backward_lower(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound, batched=True,
                                 with_coefficients=coefficients)
       if coefficients:
         low, coef = low
-      di = _output_scatter(di, jnp.asarray(outputs), low)
+      di = output_scatter(di, jnp.asarray(outputs), low)
       zi, qi, di = _tighten(zi, qi, di, sound)
     z.append(zi)
     zq.append(qi)
@@ -259,12 +265,12 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
                         lambda r, g, i=i: backward_lower(graph, i, r, g["bounds"], Box(*g["box"]), sound=sound,
                                                          batched=True), {"box": boxes, "bounds": bounds + [b]})
     elif i == out_idx:
-      out_rows = _output_rows(node.size, outputs, tuple(node.shape), box.lower.dtype, box.lower.shape[0])
+      out_rows = output_rows(node.size, outputs, tuple(node.shape), box.lower.dtype, box.lower.shape[0])
       low = backward_lower(graph, i, out_rows, bounds + [b], box, sound=sound, batched=True,
                            with_coefficients=coefficients)
       if coefficients:
         low, coef = low
-      b = _output_scatter(b, jnp.asarray(outputs), low)
+      b = output_scatter(b, jnp.asarray(outputs), low)
     bounds.append(b)
   if check:
     check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
