@@ -177,8 +177,9 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       others keep their interval bounds.
     coefficients: also return the output rows' input coefficients.
     check: raise for empty or NaN intervals (:mod:`qbound.bounds.guards`).
-    every_neuron: rows for every neuron of every activation's input, loose or not: the bounds of
-      the dense passes, on the steps compiled for the sparse ones.
+    every_neuron: rows for every neuron of every activation's input, loose or not, on the steps
+      compiled for the sparse ones: close to the dense passes' bounds (not equal: the intervals are
+      intersected in another order), for measuring how close f_q is to f.
   """
   n_nodes = len(fg.nodes)
 
