@@ -52,12 +52,11 @@ def test_on_by_default_and_reused_by_the_next_process(tmp_path):
   assert first["dir"] == str(cache)
   entries = {p.name for p in cache.iterdir()}
   assert entries, "the first process wrote no compiled step to the cache"
-  assert first["hits"] == 0
   second = run({"XDG_CACHE_HOME": str(tmp_path)})
   assert second["upper"] == first["upper"]
-  # The second process read programs the first one compiled (which ones compile above the
-  # threshold, and so are written, depends on the machine's load).
-  assert second["hits"] >= 1
+  # The second process read the programs the first one compiled (the first may hit its own
+  # entries too, where a step is compiled again under another jit wrapper).
+  assert second["hits"] > first["hits"]
 
 
 def test_users_own_cache_directory_wins(tmp_path):
