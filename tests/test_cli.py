@@ -155,20 +155,8 @@ def test_bad_files_exit_2_naming_the_file(capsys, tmp_path):
     assert code == 2 and err.startswith("qbound: error: ") and message in err, err
 
 
-def test_certify_onnx_model(capsys, tmp_path):
-  onnx = pytest.importorskip("onnx")
-  from onnx import TensorProto, helper, numpy_helper
-
-  rng = np.random.default_rng(0)
-  weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
-             for name, shape in (("w1", (4, 8)), ("b1", (8,)), ("w2", (8, 3)))]
-  nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["z"]),
-           helper.make_node("Relu", ["z"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
-  graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], weights)
-  path = tmp_path / "mlp.onnx"
-  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-
+def test_certify_onnx_model(capsys, onnx_mlp):
+  path = onnx_mlp
   code, out, err = run(["certify", str(path), "--bits", "4", "--lower", "0,0,0,0", "--upper", "1,1,1,1",
                         "--method", "crown", "--json"], capsys)
   assert code == 0, err
