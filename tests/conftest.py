@@ -20,6 +20,9 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from every test module
 
+# A crashed worker's test is re-run once and the run cannot hang (see xdist_recovery.py).
+from xdist_recovery import pytest_sessionfinish, pytest_xdist_make_scheduler  # noqa: E402, F401
+
 # Few, reproducible examples by default (the whole suite must stay within a few minutes on two
 # cores); `pytest --hypothesis-profile=thorough` runs many more.
 settings.register_profile("default", max_examples=15, deadline=None, derandomize=True,
@@ -27,6 +30,7 @@ settings.register_profile("default", max_examples=15, deadline=None, derandomize
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 
 @pytest.fixture
