@@ -149,14 +149,20 @@ def concretize(s: Symbolic, ctx: _Context):
   return fp.round_down(lo - err_lo - floor), fp.round_up(hi + err_hi + floor)
 
 
+def _affine_rounding(node: G.Node, s: Symbolic, ctx: _Context):
+  """Proven bound on the float32 rounding of an affine node's product with ``s`` (0 when not sound)."""
+  if not ctx.sound:
+    return 0.0
+  dtype = s.l.dtype
+  return _gamma(node.terms + 4, dtype) * node.linear_abs(_magnitude(s, ctx)) + (node.terms + 4) * fp.tiny(dtype)
+
+
 def _network_step(node: G.Node, ins, bounds_in, ctx: _Context, n_in: int) -> Symbolic:
   """One node of one network: its symbolic interval from its inputs' (``ins``) and their ranges."""
   dtype = ins[0].l.dtype
   if node.kind == G.AFFINE:
     s = _affine(node.linear, node.linear_abs, ins[0])
-    err = 0.0
-    if ctx.sound:
-      err = _gamma(node.terms + 4, dtype) * node.linear_abs(_magnitude(ins[0], ctx)) + (node.terms + 4) * fp.tiny(dtype)
+    err = _affine_rounding(node, ins[0], ctx)
     if node.bias is not None:
       s = s._replace(l=s.l + node.bias, u=s.u + node.bias)
       if ctx.sound:
@@ -195,9 +201,7 @@ def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Cont
   dtype = d_ins[0].l.dtype
   if nf.kind == G.AFFINE:
     s = _affine(nf.linear, nf.linear_abs, d_ins[0])
-    err = 0.0
-    if ctx.sound:
-      err = _gamma(nf.terms + 4, dtype) * nf.linear_abs(_magnitude(d_ins[0], ctx)) + (nf.terms + 4) * fp.tiny(dtype)
+    err = _affine_rounding(nf, d_ins[0], ctx)
     delta = _DeltaLinear(nf, nq)
     if not delta.zero:
       s = _add(s, _affine(delta.apply, delta.apply_abs, zq_ins[0]))
