@@ -32,7 +32,6 @@ settings.register_profile("thorough", max_examples=300, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-
 @pytest.fixture
 def strict_promotion():
   """Runs a test with strict dtype promotion, so no silent float64/int promotion hides in the code.
