@@ -67,6 +67,6 @@ def pytest_sessionfinish(session):
   """Fail the run when crashed workers used up their restarts with tests never run (xdist exits 0)."""
   dsession = session.config.pluginmanager.getplugin("dsession")
   sched = getattr(dsession, "sched", None)
-  if sched is not None and sched.has_pending:
+  if session.exitstatus == pytest.ExitCode.OK and sched is not None and sched.has_pending:
     session.config.get_terminal_writer().line("qbound tests: some tests never ran (too many crashed workers)", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
