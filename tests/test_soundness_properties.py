@@ -181,3 +181,16 @@ def test_bounds_without_margins_do_not_lose_a_rounding_step(method):
   except qb.SoundnessError as err:
     pytest.fail(f"sound=False: {err}")
   assert loose.upper >= 0.2 * (1 - 1e-4)
+
+
+def test_unsound_rounding_input_puts_crossed_ends_back_in_order():
+  """Without margins a backward bound can cross the exact interval it is intersected with (a lower
+  bound 4e-6 for a true range [0, 0]); ceil must not turn that into the empty [1, 0]."""
+  from qbound.bounds import relax
+
+  lo, hi = relax.step_input(jnp.array([4e-6], jnp.float32), jnp.array([0.0], jnp.float32), sound=False)
+  assert float(lo[0]) <= 0.0 <= float(hi[0])
+  r = relax.rounding(jnp.array([4e-6], jnp.float32), jnp.array([0.0], jnp.float32), "ceil", sound=False)
+  assert float(r.lower_slope[0]) * 0.0 + float(r.lower_offset[0]) <= 0.0 <= float(r.upper_slope[0]) * 0.0 + float(r.upper_offset[0])
+  # Sound bounds are never crossed, and stay as given.
+  assert relax.step_input(jnp.array([1.0]), jnp.array([2.0]), sound=True)[0][0] == 1.0

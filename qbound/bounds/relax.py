@@ -327,14 +327,19 @@ ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0
 # Without floating-point margins (sound=False) a bound may sit a few ulps on the wrong side of the
 # truth, and at a rounding step that is a whole quantization step: relu(x) * 9 over x in [-a, a]
 # came out as [1.5e-8, 9a], and ceil made its lower end 1 for a true 0. Unsound bounds therefore
-# enter rounding nodes widened by this many units of roundoff of their magnitude.
+# enter rounding nodes widened by this many units of roundoff of their magnitude. They may also
+# arrive crossed: a backward bound computed from large coefficients can miss by more than that
+# near a point range (f_q's dead ReLU times 127: a lower bound 4e-6 for a true 0, intersected with
+# the exact [0, 0]), and ceil then turned [4e-6, 0] into [1, 0]; crossed ends are put back in order.
 UNSOUND_STEP_ULPS = 64
 
 
 def step_input(lo, hi, sound: bool):
-  """The bounds a rounding node rounds: as given when sound, else widened (``UNSOUND_STEP_ULPS``)."""
+  """The bounds a rounding node rounds: as given when sound, else in order and widened
+  (``UNSOUND_STEP_ULPS``)."""
   if sound:
     return lo, hi
+  lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
   slack = UNSOUND_STEP_ULPS * fp.unit_roundoff(lo.dtype) * (1 + jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
   return lo - slack, hi + slack
 
