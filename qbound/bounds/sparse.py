@@ -7,8 +7,8 @@ spends its time on, few neurons are such: on ACAS Xu pieces of 1/16 of property 
 of each layer's 50 under CROWN. So the node's bounds are first taken from interval arithmetic on
 its inputs' (already tightened) bounds, intersected with any bounds known to hold (a parent
 piece's, in branch and bound); then only the ``(box, neuron)`` pairs still loose get backward
-rows, gathered from all boxes into one batch of rows (each row with its own box's bounds), padded
-to a power of two so that few batch sizes are compiled. The bounds are those of the dense passes
+rows: every box as many as the box with the most loose neurons, padded to a power of two so that
+few row counts are compiled. The bounds are those of the dense passes
 (:func:`qbound.bounds.crown.crown_bounds`, :func:`qbound.bounds.diff.diff_bounds`) wherever they
 could change anything, at a fraction of the work.
 
@@ -33,8 +33,8 @@ from qbound.bounds.guards import check_bounds
 from qbound.bounds.interval import _node_interval
 from qbound.box import Box
 
-# Rows are padded to a power of ROW_GROWTH, at least MIN_ROWS: every batch size compiles each
-# backward step once more (about 0.2 s each on ACAS Xu's layers), and padding rows cost little.
+# Each box's rows are padded to a power of ROW_GROWTH, at least MIN_ROWS: every row count compiles
+# each backward step once more (about 0.1-0.3 s each on ACAS Xu's layers), and padding rows cost little.
 MIN_ROWS = 16
 ROW_GROWTH = 2
 
@@ -46,51 +46,61 @@ def _padded(count: int) -> int:
   return size
 
 
-@jax.jit
-def _gather(tree, piece):
-  return jax.tree_util.tree_map(lambda a: a[piece], tree)
-
-
 @functools.partial(jax.jit, static_argnames=("shape",))
 def _pair_rows(flat, shape, like):
-  """Rows ``+e_k`` and ``-e_k`` for every ``k`` in ``flat``: shape ``(len(flat), 2, *shape)``."""
+  """Rows ``+e_k`` and ``-e_k`` for every ``k`` in ``flat`` (boxes, R): shape ``(boxes, 2R, *shape)``,
+  the two rows of ``flat[b, r]`` at ``2r`` and ``2r + 1``."""
   n = int(np.prod(shape))
-  unit = jax.nn.one_hot(flat, n, dtype=like.dtype).reshape((flat.shape[0], *shape))
-  return jnp.stack([unit, -unit], axis=1)
+  unit = jax.nn.one_hot(flat, n, dtype=like.dtype)
+  rows = jnp.stack([unit, -unit], axis=2)
+  return rows.reshape((flat.shape[0], 2 * flat.shape[1], *shape))
 
 
 @jax.jit
-def _scatter(bounds, piece, flat, low):
-  """``bounds`` (lower, upper; leading axis of boxes) intersected with the rows' results ``low``."""
+def _scatter(bounds, flat, low):
+  """``bounds`` (lower, upper; leading axis of boxes) intersected with the rows' results ``low``
+  (boxes, 2R) of the neurons ``flat`` (boxes, R)."""
   lo, hi = bounds
   batch, shape = lo.shape[0], lo.shape[1:]
-  new_lo = lo.reshape(batch, -1).at[piece, flat].max(low[:, 0])
-  new_hi = hi.reshape(batch, -1).at[piece, flat].min(-low[:, 1])
+  low = low.reshape(batch, -1, 2)
+  box = jnp.arange(batch)[:, None]
+  new_lo = lo.reshape(batch, -1).at[box, flat].max(low[..., 0])
+  new_hi = hi.reshape(batch, -1).at[box, flat].min(-low[..., 1])
   return new_lo.reshape((batch, *shape)), new_hi.reshape((batch, *shape))
 
 
 def tighten_where(bounds, mask, lower_fn, state):
   """``bounds`` tightened by backward rows where ``mask`` is set (one row pair per set entry).
 
+  Every box gets as many rows as the box with the most set entries needs (padded, see
+  :func:`_padded`), so the rows share the boxes' leading axis and the backward pass reads each
+  box's own bounds without gathering them row by row (gathering the bounds of every earlier node
+  compiled one program per node and row count: most of a first branch and bound's time).
+
   Args:
     bounds: ``(lower, upper)`` of one node, leading axis of boxes.
     mask: where to compute rows (same shape as the bounds).
-    lower_fn: ``(rows (R, 2, *shape), gathered state) -> (R, 2)`` lower bounds of the rows, each
-      row with the state of its own box.
+    lower_fn: ``(rows (boxes, 2R, *shape), state) -> (boxes, 2R)`` lower bounds of the rows, the
+      rows of each box with the state of that box.
     state: a pytree with a leading axis of boxes (the boxes, the bounds of earlier nodes).
   """
   lo = bounds[0]
   where = np.asarray(mask).reshape(lo.shape[0], -1)
-  piece, flat = np.nonzero(where)
-  if piece.size == 0:
+  counts = where.sum(axis=1)
+  most = int(counts.max(initial=0))
+  if most == 0:
     return bounds
-  size = _padded(piece.size)
-  # Padding repeats the last row: the same bound scattered twice changes nothing.
-  piece = np.concatenate([piece, np.full(size - piece.size, piece[-1])]).astype(np.int32)
-  flat = np.concatenate([flat, np.full(size - flat.size, flat[-1])]).astype(np.int32)
-  rows = _pair_rows(jnp.asarray(flat), tuple(lo.shape[1:]), lo)
-  low = lower_fn(rows, _gather(state, jnp.asarray(piece)))
-  return _scatter(bounds, jnp.asarray(piece), jnp.asarray(flat), low)
+  size = min(_padded(most), where.shape[1])
+  # A box's padding repeats one of its set entries (entry 0 when it has none): a proven bound on a
+  # real neuron, scattered again or once more, changes nothing unsound.
+  order = np.argsort(~where, axis=1, kind="stable")[:, :size]
+  if order.shape[1] < size:
+    order = np.concatenate([order, np.repeat(order[:, -1:], size - order.shape[1], axis=1)], axis=1)
+  last = order[np.arange(where.shape[0]), np.maximum(counts - 1, 0)]
+  flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
+  flat = jnp.asarray(flat)
+  rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
+  return _scatter(bounds, flat, lower_fn(rows, state))
 
 
 def _consumers(graph: G.Graph) -> list[list[int]]:

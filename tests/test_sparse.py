@@ -1,0 +1,45 @@
+"""Rows only where they matter (:mod:`qbound.bounds.sparse`): the row bookkeeping itself."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qbound.bounds.sparse import tighten_where
+
+
+@pytest.mark.parametrize("counts", [(0, 0, 0), (3, 0, 1), (5, 5, 5), (1, 17, 0), (20, 20, 2)])
+def test_tighten_where_gives_every_box_its_own_rows(counts):
+  """Boxes with different numbers of set entries (none, some, all): each set entry gets its own
+  box's row bound; unset entries keep their bounds, except that a box without any set entry pads
+  with its entry 0, whose row bound (proven like any other) may tighten it."""
+  rng = np.random.default_rng(sum(counts))
+  boxes, n = len(counts), 20
+  mask = np.zeros((boxes, n), bool)
+  for b, c in enumerate(counts):
+    mask[b, rng.choice(n, size=c, replace=False)] = True
+  lo = jnp.asarray(rng.uniform(-3, -1, (boxes, n)), jnp.float32)
+  hi = jnp.asarray(rng.uniform(1, 3, (boxes, n)), jnp.float32)
+  value = rng.uniform(-0.5, 0.5, (boxes, n)).astype(np.float32)  # each box's exact neuron values
+  calls = []
+
+  def lower_fn(rows, state):
+    # rows (boxes, 2R, n): the lower bound of rows . value over a box whose neurons are exactly
+    # ``value`` is rows . value, computed per box from that box's own state.
+    calls.append(rows.shape)
+    assert rows.shape[0] == boxes and rows.shape[2] == n
+    return jnp.einsum("brn,bn->br", rows, state)
+
+  new_lo, new_hi = tighten_where((lo, hi), mask, lower_fn, jnp.asarray(value))
+  new_lo, new_hi = np.asarray(new_lo), np.asarray(new_hi)
+  kept = ~mask
+  if mask.any():
+    kept[~mask.any(axis=1), 0] = False
+  np.testing.assert_array_equal(new_lo[kept], np.asarray(lo)[kept])
+  np.testing.assert_array_equal(new_hi[kept], np.asarray(hi)[kept])
+  padded = ~mask & ~kept
+  np.testing.assert_allclose(new_lo[padded], value[padded], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(new_lo[mask], value[mask], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(new_hi[mask], value[mask], rtol=0, atol=1e-6)
+  assert len(calls) == (1 if mask.any() else 0)
+  if calls:  # one padded row count for every box, at most the node's size
+    assert max(counts) * 2 <= calls[0][1] <= 2 * n
