@@ -85,10 +85,11 @@ class BabResult:
 
 
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
-                  f_crown: bool = True, widening: bool = False, prior=None):
+                  f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
-  merged net otherwise. Close copies (``f_crown=False``) take the dense differential passes instead.
+  merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
+  passes instead (see :func:`_dense_for_close_copies`).
 
   ``prior``: bounds known to hold on each piece (its parent's, from ``keep`` below), a tuple of
   ``(lower, upper)`` per node of :func:`_kept_nodes`, each with a leading axis of pieces.
@@ -99,11 +100,9 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
   :func:`_widening`.
   """
   box = Box(lo, hi)
-  if paired and not f_crown:
-    # A close copy (f's own CROWN bounds skipped, see F_CROWN_WIDENING): the dense passes, dispatched
-    # without a host round trip per node, bound a batch faster than the sparse ones (ACAS Xu 1_1 vs
-    # float16, property 1, eps 0.05: output 0 in 0.96 s against 1.2 s, all five outputs in 1.2 s
-    # against 1.4-1.6 s). The parents' bounds are not used here.
+  if paired and not f_crown and dense:
+    # A close copy (f's own CROWN bounds skipped, see F_CROWN_WIDENING) of a small net: the dense
+    # passes, without a host round trip per node. The parents' bounds are not used here.
     z, zq, d = diff_bounds(fg, qg, box, None, sound, True, batched=True, f_crown=False)
     out = fg.output
     rows = output_rows(fg.nodes[out].size, outputs, tuple(fg.nodes[out].shape), lo.dtype, lo.shape[0])
@@ -158,6 +157,7 @@ def _node_list(n: int, nodes, values) -> list:
 # 1.5x more pieces per second), 34-50% at 3 bits (skipping them: twice the pieces to close the gap);
 # ACAS Xu vs float16: 0%.
 F_CROWN_WIDENING = 1.15
+
 # Above this widening measured on the sparse bounds, f_q is taken as a copy that really differs
 # without measuring again on every neuron (see _batch_bounds).
 SPARSE_WIDENING_DOUBT = 2.0
@@ -206,8 +206,23 @@ def default_batch_size(merged) -> int:
   batch costs in proportion to its pieces, and strong branching fills it with few parents early on:
   epsilon = 0.05 over 1_1..1_9 took a median 0.92 s with 32 (24: 0.91 s, 64: 1.22 s, 256: 5x longer).
   """
-  neurons = sum(n.size for n in merged.f_graph.nodes if n.kind not in (G.INPUT, G.AFFINE, G.ADD, G.CONCAT))
-  return 256 if neurons <= SMALL_NET_NEURONS else 32
+  return 256 if _activation_neurons(merged) <= SMALL_NET_NEURONS else 32
+
+
+def _activation_neurons(merged) -> int:
+  return sum(n.size for n in merged.f_graph.nodes if n.kind not in (G.INPUT, G.AFFINE, G.ADD, G.CONCAT))
+
+
+def _dense_for_close_copies(merged) -> bool:
+  """Whether close copies are bounded by the dense differential passes rather than the sparse ones.
+
+  On small nets (at most ``SMALL_NET_NEURONS`` activation neurons, batches of 256) the dense passes
+  did as well or better on 5 of 12 random MLPs at 3-8 bits (3 s budget, gap to 1%: 1.04 against
+  1.17 on an 8-bit net) and the sparse ones on the other 7. On ACAS Xu vs its float16 copies,
+  property 1, eps 0.05, the sparse ones are faster now that their rows follow the pieces: median
+  over 1_1..1_9 0.91 s against 1.09 s for output 0, 1.06 s against 1.37 s for all five outputs.
+  """
+  return _activation_neurons(merged) <= SMALL_NET_NEURONS
 
 
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
@@ -312,6 +327,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   out_idx = sharding.put_replicated(np.asarray(outputs), mesh)
   layout = {}
   f_crown = True
+  dense = _dense_for_close_copies(merged)
 
   def bound_fn(lo, hi, prior, root=False):
     nonlocal f_crown
@@ -321,7 +337,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       bounds, widening = _batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior)
       f_crown = widening > F_CROWN_WIDENING
       return sharding.gather(bounds)
-    return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior))
+    return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
+                                         dense=dense))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(_probe(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
