@@ -247,7 +247,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     d.append(di)
   if check:
     check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),
-                  ("differential bounds: d = f - f_q", fg, d)], sound=sound, fused=True)
+                  ("differential bounds: d = f - f_q", fg, d)], sound=sound)
   return SparseDiff(z, zq, d, rows, coef)
 
 
@@ -284,5 +284,5 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
       b = output_scatter(b, jnp.asarray(outputs), low)
     bounds.append(b)
   if check:
-    check_bounds([("CROWN bounds", graph, bounds)], sound=sound, fused=True)
+    check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
   return (bounds, coef) if coefficients else bounds
