@@ -154,3 +154,10 @@ def test_sparse_bounds_on_every_neuron_measure_the_dense_widening():
   values = np.stack([np.asarray(f(jnp.asarray(x)) - fq(jnp.asarray(x)), np.float64).reshape(-1) for x in xs])
   lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in full.d[fg.output])
   assert np.all(values >= lo - 1e-6) and np.all(values <= hi + 1e-6)
+
+
+def test_candidate_axes_take_as_many_as_asked():
+  width = np.ones(5)
+  sensitivity = np.array([0.1, 3.0, 0.2, 2.0, 1.0])
+  assert bab._candidate_axes(width, sensitivity, 2) == [1, 3]
+  assert bab._candidate_axes(width, sensitivity, 1) == [1]
