@@ -55,6 +55,8 @@ def _counts(bounds, sound: bool):
   # a first branch and bound on ACAS Xu) against 0.2 s, for 0.4 ms more per check.
   tolerance = 0.0 if sound else UNSOUND_TOLERANCE
   flat = [(lo.reshape(-1), hi.reshape(-1)) for group in bounds for lo, hi in group]
+  if not flat:
+    return jnp.zeros((0, 2), jnp.int32)
   sizes = [lo.size for lo, _ in flat]
   lo = jnp.concatenate([lo for lo, _ in flat])
   hi = jnp.concatenate([hi for _, hi in flat])

@@ -93,9 +93,7 @@ def tighten_where(bounds, mask, lower_fn, state):
   size = min(_padded(most), where.shape[1])
   # A box's padding repeats one of its set entries (entry 0 when it has none): a proven bound on a
   # real neuron, scattered again or once more, changes nothing unsound.
-  order = np.argsort(~where, axis=1, kind="stable")[:, :size]
-  if order.shape[1] < size:
-    order = np.concatenate([order, np.repeat(order[:, -1:], size - order.shape[1], axis=1)], axis=1)
+  order = np.argsort(~where, axis=1, kind="stable")[:, :size]  # each box's set entries first
   last = order[np.arange(where.shape[0]), np.maximum(counts - 1, 0)]
   flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
   flat = jnp.asarray(flat)
