@@ -194,3 +194,33 @@ def test_unsound_rounding_input_puts_crossed_ends_back_in_order():
   assert float(r.lower_slope[0]) * 0.0 + float(r.lower_offset[0]) <= 0.0 <= float(r.upper_slope[0]) * 0.0 + float(r.upper_offset[0])
   # Sound bounds are never crossed, and stay as given.
   assert relax.step_input(jnp.array([1.0]), jnp.array([2.0]), sound=True)[0][0] == 1.0
+
+
+def test_unsound_intersections_keep_their_ends_in_order():
+  """Unsound bounds can miss the truth by rounding, so two of them may not overlap: intersections
+  put the ends back in order instead of leaving an empty interval; sound ones are left as they are."""
+  from qbound.bounds.crown import intersect
+
+  a = (jnp.array([0.0, 0.0]), jnp.array([1.0, 1e-3]))
+  b = (jnp.array([0.5, 2e-3]), jnp.array([2.0, 3.0]))
+  lo, hi = intersect(a, b, sound=False)
+  np.testing.assert_array_equal(lo, np.float32([0.5, 1e-3]))
+  np.testing.assert_array_equal(hi, np.float32([1.0, 2e-3]))
+  lo, hi = intersect(a, b)
+  assert float(lo[1]) > float(hi[1])  # sound: left crossed, for the guards to report
+
+
+def test_unsound_auto_on_floor_fake_quant_beside_an_identity_copy():
+  """soundness_long (seed 11) found unsound `auto` raising InvalidBoundsError: f's bounds at the
+  identity copy beside f_q's floor fake-quant crossed by 2e-3 in branch and bound."""
+  from math import inf
+
+  case = S.Case(family="fq", shape=(2, (6,), 2),
+                act_f=S.Act(kind="relu", mode="nearest", scale=1.0, lo=0.0, hi=inf, slope=0.1, zero=0.0),
+                act_q=S.Act(kind="fq", mode="floor", scale=(1.0, 41.911930084228516, 17.225522994995117,
+                                                            46.70505905151367, 0.5066879987716675, 0.5884937644004822),
+                            lo=-inf, hi=127.0, slope=0.1, zero=0.0),
+                seed=0, compression=("bits", 2), gain=1.0, input_scale=(1.0, 1.0),
+                lower=(-0.18105363845825195, -1.5374213457107544), upper=(1.5589863061904907, -0.40864497423171997))
+  assert S.check("auto", case, sound=False).violations == []
+  assert S.check("auto", case, sound=True).violations == []

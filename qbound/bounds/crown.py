@@ -216,10 +216,23 @@ def relu_inputs(graph: G.Graph) -> list[int]:
   return sorted({node.inputs[0] for node in graph.nodes if node.kind in ACTIVATIONS} - {0})
 
 
-@jax.jit
-def intersect(a, b):
-  """The intersection of two ``(lower, upper)`` bounds."""
-  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+@functools.partial(jax.jit, static_argnames=("sound",))
+def intersect(a, b, sound: bool = True):
+  """The intersection of two ``(lower, upper)`` bounds.
+
+  ``sound=False``: bounds computed without rounding margins can miss the truth by rounding (or by
+  a whole step of a rounding node near its cut), so two of them may not overlap; their ends are
+  then put back in order (see :func:`unsound_order`) instead of leaving an empty interval.
+  """
+  out = jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+  return out if sound else unsound_order(out)
+
+
+def unsound_order(bounds):
+  """``(min(lower, upper), max(lower, upper))``: for unsound bounds only, whose intersections can
+  cross by rounding; sound ones never cross, and the guards report it if they do."""
+  lo, hi = bounds
+  return jnp.minimum(lo, hi), jnp.maximum(lo, hi)
 
 
 def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,
@@ -235,7 +248,7 @@ def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sou
     if idx == 0:
       continue
     bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
-                                                    row_chunk=row_chunk, batched=batched))
+                                                    row_chunk=row_chunk, batched=batched), sound=sound)
   if check:
     check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
   return bounds

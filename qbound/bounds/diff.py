@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from qbound import graph as G
 from qbound.bounds import fp, relax, rules, smooth
 from qbound.bounds.common import jit_step, local, plus
-from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
+from qbound.bounds.crown import (ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows,
+                                 unit_rows, unsound_order)
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
@@ -353,6 +354,8 @@ def _tighten(z, zq, d, sound: bool):
   q_new = (jnp.maximum(ql, fp.round_down(lo) if sound else lo), jnp.minimum(qu, fp.round_up(hi) if sound else hi))
   lo, hi = zl - qu, zu - ql
   d_new = (jnp.maximum(dl, fp.round_down(lo) if sound else lo), jnp.minimum(du, fp.round_up(hi) if sound else hi))
+  if not sound:  # unsound bounds can cross by rounding: keep their ends in order (see crown.intersect)
+    z_new, q_new, d_new = unsound_order(z_new), unsound_order(q_new), unsound_order(d_new)
   return z_new, q_new, d_new
 
 
@@ -401,10 +404,10 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = T
                                  tuple(d[j] for j in ins), sound=sound, batched=batched))
     if i in targets:
       if symbolic and node_bound is not None:
-        d[i] = intersect(d[i], node_bound(i, z, zq, d))
+        d[i] = intersect(d[i], node_bound(i, z, zq, d), sound=sound)
       elif symbolic:
         d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
-                                               row_chunk=row_chunk, batched=batched))
+                                               row_chunk=row_chunk, batched=batched), sound=sound)
       z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)  # elementwise: batched or not
   if check:
     check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),

@@ -27,7 +27,7 @@ import numpy as np
 from qbound import graph as G
 from qbound.bounds import rules
 from qbound.bounds.common import local
-from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
+from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs, unsound_order
 from qbound.bounds.diff import _diff_interval_step, _tighten, diff_backward_lower
 from qbound.bounds.guards import check_bounds
 from qbound.bounds.interval import _node_interval
@@ -69,7 +69,7 @@ def _scatter(bounds, flat, low):
   return new_lo.reshape((batch, *shape)), new_hi.reshape((batch, *shape))
 
 
-def tighten_where(bounds, mask, lower_fn, state):
+def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   """``bounds`` tightened by backward rows where ``mask`` is set (one row pair per set entry).
 
   Every box gets as many rows as the box with the most set entries needs (padded, see
@@ -83,6 +83,8 @@ def tighten_where(bounds, mask, lower_fn, state):
     lower_fn: ``(rows (boxes, 2R, *shape), state) -> (boxes, 2R)`` lower bounds of the rows, the
       rows of each box with the state of that box.
     state: a pytree with a leading axis of boxes (the boxes, the bounds of earlier nodes).
+    sound: whether the bounds have rounding margins (else crossed ends are put back in order, see
+      :func:`qbound.bounds.crown.intersect`).
   """
   lo = bounds[0]
   where = np.asarray(mask).reshape(lo.shape[0], -1)
@@ -98,7 +100,8 @@ def tighten_where(bounds, mask, lower_fn, state):
   flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
   flat = jnp.asarray(flat)
   rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
-  return _scatter(bounds, flat, lower_fn(rows, state))
+  out = _scatter(bounds, flat, lower_fn(rows, state))
+  return out if sound else unsound_order(out)
 
 
 def _consumers(graph: G.Graph) -> list[list[int]]:
@@ -212,24 +215,25 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     di = _diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                              tuple(d[j] for j in ins), sound=sound, batched=True)
     if prior is not None:
-      zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i]) for b, p in zip((zi, qi, di), prior))
+      zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i], sound=sound)
+                    for b, p in zip((zi, qi, di), prior))
     if i in targets:
       state_q = {"box": boxes, "bounds": zq + [qi]}
       qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
                          lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                          batched=True), state_q)
+                                                          batched=True), state_q, sound=sound)
       if f_crown:
         state_f = {"box": boxes, "bounds": z + [zi]}
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
                            lambda r, g, i=i: backward_lower(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                            batched=True), state_f)
+                                                            batched=True), state_f, sound=sound)
       zi, qi, di = _tighten(zi, qi, di, sound)
       pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
       mask = loose(_diff_loose_any(pairs, zi, qi, di))
       rows[i] = int(np.asarray(mask).sum())
       state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di]}
       di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
-          fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True), state_d)
+          fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True), state_d, sound=sound)
       zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
       shape = tuple(nf.shape)
@@ -268,11 +272,12 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
     node = graph.nodes[i]
     b = _node_interval(local(node), tuple(bounds[j] for j in node.inputs), sound=sound, batched=True)
     if _known(prior, i) is not None:
-      b = intersect(b, prior[i])
+      b = intersect(b, prior[i], sound=sound)
     if i in targets:
       b = tighten_where(b, _loose_any(tuple(graph.nodes[c] for c in cons[i]), b),
                         lambda r, g, i=i: backward_lower(graph, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                         batched=True), {"box": boxes, "bounds": bounds + [b]})
+                                                         batched=True), {"box": boxes, "bounds": bounds + [b]},
+                        sound=sound)
     elif i == out_idx:
       out_rows = output_rows(node.size, outputs, tuple(node.shape), box.lower.dtype, box.lower.shape[0])
       low = backward_lower(graph, i, out_rows, bounds + [b], box, sound=sound, batched=True,
