@@ -222,17 +222,11 @@ def intersect(a, b, sound: bool = True):
 
   ``sound=False``: bounds computed without rounding margins can miss the truth by rounding (or by
   a whole step of a rounding node near its cut), so two of them may not overlap; their ends are
-  then put back in order (see :func:`unsound_order`) instead of leaving an empty interval.
+  then put back in order (see :func:`qbound.bounds.fp.unsound_order`) instead of leaving an empty
+  interval.
   """
   out = jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
-  return out if sound else unsound_order(out)
-
-
-def unsound_order(bounds):
-  """``(min(lower, upper), max(lower, upper))``: for unsound bounds only, whose intersections can
-  cross by rounding; sound ones never cross, and the guards report it if they do."""
-  lo, hi = bounds
-  return jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+  return out if sound else fp.unsound_order(out)
 
 
 def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sound: bool = True,

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 from qbound import graph as G
 from qbound.bounds import fp, relax, rules, smooth
 from qbound.bounds.common import jit_step, local, plus
-from qbound.bounds.crown import (ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows,
-                                 unit_rows, unsound_order)
+from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
@@ -355,7 +354,7 @@ def _tighten(z, zq, d, sound: bool):
   lo, hi = zl - qu, zu - ql
   d_new = (jnp.maximum(dl, fp.round_down(lo) if sound else lo), jnp.minimum(du, fp.round_up(hi) if sound else hi))
   if not sound:  # unsound bounds can cross by rounding: keep their ends in order (see crown.intersect)
-    z_new, q_new, d_new = unsound_order(z_new), unsound_order(q_new), unsound_order(d_new)
+    z_new, q_new, d_new = fp.unsound_order(z_new), fp.unsound_order(q_new), fp.unsound_order(d_new)
   return z_new, q_new, d_new
 
 

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, rules
-from qbound.bounds.crown import unsound_order
 from qbound.bounds.diff import _DeltaLinear, diff_interval_node
 from qbound.bounds.interval import node_interval
 from qbound.box import Box
@@ -239,7 +238,7 @@ def _tighten(z, zq, d, sound: bool):
   zq = (jnp.maximum(ql, down(zl - du)), jnp.minimum(qu, up(zu - dl)))
   d = (jnp.maximum(dl, down(zl - qu)), jnp.minimum(du, up(zu - ql)))
   if not sound:  # unsound bounds can cross by rounding: keep their ends in order (see crown.intersect)
-    z, zq, d = unsound_order(z), unsound_order(zq), unsound_order(d)
+    z, zq, d = fp.unsound_order(z), fp.unsound_order(zq), fp.unsound_order(d)
   return z, zq, d
 
 

@@ -55,6 +55,13 @@ def round_up(x):
   return x + (jnp.abs(x) * (4 * unit_roundoff(dtype)) + 16 * tiny(dtype))
 
 
+def unsound_order(bounds):
+  """``(min(lower, upper), max(lower, upper))``: for bounds computed without margins only, whose
+  intersections can cross by rounding; sound ones never cross, and the guards report it if they do."""
+  lo, hi = bounds
+  return jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+
+
 def dot_margin(n: int, magnitude, dtype):
   """The proven error bound of a sum of ``n`` products whose absolute values add up to ``magnitude``."""
   return margin_coefficient(n, dtype) * magnitude + margin_floor(n, dtype)

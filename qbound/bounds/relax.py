@@ -339,7 +339,7 @@ def step_input(lo, hi, sound: bool):
   (``UNSOUND_STEP_ULPS``)."""
   if sound:
     return lo, hi
-  lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+  lo, hi = fp.unsound_order((lo, hi))
   slack = UNSOUND_STEP_ULPS * fp.unit_roundoff(lo.dtype) * (1 + jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
   return lo - slack, hi + slack
 

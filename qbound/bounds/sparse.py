@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds import rules
+from qbound.bounds import fp, rules
 from qbound.bounds.common import local
-from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs, unsound_order
+from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
 from qbound.bounds.diff import _diff_interval_step, _tighten, diff_backward_lower
 from qbound.bounds.guards import check_bounds
 from qbound.bounds.interval import _node_interval
@@ -101,7 +101,7 @@ def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   flat = jnp.asarray(flat)
   rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
   out = _scatter(bounds, flat, lower_fn(rows, state))
-  return out if sound else unsound_order(out)
+  return out if sound else fp.unsound_order(out)
 
 
 def _consumers(graph: G.Graph) -> list[list[int]]:
