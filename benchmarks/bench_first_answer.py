@@ -78,8 +78,9 @@ def _setup(case: str):
   if case == "acas":
     f_app, fp = qb.io.load_nnet(qb.io.bundled_path("ACASXU_run2a_1_1_batch_2000.nnet"))
     q_app, qp = qb.io.load_nnet(qb.io.bundled_path("ACASXU_run2a_1_1_batch_2000_16bit.nnet"))
-    box = qb.Box(jnp.asarray([55947.691, -3.141592, -3.141592, 1145.0, 0.0]),
-                 jnp.asarray([60760.0, 3.141592, 3.141592, 1200.0, 60.0]))
+    import acas_properties  # benchmarks/acas_properties.py, beside this script
+
+    box = acas_properties.get("1").raw_box()
     return functools.partial(f_app, fp), functools.partial(q_app, qp), box
   raise ValueError(f"unknown case {case!r}; choose from {CASES}")
 
