@@ -320,6 +320,65 @@ plt.tight_layout()"""),
         ("code", """from IPython.display import Image
 display(Image(filename=str(RESULTS / "activation_quant.png")))"""),
     ],
+    "top1_agreement": [
+        ("md", """# Certified top-1 agreement of the digits MLP with its quantized copies
+
+The bundled digits MLP 64-32-32-10 against copies with uniform 8-, 4-, 2-bit and ternary kernels. *Measured*
+agreement: both networks pick the same class at the test images. *Certified* agreement: they pick the same class
+at every point of the L-inf ball (radius 0.01 or 0.02, clipped to [0, 1]) around the image, proven by
+`qb.props.certified_agreement` (top-1 equivalence as in VeryDiff, TACAS 2025); a *counterexample* is a point of
+the ball where the classes differ; *unknown*: neither within the per-box time budget. Produced by
+`python experiments/top1_agreement.py`."""),
+        ("code", SETUP),
+        ("code", load("top1_agreement")),
+        ("code", """rows = read_csv(RESULTS / "results.csv")
+boxes = read_csv(RESULTS / "boxes.csv")
+cfg = summary["config"]
+print(f"float32 test accuracy {summary['float_acc']:.4f}; {summary['images']} boxes per copy and radius, "
+      f"{cfg['time_budget']} s per box; warm-up (compiling) {summary['warmup_seconds']:.1f} s")
+for r in rows:
+    assert abs(r["certified"] + r["counterexample"] + r["unknown"] - 1) < 1e-9, r
+    assert r["certified"] <= r["agree_centres"] + 1e-12, r  # a proved ball's centre agrees
+assert not [b for b in boxes if b["status"] == "proved" and not b["centre_agrees"]], "proved, yet the centre disagrees"
+odd = [b for b in boxes if not b["centre_agrees"] and b["status"] != "counterexample"]
+print(f"{len(odd)} boxes whose centre disagrees without a counterexample reported (a tie at the centre, or none)")
+print("cex_f_changed: share of balls whose counterexample also changes f's own class (the ball crosses f's boundary)")
+show_table(rows, ["copy", "radius", "acc", "agree_all", "agree_centres", "agree_box_centres", "certified",
+                  "counterexample", "unknown", "cex_f_changed", "median_seconds", "seconds"],
+           title=f"agree_all: on all {summary['test_images']} test images; the rest over the {summary['images']} balls "
+                 "(agree_centres at the images, agree_box_centres at the centres of the clipped boxes)")"""),
+        ("md", """Measured agreement at the centres beside the certified share, per copy, for both radii. The gap between the
+two bars is agreement that holds at the test image but is either broken inside the ball (counterexample, hatched)
+or not proven within the budget."""),
+        ("code", """copies = list(dict.fromkeys(r["copy"] for r in rows))
+radii = sorted({r["radius"] for r in rows})
+fig, axes = plt.subplots(1, len(radii), figsize=(11, 3.8), sharey=True, squeeze=False)
+x = np.arange(len(copies))
+for ax, radius in zip(axes[0], radii):
+    sel = {r["copy"]: r for r in rows if r["radius"] == radius}
+    ax.bar(x - 0.2, [sel[c]["agree_centres"] for c in copies], 0.4, label="measured (centres)", color="C0")
+    ax.bar(x + 0.2, [sel[c]["certified"] for c in copies], 0.4, label="certified (whole ball)", color="C2")
+    ax.bar(x + 0.2, [sel[c]["counterexample"] for c in copies], 0.4, bottom=[sel[c]["certified"] for c in copies],
+           label="counterexample in ball", color="C3", hatch="//", alpha=0.5)
+    ax.set_xticks(x, copies); ax.set_title(f"radius {radius}"); ax.set_ylim(0, 1.22)
+    ax.grid(True, axis="y", alpha=0.3)
+axes[0][0].set_ylabel("share of boxes"); axes[0][0].legend(fontsize=7, loc="upper left", ncol=3)
+plt.tight_layout()"""),
+        ("md", "Time per box (seconds, log scale), by copy, radius and verdict:"),
+        ("code", """fig, ax = plt.subplots(figsize=(8, 3.4))
+marks = {"proved": ("o", "C2"), "counterexample": ("x", "C3"), "unknown": ("s", "C7")}
+labelled = set()
+for k, (c, radius) in enumerate((c, r) for c in copies for r in radii):
+    for status, (m, colour) in marks.items():
+        t = [b["seconds"] for b in boxes if b["copy"] == c and b["radius"] == radius and b["status"] == status]
+        if t:
+            ax.plot(k + np.linspace(-0.2, 0.2, len(t)), t, m, ms=3, alpha=0.6, color=colour,
+                    label=None if status in labelled else status)
+            labelled.add(status)
+ax.set_xticks(range(len(copies) * len(radii)), [f"{c} r={r}" for c in copies for r in radii], fontsize=7, rotation=20)
+ax.set_yscale("log"); ax.set_ylabel("seconds per box"); ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
+plt.tight_layout()"""),
+    ],
 }
 
 

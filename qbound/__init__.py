@@ -16,13 +16,14 @@ from qbound import exact
 from qbound import io
 from qbound import memory
 from qbound import models
+from qbound import props
 from qbound import quantize
 from qbound import sharding
 from qbound.attack import Search, maximize_error
 from qbound.batch import BatchCertificate, certify_batch
 from qbound.box import Box, linf_ball
 from qbound.certify import Certificate, certify
-from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError
+from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError, VnnlibError
 from qbound.graph import Graph, Node
 from qbound.merge import MergedNetwork, merge
 from qbound.trace import UnsupportedPrimitiveError, trace
@@ -42,6 +43,7 @@ __all__ = [
     "Search",
     "SoundnessError",
     "UnsupportedPrimitiveError",
+    "VnnlibError",
     "bounds",
     "certify",
     "certify_batch",
@@ -52,6 +54,7 @@ __all__ = [
     "memory",
     "merge",
     "models",
+    "props",
     "quantize",
     "sharding",
     "trace",

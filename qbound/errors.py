@@ -7,6 +7,8 @@
   (:class:`InvalidBoundsError`). Both are bugs in qbound: please report them.
 * :class:`BoundOverflowError`: a bound propagation produced NaN, because some value overflowed
   the float type it runs in (huge inputs or weights). Not a bug, but no bound either.
+* :class:`VnnlibError`: a VNN-LIB file that cannot be read (or asks for something qbound does
+  not support); the message says where and what.
 """
 
 from __future__ import annotations
@@ -30,3 +32,22 @@ class InfiniteBoundWarning(RuntimeWarning):
   """A certificate's upper bound is ``inf``: the bounds overflowed float32 without turning NaN (inputs
   or weights too large for it). The certificate is valid but proves nothing; scale the problem
   down, shrink the box, or compute in float64 (``jax.enable_x64``)."""
+
+
+class VnnlibError(ValueError):
+  """A VNN-LIB file that :func:`qbound.io.load_vnnlib` cannot read, or a problem in it qbound does
+  not support. The message names the file, the line (and column when known) and what is wrong, as
+  ``path:line:column: what``; the parts are also kept as attributes.
+
+  Attributes:
+    source: the file (or the name given for a string), or None.
+    line: the 1-based line, or None when the problem has no one place (e.g. a missing bound).
+    column: the 1-based column, or None.
+    reason: what is wrong, without the place.
+  """
+
+  def __init__(self, reason: str, *, source=None, line=None, column=None):
+    self.source, self.line, self.column, self.reason = source, line, column, reason
+    place = (source, line, column if line is not None else None)
+    where = ":".join(str(part) for part in place if part is not None)
+    super().__init__(f"{where}: {reason}" if where else reason)

@@ -24,7 +24,7 @@ EXPERIMENTS = ROOT / "experiments"
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(EXPERIMENTS))
 
-NAMES = ["random_nets", "resiliency", "deep_compression", "bench_differential", "scaling"]
+NAMES = ["random_nets", "resiliency", "deep_compression", "bench_differential", "scaling", "top1_agreement"]
 if (EXPERIMENTS / "activation_quant.py").is_file():
   NAMES.append("activation_quant")
 
@@ -162,6 +162,30 @@ def test_batch_mnist(smoke):
   with gzip.open(out / "batch.json.gz", "rt") as fh:
     batch = qb.BatchCertificate.from_json(fh.read())
   assert [r["upper"] for r in rows] == batch.upper.tolist()
+
+
+def test_top1_agreement(smoke):
+  """Certified top-1 agreement (qb.props.certified_agreement) beside the measured one."""
+  summary, out = smoke("top1_agreement")
+  for f in ("results.csv", "boxes.csv", "summary.json", "top1_agreement.png"):
+    assert (out / f).stat().st_size > 0
+  rows = read_csv(out / "results.csv")
+  assert {(r["copy"], r["radius"]) for r in rows} == {(c, r) for c in ("uniform8", "uniform4", "uniform2", "ternary")
+                                                        for r in (0.01, 0.02)}
+  for r in rows:
+    assert r["boxes"] == summary["images"] == 3
+    assert math.isclose(r["certified"] + r["counterexample"] + r["unknown"], 1.0)
+    assert 0 <= r["certified"] <= r["agree_centres"] <= 1, r  # a proved ball's centre agrees
+    assert 0 <= r["agree_all"] <= 1 and r["median_seconds"] > 0 and r["seconds"] > 0
+  boxes = read_csv(out / "boxes.csv")
+  assert len(boxes) == 3 * len(rows)
+  for b in boxes:
+    assert b["status"] in ("proved", "counterexample", "unknown")
+    assert not (b["status"] == "proved" and b["centre_agrees"] == "False"), b
+  # The 8-bit copy agrees with the float network on at least 99% of the test images, and top-1
+  # equivalence is proven on the warm-up box (image 0, radius 0.01, 8 bits, a budget that covers compiling).
+  u8 = {r["radius"]: r for r in rows if r["copy"] == "uniform8"}
+  assert u8[0.01]["agree_all"] >= 0.99 and summary["warmup"]["status"] == "proved"
 
 
 @pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")

@@ -2,6 +2,7 @@
 the loaded JAX function on the same random inputs."""
 
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -269,3 +270,304 @@ def test_apply_knows_its_input_shape(tmp_path):
     out = [*shape[:-1], 3]
     apply, _ = load_onnx(save_model(tmp_path, nodes, shape, out, dict(w=w)))
     assert apply.input_shape == unbatched
+
+
+# --- networks as VNN-COMP and VeryDiff ship them ------------------------------------------------
+
+BENCH = Path(__file__).parents[1] / ".." / "shared" / "bench"
+VERYDIFF = BENCH / "verydiff"
+LHC = ["2_80-1.onnx", "2_80-1-0.1.onnx"]
+MNIST = ["mnist_relu_3_100.onnx", "mnist_relu_3_100_pruned5.onnx"]
+
+
+def needs_bench(path):
+  if not path.exists():
+    pytest.skip(f"{path.name} not found under {BENCH.resolve()} (the shared bench checkout beside the "
+                "repository)")
+
+
+def run_onnxruntime(path, xs, batch_axis):
+  """onnxruntime's outputs for inputs xs (n, *unbatched shape), one call per input."""
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  name = session.get_inputs()[0].name
+  return np.stack([session.run(None, {name: x[None] if batch_axis else x})[0] for x in xs])
+
+
+def assert_close(got, want):
+  want = want.reshape(got.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", LHC)
+def test_verydiff_lhc_with_and_without_softmax(name):
+  path = VERYDIFF / name
+  needs_bench(path)
+  rng = np.random.default_rng(0)
+  xs = np.concatenate([rng.uniform(-0.1, 0.1, (16, 16)), rng.normal(0, 2, (8, 16))]).astype(np.float32)
+  want = run_onnxruntime(path, xs, batch_axis=True)
+  apply, params = load_onnx(path)
+  assert apply.input_shape == (16,) and apply.output_activation == "Softmax"
+  assert_close(np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs)), want)
+
+  logit_fn, logit_params = load_onnx(path, logits=True)
+  assert logit_fn.output_activation == "Softmax"
+  assert sorted(logit_params) == ["params"] and len(logit_params["params"]) == 3
+  logits = np.asarray(jax.vmap(logit_fn, in_axes=(None, 0))(logit_params, xs))
+  assert logits.shape == (24, 5)
+  assert_close(np.asarray(jax.nn.softmax(logits, axis=-1)), want)
+  assert (logits.argmax(-1) == want.reshape(24, 5).argmax(-1)).all()  # top-1 decided on logits
+
+  from qbound.trace import trace  # the logits are a graph qbound bounds: no softmax left in it
+  trace(lambda x: logit_fn(logit_params, x), jnp.zeros(16, jnp.float32))
+
+
+@pytest.mark.parametrize("name", MNIST)
+def test_verydiff_mnist_weight_times_column_is_a_dense_layer(name):
+  path = VERYDIFF / name
+  needs_bench(path)
+  xs = np.random.default_rng(1).uniform(0, 1, (8, 784)).astype(np.float32)
+  apply, params = load_onnx(path)
+  assert apply.input_shape == (784,) and apply.output_activation is None
+  assert_close(np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs)),
+               run_onnxruntime(path, xs, batch_axis=False))
+  # W @ X with W (out, in): filed as flax kernels (in, out) with their biases, nothing left in constants.
+  assert [params["params"][f"dense_{k}"]["kernel"].shape for k in range(4)] == \
+      [(784, 100), (100, 100), (100, 10), (10, 10)]
+  assert set(params) == {"params"} and all(set(v) == {"kernel", "bias"} for v in params["params"].values())
+  nnet = BENCH / "nnet" / "mnist_relu_3_100.nnet"
+  if name == "mnist_relu_3_100.onnx" and nnet.exists():  # the same network as the NNet copy
+    from qbound.io import load_nnet
+    nnet_apply, nnet_params = load_nnet(nnet)
+    np.testing.assert_allclose(apply(params, xs[0]), nnet_apply(nnet_params, xs[0]), rtol=1e-5, atol=1e-5)
+
+
+def nnet_as_vnncomp_onnx(nnet_params, path, batch_dim=1):
+  """An NNet network written as VNN-COMP writes ACAS Xu: input (1, 1, 1, n), normalised inside the
+  graph by Sub and Div, Flatten, then MatMul + Add and Relu per layer (no clip: inputs stay in the box)."""
+  norm = nnet_params["normalisation"]
+  layers = [nnet_params["params"][f"dense_{k}"] for k in range(len(nnet_params["params"]))]
+  n_in, n_out = layers[0]["kernel"].shape[0], layers[-1]["kernel"].shape[1]
+  inits = {"mean": np.asarray(norm["means"]).reshape(1, 1, 1, n_in),
+           "range": np.asarray(norm["ranges"])}
+  nodes = [helper.make_node("Sub", ["x", "mean"], ["centred"]),
+           helper.make_node("Div", ["centred", "range"], ["scaled"]),
+           helper.make_node("Flatten", ["scaled"], ["h0"], axis=1)]
+  for k, layer in enumerate(layers):
+    inits[f"W{k}"], inits[f"b{k}"] = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+    last = k == len(layers) - 1
+    nodes += [helper.make_node("MatMul", [f"h{k}", f"W{k}"], [f"m{k}"]),
+              helper.make_node("Add", [f"m{k}", f"b{k}"], ["y" if last else f"a{k}"])]
+    if not last:
+      nodes.append(helper.make_node("Relu", [f"a{k}"], [f"h{k + 1}"]))
+  graph = helper.make_graph(
+      nodes, "vnncomp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, 1, 1, n_in])],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, n_out])],
+      [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+  onnx.checker.check_model(model)
+  onnx.save(model, path)
+  return path
+
+
+BENCH_NNETS = sorted(BENCH.glob("nnet/*.nnet"))
+
+
+@pytest.mark.skipif(not BENCH_NNETS, reason=f"benchmark networks not found at {BENCH.resolve()} "
+                                            "(the shared bench checkout beside the repository)")
+@pytest.mark.parametrize("nnet", BENCH_NNETS, ids=lambda p: p.name)
+def test_bench_networks_as_vnncomp_onnx_match_onnxruntime_and_nnet(tmp_path, nnet):
+  from qbound.io import load_nnet
+
+  nnet_apply, nnet_params = load_nnet(nnet)
+  batch_dim = "unk__0" if "HAR" in nnet.name else 1  # both batch conventions
+  path = nnet_as_vnncomp_onnx(nnet_params, tmp_path / "net.onnx", batch_dim)
+  apply, params = load_onnx(path)
+  n_in = nnet_params["normalisation"]["mins"].shape[0]
+  assert apply.input_shape == (1, 1, n_in)
+  lo = np.maximum(np.asarray(nnet_params["normalisation"]["mins"], np.float64), -1.0)
+  hi = np.minimum(np.asarray(nnet_params["normalisation"]["maxes"], np.float64), 1.0 if n_in > 5 else np.inf)
+  xs = np.random.default_rng(2).uniform(lo, hi, (6, n_in)).astype(np.float32)
+  got = np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs.reshape(6, 1, 1, n_in)))
+  assert_close(got, run_onnxruntime(path, xs.reshape(6, 1, 1, n_in), batch_axis=True))
+  want = np.asarray(jax.vmap(nnet_apply, in_axes=(None, 0))(nnet_params, xs))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+  assert set(params) == {"params", "constants"} and set(params["constants"]) == {"mean", "range"}
+
+
+@pytest.mark.parametrize("trans_a, trans_b, alpha, beta, c_shape", [
+    (0, 0, 1.0, 1.0, (3,)), (0, 1, 0.5, 2.0, (1, 3)), (1, 0, 1.0, 1.0, ()), (1, 1, -1.5, 0.25, (1, 1)),
+    (0, 1, 2.0, 0.0, None)], ids=["plain", "transB-alpha-beta", "transA-scalar-C", "both", "no-C"])
+def test_gemm_attributes(tmp_path, trans_a, trans_b, alpha, beta, c_shape):
+  rng = np.random.default_rng(5)
+  w = rand(rng, *((3, 4) if trans_b else (4, 3)))
+  inits = dict(w=w) if c_shape is None else dict(w=w, c=rand(rng, *c_shape))
+  attrs = dict(transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+  node = helper.make_node("Gemm", ["x", "w"] + ([] if c_shape is None else ["c"]), ["y"], **attrs)
+  # transA takes A as (K, M): a (4, 1) column; without it A is the batched row (N, 4).
+  shape, out = ([4, 1], [1, 3]) if trans_a else (["N", 4], ["N", 3])
+  path = save_model(tmp_path, [node], shape, out, inits)
+  apply, params = load_onnx(path)
+  xs = rand(rng, 5, 4, 1) if trans_a else rand(rng, 5, 4)
+  assert_close(np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs)),
+               run_onnxruntime(path, xs, batch_axis=False) if trans_a else onnxruntime_outputs(path, xs, False))
+  np.testing.assert_allclose(params["params"]["dense_0"]["kernel"], alpha * (w.T if trans_b else w), rtol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["h+b", "b+h"])
+@pytest.mark.parametrize("convention", ["x@W", "W@x", "W@column"])
+def test_matmul_add_in_both_conventions(tmp_path, order, convention):
+  rng = np.random.default_rng(6)
+  if convention == "x@W":
+    w, b, shape, out, mm = rand(rng, 4, 6), rand(rng, 6), ["N", 4], ["N", 6], ["x", "w"]
+  elif convention == "W@x":
+    w, b, shape, out, mm = rand(rng, 6, 4), rand(rng, 6), [4], [6], ["w", "x"]
+  else:  # ERAN's column vectors: x (4, 1), bias (6, 1)
+    w, b, shape, out, mm = rand(rng, 6, 4), rand(rng, 6, 1), [4, 1], [6, 1], ["w", "x"]
+  add = ["h", "b"] if order == "h+b" else ["b", "h"]
+  nodes = [helper.make_node("MatMul", mm, ["h"]), helper.make_node("Add", add, ["r"]),
+           helper.make_node("Relu", ["r"], ["y"])]
+  path = save_model(tmp_path, nodes, shape, out, dict(w=w, b=b))
+  apply, params = load_onnx(path)
+  xs = rand(rng, 5, *[4] + ([1] if convention == "W@column" else []))
+  batched = convention == "x@W"
+  want = onnxruntime_outputs(path, xs, False) if batched else run_onnxruntime(path, xs, batch_axis=False)
+  assert_close(np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs)), want)
+  dense = params["params"]["dense_0"]
+  np.testing.assert_array_equal(dense["kernel"], w if convention == "x@W" else w.T)  # (in, out)
+  assert ("bias" in dense) == (convention != "W@column")  # a (6, 1) column is no flax bias
+
+
+@pytest.mark.parametrize("target, shape, out", [
+    ([0, -1], [1, 2, 6], [1, 12]), ([0, 3, -1], ["N", 2, 6], ["N", 3, 4]), ([-1, 4], [1, 2, 6], [3, 4]),
+    ([-1], [1, 2, 6], [12])], ids=["keep-batch", "symbolic-batch", "batch-folded", "batch-dropped"])
+def test_reshape_with_minus_one_and_zero(tmp_path, target, shape, out):
+  w = np.arange(12 * 12, dtype=np.float32).reshape(12, 12) / 100
+  nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+  path = save_model(tmp_path, nodes, shape, out, dict(shape=np.array(target, np.int64), w=w))
+  apply, params = load_onnx(path)
+  xs = rand(np.random.default_rng(7), 3, 2, 6)
+  got = np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs))
+  want = run_onnxruntime(path, xs, batch_axis=True)
+  if out[0] in (1, "N"):
+    want = want[:, 0]  # onnxruntime keeps the batch axis, apply drops it
+  assert_close(got, want)
+
+
+def test_weights_as_constant_nodes_and_initializers_listed_as_inputs(tmp_path):
+  rng = np.random.default_rng(8)
+  w0, b0, w1 = rand(rng, 5, 4), rand(rng, 4), rand(rng, 4, 3)
+  const = lambda name, value: helper.make_node(  # noqa: E731
+      "Constant", [], [name], value=numpy_helper.from_array(value, name + "_value"))
+  nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["h"]),  # before the Constant nodes it reads
+           const("w0", w0), const("b0", b0),
+           helper.make_node("Constant", [], ["bias1"], value_floats=[0.5, -0.5, 1.0]),
+           helper.make_node("Constant", [], ["flat"], value_ints=[-1]),
+           helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w1"], ["m"]),
+           helper.make_node("Add", ["m", "bias1"], ["a"]), helper.make_node("Reshape", ["a", "flat"], ["y"])]
+  # Old exporters (IR 3) list every initializer among the graph's inputs too.
+  graph = helper.make_graph(
+      nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5]),
+                     helper.make_tensor_value_info("w1", TensorProto.FLOAT, [4, 3])],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [numpy_helper.from_array(w1, "w1")])
+  path = tmp_path / "old.onnx"
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3), path)
+  apply, params = load_onnx(path)
+  xs = rand(rng, 4, 5)
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  want = np.stack([session.run(None, {"x": x[None]})[0] for x in xs])
+  assert_close(np.asarray(jax.vmap(apply, in_axes=(None, 0))(params, xs)), want)
+  assert apply.input_shape == (5,)
+  np.testing.assert_array_equal(params["params"]["dense_0"]["kernel"], w0)
+  np.testing.assert_array_equal(params["params"]["dense_1"]["bias"], [0.5, -0.5, 1.0])
+
+
+def activation_model(tmp_path, op, opset, tail, axis=None, name="act"):
+  """x (N, 2, 5) -> MatMul -> op (Softmax or LogSoftmax, or Relu for none) -> the tail of shape-only ops."""
+  rng = np.random.default_rng(9)
+  inits = dict(w=rand(rng, 5, 5), flat=np.array([0, -1], np.int64))
+  attrs = {} if axis is None else dict(axis=axis)
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
+           helper.make_node(op, ["logits"], ["t0"], **attrs)]
+  for k, tail_op in enumerate(tail):
+    extra = ["flat"] if tail_op == "Reshape" else []
+    nodes.append(helper.make_node(tail_op, [f"t{k}", *extra], [f"t{k + 1}"]))
+  nodes[-1].output[0] = "y"
+  out = ["N", 10] if {"Flatten", "Reshape"} & set(tail) else ["N", 2, 5]
+  return save_model(tmp_path, nodes, ["N", 2, 5], out, inits, opset=opset, name=name)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset, axis", [(11, None), (11, 2), (13, None), (13, 1)])
+@pytest.mark.parametrize("tail", [[], ["Flatten"], ["Reshape", "Identity"]], ids=["", "flatten", "reshape-id"])
+def test_logits_drops_a_trailing_softmax(tmp_path, op, opset, axis, tail):
+  path = activation_model(tmp_path, op, opset, tail, axis)
+  xs = 3 * rand(np.random.default_rng(10), 4, 2, 5)
+  apply, params = check_against_onnxruntime(path, xs)  # the op itself, with its opset's axis rules
+  assert apply.output_activation == op
+  logit_fn, logit_params = load_onnx(path, logits=True)
+  assert logit_fn.output_activation == op
+  # onnxruntime on the same graph with the activation replaced by Identity gives the logits.
+  model = onnx.load(path)
+  (act,) = [n for n in model.graph.node if n.op_type == op]
+  act.op_type = "Identity"
+  del act.attribute[:]
+  identity_path = tmp_path / "identity.onnx"
+  onnx.save(model, identity_path)
+  want = onnxruntime_outputs(identity_path, xs, batch_axis_fixed=False)
+  assert_close(np.asarray(jax.vmap(logit_fn, in_axes=(None, 0))(logit_params, xs)), want)
+
+
+def test_logits_leaves_graphs_without_a_trailing_softmax_unchanged(tmp_path):
+  xs = rand(np.random.default_rng(11), 3, 2, 5)
+  plain = activation_model(tmp_path, "Relu", 13, ["Flatten"], name="plain")
+  a, p = load_onnx(plain)
+  b, q = load_onnx(plain, logits=True)
+  assert a.output_activation is None and b.output_activation is None
+  np.testing.assert_array_equal(jax.vmap(a, in_axes=(None, 0))(p, xs), jax.vmap(b, in_axes=(None, 0))(q, xs))
+
+  # A Softmax followed by an op that changes values is no output activation: it stays.
+  rng = np.random.default_rng(12)
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["l"]), helper.make_node("Softmax", ["l"], ["s"]),
+           helper.make_node("Mul", ["s", "k"], ["y"])]
+  path = save_model(tmp_path, nodes, ["N", 5], ["N", 5], dict(w=rand(rng, 5, 5), k=np.float32(2.0)), name="mul")
+  apply, params = load_onnx(path, logits=True)
+  assert apply.output_activation is None
+  check_against_onnxruntime(path, rand(rng, 3, 5))
+
+  # A Softmax whose values another node also reads stays too.
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["l"]), helper.make_node("Softmax", ["l"], ["s"]),
+           helper.make_node("Flatten", ["s"], ["y"]), helper.make_node("Relu", ["s"], ["unused"])]
+  path = save_model(tmp_path, nodes, ["N", 5], ["N", 5], dict(w=rand(rng, 5, 5)), name="shared")
+  apply, params = load_onnx(path, logits=True)
+  assert apply.output_activation is None
+  np.testing.assert_allclose(jnp.sum(apply(params, jnp.ones(5, jnp.float32))), 1.0, rtol=1e-6)
+
+
+def test_several_outputs_report_their_activations(tmp_path):
+  rng = np.random.default_rng(13)
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["l"]), helper.make_node("LogSoftmax", ["l"], ["y"]),
+           helper.make_node("Relu", ["l"], ["z"])]
+  graph = helper.make_graph(
+      nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+       helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])],
+      [numpy_helper.from_array(rand(rng, 4, 4), "w")])
+  path = tmp_path / "two.onnx"
+  onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7), path)
+  # The LogSoftmax's input also feeds 'z'; what matters is that nothing else reads its own values.
+  apply, params = load_onnx(path, logits=True)
+  assert apply.output_activation == ("LogSoftmax", None)
+  y, z = apply(params, jnp.ones(4, jnp.float32))
+  np.testing.assert_allclose(z, jax.nn.relu(y), rtol=1e-6)  # y is the logits 'l'
+
+
+def test_unsupported_op_in_a_vnncomp_graph_names_op_node_and_file(tmp_path):
+  nodes = [helper.make_node("Sub", ["x", "m"], ["c"], name="normalise"),
+           helper.make_node("Flatten", ["c"], ["f"]),
+           helper.make_node("Gemm", ["f", "w"], ["g"], transB=1),
+           helper.make_node("Sin", ["g"], ["y"], name="periodic")]
+  inits = dict(m=np.zeros(3, np.float32), w=np.ones((2, 3), np.float32))
+  path = save_model(tmp_path, nodes, [1, 1, 1, 3], [1, 2], inits)
+  with pytest.raises(ValueError, match=r"unsupported ONNX op: 'Sin' \(node 'periodic'\)") as info:
+    load_onnx(path)
+  assert str(path) in str(info.value)

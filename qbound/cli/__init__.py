@@ -11,12 +11,20 @@ box" as VNN-LIB, for other verifiers (:func:`qbound.io.export_property`)::
     qbound certify net.nnet --compare net_fp16.nnet --inputs images.npz --radius 0.0118 --clip 0,1
     qbound export net.nnet --compare net_fp16.nnet --lower 0,0,0 --upper 1,1,1 --epsilon 0.05 --out prop/
 
+``qbound verify F G`` decides a property of two model files (the maximal error, top-1 or
+delta-top-1 equivalence, or a two-network VNN-LIB 2.0 file's property) and prints ``unsat``,
+``sat`` or ``unknown`` first, as VNN-COMP's scripts read it (:mod:`~qbound.cli.verify`)::
+
+    qbound verify net.onnx pruned.onnx --vnnlib prop.vnnlib --top1 --timeout 100
+    qbound verify lhc.onnx lhc_pruned.onnx --vnnlib sigma_0.1.vnnlib --delta-top1 0.999 --json
+
 With ``--inputs``, ``certify`` certifies an L-inf ball around every input of a file in one
 :func:`qbound.certify_batch` call (vmapped, split over every device, chunked to memory).
 
 One module per idea: :mod:`~qbound.cli.common` (errors, numbers, output, verbosity),
 :mod:`~qbound.cli.models` (model files, f and f_q), :mod:`~qbound.cli.boxes` (the input box), and
-one per subcommand (:mod:`~qbound.cli.certify`, :mod:`~qbound.cli.export`, :mod:`~qbound.cli.demo`).
+one per subcommand (:mod:`~qbound.cli.certify`, :mod:`~qbound.cli.export`, :mod:`~qbound.cli.demo`,
+:mod:`~qbound.cli.verify`).
 
 Mistakes in the command line or its files (a missing file, a box of the wrong size, lower > upper)
 print ``qbound: error: <message>`` on stderr and exit with status 2, without a traceback: they
@@ -32,6 +40,7 @@ from typing import Optional, Sequence
 from qbound.cli import certify as _certify
 from qbound.cli import demo as _demo
 from qbound.cli import export as _export
+from qbound.cli import verify as _verify
 from qbound.cli.boxes import build_box, build_boxes, declared_box
 from qbound.cli.certify import batch_summary, summary
 from qbound.cli.common import USAGE_ERROR, UsageError, parse_bytes, parse_values
@@ -53,7 +62,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``qbound`` argument parser with its ``demo``, ``certify`` and ``export`` subcommands."""
+  """The ``qbound`` argument parser with its ``demo``, ``certify``, ``export`` and ``verify`` subcommands."""
   parser = _common.Parser(prog="qbound", description="Formal bounds on the error of quantized neural networks.")
   parser.add_argument("--version", action="version", version=_version(),
                       help="print qbound's version (and JAX's and Python's) and exit")
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
   _demo.add_parser(commands)
   _certify.add_parser(commands)
   _export.add_parser(commands)
+  _verify.add_parser(commands)
   return parser
 
 

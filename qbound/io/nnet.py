@@ -153,8 +153,10 @@ def load_nnet(path: PathLike) -> tuple[Callable[[Params, jax.Array], jax.Array],
   lines.next("the flag line")  # unused by every reader; its content is not checked
 
   mins = lines.floats(f"{num_inputs} input mins", num_inputs, extra_ok=True)
+  if np.isnan(mins).any():
+    lines.fail("input mins and maxes must be numbers or +-inf, found nan")
   maxes = lines.floats(f"{num_inputs} input maxes", num_inputs, extra_ok=True)
-  if np.isnan(mins).any() or np.isnan(maxes).any():
+  if np.isnan(maxes).any():
     lines.fail("input mins and maxes must be numbers or +-inf, found nan")
   means = _used(lines.floats(f"{num_inputs + 1} means (inputs, then output)", num_inputs + 1,
                              extra_ok=True), num_inputs)
@@ -279,7 +281,7 @@ def _check_text(path: str, number: int, line: str) -> None:
   byte = ord(ch) - 0xDC00 if ch != "\x00" else 0
   raise ValueError(f"{path}, line {number}: not a text NNet file: byte 0x{byte:02x} at column {bad + 1} is not "
                    "UTF-8 text (a binary file, or one in another encoding or format: .nnet files are plain "
-                   "text).")
+                   "text; ONNX models are read by qbound.io.load_onnx).")
 
 
 class _Lines:
@@ -315,21 +317,25 @@ class _Lines:
     tokens = self.next(what)
     if len(tokens) < count or (len(tokens) > count and not extra_ok):
       self.fail(f"expected {what}, found {len(tokens)} value(s)")
-    try:
-      return np.array(tokens, dtype=np.float64)
-    except ValueError:
-      bad = next(t for t in tokens if not validate.is_number(t))
-      self.fail(f"{bad!r} is not a number (expected {what})")
+    # float() reads '1_0' as 10 and non-ASCII digits; the C reader's atof does not: refuse them.
+    if all(t.isascii() and "_" not in t for t in tokens):
+      try:
+        return np.array(tokens, dtype=np.float64)
+      except ValueError:
+        pass
+    bad = next((t for t in tokens if "_" in t or not t.isascii() or not validate.is_number(t)), tokens[0])
+    self.fail(f"{bad[:40]!r} is not a number (expected {what})")
 
   def ints(self, what: str, count: int) -> list[int]:
     tokens = self.next(what)
     if len(tokens) != count:
       self.fail(f"expected {what}, found {len(tokens)} value(s)")
-    try:
-      return [int(t) for t in tokens]
-    except ValueError:
-      bad = next(t for t in tokens if not re.fullmatch(r"[+-]?\d+", t))
-      self.fail(f"{bad!r} is not an integer (expected {what})")
+    # ASCII digits only, as the C reader's atoi reads them (int() would take '1_0' or Arabic digits),
+    # and few enough of them to be a size at all (int() refuses over 4300 digits with its own error).
+    bad = next((t for t in tokens if not re.fullmatch(r"[+-]?[0-9]{1,18}", t)), None)
+    if bad is not None:
+      self.fail(f"{bad[:40]!r} is not an integer (expected {what})")
+    return [int(t) for t in tokens]
 
   def expect_end(self):
     if self._cut:
@@ -352,7 +358,7 @@ def _check_finite(lines: _Lines, values: np.ndarray, what: str) -> np.ndarray:
   with np.errstate(over="ignore"):
     values32 = values.astype(np.float32)
   if not np.isfinite(values32).all():
-    bad = values[~np.isfinite(values32)][0]
+    bad = float(values[~np.isfinite(values32)][0])
     lines.fail(f"{what} must be finite float32 numbers, found {bad!r}")
   return values32
 

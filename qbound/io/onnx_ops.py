@@ -9,7 +9,7 @@ of size 1 included (NCHW for images), so each rule follows the ONNX operator spe
 
 Semantics that changed between opsets (9 up to the current one) are handled where they differ:
 Clip bounds (attributes before opset 11, inputs since), Squeeze/Unsqueeze axes (attributes before
-13, inputs since) and Softmax (2-D coercion before 13).
+13, inputs since) and Softmax/LogSoftmax (2-D coercion before 13).
 """
 
 from __future__ import annotations
@@ -145,13 +145,28 @@ def _gemm(b: Builder, node: Node) -> Run:
 
 
 def _matmul(b: Builder, node: Node) -> Run:
-  a = b.input(node, 0)
-  if b.is_weight(node, 1) and b.static(node, 1, "B").ndim == 2:
+  if b.is_weight(node, 1) and b.static(node, 1, "B").ndim == 2:  # x @ W: the usual dense layer
     value = b.static(node, 1, "B")
     group = b.new_group("dense")
     kernel = b.param(group, "kernel", value)
     b.mark_dense(node.outputs[0], group, value.shape[1])
+    a = b.input(node, 0)
     return lambda params, env: (a(params, env) @ kernel(params, env),)
+  if b.is_weight(node, 0) and not b.is_const(node, 1) and b.static(node, 0, "A").ndim == 2:
+    # W @ x, the column-vector convention (ERAN's and VeryDiff's MNIST nets): a dense layer with
+    # kernel W^T. On a matrix x (k, n) it acts on each column: (x^T @ W^T)^T.
+    value = b.static(node, 0, "A")
+    group = b.new_group("dense")
+    kernel = b.param(group, "kernel", value.T)
+    b.mark_dense(node.outputs[0], group, value.shape[0])
+    x = b.input(node, 1)
+
+    def run(params, env):
+      v = x(params, env)
+      if v.ndim == 1:
+        return (v @ kernel(params, env),)
+      return (jnp.swapaxes(jnp.swapaxes(v, -1, -2) @ kernel(params, env), -1, -2),)
+    return run
   return _binary(jnp.matmul)(b, node)
 
 
@@ -171,18 +186,24 @@ def _clip(b: Builder, node: Node) -> Run:
   return run
 
 
-def _softmax(b: Builder, node: Node) -> Run:
-  x = b.input(node, 0)
-  if b.opset >= 13:
-    axis = node.attrs.get("axis", -1)
-    return lambda params, env: (jax.nn.softmax(x(params, env), axis=axis),)
-  axis = node.attrs.get("axis", 1)
+def _normalised(fn: Callable) -> Callable[[Builder, Node], Run]:
+  """Softmax and LogSoftmax: ``fn`` along ``axis`` (default -1) since opset 13; before it, on the
+  input coerced to 2-D at ``axis`` (default 1), along the second axis."""
+  def rule(b: Builder, node: Node) -> Run:
+    x = b.input(node, 0)
+    if b.opset >= 13:
+      axis = int(node.attrs.get("axis", -1))
+      return lambda params, env: (fn(x(params, env), axis=axis),)
+    axis = int(node.attrs.get("axis", 1))
 
-  def run(params, env):  # before opset 13: coerce to 2-D at axis, normalise each row
-    v = x(params, env)
-    rows = math.prod(v.shape[:axis % v.ndim])
-    return (jax.nn.softmax(v.reshape(rows, -1), axis=-1).reshape(v.shape),)
-  return run
+    def run(params, env):  # before opset 13: coerce to 2-D at axis, normalise each row
+      v = x(params, env)
+      if not -v.ndim <= axis < max(v.ndim, 1):
+        raise ValueError(f"axis {axis} is out of range for an input of rank {v.ndim}")
+      rows = math.prod(v.shape[:axis % v.ndim])
+      return (fn(v.reshape(rows, -1), axis=-1).reshape(v.shape),)
+    return run
+  return rule
 
 
 def _explicit_pads(b: Builder, node: Node, in_shape: Sequence[int], kernel: Sequence[int],
@@ -416,6 +437,7 @@ RULES: dict[str, Callable[[Builder, Node], Run]] = {
     "GlobalMaxPool": _global_pool(jnp.max),
     "Identity": _identity,
     "LeakyRelu": _leaky_relu,
+    "LogSoftmax": _normalised(jax.nn.log_softmax),
     "MatMul": _matmul,
     "Max": _variadic(jnp.maximum),
     "MaxPool": _max_pool,
@@ -425,7 +447,7 @@ RULES: dict[str, Callable[[Builder, Node], Run]] = {
     "Reshape": _reshape,
     "Round": _elementwise(jnp.round),  # both round halves to even
     "Sigmoid": _elementwise(jax.nn.sigmoid),
-    "Softmax": _softmax,
+    "Softmax": _normalised(jax.nn.softmax),
     "Squeeze": _squeeze,
     "Sub": _binary(jnp.subtract),
     "Tanh": _elementwise(jnp.tanh),
