@@ -16,6 +16,8 @@ same error as f and fq compute it in their own dtype, which differs from it by r
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -183,6 +185,9 @@ class _Tracker:
   """The best proven bounds and the best reached error so far, with who proved what."""
 
   def __init__(self, n_out: int, outputs):
+    # The stages run in a worker thread when the time budget is finite (see certify): every update
+    # and the final read take the lock; evaluations happen outside it.
+    self.lock = threading.Lock()
     self.diff_lower = np.full(n_out, -np.inf)
     self.diff_upper = np.full(n_out, np.inf)
     self.outputs = outputs
@@ -198,15 +203,20 @@ class _Tracker:
   def add_bounds(self, name: str, lower, upper):
     lower = np.asarray(lower, np.float64).reshape(-1)
     upper = np.asarray(upper, np.float64).reshape(-1)
-    before = self.upper
-    self.per_method[name] = _max_abs(lower, upper, self.outputs)
-    self.diff_lower = np.maximum(self.diff_lower, lower)
-    self.diff_upper = np.minimum(self.diff_upper, upper)
-    if self.best_method is None or self.upper < before:
-      self.best_method = name
+    with self.lock:
+      before = self.upper
+      self.per_method[name] = _max_abs(lower, upper, self.outputs)
+      self.diff_lower = np.maximum(self.diff_lower, lower)
+      self.diff_upper = np.minimum(self.diff_upper, upper)
+      if self.best_method is None or self.upper < before:
+        self.best_method = name
 
   def add_upper(self, name: str, upper: float):
     """A bound on the selected outputs' maximal error as a whole (MILP, branch and bound)."""
+    with self.lock:
+      self._add_upper(name, upper)
+
+  def _add_upper(self, name: str, upper: float):
     self.per_method[name] = float(upper)
     if upper < self.upper:
       self.best_method = name
@@ -218,8 +228,9 @@ class _Tracker:
   def add_witness(self, graph, x):
     diff = attack.exact_error(graph, x).reshape(-1)
     value = float(np.max(np.abs(diff if self.outputs is None else diff[self.outputs])))
-    if self.witness is None or value > self.lower:
-      self.lower, self.witness = value, np.asarray(x)
+    with self.lock:
+      if self.witness is None or value > self.lower:
+        self.lower, self.witness = value, np.asarray(x)
 
   def add_witnesses(self, graph, xs):
     """The best of a batch of inputs ``xs`` (leading axis), evaluated in float64 in one call."""
@@ -228,8 +239,15 @@ class _Tracker:
       diffs = diffs[:, self.outputs]
     values = np.max(np.abs(diffs), axis=1)
     best = int(np.argmax(values))
-    if self.witness is None or values[best] > self.lower:
-      self.lower, self.witness = float(values[best]), np.asarray(xs[best])
+    with self.lock:
+      if self.witness is None or values[best] > self.lower:
+        self.lower, self.witness = float(values[best]), np.asarray(xs[best])
+
+  def snapshot(self) -> dict:
+    """The state as it is now, copied under the lock (the worker may still be adding to it)."""
+    with self.lock:
+      return dict(lower=self.lower, upper=self.upper, witness=self.witness, diff_lower=self.diff_lower.copy(),
+                  diff_upper=self.diff_upper.copy(), per_method=dict(self.per_method), best_method=self.best_method)
 
   def done(self, target_gap: float, epsilon: Optional[float]) -> bool:
     if epsilon is not None and (self.upper <= epsilon or self.lower > epsilon):
@@ -238,6 +256,57 @@ class _Tracker:
 
 
 FIRST_RANDOM_CORNERS = 13
+
+# The methods ``time_budget`` holds (the others are one bound propagation each, run to the end).
+TIMED_METHODS = ("auto", "bab", "milp")
+
+_log = logging.getLogger("qbound")
+
+
+def _closing_reserve(time_budget: float) -> float:
+  """Seconds kept at the end of a call for the certificate itself (the witness evaluated in float64
+  and float32: about 0.4 s when compiled for the first time, milliseconds after)."""
+  return min(0.4, 0.15 * time_budget)
+
+
+def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threading.Event, deadline: float) -> None:
+  """Runs ``stages`` in a worker thread and returns at ``deadline``, or when they finish.
+
+  A stage cannot be interrupted while it compiles (seconds on a first call), so waiting for the
+  stages would break the time budget; instead the call returns with what is proven so far and sets
+  ``stop``, and the worker skips every later stage once its current one ends (what that one
+  compiled is cached for the next call). A certificate needs one proven bound: if none is there at
+  the deadline, it waits for the first (interval bounds, a fraction of a second). An exception from
+  the stages is raised here if it comes before the call returns, else logged.
+  """
+  if deadline == float("inf"):
+    stages()
+    return
+  failure: list = []
+  returned = threading.Event()
+
+  def work():
+    try:
+      stages()
+    except BaseException as err:  # noqa: BLE001 - handed to the caller, or logged once it has returned
+      if returned.is_set():
+        _log.warning("a certify stage still running after the call returned failed: %s: %s",
+                     type(err).__name__, err)
+      else:
+        failure.append(err)
+
+  # Not a daemon: at interpreter exit Python waits for it (its current stage, then it stops), where a
+  # daemon thread still inside XLA would abort the process.
+  worker = threading.Thread(target=work, name="qbound-certify", daemon=False)
+  worker.start()
+  worker.join(timeout=max(deadline - time.perf_counter(), 0.0))
+  if worker.is_alive():
+    stop.set()
+    while worker.is_alive() and not track.snapshot()["per_method"]:
+      worker.join(timeout=0.01)
+  returned.set()
+  if failure:
+    raise failure[0]
 
 
 def _first_probes(box: Box, key) -> np.ndarray:
@@ -277,8 +346,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
     search: settings of the lower-bound search (:class:`qbound.attack.Search`).
-    time_budget: seconds ``auto``, ``bab`` and ``milp`` may use (compilation included);
-      ``math.inf``: no limit (they stop at ``target_gap``).
+    time_budget: wall-clock seconds of the whole call with ``auto``, ``bab`` and ``milp``,
+      compilation included: the call returns at the deadline with what is proven by then (at
+      least one bound: if none is there yet, it waits for the interval bounds). A stage cannot be
+      interrupted while it compiles, so the stages run in a worker thread, which skips every
+      later stage once the call has returned; what its current stage compiles is kept for the
+      next call. ``math.inf``: no limit (they stop at ``target_gap``), in the calling thread.
     target_gap: ``auto`` and ``bab`` stop once ``upper <= (1 + target_gap) * lower``.
     outputs: flat output indices whose error counts (default: all).
     epsilon: if given, ``auto`` and ``bab`` stop as soon as ``upper <= epsilon`` is proved or
@@ -338,70 +411,99 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     require_paired(merged)
   track = _Tracker(n_out, outputs)
 
+  stop = threading.Event()  # set when the call returns at its deadline: later stages are skipped
+  # The stages' own deadline: the call's, less what the certificate itself takes at the end.
+  stages_end = start + time_budget - _closing_reserve(time_budget)
+
   def left() -> float:
-    return time_budget - (time.perf_counter() - start)
+    return stages_end - time.perf_counter()
 
   def finished() -> bool:
-    return track.done(target_gap, epsilon) or left() <= 0
+    return stop.is_set() or track.done(target_gap, epsilon) or left() <= 0
 
-  # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
-  # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
-  # So auto on paired networks goes to branch and bound directly: its first batch is the
-  # differential bound on the whole box, its probes find the reached errors, and the MILP gets
-  # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
-  few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
-  branch_first = method == "auto" and few_inputs and merged.paired
+  def run_stages():
+    # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
+    # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
+    # So auto on paired networks goes to branch and bound directly: its first batch is the
+    # differential bound on the whole box, its probes find the reached errors, and the MILP gets
+    # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
+    few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
+    branch_first = method == "auto" and few_inputs and merged.paired
 
-  # A first reached error before anything else: the centre, the two extreme corners and a few random
-  # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
-  # of these inputs already differs, however the time budget is spent.
-  track.add_witnesses(graph, _first_probes(box, key))
+    # A first reached error before anything else: the centre, the two extreme corners and a few random
+    # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
+    # of these inputs already differs, however the time budget is spent.
+    track.add_witnesses(graph, _first_probes(box, key))
 
-  # Cheap proven bounds.
-  if method in ("interval", "auto"):
-    track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-  if not branch_first:
-    if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
-      track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
-    if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
-      name = "diff-interval" if method == "diff-interval" else "diff"
-      track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
+    # Cheap proven bounds.
+    if method in ("interval", "auto"):
+      track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
+    if not branch_first:
+      if stop.is_set():
+        return
+      if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
+        track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
+      if stop.is_set():
+        return
+      if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
+        name = "diff-interval" if method == "diff-interval" else "diff"
+        track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
+      if stop.is_set():
+        return
 
-    # Reached errors.
-    _, x = attack.maximize_error(graph, box, key=key, search=search)
-    track.add_witness(graph, x)
+      # Reached errors.
+      _, x = attack.maximize_error(graph, box, key=key, search=search)
+      track.add_witness(graph, x)
 
-  milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
-  if milp_ok and method == "auto" and not few_inputs and not finished():
-    # On small piecewise-linear nets the exact MILP often closes the gap in well under a second: try it
-    # first with half the time left, and fall back to the incomplete methods only if it stops.
-    _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
+    milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
+    if milp_ok and method == "auto" and not few_inputs and not finished():
+      # On small piecewise-linear nets the exact MILP often closes the gap in well under a second: try it
+      # first with half the time left, and fall back to the incomplete methods only if it stops.
+      _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
-  if method == "alpha" or (method == "auto" and not few_inputs and not finished()):
-    if merged.paired:
-      track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
-    else:
-      track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
+    if method == "alpha" or (method == "auto" and not few_inputs and not finished()):
+      if merged.paired:
+        track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
+      else:
+        track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
 
-  if method == "bab" or branch_first or (method == "auto" and not finished()):
-    from qbound.bounds.bab import branch_and_bound
+    if method == "bab" or branch_first or (method == "auto" and not finished()):
+      from qbound.bounds.bab import branch_and_bound
 
-    # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
-    # it keeps the time, and the MILP runs only if it stops early).
-    budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
-    if budget > 0 or branch_first:  # branch_first needs at least the whole box bounded (its first batch)
-      res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(budget, 1e-6), target_gap=target_gap,
-                             epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness, sound=sound,
-                             progress=progress)
-      if branch_first:
-        track.add_bounds("diff", res.root_lower, res.root_upper)
-      track.add_witness(graph, res.witness)
-      track.add_bounds("bab", res.diff_lower, res.diff_upper)
+      # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
+      # it keeps the time, and the MILP runs only if it stops early).
+      budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
+      if budget > 0 or branch_first:  # branch_first needs at least the whole box bounded (its first batch)
+        reached = [track.lower]
 
-  if milp_ok and (method == "milp" or not finished()):
-    _run_milp(track, merged, box, outputs, max(left(), 1.0))
+        def report(root_lower, root_upper, upper, lower, witness):
+          # The latest proven bound, for a call that returns at its deadline while this still runs.
+          if branch_first and "diff" not in track.per_method:
+            track.add_bounds("diff", root_lower, root_upper)
+          track.add_upper("bab", upper)
+          if lower > reached[0]:
+            reached[0] = lower
+            track.add_witness(graph, witness)
 
-  lower, upper, witness = track.lower, track.upper, track.witness
+        # Its last batch ends after its budget: a small share of the time is left for it.
+        res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(0.95 * budget - 0.05, 1e-6),
+                               target_gap=target_gap, epsilon=epsilon, initial_lower=track.lower,
+                               initial_witness=track.witness, sound=sound, progress=progress, report=report)
+        if branch_first:
+          track.add_bounds("diff", res.root_lower, res.root_upper)
+        track.add_witness(graph, res.witness)
+        track.add_bounds("bab", res.diff_lower, res.diff_upper)
+
+    if milp_ok and (method == "milp" or not finished()):
+      _run_milp(track, merged, box, outputs, max(left(), 1.0))
+
+  if method in TIMED_METHODS:
+    _run_until_deadline(run_stages, track, stop, deadline=stages_end)
+  else:  # one bound propagation, run to its end whatever the budget
+    run_stages()
+  final = track.snapshot()
+
+  lower, upper, witness = final["lower"], final["upper"], final["witness"]
   witness_diff = attack.exact_error(graph, witness)
   lower_float32 = float(np.max(np.abs(np.asarray(graph(jnp.asarray(witness))))))
   if not isinstance(f, MergedNetwork):
@@ -409,11 +511,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   if lower > upper:
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
-                         f"({track.per_method}){hint}; please report this input.")
-  per_method, best = track.per_method, track.best_method
+                         f"({final['per_method']}){hint}; please report this input.")
+  per_method, best = final["per_method"], final["best_method"]
   if method != "auto":  # a named method reports under its own name (its preliminary bounds included)
     per_method, best = {method: upper}, method
-  return Certificate(lower=lower, upper=upper, diff_lower=track.diff_lower, diff_upper=track.diff_upper,
+  return Certificate(lower=lower, upper=upper, diff_lower=final["diff_lower"], diff_upper=final["diff_upper"],
                      witness=witness, method=best, seconds=time.perf_counter() - start,
                      bounds=per_method, sound=sound, lower_float32=lower_float32, witness_diff=witness_diff,
                      box_lower=np.asarray(box.lower), box_upper=np.asarray(box.upper))

@@ -272,11 +272,15 @@ def _halves(lo, hi, axis):
   return left_hi, right_lo
 
 
+# Seconds between two calls of branch_and_bound's ``report``.
+REPORT_EVERY = 0.1
+
+
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
-                     progress: Optional[bool] = False) -> BabResult:
+                     progress: Optional[bool] = False, report=None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -300,6 +304,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       :mod:`qbound.sharding`); default: all of ``jax.devices()``. The network is replicated.
     progress: a tqdm bar on stderr with the current ``[lower, upper]`` and pieces per second;
       ``None`` shows it only when stderr is a terminal.
+    report: called as ``report(root_lower, root_upper, upper, lower, witness)`` after the root batch
+      and then at most every ``REPORT_EVERY`` seconds: the root's per-output bounds on ``f - f_q``,
+      the proven bound so far (the largest over open and finished pieces) and the best reached
+      error with its input, so a caller holding a deadline has the latest answer.
 
   Returns:
     A :class:`BabResult`.
@@ -415,7 +423,11 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   root_lower, root_upper = root[0][4], root[0][5]
   push(root)
   stopped = "exhausted"
+  last_report = -np.inf
   while heap:
+    if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
+      report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
+      last_report = time.perf_counter()
     bar.update(bounded - bar.n)
     bar.set_postfix_str(f"[{best_lower:.4g}, {-heap[0][0]:.4g}]", refresh=False)
     # Pieces that cannot beat the best error reached are finished.
