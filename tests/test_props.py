@@ -216,3 +216,18 @@ def test_bad_arguments_are_refused():
     qb.props.verify(single, fq1, random_box(0, 4), Top1())
   with pytest.raises(ValueError, match="time_budget"):
     qb.props.verify(f, fq, box, Top1(), time_budget=float("nan"))
+
+
+def test_rows_that_float32_cannot_hold_are_widened():
+  """A weight of 0.1 is not a float32 number: the spec layer holds its rounding, and the row's bound
+  is widened by the rounding times the largest output, so it still bounds the float64 row."""
+  A = np.array([[0.1, 0.0, -0.1, 0.0]])
+  book = engine.RowBook([Polytope(A, np.array([-1.0]))], 2)
+  assert book.P.dtype == np.float32 and np.any(book._rounding > 0)
+  n = len(book.P)
+  y_lo, y_hi = np.full((1, n), -5.0), np.full((1, n), 5.0)
+  y_lo[0, :book._units], y_hi[0, :book._units] = 0.3, 0.3  # every P row's value pinned at 0.3
+  lows = book.lower((y_lo, y_hi), (y_lo, y_hi), (y_lo, y_hi))
+  slack = book._slack(y_lo, y_hi)
+  assert np.all(slack > 0) and np.all(slack < 1e-6)
+  assert np.all(lows < 0.3 + 0.3)  # widened, never tightened

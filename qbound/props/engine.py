@@ -137,7 +137,14 @@ class RowBook:
         a, aq = self.A[i, r, :n_out], self.A[i, r, n_out:]
         for (idx, sgn), v in ((self.a, a), (self.q, aq), (self.u, a + aq)):
           idx[i, r], sgn[i, r] = spec(v)
-    self.P = np.stack(vectors) if vectors else np.zeros((1, n_out))
+    exact = np.stack(vectors) if vectors else np.zeros((1, n_out))
+    # The layer runs in float32: P is its float32 rounding, and a row ``v`` whose entries are not
+    # float32 numbers (weights like 0.1, ``rel - 1``) is bounded as ``v32 . y - |v - v32| . max|y|``,
+    # with ``max|y|`` from unit rows appended to P (no correction where every entry is exact).
+    self.P = exact.astype(np.float32)
+    self._rounding = np.abs(exact - self.P.astype(np.float64))  # (rows of P, n_out)
+    self._units = len(self.P)
+    self.P = np.concatenate([self.P, np.eye(n_out, dtype=np.float32)])
 
   def lower_of(self, bounds, v: np.ndarray) -> np.ndarray:
     """Lower bounds ``(pieces,)`` of ``v . y`` from bounds on ``P y`` (one network's outputs ``y``);
@@ -147,14 +154,28 @@ class RowBook:
     sgn = 1.0 if v[nz[0]] > 0 else -1.0
     idx = self._index[tuple((sgn * v).tolist())]
     lo, hi = (np.asarray(b, np.float64) for b in bounds)
-    return lo[:, idx] if sgn > 0 else -hi[:, idx]
+    return (lo[:, idx] if sgn > 0 else -hi[:, idx]) - self._slack(lo, hi)[:, idx]
+
+  def _slack(self, lo, hi) -> np.ndarray:
+    """``|v - v32| . max|y|`` for every row of P but the unit rows: ``(pieces, rows)``."""
+    if not self._rounding.any():
+      return np.zeros((lo.shape[0], self._units))
+    units = slice(self._units, self._units + self._rounding.shape[1])
+    largest = np.maximum(np.abs(lo[:, units]), np.abs(hi[:, units]))
+    # 0 * inf counts as 0: an exact entry costs nothing however large the output may be.
+    terms = np.where(self._rounding[None] > 0, largest[:, None, :] * self._rounding[None], 0.0)
+    return _sum_up(terms.sum(axis=2), 0.0)
 
   def lower(self, zf, zq, d) -> np.ndarray:
     """Lower bounds ``(pieces, polytopes, rows)`` of every row from the pieces' bounds on ``P f``,
     ``P f_q`` and ``P d`` (each a ``(lower, upper)`` pair of ``(pieces, len(P))`` arrays)."""
     def low(bounds, spec, flip=1.0):
       idx, sgn = spec
-      lo, hi = (np.concatenate([np.asarray(v, np.float64), np.zeros((v.shape[0], 1))], axis=1) for v in bounds)
+      lo, hi = (np.asarray(v, np.float64) for v in bounds)
+      slack = self._slack(lo, hi)
+      lo, hi = (np.concatenate([v[:, :self._units] - slack, np.zeros((v.shape[0], 1))], axis=1) if k == 0 else
+                np.concatenate([v[:, :self._units] + slack, np.zeros((v.shape[0], 1))], axis=1)
+                for k, v in enumerate((lo, hi)))
       s = sgn * flip
       return np.where(s > 0, lo[:, idx], np.where(s < 0, -hi[:, idx], 0.0))
 
