@@ -265,8 +265,8 @@ _log = logging.getLogger("qbound")
 
 def _closing_reserve(time_budget: float) -> float:
   """Seconds kept at the end of a call for the certificate itself (the witness evaluated in float64
-  and float32: about 0.4 s when compiled for the first time, milliseconds after)."""
-  return min(0.4, 0.15 * time_budget)
+  and float32: compiled at the start of the stages, so milliseconds by then)."""
+  return min(0.1, 0.1 * time_budget)
 
 
 def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threading.Event, deadline: float) -> None:
@@ -411,6 +411,15 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     require_paired(merged)
   track = _Tracker(n_out, outputs)
 
+  def closing_values(witness):
+    """``f - f_q`` at the witness in float64, and the error as f and fq compute it themselves."""
+    witness_diff = attack.exact_error(graph, witness)
+    if isinstance(f, MergedNetwork):
+      lower_float32 = float(np.max(np.abs(np.asarray(graph(jnp.asarray(witness))))))
+    else:
+      lower_float32 = float(jnp.max(jnp.abs(f(jnp.asarray(witness)) - fq(jnp.asarray(witness)))))
+    return witness_diff, lower_float32
+
   stop = threading.Event()  # set when the call returns at its deadline: later stages are skipped
   # The stages' own deadline: the call's, less what the certificate itself takes at the end.
   stages_end = start + time_budget - _closing_reserve(time_budget)
@@ -434,6 +443,9 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
     # of these inputs already differs, however the time budget is spent.
     track.add_witnesses(graph, _first_probes(box, key))
+    # What the certificate itself evaluates at its witness, done once now: its compilations (and
+    # the eager evaluation of f and fq) are then behind it when the call ends at its deadline.
+    closing_values(track.snapshot()["witness"])
 
     # Cheap proven bounds.
     if method in ("interval", "auto"):
@@ -504,10 +516,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   final = track.snapshot()
 
   lower, upper, witness = final["lower"], final["upper"], final["witness"]
-  witness_diff = attack.exact_error(graph, witness)
-  lower_float32 = float(np.max(np.abs(np.asarray(graph(jnp.asarray(witness))))))
-  if not isinstance(f, MergedNetwork):
-    lower_float32 = float(jnp.max(jnp.abs(f(jnp.asarray(witness)) - fq(jnp.asarray(witness)))))
+  witness_diff, lower_float32 = closing_values(witness)
   if lower > upper:
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
