@@ -430,6 +430,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   def finished() -> bool:
     return stop.is_set() or track.done(target_gap, epsilon) or left() <= 0
 
+  def halted() -> bool:
+    """The call has returned at its deadline, and this certificate has its proven bound."""
+    return stop.is_set() and bool(track.snapshot()["per_method"])
+
   def run_stages():
     # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
     # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
@@ -451,34 +455,38 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if method in ("interval", "auto"):
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
     if not branch_first:
-      if stop.is_set():
+      if halted():
         return
       if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
         track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
-      if stop.is_set():
+      if halted():
         return
       if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
         name = "diff-interval" if method == "diff-interval" else "diff"
         track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
-      if stop.is_set():
+      if halted():
         return
 
       # Reached errors.
       _, x = attack.maximize_error(graph, box, key=key, search=search)
       track.add_witness(graph, x)
 
+    if halted():  # the call has returned: no stage starts after it
+      return
     milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
     if milp_ok and method == "auto" and not few_inputs and not finished():
       # On small piecewise-linear nets the exact MILP often closes the gap in well under a second: try it
       # first with half the time left, and fall back to the incomplete methods only if it stops.
       _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
-    if method == "alpha" or (method == "auto" and not few_inputs and not finished()):
+    if method == "alpha" or (method == "auto" and not few_inputs and not finished() and not halted()):
       if merged.paired:
         track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
       else:
         track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
 
+    if halted():
+      return
     if method == "bab" or branch_first or (method == "auto" and not finished()):
       from qbound.bounds.bab import branch_and_bound
 
@@ -506,7 +514,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         track.add_witness(graph, res.witness)
         track.add_bounds("bab", res.diff_lower, res.diff_upper)
 
-    if milp_ok and (method == "milp" or not finished()):
+    if milp_ok and not halted() and (method == "milp" or not finished()):
       _run_milp(track, merged, box, outputs, max(left(), 1.0))
 
   if method in TIMED_METHODS:

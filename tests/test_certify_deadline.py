@@ -95,3 +95,19 @@ def test_infinite_budget_runs_in_the_calling_thread(pair, monkeypatch):
   monkeypatch.setattr(bab_module, "branch_and_bound", spy)
   qb.certify(f, fq, box, time_budget=float("inf"), target_gap=0.5)
   assert seen == [threading.current_thread() is threading.main_thread()]
+
+
+def test_a_named_method_still_gets_its_first_bound(pair, monkeypatch):
+  """method='bab' computes no interval bounds: at a deadline before its first bound (CROWN), the
+  call waits for it rather than returning without one."""
+  f, fq, box = pair
+  qb.certify(f, fq, box, method="bab", time_budget=5.0)
+  real = C._first_probes
+
+  def slow_probes(*args, **kwargs):  # the deadline passes before any bound
+    time.sleep(1.5)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(C, "_first_probes", slow_probes)
+  cert = qb.certify(f, fq, box, method="bab", time_budget=0.5)
+  assert np.isfinite(cert.upper) and cert.lower <= cert.upper
