@@ -12,6 +12,7 @@ from qbound import _compilation_cache  # noqa: E402
 _compilation_cache.apply()  # compiled steps kept across processes (QBOUND_JAX_CACHE=0 turns it off)
 
 from qbound import bounds  # noqa: E402  (the flags above must come first)
+from qbound import compression
 from qbound import exact
 from qbound import io
 from qbound import memory
@@ -47,6 +48,7 @@ __all__ = [
     "bounds",
     "certify",
     "certify_batch",
+    "compression",
     "exact",
     "io",
     "linf_ball",

@@ -188,6 +188,20 @@ def test_top1_agreement(smoke):
   assert u8[0.01]["agree_all"] >= 0.99 and summary["warmup"]["status"] == "proved"
 
 
+def test_certified_compression(smoke):
+  """qb.compression.search meets its budget, re-certified, and is no larger than any uniform width
+  that meets it."""
+  summary, out = smoke("certified_compression")
+  rows = read_csv(out / "frontier.csv")
+  searched = [r for r in rows if r["candidate"] == "searched"]
+  assert searched, rows
+  for s in searched:
+    assert s["certified"] <= s["target"]
+    uniform = [r for r in rows if r["target"] == s["target"] and str(r["candidate"]).startswith("uniform-")
+               and r["certified"] <= s["target"]]
+    assert all(s["bytes"] <= r["bytes"] for r in uniform)
+
+
 @pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")
 def test_activation_quant(smoke):
   summary, out = smoke("activation_quant")
