@@ -26,7 +26,6 @@ import functools
 import time
 
 import jax.numpy as jnp
-import numpy as np
 
 import common
 import qbound as qb
@@ -36,11 +35,6 @@ from qbound.quantize.policy import kernels_only
 NAME = "certified_compression"
 FULL = dict(images=50, radius=0.02, targets=(0.05, 0.1, 0.5), widths=tuple(range(12, 1, -1)))
 SMOKE = dict(images=4, radius=0.02, targets=(0.5,), widths=(8, 6, 4))
-
-
-def certified(f, apply, qparams, boxes) -> float:
-  fq = functools.partial(apply, qparams)
-  return float(np.max(np.asarray(qb.certify_batch(f, fq, boxes, method="diff", progress=False).upper)))
 
 
 def agreement(apply, params, qparams, x) -> float:
@@ -68,7 +62,7 @@ def main(argv=None):
   def row(target, candidate, bits, qparams, search_seconds=None):
     return dict(target=target, candidate=candidate, bits=bits,
                 bytes=qb.compression.storage_bytes(params, bits) if isinstance(bits, dict) else bits,
-                certified=certified(f, apply, qparams, boxes), accuracy=common.accuracy(apply, qparams, x_test, y_test),
+                certified=qb.compression.certified_error(f, functools.partial(apply, qparams), boxes), accuracy=common.accuracy(apply, qparams, x_test, y_test),
                 agreement=agreement(apply, params, qparams, x_test), search_seconds=search_seconds)
 
   # Every uniform width, and the pipelines, once (their certificates do not depend on the target).

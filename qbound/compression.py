@@ -95,6 +95,12 @@ def storage_bytes(params, bits: dict, *, per_channel: bool = False) -> int:
   return math.ceil(total_bits / 8)
 
 
+def certified_error(f: Callable, fq: Callable, boxes: Box, *, method: str = "diff", sound: bool = True) -> float:
+  """The largest certified error of ``fq`` against ``f`` over a batch of boxes
+  (:func:`qbound.certify_batch`): a proven upper bound on ``max_box max_x |f(x) - fq(x)|_inf``."""
+  return float(np.max(np.asarray(certify_batch(f, fq, boxes, method=method, sound=sound, progress=False).upper)))
+
+
 def quantize_layers(params, bits: dict, *, per_channel: bool = False):
   """``params`` with each parameter of ``bits`` (``{path: width}``, paths as
   :func:`qbound.quantize.path_str` writes them) uniformly quantized to its width (symmetric, one scale
@@ -162,10 +168,8 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
     return quantize_layers(params, bits, per_channel=per_channel)
 
   def certified(bits: dict) -> float:
-    fq = functools.partial(apply, quantized(bits))
-    result = certify_batch(f, fq, boxes, method=method, sound=sound, progress=False)
     bar.update(1)
-    return float(np.max(np.asarray(result.upper)))
+    return certified_error(f, functools.partial(apply, quantized(bits)), boxes, method=method, sound=sound)
 
   def candidate(bits: dict) -> Candidate:
     return Candidate(bits=dict(bits), bytes=storage_bytes(params, bits, per_channel=per_channel),
@@ -203,7 +207,6 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
                                           -c.certified))
   bar.close()
   final_params = quantized(current.bits)
-  recertified = float(np.max(np.asarray(certify_batch(f, functools.partial(apply, final_params), boxes, method=method,
-                                                      sound=sound, progress=False).upper)))
+  recertified = certified_error(f, functools.partial(apply, final_params), boxes, method=method, sound=sound)
   return Plan(bits=dict(current.bits), params=final_params, bytes=current.bytes, certified=recertified,
               epsilon=epsilon, uniform=tuple(uniform), steps=tuple(steps), seconds=time.perf_counter() - start)

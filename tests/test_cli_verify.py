@@ -9,18 +9,9 @@ import pytest
 
 import qbound as qb
 from qbound import cli
-from qbound.io import bundled_path
+from test_cli import ACAS, ACAS_16, ACAS_BOX, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ACAS = str(bundled_path("ACASXU_run2a_1_1_batch_2000.nnet"))
-ACAS_16 = str(bundled_path("ACASXU_run2a_1_1_batch_2000_16bit.nnet"))
-ACAS_BOX = ["--center", "5000,0.1,-0.2,700,600", "--radius", "10,0.01,0.01,5,5"]
-
-
-def run(argv, capsys):
-  code = cli.main(argv)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def softmax_mlp(path, seed: int, noise: float = 0.0, base_seed: int = 0):

@@ -263,7 +263,7 @@ def _strong_branching_axis(parent: float, children: Sequence[tuple]) -> int:
   return int(np.argmax([max(parent - a, floor) * max(parent - b, floor) for a, b in children]))
 
 
-def _halves(lo, hi, axis):
+def split_at(lo, hi, axis):
   """Upper corner of the left half and lower corner of the right half, split at the midpoint."""
   mid = np.float32((lo[axis] + hi[axis]) / 2)
   left_hi, right_lo = hi.copy(), lo.copy()
@@ -467,7 +467,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
         take.append(t)
         axes.append(candidates)
         for axis in candidates:
-          left_hi, right_lo = _halves(t[2], t[3], axis)
+          left_hi, right_lo = split_at(t[2], t[3], axis)
           los += [t[2], right_lo]
           his += [left_hi, t[3]]
           priors += [t[8], t[8]]
@@ -492,7 +492,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       if width[axis] <= 0:  # a single point: nothing left to split
         close(t)
         continue
-      left_hi, right_lo = _halves(lo, hi, axis)
+      left_hi, right_lo = split_at(lo, hi, axis)
       los += [lo, right_lo]
       his += [left_hi, hi]
       priors += [t[8], t[8]]

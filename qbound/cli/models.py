@@ -29,14 +29,15 @@ def add_model_arguments(command: argparse.ArgumentParser) -> None:
   boxes.add_box_arguments(command)
 
 
-def load_model(path: str) -> tuple[Callable, dict]:
-  """``(apply, params)`` of a model file, chosen by its suffix; ``UsageError`` if it cannot be read."""
+def load_model(path: str, *, logits: bool = False) -> tuple[Callable, dict]:
+  """``(apply, params)`` of a model file, chosen by its suffix; ``UsageError`` if it cannot be read.
+  ``logits``: an ONNX model's trailing Softmax/LogSoftmax is left out (``load_onnx(logits=True)``)."""
   from qbound import io
 
   suffix = pathlib.Path(path).suffix.lower()
   loaders = {".nnet": io.load_nnet}
   if hasattr(io, "load_onnx"):
-    loaders[".onnx"] = io.load_onnx
+    loaders[".onnx"] = functools.partial(io.load_onnx, logits=logits)
   if suffix not in loaders:
     raise UsageError(f"{path}: unknown model format {suffix or '(no suffix)'!r}; qbound reads "
                      f"{' and '.join(sorted(loaders))} files.")

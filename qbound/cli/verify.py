@@ -91,20 +91,6 @@ def _number(text: str, option: str) -> float:
   return value
 
 
-def _load(path: str, logits: bool):
-  from qbound.cli.models import load_model
-
-  if logits and path.lower().endswith(".onnx"):
-    from qbound import io
-
-    try:
-      return io.load_onnx(path, logits=True)
-    except (ValueError, OSError, ImportError) as err:
-      message = str(err)
-      raise UsageError(message if path in message else f"{path}: {message}") from None
-  return load_model(path)
-
-
 def _cases(args, shape, params):
   """``(problem, [(box, unsafe polytopes or None)])`` from --vnnlib or the box options."""
   if args.vnnlib is None:
@@ -140,14 +126,14 @@ def run(args: argparse.Namespace, out) -> int:
   import jax
 
   import qbound as qb
-  from qbound.cli.models import declared_input_shape, output_shape
+  from qbound.cli.models import declared_input_shape, load_model, output_shape
 
   start = time.perf_counter()
   timeout = common.parse_seconds(args.timeout, "--timeout")
   common.check_output_path(args.counterexample)
   logits = bool(args.top1 or args.delta_top1 is not None)
-  apply_f, params_f = _load(args.first, logits)
-  apply_g, params_g = _load(args.second, logits)
+  apply_f, params_f = load_model(args.first, logits=logits)
+  apply_g, params_g = load_model(args.second, logits=logits)
   shape = declared_input_shape(params_f, apply_f)
   problem, cases = _cases(args, shape, params_f)
   prop, from_file = _property(args, problem)

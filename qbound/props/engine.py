@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound.attack import exact_errors
+from qbound.bounds.bab import split_at
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.box import Box
@@ -278,9 +279,7 @@ def halves(lo: np.ndarray, hi: np.ndarray, weight: np.ndarray):
   axis = int(np.argmax(score))
   if score[axis] < 0:
     return None
-  mid = np.float32((lo[axis] + hi[axis]) / 2)
-  left_hi, right_lo = hi.copy(), lo.copy()
-  left_hi[axis] = right_lo[axis] = mid
+  left_hi, right_lo = split_at(lo, hi, axis)
   return (lo, left_hi), (right_lo, hi)
 
 
@@ -332,11 +331,11 @@ def decide(prop, f, fq, box: Box, *, time_budget: float, key, sound: bool = True
     pad = batch_size - k
     lo = np.stack(los + [los[-1]] * pad).reshape((batch_size, *shape))
     hi = np.stack(his + [his[-1]] * pad).reshape((batch_size, *shape))
-    zf, zq, d = bound_rows(spec, lo, hi, sound)
-    lows = book.lower(*((np.asarray(a)[:k], np.asarray(b)[:k]) for a, b in (zf, zq, d)))
+    zf, zq, d = ((np.asarray(a)[:k], np.asarray(b)[:k]) for a, b in bound_rows(spec, lo, hi, sound))
+    lows = book.lower(zf, zq, d)
     refuted = ((lows - book.b[None]) > 0).any(axis=2)
     if hasattr(prop, "refuted_by_f"):  # conditions on f alone no polytope row states (DeltaTop1)
-      refuted |= prop.refuted_by_f(lambda v: book.lower_of((np.asarray(zf[0])[:k], np.asarray(zf[1])[:k]), v), n_out)
+      refuted |= prop.refuted_by_f(lambda v: book.lower_of(zf, v), n_out)
     closes = refuted.all(axis=1)
     v, xs, jac = descend(raw.f_graph, raw.fq_graph, prop, jnp.asarray((lo + hi) / 2), jnp.asarray(lo),
                          jnp.asarray(hi), probe_steps)
