@@ -48,6 +48,7 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
+from qbound import attack
 from qbound import graph as G
 from qbound import validate
 from qbound.bounds.common import as_graph
@@ -413,13 +414,6 @@ def _solve(enc: Encoding, var: int, sign: float, time_limit: float, cutoff: Opti
   return res.status, upper, (None if res.x is None else np.asarray(res.x))
 
 
-def _errors64(graph: G.Graph, xs) -> np.ndarray:
-  """``graph`` on a batch of points in float64 (:func:`qbound.attack.exact_error`, vmapped)."""
-  with jax.enable_x64(True):
-    graph64 = G.astype(graph, jnp.float64)
-    return np.asarray(jax.vmap(graph64)(jnp.asarray(xs, jnp.float64)), np.float64)
-
-
 def _starts(box: Box, num: int) -> np.ndarray:
   """The centre, then ``num`` random vertices and uniform points of the box (fixed seed)."""
   rng = np.random.default_rng(0)
@@ -583,7 +577,7 @@ def milp(f: Union[Callable, G.Graph, MergedNetwork], fq: Optional[Callable] = No
   def measure(xs):
     """Box-clipped points (a batch) and their float64 errors ``|g_j(x)|``, zero off the targets."""
     xs = np.clip(np.asarray(xs, np.float64).reshape(-1, *box.shape), lower_np, upper_np)
-    return xs, np.where(mask, np.abs(_errors64(graph, xs).reshape(xs.shape[0], n_out)), 0.0)
+    return xs, np.where(mask, np.abs(attack.exact_errors(graph, xs).reshape(xs.shape[0], n_out)), 0.0)
 
   mask = np.zeros(n_out, bool)
   mask[targets] = True

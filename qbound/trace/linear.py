@@ -94,8 +94,74 @@ class _Unhashable:
   value: Any
 
 
+# Primitives that send every input entry to at most one output entry and read one input per output.
+_ONE_TO_ONE = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "rev", "copy", "copy_p",
+                         "convert_element_type", "slice", "neg"})
+
+
+def _counted(op: LinearOp, consts):
+  """``(terms, terms_transpose)`` read off the shapes for the common primitives, else ``None``.
+
+  Counting on all-ones data (below) runs each primitive and its transpose once, eagerly: every one
+  compiles on its own, a tenth of a second or more per layer on a first call. For these primitives
+  the counts follow from the shapes alone, and tests/test_trace_linear.py checks them against the
+  counts on all-ones data.
+  """
+  name = op.name
+  if name in _ONE_TO_ONE and not consts:
+    return 1, 1
+  if name == "broadcast_in_dim" and not consts:
+    return 1, max(int(np.prod(op.out_shape, dtype=np.int64) // max(np.prod(op.in_shape, dtype=np.int64), 1)), 1)
+  if not all(jnp.issubdtype(jnp.result_type(c), jnp.floating) for c in consts):
+    return None
+  elementwise = name == "mul" or (name == "div" and op.var_pos == 0)
+  if elementwise and tuple(op.in_shape) == tuple(op.out_shape):
+    return 1, 1
+  if name == "dot_general" and len(consts) == 1:
+    (contract_l, contract_r), (batch_l, batch_r) = dict(op.params)["dimension_numbers"]
+    x_contract, w_contract, w_batch = ((contract_l, contract_r, batch_r) if op.var_pos == 0
+                                       else (contract_r, contract_l, batch_l))
+    w_shape = np.shape(consts[0])
+    terms = int(np.prod([op.in_shape[d] for d in x_contract], dtype=np.int64))
+    free = [w_shape[d] for d in range(len(w_shape)) if d not in w_contract and d not in w_batch]
+    return max(terms, 1), max(int(np.prod(free, dtype=np.int64)), 1)
+  if name == "conv_general_dilated" and len(consts) == 1 and op.var_pos == 0:
+    return _conv_counts(dict(op.params), np.shape(consts[0]), op.in_shape, op.out_shape)
+  return None
+
+
+def _conv_counts(params: dict, kernel_shape, in_shape, out_shape) -> tuple[int, int] | None:
+  """A convolution's counts from its shapes (dilated inputs and batch groups: ``None``).
+
+  The taps an output meets factor into one count per spatial axis, and so do the outputs an
+  input meets, so the largest counts are products of the largest per axis: along an axis, output
+  ``o`` reads input ``o * stride + j * dilation - pad_low`` at tap ``j`` when that lies inside it.
+  """
+  if params.get("batch_group_count", 1) != 1 or any(d != 1 for d in (params.get("lhs_dilation") or ())):
+    return None
+  numbers = params["dimension_numbers"]
+  spatial = len(numbers.rhs_spec) - 2
+  dilation = params.get("rhs_dilation") or (1,) * spatial
+  reads, read_by = 1, 1
+  for axis in range(spatial):
+    k = kernel_shape[numbers.rhs_spec[2 + axis]]
+    n, m = in_shape[numbers.lhs_spec[2 + axis]], out_shape[numbers.out_spec[2 + axis]]
+    position = (np.arange(m)[:, None] * params["window_strides"][axis] + np.arange(k)[None, :] * dilation[axis]
+                - params["padding"][axis][0])
+    inside = (position >= 0) & (position < n)
+    reads *= int(inside.sum(axis=1).max(initial=0))
+    read_by *= int(np.bincount(position[inside], minlength=1).max(initial=0))
+  groups = params.get("feature_group_count", 1)
+  terms = reads * kernel_shape[numbers.rhs_spec[1]]
+  terms_transpose = read_by * (kernel_shape[numbers.rhs_spec[0]] // groups)
+  return max(terms, 1), max(terms_transpose, 1)
+
+
 def _with_term_counts(op: LinearOp, consts) -> LinearOp:
   """Counts the products summed per output (and per input, for the transpose) on all-ones data."""
+  counted = _counted(op, consts) if op.coefficients or not consts else None
+  if counted is not None:
+    return dataclasses.replace(op, terms=counted[0], terms_transpose=counted[1])
   ones_w = tuple(jnp.ones_like(c) if jnp.issubdtype(c.dtype, jnp.floating) else c for c in consts)
   if not op.coefficients:
     ones_w = consts
