@@ -20,6 +20,7 @@ import optax
 
 from qbound import graph as G
 from qbound import sharding, validate
+from qbound.bounds.common import FAST_COMPILE
 from qbound.box import Box, sample_uniform, sample_vertices, validate_box
 from qbound.errors import BoundOverflowError
 
@@ -164,7 +165,8 @@ def _host64(graph: G.Graph) -> G.Graph:
   return G.astype(jax.tree_util.tree_map(to64, graph), jnp.float64)
 
 
-@jax.jit
+# One evaluation per witness or probe batch: compiled for a short compile (see FAST_COMPILE).
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 def _vmapped(graph: G.Graph, xs):
   return jax.vmap(graph)(xs)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax, smooth
-from qbound.bounds.common import as_graph, jit_step, local
+from qbound.bounds.common import FAST_COMPILE, as_graph, jit_step, local
 from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
 
@@ -82,7 +82,7 @@ def node_interval(node: G.Node, bounds, sound: bool):
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 
-_node_interval = jit_step(node_interval, (None, 0))
+_node_interval = jit_step(node_interval, (None, 0), compiler_options=FAST_COMPILE)
 
 
 def interval_bounds(graph: G.Graph, box: Box, sound: bool = True, *, batched: bool = False,

@@ -22,7 +22,7 @@ from jax._src import source_info_util
 
 from qbound import graph as G
 from qbound import piecewise as PW
-from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_term_counts
+from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_term_counts, host_array
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
@@ -140,16 +140,17 @@ class _Builder:
     in_value = ins[pos]
     consts = [jnp.asarray(v[1]) for i, v in enumerate(ins) if i != pos]
     if name in ("mul", "div"):
-      consts = [jnp.broadcast_to(c, out_shape).astype(self.dtype) for c in consts]
+      consts = [host_array(c, self.dtype, out_shape) for c in consts]
     bias = None
     if not coefficients and any(np.any(np.asarray(c) != 0) for c in consts if np.issubdtype(np.asarray(c).dtype, np.floating)):
       # Routing ops with constant data (pad value, concatenated constants) are affine: split them
       # into the same op on zero data plus the op's value at x = 0.
-      zero_in = jnp.zeros(self.shape_of(in_value), self.dtype)
+      zero_in = host_array(0, self.dtype, self.shape_of(in_value))
       args = list(consts)
       args.insert(pos, zero_in)
       bias = eqn.primitive.bind(*args, **eqn.params)
-      consts = [jnp.zeros_like(c) if np.issubdtype(np.asarray(c).dtype, np.floating) else c for c in consts]
+      consts = [host_array(0, c.dtype, c.shape) if np.issubdtype(np.asarray(c).dtype, np.floating) else c
+                for c in consts]
     op = LinearOp(name=name, primitive=eqn.primitive, params=frozen, var_pos=pos,
                   in_shape=self.shape_of(in_value), out_shape=out_shape, dtype=np.dtype(self.dtype).name,
                   coefficients=coefficients)
@@ -160,12 +161,12 @@ class _Builder:
 
   def shift(self, value, const, where, shape):
     """``value + const`` for an input-dependent value."""
-    c = jnp.broadcast_to(jnp.asarray(const, self.dtype), shape)
+    c = host_array(const, self.dtype, shape)
     return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, bias=c, where=where))
 
   def scale(self, value, factor, where, shape):
     """``factor * value`` for a constant scalar factor."""
-    const = jnp.full(shape, factor, self.dtype)
+    const = host_array(factor, self.dtype, shape)
     op = _op_of(lambda v, c: v * c, shape, self.dtype, const)
     return self.emit(G.Node(kind=G.AFFINE, inputs=(value[1],), shape=shape, op=op, weights=(const,),
                             where=where))
@@ -196,9 +197,9 @@ class _Builder:
   def combine(self, a, c, sign: int, where, shape):
     """``a + sign * c`` for values that may be constants."""
     if a[0] == "const" and c[0] == "const":
-      return ("const", jnp.asarray(a[1], self.dtype) + sign * jnp.asarray(c[1], self.dtype))
+      return ("const", host_array(np.asarray(a[1], self.dtype) + sign * np.asarray(c[1], self.dtype), self.dtype))
     if c[0] == "const":
-      return self.shift(a, sign * jnp.asarray(c[1], self.dtype), where, shape)
+      return self.shift(a, sign * np.asarray(c[1], self.dtype), where, shape)
     if a[0] == "const":
       term = c if sign > 0 else self.scale(c, -1.0, where, shape)
       return self.shift(term, a[1], where, shape)
@@ -215,7 +216,7 @@ class _Builder:
       if np.all(lo == 0) and np.all(np.isposinf(hi)):
         out = self.relu(x, where, shape)
       else:
-        out = self.clip(x, jnp.asarray(lo, self.dtype), jnp.asarray(hi, self.dtype), where, shape)
+        out = self.clip(x, host_array(lo, self.dtype), host_array(hi, self.dtype), where, shape)
     else:
       out = pw.values[0]
       for k in range(1, len(pw.values)):

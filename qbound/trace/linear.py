@@ -18,6 +18,16 @@ import numpy as np
 from qbound.trace.primitives import _COEFFICIENT_PRIMS
 
 
+def host_array(value, dtype, shape=None):
+  """``value`` (broadcast to ``shape``) as a JAX array of ``dtype``, computed by NumPy.
+
+  The tracer builds many small constants; made by ``jnp`` ops eagerly, each op compiles on its own
+  on a first call (about 10 ms each), where NumPy and one transfer compile nothing.
+  """
+  array = np.asarray(value, dtype)
+  return jnp.asarray(array if shape is None else np.broadcast_to(array, tuple(shape)))
+
+
 def _freeze(value):
   if isinstance(value, dict):
     return tuple(sorted((k, _freeze(v)) for k, v in value.items()))

@@ -19,6 +19,7 @@ from jax import lax
 
 from qbound import graph as G
 from qbound import piecewise as PW
+from qbound.trace.linear import host_array
 from qbound.trace.primitives import UnsupportedPrimitiveError, _IDENTITY_PRIMS
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def _rule_sub(b: _Builder, eqn, ins, where, shape):
   if _both_nodes(ins):
     return b.add(b.broadcast(ins[0], shape, where), b.broadcast(ins[1], shape, where), (1, -1), where, shape)
   if ins[0][0] == "node":
-    return b.shift(ins[0], -jnp.asarray(ins[1][1]), where, shape)
+    return b.shift(ins[0], -np.asarray(ins[1][1]), where, shape)
   neg = b.scale(ins[1], -1.0, where, shape)
   return b.shift(neg, ins[0][1], where, shape)
 
@@ -67,11 +68,11 @@ def _max_pair(b: _Builder, x, y, where, shape):
   if x[0] == "const":
     x, y = y, x
   if y[0] == "const":
-    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
+    c = host_array(y[1], b.dtype, shape)
     if not np.any(np.asarray(c)):
       out = b.relu(x, where, shape)
     else:
-      out = b.clip(x, c, jnp.full(shape, jnp.inf, b.dtype), where, shape)
+      out = b.clip(x, c, host_array(np.inf, b.dtype, shape), where, shape)
     if np.all(np.isfinite(np.asarray(c))):
       b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=True, x=x, constant=("const", c)))
     return out
@@ -84,8 +85,8 @@ def _min_pair(b: _Builder, x, y, where, shape):
   if x[0] == "const":
     x, y = y, x
   if y[0] == "const":
-    c = jnp.broadcast_to(jnp.asarray(y[1], b.dtype), shape)
-    out = b.clip(x, jnp.full(shape, -jnp.inf, b.dtype), c, where, shape)
+    c = host_array(y[1], b.dtype, shape)
+    out = b.clip(x, host_array(-np.inf, b.dtype, shape), c, where, shape)
     if np.all(np.isfinite(np.asarray(c))):
       b.piecewise_of[out[1]] = (x[1], PW.Piecewise.ramp(np.asarray(c), shape, rising=False, x=x, constant=("const", c)))
     return out
@@ -216,7 +217,7 @@ def _rule_reduce_window_max(b: _Builder, eqn, ins, where, shape):
   except PW.NotPiecewiseLinear as err:
     b.unsupported(eqn, str(err))
   if not taps:  # an empty output
-    return ("const", jnp.zeros(out_shape, b.dtype))
+    return ("const", host_array(0, b.dtype, out_shape))
   values = []
   for tap in taps:
     if tap[0] == "slice":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from qbound import graph as G
 
@@ -25,14 +26,16 @@ def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
       prev = new_nodes[src]
       if prev.kind == G.RELU and consumers[src] == [idx] and src != output:
         # relu then clip (jnp.clip(x, 0, hi) traces so) is one clip at max(lo, 0).
-        lo = jnp.maximum(node.weights[0], 0)
-        if bool(jnp.all(lo <= node.weights[1])):
+        lo = np.maximum(np.asarray(node.weights[0]), 0)
+        if np.all(lo <= np.asarray(node.weights[1])):
+          lo = jnp.asarray(lo)
           new_nodes[src] = dataclasses.replace(node, inputs=prev.inputs, weights=(lo, node.weights[1]))
           alias[idx] = src
       elif prev.kind == G.CLIP and consumers[src] == [idx] and src != output:
-        lo = jnp.maximum(prev.weights[0], node.weights[0])
-        hi = jnp.minimum(prev.weights[1], node.weights[1])
-        if bool(jnp.all(lo <= hi)):  # otherwise clip(clip(x)) is a constant that one clip cannot express
+        lo = np.maximum(np.asarray(prev.weights[0]), np.asarray(node.weights[0]))
+        hi = np.minimum(np.asarray(prev.weights[1]), np.asarray(node.weights[1]))
+        if np.all(lo <= hi):  # otherwise clip(clip(x)) is a constant that one clip cannot express
+          lo, hi = jnp.asarray(lo), jnp.asarray(hi)
           new_nodes[src] = dataclasses.replace(prev, weights=(lo, hi))
           alias[idx] = src
       continue
