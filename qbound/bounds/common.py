@@ -66,5 +66,21 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
   def step(*args, sound: bool, batched: bool = False):
     return (batch if batched else single)(*args, sound=sound)
 
+  if compiler_options:
+    # JAX takes compiler options on the outermost jit only: inside another program (batched
+    # certification jits whole passes) the step is traced into it as plain code.
+    plain_single = jax.jit(fn, static_argnames=("sound",))
+    plain_batch = jax.jit(mapped, static_argnames=("sound",))
+
+    def step(*args, sound: bool, batched: bool = False):  # noqa: F811 - the variant with options
+      if tracing(args):
+        return (plain_batch if batched else plain_single)(*args, sound=sound)
+      return (batch if batched else single)(*args, sound=sound)
+
   step.__doc__ = fn.__doc__
   return step
+
+
+def tracing(tree) -> bool:
+  """Whether any leaf of ``tree`` is a tracer (the call is inside ``jit``, ``vmap`` or ``grad``)."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))

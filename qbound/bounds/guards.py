@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound.bounds.common import tracing
 from qbound.errors import BoundOverflowError, InvalidBoundsError, SoundnessError
 
 UNSOUND_TOLERANCE = 1e-3
@@ -71,10 +72,6 @@ def _counts(bounds, sound: bool):
   return jnp.stack([per_node(nan), per_node(inverted)], axis=1)
 
 
-def _tracing(groups) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for _, _, bounds in groups for leaf in jax.tree_util.tree_leaves(bounds))
-
-
 def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool) -> None:
   """Raises if any node's ``(lower, upper)`` holds NaN or ``lower > upper``.
 
@@ -84,7 +81,7 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
       f_q"``). All groups are checked by one compiled reduction and one transfer.
     sound: whether they were computed with proven margins (else small inversions are tolerated).
   """
-  if _tracing(groups):  # under jit or vmap: the caller returns counts() from its program instead
+  if tracing([bounds for _, _, bounds in groups]):  # under jit or vmap: the caller returns counts() from its program instead
     return
   leaves = [leaf for _, _, bounds in groups for leaf in jax.tree_util.tree_leaves(bounds)]
   if sum(int(np.size(leaf)) for leaf in leaves) <= HOST_CHECK_ENTRIES:
