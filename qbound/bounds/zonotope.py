@@ -114,14 +114,24 @@ def check_supported(fg: G.Graph, qg: G.Graph) -> None:
                                   f"reads {len(node.inputs)} nodes.")
 
 
-def _layout(graph: G.Graph):
-  """Generator blocks: ``sizes`` (input, then f, f_q, d per ReLU) and each ReLU node's three block ids."""
+def supported(fg: G.Graph, qg: G.Graph) -> bool:
+  """Whether :func:`check_supported` passes."""
+  try:
+    check_supported(fg, qg)
+  except UnsupportedLayerError:
+    return False
+  return True
+
+
+def _layout(graph: G.Graph, keep: Optional[int] = None):
+  """Generator blocks: ``sizes`` (input, then f, f_q, d per activation layer) and each activation
+  node's three block ids."""
   sizes = [graph.nodes[0].size]
   fresh = {}
   for i, node in enumerate(graph.nodes):
     if node.kind in (G.RELU, G.CLIP):
       fresh[i] = (len(sizes), len(sizes) + 1, len(sizes) + 2)
-      sizes += [node.size] * 3
+      sizes += [node.size if keep is None else min(keep, node.size)] * 3
   return tuple(sizes), fresh
 
 
@@ -152,13 +162,24 @@ def concretize(z: Zonotope, sound: bool):
   return z.center - r, z.center + r
 
 
-def _fresh(half, shape):
-  """One generator per neuron, ``half[j]`` on neuron ``j`` only: a ``(size, *shape)`` block."""
+def _fresh(half, shape, keep: Optional[int] = None):
+  """Fresh generators of half-widths ``half``: ``(block, rest)``.
+
+  One generator per neuron, ``half[j]`` on neuron ``j`` only; with ``keep``, only for the ``keep``
+  widest neurons (a ``(keep, *shape)`` block), the others' half-widths returned as ``rest`` for
+  the interval term: they lose their correlation, but the layers after cost ``keep`` generators
+  instead of the layer's width (zonotope order reduction, as in Girard, HSCC 2005, with boxes).
+  """
   flat = half.reshape(-1)
-  return jnp.diag(flat).reshape((flat.size, *shape))
+  if keep is None or keep >= flat.size:
+    return jnp.diag(flat).reshape((flat.size, *shape)), jnp.zeros_like(half)
+  _, idx = jax.lax.top_k(flat, keep)
+  block = jax.nn.one_hot(idx, flat.size, dtype=flat.dtype) * flat[idx][:, None]
+  rest = flat.at[idx].set(0).reshape(half.shape)
+  return block.reshape((keep, *shape)), rest
 
 
-def combine(terms, sound: bool, offset=None, fresh: Optional[int] = None) -> Zonotope:
+def combine(terms, sound: bool, offset=None, fresh: Optional[int] = None, keep: Optional[int] = None) -> Zonotope:
   """``sum_t coef_t * Z_t + [lo, hi]``: per-neuron coefficients, the offset as a fresh generator.
 
   Args:
@@ -168,6 +189,7 @@ def combine(terms, sound: bool, offset=None, fresh: Optional[int] = None) -> Zon
       also covers an error of up to ``u |coefficient|`` in each coefficient.
     offset: ``(lo, hi)`` or None.
     fresh: the block the offset's generator goes to (required with ``offset``).
+    keep: fresh generators kept (see :func:`_fresh`; None: one per neuron).
   """
   center = sum(coef * z.center for coef, z in terms)
   n_blocks = len(terms[0][1].blocks)
@@ -183,8 +205,9 @@ def combine(terms, sound: bool, offset=None, fresh: Optional[int] = None) -> Zon
   if offset is not None:
     mid, half = center_radius(*offset, sound)
     center = center + mid
-    blocks[fresh] = _fresh(half, center.shape)
+    blocks[fresh], rest = _fresh(half, center.shape, keep)
     magnitude = magnitude + jnp.abs(mid)
+    err = err + rest
   err = jnp.broadcast_to(err, center.shape)
   if sound:
     err = fp.round_up(err + fp.dot_margin(len(terms) + 2, magnitude, center.dtype))
@@ -279,18 +302,19 @@ def clip_offset(lower, upper, c, slope, sound: bool):
   return _at_points(lambda x: clip(x, c), points, slope, sound)
 
 
-def offset_zonotope(offset, block: int, n_blocks: int, sound: bool) -> Zonotope:
-  """``[lo, hi]`` as a zonotope: its midpoint and one fresh generator per neuron in ``block``."""
+def offset_zonotope(offset, block: int, n_blocks: int, sound: bool, keep: Optional[int] = None) -> Zonotope:
+  """``[lo, hi]`` as a zonotope: its midpoint and fresh generators in ``block`` (see :func:`_fresh`)."""
   mid, half = center_radius(*offset, sound)
-  blocks = tuple(_fresh(half, mid.shape) if b == block else None for b in range(n_blocks))
-  return Zonotope(mid, blocks, jnp.zeros_like(mid))
+  fresh, rest = _fresh(half, mid.shape, keep)
+  blocks = tuple(fresh if b == block else None for b in range(n_blocks))
+  return Zonotope(mid, blocks, rest)
 
 
-def _activation(z: Zonotope, bounds, c, block: int, sound: bool):
+def _activation(z: Zonotope, bounds, c, block: int, sound: bool, keep: Optional[int] = None):
   """DeepZ on one network: ``(relaxed zonotope, slope, offset zonotope)``, the relaxed one being
   ``slope * z + offset``."""
   slope = chord_slope(*bounds, c)
-  part = offset_zonotope(clip_offset(*bounds, c, slope, sound), block, len(z.blocks), sound)
+  part = offset_zonotope(clip_offset(*bounds, c, slope, sound), block, len(z.blocks), sound, keep)
   return combine([(slope, z), (1.0, part)], sound), slope, part
 
 
@@ -307,7 +331,7 @@ def _one_signed_diff(d_bounds, sound: bool):
 
 
 def _diff_activation(d: Zonotope, z: Zonotope, zq: Zonotope, zr, zqr, bounds, c, cq, block: int,
-                     sound: bool) -> Zonotope:
+                     sound: bool, keep: Optional[int] = None) -> Zonotope:
   """``d' = clip(z, *c) - clip(z_q, *cq)``: the narrowest sound form per neuron (module docstring)."""
   (zl, zu), (ql, qu), (dl, du) = bounds
   (_, lam, part), (_, lam_q, part_q) = zr, zqr
@@ -315,9 +339,9 @@ def _diff_activation(d: Zonotope, z: Zonotope, zq: Zonotope, zr, zqr, bounds, c,
   q_active = combine([(1.0, d), (lam - 1.0, z), (1.0, part)], sound)
   f_active = combine([(1.0, d), (1.0 - lam_q, zq), (-1.0, part_q)], sound)
   g, offset = _one_signed_diff((dl, du), sound)
-  chord = combine([(g, d)], sound, offset, block)
+  chord = combine([(g, d)], sound, offset, block, keep)
   box_lo, box_hi = diff_range(bounds, c, cq, sound)
-  box = offset_zonotope((box_lo, box_hi), block, len(d.blocks), sound)
+  box = offset_zonotope((box_lo, box_hi), block, len(d.blocks), sound, keep)
   options = [both, q_active, f_active, chord, box]
   widths = [_abs_generators(o)[0] + o.err for o in options]
   inf = jnp.asarray(jnp.inf, widths[0].dtype)
@@ -363,7 +387,8 @@ def _node_bounds(z, zq, d, sound: bool):
   return _tighten(zb, qb, db, sound)
 
 
-def diff_zonotope_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True) -> ZonotopeBounds:
+def diff_zonotope_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, prior=None,
+                         keep: Optional[int] = None) -> ZonotopeBounds:
   """Differential zonotope bounds of two paired graphs over one box (see the module docstring).
 
   A pure function of the graphs (static structure) and the box: ``jax.jit`` it, ``jax.vmap`` it
@@ -373,17 +398,23 @@ def diff_zonotope_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tr
     fg, qg: f and f_q traced, the same chain of affine layers and ReLUs.
     box: the input box.
     sound: proven floating-point margins.
+    prior: optional ``(z, zq, d)`` bounds known to hold on the box (e.g. the differential bounds'
+      or a parent piece's), one ``(lower, upper)`` or None per node each: every node's bounds are
+      met with them before any relaxation reads them.
+    keep: fresh generators kept per activation layer and network (f, f_q, d): the widest ``keep``
+      relaxations get one each, the others join the interval term (:func:`_fresh`). None: every
+      neuron's (exact layout, most expensive: generators grow by three layer widths per layer).
 
   Returns:
     A :class:`ZonotopeBounds` (unbatched).
   """
-  sizes, fresh = _layout(fg)
+  sizes, fresh = _layout(fg, keep)
   shape = box.lower.shape
   center, rad = center_radius(box.lower, box.upper, sound)
   n_in = center.size
   zero = jnp.zeros_like(center)
   none = (None,) * (len(sizes) - 1)
-  x = Zonotope(center, (_fresh(rad, shape),) + none, zero)
+  x = Zonotope(center, (_fresh(rad, shape)[0],) + none, zero)
   zs, qs, ds = [x], [x], [Zonotope(zero, (None,) + none, zero)]
   z_b, q_b, d_b = [(box.lower, box.upper)], [(box.lower, box.upper)], [(zero, zero)]
   for i in range(1, len(fg.nodes)):
@@ -397,15 +428,18 @@ def diff_zonotope_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tr
       bf, bq, bd = fresh[i]
       c, cq = cuts(nf, center.dtype), cuts(nq, center.dtype)
       bounds_in = (z_b[j], q_b[j], d_b[j])
-      zr = _activation(zs[j], z_b[j], c, bf, sound)
-      zqr = _activation(qs[j], q_b[j], cq, bq, sound)
+      zr = _activation(zs[j], z_b[j], c, bf, sound, keep)
+      zqr = _activation(qs[j], q_b[j], cq, bq, sound, keep)
       z, zq = zr[0], zqr[0]
-      d = _diff_activation(ds[j], zs[j], qs[j], zr, zqr, bounds_in, c, cq, bd, sound)
+      d = _diff_activation(ds[j], zs[j], qs[j], zr, zqr, bounds_in, c, cq, bd, sound, keep)
       bounds = _node_bounds(z, zq, d, sound)
       # The activation's range is known from its input's (monotone): meet with it.
       bounds = (_meet(bounds[0], (clip(z_b[j][0], c), clip(z_b[j][1], c))),
                 _meet(bounds[1], (clip(q_b[j][0], cq), clip(q_b[j][1], cq))),
                 _meet(bounds[2], diff_range(bounds_in, c, cq, sound)))
+    if prior is not None:
+      bounds = tuple(b if known is None or known[i] is None else _meet(b, known[i]) for b, known in zip(bounds, prior))
+      bounds = _tighten(*bounds, sound)
     zs.append(z)
     qs.append(zq)
     ds.append(d)
@@ -419,11 +453,14 @@ def diff_zonotope_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tr
   return ZonotopeBounds(lower, upper, influence, z_b, q_b, d_b)
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def diff_zonotope_batch(fg: G.Graph, qg: G.Graph, lower, upper, *, sound: bool = True) -> ZonotopeBounds:
-  """:func:`diff_zonotope_bounds` for a batch of boxes (leading axis of ``lower`` and ``upper``), one
-  compiled program per graph structure and batch size. Call :func:`check_supported` first."""
-  return jax.vmap(lambda lo, hi: diff_zonotope_bounds(fg, qg, Box(lo, hi), sound=sound))(lower, upper)
+@functools.partial(jax.jit, static_argnames=("sound", "keep"))
+def diff_zonotope_batch(fg: G.Graph, qg: G.Graph, lower, upper, prior=None, *, sound: bool = True,
+                        keep: Optional[int] = None) -> ZonotopeBounds:
+  """:func:`diff_zonotope_bounds` for a batch of boxes (leading axis of ``lower``, ``upper`` and
+  every array of ``prior``), one compiled program per graph structure and batch size. Call
+  :func:`check_supported` first."""
+  one = lambda lo, hi, p: diff_zonotope_bounds(fg, qg, Box(lo, hi), sound=sound, prior=p, keep=keep)
+  return jax.vmap(one)(lower, upper, prior)
 
 
 def diff_zonotope(f, fq=None, box: Optional[Box] = None, *, sound: bool = True) -> Box:
