@@ -287,9 +287,11 @@ def _at_points(fn, points, slope, sound: bool):
   whose kinks are among them), each value widened by its proven rounding in sound mode."""
   values = [fn(x) - slope * x for x in points]
   if sound:
-    # Slopes 0 and 1 (stable neurons) compute exactly: no margin, so stable layers stay exact.
-    exact = (slope == 0) | (slope == 1)
-    errs = [jnp.where(exact, 0.0, fp.dot_margin(2, jnp.abs(fn(x)) + jnp.abs(slope * x), x.dtype)) for x in points]
+    # fn(x) - slope x computes exactly where the slope is 0, or 1 with fn(x) = x or 0 (stable
+    # neurons): no margin there, so stable layers stay exact.
+    exact = [(slope == 0) | ((slope == 1) & ((fn(x) == x) | (fn(x) == 0))) for x in points]
+    errs = [jnp.where(e, 0.0, fp.dot_margin(2, jnp.abs(fn(x)) + jnp.abs(slope * x), x.dtype))
+            for x, e in zip(points, exact)]
     lows = [v - e for v, e in zip(values, errs)]
     highs = [v + e for v, e in zip(values, errs)]
     return fp.round_down(functools.reduce(jnp.minimum, lows)), fp.round_up(functools.reduce(jnp.maximum, highs))
