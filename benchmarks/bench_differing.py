@@ -33,6 +33,7 @@ Run from the repository root::
     python benchmarks/bench_differing.py --nets 1 2 3 --props 1 3 --eps 0.05 --time-budget 5
     python benchmarks/bench_differing.py --smoke                 # 1_1, property 1, eps 0.05, 2 s
     python benchmarks/bench_differing.py --pieces [--pieces-per-size 20]
+    python benchmarks/bench_differing.py --zonotope --warmup-budget 60   # branch and bound with differential zonotopes
 
 Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
 ``results/smoke/`` with ``--smoke``).

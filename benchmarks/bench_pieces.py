@@ -9,8 +9,11 @@ float16 copy (``qbound/data``), on random pieces of ACAS Xu property 1's box who
 largest ``|f - f_q|`` at dense samples of the piece: uniform points, all 32 corners and the centre)
 for three bounds, each on the whole batch of pieces at once, as branch and bound calls them:
 
-* ``zonotope``: differential zonotopes (:mod:`qbound.bounds.zonotope`, VeryDiff's domain);
+* ``zonotope``: differential zonotopes (:mod:`qbound.bounds.zonotope`, VeryDiff's domain), every
+  fresh generator kept; ``zono16``: the 16 widest fresh generators per layer and network kept;
 * ``diff``: the sparse differential bounds branch and bound uses (:mod:`qbound.bounds.sparse`);
+* ``zono16+diff``: ``zono16`` reading ``diff``'s node bounds, output met with ``diff``'s (what
+  ``branch_and_bound(..., zonotope=True)`` computes per batch);
 * ``crown``: CROWN on the merged network (sparse rows as well).
 
 All in sound mode. ``ms/piece`` is the warm time of one batched call divided by its pieces (the
@@ -101,15 +104,19 @@ def methods(merged) -> dict:
   def crown(lo, hi):
     return crown_bounds_sparse(mg, qb.Box(lo, hi), sound=True)[mg.output]
 
+  def zono_keep(lo, hi):
+    out = zonotope.diff_zonotope_batch(fg, qg, lo, hi, sound=True, keep=16)
+    return out.lower, out.upper
+
   def zono_on_diff(lo, hi):
     # The zonotope's relaxations read the differential bounds' intervals too, and its output is
     # met with theirs: how branch and bound would use both on a batch.
     out = diff_bounds_sparse(fg, qg, qb.Box(lo, hi), sound=True)
-    z = zonotope.diff_zonotope_batch(fg, qg, lo, hi, (out.z, out.zq, out.d), sound=True)
+    z = zonotope.diff_zonotope_batch(fg, qg, lo, hi, (out.z, out.zq, out.d), sound=True, keep=16)
     dlo, dhi = out.d[fg.output]
     return jnp.maximum(dlo, z.lower), jnp.minimum(dhi, z.upper)
 
-  return {"zonotope": zono, "diff": diff, "zono+diff": zono_on_diff, "crown": crown}
+  return {"zonotope": zono, "zono16": zono_keep, "diff": diff, "zono16+diff": zono_on_diff, "crown": crown}
 
 
 def run(count: int, seed: int, out: pathlib.Path) -> list[dict]:
