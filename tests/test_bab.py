@@ -194,3 +194,11 @@ def test_zonotope_option_is_sound_and_converges():
   smooth = qb.merge(lambda x: jnp.tanh(x * 2.0), lambda x: jnp.tanh(x * 2.5), box)
   with pytest.raises(qb.errors.UnsupportedLayerError, match="tanh"):
     bab.branch_and_bound(smooth, box, time_budget=1, zonotope=True)
+
+
+def test_influence_coefficients_are_per_unit_width_for_both_rows():
+  influence = jnp.asarray([[[2.0, 4.0, 0.0], [1.0, 0.0, 3.0]]])  # (pieces, inputs, outputs)
+  lo, hi = jnp.asarray([[0.0, -1.0]]), jnp.asarray([[2.0, -1.0]])  # half-widths 1 and 0
+  rows = np.asarray(bab._influence_coefficients(influence, lo, hi, np.asarray([0, 2])))
+  assert rows.shape == (1, 4, 2)
+  np.testing.assert_allclose(rows[0], [[2.0, 1.0], [0.0, 3.0], [2.0, 1.0], [0.0, 3.0]])
