@@ -33,6 +33,7 @@ Run from the repository root::
     python benchmarks/bench_differing.py --nets 1 2 3 --props 1 3 --eps 0.05 --time-budget 5
     python benchmarks/bench_differing.py --smoke                 # 1_1, property 1, eps 0.05, 2 s
     python benchmarks/bench_differing.py --pieces [--pieces-per-size 20]
+    python benchmarks/bench_differing.py --zonotope --warmup-budget 60   # branch and bound with differential zonotopes
 
 Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
 ``results/smoke/`` with ``--smoke``).
@@ -137,11 +138,11 @@ def summarise(rows: list[dict], eps: float) -> dict:
               median_decided_s=med(decided_s), max_decided_s=max(decided_s, default=math.nan))
 
 
-def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path) -> list[dict]:
+def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_budget=None) -> list[dict]:
   first_f, first_fq = acas_pair(nets[0])
   # Warm-up: the first instance, so that the table's times exclude compiling the bound steps
   # (compiled per layer shape and row count, and shared by every ACAS Xu pair).
-  warm_budget = budget
+  warm_budget = budget if warm_budget is None else warm_budget
   warm = run_instance(first_f, first_fq, f"1_{nets[0]}", props[0], epsilons[0], warm_budget)
   print(f"cold: first call (compilation included, budget {warm_budget:g} s) on 1_{nets[0]} property {props[0]} "
         f"eps {epsilons[0]}: {warm['verdict']}, upper {warm['upper']:.4g}, lower {warm['lower']:.4g}, "
@@ -274,8 +275,15 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
   p.add_argument("--pieces", action="store_true", help="tightness on random pieces of property 1's box instead")
   p.add_argument("--pieces-per-size", type=int, default=20)
   p.add_argument("--methods", nargs="+", default=None, help=f"pieces mode: which of {list(PIECE_METHODS)}")
+  p.add_argument("--warmup-budget", type=float, default=None,
+                 help="seconds for the warm-up call (default: --time-budget); longer when compiling takes longer")
+  p.add_argument("--zonotope", action="store_true",
+                 help="branch and bound meets each batch's differential bounds with differential zonotopes'")
   p.add_argument("--out", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
+  if args.zonotope:
+    from qbound.bounds import bab
+    bab.ZONOTOPE = True
   if not (BENCH / "nnet").is_dir():
     print(f"{BENCH} is absent (set QBOUND_BENCH to the bench checkout): nothing to run.")
     return None
@@ -292,7 +300,7 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
     acas_properties.get(prop)  # fail early on a name that is not a property
   if args.smoke:
     args.nets, args.props, args.eps, args.time_budget = args.nets[:1], args.props[:1], args.eps[:1], 2.0
-  return bench_certify(args.nets, args.props, args.eps, args.time_budget, out)
+  return bench_certify(args.nets, args.props, args.eps, args.time_budget, out, args.warmup_budget)
 
 
 if __name__ == "__main__":

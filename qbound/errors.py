@@ -7,6 +7,8 @@
   (:class:`InvalidBoundsError`). Both are bugs in qbound: please report them.
 * :class:`BoundOverflowError`: a bound propagation produced NaN, because some value overflowed
   the float type it runs in (huge inputs or weights). Not a bug, but no bound either.
+* :class:`UnsupportedLayerError`: a bound method that has no rule for one of the network's layers
+  (the message names the layer and a method that has one).
 * :class:`VnnlibError`: a VNN-LIB file that cannot be read (or asks for something qbound does
   not support); the message says where and what.
 """
@@ -51,3 +53,9 @@ class VnnlibError(ValueError):
     place = (source, line, column if line is not None else None)
     where = ":".join(str(part) for part in place if part is not None)
     super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class UnsupportedLayerError(ValueError):
+  """A bound method has no rule for a layer of the traced network (e.g. differential zonotopes,
+  which support affine layers and ReLU only). The message names the layer and a method that
+  supports it."""

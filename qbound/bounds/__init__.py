@@ -10,6 +10,7 @@ from qbound.bounds.crown import crown, crown_bounds
 from qbound.bounds.diff import diff, diff_bounds
 from qbound.bounds.forward import forward_diff, forward_diff_batch, forward_diff_bounds
 from qbound.bounds.interval import interval, interval_bounds
+from qbound.bounds.zonotope import diff_zonotope, diff_zonotope_batch, diff_zonotope_bounds
 
 __all__ = [
     "BabResult",
@@ -21,6 +22,9 @@ __all__ = [
     "diff_alpha_bounds",
     "diff_alpha_node",
     "diff_bounds",
+    "diff_zonotope",
+    "diff_zonotope_batch",
+    "diff_zonotope_bounds",
     "forward_diff",
     "forward_diff_batch",
     "forward_diff_bounds",

@@ -46,6 +46,8 @@ from qbound.bounds import guards
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
+from qbound.bounds import zonotope as zonotope_domain
+from qbound.bounds.zonotope import diff_zonotope_batch as zonotope_batch
 from qbound.box import Box
 
 
@@ -85,7 +87,8 @@ class BabResult:
 
 
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
-                  f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False):
+                  f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
+                  zonotope: bool = False):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -98,6 +101,10 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
   input of the selected outputs' lower then upper bounds (what the split rule reads), and the
   bounds worth passing on to the pieces' children; with ``widening`` (paired nets) also
   :func:`_widening`.
+
+  ``zonotope`` (paired nets of affine layers, ReLUs and clips, sparse passes): differential
+  zonotopes (:mod:`qbound.bounds.zonotope`) run after the differential bounds, their relaxations
+  reading those bounds; the output's bounds and the bounds passed on are met with theirs.
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -121,7 +128,15 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
                              prior=known)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
-    result = (out.d[fg.output], out.coefficients, keep)
+    d_out = out.d[fg.output]
+    if zonotope:
+      zono = zonotope_batch(fg, qg, lo, hi, (out.z, out.zq, out.d), sound=sound, keep=ZONOTOPE_KEEP)
+      keep = tuple(b[i] for b in (zono.z, zono.zq, zono.d) for i in nodes)
+      d_out = (jnp.maximum(d_out[0], zono.lower), jnp.minimum(d_out[1], zono.upper))
+    coefficients = out.coefficients
+    if zonotope and ZONOTOPE_SPLIT:
+      coefficients = _influence_coefficients(zono.influence, lo, hi, outputs)
+    result = (d_out, coefficients, keep)
     if not widening:
       return result
     # The sparse bounds leave z_q + d at their interval bounds wherever no activation is loose, which
@@ -137,6 +152,17 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
   known = None if prior is None else _node_list(len(mg.nodes), nodes, prior)
   bounds, coefficients = crown_bounds_sparse(mg, box, sound=sound, outputs=outputs, coefficients=True, prior=known)
   return bounds[mg.output], coefficients, tuple(bounds[i] for i in nodes)
+
+
+def _influence_coefficients(influence, lo, hi, outputs):
+  """VeryDiff's split score as branch and bound's coefficients: ``|G_f - G_q|`` of each input
+  generator at each selected output, per unit of the input's half-width, for the lower and the
+  upper rows alike (``(pieces, 2 * outputs, inputs)``)."""
+  n = lo.shape[0]
+  half = ((hi - lo) / 2).reshape(n, -1)
+  per_unit = influence[:, :, jnp.asarray(outputs)] / jnp.where(half > 0, half, 1.0)[:, :, None]
+  rows = jnp.swapaxes(per_unit, 1, 2)
+  return jnp.concatenate([rows, rows], axis=1)
 
 
 def _kept_nodes(graph: G.Graph, paired: bool) -> list[int]:
@@ -272,6 +298,20 @@ def split_at(lo, hi, axis):
   return left_hi, right_lo
 
 
+# Whether paired nets of affine layers, ReLUs and clips also take differential zonotopes on every
+# batch (branch_and_bound's ``zonotope=None``); see benchmarks/bench_differing.py --zonotope.
+ZONOTOPE = False
+# Fresh zonotope generators kept per layer and network (see qbound.bounds.zonotope._fresh): on
+# pieces of ACAS Xu property 1 (1/4 to 1/64 of the box), 16 cost 0.9 ms a piece against 2-3 ms for
+# all, at the same median bound (benchmarks/bench_pieces.py).
+ZONOTOPE_KEEP = 16
+# With the zonotopes, split by their generator influence (VeryDiff's heuristic) rather than by the
+# differential bound's input coefficients. Off: on ACAS Xu pruned pairs at epsilon 0.05 (20 s, warm,
+# shared cores) it proved 1_1 property 1 in 477 pieces against 605 (861 without zonotopes), but took
+# 2,013 pieces against 1,309 on 1_3 property 3 and ended 1_6 and 1_8 property 8 at uppers 9.5 and
+# 1.14 against 2.7 and 0.20.
+ZONOTOPE_SPLIT = False
+
 # Seconds between two calls of branch_and_bound's ``report``.
 REPORT_EVERY = 0.1
 
@@ -280,7 +320,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
-                     progress: Optional[bool] = False, report=None) -> BabResult:
+                     progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -308,6 +348,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       and then at most every ``REPORT_EVERY`` seconds: the root's per-output bounds on ``f - f_q``,
       the proven bound so far (the largest over open and finished pieces) and the best reached
       error with its input, so a caller holding a deadline has the latest answer.
+    zonotope: for paired chains of affine layers, ReLUs and clips, meet every batch's differential
+      bounds with differential zonotopes' (:mod:`qbound.bounds.zonotope`), whose relaxations read
+      them; None: ``ZONOTOPE`` (off). True on other networks raises
+      :class:`~qbound.errors.UnsupportedLayerError`.
 
   Returns:
     A :class:`BabResult`.
@@ -339,6 +383,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   layout = {}
   f_crown = True
   dense = _dense_for_close_copies(merged)
+  if zonotope is None:
+    zonotope = ZONOTOPE and zonotope_domain.supported(merged.f_graph, merged.fq_graph)
+  elif zonotope:
+    zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   candidate_count = STRONG_BRANCHING_CANDIDATES if small else LARGE_NET_CANDIDATES
 
@@ -347,11 +395,12 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     lo, hi, prior = sharding.put_batch((lo, hi, prior), mesh)
     layout.update(sharding.layout(lo))
     if root and paired:
-      bounds, widening = _batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior)
+      bounds, widening = _batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
+                                       zonotope=zonotope)
       f_crown = widening > F_CROWN_WIDENING
       return sharding.gather(bounds)
     return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
-                                         dense=dense))
+                                         dense=dense, zonotope=zonotope))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(_probe(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
