@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from qbound import validate
 from qbound.batch import certify_batch
 from qbound.box import Box, validate_boxes
+from qbound.certified_training import certified_retrain as certified_retrain
+from qbound.certified_training import error_bound as error_bound
 from qbound.quantize.policy import Selection, Where, by_path, kernels_only, path_str
 from qbound.quantize.weights import uniform_quantizer
 
