@@ -59,8 +59,8 @@ FULL = dict(images=50, radius=0.02, targets=(0.05, 0.1, 0.5), widths=tuple(range
             retrain_formats=("uniform-4", "ternary"), retrain_modes=RETRAIN_MODES, seeds=3, steps=600, batch_size=64,
             learning_rate=1e-3, weight=0.1, bound="diff")
 SMOKE = dict(images=4, radius=0.02, targets=(0.5,), widths=(8, 6, 4), calibration=32,
-             retrain_formats=("uniform-4",), retrain_modes=("distill", "certified"), seeds=1, steps=4, batch_size=8,
-             learning_rate=1e-3, weight=0.1, bound="diff-interval")
+             retrain_formats=("uniform-4",), retrain_modes=("certified",), seeds=1, steps=2, batch_size=4,
+             learning_rate=1e-3, weight=0.1, bound="interval")
 
 
 def agreement(apply, params, qparams, x) -> float:

@@ -97,3 +97,12 @@ def test_a_weight_computed_from_trained_parameters_is_refused():
   bound = qb.compression.error_bound(apply, params, params, jnp.zeros(3), key=jax.random.key(0),
                                      where="params/out")
   assert float(jnp.max(bound(params, qb.linf_ball(jnp.zeros((1, 3)), 0.1)))) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["qbound.certified_training", "qbound.compression"])
+def test_docstring_examples(name):
+  import doctest
+  import importlib
+
+  result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
