@@ -86,7 +86,8 @@ def error_bound(apply: Callable, params, qparams, example, *, key: jax.Array, wh
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
     >>> params = model.init(jax.random.key(0), jnp.zeros(3))
     >>> q = qb.quantize.uniform(params, bits=4)
-    >>> bound = qb.compression.error_bound(model.apply, params, q, jnp.zeros(3), key=jax.random.key(1))
+    >>> bound = qb.compression.error_bound(model.apply, params, q, jnp.zeros(3), key=jax.random.key(1),
+    ...                                  method="diff-interval")
     >>> boxes = qb.linf_ball(jnp.zeros((2, 3)), 0.1)
     >>> g = jax.grad(lambda q: bound(q, boxes).mean())(q)
     >>> bool(jnp.any(g["params"]["layers_0"]["kernel"] != 0))
@@ -200,7 +201,7 @@ def certified_retrain(apply: Callable, params, quantizer: Transform, data: tuple
     >>> q3 = qb.quantize.uniform_quantizer(bits=3, where=qb.quantize.kernels_only)
     >>> teacher = jax.vmap(lambda v: model.apply(params, v))(x)
     >>> shadow = qb.compression.certified_retrain(model.apply, params, q3, (x, teacher), radius=0.05,
-    ...     weight=1.0, optimizer=optax.adam(1e-3), steps=50, key=jax.random.key(2))
+    ...     weight=1.0, optimizer=optax.adam(1e-3), steps=50, key=jax.random.key(2), method="diff-interval")
     >>> boxes = qb.linf_ball(x[:8], 0.05)
     >>> f = lambda v: model.apply(params, v)
     >>> before = qb.compression.certified_error(f, lambda v: model.apply(q3(params), v), boxes)
