@@ -106,3 +106,17 @@ def test_docstring_examples(name):
 
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_interval_training_bound_covers_sampled_errors(setting):
+  """IBP on the merged network: looser than the differential bound, but still above every error reached."""
+  model, params, x, _ = setting
+  boxes = qb.linf_ball(x[:6], 0.05)
+  q = Q3(params)
+  bound = qb.compression.error_bound(model.apply, params, q, x[0], key=jax.random.key(0), method="interval")
+  value = bound(q, boxes)
+  u = jax.random.uniform(jax.random.key(9), (100, *boxes.lower.shape))
+  pts = boxes.lower + u * (boxes.upper - boxes.lower)
+  f, fq = functools.partial(model.apply, params), functools.partial(model.apply, q)
+  reached = jnp.max(jnp.abs(jax.vmap(jax.vmap(f))(pts) - jax.vmap(jax.vmap(fq))(pts)), axis=(0, 2))
+  assert value.shape == (6,) and bool(jnp.all(reached <= value))
