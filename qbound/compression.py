@@ -158,6 +158,8 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
     ValueError: no width in ``widths`` meets the budget even uniformly at the widest (the message
       gives the best certified error reached), an ``order`` naming a layer ``where`` does not select
       or naming one twice, or bad arguments.
+    RuntimeError: the answer's certificate, recomputed from scratch, misses the budget (never
+      expected: it is the computation that accepted it; raised rather than return an unproven plan).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
