@@ -379,6 +379,94 @@ ax.set_xticks(range(len(copies) * len(radii)), [f"{c} r={r}" for c in copies for
 ax.set_yscale("log"); ax.set_ylabel("seconds per box"); ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
 plt.tight_layout()"""),
     ],
+    "certified_compression": [
+        ("md", """# Certified compression of the digits MLP
+
+`qb.compression.search` chooses a bit width per kernel of the bundled digits MLP 64-32-32-10 so that the
+*certified* maximal logit error over L-inf balls (radius 0.02) around test images meets a budget epsilon, with
+the least storage. Beside the greedy search: the same descent in the order of the per-layer attribution
+(`qb.compression.attribution`: the certified error with only that layer quantized) and of a HAWQ-style
+sensitivity (`qb.compression.sensitivity`: the output MSE of quantizing that layer alone), every uniform width,
+fixed pipelines, and retrained formats, including certified-error-aware retraining
+(`qb.compression.certified_retrain`: distillation plus a differentiable bound on |f - f_q| over training balls).
+Every certified number was recomputed from scratch for its row. Produced by
+`python experiments/certified_compression.py`."""),
+        ("code", SETUP),
+        ("code", load("certified_compression")),
+        ("code", """rows = read_csv(RESULTS / "frontier.csv")
+layers = read_csv(RESULTS / "attribution.csv")
+retrained = read_csv(RESULTS / "retraining.csv")
+searches = ("searched", "attribution-ordered", "sensitivity-ordered")
+for r in rows:
+    if r["candidate"] in searches:
+        assert r["certified"] <= r["target"], r  # every searched answer meets its budget, re-certified
+    assert r["meets"] == (r["certified"] <= r["target"]), r
+targets = sorted({r["target"] for r in rows})
+for t in targets:
+    show_table([r for r in rows if r["target"] == t and (r["candidate"] in searches or r["meets"])],
+               ["candidate", "bits", "bytes", "certified", "accuracy", "agreement", "candidates", "search_seconds"],
+               title=f"epsilon = {t}: the searches and every candidate that meets it (bits: dense_0/1/2)")"""),
+        ("md", """Storage against certified error for every candidate (one point each; the budgets as dashed lines, the
+searched answers circled). Below a line and to the left is better."""),
+        ("code", """fig, ax = plt.subplots(figsize=(8, 4.2))
+seen = {}
+for r in rows:
+    if r["target"] != targets[0] or r["candidate"] in searches:
+        continue
+    kind = "uniform" if r["candidate"].startswith("uniform-") and "+" not in r["candidate"] else (
+        "retrained" if "+" in r["candidate"] else "pipeline")
+    colour = {"uniform": "C0", "retrained": "C2", "pipeline": "C7"}[kind]
+    ax.plot(r["bytes"], r["certified"], "o", color=colour, label=None if kind in seen else kind)
+    seen[kind] = True
+    ax.annotate(r["candidate"], (r["bytes"], r["certified"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+for k, t in enumerate(targets):
+    ax.axhline(t, ls="--", color=f"C{k + 3}", lw=0.8)
+    for name, m in zip(searches, "o^s"):
+        s = [r for r in rows if r["target"] == t and r["candidate"] == name]
+        if s:
+            ax.plot(s[0]["bytes"], s[0]["certified"], m, mfc="none", ms=11, color=f"C{k + 3}",
+                    label=f"{name}" if k == 0 else None)
+ax.set_yscale("log"); ax.set_xlabel("bytes"); ax.set_ylabel("certified max |f - f_q| (logits)")
+ax.grid(True, which="both", alpha=0.3); ax.legend(fontsize=7)
+plt.tight_layout()"""),
+        ("md", """Per-layer attribution at the width each search starts from: the certified error with only that layer
+quantized (its share of the sum), beside the HAWQ-style sensitivity. The two orderings need not agree: the
+sensitivity is measured at the test images, the attribution over the whole balls."""),
+        ("code", """show_table(layers, ["target", "layer", "bits", "attributed", "share", "sensitivity"])
+fig, ax = plt.subplots(figsize=(7, 3))
+first = [l for l in layers if l["target"] == layers[0]["target"]]
+x = np.arange(len(first))
+sens = np.array([l["sensitivity"] for l in first])
+ax.bar(x - 0.2, [l["share"] for l in first], 0.4, label="attributed share (certified)")
+ax.bar(x + 0.2, sens / sens.sum(), 0.4, label="sensitivity share (output MSE)")
+ax.set_xticks(x, [l["layer"].split("/")[1] for l in first])
+ax.set_title(f"{first[0]['bits']} bits"); ax.legend(fontsize=7); ax.grid(True, axis="y", alpha=0.3)
+plt.tight_layout()"""),
+        ("md", """Retraining: post-training quantization (`none`), QAT on the labels, distillation towards f, and
+certified-error-aware retraining (distillation or cross-entropy plus the bound over training balls). The
+certified error is over the *test* balls, which training never saw."""),
+        ("code", """averaged = read_csv(RESULTS / "retraining_summary.csv")
+show_table(retrained, ["format", "mode", "seed", "certified", "certified_mean", "accuracy", "agreement",
+                       "search_seconds"], title="every run (search_seconds: the retraining's seconds)")
+show_table(averaged, ["format", "mode", "runs", "certified_avg", "certified_min", "certified_max",
+                      "certified_mean_avg", "accuracy_avg", "agreement_avg"], title="over seeds")
+formats = list(dict.fromkeys(r["format"] for r in averaged))
+fig, axes = plt.subplots(1, len(formats), figsize=(5 * len(formats), 3.4), squeeze=False)
+for ax, fmt in zip(axes[0], formats):
+    sel = [r for r in averaged if r["format"] == fmt]
+    avg = np.array([r["certified_avg"] for r in sel])
+    err = np.array([[a - r["certified_min"] for a, r in zip(avg, sel)], [r["certified_max"] - a for a, r in zip(avg, sel)]])
+    colours = ["C7" if r["mode"] == "none" else "C2" if r["mode"].startswith("certified") else "C0" for r in sel]
+    ax.bar(range(len(sel)), avg, yerr=err, capsize=3, color=colours)
+    ax.plot(range(len(sel)), [r["certified_mean_avg"] for r in sel], "k_", ms=14, label="mean over the balls")
+    for i, r in enumerate(sel):
+        ax.annotate(f"acc {r['accuracy_avg']:.3f}", (i, r["certified_max"]), ha="center", fontsize=7, xytext=(0, 2),
+                    textcoords="offset points")
+    ax.set_xticks(range(len(sel)), [r["mode"] for r in sel], fontsize=8)
+    ax.set_title(f"{fmt} (bars: max over the balls, avg and range over seeds)", fontsize=9)
+    ax.set_ylabel("certified |f - f_q|"); ax.grid(True, axis="y", alpha=0.3); ax.legend(fontsize=7)
+plt.tight_layout()"""),
+    ],
 }
 
 

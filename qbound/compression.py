@@ -12,6 +12,13 @@ next lower width still meets the budget, the one that saves the most bytes per u
 it adds. Every candidate shares the compiled bound steps of the first (the weights are arguments),
 so a candidate costs one batched bound pass.
 
+Two per-layer scores help read and order it: :func:`attribution` (the certified error with only one
+layer quantized: which layer's quantization the certificate pays for) and :func:`sensitivity` (a
+cheap HAWQ-style score, the output MSE of quantizing one layer alone); either ordering can drive the
+search instead of the greedy choice (``search(..., order=...)``, one candidate per step). To lower the
+certified error of a given format rather than choose a format, retrain it with the bound in the loss:
+:func:`certified_retrain` (:mod:`qbound.certified_training`).
+
 Storage is counted as the format stores it: ``bits`` per quantized weight plus one float32 scale per
 tensor (or per output channel), every other parameter at 32 bits.
 """
@@ -30,6 +37,8 @@ from tqdm.auto import tqdm
 from qbound import validate
 from qbound.batch import certify_batch
 from qbound.box import Box, validate_boxes
+from qbound.certified_training import certified_retrain as certified_retrain
+from qbound.certified_training import error_bound as error_bound
 from qbound.quantize.policy import Selection, Where, by_path, kernels_only, path_str
 from qbound.quantize.weights import uniform_quantizer
 
@@ -117,9 +126,15 @@ def quantize_layers(params, bits: dict, *, per_channel: bool = False):
 
 def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Sequence[int] = (8, 7, 6, 5, 4, 3, 2),
            where: Where = kernels_only, per_channel: bool = False, method: str = "diff", sound: bool = True,
-           progress: Optional[bool] = None) -> Plan:
+           progress: Optional[bool] = None, order: Optional[Sequence[str]] = None) -> Plan:
   """The per-layer bit widths with the least storage whose certified error over ``boxes`` is at most
   ``epsilon`` (greedy, starting from the best uniform width; see the module docstring).
+
+  With ``order`` (layer paths, the one to narrow first at the front, e.g. from :func:`sensitivity`
+  or :func:`attribution` in ascending order) the descent is the one of sensitivity-based mixed
+  precision (HAWQ, Dong et al., ICCV 2019) with the certificate as its stopping rule: each layer in
+  turn goes down one width at a time while the certificate still meets ``epsilon``. It certifies
+  about one candidate per step instead of one per layer.
 
   Args:
     params: f's parameters (the pytree ``apply`` takes).
@@ -133,13 +148,18 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
       f_q of the same layers, which uniform quantization keeps).
     sound: proven floating-point margins.
     progress: a progress bar over the candidates (``None``: only on a terminal).
+    order: the layers in the order to narrow them (each at most once, all of them selected by
+      ``where``; the ones left out keep the uniform width); None: the greedy search.
 
   Returns:
     A :class:`Plan`, its certificate recomputed from scratch.
 
   Raises:
     ValueError: no width in ``widths`` meets the budget even uniformly at the widest (the message
-      gives the best certified error reached), or bad arguments.
+      gives the best certified error reached), an ``order`` naming a layer ``where`` does not select
+      or naming one twice, or bad arguments.
+    RuntimeError: the answer's certificate, recomputed from scratch, misses the budget (never
+      expected: it is the computation that accepted it; raised rather than return an unproven plan).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
@@ -160,6 +180,13 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
   layers = [path_str(p) for p, _ in Selection(params, where).selected]
   if not layers:
     raise ValueError("where selects no parameter to quantize.")
+  if order is not None:
+    order = [order] if isinstance(order, str) else list(order)
+    unknown = [name for name in order if name not in layers]
+    if unknown:
+      raise ValueError(f"order names {unknown}, which `where` does not select; the layers are {layers}.")
+    if len(set(order)) != len(order):
+      raise ValueError(f"order names a layer more than once: {order}.")
   f = functools.partial(apply, params)
   bar = tqdm(desc="certified compression", unit="candidate", disable=None if progress is None else not progress,
              leave=False)
@@ -191,7 +218,14 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
 
   steps = []
   current = best
-  while True:
+  for name in order or ():
+    for w in [w for w in widths if w < current.bits[name]]:
+      c = candidate({**current.bits, name: w})
+      steps.append(c)
+      if c.certified > epsilon:
+        break
+      current = c
+  while order is None:
     options = []
     for name in layers:
       narrower = [w for w in widths if w < current.bits[name]]
@@ -208,5 +242,104 @@ def search(params, apply: Callable, boxes: Box, *, epsilon: float, widths: Seque
   bar.close()
   final_params = quantized(current.bits)
   recertified = certified_error(f, functools.partial(apply, final_params), boxes, method=method, sound=sound)
+  if not recertified <= epsilon:  # the same computation as the candidate's: never expected, never hidden
+    raise RuntimeError(f"the chosen widths re-certify at {recertified:.6g} > epsilon = {epsilon:g} (the search "
+                       f"certified {current.certified:.6g}); please report this.")
   return Plan(bits=dict(current.bits), params=final_params, bytes=current.bytes, certified=recertified,
               epsilon=epsilon, uniform=tuple(uniform), steps=tuple(steps), seconds=time.perf_counter() - start)
+
+
+def _widths_of(params, bits, where: Where) -> dict:
+  """``bits`` as ``{path: width}`` over the layers ``where`` selects (an int: that width for each)."""
+  layers = [path_str(p) for p, _ in Selection(params, where).selected]
+  if not layers:
+    raise ValueError("where selects no parameter to quantize.")
+  if isinstance(bits, dict):
+    unknown = [name for name in bits if name not in layers]
+    if unknown or not bits:
+      raise ValueError(f"bits must map some of the layers {layers} to widths; got {sorted(bits)}.")
+    return {name: validate.integer("bits", w, minimum=2) for name, w in bits.items()}
+  width = validate.integer("bits", bits, minimum=2)
+  return {name: width for name in layers}
+
+
+def attribution(params, apply: Callable, boxes: Box, bits, *, where: Where = kernels_only, per_channel: bool = False,
+                method: str = "diff", sound: bool = True) -> dict:
+  """Each layer's share of the certified error: the certified error over ``boxes`` when only that layer
+  is quantized (at its width in ``bits``) and every other parameter stays as in f.
+
+  The certified error of the whole assignment is not the sum of these (the bounds are not additive,
+  and errors of different layers can cancel or compound), but the layer with the largest value is
+  the one whose quantization the certificate is most sensitive to: the first to widen, the last to
+  narrow (pass ``sorted(a, key=a.get)`` to :func:`search` as ``order``).
+
+  Args:
+    params: f's parameters.
+    apply: ``apply(params, x)`` for one unbatched input.
+    boxes: boxes along a leading axis.
+    bits: ``{path: width}`` (as :func:`search` returns), or one width for every layer ``where`` selects.
+    where: the layers, when ``bits`` is one width.
+    per_channel, method, sound: as in :func:`search`.
+
+  Returns:
+    ``{path: certified error with only that layer quantized}``, in the order of ``bits``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(2))
+    >>> boxes = qb.linf_ball(jax.random.uniform(jax.random.key(1), (4, 2)), 0.05)
+    >>> a = qb.compression.attribution(params, model.apply, boxes, {"params/layers_0/kernel": 2,
+    ...                                                             "params/layers_2/kernel": 8})
+    >>> a["params/layers_0/kernel"] > a["params/layers_2/kernel"]
+    True
+  """
+  boxes = validate_boxes(boxes)
+  widths = _widths_of(params, bits, where)
+  f = functools.partial(apply, params)
+  return {name: certified_error(f, functools.partial(apply, quantize_layers(params, {name: w}, per_channel=per_channel)),
+                                boxes, method=method, sound=sound)
+          for name, w in widths.items()}
+
+
+def sensitivity(params, apply: Callable, inputs, bits, *, where: Where = kernels_only,
+                per_channel: bool = False) -> dict:
+  """A cheap HAWQ-style sensitivity of each layer: the mean squared change of f's outputs on ``inputs``
+  when only that layer is quantized (at its width in ``bits``).
+
+  HAWQ (Dong et al., ICCV 2019) orders layers by the Hessian of the loss (its top eigenvalue; HAWQ-v2,
+  NeurIPS 2020: its trace) and gives the flattest layers the fewest bits. The output MSE of quantizing
+  one layer alone is the second-order term that ordering estimates, measured directly and without
+  labels. It is an empirical ordering, not a bound: :func:`search` with ``order`` certifies every step.
+
+  Args:
+    params: f's parameters.
+    apply: ``apply(params, x)`` for one unbatched input.
+    inputs: calibration inputs along a leading axis.
+    bits: ``{path: width}``, or one width for every layer ``where`` selects.
+    where: the layers, when ``bits`` is one width.
+    per_channel: one scale per output channel.
+
+  Returns:
+    ``{path: mean over inputs and outputs of (f(x) - f_layer(x))^2}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.zeros(2))
+    >>> s = qb.compression.sensitivity(params, model.apply, jnp.ones((5, 2)), 4)
+    >>> sorted(s) == ["params/layers_0/kernel", "params/layers_2/kernel"], all(v >= 0 for v in s.values())
+    (True, True)
+  """
+  import jax
+  import jax.numpy as jnp
+
+  widths = _widths_of(params, bits, where)
+  inputs = jnp.asarray(inputs)
+  if inputs.ndim < 1 or inputs.shape[0] == 0:
+    raise ValueError(f"inputs must hold at least one input along a leading axis; got shape {inputs.shape}.")
+  run = jax.jit(jax.vmap(apply, in_axes=(None, 0)))
+  reference = run(params, inputs)
+  return {name: float(jnp.mean(jnp.square(reference - run(quantize_layers(params, {name: w}, per_channel=per_channel),
+                                                             inputs))))
+          for name, w in widths.items()}

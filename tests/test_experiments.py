@@ -24,7 +24,8 @@ EXPERIMENTS = ROOT / "experiments"
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(EXPERIMENTS))
 
-NAMES = ["random_nets", "resiliency", "deep_compression", "bench_differential", "scaling", "top1_agreement"]
+NAMES = ["random_nets", "resiliency", "deep_compression", "bench_differential", "scaling", "top1_agreement",
+         "certified_compression"]
 if (EXPERIMENTS / "activation_quant.py").is_file():
   NAMES.append("activation_quant")
 
@@ -198,8 +199,22 @@ def test_certified_compression(smoke):
   for s in searched:
     assert s["certified"] <= s["target"]
     uniform = [r for r in rows if r["target"] == s["target"] and str(r["candidate"]).startswith("uniform-")
-               and r["certified"] <= s["target"]]
+               and "+" not in str(r["candidate"]) and r["certified"] <= s["target"]]
     assert all(s["bytes"] <= r["bytes"] for r in uniform)
+  # The ordered descents (attribution, HAWQ-style sensitivity) also never answer with a failing certificate.
+  ordered = [r for r in rows if r["candidate"] in ("attribution-ordered", "sensitivity-ordered")]
+  assert len(ordered) == 2 * len(searched) and all(r["certified"] <= r["target"] for r in ordered)
+  # Attribution: one row per kernel and target, shares of a positive sum.
+  layers = read_csv(out / "attribution.csv")
+  for t in {r["target"] for r in layers}:
+    shares = [r["share"] for r in layers if r["target"] == t]
+    assert len(shares) == 3 and abs(sum(shares) - 1) < 1e-6 and min(shares) > 0
+  # Retraining rows: the post-training baseline and each mode, all certified over the same test balls.
+  retrained = read_csv(out / "retraining.csv")
+  assert {r["mode"] for r in retrained} >= {"none", "certified"}
+  assert all(r["certified"] > 0 and 0 <= r["accuracy"] <= 1 for r in retrained)
+  frontier_names = {r["candidate"] for r in rows}
+  assert all(f"{r['format']}+{r['mode']}" in frontier_names for r in retrained if r["mode"] != "none")
 
 
 @pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")

@@ -162,6 +162,7 @@ def retrain(
     batch_size: int = 32,
     loss: Loss = 'cross_entropy',
     where: Where = None,
+    penalty: Callable | None = None,
 ) -> PyTree:
   """Retrains float shadow weights through a quantized forward pass; returns the shadow weights.
 
@@ -190,6 +191,10 @@ def retrain(
     where: which float parameters are trained (all by default); the others are
       kept fixed, e.g. ``where='params/*'`` for .nnet parameters with
       normalisation constants.
+    penalty: optional ``penalty(quantized_params, inputs) -> scalar`` added to the loss of every
+      minibatch (``quantized_params`` carry the straight-through gradient), e.g. a differentiable
+      bound on the error of the quantized network over boxes around the inputs
+      (:func:`qbound.compression.certified_retrain`).
 
   Returns:
     The retrained float shadow parameters, with the structure of `params`;
@@ -212,12 +217,15 @@ def retrain(
   sel = Selection(params, where)
   if not sel.indices:
     raise ValueError('no float parameter is selected for training; check `where`.')
+  if penalty is not None and not callable(penalty):
+    raise ValueError(f'penalty must be a function (quantized_params, inputs) -> scalar, got {penalty!r}.')
   quantize = straight_through(quantizer)
   loss_fn = _loss_fn(loss)
 
   def objective(trainable, xb, yb):
     full = quantize(sel.rebuild(trainable))
-    return loss_fn(jax.vmap(apply_fn, in_axes=(None, 0))(full, xb), yb)
+    value = loss_fn(jax.vmap(apply_fn, in_axes=(None, 0))(full, xb), yb)
+    return value if penalty is None else value + penalty(full, xb)
 
   trained, _ = _fit(objective, [x for _, x in sel.selected], data, optimizer=optimizer, steps=steps, key=key,
                     batch_size=batch_size)
