@@ -217,6 +217,20 @@ def test_certified_compression(smoke):
   assert all(f"{r['format']}+{r['mode']}" in frontier_names for r in retrained if r["mode"] != "none")
 
 
+def test_certified_compression_models(smoke):
+  """The same frontier on a convolutional network: the search meets its budget, re-certified, and is
+  no larger than any uniform width that meets it."""
+  summary, out = smoke("certified_compression_models")
+  rows = read_csv(out / "frontier.csv")
+  searched = [r for r in rows if r["candidate"] == "searched"]
+  assert searched and all(r["model"] == "digits CNN" for r in rows)
+  for s in searched:
+    assert s["certified"] <= s["target"]
+    uniform = [r for r in rows if r["target"] == s["target"] and str(r["candidate"]).startswith("uniform-")
+               and r["certified"] <= s["target"]]
+    assert uniform and all(s["bytes"] <= r["bytes"] for r in uniform)
+
+
 @pytest.mark.skipif(not (EXPERIMENTS / "activation_quant.py").is_file(), reason="no activation_quant experiment")
 def test_activation_quant(smoke):
   summary, out = smoke("activation_quant")
