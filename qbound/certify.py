@@ -315,6 +315,21 @@ def _graph_at(graph, x):
   return graph(x)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _error_at(f, fq, x):
+  return f(x) - fq(x)
+
+
+def _hashable(*objects) -> bool:
+  """Whether every object can key a compiled program (e.g. ``functools.partial``, lambdas)."""
+  try:
+    for obj in objects:
+      hash(obj)
+  except TypeError:
+    return False
+  return True
+
+
 def _first_probes(box: Box, key) -> np.ndarray:
   """The box's centre, lower and upper corners and :data:`FIRST_RANDOM_CORNERS` random corners.
 
@@ -420,12 +435,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   if method in ("diff", "diff-interval"):
     require_paired(merged)
   track = _Tracker(n_out, outputs)
-  # The error as f and f_q compute it themselves, compiled once per call (op by op, every operation
-  # of the user's model would compile on its own: seconds on a first call of a CNN).
+  # The error as f and f_q compute it themselves, compiled (op by op, every operation of the user's
+  # model would compile on its own: seconds on a first call of a CNN) once per pair of functions.
   if isinstance(f, MergedNetwork):
     error_float32 = functools.partial(_graph_at, graph)
   else:
-    error_float32 = jax.jit(lambda x: f(x) - fq(x))
+    error_float32 = functools.partial(_error_at, f, fq) if _hashable(f, fq) else (lambda x: f(x) - fq(x))
 
   def closing_values(witness):
     """``f - f_q`` at the witness in float64, and the error as f and fq compute it themselves."""
