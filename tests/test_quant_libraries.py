@@ -75,6 +75,30 @@ def test_qwix_weight_quantization_is_paired_and_sound(original, qtype):
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
 
 
+def test_qwix_nnx_weight_quantization_is_paired_and_sound():
+  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(INPUTS, 16, rngs=rngs)
+      self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jax.nn.relu(self.hidden(x)))
+
+  model = MLP(nnx.Rngs(0))
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), jnp.zeros(INPUTS))
+  graphdef, state = nnx.split(model)
+  q_graphdef, q_state = nnx.split(qmodel)
+  f = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  fq = lambda x: nnx.merge(q_graphdef, q_state)(x)  # noqa: E731
+  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.1)
+  assert _check_sound(f, fq, cert).paired
+  assert cert.lower > 0 and cert.upper <= 2 * cert.lower
+
+
 def test_qwix_dynamic_activation_quantization_is_refused_clearly(original):
   qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
   model, params = original
