@@ -63,12 +63,6 @@ SMOKE = dict(images=4, radius=0.02, targets=(0.5,), widths=(8, 6, 4), calibratio
              learning_rate=1e-3, weight=0.1, bound="interval")
 
 
-def agreement(apply, params, qparams, x) -> float:
-  ref = jnp.argmax(jax.vmap(functools.partial(apply, params))(x), axis=-1)
-  got = jnp.argmax(jax.vmap(functools.partial(apply, qparams))(x), axis=-1)
-  return float(jnp.mean(ref == got))
-
-
 def quantizer(fmt: str):
   if fmt == "ternary":
     return qb.quantize.ternary_quantizer(where=kernels_only)
@@ -98,7 +92,7 @@ def main(argv=None):
                 bytes=qb.compression.storage_bytes(params, bits) if isinstance(bits, dict) else bits,
                 certified=float(np.max(uppers)), certified_mean=float(np.mean(uppers)),
                 accuracy=common.accuracy(apply, qparams, x_test, y_test),
-                agreement=agreement(apply, params, qparams, x_test), search_seconds=seconds)
+                agreement=common.agreement(apply, params, qparams, x_test), search_seconds=seconds)
 
   # Every uniform width, and the pipelines, once (their certificates do not depend on the target).
   baselines = []

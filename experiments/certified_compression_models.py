@@ -39,12 +39,6 @@ SMOKE = dict(images=1, targets=(10.0,), widths=(8, 4), channels=(2,), features=(
              mnist_radius=1 / 255)
 
 
-def agreement(apply, params, qparams, x) -> float:
-  ref = jnp.argmax(jax.vmap(functools.partial(apply, params))(x), axis=-1)
-  got = jnp.argmax(jax.vmap(functools.partial(apply, qparams))(x), axis=-1)
-  return float(jnp.mean(ref == got))
-
-
 def frontier(model: str, apply, params, boxes, x_test, y_test, targets, widths) -> list[dict]:
   """Uniform widths and the searched per-layer widths for each target, every row re-certified."""
   kernels = [qb.quantize.path_str(p) for p, _ in Selection(params, kernels_only).selected]
@@ -57,7 +51,7 @@ def frontier(model: str, apply, params, boxes, x_test, y_test, targets, widths) 
     return dict(model=model, target=target, candidate=candidate, bits="/".join(str(bits[k]) for k in kernels),
                 bytes=qb.compression.storage_bytes(params, bits), certified=float(np.max(uppers)),
                 certified_mean=float(np.mean(uppers)), accuracy=common.accuracy(apply, qparams, x_test, y_test),
-                agreement=agreement(apply, params, qparams, x_test), search_seconds=seconds,
+                agreement=common.agreement(apply, params, qparams, x_test), search_seconds=seconds,
                 certify_seconds=time.perf_counter() - t0)
 
   uniform = [row(None, f"uniform-{w}", {k: w for k in kernels},

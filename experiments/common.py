@@ -317,6 +317,13 @@ def train_mlp(key, hidden: Sequence[int], x_train, y_train, *, epochs: int, outp
   return model.apply, train(model.apply, variables, train_key, x_train, y_train, epochs=epochs)
 
 
+def agreement(apply: Callable, params, qparams, x) -> float:
+  """Top-1 agreement of ``apply(qparams, .)`` with ``apply(params, .)`` on the inputs ``x``."""
+  ref = jnp.argmax(jax.vmap(functools.partial(apply, params))(x), axis=-1)
+  got = jnp.argmax(jax.vmap(functools.partial(apply, qparams))(x), axis=-1)
+  return float(jnp.mean(ref == got))
+
+
 def accuracy(apply: Callable, variables, x, y) -> float:
   logits = jax.jit(jax.vmap(functools.partial(apply, variables)))(jnp.asarray(x))
   return float(jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(y)))

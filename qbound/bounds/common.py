@@ -62,20 +62,15 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
     return jax.vmap(functools.partial(fn, sound=sound), in_axes=in_axes)(*args)
 
   batch = jax.jit(mapped, static_argnames=("sound",), compiler_options=compiler_options)
+  # JAX takes compiler options on the outermost jit only: inside another program (batched
+  # certification jits whole passes) a step with options is traced into it as plain code.
+  plain = None
+  if compiler_options:
+    plain = (jax.jit(fn, static_argnames=("sound",)), jax.jit(mapped, static_argnames=("sound",)))
 
   def step(*args, sound: bool, batched: bool = False):
-    return (batch if batched else single)(*args, sound=sound)
-
-  if compiler_options:
-    # JAX takes compiler options on the outermost jit only: inside another program (batched
-    # certification jits whole passes) the step is traced into it as plain code.
-    plain_single = jax.jit(fn, static_argnames=("sound",))
-    plain_batch = jax.jit(mapped, static_argnames=("sound",))
-
-    def step(*args, sound: bool, batched: bool = False):  # noqa: F811 - the variant with options
-      if tracing(args):
-        return (plain_batch if batched else plain_single)(*args, sound=sound)
-      return (batch if batched else single)(*args, sound=sound)
+    one, many = plain if plain is not None and tracing(args) else (single, batch)
+    return (many if batched else one)(*args, sound=sound)
 
   step.__doc__ = fn.__doc__
   return step

@@ -81,9 +81,9 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
       f_q"``). All groups are checked by one compiled reduction and one transfer.
     sound: whether they were computed with proven margins (else small inversions are tolerated).
   """
-  if tracing([bounds for _, _, bounds in groups]):  # under jit or vmap: the caller returns counts() from its program instead
-    return
   leaves = [leaf for _, _, bounds in groups for leaf in jax.tree_util.tree_leaves(bounds)]
+  if tracing(leaves):  # under jit or vmap: the caller returns counts() from its program instead
+    return
   if sum(int(np.size(leaf)) for leaf in leaves) <= HOST_CHECK_ENTRIES:
     raise_for_counts(_host_counts(groups, sound=sound), groups, sound=sound)
   else:
