@@ -55,14 +55,21 @@ def _accumulate(total, value, src_bounds, err, sound: bool):
   return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * mag)
 
 
-def _backward_step(node: G.Node, lam, src_bounds, alpha, beta_in, err_in, sound: bool):
+def _backward_step(node: G.Node, lam, src_bounds, alpha, beta_in, err_in, lines, sound: bool):
   """One node of the backward pass: the coefficients passed to each input (in ``node.inputs``
   order), and the running constant and rounding margin per row with this node's added."""
-  parts, beta, err = _backward_rule(node, lam, src_bounds, alpha, sound)
+  parts, beta, err = _backward_rule(node, lam, src_bounds, alpha, sound, lines)
   return parts, beta_in + beta, err_in + err
 
 
-def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
+def _activation_lines(node: G.Node, src_bounds, alpha, sound: bool):
+  """An activation's relaxation lines, one value per neuron, in a step of their own before they
+  meet the rows (XLA would otherwise recompute them once per row; see
+  :func:`qbound.bounds.diff._activation_lines`)."""
+  return rules.for_node(node, *src_bounds[0], alpha, sound=sound)
+
+
+def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None):
   dtype = lam.dtype
   beta = jnp.zeros(lam.shape[0], dtype)
   err = jnp.zeros(lam.shape[0], dtype)
@@ -91,8 +98,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool):
       start += width
     return tuple(parts), beta, err
   if node.kind in ACTIVATIONS:
-    lo, hi = src_bounds[0]
-    r = rules.for_node(node, lo, hi, alpha, sound=sound)
+    r = lines if lines is not None else _activation_lines(node, src_bounds, alpha, sound)
     pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
     # One of pos, neg is 0 in every entry: the two products add up exactly.
     beta = _row_sum(neg * r.upper_offset + pos * r.lower_offset)
@@ -118,7 +124,8 @@ def _at_input(lam, beta, err, box: Box, sound: bool):
 
 
 _accumulate = jit_step(_accumulate, (0, 0, 0, 0))
-_backward_step = jit_step(_backward_step, (None, 0, 0, 0, 0, 0))
+_backward_step = jit_step(_backward_step, (None, 0, 0, 0, 0, 0, 0))
+_activation_lines = jit_step(_activation_lines, (None, 0, 0))
 _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
@@ -156,8 +163,11 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     node = graph.nodes[idx]
     alpha = None if alphas is None or node.kind not in ACTIVATIONS else alphas.get(idx)
     src_bounds = tuple(bounds[i] for i in node.inputs)
-    parts, beta, err = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, beta, err, sound=sound,
-                                      batched=batched)
+    lines = None
+    if node.kind in ACTIVATIONS:
+      lines = _activation_lines(local(node), src_bounds, alpha, sound=sound, batched=batched)
+    parts, beta, err = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, beta, err, lines,
+                                      sound=sound, batched=batched)
     for src, value in zip(node.inputs, parts):
       if src in lambdas:
         lambdas[src], err = _accumulate(lambdas[src], value, bounds[src], err, sound=sound, batched=batched)
