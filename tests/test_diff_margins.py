@@ -141,3 +141,28 @@ def test_shared_normalisation_costs_no_margin():
   exact = max(abs(a - b) for x in corners for a, b in zip(_exact(p, x), _exact(pq, x)))
   assert Fraction(bound) >= exact
   assert bound <= 1.01 * float(exact)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.sampled_from([1, 7, 561, 4096]),
+       spread=st.sampled_from([0, 10, 30, 70]))
+def test_margin_sums_are_covered_by_the_slack(seed, n, spread):
+  """``fp.margin_sum`` (XLA's own reduction, any order) times the 1% slack is never below the exact
+  sum of nonnegative terms, whose exponents span up to 2^70, subnormals included (flushed ones may
+  each lose the smallest normal number)."""
+  from qbound.bounds import fp
+
+  rs = np.random.default_rng(seed)
+  x = (rs.uniform(0, 1, (3, n)) * 2.0 ** rs.integers(-spread - 60, -60 + spread + 1, (3, n))).astype(np.float32)
+  x[0, : n // 2] = np.float32(1e-39)  # subnormal terms
+  total = np.asarray(fp.SLACK * fp.margin_sum(jnp.asarray(x)), np.float64)
+  for row, got in zip(x, total):
+    exact = sum(Fraction(float(v)) for v in row)
+    assert Fraction(float(got)) >= exact - n * Fraction(fp.tiny(np.float32))
+
+
+def test_long_margin_rows_are_summed_pairwise():
+  from qbound.bounds import fp
+
+  x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 20000)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(fp.margin_sum(x)), np.asarray(fp.pairwise_sum(x)))

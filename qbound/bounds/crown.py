@@ -52,7 +52,7 @@ def _accumulate(total, value, src_bounds, err, sound: bool):
   if not sound:
     return total, err
   mag = jnp.maximum(jnp.abs(src_bounds[0]), jnp.abs(src_bounds[1]))
-  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * mag)
+  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * fp.margin_sum(jnp.abs(total) * mag)
 
 
 def _backward_step(node: G.Node, lam, src_bounds, alpha, beta_in, err_in, lines, sound: bool):
@@ -85,7 +85,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None
       if node.bias is not None:
         spread = spread + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * jnp.abs(node.bias)
         err = err + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
-      err = err + _row_sum(jnp.abs(lam) * spread)
+      err = err + fp.margin_sum(jnp.abs(lam) * spread)
     return (jax.vmap(node.linear_transpose)(lam),), beta, err
   if node.kind == G.ADD:
     return tuple(lam if sign > 0 else -lam for sign in node.attrs), beta, err
@@ -107,7 +107,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None
       offset = jnp.maximum(jnp.abs(r.lower_offset), jnp.abs(r.upper_offset))
       spread = (fp.unit_roundoff(dtype) * fp.SLACK * slope * _magnitude(src_bounds, 0)
                 + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * offset)
-      err = _row_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
+      err = fp.margin_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
     return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
   raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 
@@ -119,7 +119,7 @@ def _at_input(lam, beta, err, box: Box, sound: bool):
   if not sound:
     return value
   n = int(c.size)
-  err = err + fp.dot_margin(2 * fp.pairwise_terms(n) + 2, _row_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), lam.dtype)
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(n) + 2, fp.margin_sum(jnp.abs(lam) * (jnp.abs(c) + rad)) + jnp.abs(beta), lam.dtype)
   return fp.round_down(value - err)
 
 

@@ -240,7 +240,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
           err = err + fp.margin_floor(fp.pairwise_terms(nq.size), dtype)
         margins = plus(margins, jnp.abs(mv) * spread)
     if sound:
-      err = err + _row_sum(margins) + (0 if input_margins is None else _row_sum(input_margins))
+      err = err + fp.margin_sum(margins) + (0 if input_margins is None else fp.margin_sum(input_margins))
   elif nf.kind == G.ADD:
     if lv is not None:
       to_d = tuple(lv if sign > 0 else -lv for sign in nf.attrs)
@@ -285,7 +285,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
         margins = plus(margins, jnp.abs(mv) * spread)
         err = err + fp.margin_floor(fp.pairwise_terms(nf.size), dtype)
     if sound:
-      err = err + _row_sum(margins)
+      err = err + fp.margin_sum(margins)
   else:
     raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
   return to_d, to_q, beta, err
@@ -296,7 +296,7 @@ def _accumulate(total, value, bounds, err, sound: bool):
   total = total + value
   if not sound:
     return total, err
-  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * _row_sum(jnp.abs(total) * _magnitude(bounds))
+  return total, err + fp.unit_roundoff(total.dtype) * fp.SLACK * fp.margin_sum(jnp.abs(total) * _magnitude(bounds))
 
 
 def _at_input(mv, beta, err, box: Box, sound: bool):
@@ -305,7 +305,7 @@ def _at_input(mv, beta, err, box: Box, sound: bool):
   value = _row_sum(mv * c) - _row_sum(jnp.abs(mv) * rad) + beta
   if not sound:
     return value
-  err = err + fp.dot_margin(2 * fp.pairwise_terms(int(c.size)) + 2, _row_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), mv.dtype)
+  err = err + fp.dot_margin(2 * fp.pairwise_terms(int(c.size)) + 2, fp.margin_sum(jnp.abs(mv) * (jnp.abs(c) + rad)) + jnp.abs(beta), mv.dtype)
   return fp.round_down(value - err)
 
 

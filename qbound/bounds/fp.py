@@ -95,6 +95,22 @@ def pairwise_sum(x):
   return x[:, 0]
 
 
+def margin_sum(x):
+  """Row sums of a ``(rows, n)`` array of NONNEGATIVE terms: rounding margins and magnitudes.
+
+  Summed in any order their relative error is at most ``gamma(n - 1)`` (Higham 2002, section 4.2),
+  nothing cancels, and a margin only needs to come out no smaller than it should: :data:`SLACK`
+  (1%) covers that error while ``n u <= 1e-3``, so such rows are summed by XLA's own reduction,
+  about 5x faster than :func:`pairwise_sum` (0.12 against 0.66 ms for 1000 rows of 561 on CPU).
+  Longer rows are summed pairwise, whose ``gamma(log2 n)`` always stays below it. Sums whose
+  terms have both signs (the bounds' values) must use :func:`pairwise_sum`.
+  """
+  x = x.reshape(x.shape[0], -1)
+  if x.shape[1] * unit_roundoff(x.dtype) > 1e-3:
+    return pairwise_sum(x)
+  return jnp.sum(x, axis=1)
+
+
 def pairwise_terms(n: int) -> int:
   """The number of roundings a product term of a pairwise sum of ``n`` products goes through."""
   return max(n - 1, 0).bit_length() + 1
