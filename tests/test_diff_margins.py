@@ -166,3 +166,27 @@ def test_long_margin_rows_are_summed_pairwise():
 
   x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 20000)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(fp.margin_sum(x)), np.asarray(fp.pairwise_sum(x)))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_signed_row_pairs_are_bounded_as_before(batched):
+  """Walking back only ``R`` of the rows ``[R; -R]`` through a linear target and negating is exact:
+  the same bits as walking back all rows (``common.mirror_rows``)."""
+  crown_module = importlib.import_module("qbound.bounds.crown")
+  p, pq, box = _pair(2, "plain", np.arange(N_IN) % 2 == 0)
+  merged = qb.merge(_net(p), _net(pq), box)
+  fg, qg = merged.f_graph, merged.fq_graph
+  if batched:
+    box = qb.Box(jnp.stack([box.lower, box.lower - 0.05]), jnp.stack([box.upper, box.upper + 0.05]))
+  z, zq, d = diff_module.diff_bounds(fg, qg, box, None, True, True, batched=batched)
+  for target in [i for i in crown_module.relu_inputs(fg)] + [fg.output]:
+    node = fg.nodes[target]
+    scaled = jnp.diag(jnp.arange(1, node.size + 1, dtype=jnp.float32) / 3).reshape(node.size, *node.shape)
+    rows = jnp.concatenate([scaled, -scaled])  # [R; -R], R not unit rows
+    if batched:
+      rows = jnp.broadcast_to(rows, (2, *rows.shape))
+    for lower, args in ((crown_module.backward_lower, (fg, target, rows, z, box)),
+                        (diff_module.diff_backward_lower, (fg, qg, target, rows, z, zq, d, box))):
+      full = lower(*args, batched=batched)
+      halved = lower(*args, batched=batched, signed_pairs=True)
+      np.testing.assert_array_equal(np.asarray(full), np.asarray(halved))

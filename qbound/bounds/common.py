@@ -6,6 +6,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.box import Box
@@ -34,6 +35,31 @@ def local(node: G.Node) -> G.Node:
   import dataclasses
 
   return dataclasses.replace(node, inputs=tuple(range(len(node.inputs))))
+
+
+# Node kinds whose backward step is linear in the rows (no relaxation picks a line by sign).
+LINEAR_KINDS = (G.AFFINE, G.ADD, G.CONCAT)
+
+
+def first_half(rows, batched: bool):
+  """The first half of the rows ``[R; -R]`` (see :func:`mirror_rows`)."""
+  return jax.lax.slice_in_dim(rows, 0, rows.shape[1 if batched else 0] // 2, axis=1 if batched else 0)
+
+
+@functools.partial(jax.jit, static_argnames=("batched",))
+def mirror_rows(parts, beta, err, batched: bool):
+  """A linear backward step's results for rows ``[R; -R]`` from its results for ``R`` alone.
+
+  Bounding every entry from both sides walks back the rows ``+e_i`` and ``-e_i``. Through a
+  linear step, the coefficients and constant of ``-R`` are exactly the negated ones of ``R`` (IEEE
+  rounding is symmetric, so every product and sum of negated terms is the negated result) and the
+  margin is the same (it reads ``|R|``): the first step, often the largest product of the walk
+  (HAR: 1000 rows through the 500x561 first layer), is computed for half the rows. ``parts`` is
+  any pytree of coefficient arrays (None entries stay None).
+  """
+  axis = 1 if batched else 0
+  both = lambda a, b: jnp.concatenate([a, b], axis)
+  return jax.tree_util.tree_map(lambda p: both(p, -p), parts), both(beta, -beta), both(err, err)
 
 
 def plus(total, value):

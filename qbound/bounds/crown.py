@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, rules
-from qbound.bounds.common import as_graph, jit_step, local
+from qbound.bounds.common import LINEAR_KINDS, as_graph, first_half, jit_step, local, mirror_rows
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
@@ -130,7 +130,7 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
 def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True,
-                   batched: bool = False, with_coefficients: bool = False):
+                   batched: bool = False, with_coefficients: bool = False, signed_pairs: bool = False):
   """Lower bounds of ``rows[k] . z_target`` over the box, one per row.
 
   The walk is a Python loop over jit-compiled per-node steps (compiled once per node kind, shape
@@ -150,6 +150,8 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     sound: add proven floating-point margins.
     batched: ``box``, ``bounds``, ``rows`` and ``alphas`` carry a leading axis of many boxes.
     with_coefficients: also return each row's coefficients on the input.
+    signed_pairs: the rows are ``[R; -R]`` (as :func:`unit_rows` makes them): a linear target
+      node is stepped with ``R`` alone (:func:`qbound.bounds.common.mirror_rows`), the same results.
 
   Returns:
     An array of shape ``(m,)`` (``(batch, m)`` when batched); with ``with_coefficients`` also the
@@ -166,8 +168,15 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     lines = None
     if node.kind in ACTIVATIONS:
       lines = _activation_lines(local(node), src_bounds, alpha, sound=sound, batched=batched)
-    parts, beta, err = _backward_step(local(node), lambdas.pop(idx), src_bounds, alpha, beta, err, lines,
-                                      sound=sound, batched=batched)
+    lam = lambdas.pop(idx)
+    if idx == target and signed_pairs and node.kind in LINEAR_KINDS:
+      half = lambda a: first_half(a, batched)
+      parts, b, e = _backward_step(local(node), half(lam), src_bounds, alpha, half(beta), half(err), lines,
+                                   sound=sound, batched=batched)
+      parts, beta, err = mirror_rows(parts, b, e, batched=batched)
+    else:
+      parts, beta, err = _backward_step(local(node), lam, src_bounds, alpha, beta, err, lines, sound=sound,
+                                        batched=batched)
     for src, value in zip(node.inputs, parts):
       if src in lambdas:
         lambdas[src], err = _accumulate(lambdas[src], value, bounds[src], err, sound=sound, batched=batched)
@@ -209,7 +218,7 @@ def bound_node(graph: G.Graph, target: int, bounds, box: Box, *, alphas=None, so
     lower = lambda rows: backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound)
     return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
   rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
-  low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound, batched=batched)
+  low = backward_lower(graph, target, rows, bounds, box, alphas=alphas, sound=sound, batched=batched, signed_pairs=True)
   return split_rows(low, tuple(node.shape))
 
 

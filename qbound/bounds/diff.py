@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, relax, rules, smooth
-from qbound.bounds.common import jit_step, local, plus
+from qbound.bounds.common import LINEAR_KINDS, first_half, jit_step, local, mirror_rows, plus
 from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
@@ -316,13 +316,15 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
 def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
-                        alphas=None, sound: bool = True, batched: bool = False, with_coefficients: bool = False):
+                        alphas=None, sound: bool = True, batched: bool = False, with_coefficients: bool = False,
+                        signed_pairs: bool = False):
   """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``).
 
   A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`
   (``batched``: a leading axis of many boxes on the box, bounds and rows). ``with_coefficients``:
   also return each row's coefficients on the input, ``(rows, *input shape)`` (the bound is their
   minimum over the box plus a constant; branch and bound splits where they weigh most).
+  ``signed_pairs``: the rows are ``[R; -R]``, see :func:`qbound.bounds.crown.backward_lower`.
   """
   lam = {target: rows}
   mu: dict = {}
@@ -347,8 +349,14 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
     lines = None
     if nf.kind in ACTIVATIONS:
       lines = _activation_lines(local(nf), local(nq), *bounds, a, sound=sound, batched=batched)
-    to_d, to_q, beta, err = _diff_step(local(nf), local(nq), lv, mv, *bounds, a, beta, err, lines,
-                                       sound=sound, batched=batched)
+    if idx == target and signed_pairs and nf.kind in LINEAR_KINDS:
+      half = lambda x: first_half(x, batched)
+      to_d, to_q, b, e = _diff_step(local(nf), local(nq), half(lv), None, *bounds, a, half(beta), half(err), lines,
+                                    sound=sound, batched=batched)
+      (to_d, to_q), beta, err = mirror_rows((to_d, to_q), b, e, batched=batched)
+    else:
+      to_d, to_q, beta, err = _diff_step(local(nf), local(nq), lv, mv, *bounds, a, beta, err, lines,
+                                         sound=sound, batched=batched)
     for src, value in zip(ins, to_d or ()):
       push(lam, d, src, value)
     for src, value in zip(ins, to_q or ()):
@@ -374,7 +382,8 @@ def diff_bound_node(fg, qg, target, z, zq, d, box, *, alphas=None, sound=True, r
     lower = lambda rows: diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound)
     return node_bounds_by_rows(lower, node.size, node.shape, box.lower.dtype, row_chunk)
   rows = unit_rows(node.size, tuple(node.shape), jnp.dtype(box.lower.dtype), batch_of(box, batched))
-  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound, batched=batched)
+  low = diff_backward_lower(fg, qg, target, rows, z, zq, d, box, alphas=alphas, sound=sound, batched=batched,
+                            signed_pairs=True)
   return split_rows(low, tuple(node.shape))
 
 
