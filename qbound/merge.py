@@ -146,7 +146,10 @@ def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
   Activation quantization turns ``relu(z)`` into ``clip(round(relu(z) / s), lo, hi) * s``: f_q has
   a scaling, a rounding, a clipping and a scaling that f lacks. Inserting their identities into f
   (multiply by 1, round "none", clip at +-inf) gives two graphs of the same structure computing
-  the same functions, so the differential bounds apply. Returns None when no such alignment exists.
+  the same functions, so the differential bounds apply. Where f_q's product is rescaled after an
+  integer product (a :class:`~qbound.trace.scaled.ScaledOp`, from :func:`fuse_scales`), f's product
+  becomes the same op with factors that undo the scalings inserted before it (``(x / s) @ W * s``,
+  checked exact in rational arithmetic). Returns None when no such alignment exists.
   """
   fn, qn = f_graph.nodes, fq_graph.nodes
   new: list[G.Node] = [fn[0]]
@@ -173,17 +176,19 @@ def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
     inputs = tuple(from_q[j] for j in q.inputs)
     if i < len(fn):
       cand = fn[i]
+      undid = False
       if isinstance(q.op, ScaledOp) and cand.kind == G.AFFINE and cand.op == q.op.base and len(inputs) == 1:
         # f's plain product beside f_q's rescaled one (qbound.trace.scaled): the same kind of op,
         # with factors undoing the identity scalings inserted before it (1 where there are none).
         values = _undo_factors(q.op, chain_before(inputs[0]), cand.op.dtype)
         if values is not None:
-          cand = scaled_like(cand, q.op, values)
-          undone.add((len(new), inputs[0]))
+          cand, undid = scaled_like(cand, q.op, values), True
       same = (cand.kind, cand.shape, cand.op, cand.attrs, cand.bias is None, len(cand.weights)) == \
              (q.kind, q.shape, q.op, q.attrs, q.bias is None, len(q.weights))
       if same and len(cand.inputs) == len(inputs) and all(
           resolve(a) == from_f[b] for a, b in zip(inputs, cand.inputs)):
+        if undid:
+          undone.add((len(new), inputs[0]))
         new.append(dataclasses.replace(cand, inputs=inputs))
         from_f[i] = from_q[k] = len(new) - 1
         i += 1

@@ -83,8 +83,12 @@ class _DeltaLinear:
     if folded is not None:
       # The folded weights ``W t - W_q s`` carry one rounding per factor and one for the
       # difference, each at most u of |W t| or |W_q s|: gamma(factors + 3) of both covers them.
-      spare = fp.SLACK * fp.gamma(len(self.nf.op.factors) + 3, jnp.result_type(x))
-      return self.nf.op.base.apply_abs((folded,), x) + spare * self.margin_abs(x)
+      # A product flushed to zero as subnormal loses at most the smallest normal number per rounding.
+      dtype = jnp.result_type(x)
+      k = len(self.nf.op.factors)
+      spare = fp.SLACK * fp.gamma(k + 3, dtype)
+      flushed = (2 * k + 1) * fp.tiny(dtype) * self.nf.op.base.apply_abs((jnp.ones_like(folded),), x)
+      return self.nf.op.base.apply_abs((folded,), x) + spare * self.margin_abs(x) + flushed
     return self.margin_abs(x)
 
   def margin_abs(self, x):

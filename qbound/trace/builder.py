@@ -146,6 +146,10 @@ class _Builder:
     if name in ("mul", "div"):
       consts = [host_array(c, self.dtype, out_shape) for c in consts]
     elif coefficients and any(jnp.issubdtype(c.dtype, jnp.integer) for c in consts):
+      exact = 2 ** (jnp.finfo(self.dtype).nmant + 1)  # integers of at most this size are floats exactly
+      if any(jnp.issubdtype(c.dtype, jnp.integer) and np.max(np.abs(np.asarray(c, np.int64)), initial=0) > exact
+             for c in consts):
+        self.unsupported(eqn, f"its integer weights exceed {exact}, which {np.dtype(self.dtype).name} cannot hold exactly")
       consts = [host_array(c, self.dtype) for c in consts]
     bias = None
     if not coefficients and any(np.any(np.asarray(c) != 0) for c in consts if np.issubdtype(np.asarray(c).dtype, np.floating)):
@@ -176,7 +180,7 @@ class _Builder:
     largest_x = max(abs(int(jnp.iinfo(x_dtype).min)), int(jnp.iinfo(x_dtype).max))
     with jax.ensure_compile_time_eval():
       largest = float(jnp.max(op.apply_abs(tuple(consts), jnp.ones(op.in_shape, self.dtype)))) * largest_x
-    if largest > int(jnp.iinfo(out_dtype).max):
+    if largest * (1 + 1e-3) > int(jnp.iinfo(out_dtype).max):  # 1e-3: the float32 sum's own rounding
       self.unsupported(eqn, f"its {out_dtype} sums may overflow (up to {largest:.3g})")
 
   def shift(self, value, const, where, shape):
