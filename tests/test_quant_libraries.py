@@ -241,3 +241,24 @@ def test_aqt_static_activation_scales_are_sound(original):
     # AQT multiplies by 1 / s_a: f's product can undo that exactly only for a power of two.
     assert merged.paired == po2
     assert 0 < cert.lower <= cert.upper
+
+
+@pytest.mark.slow  # about a minute: it certifies three models live
+def test_walkthrough_notebook_runs(monkeypatch):
+  pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  _aqt()
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  import os
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  folder = root / "notebooks"
+  # The kernel imports this checkout's qbound (not whichever one is installed).
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+  nb = nbformat.read(folder / "quant_libraries.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.get("output_type") == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert text.count("paired=True") == 3
