@@ -14,9 +14,10 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
   power-of-two scales (what lets f's layers pair with AQT's, see ``qbound.trace.scaled``);
 
 the table gives ``qb.certify``'s proven bound (default method ``auto`` and time budget), the error
-reached (at its witness) and their ratio on the first call, the ratio on a second call, whether f and f_q pair (differential bounds), the time of the
-first call (each row runs in a fresh process, so this includes every compilation, as a user's first
-call would) and of a second, warm call, both with the same time budget. Every bound is also checked
+reached (at its witness) and their ratio on the first call, the ratio on a second call, whether f
+and f_q pair (differential bounds), the time of the first call (each row runs in a fresh process,
+so this includes every compilation, as a user's first call would) and of a second, warm call, both
+with the same time budget. Every bound is also checked
 against an independent search on the libraries' own functions (5000 uniform samples and vertices
 plus ``qb.maximize_error`` with another key): ``independent`` is what it reached, which must not
 exceed ``bound``.
@@ -248,7 +249,8 @@ def format_table(rows) -> str:
                    f"{'':<8} {r['note']}")
       continue
     lines.append(f"{r['model']:<10} {r['config']:<20} {str(r['paired']):>6} {r['bound']:>10.4g} "
-                 f"{r['reached']:>10.4g} {r['ratio']:>7.3g} {r['first_s']:>8.2f} {r['warm_ratio']:>10.3g} {r['warm_s']:>7.2f} "
+                 f"{r['reached']:>10.4g} {r['ratio']:>7.3g} {r['first_s']:>8.2f} {r['warm_ratio']:>10.3g} "
+                 f"{r['warm_s']:>7.2f} "
                  f"{r['method']:<8} {r['note']}")
   return "\n".join(lines)
 

@@ -58,9 +58,11 @@ def _check_sound(f, fq, cert, box=None):
   assert cert.lower <= cert.upper
   # The library's own functions, as they compute in float32 (rounding may move a value across a
   # quantization step, so this is the reached error, which the proven bound must exceed too).
+  # The bound is for real arithmetic: float32 may exceed it by its own rounding of the outputs.
   xs = jnp.asarray(points, jnp.float32)
-  own = np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs))
-  assert np.max(np.abs(own)) <= cert.upper * (1 + 1e-5)
+  fx, fqx = np.asarray(jax.vmap(f)(xs)), np.asarray(jax.vmap(fq)(xs))
+  rounding = 1e-5 * (np.max(np.abs(fx)) + np.max(np.abs(fqx)))
+  assert np.max(np.abs(fx - fqx)) <= cert.upper + rounding
   return merged
 
 
@@ -78,7 +80,7 @@ def test_qwix_weight_quantization_is_paired_and_sound(original, qtype):
   model, params = original
   f = functools.partial(model.apply, params)
   fq = _qwix_ptq(model, params, qtype)
-  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.1)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.1)  # stops at 10%; 60 s for compiling
   merged = _check_sound(f, fq, cert)
   assert merged.paired  # qwix dequantizes the kernels: the layers line up with f's
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
@@ -103,7 +105,7 @@ def test_qwix_nnx_weight_quantization_is_paired_and_sound():
   q_graphdef, q_state = nnx.split(qmodel)
   f = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
   fq = lambda x: nnx.merge(q_graphdef, q_state)(x)  # noqa: E731
-  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.1)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.1)  # stops at 10%; 60 s for compiling
   assert _check_sound(f, fq, cert).paired
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
 
@@ -137,7 +139,7 @@ def test_aqt_weight_quantization_is_paired_and_tight(original):
   fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
   f = functools.partial(model.apply, params)
   assert np.max(np.abs(np.asarray(f(jnp.full(INPUTS, 0.3)) - fq(jnp.full(INPUTS, 0.3))))) > 0
-  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.5)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.5)  # stops at 50%; 60 s for compiling
   merged = _check_sound(f, fq, cert)
   # AQT's (x @ W_int) * s_w is kept as one op beside f's x @ W: the layers pair.
   assert merged.paired and merged.fq_graph.nodes[1].op.name == "dot_general*scale"
@@ -257,7 +259,8 @@ def test_walkthrough_notebook_runs(monkeypatch):
   # The kernel imports this checkout's qbound (not whichever one is installed).
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
   nb = nbformat.read(folder / "quant_libraries.ipynb", as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
+  client.execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")

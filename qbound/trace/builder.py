@@ -149,7 +149,8 @@ class _Builder:
       exact = 2 ** (jnp.finfo(self.dtype).nmant + 1)  # integers of at most this size are floats exactly
       if any(jnp.issubdtype(c.dtype, jnp.integer) and np.max(np.abs(np.asarray(c, np.int64)), initial=0) > exact
              for c in consts):
-        self.unsupported(eqn, f"its integer weights exceed {exact}, which {np.dtype(self.dtype).name} cannot hold exactly")
+        self.unsupported(eqn, f"its integer weights exceed {exact}, which {np.dtype(self.dtype).name} "
+                         "cannot hold exactly")
       consts = [host_array(c, self.dtype) for c in consts]
     bias = None
     if not coefficients and any(np.any(np.asarray(c) != 0) for c in consts if np.issubdtype(np.asarray(c).dtype, np.floating)):

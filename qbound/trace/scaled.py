@@ -188,7 +188,8 @@ def elementwise_factor(node: G.Node) -> str | None:
     return None
   if op.var_pos != 0 and op.name == "div":
     return None
-  if tuple(op.in_shape) != tuple(node.shape) or len(node.weights) != 1 or np.shape(node.weights[0]) != tuple(node.shape):
+  shape = tuple(node.shape)
+  if tuple(op.in_shape) != shape or len(node.weights) != 1 or np.shape(node.weights[0]) != shape:
     return None
   return op.name
 
