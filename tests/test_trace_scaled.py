@@ -94,3 +94,15 @@ def test_integer_steps_that_change_values_are_refused():
 
   with pytest.raises(qb.UnsupportedPrimitiveError, match="overflow"):
     qb.trace(overflowing, jnp.zeros(4096))
+
+
+def test_rescaled_product_exports_as_its_own_float_operations(tmp_path):
+  onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'qbound[onnx]')")
+  merged = qb.merge(_float_net, _rescaled_net, _box())
+  path = tmp_path / "merged.onnx"
+  qb.io.export_onnx(merged, path)
+  kinds = [n.op_type for n in onnx.load(path).graph.node]
+  assert kinds[:2] == ["MatMul", "Mul"]  # the product, then the scale (not a matrix of rounded products)
+  apply, params = qb.io.load_onnx(path)
+  for x in H.sample_points(_box(), 20).astype(np.float32):
+    np.testing.assert_array_equal(np.asarray(apply(params, x)).reshape(-1), np.asarray(merged(x)))
