@@ -106,3 +106,33 @@ def test_rescaled_product_exports_as_its_own_float_operations(tmp_path):
   apply, params = qb.io.load_onnx(path)
   for x in H.sample_points(_box(), 20).astype(np.float32):
     np.testing.assert_array_equal(np.asarray(apply(params, x)).reshape(-1), np.asarray(merged(x)))
+
+
+@pytest.mark.slow  # about a minute: 12 random pairs, three methods each
+@pytest.mark.parametrize("seed", range(12))
+def test_random_rescaled_pairs_are_sound(seed):
+  """Random integer-weight nets, per-channel scales, with and without static activation rounding."""
+  rng = np.random.default_rng(seed)
+  w1, w2 = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=(6, 2)).astype(np.float32)
+  b1 = rng.normal(size=6).astype(np.float32)
+  q = 2 ** (int(rng.integers(2, 9)) - 1) - 1
+  s1, s2 = (np.abs(w1).max(0) / q).astype(np.float32), (np.abs(w2).max(0) / q).astype(np.float32)
+  q1, q2 = np.round(w1 / s1).astype(np.float32), np.round(w2 / s2).astype(np.float32)
+  s_a, rounded = np.float32(rng.uniform(0.01, 0.2)), bool(rng.integers(0, 2))
+
+  def f(x):
+    return jax.nn.relu(x @ w1 + b1) @ w2
+
+  def fq(x):
+    if rounded:
+      x = jnp.clip(jnp.round(x / s_a), -q, q)
+      return (jax.nn.relu((x @ q1) * s_a * s1 + b1) @ q2) * s2
+    return (jax.nn.relu((x @ q1) * s1 + b1) @ q2) * s2
+
+  box = qb.Box(-jnp.ones(3) * rng.uniform(0.2, 1.5), jnp.ones(3) * rng.uniform(0.2, 1.5))
+  merged = qb.merge(f, fq, box)
+  assert merged.paired
+  values = H.eval64(merged, H.sample_points(box, 4000, seed))
+  for method in ("diff", "crown", "bab"):
+    cert = qb.certify(f, fq, box, method=method, time_budget=3)
+    assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper), method
