@@ -10,6 +10,10 @@ no bounds computed. Rebuild after editing this file, then execute headless::
 
 The notebooks are written without outputs; ``run_all.py`` saves executed copies under
 ``results/[smoke/]notebooks/``.
+
+One notebook is a walkthrough rather than an analysis: ``quant_libraries`` quantizes a small model
+with qwix and with AQT and certifies it live (about a minute on 2 cores), then shows the table
+``benchmarks/bench_quant_libraries.py`` wrote, if it is there.
 """
 
 from __future__ import annotations
@@ -468,6 +472,109 @@ for ax, fmt in zip(axes[0], formats):
 plt.tight_layout()"""),
     ],
 }
+
+QUANT_LIBRARIES = [
+    ("md", """# Certifying models quantized by qwix and AQT
+
+qbound takes the functions the libraries produce, as they are: it traces them, pairs their layers
+with the float model's where it can (then the differential bounds apply), and certifies
+`max |f(x) - f_q(x)|` over an input box. Needs the optional extras: `pip install 'qbound[qwix,aqt]'`.
+Unlike the other notebooks, this one runs qbound itself (about a minute on 2 cores)."""),
+    ("code", """import functools, time
+import jax, jax.numpy as jnp
+import flax.linen as nn
+import qbound as qb
+
+
+class MLP(nn.Module):
+    dot_general_cls: object = None  # AQT replaces the layers' products through this
+
+    @nn.compact
+    def __call__(self, x):
+        extra = {} if self.dot_general_cls is None else {"dot_general_cls": self.dot_general_cls}
+        for width in (16, 16):
+            x = nn.relu(nn.Dense(width, **extra)(x))
+        return nn.Dense(2, **extra)(x)
+
+
+model = MLP()
+params = model.init(jax.random.key(3), jnp.zeros((1, 4)))
+box = qb.Box(-jnp.ones(4), jnp.ones(4))
+f = lambda x: model.apply(params, x[None])[0]  # one unbatched input, as qbound wants
+
+
+def report(name, fq):
+    start = time.perf_counter()
+    merged = qb.merge(f, fq, box)
+    cert = qb.certify(f, fq, box, time_budget=10, target_gap=0.1)
+    print(f"{name:<28} paired={merged.paired!s:<5} bound={cert.upper:.4g}  reached={cert.lower:.4g}  "
+          f"ratio={cert.upper / cert.lower:.3g}  {cert.method}  {time.perf_counter() - start:.1f} s")
+    return cert"""),
+    ("md", """**qwix**, post-training quantization of the weights to int8. qwix dequantizes the kernels before
+the product, so f_q's layers are f's layers with other weights."""),
+    ("code", """import qwix
+
+rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]
+ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((1, 4)))
+qparams = qwix.quantize_params(params["params"], abstract["params"])
+report("qwix int8 weights", lambda x: ptq.apply({"params": qparams}, x[None])[0])"""),
+    ("md", """**qwix with static activation scales**: int8 weights *and* activations, the activation scales
+calibrated once (qwix's QAT provider collects the statistics on a calibration batch, `quantize_params` turns
+them into scales). f_q computes `(round(x / s_a) @ W_int) * s_a * s_w + b` in integers; qbound keeps the
+rescaling beside the product and writes f's layer as `(x / s_a) @ W * s_a + b` (exactly f), so the two
+pair. Scales computed from each input (`act_static_scale=False`, the default) are refused with an error
+naming qwix's line."""),
+    ("code", """rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+calibration = jax.random.uniform(jax.random.key(5), (64, 4), minval=-1, maxval=1)
+_, stats = qwix.quantize_model(model, qwix.QtProvider(rules)).apply(params, calibration, mutable=["quant_stats"])
+srq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+abstract = jax.eval_shape(srq.init, jax.random.key(0), jnp.zeros((1, 4)))
+sparams = qwix.quantize_params(params["params"], abstract["params"], stats["quant_stats"])
+report("qwix static int8 (w + act)", lambda x: srq.apply({"params": sparams}, x[None])[0])"""),
+    ("md", """**AQT**, int8 weights through `AqtDotGeneral`. AQT multiplies by the weight scale *after* the
+integer product, `(x @ W_int) * s_w`; qbound keeps that as one op (the same float operations, so the
+bound is about the network AQT runs) beside f's `x @ W`, and the layers pair."""),
+    ("code", """from aqt.jax.v2 import config as aqt_config
+from aqt.jax.v2.flax import aqt_flax
+
+config = aqt_config.dot_general_make(lhs_bits=None, rhs_bits=8)
+aqt_model = MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(config))
+cert = report("aqt int8 weights", lambda x: aqt_model.apply(params, x[None], rngs={"params": jax.random.key(0)})[0])
+print("witness:", cert.witness)"""),
+    ("md", """The benchmark (`python benchmarks/bench_quant_libraries.py`) runs these and more (nnx, a small
+CNN, int4, AQT with static activation scales) with first-call and warm times; its table, if it has been run:"""),
+    ("code", """import csv, pathlib
+from IPython.display import Markdown, display
+
+for d in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]:
+    path = d / "results" / "quant_libraries" / "results.csv"
+    if path.is_file():
+        rows = list(csv.DictReader(path.open()))
+        cols = ["model", "config", "paired", "bound", "reached", "ratio", "first_s", "warm_s", "note"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        def cell(v):
+            try:
+                return f"{float(v):.4g}"
+            except ValueError:
+                return v
+        for r in rows:
+            lines.append("| " + " | ".join(cell(r[c]) for c in cols) + " |")
+        display(Markdown("\\n".join(lines)))
+        break
+else:
+    print("no results/quant_libraries/results.csv: run python benchmarks/bench_quant_libraries.py")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(5, 2.5))
+xs = jnp.linspace(-1, 1, 201)
+line = lambda t: jnp.zeros(4).at[0].set(t)
+ax.plot(xs, jax.vmap(lambda t: jnp.max(jnp.abs(f(line(t)) - aqt_model.apply(params, line(t)[None], rngs={"params": jax.random.key(0)})[0])))(xs))
+ax.axhline(cert.upper, color="C3", ls="--", label="certified bound")
+ax.set_xlabel("x[0] (other inputs 0)"); ax.set_ylabel("|f - f_q| (AQT int8)"); ax.legend(fontsize=7)
+plt.tight_layout()"""),
+]
+
+NOTEBOOKS["quant_libraries"] = QUANT_LIBRARIES
 
 
 def build(name: str, cells) -> nbformat.NotebookNode:

@@ -125,7 +125,7 @@ def _compiles_fast(graph: G.Graph) -> bool:
   """Whether the search on ``graph`` takes the :data:`FAST_COMPILE` program: dense layers only, with
   at most :data:`FAST_SEARCH_PRODUCTS` multiplications per evaluation."""
   linear = [node for node in graph.nodes if node.kind == G.AFFINE and node.op is not None]
-  if any(node.op.name == "conv_general_dilated" for node in linear):
+  if any(node.op.name.startswith("conv_general_dilated") for node in linear):  # rescaled ones too
     return False
   return sum(node.terms * node.size for node in linear) <= FAST_SEARCH_PRODUCTS
 

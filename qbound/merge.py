@@ -26,6 +26,7 @@ import numpy as np
 from qbound import graph as G
 from qbound import validate
 from qbound.trace import trace
+from qbound.trace.scaled import ScaledOp, fuse_scales, scaled_like
 
 
 class PairedLayer(NamedTuple):
@@ -77,14 +78,14 @@ def _identity_beside(node: G.Node, src: int) -> Optional[G.Node]:
   return None
 
 
-def _is_identity_chain(chain: list[G.Node]) -> bool:
-  """Whether elementwise steps (scalings, shifts, identity roundings and clips) compose to the
-  identity exactly, checked in rational arithmetic on the float values."""
+def _chain_map(chain: list[G.Node]) -> Optional[tuple[list, list]]:
+  """The per-entry ``(scale, shift)`` that elementwise steps (scalings, shifts, identity roundings
+  and clips) compose to, in rational arithmetic on the float values; None if one divides by 0."""
   from fractions import Fraction
 
   affine = [n for n in chain if n.kind == G.AFFINE]
   if not affine:
-    return True
+    return [Fraction(1)], [Fraction(0)]
   size = affine[0].size
   scales = [Fraction(1)] * size
   shifts = [Fraction(0)] * size
@@ -96,13 +97,47 @@ def _is_identity_chain(chain: list[G.Node]) -> bool:
         if node.op.name == "mul":
           scales[e], shifts[e] = scales[e] * f, shifts[e] * f
         elif f == 0:
-          return False
+          return None
         else:
           scales[e], shifts[e] = scales[e] / f, shifts[e] / f
     if node.bias is not None:
       b = np.asarray(node.bias, np.float64).reshape(-1)
       shifts = [sh + Fraction(float(b[e])) for e, sh in enumerate(shifts)]
-  return all(a == 1 for a in scales) and all(b == 0 for b in shifts)
+  return scales, shifts
+
+
+def _is_identity_chain(chain: list[G.Node]) -> bool:
+  """Whether elementwise steps (scalings, shifts, identity roundings and clips) compose to the
+  identity exactly, checked in rational arithmetic on the float values."""
+  mapped = _chain_map(chain)
+  return mapped is not None and all(a == 1 for a in mapped[0]) and all(b == 0 for b in mapped[1])
+
+
+def _undo_factors(op: ScaledOp, chain: list[G.Node], dtype) -> Optional[list]:
+  """Factors for f's copy of ``op`` that undo the inserted chain before it, exactly, or None.
+
+  f_q quantizes a product's input as ``x / s`` and rescales the product by ``s`` afterwards; f,
+  given the identity steps beside f_q's (the same ``/ s``), needs its product scaled by ``s`` too:
+  ``(x / s) @ W * s = x @ W`` in real arithmetic, for a scalar ``s`` (it commutes with the product).
+  The chain must compose to one uniform scaling ``c`` without shift, and one of ``op``'s factors
+  must carry ``1 / c`` exactly as a float (a ``mul`` by ``1 / c`` or a ``div`` by ``c``).
+  """
+  from fractions import Fraction
+
+  mapped = _chain_map(chain)
+  if mapped is None or any(b != 0 for b in mapped[1]) or len(set(mapped[0])) != 1:
+    return None
+  c = mapped[0][0]
+  values = [1.0] * len(op.factors)
+  if c == 1:
+    return values
+  for k, kind in enumerate(op.factors):
+    target = 1 / c if kind == "mul" else c
+    value = np.asarray(float(target), dtype)
+    if Fraction(float(value)) == target:
+      values[k] = value
+      return values
+  return None
 
 
 def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
@@ -111,7 +146,10 @@ def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
   Activation quantization turns ``relu(z)`` into ``clip(round(relu(z) / s), lo, hi) * s``: f_q has
   a scaling, a rounding, a clipping and a scaling that f lacks. Inserting their identities into f
   (multiply by 1, round "none", clip at +-inf) gives two graphs of the same structure computing
-  the same functions, so the differential bounds apply. Returns None when no such alignment exists.
+  the same functions, so the differential bounds apply. Where f_q's product is rescaled after an
+  integer product (a :class:`~qbound.trace.scaled.ScaledOp`, from :func:`fuse_scales`), f's product
+  becomes the same op with factors that undo the scalings inserted before it (``(x / s) @ W * s``,
+  checked exact in rational arithmetic). Returns None when no such alignment exists.
   """
   fn, qn = f_graph.nodes, fq_graph.nodes
   new: list[G.Node] = [fn[0]]
@@ -124,16 +162,33 @@ def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
       idx = through[idx]
     return idx
 
+  def chain_before(idx: int) -> list[G.Node]:
+    chain = []
+    while idx in through:
+      chain.append(new[idx])
+      idx = through[idx]
+    return chain[::-1]
+
+  undone: set[tuple[int, int]] = set()  # (reader, chain head) pairs whose scaling the reader undoes
   i = 1
   for k in range(1, len(qn)):
     q = qn[k]
     inputs = tuple(from_q[j] for j in q.inputs)
     if i < len(fn):
       cand = fn[i]
+      undid = False
+      if isinstance(q.op, ScaledOp) and cand.kind == G.AFFINE and cand.op == q.op.base and len(inputs) == 1:
+        # f's plain product beside f_q's rescaled one (qbound.trace.scaled): the same kind of op,
+        # with factors undoing the identity scalings inserted before it (1 where there are none).
+        values = _undo_factors(q.op, chain_before(inputs[0]), cand.op.dtype)
+        if values is not None:
+          cand, undid = scaled_like(cand, q.op, values), True
       same = (cand.kind, cand.shape, cand.op, cand.attrs, cand.bias is None, len(cand.weights)) == \
              (q.kind, q.shape, q.op, q.attrs, q.bias is None, len(q.weights))
       if same and len(cand.inputs) == len(inputs) and all(
           resolve(a) == from_f[b] for a, b in zip(inputs, cand.inputs)):
+        if undid:
+          undone.add((len(new), inputs[0]))
         new.append(dataclasses.replace(cand, inputs=inputs))
         from_f[i] = from_q[k] = len(new) - 1
         i += 1
@@ -148,13 +203,11 @@ def align(f_graph: G.Graph, fq_graph: G.Graph) -> Optional[G.Graph]:
   if i != len(fn) or resolve(out) != from_f[f_graph.output]:
     return None
   # Every chain of inserted steps, as read by a real node or the output, must be the identity.
-  readers = [inp for idx, n in enumerate(new) if idx not in through for inp in n.inputs] + [out]
+  # (A product with factors undoing its chain was checked when it was built.)
+  readers = [inp for idx, n in enumerate(new) if idx not in through for inp in n.inputs
+             if (idx, inp) not in undone] + [out]
   for idx in set(readers):
-    chain = []
-    while idx in through:
-      chain.append(new[idx])
-      idx = through[idx]
-    if not _is_identity_chain(chain[::-1]):
+    if not _is_identity_chain(chain_before(idx)):
       return None
   return G.Graph(nodes=tuple(new), output=out)
 
@@ -277,6 +330,13 @@ def merge_graphs(f_graph: G.Graph, fq_graph: G.Graph) -> MergedNetwork:
     aligned = align(f_graph, fq_graph)
     if aligned is not None and same_structure(aligned, fq_graph):
       f_graph = aligned
+    else:
+      # Libraries that rescale after an integer product (AQT, qwix's static activation scales):
+      # keep the scales beside the products (exactly, qbound.trace.scaled) and pair again.
+      fused = fuse_scales(fq_graph)
+      aligned = align(f_graph, fused) if fused is not fq_graph else None
+      if aligned is not None and same_structure(aligned, fused):
+        f_graph, fq_graph = aligned, fused
   shift = len(f_graph.nodes) - 1
   nodes = list(f_graph.nodes) + [_offset(n, shift) for n in fq_graph.nodes[1:]]
   fq_out = fq_graph.output + shift if fq_graph.output else 0

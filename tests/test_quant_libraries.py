@@ -2,9 +2,11 @@
 
 Both are optional extras (``pip install 'qbound[qwix,aqt]'``, and in ``test``); the tests skip, saying
 so, where a library is missing. What is checked: qbound traces what each library produces, its
-certificates hold against float64 sampling, weight-only quantization keeps the differential pairing
-where the library dequantizes the weights (qwix), and what stays unsupported (activations quantized
-with scales computed from each input) is refused naming the library's source line.
+certificates hold against float64 sampling of the merged network and float32 sampling of the
+library's own functions, the layers pair with the float model's (the differential bounds) where the
+library dequantizes the weights (qwix) and where it rescales after an integer product (AQT, qwix's
+static activation scales: :mod:`qbound.trace.scaled`), and what stays unsupported (activations
+quantized with scales computed from each input) is refused naming the library's source line.
 """
 
 import functools
@@ -46,12 +48,21 @@ def _box():
   return qb.Box(-jnp.ones(INPUTS), jnp.ones(INPUTS))
 
 
-def _check_sound(f, fq, cert):
-  merged = qb.merge(f, fq, _box())
-  values = H.eval64(merged, H.sample_points(_box(), 2000))
+def _check_sound(f, fq, cert, box=None):
+  box = _box() if box is None else box
+  merged = qb.merge(f, fq, box)
+  points = H.sample_points(box, 2000)
+  values = H.eval64(merged, points)
   assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
   assert np.max(np.abs(values)) <= cert.upper
   assert cert.lower <= cert.upper
+  # The library's own functions, as they compute in float32 (rounding may move a value across a
+  # quantization step, so this is the reached error, which the proven bound must exceed too).
+  # The bound is for real arithmetic: float32 may exceed it by its own rounding of the outputs.
+  xs = jnp.asarray(points, jnp.float32)
+  fx, fqx = np.asarray(jax.vmap(f)(xs)), np.asarray(jax.vmap(fq)(xs))
+  rounding = 1e-5 * (np.max(np.abs(fx)) + np.max(np.abs(fqx)))
+  assert np.max(np.abs(fx - fqx)) <= cert.upper + rounding
   return merged
 
 
@@ -69,7 +80,7 @@ def test_qwix_weight_quantization_is_paired_and_sound(original, qtype):
   model, params = original
   f = functools.partial(model.apply, params)
   fq = _qwix_ptq(model, params, qtype)
-  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.1)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.1)  # stops at 10%; 60 s for compiling
   merged = _check_sound(f, fq, cert)
   assert merged.paired  # qwix dequantizes the kernels: the layers line up with f's
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
@@ -94,7 +105,7 @@ def test_qwix_nnx_weight_quantization_is_paired_and_sound():
   q_graphdef, q_state = nnx.split(qmodel)
   f = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
   fq = lambda x: nnx.merge(q_graphdef, q_state)(x)  # noqa: E731
-  cert = qb.certify(f, fq, _box(), time_budget=20, target_gap=0.1)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.1)  # stops at 10%; 60 s for compiling
   assert _check_sound(f, fq, cert).paired
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
 
@@ -112,17 +123,145 @@ def test_qwix_dynamic_activation_quantization_is_refused_clearly(original):
   assert "qwix" in str(err.value)  # names the library's line that computes the scale
 
 
-def test_aqt_weight_quantization_is_sound(original):
+def _aqt():
   pytest.importorskip("aqt.jax.v2.flax.aqt_flax", reason="AQT is not installed (pip install 'qbound[aqt]')")
+  from aqt.jax.v2 import calibration as aqt_calibration
   from aqt.jax.v2 import config as aqt_config
   from aqt.jax.v2.flax import aqt_flax
+  return aqt_config, aqt_calibration, aqt_flax
 
+
+def test_aqt_weight_quantization_is_paired_and_tight(original):
+  aqt_config, _, aqt_flax = _aqt()
   model, params = original
   config = aqt_config.dot_general_make(lhs_bits=None, rhs_bits=8)  # int8 weights, float activations
   qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(config))
   fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
   f = functools.partial(model.apply, params)
   assert np.max(np.abs(np.asarray(f(jnp.full(INPUTS, 0.3)) - fq(jnp.full(INPUTS, 0.3))))) > 0
-  cert = qb.certify(f, fq, _box(), time_budget=5, target_gap=0.1)
-  _check_sound(f, fq, cert)
-  assert cert.lower > 0 and np.isfinite(cert.upper)
+  cert = qb.certify(f, fq, _box(), time_budget=60, target_gap=0.5)  # stops at 50%; 60 s for compiling
+  merged = _check_sound(f, fq, cert)
+  # AQT's (x @ W_int) * s_w is kept as one op beside f's x @ W: the layers pair.
+  assert merged.paired and merged.fq_graph.nodes[1].op.name == "dot_general*scale"
+  assert cert.lower > 0 and cert.upper <= 1.5 * cert.lower
+
+
+def _static_mlp(model, params, calibration):
+  """qwix post-training quantization with static (calibrated) activation scales: int8 weights and
+  activations, the scales from the calibration batch (qwix's QAT provider collects them)."""
+  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  _, stats = qwix.quantize_model(model, qwix.QtProvider(rules)).apply(params, calibration, mutable=["quant_stats"])
+  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), calibration[:1])
+  qparams = qwix.quantize_params(params["params"], abstract["params"], stats["quant_stats"])
+  return lambda x: ptq.apply({"params": qparams}, x[None])[0]
+
+
+def test_qwix_static_activation_scales_are_paired_and_sound(original):
+  model, params = original
+  calibration = jax.random.uniform(jax.random.key(5), (64, INPUTS), minval=-1, maxval=1)
+  fq = _static_mlp(model, params, calibration)
+  f = lambda x: model.apply(params, x[None])[0]  # noqa: E731  (batched like f_q, so the layers line up)
+  cert = qb.certify(f, fq, _box(), method="diff")
+  merged = _check_sound(f, fq, cert)
+  assert merged.paired  # x / s_a, round, saturate, (q @ W_int) * s_a * s_w beside (x / s_a) @ W * s_a
+  assert 0 < cert.lower <= cert.upper
+
+
+def test_qwix_static_activation_scales_nnx_are_sound():
+  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(INPUTS, 16, rngs=rngs)
+      self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jax.nn.relu(self.hidden(x)))
+
+  model = MLP(nnx.Rngs(0))
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  calibration = jax.random.uniform(jax.random.key(5), (64, INPUTS), minval=-1, maxval=1)
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), calibration)  # scales from this batch
+  graphdef, state = nnx.split(model)
+  q_graphdef, q_state = nnx.split(qmodel)
+  f = lambda x: nnx.merge(graphdef, state)(x[None])[0]  # noqa: E731
+  fq = lambda x: nnx.merge(q_graphdef, q_state)(x[None])[0]  # noqa: E731
+  cert = qb.certify(f, fq, _box(), method="diff")
+  assert _check_sound(f, fq, cert).paired
+  assert 0 < cert.lower <= cert.upper
+
+
+@pytest.mark.slow  # ~30 s on 2 loaded cores, mostly compiling the differential bound for a conv
+def test_qwix_static_cnn_is_paired_and_sound():
+  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+
+  class CNN(flax_linen.Module):
+    @flax_linen.compact
+    def __call__(self, x):  # one 6x6 image
+      x = flax_linen.relu(flax_linen.Conv(3, (3, 3), strides=2)(x[None, :, :, None]))
+      return flax_linen.Dense(2)(x.reshape((1, -1)))[0]
+
+  model = CNN()
+  params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  calibration = jax.random.uniform(jax.random.key(5), (32, 6, 6))
+  qat = qwix.quantize_model(model, qwix.QtProvider(rules))
+  _, stats = jax.vmap(lambda x: qat.apply(params, x, mutable=["quant_stats"]))(calibration)
+  stats = jax.tree_util.tree_map(lambda a: a.mean(0) if a.ndim else a, stats)  # one scale from the batch
+  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
+  qparams = qwix.quantize_params(params["params"], abstract["params"], stats["quant_stats"])
+  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  f = functools.partial(model.apply, params)
+  box = qb.Box(jnp.full((6, 6), 0.4), jnp.full((6, 6), 0.6))
+  cert = qb.certify(f, fq, box, method="diff")
+  merged = _check_sound(f, fq, cert, box)
+  assert merged.paired and merged.fq_graph.nodes[5].op.name == "conv_general_dilated*scale"
+  assert 0 < cert.lower <= cert.upper
+
+
+@pytest.mark.slow  # ~30 s: two certificates of 24-node networks
+def test_aqt_static_activation_scales_are_sound(original):
+  aqt_config, aqt_calibration, aqt_flax = _aqt()
+  model, params = original
+
+  def config(bound, po2):
+    cfg = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
+    cfg.fwd.dg_quantizer.lhs.calibration = functools.partial(aqt_calibration.ConstantCalibration, bound=bound,
+                                                             po2_scale=po2)
+    return cfg
+
+  f = functools.partial(model.apply, params)
+  for po2 in (True, False):
+    qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(config(2.0, po2)))
+    fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731,B023
+    cert = qb.certify(f, fq, _box(), method="diff" if po2 else "crown")
+    merged = _check_sound(f, fq, cert)
+    # AQT multiplies by 1 / s_a: f's product can undo that exactly only for a power of two.
+    assert merged.paired == po2
+    assert 0 < cert.lower <= cert.upper
+
+
+@pytest.mark.slow  # about a minute: it certifies three models live
+def test_walkthrough_notebook_runs(monkeypatch):
+  pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  _aqt()
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  import os
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  folder = root / "notebooks"
+  # The kernel imports this checkout's qbound (not whichever one is installed).
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+  nb = nbformat.read(folder / "quant_libraries.ipynb", as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
+  client.execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.get("output_type") == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+  assert text.count("paired=True") == 3

@@ -39,6 +39,7 @@ from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
+from qbound.trace.scaled import ScaledOp
 
 _WEIGHT_LINEAR = {"dot_general", "conv_general_dilated", "mul"}
 
@@ -79,7 +80,33 @@ class _DeltaLinear:
     differs = self._differs()
     return out if differs is None else jnp.where(differs, out, 0)
 
+  def _folded_dw(self):
+    """``A - A_q`` as one weight for rescaled products (:mod:`qbound.trace.scaled`), or None."""
+    op = self.nf.op
+    if not isinstance(op, ScaledOp):
+      return None
+    wf, wq = op.folded_weight(self.nf.weights), op.folded_weight(self.nq.weights)
+    return None if wf is None or wq is None else wf - wq
+
   def apply_abs(self, x):
+    """An upper bound on ``|A - A_q| x`` (for ``x >= 0``), linear in ``x`` with coefficients >= 0."""
+    if self.exact_weights:
+      return self.nf.op.apply_abs(self._dw(), x)
+    folded = self._folded_dw()
+    if folded is not None:
+      # The folded weights ``W t - W_q s`` carry one rounding per factor and one for the
+      # difference, each at most u of |W t| or |W_q s|: gamma(factors + 3) of both covers them.
+      # A product flushed to zero as subnormal loses at most the smallest normal number per rounding.
+      dtype = jnp.result_type(x)
+      k = len(self.nf.op.factors)
+      spare = fp.SLACK * fp.gamma(k + 3, dtype)
+      flushed = (2 * k + 1) * fp.tiny(dtype) * self.nf.op.base.apply_abs((jnp.ones_like(folded),), x)
+      return self.nf.op.base.apply_abs((folded,), x) + spare * self.margin_abs(x) + flushed
+    return self.margin_abs(x)
+
+  def margin_abs(self, x):
+    """The magnitude the roundings of :meth:`apply` and :meth:`transpose` are relative to: ``|A -
+    A_q| x`` where the difference of weights is formed first, else ``|A| x + |A_q| x``."""
     if self.exact_weights:
       return self.nf.op.apply_abs(self._dw(), x)
     out = self.nf.linear_abs(x) + self.nq.linear_abs(x)
@@ -118,7 +145,7 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
       cq, rq = center_radius(*zq[j], sound)
       yc = yc + delta.apply(cq)
       yr = yr + delta.apply_abs(rq)
-      magnitude = magnitude + delta.apply_abs(jnp.abs(cq) + rq)
+      magnitude = magnitude + delta.margin_abs(jnp.abs(cq) + rq)
     db = _bias_diff(nf, nq)
     if db is not None:
       yc = yc + db
@@ -218,7 +245,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
         spread = fp.margin_coefficient(n_t, dtype) * nf.linear_abs(_magnitude(d[0]))
         err = err + fp.margin_floor(n_t, dtype)
         if not delta.zero:
-          spread = spread + fp.margin_coefficient(n_t + 1, dtype) * delta.apply_abs(_magnitude(zq[0]))
+          spread = spread + fp.margin_coefficient(n_t + 1, dtype) * delta.margin_abs(_magnitude(zq[0]))
           err = err + fp.margin_floor(n_t + 1, dtype)
         if db is not None:
           spread = spread + fp.margin_coefficient(fp.pairwise_terms(nf.size) + 1, dtype) * jnp.abs(db)

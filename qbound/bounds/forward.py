@@ -206,7 +206,7 @@ def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Cont
     if not delta.zero:
       s = _add(s, _affine(delta.apply, delta.apply_abs, zq_ins[0]))
       if ctx.sound:
-        err = (err + _gamma(nf.terms + 6, dtype) * delta.apply_abs(_magnitude(zq_ins[0], ctx))
+        err = (err + _gamma(nf.terms + 6, dtype) * delta.margin_abs(_magnitude(zq_ins[0], ctx))
                + (nf.terms + 6) * fp.tiny(dtype))
     if nf.bias is not None:
       db = nf.bias - nq.bias

@@ -252,7 +252,7 @@ def diff_affine(nf: G.Node, nq: G.Node, d: Zonotope, zq: Zonotope, sound: bool) 
     # four extra terms of the margin.
     magnitude = nf.linear_abs(jnp.abs(d.center) + _abs_generators(d)[0] + d.err)
     if not delta.zero:
-      magnitude = magnitude + delta.apply_abs(jnp.abs(zq.center) + _abs_generators(zq)[0] + zq.err)
+      magnitude = magnitude + delta.margin_abs(jnp.abs(zq.center) + _abs_generators(zq)[0] + zq.err)
     if db is not None:
       magnitude = magnitude + 2 * jnp.abs(db)
     err = fp.round_up(err + fp.dot_margin(nf.terms + 4, magnitude, center.dtype))

@@ -51,6 +51,7 @@ written. Needs the ``onnx`` package (``pip install 'qbound[onnx]'``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Optional
@@ -288,7 +289,24 @@ def _route_matrix(em: _Emitter, node: G.Node, x: str) -> str:
   return em.reshape(y, op.out_shape, (n_out,))
 
 
+def _route_scaled(em: _Emitter, node: G.Node, x: str) -> str:
+  """A rescaled product (:mod:`qbound.trace.scaled`): the product's own route, then one Mul or Div
+  per factor, the same float operations (its explicit matrix would round the products ``W * s``)."""
+  op = node.op
+  n_base = len(node.weights) - len(op.factors)
+  base = dataclasses.replace(node, op=op.base, weights=node.weights[:n_base], bias=None)
+  route = AFFINE_ROUTES.get(op.base.name)
+  y = route(em, base, x) if route is not None else None
+  if y is None:
+    y = _route_matrix(em, base, x)
+  for kind, c in zip(op.factors, node.weights[n_base:]):
+    y = em.op("Mul" if kind == "mul" else "Div", [y, em.const(np.broadcast_to(np.asarray(c), op.out_shape), "c")])
+  return y
+
+
 AFFINE_ROUTES: dict[str, Callable[[_Emitter, G.Node, str], Optional[str]]] = {
+    "dot_general*scale": _route_scaled,
+    "conv_general_dilated*scale": _route_scaled,
     "dot_general": _route_dot,
     "conv_general_dilated": _route_conv,
     "mul": _route_elementwise("Mul"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -131,6 +132,9 @@ class _Builder:
     params = dict(eqn.params)
     if name in _PRECISE_PRIMS and "precision" in params:
       params["precision"] = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    integer = jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.integer)
+    if integer and params.get("preferred_element_type") is not None:
+      params["preferred_element_type"] = None  # the integer product, computed in floats like a float one
     frozen = _freeze(params)
     try:
       hash(frozen)
@@ -141,6 +145,13 @@ class _Builder:
     consts = [jnp.asarray(v[1]) for i, v in enumerate(ins) if i != pos]
     if name in ("mul", "div"):
       consts = [host_array(c, self.dtype, out_shape) for c in consts]
+    elif coefficients and any(jnp.issubdtype(c.dtype, jnp.integer) for c in consts):
+      exact = 2 ** (jnp.finfo(self.dtype).nmant + 1)  # integers of at most this size are floats exactly
+      if any(jnp.issubdtype(c.dtype, jnp.integer) and np.max(np.abs(np.asarray(c, np.int64)), initial=0) > exact
+             for c in consts):
+        self.unsupported(eqn, f"its integer weights exceed {exact}, which {np.dtype(self.dtype).name} "
+                         "cannot hold exactly")
+      consts = [host_array(c, self.dtype) for c in consts]
     bias = None
     if not coefficients and any(np.any(np.asarray(c) != 0) for c in consts if np.issubdtype(np.asarray(c).dtype, np.floating)):
       # Routing ops with constant data (pad value, concatenated constants) are affine: split them
@@ -155,9 +166,23 @@ class _Builder:
                   in_shape=self.shape_of(in_value), out_shape=out_shape, dtype=np.dtype(self.dtype).name,
                   coefficients=coefficients)
     op = _with_term_counts(op, tuple(consts))
+    if integer:
+      self._check_no_overflow(eqn, op, consts, pos)
     node = G.Node(kind=G.AFFINE, inputs=(in_value[1],), shape=out_shape, op=op, weights=tuple(consts),
                   bias=bias, where=where)
     return self.emit(node)
+
+  def _check_no_overflow(self, eqn, op, consts, pos):
+    """An integer product (qwix's int8 x int8 -> int32) equals its real value unless it wraps
+    around: refuse one whose largest possible sum exceeds the result type's range."""
+    x_dtype, out_dtype = eqn.invars[pos].aval.dtype, eqn.outvars[0].aval.dtype
+    if not jnp.issubdtype(x_dtype, jnp.integer):
+      self.unsupported(eqn, "a product of a float input computed in integers rounds it")
+    largest_x = max(abs(int(jnp.iinfo(x_dtype).min)), int(jnp.iinfo(x_dtype).max))
+    with jax.ensure_compile_time_eval():
+      largest = float(jnp.max(op.apply_abs(tuple(consts), jnp.ones(op.in_shape, self.dtype)))) * largest_x
+    if largest * (1 + 1e-3) > int(jnp.iinfo(out_dtype).max):  # 1e-3: the float32 sum's own rounding
+      self.unsupported(eqn, f"its {out_dtype} sums may overflow (up to {largest:.3g})")
 
   def shift(self, value, const, where, shape):
     """``value + const`` for an input-dependent value."""

@@ -54,11 +54,39 @@ def _rule_identity(b: _Builder, eqn, ins, where, shape):
   return ins[0]
 
 
+def _integer_valued(b: _Builder, value) -> bool:
+  """Whether a node's values are integers: a rounding, possibly clipped at integers since."""
+  node = b.nodes[value[1]]
+  while node.kind == G.CLIP and all(np.all(np.asarray(w) == np.round(np.asarray(w))) for w in node.weights):
+    node = b.nodes[node.inputs[0]]
+  return node.kind == G.ROUND and node.attrs[0] != "none"
+
+
 def _rule_convert(b: _Builder, eqn, ins, where, shape):
+  """Conversions that keep every value: int -> float, float -> wider float, int -> wider int
+  (qbound's nodes hold every value in their float dtype), and float -> int of values already rounded,
+  which XLA saturates at the integer type's range (qwix's ``astype(int8)`` after ``jnp.round``):
+  a clip. Other float -> int conversions truncate, a rounding qbound does not bound."""
   new = np.dtype(eqn.params["new_dtype"])
   old = np.dtype(eqn.invars[0].aval.dtype)
   if new == old:
     return ins[0]
+  if new == np.bool_ or old == np.bool_:
+    b.unsupported(eqn, f"converting {old} to {new} is a step")
+  int_new, int_old = jnp.issubdtype(new, jnp.integer), jnp.issubdtype(old, jnp.integer)
+  if not int_new:
+    if int_old or (jnp.finfo(new).nmant >= jnp.finfo(old).nmant and jnp.finfo(new).maxexp >= jnp.finfo(old).maxexp):
+      return ins[0]  # integers (exact below 2**24 in float32) and wider floats keep the value
+    b.unsupported(eqn, f"converting {old} to {new} rounds values; quantize activations with "
+                  "qbound.quantize instead")
+  if int_old:
+    if jnp.iinfo(new).min <= jnp.iinfo(old).min and jnp.iinfo(new).max >= jnp.iinfo(old).max:
+      return ins[0]
+    b.unsupported(eqn, f"converting {old} to the narrower {new} wraps around")
+  if jnp.issubdtype(old, jnp.floating) and _integer_valued(b, ins[0]):
+    info = jnp.iinfo(new)
+    return b.clip(ins[0], host_array(int(info.min), b.dtype, shape), host_array(int(info.max), b.dtype, shape),
+                  where, shape)
   b.unsupported(eqn, f"converting {old} to {new} rounds values; quantize activations with "
                 "qbound.quantize instead")
 
