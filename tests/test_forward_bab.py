@@ -123,3 +123,17 @@ def test_scanned_forward_pass_equals_the_unrolled_one(monkeypatch):
     outs.append(F.forward_diff_bounds(merged.f_graph, merged.fq_graph, box, sound=True))
   for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sound_with_scanned_blocks_and_priors():
+  """A net whose hidden layers are scanned (lax.scan) with the parents' bounds as priors."""
+  model = H.mlp((6, 6, 6, 6), 2)
+  params = model.init(jax.random.key(1), jnp.zeros(3))
+  f = functools.partial(model.apply, params)
+  fq = functools.partial(model.apply, H.uniform_quantize(params, 3))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  res = forward_branch_and_bound(merged, box, time_budget=60, target_gap=0.05, batch_size=8, max_pieces=2048)
+  assert res.pieces_bounded > 8
+  check_sound(merged, box, res)
