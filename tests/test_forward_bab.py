@@ -39,7 +39,9 @@ def check_sound(merged, box, res):
   values = H.eval64(merged, H.sample_points(box, 2000))
   assert np.all(values >= res.diff_lower - 1e-7) and np.all(values <= res.diff_upper + 1e-7)
   assert np.abs(values).max() <= res.upper + 1e-7
-  assert res.lower <= res.upper
+  # ``lower`` is the float32 evaluation (as branch_and_bound's): on a close pair it can exceed the
+  # float64 error, and so a proven upper bound, by float32 rounding of f - f_q (seen: 4e-6 relative).
+  assert res.lower <= res.upper * (1 + 1e-5) + 1e-7
   # The reached error is reached at the witness (float32 evaluation against float64).
   assert np.abs(H.eval64(merged, res.witness[None])).max() == pytest.approx(res.lower, rel=1e-4, abs=1e-6)
 
