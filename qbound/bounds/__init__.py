@@ -9,6 +9,7 @@ from qbound.bounds.bab import BabResult, branch_and_bound
 from qbound.bounds.crown import crown, crown_bounds
 from qbound.bounds.diff import diff, diff_bounds
 from qbound.bounds.forward import forward_diff, forward_diff_batch, forward_diff_bounds
+from qbound.bounds.forward_bab import forward_branch_and_bound
 from qbound.bounds.interval import interval, interval_bounds
 from qbound.bounds.zonotope import diff_zonotope, diff_zonotope_batch, diff_zonotope_bounds
 
@@ -25,6 +26,7 @@ __all__ = [
     "diff_zonotope",
     "diff_zonotope_batch",
     "diff_zonotope_bounds",
+    "forward_branch_and_bound",
     "forward_diff",
     "forward_diff_batch",
     "forward_diff_bounds",

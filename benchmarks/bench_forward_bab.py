@@ -1,0 +1,130 @@
+"""Branch and bound on the device with forward bounds (``qb.bounds.forward_branch_and_bound``) against
+the default branch and bound (``qb.bounds.branch_and_bound``), in the same process, interleaved.
+
+* ``--acas``: ACAS Xu 1_1..1_9 against their float16 copies (``../shared/bench``), property 1's box,
+  epsilon 0.05, output 0 and all five outputs: a warm-up call of each (compiling), then ``--reps``
+  calls of each, alternating; the median time and the pieces bounded.
+* ``--small``: the first six random MLPs of ``bench_tight.py --only exact`` (2-5 inputs, 2-3 hidden
+  layers of 8-16 ReLUs, 3-8 bits) on ``[-1, 1]^n``, target gap 2%: first call (compiling) and a
+  second call of each.
+* ``--differing``: ACAS Xu pruned pairs (``benchmarks/data``), properties 1, 7 and 8, epsilon 0.05,
+  20 s each, nets ``--nets``.
+
+Run: ``python benchmarks/bench_forward_bab.py --acas --small --differing`` (about 15 minutes on 2
+shared cores). Prints one JSON line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qbound as qb
+from qbound.bounds.bab import branch_and_bound
+from qbound.bounds.forward_bab import forward_branch_and_bound
+
+PROPERTY_1 = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]),
+                    jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
+
+
+def _timed(run):
+  start = time.perf_counter()
+  res = run()
+  return time.perf_counter() - start, res
+
+
+def bench_acas(reps: int, budget: float):
+  from bench_tight import _pairs
+
+  for outputs in ([0], None):
+    for k in range(1, 10):
+      merged = qb.merge(*_pairs(f"ACASXU_run2a_1_{k}_batch_2000"), PROPERTY_1)
+      runs = {"old": lambda: branch_and_bound(merged, PROPERTY_1, outputs=outputs, epsilon=0.05, time_budget=budget),
+              "new": lambda: forward_branch_and_bound(merged, PROPERTY_1, outputs=outputs, epsilon=0.05,
+                                                      time_budget=budget)}
+      for run in runs.values():
+        run()
+      times = {name: [] for name in runs}
+      last = {}
+      for _ in range(reps):
+        for name, run in runs.items():
+          seconds, last[name] = _timed(run)
+          times[name].append(seconds)
+      print(json.dumps({"net": f"1_{k}", "outputs": "0" if outputs else "all",
+                        **{f"{n}_s": round(float(np.median(t)), 3) for n, t in times.items()},
+                        **{f"{n}_pieces": r.pieces_bounded for n, r in last.items()},
+                        **{f"{n}_stopped": r.stopped for n, r in last.items()}}), flush=True)
+
+
+def bench_small(nets: int = 6):
+  from bench_tight import mlp_apply, random_net
+
+  rng = np.random.default_rng(0)
+  for i in range(nets):
+    n_in = int(rng.integers(2, 6))
+    hidden = [int(rng.choice([8, 12, 16])) for _ in range(int(rng.integers(2, 4)))]
+    widths = [n_in, *hidden, 2]
+    bits = int(rng.choice([3, 4, 6, 8]))
+    params = random_net(jax.random.key(i), widths)
+    f = functools.partial(mlp_apply, params)
+    fq = functools.partial(mlp_apply, qb.quantize.uniform(params, bits=bits))
+    box = qb.Box(-jnp.ones(n_in), jnp.ones(n_in))
+    merged = qb.merge(f, fq, box)
+    row = {"net": "-".join(map(str, widths)), "bits": bits}
+    for name, run in (("old", lambda: branch_and_bound(merged, box, time_budget=10, target_gap=0.02)),
+                      ("new", lambda: forward_branch_and_bound(merged, box, time_budget=10, target_gap=0.02))):
+      first, _ = _timed(run)
+      again, res = _timed(run)
+      row[name] = dict(first=round(first, 2), again=round(again, 3), stopped=res.stopped, upper=round(res.upper, 5),
+                       lower=round(res.lower, 5), pieces=res.pieces_bounded)
+    print(json.dumps(row), flush=True)
+
+
+def bench_differing(nets, budget: float):
+  import acas_properties
+  import bench_differing
+
+  compiled = False
+  for k in nets:
+    f, fq = bench_differing.acas_pair(k)
+    for prop in ("1", "7", "8"):
+      box = acas_properties.get(prop).raw_box()
+      merged = qb.merge(f, fq, box)
+      runs = (("old", lambda: branch_and_bound(merged, box, epsilon=0.05, time_budget=budget)),
+              ("new", lambda: forward_branch_and_bound(merged, box, epsilon=0.05, time_budget=budget)))
+      if not compiled:
+        for _, run in runs:
+          run()
+        compiled = True
+      row = {"net": f"1_{k}", "prop": prop}
+      for name, run in runs:
+        seconds, res = _timed(run)
+        row[name] = dict(s=round(seconds, 2), stopped=res.stopped, upper=float(f"{res.upper:.3g}"),
+                         lower=float(f"{res.lower:.3g}"), pieces=res.pieces_bounded)
+      print(json.dumps(row), flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--acas", action="store_true")
+  parser.add_argument("--small", action="store_true")
+  parser.add_argument("--differing", action="store_true")
+  parser.add_argument("--reps", type=int, default=2)
+  parser.add_argument("--nets", type=int, nargs="+", default=[1, 5])
+  args = parser.parse_args(argv)
+  if args.acas:
+    bench_acas(args.reps, budget=10.0)
+  if args.small:
+    bench_small()
+  if args.differing:
+    bench_differing(args.nets, budget=20.0)
+
+
+if __name__ == "__main__":
+  main()
