@@ -167,7 +167,7 @@ def bench_acas(budget: float):
                            initial_witness=witness, **kwargs)
     print(f"{task:<34}{res.upper:>12.3g}{res.lower:>12.3g}{res.upper / res.lower:>9.3g}{res.pieces_bounded:>9}"
           f"{res.seconds:>8.2f}{res.stopped:>10}")
-  print("NeuroDiff: epsilon 0.05 proved in 0.8-1.0 s (213 splits); sampled maximum about 1.6e-5")
+  print("NeuroDiff: epsilon 0.05 proved in 0.23-0.26 s on an idle machine (213 splits); sampled maximum about 1.6e-5")
 
 
 def main(argv=None):
