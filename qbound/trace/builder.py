@@ -82,6 +82,11 @@ class _Builder:
     prim = eqn.primitive
     name = prim.name
     sub = next((eqn.params[p] for p in _CALL_PARAM_NAMES if p in eqn.params), None)
+    if (name in ("jit", "pjit") and eqn.params.get("name") == "silu" and len(ins) == 1 and ins[0][0] == "node"):
+      # jax.nn.silu: one node of its own (tighter than the product of x and sigmoid(x)).
+      where = _where(eqn, outer_where)
+      return [self.emit(G.Node(kind=G.SILU, inputs=(ins[0][1],), shape=tuple(eqn.outvars[0].aval.shape),
+                               where=where))]
     if sub is not None and name not in ("scan", "while", "cond"):
       # The calls we are inside of: their tracebacks continue the inner equations' (whose stop at
       # a jit boundary), for naming the user's operation in unsupported()'s message.

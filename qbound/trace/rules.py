@@ -127,6 +127,103 @@ def _rule_smooth(b: _Builder, eqn, ins, where, shape):
   return b.emit(G.Node(kind=kind, inputs=(ins[0][1],), shape=shape, where=where))
 
 
+# --- products and smooth curves (transformer layers; bounded by qbound.bounds.nonlinear) ---------
+
+
+def _curve(b: _Builder, kind: str, x, where, shape):
+  return b.emit(G.Node(kind=kind, inputs=(x[1],), shape=tuple(shape), where=where))
+
+
+def _product(b: _Builder, x, y, where, shape):
+  """``x * y`` of two input-dependent values (broadcast to ``shape``): ``square`` when they are the
+  same value, else a ``mul`` node."""
+  x, y = b.broadcast(x, shape, where), b.broadcast(y, shape, where)
+  if b.is_same(x, y):
+    return _curve(b, G.SQUARE, x, where, shape)
+  return b.emit(G.Node(kind=G.MUL, inputs=(x[1], y[1]), shape=tuple(shape), where=where))
+
+
+def _rule_mul(b: _Builder, eqn, ins, where, shape):
+  if not _both_nodes(ins):
+    return b.linear(eqn, ins, where, shape)
+  return _product(b, ins[0], ins[1], where, shape)
+
+
+def _rule_div(b: _Builder, eqn, ins, where, shape):
+  """``x / y = x * (1 / y)`` for an input-dependent ``y`` (softmax's normalisation)."""
+  num, den = ins
+  if den[0] == "const":
+    return b.linear(eqn, ins, where, shape)
+  inverse = _curve(b, G.RECIPROCAL, den, where, b.shape_of(den))
+  if num[0] == "const":
+    inverse = b.broadcast(inverse, shape, where)
+    return b.multiply(inverse, host_array(num[1], b.dtype, shape), where)
+  return _product(b, num, inverse, where, shape)
+
+
+def _power(b: _Builder, x, n: int, where, shape):
+  """``x ** n`` for ``n >= 1`` by repeated squaring."""
+  if n == 1:
+    return x
+  half = _power(b, x, n // 2, where, shape)
+  square = _curve(b, G.SQUARE, half, where, shape)
+  return square if n % 2 == 0 else _product(b, square, x, where, shape)
+
+
+def _rule_integer_pow(b: _Builder, eqn, ins, where, shape):
+  n = int(eqn.params["y"])
+  if n == 0:
+    return ("const", host_array(1, b.dtype, shape))
+  out = _power(b, ins[0], abs(n), where, shape)
+  return out if n > 0 else _curve(b, G.RECIPROCAL, out, where, shape)
+
+
+def _rule_square(b: _Builder, eqn, ins, where, shape):
+  return _curve(b, G.SQUARE, ins[0], where, shape)
+
+
+_CURVE_PRIMS = {"exp": G.EXP, "rsqrt": G.RSQRT, "sqrt": G.SQRT, "erfc": G.ERFC}
+
+
+def _rule_curve(b: _Builder, eqn, ins, where, shape):
+  return _curve(b, _CURVE_PRIMS[eqn.primitive.name], ins[0], where, shape)
+
+
+def _rule_erf(b: _Builder, eqn, ins, where, shape):
+  """``erf(x) = 1 - erfc(x)``."""
+  return b.shift(b.scale(_curve(b, G.ERFC, ins[0], where, shape), -1.0, where, shape), 1.0, where, shape)
+
+
+def _rule_dot_general(b: _Builder, eqn, ins, where, shape):
+  """A contraction of two input-dependent values (attention's ``q k^T``, ``weights @ v``): both
+  moved to a common shape ``(batch, free of x, free of y, contracted)``, multiplied entry by entry
+  and summed over the contracted axes."""
+  if not _both_nodes(ins):
+    return b.linear(eqn, ins, where, shape)
+  (cx, cy), (bx, by) = eqn.params["dimension_numbers"]
+  x, y = ins
+  sx, sy = b.shape_of(x), b.shape_of(y)
+  fx = [d for d in range(len(sx)) if d not in cx and d not in bx]
+  fy = [d for d in range(len(sy)) if d not in cy and d not in by]
+  nb, nfx, nfy, nc = len(bx), len(fx), len(fy), len(cx)
+  common = (tuple(sx[d] for d in bx) + tuple(sx[d] for d in fx) + tuple(sy[d] for d in fy)
+            + tuple(sx[d] for d in cx))
+
+  def arrange(v, order, kept):
+    perm = tuple(order)
+    if perm != tuple(range(len(perm))):
+      v = b.route(v, lambda t, perm=perm: lax.transpose(t, perm), where)
+    return b.route(v, lambda t: lax.broadcast_in_dim(t, common, kept), where)
+
+  rest = tuple(range(nb + nfx + nfy, nb + nfx + nfy + nc))
+  xs = arrange(x, list(bx) + fx + list(cx), tuple(range(nb + nfx)) + rest)
+  ys = arrange(y, list(by) + fy + list(cy), tuple(range(nb)) + tuple(range(nb + nfx, nb + nfx + nfy)) + rest)
+  product = b.emit(G.Node(kind=G.MUL, inputs=(xs[1], ys[1]), shape=common, where=where))
+  if nc:
+    product = b.route(product, lambda t: jnp.sum(t, axis=rest), where)
+  return product
+
+
 _FLIPPED = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}
 
 
@@ -257,6 +354,14 @@ _RULES: dict[str, Callable] = {
     "min": _rule_min,
     "clamp": _rule_clamp,
     "convert_element_type": _rule_convert,
+    "stop_gradient": _rule_identity,
+    "mul": _rule_mul,
+    "div": _rule_div,
+    "dot_general": _rule_dot_general,
+    "integer_pow": _rule_integer_pow,
+    "square": _rule_square,
+    "erf": _rule_erf,
+    **{name: _rule_curve for name in _CURVE_PRIMS},
     **{name: _rule_identity for name in _IDENTITY_PRIMS},
 }
 
