@@ -33,7 +33,7 @@ from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
-from qbound.errors import InfiniteBoundWarning, SoundnessError, UnboundedLayerError
+from qbound.errors import BoundOverflowError, InfiniteBoundWarning, SoundnessError, UnboundedLayerError
 from qbound.merge import MergedNetwork, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
@@ -489,8 +489,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     elif method == "auto":
       try:
         track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-      except UnboundedLayerError:  # 1/x or rsqrt near 0 by intervals; CROWN's tighter inputs may avoid it
-        pass
+      except (UnboundedLayerError, BoundOverflowError):
+        # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
+        if nonlinear.first_nonlinear(graph) is None:
+          raise
     if not branch_first:
       if halted():
         return

@@ -149,11 +149,51 @@ def _rule_mul(b: _Builder, eqn, ins, where, shape):
   return _product(b, ins[0], ins[1], where, shape)
 
 
+def _normalised_exp(b: _Builder, num, den):
+  """``(s, axis)`` when ``num / den`` is ``exp(s) / sum(exp(s), axis)`` broadcast back (a softmax),
+  else None."""
+  if num[0] != "node" or den[0] != "node" or b.nodes[num[1]].kind != G.EXP:
+    return None
+  node = b.nodes[den[1]]
+  while node.kind == G.AFFINE and node.bias is None and node.op is not None and node.op.name in (
+      "broadcast_in_dim", "reshape"):
+    node = b.nodes[node.inputs[0]]
+  if node.kind != G.AFFINE or node.op is None or node.op.name != "reduce_sum" or node.bias is not None:
+    return None
+  axes = dict(node.op.params).get("axes")
+  if node.inputs[0] != num[1] or axes is None or len(axes) != 1:
+    return None
+  return ("node", b.nodes[num[1]].inputs[0]), int(axes[0])
+
+
+def _softmax(b: _Builder, s, axis: int, where):
+  """``softmax(s)_i = 1 / sum_j exp(s_j - s_i)`` along ``axis``: the same function as
+  ``exp(s_i) / sum_j exp(s_j)``, written with the differences ``s_j - s_i``. Their bounds cancel
+  what ``s_j`` and ``s_i`` share (a subtracted maximum, the input's own spread), every ``exp`` of
+  them is at most 1 apart from where ``s_i`` is smallest, and the sum is at least 1 (its ``j = i``
+  term is ``exp(0)``): the reciprocal stays in ``(0, 1]`` (Shi et al., ICLR 2020, bound softmax
+  through the same differences)."""
+  shape = b.shape_of(s)
+  n = shape[axis]
+  wide = tuple(shape) + (n,)
+  own = b.route(s, lambda t: lax.broadcast_in_dim(t, wide, tuple(range(len(shape)))), where)
+  perm = tuple(d for d in range(len(shape)) if d != axis) + (axis,)
+  moved = b.route(s, lambda t: lax.transpose(t, perm), where) if perm != tuple(range(len(shape))) else s
+  kept = tuple(d for d in range(len(shape)) if d != axis) + (len(shape),)
+  others = b.route(moved, lambda t: lax.broadcast_in_dim(t, wide, kept), where)
+  diff = b.add(others, own, (1, -1), where, wide)
+  total = b.route(_curve(b, G.EXP, diff, where, wide), lambda t: jnp.sum(t, axis=len(shape)), where)
+  return _curve(b, G.RECIPROCAL, total, where, shape)
+
+
 def _rule_div(b: _Builder, eqn, ins, where, shape):
-  """``x / y = x * (1 / y)`` for an input-dependent ``y`` (softmax's normalisation)."""
+  """``x / y = x * (1 / y)`` for an input-dependent ``y``; a softmax as :func:`_softmax`."""
   num, den = ins
   if den[0] == "const":
     return b.linear(eqn, ins, where, shape)
+  softmax = _normalised_exp(b, num, den)
+  if softmax is not None and b.shape_of(num) == tuple(shape):
+    return _softmax(b, *softmax, where)
   inverse = _curve(b, G.RECIPROCAL, den, where, b.shape_of(den))
   if num[0] == "const":
     inverse = b.broadcast(inverse, shape, where)
