@@ -47,6 +47,18 @@ def affine_interval(node: G.Node, lower, upper, sound: bool):
       if sound:
         lo, hi = fp.round_down(lo), fp.round_up(hi)
     return lo, hi
+  if (node.op.name in ("mul", "div") and (node.op.name == "mul" or node.op.var_pos == 0) and len(node.weights) == 1
+      and tuple(node.op.in_shape) == tuple(node.shape) and tuple(jnp.shape(node.weights[0])) == tuple(node.shape)):
+    # Entrywise scaling maps the ends to the ends (a bound of 0 stays 0 before an rsqrt).
+    a, b = node.linear(lower), node.linear(upper)
+    lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+    if sound:
+      lo, hi = fp.round_down(lo), fp.round_up(hi)
+    if node.bias is not None:
+      lo, hi = lo + node.bias, hi + node.bias
+      if sound:
+        lo, hi = fp.round_down(lo), fp.round_up(hi)
+    return lo, hi
   c, r = center_radius(lower, upper, sound)
   yc = node.linear(c)
   if node.bias is not None:
