@@ -148,7 +148,7 @@ _RN = nn.RMSNorm()
 _RN_P = _RN.init(jax.random.key(1), X0)
 
 LAYERS = {
-    "softmax": (lambda x: jax.nn.softmax(x, axis=-1), {G.EXP, G.RECIPROCAL, G.MUL}),
+    "softmax": (lambda x: jax.nn.softmax(x, axis=-1), {G.EXP, G.RECIPROCAL}),
     "layer norm": (lambda x: _LN.apply(_LN_P, x), {G.SQUARE, G.RSQRT, G.MUL}),
     "rms norm": (lambda x: _RN.apply(_RN_P, x), {G.SQUARE, G.RSQRT, G.MUL}),
     "gelu (tanh)": (jax.nn.gelu, {G.SQUARE, G.MUL, G.TANH}),

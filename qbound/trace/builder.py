@@ -29,8 +29,16 @@ from qbound.trace.rules import _RULES, _max_pair, _min_pair
 from qbound.trace.unsupported import message as unsupported_message, user_operation
 
 
-# Primitives that may become products and smooth curves (messages name the user's line for them).
-_NONLINEAR_PRIMS = {"mul", "div", "dot_general", "integer_pow", "square", "exp", "rsqrt", "sqrt", "erf", "erfc"}
+# Primitives that become products and smooth curves (messages name the user's line for them).
+_CURVE_PRIMS = {"integer_pow", "square", "exp", "rsqrt", "sqrt", "erf", "erfc"}
+
+
+def _makes_nonlinear(name: str, ins) -> bool:
+  if name in _CURVE_PRIMS:
+    return True
+  if name in ("mul", "dot_general"):
+    return all(v[0] == "node" for v in ins)
+  return name == "div" and ins[1][0] == "node"
 
 
 def _where(eqn, outer: str = "") -> str:
@@ -111,7 +119,7 @@ class _Builder:
       self.unsupported(eqn, "it uses the result of comparing an input-dependent value (a step); only "
                        "jnp.where choosing between continuous pieces can be bounded")
     where = _where(eqn, outer_where)
-    if name in _NONLINEAR_PRIMS:
+    if _makes_nonlinear(name, ins):
       where = self.user_where(eqn, where)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     rule = _RULES.get(name)
