@@ -195,7 +195,7 @@ def attention_pair():
   return f, fq, qb.Box(x0 - 0.02, x0 + 0.02)
 
 
-@pytest.mark.parametrize("method", ["crown", "auto", "bab", "alpha"])
+@pytest.mark.parametrize("method", ["crown", "auto", "bab", pytest.param("alpha", marks=pytest.mark.slow)])
 def test_certify_attention_block_is_sound(attention_pair, method):
   f, fq, box = attention_pair
   cert = qb.certify(f, fq, box, method=method, time_budget=3.0)
