@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import attack, serialize, validate
+from qbound.bounds import nonlinear
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
-from qbound.errors import InfiniteBoundWarning, SoundnessError
+from qbound.errors import BoundOverflowError, InfiniteBoundWarning, SoundnessError, UnboundedLayerError
 from qbound.merge import MergedNetwork, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
@@ -434,6 +435,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       raise ValueError(f"outputs must be flat indices in [0, {n_out}), got {outputs.tolist()}.")
   if method in ("diff", "diff-interval"):
     require_paired(merged)
+    nonlinear.require_none(merged.f_graph, f"method={method!r}")
+  # Differential bounds need paired layers with a differential rule each; products and smooth
+  # curves (transformers) have none, so auto takes CROWN on the merged network for them.
+  diff_ok = merged.paired and nonlinear.first_nonlinear(merged.f_graph) is None
   track = _Tracker(n_out, outputs)
   # The error as f and f_q compute it themselves, compiled (op by op, every operation of the user's
   # model would compile on its own: seconds on a first call of a CNN) once per pair of functions.
@@ -468,7 +473,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # differential bound on the whole box, its probes find the reached errors, and the MILP gets
     # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
     few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
-    branch_first = method == "auto" and few_inputs and merged.paired
+    branch_first = method == "auto" and few_inputs and diff_ok
 
     # A first reached error before anything else: the centre, the two extreme corners and a few random
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
@@ -479,16 +484,23 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     closing_values(track.snapshot()["witness"])
 
     # Cheap proven bounds.
-    if method in ("interval", "auto"):
+    if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
+    elif method == "auto":
+      try:
+        track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
+      except (UnboundedLayerError, BoundOverflowError):
+        # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
+        if nonlinear.first_nonlinear(graph) is None:
+          raise
     if not branch_first:
       if halted():
         return
-      if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not merged.paired):
+      if method in ("crown", "auto", "alpha", "bab", "milp") or (method == "diff" and not diff_ok):
         track.add_bounds("crown", *crown_bounds(graph, box, None, sound)[graph.output])
       if halted():
         return
-      if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and merged.paired):
+      if method in ("diff", "diff-interval") or (method in ("auto", "alpha", "bab", "milp") and diff_ok):
         name = "diff-interval" if method == "diff-interval" else "diff"
         track.add_bounds(name, *_diff_output(merged, box, sound, name == "diff"))
       if halted():
@@ -507,7 +519,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
     if method == "alpha" or (method == "auto" and not few_inputs and not finished() and not halted()):
-      if merged.paired:
+      if diff_ok:
         track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
       else:
         track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))

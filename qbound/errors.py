@@ -9,6 +9,7 @@
   the float type it runs in (huge inputs or weights). Not a bug, but no bound either.
 * :class:`UnsupportedLayerError`: a bound method that has no rule for one of the network's layers
   (the message names the layer and a method that has one).
+* :class:`UnboundedLayerError`: a layer unbounded over the box (``1/x`` whose input may be 0).
 * :class:`VnnlibError`: a VNN-LIB file that cannot be read (or asks for something qbound does
   not support); the message says where and what.
 """
@@ -53,6 +54,12 @@ class VnnlibError(ValueError):
     place = (source, line, column if line is not None else None)
     where = ":".join(str(part) for part in place if part is not None)
     super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class UnboundedLayerError(ValueError):
+  """A layer's input leaves the function's domain over the box (``1/x`` whose input may be 0,
+  ``rsqrt`` of a possibly non-positive value): no finite bound exists there. The message names the
+  layer and its source line."""
 
 
 class UnsupportedLayerError(ValueError):

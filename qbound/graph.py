@@ -18,7 +18,19 @@ kind           value
                (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine)
 ``tanh``       ``tanh(x)``
 ``sigmoid``    the logistic function ``1 / (1 + exp(-x))``
+``mul``        the product ``x * y`` of two nodes of the node's shape (attention, gating)
+``square``     ``x * x``
+``exp``        ``exp(x)``
+``reciprocal`` ``1 / x`` (its input's bounds must not contain 0: division ``x / y = x * (1 / y)``)
+``rsqrt``      ``1 / sqrt(x)`` on ``x > 0`` (layer and RMS norm)
+``sqrt``       ``sqrt(x)`` on ``x >= 0``
+``erfc``       the complementary error function (exact GELU is ``x / 2 * erfc(-x / sqrt 2)``)
+``silu``       ``x * sigmoid(x)`` (``jax.nn.silu``)
 =============  ==============================================================================
+
+The last eight are bounded by :mod:`qbound.bounds.nonlinear` (interval and CROWN only; the other
+methods name them in an :class:`~qbound.errors.UnsupportedLayerError`). Softmax, layer norm and
+RMS norm are written with them when traced.
 
 Other piecewise-linear operations are written exactly with these kinds when traced (leaky ReLU
 and ``jnp.where`` as ReLUs, max pooling as a tree of ``max(a, b) = a + relu(b - a)``, average
@@ -45,6 +57,13 @@ ROUNDING = {"nearest": jnp.round, "away": lambda x: jax.lax.round(x, jax.lax.Rou
             "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 # S-shaped activations (increasing, convex below 0 and concave above): their functions.
 SMOOTH = {TANH: jnp.tanh, SIGMOID: jax.nn.sigmoid}
+MUL, SQUARE, EXP, RECIPROCAL, RSQRT, SQRT, ERFC, SILU = (
+    "mul", "square", "exp", "reciprocal", "rsqrt", "sqrt", "erfc", "silu")
+# Smooth functions of one input bounded by qbound.bounds.nonlinear: their functions.
+CURVES = {SQUARE: jnp.square, EXP: jnp.exp, RECIPROCAL: lambda x: 1 / x, RSQRT: jax.lax.rsqrt, SQRT: jnp.sqrt,
+          ERFC: jax.lax.erfc, SILU: lambda x: x * jax.nn.sigmoid(x)}
+# The kinds only interval bounds and CROWN support (products of two values, and CURVES).
+NONLINEAR = (MUL, *CURVES)
 
 
 class SourceNote(str):
@@ -68,7 +87,7 @@ class Node:
 
   Attributes:
     kind: one of ``input``, ``affine``, ``add``, ``concat``, ``relu``, ``clip``, ``round``,
-      ``tanh``, ``sigmoid``.
+      ``tanh``, ``sigmoid``, or one of :data:`NONLINEAR` (``mul``, ``exp``, ...).
     inputs: indices of the nodes this one reads.
     shape: shape of this node's value.
     op: for ``affine``, the linear map (a hashable object with ``apply``, ``apply_abs`` and
@@ -145,6 +164,10 @@ def _apply_node(node: Node, args):
     return ROUNDING[node.attrs[0]](args[0])
   if node.kind in SMOOTH:
     return SMOOTH[node.kind](args[0])
+  if node.kind == MUL:
+    return args[0] * args[1]
+  if node.kind in CURVES:
+    return CURVES[node.kind](args[0])
   raise ValueError(f"unknown node kind {node.kind!r}")
 
 

@@ -264,3 +264,13 @@ def test_notebook_runs(name, smoke, results_root, monkeypatch):
   # It read the temporary smoke results, not the checkout's.
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
   assert str(results_root) in text
+
+
+@pytest.mark.slow  # about two minutes on two loaded cores: CROWN compiles a step per layer of the ViT
+def test_vit_digits(smoke):
+  summary, out = smoke("vit_digits")
+  rows = read_csv(out / "vit_digits.csv")
+  assert rows and summary["graph_kinds"].get("mul", 0) > 0 and summary["graph_kinds"].get("exp", 0) > 0
+  assert_sound(rows)
+  for r in rows:
+    assert math.isfinite(r["upper"]) and r["lower"] <= r["upper"]

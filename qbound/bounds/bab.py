@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards
+from qbound.bounds import guards, nonlinear
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
@@ -375,7 +375,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                        progress=progress)
   n_out = int(np.prod(merged.output_shape))
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, dtype=np.int64)
-  paired = merged.paired
+  # Products and smooth curves (transformers) have no differential rule: CROWN on the merged net.
+  paired = merged.paired and nonlinear.first_nonlinear(merged.f_graph) is None
   mesh = sharding.resolve_mesh(mesh)
   batch_size = sharding.padded_size(default_batch_size(merged) if batch_size is None else batch_size, mesh)
   fg, qg, mg = sharding.put_replicated((merged.f_graph, merged.fq_graph, merged.graph), mesh)

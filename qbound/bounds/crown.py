@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, rules
+from qbound.bounds import fp, nonlinear, rules
 from qbound.bounds.common import LINEAR_KINDS, as_graph, first_half, jit_step, local, mirror_rows
-from qbound.bounds.interval import center_radius, interval_bounds
+from qbound.bounds.interval import ROUTING_ONLY, _node_interval, center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
@@ -109,6 +109,8 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None
                 + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * offset)
       err = fp.margin_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
     return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
+  if node.kind in G.NONLINEAR:
+    return nonlinear.backward_rule(node, lam, src_bounds, sound)
   raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 
 
@@ -231,8 +233,17 @@ def split_rows(low, shape):
 
 
 def relu_inputs(graph: G.Graph) -> list[int]:
-  """Indices of the nodes whose bounds an activation's relaxation needs, in topological order."""
-  return sorted({node.inputs[0] for node in graph.nodes if node.kind in ACTIVATIONS} - {0})
+  """Indices of the nodes whose bounds an activation's relaxation needs, in topological order
+  (both factors of a product)."""
+  needed = {node.inputs[0] for node in graph.nodes if node.kind in ACTIVATIONS}
+  needed |= {i for node in graph.nodes if node.kind in G.NONLINEAR for i in node.inputs}
+  return sorted(needed - {0})
+
+
+def _routing_only(node: G.Node) -> bool:
+  """A map that only moves entries: its interval bounds are exact given its input's, so a backward
+  pass of its own would find nothing better."""
+  return node.kind == G.AFFINE and node.bias is None and (node.op is None or node.op.name in ROUTING_ONLY)
 
 
 @functools.partial(jax.jit, static_argnames=("sound",))
@@ -256,8 +267,25 @@ def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sou
   ``batched``, ``box`` holds many boxes along a leading axis and so does every bound. ``check``:
   raise if any node's interval is empty or NaN (:mod:`qbound.bounds.guards`).
   """
+  targets = relu_inputs(graph) + [graph.output]
+  if nonlinear.first_nonlinear(graph) is not None:
+    # Products and curves: one forward sweep, every node's interval from its inputs' tightened
+    # bounds (softmax's and layer norm's statistics feed several nonlinear nodes; 1/x and rsqrt
+    # need their inputs' CROWN bounds to stay away from 0), and routing maps (broadcasts of a
+    # statistic) take their input's bound instead of a backward pass of their own.
+    bounds = [(box.lower, box.upper)]
+    for idx in range(1, len(graph.nodes)):
+      node = graph.nodes[idx]
+      bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound=sound,
+                                   batched=batched))
+      if idx in targets and not (_routing_only(node) and idx != graph.output):
+        bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
+                                                        row_chunk=row_chunk, batched=batched), sound=sound)
+    if check:
+      check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
+    return bounds
   bounds = list(interval_bounds(graph, box, sound, batched=batched, check=False))
-  for idx in relu_inputs(graph) + [graph.output]:
+  for idx in targets:
     if idx == 0:
       continue
     bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,

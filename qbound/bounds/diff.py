@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, relax, rules, smooth
+from qbound.bounds import fp, nonlinear, relax, rules, smooth
 from qbound.bounds.common import LINEAR_KINDS, first_half, jit_step, local, mirror_rows, plus
 from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
 from qbound.bounds.interval import center_radius, interval_bounds
@@ -458,6 +458,7 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = T
       (default :func:`diff_bound_node`); optimised slopes plug in here
       (:func:`qbound.bounds.alpha.diff_alpha_bounds`).
   """
+  nonlinear.require_none(fg, "differential bounds")
   zq = list(crown_bounds(qg, box, None, sound, row_chunk, batched=batched, check=False))
   if f_crown:
     z = list(crown_bounds(fg, box, None, sound, row_chunk, batched=batched, check=False))

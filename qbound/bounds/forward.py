@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, rules
+from qbound.bounds import fp, nonlinear, rules
 from qbound.bounds.diff import _DeltaLinear, diff_interval_node
 from qbound.bounds.interval import node_interval
 from qbound.box import Box
@@ -280,6 +280,7 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
   Returns:
     A :class:`ForwardBounds`.
   """
+  nonlinear.require_none(fg, "forward symbolic differential bounds")
   ctx = _context(box, sound)
   n_in = int(box.lower.size)
   x = _input_symbolic(box)

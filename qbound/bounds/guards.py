@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound.bounds import nonlinear
 from qbound.bounds.common import tracing
 from qbound.errors import BoundOverflowError, InvalidBoundsError, SoundnessError
 
@@ -84,6 +85,9 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
   leaves = [leaf for _, _, bounds in groups for leaf in jax.tree_util.tree_leaves(bounds)]
   if tracing(leaves):  # under jit or vmap: the caller returns counts() from its program instead
     return
+  for _, graph, bounds in groups:  # 1/x near 0: say where, rather than "NaN" further on
+    if graph is not None and bounds is not None and len(bounds) == len(graph.nodes):
+      nonlinear.check_domains(graph, bounds)
   if sum(int(np.size(leaf)) for leaf in leaves) <= HOST_CHECK_ENTRIES:
     raise_for_counts(_host_counts(groups, sound=sound), groups, sound=sound)
   else:

@@ -14,10 +14,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, relax, smooth
+from qbound.bounds import fp, nonlinear, relax, smooth
 from qbound.bounds.common import FAST_COMPILE, as_graph, jit_step, local
 from qbound.bounds.guards import check_bounds, spot_check
 from qbound.box import Box, validate_box
+
+
+# Linear maps that only move or copy entries (no sums, no coefficients).
+ROUTING_ONLY = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "slice", "rev")
 
 
 def center_radius(lower, upper, sound: bool):
@@ -29,6 +33,32 @@ def center_radius(lower, upper, sound: bool):
 
 def affine_interval(node: G.Node, lower, upper, sound: bool):
   """Bounds of ``op(x) + bias`` for ``x`` in ``[lower, upper]``."""
+  if node.op is None or not node.op.coefficients:
+    # Moving entries around (and summing them) is monotone: the ends map to the ends, exactly for
+    # pure routing, with the sums' rounding otherwise. No centre-radius rounding, which would push a
+    # bound of 0 below 0 in front of a reciprocal or rsqrt (a softmax's sum of exponentials).
+    lo, hi = node.linear(lower), node.linear(upper)
+    sums = node.op is not None and node.op.name not in ROUTING_ONLY
+    if sound and sums:
+      lo = fp.round_down(lo - fp.dot_margin(node.terms + 2, node.linear(jnp.abs(lower)), lo.dtype))
+      hi = fp.round_up(hi + fp.dot_margin(node.terms + 2, node.linear(jnp.abs(upper)), hi.dtype))
+    if node.bias is not None:
+      lo, hi = lo + node.bias, hi + node.bias
+      if sound:
+        lo, hi = fp.round_down(lo), fp.round_up(hi)
+    return lo, hi
+  if (node.op.name in ("mul", "div") and (node.op.name == "mul" or node.op.var_pos == 0) and len(node.weights) == 1
+      and tuple(node.op.in_shape) == tuple(node.shape) and tuple(jnp.shape(node.weights[0])) == tuple(node.shape)):
+    # Entrywise scaling maps the ends to the ends (a bound of 0 stays 0 before an rsqrt).
+    a, b = node.linear(lower), node.linear(upper)
+    lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+    if sound:
+      lo, hi = fp.round_down(lo), fp.round_up(hi)
+    if node.bias is not None:
+      lo, hi = lo + node.bias, hi + node.bias
+      if sound:
+        lo, hi = fp.round_down(lo), fp.round_up(hi)
+    return lo, hi
   c, r = center_radius(lower, upper, sound)
   yc = node.linear(c)
   if node.bias is not None:
@@ -79,6 +109,8 @@ def node_interval(node: G.Node, bounds, sound: bool):
     return fn(l), fn(u)
   if node.kind in G.SMOOTH:  # monotone, evaluated with a proven error bound
     return smooth.interval(node.kind, *bounds[node.inputs[0]], sound=sound)
+  if node.kind in G.NONLINEAR:  # products and smooth curves
+    return nonlinear.node_interval(node, bounds, sound)
   raise ValueError(f"interval bounds have no rule for node kind {node.kind!r}")
 
 

@@ -53,7 +53,7 @@ def loose(node: G.Node, lo, hi):
   if node.kind == G.ROUND:
     fn = G.ROUNDING[node.attrs[0]]
     return fn(lo) != fn(hi)
-  if node.kind in G.SMOOTH:
+  if node.kind in G.SMOOTH or node.kind in G.NONLINEAR:
     return hi > lo
   raise ValueError(f"no linear relaxation for node kind {node.kind!r}")
 

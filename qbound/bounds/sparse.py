@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds import fp, rules
+from qbound.bounds import fp, nonlinear, rules
 from qbound.bounds.common import local
 from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
 from qbound.bounds.diff import _diff_interval_step, _tighten, diff_backward_lower
@@ -110,6 +110,9 @@ def _consumers(graph: G.Graph) -> list[list[int]]:
   for idx, node in enumerate(graph.nodes):
     if node.kind in ACTIVATIONS:
       out[node.inputs[0]].append(idx)
+    elif node.kind in G.NONLINEAR:  # products and curves: loose wherever an input is not a point
+      for i in node.inputs:
+        out[i].append(idx)
   return out
 
 
@@ -192,6 +195,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       compiled for the sparse ones: close to the dense passes' bounds (not equal: the intervals are
       intersected in another order), for measuring how close f_q is to f.
   """
+  nonlinear.require_none(fg, "differential bounds")
   n_nodes = len(fg.nodes)
 
   def loose(mask):

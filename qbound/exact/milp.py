@@ -55,7 +55,7 @@ from qbound.bounds.common import as_graph
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.box import Box, validate_box
-from qbound.errors import SoundnessError
+from qbound.errors import SoundnessError, UnsupportedLayerError
 from qbound.merge import MergedNetwork, merge
 
 SUPPORTED_KINDS = (G.INPUT, G.AFFINE, G.ADD, G.CONCAT, G.RELU, G.CLIP, G.ROUND)
@@ -144,10 +144,11 @@ class Encoding(NamedTuple):
 
 
 def check_kinds(graph: G.Graph) -> None:
-  """Raises ``ValueError`` for a node the MILP cannot encode (only piecewise-linear ReLU nets)."""
+  """Raises :class:`~qbound.errors.UnsupportedLayerError` (a ``ValueError``) for a node the MILP
+  cannot encode (only piecewise-linear ReLU nets)."""
   for idx, node in enumerate(graph.nodes):
     if node.kind not in SUPPORTED_KINDS:
-      raise ValueError(f"the exact MILP encodes only {', '.join(SUPPORTED_KINDS)} nodes; node {idx} is "
+      raise UnsupportedLayerError(f"the exact MILP encodes only {', '.join(SUPPORTED_KINDS)} nodes; node {idx} is "
                        f"{node.kind!r} ({node.where or 'no source'}). Use qbound.certify for an upper bound "
                        "on networks with other activations.")
 

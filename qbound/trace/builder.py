@@ -27,7 +27,19 @@ from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_te
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
-from qbound.trace.unsupported import message as unsupported_message
+from qbound.trace.unsupported import message as unsupported_message, user_operation
+
+
+# Primitives that become products and smooth curves (messages name the user's line for them).
+_CURVE_PRIMS = {"integer_pow", "square", "exp", "rsqrt", "sqrt", "erf", "erfc"}
+
+
+def _makes_nonlinear(name: str, ins) -> bool:
+  if name in _CURVE_PRIMS:
+    return True
+  if name in ("mul", "dot_general"):
+    return all(v[0] == "node" for v in ins)
+  return name == "div" and ins[1][0] == "node"
 
 
 def _where(eqn, outer: str = "") -> str:
@@ -83,6 +95,11 @@ class _Builder:
     prim = eqn.primitive
     name = prim.name
     sub = next((eqn.params[p] for p in _CALL_PARAM_NAMES if p in eqn.params), None)
+    if (name in ("jit", "pjit") and eqn.params.get("name") == "silu" and len(ins) == 1 and ins[0][0] == "node"):
+      # jax.nn.silu: one node of its own (tighter than the product of x and sigmoid(x)).
+      where = self.user_where(eqn, _where(eqn, outer_where))
+      return [self.emit(G.Node(kind=G.SILU, inputs=(ins[0][1],), shape=tuple(eqn.outvars[0].aval.shape),
+                               where=where))]
     if sub is not None and name not in ("scan", "while", "cond"):
       # The calls we are inside of: their tracebacks continue the inner equations' (whose stop at
       # a jit boundary), for naming the user's operation in unsupported()'s message.
@@ -103,6 +120,8 @@ class _Builder:
       self.unsupported(eqn, "it uses the result of comparing an input-dependent value (a step); only "
                        "jnp.where choosing between continuous pieces can be bounded")
     where = _where(eqn, outer_where)
+    if _makes_nonlinear(name, ins):
+      where = self.user_where(eqn, where)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     rule = _RULES.get(name)
     if rule is None:
@@ -110,6 +129,15 @@ class _Builder:
         return [self.linear(eqn, ins, where, out_shape)]
       self.unsupported(eqn)
     return [rule(self, eqn, ins, where, out_shape)]
+
+  def user_where(self, eqn, where: str) -> str:
+    """``where``, or for an equation inside a library function (``flax.linen.LayerNorm``) that
+    function and the user's line that called it: what messages about its nodes should name."""
+    try:
+      found = user_operation(eqn, getattr(self, "calls", ()))
+    except Exception:  # pragma: no cover - a JAX without tracebacks
+      found = None
+    return where if found is None else f"{found[1]}, in {found[0]}"
 
   def unsupported(self, eqn, why: str = "", where: str = ""):
     # The message names the user's operation (jax.nn.gelu, not integer_pow) where it can: unsupported.py.

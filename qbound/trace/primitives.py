@@ -17,4 +17,5 @@ SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
                    {"add", "add_any", "sub", "neg", "max", "min", "clamp", "convert_element_type",
                     "round", "floor", "ceil", "tanh", "logistic", "abs", "select_n", "ge", "gt", "le", "lt",
                     "reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min",
+                    "exp", "rsqrt", "sqrt", "erf", "erfc", "integer_pow", "square", "stop_gradient",
                     "jit", "pjit", "custom_jvp_call", "custom_vjp_call", "checkpoint", "closed_call"})

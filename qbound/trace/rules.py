@@ -155,6 +155,143 @@ def _rule_smooth(b: _Builder, eqn, ins, where, shape):
   return b.emit(G.Node(kind=kind, inputs=(ins[0][1],), shape=shape, where=where))
 
 
+# --- products and smooth curves (transformer layers; bounded by qbound.bounds.nonlinear) ---------
+
+
+def _curve(b: _Builder, kind: str, x, where, shape):
+  return b.emit(G.Node(kind=kind, inputs=(x[1],), shape=tuple(shape), where=where))
+
+
+def _product(b: _Builder, x, y, where, shape):
+  """``x * y`` of two input-dependent values (broadcast to ``shape``): ``square`` when they are the
+  same value, else a ``mul`` node."""
+  x, y = b.broadcast(x, shape, where), b.broadcast(y, shape, where)
+  if b.is_same(x, y):
+    return _curve(b, G.SQUARE, x, where, shape)
+  return b.emit(G.Node(kind=G.MUL, inputs=(x[1], y[1]), shape=tuple(shape), where=where))
+
+
+def _rule_mul(b: _Builder, eqn, ins, where, shape):
+  if not _both_nodes(ins):
+    return b.linear(eqn, ins, where, shape)
+  return _product(b, ins[0], ins[1], where, shape)
+
+
+def _normalised_exp(b: _Builder, num, den):
+  """``(s, axis)`` when ``num / den`` is ``exp(s) / sum(exp(s), axis)`` broadcast back (a softmax),
+  else None."""
+  if num[0] != "node" or den[0] != "node" or b.nodes[num[1]].kind != G.EXP:
+    return None
+  node = b.nodes[den[1]]
+  while node.kind == G.AFFINE and node.bias is None and node.op is not None and node.op.name in (
+      "broadcast_in_dim", "reshape"):
+    node = b.nodes[node.inputs[0]]
+  if node.kind != G.AFFINE or node.op is None or node.op.name != "reduce_sum" or node.bias is not None:
+    return None
+  axes = dict(node.op.params).get("axes")
+  if node.inputs[0] != num[1] or axes is None or len(axes) != 1:
+    return None
+  return ("node", b.nodes[num[1]].inputs[0]), int(axes[0])
+
+
+def _softmax(b: _Builder, s, axis: int, where):
+  """``softmax(s)_i = 1 / sum_j exp(s_j - s_i)`` along ``axis``: the same function as
+  ``exp(s_i) / sum_j exp(s_j)``, written with the differences ``s_j - s_i``. Their bounds cancel
+  what ``s_j`` and ``s_i`` share (a subtracted maximum, the input's own spread), every ``exp`` of
+  them is at most 1 apart from where ``s_i`` is smallest, and the sum is at least 1 (its ``j = i``
+  term is ``exp(0)``): the reciprocal stays in ``(0, 1]`` (Shi et al., ICLR 2020, bound softmax
+  through the same differences)."""
+  shape = b.shape_of(s)
+  n = shape[axis]
+  wide = tuple(shape) + (n,)
+  own = b.route(s, lambda t: lax.broadcast_in_dim(t, wide, tuple(range(len(shape)))), where)
+  perm = tuple(d for d in range(len(shape)) if d != axis) + (axis,)
+  moved = b.route(s, lambda t: lax.transpose(t, perm), where) if perm != tuple(range(len(shape))) else s
+  kept = tuple(d for d in range(len(shape)) if d != axis) + (len(shape),)
+  others = b.route(moved, lambda t: lax.broadcast_in_dim(t, wide, kept), where)
+  diff = b.add(others, own, (1, -1), where, wide)
+  total = b.route(_curve(b, G.EXP, diff, where, wide), lambda t: jnp.sum(t, axis=len(shape)), where)
+  return _curve(b, G.RECIPROCAL, total, where, shape)
+
+
+def _rule_div(b: _Builder, eqn, ins, where, shape):
+  """``x / y = x * (1 / y)`` for an input-dependent ``y``; a softmax as :func:`_softmax`."""
+  num, den = ins
+  if den[0] == "const":
+    return b.linear(eqn, ins, where, shape)
+  softmax = _normalised_exp(b, num, den)
+  if softmax is not None and b.shape_of(num) == tuple(shape):
+    return _softmax(b, *softmax, where)
+  inverse = _curve(b, G.RECIPROCAL, den, where, b.shape_of(den))
+  if num[0] == "const":
+    inverse = b.broadcast(inverse, shape, where)
+    return b.multiply(inverse, host_array(num[1], b.dtype, shape), where)
+  return _product(b, num, inverse, where, shape)
+
+
+def _power(b: _Builder, x, n: int, where, shape):
+  """``x ** n`` for ``n >= 1`` by repeated squaring."""
+  if n == 1:
+    return x
+  half = _power(b, x, n // 2, where, shape)
+  square = _curve(b, G.SQUARE, half, where, shape)
+  return square if n % 2 == 0 else _product(b, square, x, where, shape)
+
+
+def _rule_integer_pow(b: _Builder, eqn, ins, where, shape):
+  n = int(eqn.params["y"])
+  if n == 0:
+    return ("const", host_array(1, b.dtype, shape))
+  out = _power(b, ins[0], abs(n), where, shape)
+  return out if n > 0 else _curve(b, G.RECIPROCAL, out, where, shape)
+
+
+def _rule_square(b: _Builder, eqn, ins, where, shape):
+  return _curve(b, G.SQUARE, ins[0], where, shape)
+
+
+_CURVE_PRIMS = {"exp": G.EXP, "rsqrt": G.RSQRT, "sqrt": G.SQRT, "erfc": G.ERFC}
+
+
+def _rule_curve(b: _Builder, eqn, ins, where, shape):
+  return _curve(b, _CURVE_PRIMS[eqn.primitive.name], ins[0], where, shape)
+
+
+def _rule_erf(b: _Builder, eqn, ins, where, shape):
+  """``erf(x) = 1 - erfc(x)``."""
+  return b.shift(b.scale(_curve(b, G.ERFC, ins[0], where, shape), -1.0, where, shape), 1.0, where, shape)
+
+
+def _rule_dot_general(b: _Builder, eqn, ins, where, shape):
+  """A contraction of two input-dependent values (attention's ``q k^T``, ``weights @ v``): both
+  moved to a common shape ``(batch, free of x, free of y, contracted)``, multiplied entry by entry
+  and summed over the contracted axes."""
+  if not _both_nodes(ins):
+    return b.linear(eqn, ins, where, shape)
+  (cx, cy), (bx, by) = eqn.params["dimension_numbers"]
+  x, y = ins
+  sx, sy = b.shape_of(x), b.shape_of(y)
+  fx = [d for d in range(len(sx)) if d not in cx and d not in bx]
+  fy = [d for d in range(len(sy)) if d not in cy and d not in by]
+  nb, nfx, nfy, nc = len(bx), len(fx), len(fy), len(cx)
+  common = (tuple(sx[d] for d in bx) + tuple(sx[d] for d in fx) + tuple(sy[d] for d in fy)
+            + tuple(sx[d] for d in cx))
+
+  def arrange(v, order, kept):
+    perm = tuple(order)
+    if perm != tuple(range(len(perm))):
+      v = b.route(v, lambda t, perm=perm: lax.transpose(t, perm), where)
+    return b.route(v, lambda t: lax.broadcast_in_dim(t, common, kept), where)
+
+  rest = tuple(range(nb + nfx + nfy, nb + nfx + nfy + nc))
+  xs = arrange(x, list(bx) + fx + list(cx), tuple(range(nb + nfx)) + rest)
+  ys = arrange(y, list(by) + fy + list(cy), tuple(range(nb)) + tuple(range(nb + nfx, nb + nfx + nfy)) + rest)
+  product = b.emit(G.Node(kind=G.MUL, inputs=(xs[1], ys[1]), shape=common, where=where))
+  if nc:
+    product = b.route(product, lambda t: jnp.sum(t, axis=rest), where)
+  return product
+
+
 _FLIPPED = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}
 
 
@@ -285,6 +422,14 @@ _RULES: dict[str, Callable] = {
     "min": _rule_min,
     "clamp": _rule_clamp,
     "convert_element_type": _rule_convert,
+    "stop_gradient": _rule_identity,
+    "mul": _rule_mul,
+    "div": _rule_div,
+    "dot_general": _rule_dot_general,
+    "integer_pow": _rule_integer_pow,
+    "square": _rule_square,
+    "erf": _rule_erf,
+    **{name: _rule_curve for name in _CURVE_PRIMS},
     **{name: _rule_identity for name in _IDENTITY_PRIMS},
 }
 

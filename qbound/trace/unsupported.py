@@ -1,7 +1,7 @@
 """The message of :class:`~qbound.trace.UnsupportedPrimitiveError`: the user's operation, not JAX's.
 
-A primitive qbound has no rule for is rarely what the user wrote: ``jax.nn.softmax`` fails on
-``stop_gradient``, ``jax.nn.gelu`` on ``integer_pow``, ``flax.linen.LayerNorm`` on ``square``.
+A primitive qbound has no rule for is rarely what the user wrote: ``jax.nn.log_softmax`` fails on
+``log``, ``jax.nn.elu`` on ``expm1``, ``jax.nn.softplus`` on ``ne``.
 The equation's traceback says which function the user called: walking it from the primitive
 outward, the first frame outside JAX, Flax, optax and numpy is the user's line, and the library
 function it called (past JAX's and Flax's wrappers: ``jit``, module method wrappers) is the
@@ -46,24 +46,14 @@ _NAMESPACES = (
     ("optax/", "optax"),
 )
 
-_SMOOTH = ("qbound bounds ReLU, leaky ReLU, ReLU6, hard tanh (jnp.clip), hard sigmoid, abs, tanh and sigmoid; "
-           "build the model with one of those")
-_NORM = ("it divides by statistics of the input itself (mean and variance of the activations), which is not a "
-         "function qbound can bound; batch norm in inference mode (fixed statistics: use_running_average=True or "
-         "model.eval()) is supported")
-_SOFTMAX = ("it couples every output through exp and a sum over them; certify the logits instead (f and fq "
-            "without their final softmax: the predicted class, the argmax, is the same)")
+_SMOOTH = ("qbound bounds ReLU, leaky ReLU, ReLU6, hard tanh (jnp.clip), hard sigmoid, abs, tanh, sigmoid, GELU, "
+           "SiLU, exp, softmax and layer / RMS norm; build the model with one of those")
+_LOG = ("it takes a logarithm, which qbound has no rule for; certify the logits instead (f and fq without "
+        "their final log-softmax: the predicted class, the argmax, is the same), or use jax.nn.softmax")
 _HINTS = {
-    "softmax": _SOFTMAX, "log_softmax": _SOFTMAX, "logsumexp": _SOFTMAX,
-    "gelu": _SMOOTH, "silu": _SMOOTH, "swish": _SMOOTH, "mish": _SMOOTH, "elu": _SMOOTH, "selu": _SMOOTH,
-    "celu": _SMOOTH, "softplus": _SMOOTH, "sparse_plus": _SMOOTH, "squareplus": _SMOOTH, "glu": _SMOOTH,
-    "log_sigmoid": _SMOOTH, "hard_swish": _SMOOTH, "hard_silu": _SMOOTH, "PReLU": _SMOOTH,
-    "LayerNorm": _NORM, "RMSNorm": _NORM, "GroupNorm": _NORM, "InstanceNorm": _NORM, "WeightNorm": _NORM,
-    "SpectralNorm": _NORM, "standardize": _NORM, "normalize": _NORM,
-    "MultiHeadDotProductAttention": "attention multiplies input-dependent values together, which is not linear",
-    "MultiHeadAttention": "attention multiplies input-dependent values together, which is not linear",
-    "SelfAttention": "attention multiplies input-dependent values together, which is not linear",
-    "dot_product_attention": "attention multiplies input-dependent values together, which is not linear",
+    "log_softmax": _LOG, "logsumexp": _LOG,
+    "elu": _SMOOTH, "selu": _SMOOTH, "celu": _SMOOTH, "softplus": _SMOOTH, "sparse_plus": _SMOOTH,
+    "squareplus": _SMOOTH, "glu": _SMOOTH, "log_sigmoid": _SMOOTH, "mish": _SMOOTH, "PReLU": _SMOOTH,
 }
 
 
