@@ -45,7 +45,7 @@ def readme():
   box = qb.Box(lower=-jnp.ones(5), upper=jnp.ones(5))
   # The README's call, with room for a cold compile on a loaded machine (it stops at the target gap):
   # with the default 10 s the deadline could come before the search that the sampling test relies on.
-  cert = qb.certify(f, fq, box, time_budget=60)
+  cert = qb.certify(f, fq, box, time_budget=25)
   return f, fq, params, qparams, box, cert
 
 

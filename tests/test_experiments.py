@@ -101,6 +101,7 @@ def test_random_nets(smoke):
   assert set(reach["certified"]) >= {"f_interval", "f_crown", "fq_crown", "diff_diff"}
 
 
+@pytest.mark.slow  # 15-30 s of smoke run; `python experiments/resiliency.py --smoke` does the same
 def test_resiliency(smoke):
   summary, out = smoke("resiliency")
   rows = read_csv(out / "resiliency.csv")
@@ -136,6 +137,7 @@ def test_bench_differential(smoke):
     assert s["first_call_seconds"] > 0
 
 
+@pytest.mark.slow  # 15-30 s of smoke run; `python experiments/scaling.py --smoke` does the same
 def test_scaling(smoke):
   summary, out = smoke("scaling")
   width = read_csv(out / "width.csv")
@@ -217,6 +219,7 @@ def test_certified_compression(smoke):
   assert all(f"{r['format']}+{r['mode']}" in frontier_names for r in retrained if r["mode"] != "none")
 
 
+@pytest.mark.slow  # 15-30 s of smoke run; `python experiments/certified_compression_models.py --smoke` does the same
 def test_certified_compression_models(smoke):
   """The same frontier on a convolutional network: the search meets its budget, re-certified, and is
   no larger than any uniform width that meets it."""

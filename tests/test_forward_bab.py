@@ -90,6 +90,7 @@ def test_epsilon_proved_and_refuted():
   check_sound(merged, box, proved)
 
 
+@pytest.mark.slow  # opt-in method: its default tests keep soundness, scanning and refusals
 def test_selected_outputs_and_root_bounds():
   _, _, box, merged = case(4, bits=4)
   res = forward_branch_and_bound(merged, box, outputs=[1], time_budget=0.0, target_gap=0.0, batch_size=8,
