@@ -86,8 +86,8 @@ def test_qwix_weight_quantization_is_paired_and_sound(original, qtype):
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
 
 
-def test_qwix_nnx_weight_quantization_is_paired_and_sound():
-  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+def _nnx_mlp():
+  """An nnx MLP with INPUTS inputs, 16 ReLUs and 2 outputs."""
   from flax import nnx
 
   class MLP(nnx.Module):
@@ -98,7 +98,14 @@ def test_qwix_nnx_weight_quantization_is_paired_and_sound():
     def __call__(self, x):
       return self.out(jax.nn.relu(self.hidden(x)))
 
-  model = MLP(nnx.Rngs(0))
+  return MLP(nnx.Rngs(0))
+
+
+def test_qwix_nnx_weight_quantization_is_paired_and_sound():
+  qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  from flax import nnx
+
+  model = _nnx_mlp()
   rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), jnp.zeros(INPUTS))
   graphdef, state = nnx.split(model)
@@ -173,15 +180,7 @@ def test_qwix_static_activation_scales_nnx_are_sound():
   qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
   from flax import nnx
 
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(INPUTS, 16, rngs=rngs)
-      self.out = nnx.Linear(16, 2, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(jax.nn.relu(self.hidden(x)))
-
-  model = MLP(nnx.Rngs(0))
+  model = _nnx_mlp()
   rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
   calibration = jax.random.uniform(jax.random.key(5), (64, INPUTS), minval=-1, maxval=1)
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), calibration)  # scales from this batch

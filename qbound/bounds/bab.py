@@ -200,24 +200,28 @@ def _widening(fg: G.Graph, z, zq, d) -> float:
   return worst
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _probe(graph: G.Graph, outputs, xs, lo, hi, worst, mesh=None):
-  """Errors reached in a batch of pieces: at each centre ``x`` and at the corner its gradient points to.
+def probe_piece(graph: G.Graph, outputs, x, low, high, j):
+  """The error reached in one piece ``[low, high]``: at its centre ``x`` or at the corner its gradient
+  points to, whichever is larger.
 
   On a small piece ``g`` is close to affine, so the corner in the direction of
   ``sign(g_j(x)) * grad g_j(x)`` (``j`` the piece's worst output) is close to where ``|g_j|`` peaks on
   the piece: a reached error that keeps up with the shrinking upper bounds, for one more forward
   pass. Returns the better point's ``max_j |g_j|`` over the selected outputs and that point.
   """
-  def one(x, low, high, j):
-    value_of = lambda y: jnp.max(jnp.abs(graph(y).reshape(-1)[outputs]))
-    g_j, grad = jax.value_and_grad(lambda y: graph(y).reshape(-1)[outputs][j])(x)
-    direction = jnp.sign(g_j) * grad
-    corner = jnp.where(direction > 0, high, jnp.where(direction < 0, low, x))
-    at_centre, at_corner = value_of(x), value_of(corner)
-    better = at_corner > at_centre
-    return jnp.where(better, at_corner, at_centre), jnp.where(better, corner, x)
+  value_of = lambda y: jnp.max(jnp.abs(graph(y).reshape(-1)[outputs]))
+  g_j, grad = jax.value_and_grad(lambda y: graph(y).reshape(-1)[outputs][j])(x)
+  direction = jnp.sign(g_j) * grad
+  corner = jnp.where(direction > 0, high, jnp.where(direction < 0, low, x))
+  at_centre, at_corner = value_of(x), value_of(corner)
+  better = at_corner > at_centre
+  return jnp.where(better, at_corner, at_centre), jnp.where(better, corner, x)
 
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _probe(graph: G.Graph, outputs, xs, lo, hi, worst, mesh=None):
+  """:func:`probe_piece` on a batch of pieces, split over the mesh's devices."""
+  one = functools.partial(probe_piece, graph, outputs)
   return sharding.data_parallel(jax.vmap(one), mesh, 0, 4)(xs, lo, hi, worst)
 
 

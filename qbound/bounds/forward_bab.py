@@ -47,6 +47,7 @@ import numpy as np
 from qbound import graph as G
 from qbound import validate
 from qbound.bounds import guards
+from qbound.bounds.bab import probe_piece
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower
 from qbound.bounds.forward import forward_diff_bounds
@@ -165,19 +166,8 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
 
 
 def _probe(graph: G.Graph, outputs, lo, hi, worst):
-  """Errors reached on a batch of pieces: at each centre and at the corner the gradient of the
-  piece's worst output points to (as :func:`qbound.bounds.bab._probe`)."""
-  def one(low, high, j):
-    x = (low + high) / 2
-    value_of = lambda y: jnp.max(jnp.abs(graph(y).reshape(-1)[outputs]))
-    g_j, grad = jax.value_and_grad(lambda y: graph(y).reshape(-1)[outputs][j])(x)
-    direction = jnp.sign(g_j) * grad
-    corner = jnp.where(direction > 0, high, jnp.where(direction < 0, low, x))
-    at_centre, at_corner = value_of(x), value_of(corner)
-    better = at_corner > at_centre
-    return jnp.where(better, at_corner, at_centre), jnp.where(better, corner, x)
-
-  return jax.vmap(one)(lo, hi, worst)
+  """Errors reached on a batch of pieces (:func:`qbound.bounds.bab.probe_piece` at each centre)."""
+  return jax.vmap(functools.partial(probe_piece, graph, outputs))((lo + hi) / 2, lo, hi, worst)
 
 
 def _finished_below(state: _State, epsilon, target_gap):
