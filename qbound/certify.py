@@ -165,7 +165,7 @@ def _small_piecewise_linear_net(merged: MergedNetwork, max_neurons: int = 128) -
   """Whether the exact MILP is worth trying: few piecewise-linear neurons (ReLU, clip and rounding
   steps; the identities merge puts beside a rounding cost nothing), only MILP-encodable nodes."""
   from qbound import graph as G
-  from qbound.exact.milp import SUPPORTED_KINDS
+  from qbound.exact.encoding import SUPPORTED_KINDS
 
   nodes = merged.graph.nodes
   if not {n.kind for n in nodes} <= set(SUPPORTED_KINDS):
