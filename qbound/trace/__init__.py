@@ -53,6 +53,7 @@ import numpy as np
 from qbound import graph as G
 from qbound.box import Box
 from qbound.trace.builder import _Builder
+from qbound.trace.dynamic import materialize
 from qbound.trace.linear import LinearOp
 from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
 from qbound.trace.simplify import _simplify
@@ -114,6 +115,7 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
     raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
   builder = _Builder(spec.shape, spec.dtype)
   (out,) = builder.run(jaxpr, closed.consts, [("node", 0)])
+  out = materialize(builder, out)
   if out[0] == "const":
     raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")
   nodes, output = _simplify(builder.nodes, out[1])
