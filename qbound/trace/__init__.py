@@ -15,6 +15,9 @@ checkpoints), and turns each equation that does depend on the input into a node:
 * ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
   as the identity), with halves rounded as the function does (to even for ``jnp.round``, away
   from zero for ``jax.lax.round``'s default);
+* a fake quantization with a scale computed from its input, ``(round(x / s(x)) @ W) * s(x)`` with
+  ``s(x) = max|x| / Q`` (qwix's dynamic activation scales), becomes ``q(x) @ W`` with ``q`` a
+  ``round`` node of mode ``dynamic`` (:mod:`qbound.dynamic_rounding`);
 * ``tanh`` and ``logistic`` (sigmoid) become ``tanh`` and ``sigmoid`` nodes;
 * ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
   ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
@@ -38,6 +41,8 @@ The package, one idea per module:
 * :mod:`qbound.trace.unsupported`: the message of :class:`UnsupportedPrimitiveError`, naming the
   user's operation (``jax.nn.gelu``) rather than JAX's primitive where it can;
 * :mod:`qbound.trace.rules`: the per-primitive rules;
+* :mod:`qbound.trace.dynamic`: activation scales computed from each input (qwix's dynamic
+  ``act_qtype``), recognised as a whole and written as one dynamic rounding node;
 * :mod:`qbound.trace.simplify`: the clean-up pass on the finished node list;
 * here: :func:`trace`, the one public entry point.
 """
