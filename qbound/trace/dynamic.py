@@ -6,9 +6,9 @@ then ``int8(round(x / s))``, an integer product and a rescale by ``s`` (see
 primitive at a time, the scale is a step function of the input (the guard is a ``jnp.where``
 between a value and a constant, not continuous) and ``x / s`` a product of two input-dependent
 values, with no useful bound. Traced as a whole, the pattern is ``(q(x) @ W_int) * s_w``: a
-dynamic rounding node ``q`` (bounded as ``x`` plus an error of at most the box-wide largest
-scale's half) before the same product the float model has, so the layers pair for the
-differential bounds.
+dynamic rounding node ``q`` (bounded from the bounds of ``x``: ``x`` plus at most half its
+largest scale over them, or, where ``x / s`` stays on one step, that step times the scale) before
+the same product the float model has, so the layers pair for the differential bounds.
 
 How: the values of the pattern are kept symbolic (``("lazy", Deferred)``) while they are read
 only by the next step of the pattern: ``|x|`` (:class:`AbsOf`), its maximum over the whole tensor
@@ -24,6 +24,16 @@ the library's line.
 The pattern must divide ``x`` by a scale computed from that same ``x``, over the whole tensor
 (per-token and per-channel scales, and asymmetric ones with zero points, are not this pattern and
 are refused as before). How the node is bounded: :mod:`qbound.dynamic_rounding`.
+
+Example:
+  >>> import jax.numpy as jnp, qbound as qb
+  >>> w = jnp.array([[1.0, -2.0], [0.5, 1.0]])
+  >>> def fq(x):
+  ...   s = jnp.max(jnp.abs(x)) / 127.5
+  ...   s = jnp.where(s < 1e-19, 1.0, s)
+  ...   return (jnp.round(x / s) @ w) * s
+  >>> [(n.kind, n.attrs[:1]) for n in qb.trace(fq, jnp.zeros(2)).nodes]
+  [('input', ()), ('round', ('dynamic',)), ('affine', ())]
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -190,7 +201,6 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
       return None  # x divided by the scale of another value
     return lazy(Quotient(ins[0][1], forms[1]))
   if name == "round" and isinstance(forms[0], Quotient):
-    import jax
     mode = "nearest" if eqn.params.get("rounding_method") == jax.lax.RoundingMethod.TO_NEAREST_EVEN else "away"
     return lazy(Rounded(forms[0].x, forms[0].scale, mode))
   if isinstance(forms[0], Rounded):
