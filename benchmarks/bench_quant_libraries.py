@@ -9,6 +9,9 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
 * ``qwix int8`` / ``qwix int4``: qwix post-training quantization of the weights;
 * ``qwix static int8``: qwix int8 weights and int8 activations with static scales, calibrated on
   64 inputs (qwix's QAT provider collects the statistics, ``quantize_params`` turns them into scales);
+* ``qwix dynamic int8``: qwix int8 weights and int8 activations with dynamic scales (``max|x| /
+  127.5`` computed from each input as the model runs: qwix's default without ``act_static_scale``,
+  see ``qbound.dynamic_rounding``);
 * ``aqt int8``: AQT int8 weights through ``AqtDotGeneral`` (float activations);
 * ``aqt static int8 po2``: AQT int8 weights and activations with constant calibration bounds and
   power-of-two scales (what lets f's layers pair with AQT's, see ``qbound.trace.scaled``);
@@ -49,7 +52,8 @@ import qbound as qb
 
 INPUTS = 4
 MODELS = ("linen-mlp", "nnx-mlp", "cnn")
-CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "aqt int8", "aqt static int8 po2")
+CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "qwix dynamic int8", "aqt int8",
+           "aqt static int8 po2")
 
 
 class NotApplicable(Exception):
@@ -88,6 +92,8 @@ def _qwix_rules(config):
 
   if config == "qwix static int8":
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  if config == "qwix dynamic int8":  # the activations' scales computed from each input at run time
+    return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
   return [qwix.QuantizationRule(module_path=".*", weight_qtype=config.split()[-1])]
 
 

@@ -170,6 +170,8 @@ def _small_piecewise_linear_net(merged: MergedNetwork, max_neurons: int = 128) -
   nodes = merged.graph.nodes
   if not {n.kind for n in nodes} <= set(SUPPORTED_KINDS):
     return False
+  if any(n.kind == G.ROUND and n.attrs[0] not in ("none", "nearest", "away", "floor", "ceil") for n in nodes):
+    return False  # dynamic fake quantizations are no staircase the MILP can encode
   neurons = [n for n in nodes if n.kind in (G.RELU, G.CLIP) or (n.kind == G.ROUND and n.attrs[0] != "none")]
   return sum(n.size for n in neurons) <= max_neurons
 

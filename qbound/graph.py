@@ -15,7 +15,10 @@ kind           value
 ``clip``       ``min(max(x, lo), hi)`` with ``weights = (lo, hi)`` (may be -inf / +inf)
 ``round``      rounding to an integer, ``attrs[0]`` in ``nearest``, ``floor``, ``ceil`` (or
                ``none``: the identity standing beside a rounding in the other network)
-               (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine)
+               (fake quantization: ``clip(round(x / s)) * s`` is affine, round, clip, affine),
+               or ``dynamic``: ``s(x) * clip(round(x / s(x)))`` with ``s(x) = max|x| / Q``, a
+               fake quantization whose scale is computed from its input (``attrs[1]``, see
+               :mod:`qbound.dynamic_rounding`)
 ``tanh``       ``tanh(x)``
 ``sigmoid``    the logistic function ``1 / (1 + exp(-x))``
 ``mul``        the product ``x * y`` of two nodes of the node's shape (attention, gating)
@@ -48,6 +51,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qbound import dynamic_rounding
 
 INPUT, AFFINE, ADD, CONCAT, RELU, CLIP, ROUND = "input", "affine", "add", "concat", "relu", "clip", "round"
 TANH, SIGMOID = "tanh", "sigmoid"
@@ -161,6 +166,8 @@ def _apply_node(node: Node, args):
   if node.kind == CLIP:
     return node.apply_clip(args[0])
   if node.kind == ROUND:
+    if node.attrs[0] == dynamic_rounding.DYNAMIC:  # attrs[1]: its DynamicScale
+      return dynamic_rounding.quantize(node.attrs[1], args[0])
     return ROUNDING[node.attrs[0]](args[0])
   if node.kind in SMOOTH:
     return SMOOTH[node.kind](args[0])

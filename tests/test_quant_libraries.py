@@ -117,10 +117,102 @@ def test_qwix_nnx_weight_quantization_is_paired_and_sound():
   assert cert.lower > 0 and cert.upper <= 2 * cert.lower
 
 
-def test_qwix_dynamic_activation_quantization_is_refused_clearly(original):
+def _dynamic_rules(weight_qtype="int8", **extra):
+  """qwix rules quantizing weights and activations, the activations' scales computed from each
+  input at run time (no ``act_static_scale``): what qwix PTQ and QT models run."""
   qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
+  return qwix, [qwix.QuantizationRule(module_path=".*", weight_qtype=weight_qtype, act_qtype="int8", **extra)]
+
+
+def _check_dynamic(f, fq, box=None, ratio=None, **kwargs):
+  """Certifies f against qwix's dynamically quantized fq: paired, sound, and within ``ratio``."""
+  box = _box() if box is None else box
+  cert = qb.certify(f, fq, box, **kwargs)
+  merged = _check_sound(f, fq, cert, box)
+  assert merged.paired  # the dynamic rounding node stands beside f's identity; the products pair
+  assert any(n.kind == "round" and n.attrs[0] == "dynamic" for n in merged.fq_graph.nodes)
+  # An independent reached error: sampling and a local search on the library's own function (jit,
+  # as users run it), which the proven bound must exceed.
+  err = jax.jit(jax.vmap(lambda x: jnp.max(jnp.abs(f(x) - fq(x)))))
+  xs = jnp.asarray(H.sample_points(box, 4000, seed=7), jnp.float32)
+  for r in (0.2, 0.05, 0.01):
+    best = xs[jnp.argsort(-err(xs))[:40]]
+    noise = jax.random.uniform(jax.random.key(int(1000 * r)), (40, 50, *box.shape), minval=-r, maxval=r)
+    span = (box.upper - box.lower)
+    xs = jnp.clip((best[:, None] + noise * span).reshape(-1, *box.shape), box.lower, box.upper)
+  reached = float(jnp.max(err(xs)))
+  assert reached <= cert.upper * (1 + 1e-5)
+  assert 0 < cert.lower <= cert.upper
+  if ratio is not None:
+    assert cert.upper <= ratio * max(cert.lower, reached)
+  return cert
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_qwix_dynamic_activation_scales_are_paired_and_sound(original, qtype):
+  qwix, rules = _dynamic_rules(qtype)
   model, params = original
-  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), jnp.zeros(INPUTS))
+  qparams = qwix.quantize_params(params["params"], abstract["params"])
+  fq = lambda x: qmodel.apply({"params": qparams}, x)  # noqa: E731
+  _check_dynamic(functools.partial(model.apply, params), fq, method="diff")
+
+
+@pytest.mark.slow  # ~25 s on 2 loaded cores, mostly compiling
+def test_qwix_qt_provider_forward_is_sound(original):
+  """A qwix QT (quantization-aware training) model evaluated as it runs: fake-quantized weights
+  and activations, the activations' scales from each input; ``absmax,0.9`` clips the largest."""
+  qwix, rules = _dynamic_rules(act_calibration_method="absmax,0.9")
+  model, params = original
+  qat = qwix.quantize_model(model, qwix.QtProvider(rules))
+  # Batched as users run it (unbatched, qwix's QT provider takes a (16,) activation for the next
+  # layer's (16,) bias, by shape, and refuses it as a second weight).
+  fq = lambda x: qat.apply(params, x[None])[0]  # noqa: E731
+  f = lambda x: model.apply(params, x[None])[0]  # noqa: E731
+  _check_dynamic(f, fq, method="diff")
+
+
+@pytest.mark.slow  # ~40 s: compiling the branch and bound, then 30 s of it
+def test_qwix_dynamic_nnx_branch_and_bound_is_tight():
+  qwix, rules = _dynamic_rules()
+  from flax import nnx
+
+  model = _nnx_mlp()
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), jnp.zeros(INPUTS))
+  graphdef, state = nnx.split(model)
+  q_graphdef, q_state = nnx.split(qmodel)
+  f = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  fq = lambda x: nnx.merge(q_graphdef, q_state)(x)  # noqa: E731
+  # Branch and bound: pieces on which x / s stays on one rounding step bound q(x) = k s(x) exactly.
+  _check_dynamic(f, fq, method="bab", time_budget=30, target_gap=0.3, ratio=2.5)
+
+
+@pytest.mark.slow  # ~30 s on 2 loaded cores, mostly compiling the differential bound for a conv
+def test_qwix_dynamic_cnn_is_paired_and_sound():
+  qwix, rules = _dynamic_rules()
+
+  class CNN(flax_linen.Module):
+    @flax_linen.compact
+    def __call__(self, x):  # one 6x6 image
+      x = flax_linen.relu(flax_linen.Conv(3, (3, 3), strides=2)(x[None, :, :, None]))
+      return flax_linen.Dense(2)(x.reshape((1, -1)))[0]
+
+  model = CNN()
+  params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
+  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
+  qparams = qwix.quantize_params(params["params"], abstract["params"])
+  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  box = qb.Box(jnp.full((6, 6), 0.4), jnp.full((6, 6), 0.6))
+  cert = _check_dynamic(functools.partial(model.apply, params), fq, box, method="diff")
+  assert cert.upper < 1.0
+
+
+def test_qwix_dynamic_scales_that_stay_unsupported_are_refused_clearly(original):
+  """Asymmetric (min/max) scales with zero points are not the pattern: the error names qwix's line."""
+  qwix, rules = _dynamic_rules(act_calibration_method="minmax")
+  model, params = original
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(qmodel.init, jax.random.key(0), jnp.zeros(INPUTS))
   qparams = qwix.quantize_params(params["params"], abstract["params"])

@@ -182,10 +182,12 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
   if nf.kind == G.ROUND:
     j = nf.inputs[0]
     (zl, zu), (ql, qu), (dl, du) = relax.step_input(*z[j], sound), relax.step_input(*zq[j], sound), d[j]
-    fn_f, fn_q = G.ROUNDING[nf.attrs[0]], G.ROUNDING[nq.attrs[0]]
-    e_f, e_q = relax.ROUNDING_ERROR[nf.attrs[0]], relax.ROUNDING_ERROR[nq.attrs[0]]
-    lo = jnp.maximum(dl + (e_f[0] - e_q[1]), fn_f(zl) - fn_q(qu))
-    hi = jnp.minimum(du + (e_f[1] - e_q[0]), fn_f(zu) - fn_q(ql))
+    # Each side's range and offsets (a staircase's; a dynamic quantization's: relax.rounding_range).
+    e_f, e_q = relax.offsets(nf, zl, zu), relax.offsets(nq, ql, qu)
+    f_lo, f_hi = relax.rounding_range(nf, zl, zu, sound=sound)
+    q_lo, q_hi = relax.rounding_range(nq, ql, qu, sound=sound)
+    lo = jnp.maximum(dl + (e_f[0] - e_q[1]), f_lo - q_hi)
+    hi = jnp.minimum(du + (e_f[1] - e_q[0]), f_hi - q_lo)
     return (fp.round_down(lo), fp.round_up(hi)) if sound else (lo, hi)
   if nf.kind in G.SMOOTH:
     j = nf.inputs[0]

@@ -103,10 +103,9 @@ def node_interval(node: G.Node, bounds, sound: bool):
   if node.kind == G.CLIP:
     l, u = bounds[node.inputs[0]]
     return node.apply_clip(l), node.apply_clip(u)
-  if node.kind == G.ROUND:  # monotone
+  if node.kind == G.ROUND:  # monotone, or within its band (a dynamic fake quantization)
     l, u = relax.step_input(*bounds[node.inputs[0]], sound)
-    fn = G.ROUNDING[node.attrs[0]]
-    return fn(l), fn(u)
+    return relax.rounding_range(node, l, u, sound=sound)
   if node.kind in G.SMOOTH:  # monotone, evaluated with a proven error bound
     return smooth.interval(node.kind, *bounds[node.inputs[0]], sound=sound)
   if node.kind in G.NONLINEAR:  # products and smooth curves

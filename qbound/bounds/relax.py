@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qbound import dynamic_rounding
 from qbound import graph as G
 from qbound.bounds import fp
 
@@ -324,6 +325,41 @@ def clip_diff_interval(z, zq, d, cuts_f, cuts_q, *, sound: bool = True):
 ROUNDING_ERROR = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0), "none": (0.0, 0.0)}
 
 
+def is_staircase(mode: str) -> bool:
+  """Whether a rounding mode is an elementwise monotone staircase (its value at an interval's ends
+  bounds it); a dynamic fake quantization is not (:mod:`qbound.dynamic_rounding`)."""
+  return mode != dynamic_rounding.DYNAMIC
+
+
+def dynamic_bounds(node: G.Node, lo, hi):
+  """:func:`qbound.dynamic_rounding.bounds` of a dynamic rounding node (``lo``/``hi`` its input's
+  bounds, possibly with leading batch axes)."""
+  return dynamic_rounding.bounds(node.attrs[1], lo, hi, len(node.shape))
+
+
+def rounding_range(node: G.Node, lo, hi, *, sound: bool = True):
+  """Bounds of a rounding node's value for inputs in ``[lo, hi]`` (already through :func:`step_input`):
+  the staircase at the ends; for a dynamic one its band, intersected with its step where it has one."""
+  mode = node.attrs[0]
+  if is_staircase(mode):
+    fn = G.ROUNDING[mode]
+    return fn(lo), fn(hi)
+  half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
+  low, high = lo - half, hi + half
+  if sound:
+    low, high = fp.round_down(low), fp.round_up(high)
+  return jnp.where(flat, jnp.maximum(low, v_lo), low), jnp.where(flat, jnp.minimum(high, v_hi), high)
+
+
+def offsets(node: G.Node, lo, hi):
+  """``(below, above)``: the rounding's value lies in ``[x + below, x + above]`` (arrays for a dynamic one)."""
+  mode = node.attrs[0]
+  if is_staircase(mode):
+    return ROUNDING_ERROR[mode]
+  half = dynamic_bounds(node, lo, hi)[0]
+  return -half, half
+
+
 # Without floating-point margins (sound=False) a bound may sit a few ulps on the wrong side of the
 # truth, and at a rounding step that is a whole quantization step: relu(x) * 9 over x in [-a, a]
 # came out as [1.5e-8, 9a], and ceil made its lower end 1 for a true 0. Unsound bounds therefore
@@ -344,27 +380,46 @@ def step_input(lo, hi, sound: bool):
   return lo - slack, hi + slack
 
 
-def rounding(lo, hi, mode: str, *, sound: bool = True) -> Relaxation:
+def rounding(lo, hi, mode: str, *, sound: bool = True, node: G.Node = None) -> Relaxation:
   """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
-  or the exact constant where the interval stays on one step. (The offsets are exact floats.)"""
+  or the exact constant where the interval stays on one step. (The offsets are exact floats.)
+  A dynamic rounding (``node`` given): its band ``x -+ half``, or its step's constant bounds."""
   lo, hi = step_input(lo, hi, sound)
+  one = jnp.ones_like(lo)
+  if not is_staircase(mode):
+    half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
+    slope = jnp.where(flat, 0, one)
+    return Relaxation(slope, jnp.where(flat, v_lo, -half), slope, jnp.where(flat, v_hi, half))
   fn = G.ROUNDING[mode]
   below, above = ROUNDING_ERROR[mode]
   flat = fn(lo) == fn(hi)
-  one = jnp.ones_like(lo)
   slope = jnp.where(flat, 0, one)
   return Relaxation(slope, jnp.where(flat, fn(lo), below), slope, jnp.where(flat, fn(lo), above))
 
 
-def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = True) -> DiffRelaxation:
+def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = True, nodes=None) -> DiffRelaxation:
   """Lines around ``round_f(z) - round_q(zq)``: ``d`` plus the difference of the two rounding
-  errors, exactly 0 where both round the same way and stay on the same step."""
+  errors, exactly 0 where both round the same way and stay on the same step. A dynamic rounding
+  (``nodes = (nf, nq)`` given) beside the identity: ``d + zq - q`` with ``q`` between its
+  step's constant bounds where it has one, else ``d`` plus its band."""
   zl, zu = step_input(zl, zu, sound)
   ql, qu = step_input(ql, qu, sound)
-  fn_f, fn_q = G.ROUNDING[mode_f], G.ROUNDING[mode_q]
-  lo_f, hi_f = ROUNDING_ERROR[mode_f]
-  lo_q, hi_q = ROUNDING_ERROR[mode_q]
-  same = (mode_f == mode_q != "none") & (fn_f(zl) == fn_f(zu)) & (fn_q(ql) == fn_q(qu)) & (fn_f(zl) == fn_q(ql))
   one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
-  slope = jnp.where(same, zero, one)
-  return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))
+  if is_staircase(mode_f) and is_staircase(mode_q):
+    lo_f, hi_f = ROUNDING_ERROR[mode_f]
+    lo_q, hi_q = ROUNDING_ERROR[mode_q]
+    fn_f, fn_q = G.ROUNDING[mode_f], G.ROUNDING[mode_q]
+    same = (mode_f == mode_q != "none") & (fn_f(zl) == fn_f(zu)) & (fn_q(ql) == fn_q(qu)) & (fn_f(zl) == fn_q(ql))
+    slope = jnp.where(same, zero, one)
+    return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))
+  nf, nq = nodes
+  lo_f, hi_f = offsets(nf, zl, zu)
+  lo_q, hi_q = offsets(nq, ql, qu)
+  low, high = lo_f - hi_q + zero, hi_f - lo_q + zero
+  if sound:
+    low, high = fp.round_down(low), fp.round_up(high)
+  if mode_f == "none":  # f's identity beside f_q's dynamic rounding: d + zq - q, q on its step
+    _, flat, v_lo, v_hi = dynamic_bounds(nq, ql, qu)
+    slope_q = jnp.where(flat, one, zero)
+    return DiffRelaxation(one, slope_q, jnp.where(flat, -v_hi, low), one, slope_q, jnp.where(flat, -v_lo, high))
+  return DiffRelaxation(one, zero, low, one, zero, high)

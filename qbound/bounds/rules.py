@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from qbound import graph as G
 from qbound.bounds import relax, smooth
 from qbound.bounds.relax import DiffRelaxation, Relaxation
@@ -19,7 +21,7 @@ def for_node(node: G.Node, lo, hi, params=None, *, sound: bool = True) -> Relaxa
   if node.kind == G.CLIP:
     return relax.clip(lo, hi, *node.weights, sound=sound)
   if node.kind == G.ROUND:
-    return relax.rounding(lo, hi, node.attrs[0], sound=sound)
+    return relax.rounding(lo, hi, node.attrs[0], sound=sound, node=node)
   if node.kind in G.SMOOTH:
     return smooth.relaxation(node.kind, lo, hi, params, sound=sound)
   raise ValueError(f"no linear relaxation for node kind {node.kind!r}")
@@ -36,7 +38,7 @@ def diff_for_nodes(nf: G.Node, nq: G.Node, z, zq, d, params=None, *, sound: bool
   if nf.kind in G.SMOOTH:
     return smooth.diff_relaxation(nf.kind, *z, *zq, *d, params, sound=sound)
   if nf.kind == G.ROUND:
-    return relax.rounding_diff(*z, *zq, nf.attrs[0], nq.attrs[0], sound=sound)
+    return relax.rounding_diff(*z, *zq, nf.attrs[0], nq.attrs[0], sound=sound, nodes=(nf, nq))
   raise ValueError(f"no differential relaxation for node kind {nf.kind!r}")
 
 
@@ -51,6 +53,8 @@ def loose(node: G.Node, lo, hi):
     low_cut, high_cut = node.weights
     return ((lo < low_cut) & (hi > low_cut)) | ((lo < high_cut) & (hi > high_cut))
   if node.kind == G.ROUND:
+    if not relax.is_staircase(node.attrs[0]):  # exact only where its input's bounds fix its step
+      return ~relax.dynamic_bounds(node, lo, hi)[1]
     fn = G.ROUNDING[node.attrs[0]]
     return fn(lo) != fn(hi)
   if node.kind in G.SMOOTH or node.kind in G.NONLINEAR:

@@ -254,6 +254,10 @@ def encode(graph: G.Graph, bounds, differences: Sequence[tuple] = ()) -> Encodin
       if node.attrs[0] == "none":  # the identity merge puts beside a rounding of the other network
         index.append(index[node.inputs[0]])
         continue
+      if node.attrs[0] not in ("nearest", "away", "floor", "ceil"):
+        raise UnsupportedLayerError(f"the exact MILP encodes staircase roundings, not {node.attrs[0]!r} ones "
+                                    "(a scale computed from the activation, at " + (node.where or "?") +
+                                    "); use method='diff' or 'crown'")
       src = index[node.inputs[0]].ravel()
       l, u = lows[node.inputs[0]].ravel(), highs[node.inputs[0]].ravel()
       below, above = {"nearest": (0.5, 0.5), "away": (0.5, 0.5), "floor": (0.0, 1.0), "ceil": (1.0, 0.0)}[node.attrs[0]]

@@ -15,6 +15,9 @@ checkpoints), and turns each equation that does depend on the input into a node:
 * ``round``/``floor``/``ceil`` become ``round`` nodes, bounded as the staircase they are (never
   as the identity), with halves rounded as the function does (to even for ``jnp.round``, away
   from zero for ``jax.lax.round``'s default);
+* a fake quantization with a scale computed from its input, ``(round(x / s(x)) @ W) * s(x)`` with
+  ``s(x) = max|x| / Q`` (qwix's dynamic activation scales), becomes ``q(x) @ W`` with ``q`` a
+  ``round`` node of mode ``dynamic`` (:mod:`qbound.dynamic_rounding`);
 * ``tanh`` and ``logistic`` (sigmoid) become ``tanh`` and ``sigmoid`` nodes;
 * ``max(x, 0)`` becomes a ``relu`` node; ``max``/``min``/``clamp`` against other constants become
   ``clip`` nodes (``jnp.clip``, hard-tanh, the input clipping of .nnet files), and against each other
@@ -38,6 +41,8 @@ The package, one idea per module:
 * :mod:`qbound.trace.unsupported`: the message of :class:`UnsupportedPrimitiveError`, naming the
   user's operation (``jax.nn.gelu``) rather than JAX's primitive where it can;
 * :mod:`qbound.trace.rules`: the per-primitive rules;
+* :mod:`qbound.trace.dynamic`: activation scales computed from each input (qwix's dynamic
+  ``act_qtype``), recognised as a whole and written as one dynamic rounding node;
 * :mod:`qbound.trace.simplify`: the clean-up pass on the finished node list;
 * here: :func:`trace`, the one public entry point.
 """
@@ -53,6 +58,7 @@ import numpy as np
 from qbound import graph as G
 from qbound.box import Box
 from qbound.trace.builder import _Builder
+from qbound.trace.dynamic import materialize
 from qbound.trace.linear import LinearOp
 from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
 from qbound.trace.simplify import _simplify
@@ -114,6 +120,7 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
     raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
   builder = _Builder(spec.shape, spec.dtype)
   (out,) = builder.run(jaxpr, closed.consts, [("node", 0)])
+  out = materialize(builder, out)
   if out[0] == "const":
     raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")
   nodes, output = _simplify(builder.nodes, out[1])

@@ -26,6 +26,7 @@ from qbound import piecewise as PW
 from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_term_counts, host_array
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
+from qbound.trace import dynamic
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
 from qbound.trace.unsupported import message as unsupported_message, user_operation
 
@@ -90,7 +91,7 @@ class _Builder:
         env[var] = val
     return [read(v) for v in jaxpr.outvars]
 
-  def equation(self, eqn, ins, outer_where: str = ""):
+  def equation(self, eqn, ins, outer_where: str = "", defer: bool = True):
     self.current_where = _where(eqn, outer_where)
     prim = eqn.primitive
     name = prim.name
@@ -110,6 +111,15 @@ class _Builder:
         return self.run(sub, (), ins, _where(eqn, outer_where))
       finally:
         self.calls = self.calls[:-1]
+    if any(v[0] == "lazy" for v in ins) or (defer and name == "abs"):
+      # Dynamic activation scales: the pattern's values stay symbolic (trace.dynamic), anything
+      # else reads them as the ordinary values their equations make.
+      out = dynamic.rule(self, eqn, ins, self.user_where(eqn, _where(eqn, outer_where)),
+                         tuple(eqn.outvars[0].aval.shape), outer_where) if defer else None
+      if out is not None:
+        return [out]
+      ins = [dynamic.materialize(self, v) for v in ins]
+      self.current_where = _where(eqn, outer_where)
     if all(v[0] == "const" for v in ins):
       outs = prim.bind(*[v[1] for v in ins], **eqn.params)
       outs = outs if prim.multiple_results else [outs]

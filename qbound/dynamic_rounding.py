@@ -1,0 +1,153 @@
+"""Dynamically scaled fake quantization as one rounding node, and why its bounds are sound.
+
+qwix (PTQ with ``act_qtype`` and no ``act_static_scale``, and its QT provider as trained models run)
+quantizes an activation with a scale computed from the activation itself, in float32::
+
+    s = max|x| / Q                      # Q = 127.5 for int8: qwix's symmetric int8 range
+    s = where(s < g, 1, s)              # the guard against dividing by 0 (g = sqrt(float32 tiny))
+    c = clip(round(x / s), lo, hi)      # the int8 cast saturates at [-128, 127]
+    y = (c @ W_int) * s * s_w + b       # an integer product, rescaled
+
+With ``s`` constant along the contracted axes (one scale per tensor), ``(c @ W_int) * s`` is
+``(s * c) @ W_int`` in real arithmetic: the layer is the product of ``q(x) = s(x) * c(x)``, the
+dynamically fake-quantized activation, a ``round`` node of mode ``dynamic``. ``q`` is not
+elementwise (every entry's scale depends on the largest entry), so it is no staircase; what is
+known of it over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
+
+* the band: ``|q(x) - x| <= band * s(x) <= band * max|x| / Q``, ``band = max(1/2, Q - hi, Q + lo)``
+  (``|x / s| <= Q``, so a clip at ``hi >= Q - 1/2`` costs no more than the rounding), with the
+  largest ``|x|`` bounded from ``[lo, hi]``: it narrows as a branch-and-bound piece shrinks;
+* a step: where ``x_i / s(x) = Q x_i / max|x|`` stays strictly inside one rounding step ``k``
+  over the bounds, ``q_i = k max|x| / Q`` exactly, between ``k`` times the bounds of ``max|x| / Q``;
+* the guard needs no decision: where it can fire (``max|x| <= Q g``), ``q = 0`` (rounded with
+  ``s = 1``, when ``Q g < 1/2``), an error below ``Q g`` that the band takes in.
+
+float32's own rounding of ``s`` and ``x / s`` (a relative ``2^-24`` each, and XLA may compute
+``x * (1 / s)``) is covered by a relative slack of ``2^-18`` on every end. The bounds need no
+box fixed while tracing: they read the bounds of ``x`` that the bound method propagates.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from qbound.dynamic_rounding import DynamicScale, quantize
+  >>> spec = DynamicScale(divisor=127.5, low=-128, high=127)
+  >>> x = jnp.array([0.5, -1.0, 0.25])
+  >>> bool(jnp.all(jnp.abs(quantize(spec, x) - x) <= 0.5 / 127.5))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The rounding mode of a ``round`` node that is a dynamically scaled fake quantization.
+DYNAMIC = "dynamic"
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicScale:
+  """The static data of a dynamic fake quantization ``s * clip(round(x / s), low, high)``.
+
+  Attributes:
+    divisor: ``Q`` in ``s = max|x| / Q`` (the product of the constants the library divides by).
+    low, high: the integer range the rounded values are clipped (saturated) to.
+    rounding: ``"nearest"`` (halves to even) or ``"away"``.
+    guard: ``(comparison, cut, fallback)`` for ``s = where(s <cmp> cut, fallback, s)``, or None.
+  """
+
+  divisor: float
+  low: float
+  high: float
+  rounding: str = "nearest"
+  guard: Optional[tuple[str, float, float]] = None
+
+  @property
+  def band(self) -> float:
+    """The largest ``|c - x / s|`` in real arithmetic: 1/2, or the clip's cost where it cuts inside ``[-Q, Q]``."""
+    return max(0.5, self.divisor - self.high, self.divisor + self.low)
+
+
+def scale_of(spec: DynamicScale, x):
+  """The scale the library computes from ``x`` (per tensor), with its guard."""
+  s = jnp.max(jnp.abs(x)) / spec.divisor
+  if spec.guard is not None:
+    cmp, cut, fallback = spec.guard
+    fires = {"lt": s < cut, "le": s <= cut, "eq": s == cut}[cmp]
+    s = jnp.where(fires, jnp.asarray(fallback, s.dtype), s)
+  return s
+
+
+def quantize(spec: DynamicScale, x):
+  """``q(x) = s(x) * clip(round(x / s(x)), low, high)``, the dynamically fake-quantized ``x``."""
+  s = scale_of(spec, x)
+  z = x / s
+  r = jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
+  return s * jnp.clip(r, spec.low, spec.high)
+
+
+def check_guard(spec: DynamicScale) -> Optional[str]:
+  """Why the guard cannot be bounded as :func:`bounds` does, or None."""
+  if spec.guard is None:
+    return None
+  cmp, cut, fallback = spec.guard
+  if cut < 0 or not np.isfinite(cut) or not np.isfinite(fallback) or (cmp == "eq" and cut != 0):
+    return f"its guard replaces scales {cmp} {cut} (only s == 0 or s below a small positive cut are known)"
+  if cmp != "eq" and spec.divisor * cut > fallback / 2 * (1 - 1e-6):
+    return (f"its guard replaces scales below {cut} with {fallback}, too small to round those "
+            "activations to 0")
+  return None
+
+
+# Relative slack on the few float32 operations of :func:`bounds` and of the library's scale and
+# quotient (each a relative 2^-24 at most): 2^-18 covers them many times over.
+_REL = 2.0 ** -18
+
+
+def bounds(spec: DynamicScale, lo, hi, ndim: int):
+  """What is known of the node's value ``v = q(t)`` for ``t`` in ``[lo, hi]`` (one box, or
+  a batch of boxes along leading axes; the node's own ``ndim`` trailing axes are the tensor).
+
+  Returns ``(half, flat, v_lo, v_hi)``: ``|v - t| <= half`` everywhere (the band, from the
+  largest ``|t|`` over these bounds, so it shrinks with the box: ``half = band * max|t| / Q``),
+  and where ``flat``, ``v = k max|t| / Q`` for one integer ``k`` (the quotient ``x / s`` stays
+  inside one rounding step), so ``v_lo <= v <= v_hi``. All in float32 with slack ``_REL``.
+  """
+  axes = tuple(range(lo.ndim - ndim, lo.ndim))
+  mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+  m_hi = jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL)  # bounds of max|t|
+  m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
+  q = spec.divisor
+  # The quotient u = x / s = Q t / max|t|, for t in [lo, hi] and max|t| in [m_lo, m_hi]; |u| <= Q.
+  safe_lo = jnp.where(m_lo > 0, m_lo, 1.0)
+  u_lo = jnp.where(m_lo > 0, q * jnp.minimum(lo / safe_lo, lo / m_hi), jnp.where(lo >= 0, 0.0, -q))
+  u_hi = jnp.where(m_lo > 0, q * jnp.maximum(hi / safe_lo, hi / m_hi), jnp.where(hi <= 0, 0.0, q))
+  u_lo = jnp.maximum(u_lo - jnp.abs(u_lo) * _REL, -q * (1 + _REL))
+  u_hi = jnp.minimum(u_hi + jnp.abs(u_hi) * _REL, q * (1 + _REL))
+  # Each entry's error, in steps: 1/2, or where it may saturate, how far past the clip it reaches.
+  band = jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo))
+  half = m_hi * ((band / q) * (1 + _REL) + _REL)
+  guard_may_fire = jnp.zeros_like(m_lo, bool)
+  if spec.guard is not None and spec.guard[0] != "eq":
+    _, cut, _ = spec.guard
+    # where the guard fires, q = 0 and the error is |t| <= max|t| < Q cut
+    guard_may_fire = m_lo <= q * cut * (1 + _REL)
+    half = jnp.maximum(half, jnp.minimum(m_hi, q * cut * (1 + _REL)))
+  elif spec.guard is not None:
+    guard_may_fire = m_lo <= 0
+  k = jnp.clip(jnp.round(u_lo), spec.low, spec.high)
+  one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
+  at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
+  at_low = u_hi < spec.low + 0.5
+  k = jnp.where(at_high, spec.high, jnp.where(at_low, spec.low, k))
+  flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire
+  ends = (k * (m_lo / q) * (1 - _REL), k * (m_hi / q) * (1 + _REL))
+  v_lo = jnp.where(k >= 0, ends[0], ends[1])
+  v_hi = jnp.where(k >= 0, ends[1], ends[0])
+  shape = jnp.shape(lo)
+  return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
+
