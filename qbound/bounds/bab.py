@@ -143,7 +143,9 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     # overstates the widening (ACAS Xu 1_1 vs float16: 1.44, with rows for every neuron 1.02; vs its
     # pruned copy: 2.5 and 2.3). Where that could change the decision, it is measured again with rows
     # for every neuron of the first box (seconds of compilation on a first call, hence not always).
-    spread = _widening(fg, out.z, out.zq, out.d)
+    # On the root alone (the first piece; the root's batch also holds its halves, see _root_children).
+    root = lambda bounds: [(lo_[:1], hi_[:1]) for lo_, hi_ in bounds]
+    spread = _widening(fg, root(out.z), root(out.zq), root(out.d))
     if F_CROWN_WIDENING < spread <= SPARSE_WIDENING_DOUBT:
       full = diff_bounds_sparse(fg, qg, Box(lo[:1], hi[:1]), sound=sound, outputs=outputs, every_neuron=True)
       spread = _widening(fg, full.z, full.zq, full.d)
