@@ -52,11 +52,11 @@ def test_shared_relaxation_lines_give_the_same_bounds(monkeypatch):
   import qbound as qb
   from qbound.bounds import sparse
 
-  f, fq, _, _ = H.random_pair(4, (3, (12, 12, 12), 2), noise=1e-2)
-  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  f, fq, _, _ = H.random_pair(4, (2, (8, 8), 2), noise=1e-2)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
   merged = qb.merge(f, fq, box)
   rng = np.random.default_rng(0)
-  lo = rng.uniform(-1, 0.5, (8, 3)).astype(np.float32)
+  lo = rng.uniform(-1, 0.5, (4, 2)).astype(np.float32)
   pieces = qb.Box(jnp.asarray(lo), jnp.asarray(lo + 0.5))
   out = {}
   for share in (True, False):
