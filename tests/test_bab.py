@@ -202,3 +202,27 @@ def test_influence_coefficients_are_per_unit_width_for_both_rows():
   rows = np.asarray(bab._influence_coefficients(influence, lo, hi, np.asarray([0, 2])))
   assert rows.shape == (1, 4, 2)
   np.testing.assert_allclose(rows[0], [[2.0, 1.0], [0.0, 3.0], [2.0, 1.0], [0.0, 3.0]])
+
+
+def test_root_children_fit_beside_the_root_or_not_at_all():
+  assert bab._root_children(np.array([1.0, 0.0, 2.0]), 32) == [0, 2]
+  assert bab._root_children(np.array([1.0, 1.0, 1.0, 1.0, 1.0]), 11) == [0, 1, 2, 3, 4]
+  assert bab._root_children(np.array([1.0, 1.0, 1.0, 1.0, 1.0]), 10) == []
+  assert bab._root_children(np.zeros(3), 32) == []
+
+
+@pytest.mark.parametrize("root_children", [True, False])
+def test_root_split_in_the_first_batch_is_sound(monkeypatch, root_children):
+  """The root's batch bounds the root's halves along every dimension beside it, and the root is
+  split at once: the first batch bounds 1 + 2 * dims pieces, and every stop stays sound."""
+  monkeypatch.setattr(bab, "ROOT_CHILDREN", root_children)
+  f, fq, box, merged = small_case(3, H.SHAPES[2], 4)
+  first = bab.branch_and_bound(merged, box, time_budget=0.0)
+  assert first.pieces_bounded == (1 + 2 * box.lower.size if root_children else 1)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  for res in (first, bab.branch_and_bound(merged, box, time_budget=0.3, target_gap=0.0)):
+    assert np.all(values >= res.diff_lower - 1e-9) and np.all(values <= res.diff_upper + 1e-9)
+    assert np.abs(values).max() <= res.upper + 1e-9
+  # The root's own bounds are still reported as such.
+  _, _, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
+  np.testing.assert_allclose(first.root_upper, np.asarray(d[merged.f_graph.output][1]).reshape(-1), rtol=1e-5, atol=1e-7)

@@ -43,3 +43,25 @@ def test_tighten_where_gives_every_box_its_own_rows(counts):
   assert len(calls) == (1 if mask.any() else 0)
   if calls:  # one padded row count for every box, at most the node's size
     assert max(counts) * 2 <= calls[0][1] <= 2 * n
+
+
+def test_shared_relaxation_lines_give_the_same_bounds(monkeypatch):
+  """The walks of the sparse differential pass share each activation's lines, computed once: the
+  bounds are those of lines computed again per walk, bit for bit."""
+  import helpers as H
+  import qbound as qb
+  from qbound.bounds import sparse
+
+  f, fq, _, _ = H.random_pair(4, (2, (8, 8), 2), noise=1e-2)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(-1, 0.5, (4, 2)).astype(np.float32)
+  pieces = qb.Box(jnp.asarray(lo), jnp.asarray(lo + 0.5))
+  out = {}
+  for share in (True, False):
+    monkeypatch.setattr(sparse, "SHARE_LINES", share)
+    res = sparse.diff_bounds_sparse(merged.f_graph, merged.fq_graph, pieces, f_crown=False, coefficients=True)
+    out[share] = [np.asarray(a) for b in (res.zq, res.d) for pair in b for a in pair] + [np.asarray(res.coefficients)]
+  for a, b in zip(out[True], out[False]):
+    np.testing.assert_array_equal(a, b)

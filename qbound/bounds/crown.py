@@ -132,7 +132,8 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 
 def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alphas=None, sound: bool = True,
-                   batched: bool = False, with_coefficients: bool = False, signed_pairs: bool = False):
+                   batched: bool = False, with_coefficients: bool = False, signed_pairs: bool = False,
+                   lines: Optional[Mapping] = None):
   """Lower bounds of ``rows[k] . z_target`` over the box, one per row.
 
   The walk is a Python loop over jit-compiled per-node steps (compiled once per node kind, shape
@@ -154,6 +155,9 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     with_coefficients: also return each row's coefficients on the input.
     signed_pairs: the rows are ``[R; -R]`` (as :func:`unit_rows` makes them): a linear target
       node is stepped with ``R`` alone (:func:`qbound.bounds.common.mirror_rows`), the same results.
+    lines: optional ``{activation node index: relaxation lines}`` computed already from these
+      bounds and ``alphas`` (:func:`rules.for_node`): walks from many targets share them instead
+      of computing them again per walk (:mod:`qbound.bounds.sparse`).
 
   Returns:
     An array of shape ``(m,)`` (``(batch, m)`` when batched); with ``with_coefficients`` also the
@@ -167,17 +171,17 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     node = graph.nodes[idx]
     alpha = None if alphas is None or node.kind not in ACTIVATIONS else alphas.get(idx)
     src_bounds = tuple(bounds[i] for i in node.inputs)
-    lines = None
-    if node.kind in ACTIVATIONS:
-      lines = _activation_lines(local(node), src_bounds, alpha, sound=sound, batched=batched)
+    step_lines = None if lines is None else lines.get(idx)
+    if node.kind in ACTIVATIONS and step_lines is None:
+      step_lines = _activation_lines(local(node), src_bounds, alpha, sound=sound, batched=batched)
     lam = lambdas.pop(idx)
     if idx == target and signed_pairs and node.kind in LINEAR_KINDS:
       half = lambda a: first_half(a, batched)
-      parts, b, e = _backward_step(local(node), half(lam), src_bounds, alpha, half(beta), half(err), lines,
+      parts, b, e = _backward_step(local(node), half(lam), src_bounds, alpha, half(beta), half(err), step_lines,
                                    sound=sound, batched=batched)
       parts, beta, err = mirror_rows(parts, b, e, batched=batched)
     else:
-      parts, beta, err = _backward_step(local(node), lam, src_bounds, alpha, beta, err, lines, sound=sound,
+      parts, beta, err = _backward_step(local(node), lam, src_bounds, alpha, beta, err, step_lines, sound=sound,
                                         batched=batched)
     for src, value in zip(node.inputs, parts):
       if src in lambdas:

@@ -346,7 +346,7 @@ _at_input = jit_step(_at_input, (0, 0, 0, 0))
 
 def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, box: Box, *,
                         alphas=None, sound: bool = True, batched: bool = False, with_coefficients: bool = False,
-                        signed_pairs: bool = False):
+                        signed_pairs: bool = False, lines=None):
   """Lower bounds of ``rows[k] . d_target`` over the box (``d = z - z_q`` at node ``target``).
 
   A Python loop over jit-compiled steps per node pair, like :func:`qbound.bounds.crown.backward_lower`
@@ -354,7 +354,10 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
   also return each row's coefficients on the input, ``(rows, *input shape)`` (the bound is their
   minimum over the box plus a constant; branch and bound splits where they weigh most).
   ``signed_pairs``: the rows are ``[R; -R]``, see :func:`qbound.bounds.crown.backward_lower`.
+  ``lines``: optional ``{activation node index: _activation_lines(...)}`` computed already from these
+  bounds (walks from many targets share them, :mod:`qbound.bounds.sparse`).
   """
+  known_lines = lines
   lam = {target: rows}
   mu: dict = {}
   beta = err = jnp.zeros(rows.shape[: 2 if batched else 1], rows.dtype)
@@ -375,8 +378,8 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
     a = None if alphas is None or nf.kind not in ACTIVATIONS else alphas.get(idx)
     ins = nf.inputs
     bounds = tuple(z[i] for i in ins), tuple(zq[i] for i in ins), tuple(d[i] for i in ins)
-    lines = None
-    if nf.kind in ACTIVATIONS:
+    lines = None if known_lines is None else known_lines.get(idx)
+    if nf.kind in ACTIVATIONS and lines is None:
       lines = _activation_lines(local(nf), local(nq), *bounds, a, sound=sound, batched=batched)
     if idx == target and signed_pairs and nf.kind in LINEAR_KINDS:
       half = lambda x: first_half(x, batched)

@@ -28,6 +28,7 @@ from qbound import graph as G
 from qbound.bounds import fp, nonlinear, rules
 from qbound.bounds.common import local
 from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
+from qbound.bounds.diff import _activation_lines as _diff_lines
 from qbound.bounds.diff import _diff_interval_step, _tighten, diff_backward_lower
 from qbound.bounds.guards import check_bounds
 from qbound.bounds.interval import _node_interval
@@ -135,6 +136,10 @@ def _diff_loose_any(pairs, z, zq, d):
   return out
 
 
+# Whether the walks of diff_bounds_sparse share each activation's relaxation lines (see there).
+SHARE_LINES = True
+
+
 def _known(prior, i):
   return None if prior is None or prior[i] is None else prior[i]
 
@@ -211,6 +216,10 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
   rows: dict = {}
   coef = None
   boxes = (box.lower, box.upper)
+  # Each activation pair's relaxation lines, computed once its input's bounds are final and shared
+  # by the walks from every later target (else each walk computed them again: 30 more steps per
+  # batch of ACAS Xu pieces): (differential lines, f_q's lines).
+  lines: dict = {}
   for i in range(1, n_nodes):
     nf, nq = fg.nodes[i], qg.nodes[i]
     ins = nf.inputs
@@ -218,14 +227,17 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     qi = _node_interval(local(nq), tuple(zq[j] for j in ins), sound=sound, batched=True)
     di = _diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                              tuple(d[j] for j in ins), sound=sound, batched=True)
+    if nf.kind in ACTIVATIONS and SHARE_LINES:
+      lines[i] = _diff_lines(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
+                             tuple(d[j] for j in ins), None, sound=sound, batched=True)
     if prior is not None:
       zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i], sound=sound)
                     for b, p in zip((zi, qi, di), prior))
     if i in targets:
-      state_q = {"box": boxes, "bounds": zq + [qi]}
+      state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
       qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
                          lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                          batched=True), state_q, sound=sound)
+                                                          batched=True, lines=g["lines"]), state_q, sound=sound)
       if f_crown:
         state_f = {"box": boxes, "bounds": z + [zi]}
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
@@ -235,15 +247,16 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
       mask = loose(_diff_loose_any(pairs, zi, qi, di))
       rows[i] = int(np.asarray(mask).sum())
-      state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di]}
+      state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
       di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
-          fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True), state_d, sound=sound)
+          fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True, lines=g["lines"]),
+          state_d, sound=sound)
       zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
       shape = tuple(nf.shape)
       out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
       low = diff_backward_lower(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound, batched=True,
-                                with_coefficients=coefficients)
+                                with_coefficients=coefficients, lines=lines)
       if coefficients:
         low, coef = low
       di = output_scatter(di, jnp.asarray(outputs), low)
