@@ -333,10 +333,10 @@ def search_pieces(graph: G.Graph, lower, upper, *, key, outputs=None, search: Op
   Example:
     >>> import jax, jax.numpy as jnp, qbound as qb
     >>> from qbound.attack import search_pieces
-    >>> g = qb.trace(lambda x: jnp.sin(3 * x), jnp.zeros(1))
-    >>> v, x = search_pieces(g, jnp.zeros((2, 1)), jnp.ones((2, 1)), key=jax.random.key(0))
-    >>> round(v, 3)
-    1.0
+    >>> g = qb.trace(lambda x: 2.0 * x - 1.0, jnp.zeros(1))
+    >>> v, x = search_pieces(g, jnp.zeros((2, 1)), jnp.array([[0.25], [0.5]]), key=jax.random.key(0))
+    >>> round(v, 3), x.tolist()
+    (1.0, [0.0])
   """
   search = search or PieceSearch()
   lower = jnp.asarray(lower)

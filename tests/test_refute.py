@@ -44,7 +44,8 @@ def test_search_pieces_refuses_mismatched_corners():
     search_pieces(graph, jnp.zeros((2, 2)), jnp.ones((3, 2)), key=jax.random.key(0))
 
 
-@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (1, H.SHAPES[1], 4)])
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3),
+                                               pytest.param(1, H.SHAPES[1], 4, marks=pytest.mark.slow)])
 def test_reached_errors_are_real_and_below_the_exact_maximum(seed, shape, bits):
   """The value is the error at the returned input (float64 within float32 rounding), that input lies
   in the box, and it never exceeds the exact maximal error (MILP); on these small nets it reaches it."""
@@ -65,23 +66,26 @@ def test_reached_errors_are_real_and_below_the_exact_maximum(seed, shape, bits):
 def test_rows_cover_the_box_the_best_input_and_the_worst_pieces():
   lower, upper = np.zeros(2, np.float32), np.array([4.0, 8.0], np.float32)
   worst = [(np.array([1.0, 1.0], np.float32), np.array([2.0, 2.0], np.float32))]
-  los, his = refute.rows_to_search(lower, upper, np.array([4.0, 0.0], np.float32), worst, rows=6)
-  assert los.shape == his.shape == (6, 2)
-  np.testing.assert_array_equal(los[0], lower)
-  np.testing.assert_array_equal(his[0], upper)
+  los, his = refute.rows_to_search(lower, upper, np.array([4.0, 0.0], np.float32), worst, rows=7, box_rows=2)
+  assert los.shape == his.shape == (7, 2)
+  for row in (0, 1):
+    np.testing.assert_array_equal(los[row], lower)
+    np.testing.assert_array_equal(his[row], upper)
   # around the best input (4, 0), a quarter of the box's edges, clipped to the box
-  np.testing.assert_allclose(los[1], [3.5, 0.0])
-  np.testing.assert_allclose(his[1], [4.0, 1.0])
-  np.testing.assert_array_equal(los[4], worst[0][0])
-  np.testing.assert_array_equal(los[5], lower)  # padding: the box again
+  np.testing.assert_allclose(los[2], [3.5, 0.0])
+  np.testing.assert_allclose(his[2], [4.0, 1.0])
+  np.testing.assert_array_equal(los[5], worst[0][0])
+  np.testing.assert_array_equal(los[6], lower)  # padding: the box again
   assert np.all(los >= lower) and np.all(his <= upper) and np.all(los <= his)
 
 
 def test_search_share_grows_only_when_the_bound_is_far_from_epsilon():
-  s = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), spent=2.0)
-  assert not s.due(0.2)  # before FIRST_AFTER
+  s = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), share=0.1, far_share=0.5,
+                              first_after=0.5, far_after=8.0, spent=2.0)
+  assert not s.due(0.2)  # before first_after
   assert not s.due(10.0, upper=1.0, epsilon=0.5)  # 2 s > 10% of 10 s
-  assert s.due(10.0, upper=100.0, epsilon=0.5)  # far: up to half the time
+  assert s.due(10.0, upper=100.0, epsilon=0.5)  # far (200x epsilon after 8 s): up to half the time
+  assert not s.due(5.0, upper=100.0, epsilon=0.5)  # far, but too early to give up on a proof
   assert not s.due(10.0, upper=100.0)  # no epsilon: no proof to give up on
 
 

@@ -482,7 +482,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   stopped = "exhausted"
   last_report = -np.inf
   # Hook: counterexample search rounds (qbound/bounds/refute.py), in their own share of the time.
-  searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search)
+  searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search, time_budget)
   while heap:
     if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon):
       value, x = searching.run(heap, best_x)
