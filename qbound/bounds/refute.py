@@ -56,6 +56,7 @@ ROWS = 8
 # The whole box takes two rows: on ACAS Xu 1_7 property 7 at epsilon 0.05 (20 s, three seeds, loaded
 # machine) one row never found an error above 0.0416, two found 0.079-0.082 in 0.6-5.8 s each time.
 BOX_ROWS = 2
+# (Five whole-box rows once far from a proof did no better there: one seed of three either way.)
 # Edges, relative to the box's, of the boxes searched around the best input found so far.
 AROUND_BEST = (1 / 4, 1 / 16, 1 / 256)
 # Settings of each round's ascent (per row: 4 random starts and the centre, for each output and sign).
@@ -97,6 +98,7 @@ class WorstPieceSearch:
       seconds.
     first_after: seconds before the first round.
     seed: the rounds' keys are ``jax.random.key(seed + round)``.
+    far: whether the last :meth:`due` found the bound far from epsilon.
   """
 
   graph: G.Graph
@@ -110,14 +112,15 @@ class WorstPieceSearch:
   far_share: float = FAR_SHARE
   far_after: float = np.inf
   seed: int = 0
+  far: bool = False
   spent: float = 0.0
   rounds: int = 0
 
   def due(self, elapsed: float, upper: float = np.inf, epsilon: Optional[float] = None) -> bool:
     """Whether a round may run after ``elapsed`` seconds of branch and bound whose bound is now
     ``upper`` (with ``epsilon`` given and ``upper`` far above it, the search gets more time)."""
-    far = epsilon is not None and elapsed >= self.far_after and upper > FAR_RATIO * epsilon
-    return elapsed >= self.first_after and self.spent <= (self.far_share if far else self.share) * elapsed
+    self.far = epsilon is not None and elapsed >= self.far_after and upper > FAR_RATIO * epsilon
+    return elapsed >= self.first_after and self.spent <= (self.far_share if self.far else self.share) * elapsed
 
   def run(self, heap: list, best_x) -> tuple[float, np.ndarray]:
     """One round on the box, around ``best_x`` and on the worst pieces of branch and bound's
