@@ -279,11 +279,16 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
                  help="seconds for the warm-up call (default: --time-budget); longer when compiling takes longer")
   p.add_argument("--zonotope", action="store_true",
                  help="branch and bound meets each batch's differential bounds with differential zonotopes'")
+  p.add_argument("--no-search", action="store_true",
+                 help="branch and bound without its counterexample search rounds (qbound.bounds.refute)")
   p.add_argument("--out", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
   if args.zonotope:
     from qbound.bounds import bab
     bab.ZONOTOPE = True
+  if args.no_search:
+    from qbound.bounds import refute
+    refute.ENABLED = False
   if not (BENCH / "nnet").is_dir():
     print(f"{BENCH} is absent (set QBOUND_BENCH to the bench checkout): nothing to run.")
     return None

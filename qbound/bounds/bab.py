@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards, nonlinear
+from qbound.bounds import guards, nonlinear, refute
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
@@ -346,7 +346,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
-                     progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None) -> BabResult:
+                     progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None,
+                     search: Optional[bool] = None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -378,6 +379,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       bounds with differential zonotopes' (:mod:`qbound.bounds.zonotope`), whose relaxations read
       them; None: ``ZONOTOPE`` (off). True on other networks raises
       :class:`~qbound.errors.UnsupportedLayerError`.
+    search: run projected gradient ascent on the box, around the best input and on the worst
+      open pieces in a share of the time (:mod:`qbound.bounds.refute`); None: ``refute.ENABLED``.
 
   Returns:
     A :class:`BabResult`.
@@ -520,7 +523,13 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     push(root)
   stopped = "exhausted"
   last_report = -np.inf
+  # Hook: counterexample search rounds (qbound/bounds/refute.py), in their own share of the time.
+  searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search, time_budget)
   while heap:
+    if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon):
+      value, x = searching.run(heap, best_x)
+      if value > best_lower:
+        best_lower, best_x = value, x
     if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
       report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
       last_report = time.perf_counter()

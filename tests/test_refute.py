@@ -1,0 +1,108 @@
+"""Counterexample search inside branch and bound (qbound.bounds.refute, qbound.attack.search_pieces):
+what it reports is an error reached at an input inside the box, never above the exact maximum, and it
+finds maxima that branch and bound's probes miss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers as H
+import qbound as qb
+from qbound.attack import PieceSearch, search_pieces
+from qbound.bounds import bab, refute
+
+SMALL = PieceSearch(starts=4, steps=30)
+
+
+def test_search_pieces_finds_the_larger_output_and_sign():
+  # g = (x0 - 2 x1, 0.5 x0) on [-1, 1]^2: max |g| = 3 at (1, -1) or (-1, 1).
+  graph = qb.trace(lambda x: jnp.array([[1.0, -2.0], [0.5, 0.0]]) @ x, jnp.zeros(2))
+  lo, hi = -jnp.ones((1, 2)), jnp.ones((1, 2))
+  value, x = search_pieces(graph, lo, hi, key=jax.random.key(0), search=SMALL)
+  assert value == pytest.approx(3.0, rel=1e-6)
+  assert abs(float(x[0]) - 2 * float(x[1])) == pytest.approx(3.0, rel=1e-6)
+  # Only output 1 counts: its maximum is 0.5.
+  value, _ = search_pieces(graph, lo, hi, key=jax.random.key(0), outputs=[1], search=SMALL)
+  assert value == pytest.approx(0.5, rel=1e-6)
+
+
+def test_search_pieces_stays_in_each_piece():
+  graph = qb.trace(lambda x: jnp.sum(x)[None], jnp.zeros(3))
+  lo = jnp.array([[0.0, 0.0, 0.0], [-3.0, -3.0, -3.0]])
+  hi = jnp.array([[0.1, 0.2, 0.3], [-2.0, -2.0, -2.0]])
+  value, x = search_pieces(graph, lo, hi, key=jax.random.key(1), search=SMALL)
+  assert value == pytest.approx(9.0)  # the second piece's corner (-3, -3, -3)
+  np.testing.assert_allclose(x, [-3.0, -3.0, -3.0])
+
+
+def test_search_pieces_refuses_mismatched_corners():
+  graph = qb.trace(lambda x: x, jnp.zeros(2))
+  with pytest.raises(ValueError, match="pieces"):
+    search_pieces(graph, jnp.zeros((2, 2)), jnp.ones((3, 2)), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3),
+                                               pytest.param(1, H.SHAPES[1], 4, marks=pytest.mark.slow)])
+def test_reached_errors_are_real_and_below_the_exact_maximum(seed, shape, bits):
+  """The value is the error at the returned input (float64 within float32 rounding), that input lies
+  in the box, and it never exceeds the exact maximal error (MILP); on these small nets it reaches it."""
+  f, fq, _, _ = H.random_pair(seed, shape, bits=bits)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  merged = qb.merge(f, fq, box)
+  exact = qb.exact.milp(f, fq, box, time_limit=60)
+  assert exact.optimal
+  value, x = search_pieces(merged.graph, box.lower[None], box.upper[None], key=jax.random.key(seed),
+                           search=PieceSearch(starts=32, steps=100))
+  assert box.contains(x)
+  reached = float(np.abs(H.eval64(merged, x[None])).max())
+  assert reached == pytest.approx(value, rel=1e-4, abs=1e-6)
+  assert reached <= exact.upper + exact.tolerance
+  assert reached >= 0.9 * exact.value
+
+
+def test_rows_cover_the_box_the_best_input_and_the_worst_pieces():
+  lower, upper = np.zeros(2, np.float32), np.array([4.0, 8.0], np.float32)
+  worst = [(np.array([1.0, 1.0], np.float32), np.array([2.0, 2.0], np.float32))]
+  los, his = refute.rows_to_search(lower, upper, np.array([4.0, 0.0], np.float32), worst, rows=7, box_rows=2)
+  assert los.shape == his.shape == (7, 2)
+  for row in (0, 1):
+    np.testing.assert_array_equal(los[row], lower)
+    np.testing.assert_array_equal(his[row], upper)
+  # around the best input (4, 0), a quarter of the box's edges, clipped to the box
+  np.testing.assert_allclose(los[2], [3.5, 0.0])
+  np.testing.assert_allclose(his[2], [4.0, 1.0])
+  np.testing.assert_array_equal(los[5], worst[0][0])
+  np.testing.assert_array_equal(los[6], lower)  # padding: the box again
+  assert np.all(los >= lower) and np.all(his <= upper) and np.all(los <= his)
+
+
+def test_search_share_grows_only_when_the_bound_is_far_from_epsilon():
+  s = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), share=0.1, far_share=0.5,
+                              first_after=0.5, far_after=8.0, spent=2.0)
+  assert not s.due(0.2)  # before first_after
+  assert not s.due(10.0, upper=1.0, epsilon=0.5)  # 2 s > 10% of 10 s
+  assert s.due(10.0, upper=100.0, epsilon=0.5)  # far (200x epsilon after 8 s): up to half the time
+  assert not s.due(5.0, upper=100.0, epsilon=0.5)  # far, but too early to give up on a proof
+  assert not s.due(10.0, upper=100.0)  # no epsilon: no proof to give up on
+
+
+def test_branch_and_bound_with_search_is_sound_and_its_witness_is_real():
+  """With the search rounds (forced to run at once), the bounds still hold on samples, the lower
+  bound is the error at the witness and it is at least the one without them."""
+  f, fq, _, _ = H.random_pair(3, H.SHAPES[2], bits=3)
+  box = qb.Box(-jnp.ones(H.SHAPES[2][0]), jnp.ones(H.SHAPES[2][0]))
+  merged = qb.merge(f, fq, box)
+  first_after = refute.FIRST_AFTER
+  try:
+    refute.FIRST_AFTER = 0.0
+    res = bab.branch_and_bound(merged, box, time_budget=0.5, target_gap=0.0, search=True)
+  finally:
+    refute.FIRST_AFTER = first_after
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= res.upper + 1e-9
+  assert np.abs(H.eval64(merged, res.witness[None])).max() == pytest.approx(res.lower, rel=1e-4, abs=1e-6)
+  assert box.contains(res.witness)
+  assert res.lower <= res.upper
