@@ -435,10 +435,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       raise ValueError(f"outputs must be flat indices in [0, {n_out}), got {outputs.tolist()}.")
   if method in ("diff", "diff-interval"):
     require_paired(merged)
-    nonlinear.require_none(merged.f_graph, f"method={method!r}")
-  # Differential bounds need paired layers with a differential rule each; products and smooth
-  # curves (transformers) have none, so auto takes CROWN on the merged network for them.
-  diff_ok = merged.paired and nonlinear.first_nonlinear(merged.f_graph) is None
+  # Differential bounds need paired layers. With products and smooth curves (transformers) auto
+  # runs both CROWN on the merged network and differential bounds and keeps the tighter per output
+  # (neither wins everywhere: experiments/vit_digits.py), and branch and bound splits on CROWN.
+  diff_ok = merged.paired
+  transformer = nonlinear.first_nonlinear(merged.f_graph) is not None
   track = _Tracker(n_out, outputs)
   # The error as f and f_q compute it themselves, compiled (op by op, every operation of the user's
   # model would compile on its own: seconds on a first call of a CNN) once per pair of functions.
@@ -473,7 +474,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # differential bound on the whole box, its probes find the reached errors, and the MILP gets
     # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
     few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
-    branch_first = method == "auto" and few_inputs and diff_ok
+    branch_first = method == "auto" and few_inputs and diff_ok and not transformer
 
     # A first reached error before anything else: the centre, the two extreme corners and a few random
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
@@ -519,7 +520,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
     if method == "alpha" or (method == "auto" and not few_inputs and not finished() and not halted()):
-      if diff_ok:
+      if diff_ok and (not transformer or track.per_method.get("diff", np.inf) <= track.per_method.get("crown", np.inf)):
         track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
       else:
         track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
