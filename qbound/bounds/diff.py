@@ -295,7 +295,7 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
       to_q = tuple(jax.lax.slice_in_dim(mv, s, s + w, axis=axis) for s, w in zip(starts, widths))
   elif nf.kind == G.MUL:
     r, rq = lines if lines is not None else _activation_lines(nf, nq, z, zq, d, a, sound)
-    to_d, to_q, beta, err = _product_rule(nf, lv, mv, zq, d, r, rq, sound)
+    to_d, to_q, beta, err = nonlinear_diff.backward_rule(nf, lv, mv, zq, d, r, rq, sound)
   elif nf.kind in ACTIVATIONS or nf.kind in G.CURVES:
     r, rq = lines if lines is not None else _activation_lines(nf, nq, z, zq, d, a, sound)
     margins = None  # sound mode: the step's margins entry by entry, summed once (see above)
@@ -330,52 +330,6 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
       err = err + fp.margin_sum(margins)
   else:
     raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
-  return to_d, to_q, beta, err
-
-
-def _product_rule(nf: G.Node, lv, mv, zq, d, r, rq, sound: bool):
-  """A product pair of the backward pass: ``r`` the planes of ``x y - x_q y_q``
-  (:func:`qbound.bounds.nonlinear_diff.product_diff_relaxation`), ``rq`` those of ``x_q y_q``.
-  Sound-mode margins as for activations: every coefficient times its variable's magnitude, and
-  the offsets' sums."""
-  rows = (lv if lv is not None else mv).shape[0]
-  dtype = (lv if lv is not None else mv).dtype
-  u = fp.unit_roundoff(dtype)
-  n_terms = fp.pairwise_terms(nf.size)
-  beta = jnp.zeros(rows, dtype)
-  err = jnp.zeros(rows, dtype)
-  to_d = to_q = margins = None
-  if lv is not None:
-    pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
-    to_d = (lv * r.dx, lv * r.dy)
-    to_q = (lv * r.xq, lv * r.yq)
-    beta = beta + _row_sum(pos * r.lower + neg * r.upper)
-    if sound:
-      spread = (u * fp.SLACK * (jnp.abs(r.dx) * _magnitude(d[0]) + jnp.abs(r.dy) * _magnitude(d[1])
-                                + jnp.abs(r.xq) * _magnitude(zq[0]) + jnp.abs(r.yq) * _magnitude(zq[1]))
-                + fp.margin_coefficient(n_terms, dtype) * jnp.maximum(jnp.abs(r.lower), jnp.abs(r.upper)))
-      margins = jnp.abs(lv) * spread
-      err = err + fp.margin_floor(n_terms, dtype)
-  if mv is not None:
-    pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
-    from_mu = (mv * rq.x_slope, mv * rq.y_slope)
-    if to_q is not None:
-      summed = (to_q[0] + from_mu[0], to_q[1] + from_mu[1])
-      if sound:
-        margins = plus(margins, u * fp.SLACK * (jnp.abs(summed[0]) * _magnitude(zq[0])
-                                                + jnp.abs(summed[1]) * _magnitude(zq[1])))
-      to_q = summed
-    else:
-      to_q = from_mu
-    beta = beta + _row_sum(pos * rq.lower_offset + neg * rq.upper_offset)
-    if sound:
-      spread = (u * fp.SLACK * (jnp.abs(rq.x_slope) * _magnitude(zq[0]) + jnp.abs(rq.y_slope) * _magnitude(zq[1]))
-                + fp.margin_coefficient(n_terms, dtype) * jnp.maximum(jnp.abs(rq.lower_offset),
-                                                                       jnp.abs(rq.upper_offset)))
-      margins = plus(margins, jnp.abs(mv) * spread)
-      err = err + fp.margin_floor(n_terms, dtype)
-  if sound:
-    err = err + fp.margin_sum(margins)
   return to_d, to_q, beta, err
 
 

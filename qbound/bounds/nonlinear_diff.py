@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.bounds import fp, nonlinear, smooth
+from qbound.bounds.common import plus
 from qbound.bounds.relax import DiffRelaxation
 
 
@@ -257,6 +258,54 @@ def product_diff_relaxation(x, xq, dx, y, yq, dy, *, sound: bool = True) -> Prod
   out = _pick(candidates, [c.upper - c.lower for c in candidates], dtype)
   exact = (dx[0] == 0) & (dx[1] == 0) & (dy[0] == 0) & (dy[1] == 0)
   return ProductDiffRelaxation(*[jnp.where(exact, 0, v).astype(dtype) for v in out])
+
+
+def backward_rule(nf: G.Node, lv, mv, zq, d, r, rq, sound: bool):
+  """A product pair of :func:`qbound.bounds.diff.diff_backward_lower`: rows ``lv`` on ``d`` and ``mv``
+  on ``z_q`` at the node (either may be None), ``r`` the planes of ``x y - x_q y_q``
+  (:func:`product_diff_relaxation`), ``rq`` those of ``x_q y_q``. Returns the coefficients on
+  ``(d_x, d_y)`` and ``(x_q, y_q)``, and the constant and rounding margin per row. Sound-mode
+  margins as for activations: every coefficient times its variable's magnitude, and the offsets'
+  sums."""
+  rows = (lv if lv is not None else mv).shape[0]
+  dtype = (lv if lv is not None else mv).dtype
+  u = fp.unit_roundoff(dtype)
+  n_terms = fp.pairwise_terms(nf.size)
+  beta = jnp.zeros(rows, dtype)
+  err = jnp.zeros(rows, dtype)
+  to_d = to_q = margins = None
+  if lv is not None:
+    pos, neg = jnp.maximum(lv, 0), jnp.minimum(lv, 0)
+    to_d = (lv * r.dx, lv * r.dy)
+    to_q = (lv * r.xq, lv * r.yq)
+    beta = beta + fp.pairwise_sum(pos * r.lower + neg * r.upper)
+    if sound:
+      spread = (u * fp.SLACK * (jnp.abs(r.dx) * _magnitude(*d[0]) + jnp.abs(r.dy) * _magnitude(*d[1])
+                                + jnp.abs(r.xq) * _magnitude(*zq[0]) + jnp.abs(r.yq) * _magnitude(*zq[1]))
+                + fp.margin_coefficient(n_terms, dtype) * jnp.maximum(jnp.abs(r.lower), jnp.abs(r.upper)))
+      margins = jnp.abs(lv) * spread
+      err = err + fp.margin_floor(n_terms, dtype)
+  if mv is not None:
+    pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
+    from_mu = (mv * rq.x_slope, mv * rq.y_slope)
+    if to_q is not None:
+      summed = (to_q[0] + from_mu[0], to_q[1] + from_mu[1])
+      if sound:
+        margins = plus(margins, u * fp.SLACK * (jnp.abs(summed[0]) * _magnitude(*zq[0])
+                                                + jnp.abs(summed[1]) * _magnitude(*zq[1])))
+      to_q = summed
+    else:
+      to_q = from_mu
+    beta = beta + fp.pairwise_sum(pos * rq.lower_offset + neg * rq.upper_offset)
+    if sound:
+      spread = (u * fp.SLACK * (jnp.abs(rq.x_slope) * _magnitude(*zq[0]) + jnp.abs(rq.y_slope) * _magnitude(*zq[1]))
+                + fp.margin_coefficient(n_terms, dtype) * jnp.maximum(jnp.abs(rq.lower_offset),
+                                                                       jnp.abs(rq.upper_offset)))
+      margins = plus(margins, jnp.abs(mv) * spread)
+      err = err + fp.margin_floor(n_terms, dtype)
+  if sound:
+    err = err + fp.margin_sum(margins)
+  return to_d, to_q, beta, err
 
 
 def node_diff_interval(nf: G.Node, z, zq, d, *, sound: bool = True):
