@@ -131,10 +131,13 @@ def main(argv=None):
                  help="layer norms compute mean((x - mean)^2) (flax use_fast_variance=False), not mean(x^2) - mean^2")
   p.add_argument("--methods", default=None, help="comma-separated certify methods (default: crown,diff,auto)")
   p.add_argument("--copies", default=None, help="comma-separated int8 copies: qbound, qwix (default: both)")
+  p.add_argument("--radii", default=None, help="comma-separated radii (default: 0.001,0.005,0.01)")
+  p.add_argument("--budget", type=float, default=None, help="seconds per auto certificate (default 20)")
   args = p.parse_args(argv)
   common.setup(args)
   cfg = common.settings(args, SMOKE, FULL, methods=args.methods and tuple(args.methods.split(",")),
-                        copies=args.copies and tuple(args.copies.split(",")))
+                        copies=args.copies and tuple(args.copies.split(",")),
+                        radii=args.radii and tuple(float(r) for r in args.radii.split(",")), budget=args.budget)
   out = common.out_dir(NAME, args)
   start = time.perf_counter()
   k_model, k_cert = jax.random.split(jax.random.key(args.seed))

@@ -435,6 +435,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       raise ValueError(f"outputs must be flat indices in [0, {n_out}), got {outputs.tolist()}.")
   if method in ("diff", "diff-interval"):
     require_paired(merged)
+  if method == "milp":  # say so before spending the budget on the preliminary bounds
+    nonlinear.require_none(merged.f_graph, "method='milp'")
   # Differential bounds need paired layers. With products and smooth curves (transformers) auto
   # runs both CROWN on the merged network and differential bounds and keeps the tighter per output
   # (neither wins everywhere: experiments/vit_digits.py), and branch and bound splits on CROWN.
