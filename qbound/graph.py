@@ -31,8 +31,9 @@ kind           value
 ``silu``       ``x * sigmoid(x)`` (``jax.nn.silu``)
 =============  ==============================================================================
 
-The last eight are bounded by :mod:`qbound.bounds.nonlinear` (interval and CROWN only; the other
-methods name them in an :class:`~qbound.errors.UnsupportedLayerError`). Softmax, layer norm and
+The last eight are bounded by :mod:`qbound.bounds.nonlinear` (interval and CROWN) and
+:mod:`qbound.bounds.nonlinear_diff` (differential bounds); the other methods name them in an
+:class:`~qbound.errors.UnsupportedLayerError`. Softmax, layer norm and
 RMS norm are written with them when traced.
 
 Other piecewise-linear operations are written exactly with these kinds when traced (leaky ReLU
@@ -67,7 +68,7 @@ MUL, SQUARE, EXP, RECIPROCAL, RSQRT, SQRT, ERFC, SILU = (
 # Smooth functions of one input bounded by qbound.bounds.nonlinear: their functions.
 CURVES = {SQUARE: jnp.square, EXP: jnp.exp, RECIPROCAL: lambda x: 1 / x, RSQRT: jax.lax.rsqrt, SQRT: jnp.sqrt,
           ERFC: jax.lax.erfc, SILU: lambda x: x * jax.nn.sigmoid(x)}
-# The kinds only interval bounds and CROWN support (products of two values, and CURVES).
+# The kinds only interval bounds, CROWN and differential bounds support (products of two values, and CURVES).
 NONLINEAR = (MUL, *CURVES)
 
 

@@ -269,7 +269,7 @@ def test_notebook_runs(name, smoke, results_root, monkeypatch):
   assert str(results_root) in text
 
 
-@pytest.mark.slow  # about two minutes on two loaded cores: CROWN compiles a step per layer of the ViT
+@pytest.mark.slow  # minutes on two loaded cores: CROWN and the differential bounds compile a step per layer of the ViT
 def test_vit_digits(smoke):
   summary, out = smoke("vit_digits")
   rows = read_csv(out / "vit_digits.csv")

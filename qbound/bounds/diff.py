@@ -8,7 +8,9 @@ difference ``d = z - z_q`` of the two activations alongside ``z_q``:
 * ReLU: ``relu(z_q + d) - relu(z_q)`` bounded by lines in ``d`` and ``z_q``
   (:func:`qbound.bounds.relax.relu_diff`); tanh and sigmoid by the mean value theorem,
   ``phi(z_q + d) - phi(z_q) = s d`` with ``s`` in the range of ``phi'``
-  (:func:`qbound.bounds.smooth.diff_relaxation`).
+  (:func:`qbound.bounds.smooth.diff_relaxation`);
+* transformer layers: products ``x y - x_q y_q = x d_y + d_x y_q`` and smooth curves (exp, 1/x,
+  rsqrt, sqrt, erfc, SiLU, x^2) by :mod:`qbound.bounds.nonlinear_diff`.
 
 Two forms are computed: a forward *interval* form for every node (ReluDiff, Paulsen, Wang, Wang,
 ICSE 2020) and a backward *symbolic* form, CROWN-style, for every ReLU input and the output, whose
@@ -32,9 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, relax, rules, smooth
+from qbound.bounds import fp, nonlinear, nonlinear_diff, relax, rules, smooth
 from qbound.bounds.common import LINEAR_KINDS, first_half, jit_step, local, mirror_rows, plus
-from qbound.bounds.crown import ACTIVATIONS, _row_sum, batch_of, crown_bounds, intersect, relu_inputs, split_rows, unit_rows
+from qbound.bounds.crown import (ACTIVATIONS, _routing_only, _row_sum, batch_of, crown_bounds, intersect, relu_inputs,
+                                 split_rows, unit_rows)
 from qbound.bounds.interval import center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
 from qbound.bounds.guards import check_bounds, spot_check
@@ -192,6 +195,9 @@ def diff_interval_node(nf: G.Node, nq: G.Node, z, zq, d, sound: bool):
   if nf.kind in G.SMOOTH:
     j = nf.inputs[0]
     return smooth.diff_interval(nf.kind, z[j], zq[j], d[j], sound=sound)
+  if nf.kind in G.NONLINEAR:
+    return nonlinear_diff.node_diff_interval(nf, tuple(z[i] for i in nf.inputs), tuple(zq[i] for i in nf.inputs),
+                                             tuple(d[i] for i in nf.inputs), sound=sound)
   raise ValueError(f"differential bounds have no rule for node kind {nf.kind!r}")
 
 
@@ -210,6 +216,12 @@ def _activation_lines(nf: G.Node, nq: G.Node, z, zq, d, a, sound: bool):
   rows, 8-15 ms of a 2-3 ms step). An optimisation barrier does not stop it: XLA on CPU drops
   barriers before fusing.
   """
+  if nf.kind == G.MUL:  # products and curves: see qbound.bounds.nonlinear_diff
+    return (nonlinear_diff.product_diff_relaxation(z[0], zq[0], d[0], z[1], zq[1], d[1], sound=sound),
+            nonlinear.product_relaxation(zq[0], zq[1], sound=sound))
+  if nf.kind in G.CURVES:
+    return (nonlinear_diff.curve_diff_relaxation(nf.kind, z[0], zq[0], d[0], sound=sound),
+            nonlinear.curve_relaxation(nf.kind, *zq[0], sound=sound))
   a = a or {}
   return (rules.diff_for_nodes(nf, nq, z[0], zq[0], d[0], a, sound=sound),
           rules.for_node(nq, *zq[0], a.get("mu"), sound=sound))
@@ -283,7 +295,10 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
       to_d = tuple(jax.lax.slice_in_dim(lv, s, s + w, axis=axis) for s, w in zip(starts, widths))
     if mv is not None:
       to_q = tuple(jax.lax.slice_in_dim(mv, s, s + w, axis=axis) for s, w in zip(starts, widths))
-  elif nf.kind in ACTIVATIONS:
+  elif nf.kind == G.MUL:
+    r, rq = lines if lines is not None else _activation_lines(nf, nq, z, zq, d, a, sound)
+    to_d, to_q, beta, err = nonlinear_diff.backward_rule(nf, lv, mv, zq, d, r, rq, sound)
+  elif nf.kind in ACTIVATIONS or nf.kind in G.CURVES:
     r, rq = lines if lines is not None else _activation_lines(nf, nq, z, zq, d, a, sound)
     margins = None  # sound mode: the step's margins entry by entry, summed once (see above)
     if lv is not None:
@@ -379,7 +394,7 @@ def diff_backward_lower(fg: G.Graph, qg: G.Graph, target: int, rows, z, zq, d, b
     ins = nf.inputs
     bounds = tuple(z[i] for i in ins), tuple(zq[i] for i in ins), tuple(d[i] for i in ins)
     lines = None if known_lines is None else known_lines.get(idx)
-    if nf.kind in ACTIVATIONS and lines is None:
+    if (nf.kind in ACTIVATIONS or nf.kind in G.NONLINEAR) and lines is None:
       lines = _activation_lines(local(nf), local(nq), *bounds, a, sound=sound, batched=batched)
     if idx == target and signed_pairs and nf.kind in LINEAR_KINDS:
       half = lambda x: first_half(x, batched)
@@ -437,6 +452,20 @@ def _tighten(z, zq, d, sound: bool):
 _diff_interval_step = jit_step(diff_interval_node, (None, None, 0, 0, 0))
 
 
+def _symbolic_targets(fg: G.Graph) -> set:
+  """The nodes that get a backward symbolic pass: every activation's or product's input and the
+  output, except routing maps (a layer norm's statistic broadcast to its row) of a node whose
+  bounds are symbolic already: intervals move those bounds exactly, a pass would find nothing."""
+  targets = set(relu_inputs(fg)) | {fg.output}
+  settled = {0}
+  for i, node in enumerate(fg.nodes):
+    if i in targets and i != fg.output and _routing_only(node) and node.inputs[0] in settled:
+      targets.discard(i)
+    if i in targets or (_routing_only(node) and node.inputs and node.inputs[0] in settled):
+      settled.add(i)
+  return targets
+
+
 def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = True, symbolic: bool = True,
                 row_chunk: Optional[int] = None, *, batched: bool = False, f_crown: bool = True, check: bool = True,
                 node_bound: Optional[Callable] = None):
@@ -463,16 +492,19 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = T
       (default :func:`diff_bound_node`); optimised slopes plug in here
       (:func:`qbound.bounds.alpha.diff_alpha_bounds`).
   """
-  nonlinear.require_none(fg, "differential bounds")
   zq = list(crown_bounds(qg, box, None, sound, row_chunk, batched=batched, check=False))
   if f_crown:
     z = list(crown_bounds(fg, box, None, sound, row_chunk, batched=batched, check=False))
   else:
     z = list(interval_bounds(fg, box, sound, batched=batched, check=False))
+  # 1/x, rsqrt and sqrt whose input may leave their domain: a clear error here, not NaN lines later.
+  nonlinear.check_domains(fg, z)
+  nonlinear.check_domains(qg, zq)
   n = len(fg.nodes)
   zero = jnp.zeros(box.shape, box.lower.dtype)
   d = [(zero, zero)]
-  targets = set(relu_inputs(fg)) | {fg.output}
+  targets = _symbolic_targets(fg)
+  tightened = set(relu_inputs(fg)) | {fg.output}
   for i in range(1, n):
     nf, nq = fg.nodes[i], qg.nodes[i]
     ins = nf.inputs
@@ -484,6 +516,7 @@ def diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, alphas=None, sound: bool = T
       elif symbolic:
         d[i] = intersect(d[i], diff_bound_node(fg, qg, i, z, zq, d, box, alphas=alphas, sound=sound,
                                                row_chunk=row_chunk, batched=batched), sound=sound)
+    if i in tightened:
       z[i], zq[i], d[i] = _tighten(z[i], zq[i], d[i], sound)  # elementwise: batched or not
   if check:
     check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),

@@ -264,7 +264,7 @@ def derivative_range(kind, lo, hi, *, sound: bool = True):
 
 
 def mvt_lines(dl, du, s_min, s_max, lower_param=None, upper_param=None, *, sound: bool = True):
-  """Lines in ``d`` around ``{s d : s in [s_min, s_max], d in [dl, du]}`` (with ``0 <= s_min``).
+  """Lines in ``d`` around ``{s d : s in [s_min, s_max], d in [dl, du]}`` (any signs of ``s``).
 
   The set lies between the concave ``min(s_min d, s_max d)`` and the convex ``max(s_min d, s_max d)``;
   a line of slope ``a`` in ``[s_min, s_max]`` stays above the convex one with the larger of its
@@ -296,7 +296,8 @@ def mvt_lines(dl, du, s_min, s_max, lower_param=None, upper_param=None, *, sound
   lo_o = jnp.minimum(under(dl) - lo_s * dl, under(du) - lo_s * du)
   if sound:
     u = fp.unit_roundoff(dl.dtype)
-    mag = 4 * u * s_max * (jnp.abs(dl) + jnp.abs(du)) + fp.tiny(dl.dtype)
+    # max |s|: a decreasing curve's slopes are negative (qbound.bounds.nonlinear_diff).
+    mag = 4 * u * jnp.maximum(jnp.abs(s_min), jnp.abs(s_max)) * (jnp.abs(dl) + jnp.abs(du)) + fp.tiny(dl.dtype)
     up_o, lo_o = up_o + mag, lo_o - mag
   return lo_s, lo_o, up_s, up_o
 

@@ -1,0 +1,249 @@
+"""Differential rules of products and smooth curves (qbound.bounds.nonlinear_diff): their intervals
+and lines around ``h(z) - h(z_q)`` and ``x y - x_q y_q`` hold at sampled pairs of random boxes
+(float64 reference values), in sound and float32 mode, for close pairs (small ``d``) and far ones
+(large ``d``: big weight differences); differential bounds and ``certify(method="diff")`` on a small
+attention block hold against sampling."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given, settings, strategies as st
+
+import qbound as qb
+from qbound import graph as G
+from qbound.bounds import nonlinear_diff
+
+N = 48  # boxes per example (one compilation per kind and mode)
+POINTS = 40
+
+REFERENCE = {  # float64 values
+    G.SQUARE: np.square, G.EXP: np.exp, G.RECIPROCAL: lambda x: 1 / x, G.RSQRT: lambda x: 1 / np.sqrt(x),
+    G.SQRT: np.sqrt, G.ERFC: scipy.special.erfc, G.SILU: lambda x: x / (1 + np.exp(-x)),
+}
+# Where z_q's intervals live, and the largest |d| (z = z_q + d must stay in the domain).
+RANGES = {G.SQUARE: (-20, 20), G.EXP: (-20, 20), G.RECIPROCAL: (0.05, 40), G.RSQRT: (1e-3, 40), G.SQRT: (0, 40),
+          G.ERFC: (-6, 6), G.SILU: (-20, 20)}
+
+
+def _down(x):
+  return np.nextafter(np.float32(x), np.float32(-np.inf))
+
+
+def _up(x):
+  return np.nextafter(np.float32(x), np.float32(np.inf))
+
+
+def _pair_boxes(data, low, high, d_scale):
+  """Boxes of z_q and d (float64 ends) and of z = z_q + d, with every float32 end rounded outward."""
+  a = np.asarray(data.draw(st.lists(st.floats(low, high), min_size=N, max_size=N)))
+  w = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=N, max_size=N))) * data.draw(
+      st.sampled_from([0.0, 1e-4, 0.1, 2.0]))
+  ql, qu = a, np.minimum(a + w, high)
+  b = np.asarray(data.draw(st.lists(st.floats(-1, 1), min_size=N, max_size=N))) * d_scale
+  wd = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=N, max_size=N))) * d_scale
+  dl, du = b, b + wd
+  return (ql, qu), (dl, du)
+
+
+def _points(q, d, seed):
+  rng = np.random.default_rng(seed)
+  t = np.concatenate([np.zeros((1, N)), np.ones((1, N)), rng.uniform(size=(POINTS, N))])
+  s = np.concatenate([np.ones((1, N)), np.zeros((1, N)), rng.uniform(size=(POINTS, N))])
+  return q[0] + t * (q[1] - q[0]), d[0] + s * (d[1] - d[0])
+
+
+def _f32(bounds):
+  return jnp.asarray(_down(bounds[0])), jnp.asarray(_up(bounds[1]))
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "sound"))
+def _curve(kind, z, zq, d, sound):
+  return (nonlinear_diff.curve_diff_interval(kind, z, zq, d, sound=sound),
+          nonlinear_diff.curve_diff_relaxation(kind, z, zq, d, sound=sound))
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCE))
+@pytest.mark.parametrize("sound", [True, False])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_curve_differences_hold_on_random_pairs(kind, sound, data):
+  low, high = RANGES[kind]
+  d_scale = data.draw(st.sampled_from([0.0, 1e-5, 0.01, 1.0]))
+  (ql, qu), (dl, du) = _pair_boxes(data, low, high, d_scale)
+  if low >= 0:  # keep z = z_q + d inside the domain: shift d up where needed
+    lift = np.maximum(low - (ql + dl), 0)
+    dl, du = dl + lift, du + lift
+  z = (ql + dl, qu + du)
+  (ilo, ihi), r = _curve(kind, _f32(z), _f32((ql, qu)), _f32((dl, du)), sound)
+  xq, dd = _points((ql, qu), (dl, du), data.draw(st.integers(0, 99)))
+  x = xq + dd
+  h = REFERENCE[kind](x) - REFERENCE[kind](xq)
+  r = [np.asarray(v, np.float64) for v in r]
+  lower = r[0] * dd + r[1] * xq + r[2]
+  upper = r[3] * dd + r[4] * xq + r[5]
+  scale = 1 + np.abs(REFERENCE[kind](x)) + np.abs(r[0] * dd) + np.abs(r[1] * xq) + np.abs(r[3] * dd) + np.abs(r[4] * xq)
+  # The float64 reference itself: h is a difference of two values, each within a few ulps.
+  reference = 8 * np.finfo(np.float64).eps * (np.abs(REFERENCE[kind](x)) + np.abs(REFERENCE[kind](xq)))
+  tol = reference if sound else 1e-5 * scale
+  ilo, ihi = np.asarray(ilo, np.float64), np.asarray(ihi, np.float64)
+  assert np.all(ilo <= h + tol) and np.all(h <= ihi + tol), kind
+  assert np.all(lower <= h + tol), (kind, float(np.max(lower - h - tol)))
+  assert np.all(h <= upper + tol), (kind, float(np.max(h - upper - tol)))
+  if d_scale == 0.0:
+    assert np.all(ilo == 0) and np.all(ihi == 0)
+
+
+def test_curve_difference_is_tight_for_close_pairs():
+  """A small ``d`` gives a small difference even where ``z`` is wide (the MVT lines)."""
+  zq = (jnp.full(4, -3.0), jnp.full(4, 1.0))
+  d = (jnp.full(4, -1e-3), jnp.full(4, 1e-3))
+  z = (zq[0] + d[0], zq[1] + d[1])
+  lo, hi = nonlinear_diff.curve_diff_interval(G.EXP, z, zq, d)
+  assert float(jnp.max(hi)) < 3e-3 and float(jnp.min(lo)) > -3e-3
+
+
+def test_slopes_outside_the_domain_are_unbounded():
+  s_min, s_max = nonlinear_diff.derivative_range(G.RECIPROCAL, jnp.array([-1.0]), jnp.array([1.0]))
+  assert float(s_min[0]) == -np.inf and float(s_max[0]) == np.inf
+  z, zq, d = (jnp.array([-1.0]), jnp.array([1.0])), (jnp.array([0.5]), jnp.array([1.0])), (jnp.array([-1.5]), jnp.array([0.5]))
+  r = nonlinear_diff.curve_diff_relaxation(G.RECIPROCAL, z, zq, d)
+  assert all(bool(jnp.all(~jnp.isnan(v))) for v in r)
+
+
+@functools.partial(jax.jit, static_argnames=("sound",))
+def _product(x, xq, dx, y, yq, dy, sound):
+  return (nonlinear_diff.product_diff_interval(x, xq, dx, y, yq, dy, sound=sound),
+          nonlinear_diff.product_diff_relaxation(x, xq, dx, y, yq, dy, sound=sound))
+
+
+@pytest.mark.parametrize("sound", [True, False])
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_product_differences_hold_on_random_pairs(sound, data):
+  d_scale = data.draw(st.sampled_from([0.0, 1e-5, 0.01, 1.0, 10.0]))
+  q_x, d_x = _pair_boxes(data, -10, 10, d_scale)
+  q_y, d_y = _pair_boxes(data, -10, 10, d_scale)
+  box_x = (q_x[0] + d_x[0], q_x[1] + d_x[1])
+  box_y = (q_y[0] + d_y[0], q_y[1] + d_y[1])
+  (ilo, ihi), r = _product(_f32(box_x), _f32(q_x), _f32(d_x), _f32(box_y), _f32(q_y), _f32(d_y), sound)
+  seed = data.draw(st.integers(0, 99))
+  xq, dx = _points(q_x, d_x, seed)
+  yq, dy = _points(q_y, d_y, seed + 1)
+  yq, dy = yq[::-1], dy[::-1]  # other corners of the box than x's
+  h = (xq + dx) * (yq + dy) - xq * yq
+  r = [np.asarray(v, np.float64) for v in r]
+  plane = r[0] * dx + r[1] * dy + r[2] * xq + r[3] * yq
+  scale = 1 + np.abs((xq + dx) * (yq + dy)) + np.abs(r[0] * dx) + np.abs(r[1] * dy) + np.abs(r[2] * xq) + np.abs(r[3] * yq)
+  reference = 8 * np.finfo(np.float64).eps * (np.abs((xq + dx) * (yq + dy)) + np.abs(xq * yq))
+  tol = reference if sound else 1e-5 * scale
+  ilo, ihi = np.asarray(ilo, np.float64), np.asarray(ihi, np.float64)
+  assert np.all(ilo <= h + tol) and np.all(h <= ihi + tol)
+  assert np.all(plane + r[4] <= h + tol), float(np.max(plane + r[4] - h - tol))
+  assert np.all(h <= plane + r[5] + tol), float(np.max(h - plane - r[5] - tol))
+
+
+class _Attention(nn.Module):
+  """The attention block of tests/test_nonlinear.py (same shapes: its compiled CROWN steps are shared)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    q, k, v = nn.Dense(4)(h), nn.Dense(4)(h), nn.Dense(4)(h)
+    a = jax.nn.softmax(q @ k.T / 2.0, axis=-1)
+    x = x + nn.Dense(4)(a @ v)
+    return nn.Dense(2)(nn.gelu(nn.Dense(8)(x)).mean(0))
+
+
+class _Block(nn.Module):
+  """Layer norm, softmax attention, an exact-GELU MLP and a SiLU: every kind of transformer node."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    q, k, v = nn.Dense(4)(h), nn.Dense(4)(h), nn.Dense(4)(h)
+    a = jax.nn.softmax(q @ k.T / 2.0, axis=-1)
+    x = x + nn.Dense(4)(a @ v)
+    x = x + nn.Dense(4)(nn.gelu(nn.Dense(6)(x), approximate=False))
+    return nn.Dense(2)(jax.nn.silu(x).mean(0))
+
+
+def _pair(model):
+  x0 = jax.random.normal(jax.random.key(3), (3, 4))
+  params = model.init(jax.random.key(4), x0)
+  f = functools.partial(model.apply, params)
+  fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
+  return f, fq, x0
+
+
+def _sampled_errors(f, fq, box, seed):
+  xs = jax.random.uniform(jax.random.key(seed), (2000, *box.shape), minval=box.lower, maxval=box.upper)
+  return jax.vmap(f)(xs) - jax.vmap(fq)(xs)
+
+
+class _TinyAttention(nn.Module):
+  """Two tokens of width 2: layer norm, softmax attention, a sum (few node steps to compile)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    q, k, v = nn.Dense(2)(h), nn.Dense(2)(h), nn.Dense(2)(h)
+    a = jax.nn.softmax(q @ k.T, axis=-1)
+    return (x + a @ v).sum(0)
+
+
+def test_certify_diff_on_a_tiny_attention_block_is_sound():
+  model = _TinyAttention()
+  x0 = jax.random.normal(jax.random.key(3), (2, 2))
+  params = model.init(jax.random.key(4), x0)
+  f = functools.partial(model.apply, params)
+  fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
+  box = qb.Box(x0 - 0.02, x0 + 0.02)
+  cert = qb.certify(f, fq, box, method="diff")
+  err = float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 6))))
+  assert np.isfinite(cert.upper) and err <= cert.upper and cert.lower <= cert.upper
+
+
+@pytest.mark.slow  # minutes on two loaded cores: CROWN's and the differential bounds' steps compile
+def test_certify_diff_on_an_attention_block_is_sound_and_tighter():
+  """certify(method="diff") holds against sampling, and on a small box (d small beside z) it is
+  tighter than CROWN on the merged network, which bounds f and f_q apart."""
+  f, fq, x0 = _pair(_Attention())
+  for radius in (0.02, 1e-3):
+    box = qb.Box(x0 - radius, x0 + radius)
+    cert = qb.certify(f, fq, box, method="diff")
+    err = float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 6))))
+    assert np.isfinite(cert.upper) and err <= cert.upper
+  crown = qb.certify(f, fq, box, method="crown")
+  assert cert.upper < crown.upper
+
+
+@pytest.mark.slow
+def test_certify_diff_interval_on_an_attention_block_is_sound():
+  f, fq, x0 = _pair(_Attention())
+  box = qb.Box(x0 - 0.02, x0 + 0.02)
+  cert = qb.certify(f, fq, box, method="diff-interval")
+  assert np.isfinite(cert.upper) and float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 7)))) <= cert.upper
+
+
+@pytest.mark.slow  # minutes on two loaded cores: every step of a deeper block compiles, twice
+@pytest.mark.parametrize("sound", [True, False])
+def test_differential_bounds_of_every_node_hold(sound):
+  f, fq, x0 = _pair(_Block())
+  box = qb.Box(x0 - 0.01, x0 + 0.01)
+  merged = qb.merge(f, fq, box)
+  _, _, d = qb.bounds.diff_bounds(merged.f_graph, merged.fq_graph, box, sound=sound)
+  xs = jax.random.uniform(jax.random.key(5), (2000, *box.shape), minval=box.lower, maxval=box.upper)
+  values_f = jax.vmap(merged.f_graph.values)(xs)
+  values_q = jax.vmap(merged.fq_graph.values)(xs)
+  slack = 0 if sound else 1e-5
+  for i in range(len(merged.f_graph.nodes)):  # every node's d, not only the output's
+    dv = values_f[i] - values_q[i]
+    tol = slack * (1 + jnp.abs(values_f[i]))
+    assert bool(jnp.all(dv >= d[i][0] - tol) & jnp.all(dv <= d[i][1] + tol)), (i, merged.f_graph.nodes[i].kind)
