@@ -198,6 +198,7 @@ class _TinyAttention(nn.Module):
     return (x + a @ v).sum(0)
 
 
+@pytest.mark.slow  # 30 s on two cores, mostly compiling; each rule has its own fast test above
 def test_certify_diff_on_a_tiny_attention_block_is_sound():
   model = _TinyAttention()
   x0 = jax.random.normal(jax.random.key(3), (2, 2))
