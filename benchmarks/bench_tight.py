@@ -7,10 +7,13 @@ Prints, in one run:
      merged network vs NeuroDiff's published numbers (../shared/bench/README.md);
   3. HAR vs its 16-bit copy (radius 0.1, inputs 0..9): same columns;
   4. ACAS Xu 1_1 vs its 16-bit copy on property 1's box, output 0: epsilon 0.05 proved, and the
-     maximal error certified to upper/lower <= 1.1, by branch and bound.
+     maximal error certified to upper/lower <= 1.1, by branch and bound;
+  5. ACAS Xu 1_1..1_9 vs their 16-bit copies, property 1, epsilon 0.05 through
+     ``qb.certify(method="bab")``: output 0, and all five outputs in one call (median of 3 warm calls
+     per net; NeuroDiff: 0.23-0.26 s per output, idle).
 Compilation is timed separately (the first input of each table) from the per-input times.
 
-Run: ``python benchmarks/bench_tight.py [--only exact,mnist,har,acas] [--cache DIR]``.
+Run: ``python benchmarks/bench_tight.py [--only exact,mnist,har,acas,acas-nets] [--cache DIR]``.
 """
 
 from __future__ import annotations
@@ -170,9 +173,26 @@ def bench_acas(budget: float):
   print("NeuroDiff: epsilon 0.05 proved in 0.23-0.26 s on an idle machine (213 splits); sampled maximum about 1.6e-5")
 
 
+def bench_acas_nets(calls: int = 3):
+  print("\n== 5. ACAS Xu 1_1..1_9 vs 16-bit copies, property 1, epsilon 0.05: qb.certify(method='bab') ==")
+  box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
+  print(f"{'net':<6}{'output 0: s':>13}{'upper':>10}{'all five: s':>13}{'upper':>10}")
+  medians = []
+  for i in range(1, 10):
+    f, fq = _pairs(f"ACASXU_run2a_1_{i}_batch_2000")
+    run = lambda outputs: qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=outputs, time_budget=30)
+    run([0]), run(None)  # compile (and warm the caches) first
+    one, five = zip(*[(run([0]), run(None)) for _ in range(calls)])
+    t1, t5 = np.median([c.seconds for c in one]), np.median([c.seconds for c in five])
+    medians.append((t1, t5))
+    print(f"1_{i:<4}{t1:>13.2f}{max(c.upper for c in one):>10.4f}{t5:>13.2f}{max(c.upper for c in five):>10.4f}", flush=True)
+  t1, t5 = np.median(medians, axis=0)
+  print(f"median over the nets: output 0 {t1:.2f} s, all five {t5:.2f} s (NeuroDiff: 0.23-0.26 s per output, idle)")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="exact,mnist,har,acas")
+  parser.add_argument("--only", default="exact,mnist,har,acas,acas-nets")
   parser.add_argument("--acas-budget", type=float, default=60.0)
   parser.add_argument("--cache", default=None, help="a JAX persistent compilation cache directory")
   args = parser.parse_args(argv)
@@ -193,6 +213,8 @@ def main(argv=None):
     bench_har()
   if "acas" in only:
     bench_acas(args.acas_budget)
+  if "acas-nets" in only:
+    bench_acas_nets()
 
 
 if __name__ == "__main__":
