@@ -158,3 +158,24 @@ def search():
   """One lower-bound search setting shared by the tests: ``maximize_error`` compiles once per
   (graph structure, setting), so sharing it keeps the suite fast."""
   return qb.Search(samples=512, restarts=8, steps=60)
+
+
+class Attention(nn.Module):
+  """A small transformer block: layer norm, softmax attention, a GELU MLP (3 tokens of width 4).
+  Shared by the nonlinear tests so their compiled CROWN steps are shared too."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    q, k, v = nn.Dense(4)(h), nn.Dense(4)(h), nn.Dense(4)(h)
+    a = jax.nn.softmax(q @ k.T / 2.0, axis=-1)
+    x = x + nn.Dense(4)(a @ v)
+    return nn.Dense(2)(nn.gelu(nn.Dense(8)(x)).mean(0))
+
+
+def quantized_pair(model: nn.Module, shape=(3, 4), bits: int = 4):
+  """``(f, fq, x0)``: ``model`` at fixed random weights, its ``bits``-bit copy, and an input ``x0``."""
+  x0 = jax.random.normal(jax.random.key(3), shape)
+  params = model.init(jax.random.key(4), x0)
+  return (functools.partial(model.apply, params),
+          functools.partial(model.apply, qb.quantize.uniform(params, bits=bits)), x0)

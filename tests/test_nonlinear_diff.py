@@ -16,6 +16,7 @@ import pytest
 import scipy.special
 from hypothesis import given, settings, strategies as st
 
+import helpers as H
 import qbound as qb
 from qbound import graph as G
 from qbound.bounds import nonlinear_diff
@@ -149,18 +150,6 @@ def test_product_differences_hold_on_random_pairs(sound, data):
   assert np.all(h <= plane + r[5] + tol), float(np.max(h - plane - r[5] - tol))
 
 
-class _Attention(nn.Module):
-  """The attention block of tests/test_nonlinear.py (same shapes: its compiled CROWN steps are shared)."""
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm()(x)
-    q, k, v = nn.Dense(4)(h), nn.Dense(4)(h), nn.Dense(4)(h)
-    a = jax.nn.softmax(q @ k.T / 2.0, axis=-1)
-    x = x + nn.Dense(4)(a @ v)
-    return nn.Dense(2)(nn.gelu(nn.Dense(8)(x)).mean(0))
-
-
 class _Block(nn.Module):
   """Layer norm, softmax attention, an exact-GELU MLP and a SiLU: every kind of transformer node."""
 
@@ -172,14 +161,6 @@ class _Block(nn.Module):
     x = x + nn.Dense(4)(a @ v)
     x = x + nn.Dense(4)(nn.gelu(nn.Dense(6)(x), approximate=False))
     return nn.Dense(2)(jax.nn.silu(x).mean(0))
-
-
-def _pair(model):
-  x0 = jax.random.normal(jax.random.key(3), (3, 4))
-  params = model.init(jax.random.key(4), x0)
-  f = functools.partial(model.apply, params)
-  fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
-  return f, fq, x0
 
 
 def _sampled_errors(f, fq, box, seed):
@@ -200,11 +181,7 @@ class _TinyAttention(nn.Module):
 
 @pytest.mark.slow  # 30 s on two cores, mostly compiling; each rule has its own fast test above
 def test_certify_diff_on_a_tiny_attention_block_is_sound():
-  model = _TinyAttention()
-  x0 = jax.random.normal(jax.random.key(3), (2, 2))
-  params = model.init(jax.random.key(4), x0)
-  f = functools.partial(model.apply, params)
-  fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
+  f, fq, x0 = H.quantized_pair(_TinyAttention(), shape=(2, 2))
   box = qb.Box(x0 - 0.02, x0 + 0.02)
   cert = qb.certify(f, fq, box, method="diff")
   err = float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 6))))
@@ -215,7 +192,7 @@ def test_certify_diff_on_a_tiny_attention_block_is_sound():
 def test_certify_diff_on_an_attention_block_is_sound_and_tighter():
   """certify(method="diff") holds against sampling, and on a small box (d small beside z) it is
   tighter than CROWN on the merged network, which bounds f and f_q apart."""
-  f, fq, x0 = _pair(_Attention())
+  f, fq, x0 = H.quantized_pair(H.Attention())
   for radius in (0.02, 1e-3):
     box = qb.Box(x0 - radius, x0 + radius)
     cert = qb.certify(f, fq, box, method="diff")
@@ -227,7 +204,7 @@ def test_certify_diff_on_an_attention_block_is_sound_and_tighter():
 
 @pytest.mark.slow
 def test_certify_diff_interval_on_an_attention_block_is_sound():
-  f, fq, x0 = _pair(_Attention())
+  f, fq, x0 = H.quantized_pair(H.Attention())
   box = qb.Box(x0 - 0.02, x0 + 0.02)
   cert = qb.certify(f, fq, box, method="diff-interval")
   assert np.isfinite(cert.upper) and float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 7)))) <= cert.upper
@@ -236,7 +213,7 @@ def test_certify_diff_interval_on_an_attention_block_is_sound():
 @pytest.mark.slow  # minutes on two loaded cores: every step of a deeper block compiles, twice
 @pytest.mark.parametrize("sound", [True, False])
 def test_differential_bounds_of_every_node_hold(sound):
-  f, fq, x0 = _pair(_Block())
+  f, fq, x0 = H.quantized_pair(_Block())
   box = qb.Box(x0 - 0.01, x0 + 0.01)
   merged = qb.merge(f, fq, box)
   _, _, d = qb.bounds.diff_bounds(merged.f_graph, merged.fq_graph, box, sound=sound)

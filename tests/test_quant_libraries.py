@@ -188,17 +188,21 @@ def test_qwix_dynamic_nnx_branch_and_bound_is_tight():
   _check_dynamic(f, fq, method="bab", time_budget=30, target_gap=0.3, ratio=2.5)
 
 
+class _SmallCNN(flax_linen.Module):
+  """A 3x3 stride-2 convolution of one 6x6 image, ReLU, dense 2 (qwix quantizes convolutions only with
+  their activations)."""
+
+  @flax_linen.compact
+  def __call__(self, x):
+    x = flax_linen.relu(flax_linen.Conv(3, (3, 3), strides=2)(x[None, :, :, None]))
+    return flax_linen.Dense(2)(x.reshape((1, -1)))[0]
+
+
 @pytest.mark.slow  # ~30 s on 2 loaded cores, mostly compiling the differential bound for a conv
 def test_qwix_dynamic_cnn_is_paired_and_sound():
   qwix, rules = _dynamic_rules()
 
-  class CNN(flax_linen.Module):
-    @flax_linen.compact
-    def __call__(self, x):  # one 6x6 image
-      x = flax_linen.relu(flax_linen.Conv(3, (3, 3), strides=2)(x[None, :, :, None]))
-      return flax_linen.Dense(2)(x.reshape((1, -1)))[0]
-
-  model = CNN()
+  model = _SmallCNN()
   params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
@@ -289,13 +293,7 @@ def test_qwix_static_activation_scales_nnx_are_sound():
 def test_qwix_static_cnn_is_paired_and_sound():
   qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
 
-  class CNN(flax_linen.Module):
-    @flax_linen.compact
-    def __call__(self, x):  # one 6x6 image
-      x = flax_linen.relu(flax_linen.Conv(3, (3, 3), strides=2)(x[None, :, :, None]))
-      return flax_linen.Dense(2)(x.reshape((1, -1)))[0]
-
-  model = CNN()
+  model = _SmallCNN()
   params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
   rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
   calibration = jax.random.uniform(jax.random.key(5), (32, 6, 6))
