@@ -311,7 +311,7 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
                  help="branch and bound's ReLU splitting (qbound.bounds.relusplit); both: every instance "
                       "without then with it, in the same run")
   p.add_argument("--candidates", type=int, nargs="+", default=None,
-                 help="strong-branching candidates on ACAS Xu (bab.LARGE_NET_CANDIDATES); several: every "
+                 help="strong-branching candidates on ACAS Xu pairs that differ (bab.DIFFERING_CANDIDATES); several: every "
                       "instance with each, in the same run")
   p.add_argument("--undecided-from", type=pathlib.Path, default=None,
                  help="only the instances undecided in this results.csv of an earlier run")
@@ -344,7 +344,7 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
     variants = [(f"relu split {v}", {"RELU_SPLIT": v == "on"})
                 for v in (["off", "on"] if args.relu_split == "both" else [args.relu_split])]
   if args.candidates:
-    variants = [(f"{label + ', ' if label != 'default' else ''}candidates {c}", {**setting, "LARGE_NET_CANDIDATES": c})
+    variants = [(f"{label + ', ' if label != 'default' else ''}candidates {c}", {**setting, "DIFFERING_CANDIDATES": c})
                 for c in args.candidates for label, setting in variants]
   only = None
   if args.undecided_from is not None:

@@ -134,6 +134,7 @@ def split_early(monkeypatch):
   return calls
 
 
+@pytest.mark.slow  # 9-40 s on loaded cores; ReLU splitting is off by default
 def test_converges_to_the_exact_value_with_relu_splits(split_early):
   """ReLU splits from the root on (next to input splits): every stop sound, the gap closes."""
   shape = H.SHAPES[0]
