@@ -34,6 +34,9 @@ Run from the repository root::
     python benchmarks/bench_differing.py --smoke                 # 1_1, property 1, eps 0.05, 2 s
     python benchmarks/bench_differing.py --pieces [--pieces-per-size 20]
     python benchmarks/bench_differing.py --zonotope --warmup-budget 60   # branch and bound with differential zonotopes
+    # old and new in the same run, interleaved per instance, on the instances an earlier run left undecided:
+    python benchmarks/bench_differing.py --undecided-from results/bench_differing/results.csv --candidates 2 1
+    python benchmarks/bench_differing.py --nets 9 8 7 --props 8 --eps 0.05 --relu-split both
 
 Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
 ``results/smoke/`` with ``--smoke``).
