@@ -34,6 +34,9 @@ Run from the repository root::
     python benchmarks/bench_differing.py --smoke                 # 1_1, property 1, eps 0.05, 2 s
     python benchmarks/bench_differing.py --pieces [--pieces-per-size 20]
     python benchmarks/bench_differing.py --zonotope --warmup-budget 60   # branch and bound with differential zonotopes
+    # old and new in the same run, interleaved per instance, on the instances an earlier run left undecided:
+    python benchmarks/bench_differing.py --undecided-from results/bench_differing/results.csv --candidates 2 1
+    python benchmarks/bench_differing.py --nets 9 8 7 --props 8 --eps 0.05 --relu-split both
 
 Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
 ``results/smoke/`` with ``--smoke``).
@@ -138,11 +141,23 @@ def summarise(rows: list[dict], eps: float) -> dict:
               median_decided_s=med(decided_s), max_decided_s=max(decided_s, default=math.nan))
 
 
-def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_budget=None) -> list[dict]:
+def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_budget=None,
+                  variants=(("default", {}),), only=None) -> list[dict]:
+  """``variants``: ``(label, {name: value})`` settings of :mod:`qbound.bounds.bab`'s module constants
+  each instance runs with in turn (old and new in the same run, interleaved); ``only``: the set of
+  ``(net, prop, eps)`` to run (e.g. the undecided ones of an earlier run), None for all."""
+  from qbound.bounds import bab
+  defaults = {name: getattr(bab, name) for _, setting in variants for name in setting}
+
+  def use(setting):
+    for name, value in {**defaults, **setting}.items():
+      setattr(bab, name, value)
+
   first_f, first_fq = acas_pair(nets[0])
   # Warm-up: the first instance, so that the table's times exclude compiling the bound steps
   # (compiled per layer shape and row count, and shared by every ACAS Xu pair).
   warm_budget = budget if warm_budget is None else warm_budget
+  use(variants[-1][1])
   warm = run_instance(first_f, first_fq, f"1_{nets[0]}", props[0], epsilons[0], warm_budget)
   print(f"cold: first call (compilation included, budget {warm_budget:g} s) on 1_{nets[0]} property {props[0]} "
         f"eps {epsilons[0]}: {warm['verdict']}, upper {warm['upper']:.4g}, lower {warm['lower']:.4g}, "
@@ -156,14 +171,28 @@ def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_
     f, fq = (first_f, first_fq) if k == nets[0] else acas_pair(k)
     for prop in props:
       for eps in epsilons:
-        row = run_instance(f, fq, f"1_{k}", prop, eps, budget)
-        rows.append(row)
-        print(f"{row['net']:>4} {row['prop']:>4} {row['eps']:>5g} {row['verdict']:>14} {row['upper']:>11.4g} "
-              f"{row['lower']:>11.4g} {row['seconds']:>7.2f} {row['diff_root']:>10.4g}  {row['method']}", flush=True)
+        if only is not None and (f"1_{k}", str(prop), float(eps)) not in only:
+          continue
+        for label, setting in variants:
+          use(setting)
+          row = run_instance(f, fq, f"1_{k}", prop, eps, budget)
+          row["variant"] = label
+          rows.append(row)
+          print(f"{row['net']:>4} {row['prop']:>4} {row['eps']:>5g} {row['verdict']:>14} {row['upper']:>11.4g} "
+                f"{row['lower']:>11.4g} {row['seconds']:>7.2f} {row['diff_root']:>10.4g}  {row['method']}"
+                f"{'' if len(variants) == 1 else ', ' + label}", flush=True)
+  use({})
   out.mkdir(parents=True, exist_ok=True)
   write_csv(out / "results.csv", rows)
 
-  summary = [summarise(rows, eps) for eps in epsilons] + [VERYDIFF]
+  summary = []
+  for label, _ in variants:
+    for eps in epsilons:
+      s = summarise([r for r in rows if r["variant"] == label], eps)
+      if len(variants) > 1:
+        s["tool"] += f", {label}"
+      summary.append(s)
+  summary.append(VERYDIFF)
   cols = ["tool", "family", "eps", "instances", "proved", "counterexample", "undecided", "errors",
           "median_proved_s", "median_decided_s", "timeout_s"]
   for s in summary[:-1]:
@@ -281,6 +310,14 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
                  help="branch and bound meets each batch's differential bounds with differential zonotopes'")
   p.add_argument("--no-search", action="store_true",
                  help="branch and bound without its counterexample search rounds (qbound.bounds.refute)")
+  p.add_argument("--relu-split", choices=["default", "on", "off", "both"], default="default",
+                 help="branch and bound's ReLU splitting (qbound.bounds.relusplit); both: every instance "
+                      "without then with it, in the same run")
+  p.add_argument("--candidates", type=int, nargs="+", default=None,
+                 help="strong-branching candidates on ACAS Xu pairs that differ (bab.DIFFERING_CANDIDATES); several: every "
+                      "instance with each, in the same run")
+  p.add_argument("--undecided-from", type=pathlib.Path, default=None,
+                 help="only the instances undecided in this results.csv of an earlier run")
   p.add_argument("--out", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
   if args.zonotope:
@@ -305,7 +342,19 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
     acas_properties.get(prop)  # fail early on a name that is not a property
   if args.smoke:
     args.nets, args.props, args.eps, args.time_budget = args.nets[:1], args.props[:1], args.eps[:1], 2.0
-  return bench_certify(args.nets, args.props, args.eps, args.time_budget, out, args.warmup_budget)
+  variants = [("default", {})]
+  if args.relu_split != "default":
+    variants = [(f"relu split {v}", {"RELU_SPLIT": v == "on"})
+                for v in (["off", "on"] if args.relu_split == "both" else [args.relu_split])]
+  if args.candidates:
+    variants = [(f"{label + ', ' if label != 'default' else ''}candidates {c}", {**setting, "DIFFERING_CANDIDATES": c})
+                for c in args.candidates for label, setting in variants]
+  only = None
+  if args.undecided_from is not None:
+    import csv
+    with open(args.undecided_from) as fh:
+      only = {(r["net"], r["prop"], float(r["eps"])) for r in csv.DictReader(fh) if r["verdict"] == "undecided"}
+  return bench_certify(args.nets, args.props, args.eps, args.time_budget, out, args.warmup_budget, variants, only)
 
 
 if __name__ == "__main__":

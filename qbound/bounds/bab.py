@@ -21,6 +21,10 @@ never split a dimension the network ignores, so the others could not be split pa
 ACAS Xu 1_1 against a pruned-and-retrained copy, property 1, epsilon 0.5, it was still at 2.8 after
 40 s and 8,751 pieces; this one proves it after 403 pieces (about 2 s warm).
 
+Pieces can also be split on the sign of an unstable ReLU's input (``relu_split=True``,
+:mod:`qbound.bounds.relusplit`), off by default: on ACAS Xu's stalled pieces the best input split
+removes far more of the bound than the best single ReLU split (docs/methods/bab.md).
+
 This is input-splitting branch and bound as in ReluVal (Wang et al., USENIX Security 2018), NeuroDiff
 (Paulsen et al., ASE 2020) and VeryDiff (Teuber et al., TACAS 2025), with the batched bounding of
 alpha-beta-CROWN (Wang et al., NeurIPS 2021).
@@ -42,7 +46,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards, nonlinear, refute
+from qbound.bounds import guards, nonlinear, refute, relusplit
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
@@ -88,7 +92,7 @@ class BabResult:
 
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
-                  zonotope: bool = False):
+                  zonotope: bool = False, check: bool = True):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -105,6 +109,9 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
   ``zonotope`` (paired nets of affine layers, ReLUs and clips, sparse passes): differential
   zonotopes (:mod:`qbound.bounds.zonotope`) run after the differential bounds, their relaxations
   reading those bounds; the output's bounds and the bounds passed on are met with theirs.
+
+  ``check=False``: empty intervals are not raised for (ReLU-split sub-problems, whose bounds may
+  prove them empty: :func:`qbound.bounds.relusplit.infeasible`).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -126,7 +133,7 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
       k = len(nodes)
       known = tuple(_node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
-                             prior=known)
+                             prior=known, check=check)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
     if zonotope:
@@ -152,7 +159,8 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     return result, spread
   nodes = _kept_nodes(mg, paired)
   known = None if prior is None else _node_list(len(mg.nodes), nodes, prior)
-  bounds, coefficients = crown_bounds_sparse(mg, box, sound=sound, outputs=outputs, coefficients=True, prior=known)
+  bounds, coefficients = crown_bounds_sparse(mg, box, sound=sound, outputs=outputs, coefficients=True, prior=known,
+                                             check=check)
   return bounds[mg.output], coefficients, tuple(bounds[i] for i in nodes)
 
 
@@ -264,6 +272,14 @@ def _dense_for_close_copies(merged) -> bool:
 # against 1.06 s for all five; 9 pruned pairs at eps 0.05 in 37 s against 40 s in all (1: 60 s).
 STRONG_BRANCHING_CANDIDATES = 3
 LARGE_NET_CANDIDATES = 2
+# On nets above SMALL_NET_NEURONS paired with a copy that really differs (f's own CROWN bounds kept,
+# see F_CROWN_WIDENING), one: the split is the dimension that weighs most, and a batch bounds twice
+# the parents (strong branching only while few pieces are open, see FILL_CANDIDATES). ACAS Xu
+# pruned pairs, 20 s, 2 loaded cores, 1 against 2 in the same run: of the 25 instances undecided
+# in the last full run, 22 still undecided with both end at a median 0.78x the upper bound (19 of
+# 22 lower); on a sample of 36 decided ones 30 proved / 6 refuted against 28 / 6 / 2 undecided,
+# median decided time 1.46 s against 1.59 s at eps 0.05, 1.90 s against 2.06 s at 0.5.
+DIFFERING_CANDIDATES = 1
 # While few pieces are open, each tries as many dimensions as fill half the batch (its padding
 # costs as much as pieces): with ROOT_CHILDREN, ACAS Xu's batches fill one batch sooner (1 + 10,
 # 20, 32 pieces instead of 1, 4, 8, 16, 32), about 10% less CPU time per proof (docs/results.md).
@@ -338,6 +354,13 @@ ZONOTOPE_KEEP = 16
 # 1.14 against 2.7 and 0.20.
 ZONOTOPE_SPLIT = False
 
+# ReLU splitting (qbound/bounds/relusplit.py): whether branch_and_bound's strong branching also tries
+# splitting pieces on the sign of an unstable neuron (relu_split=None), how many neurons per piece,
+# and after how many input splits of the piece.
+RELU_SPLIT = False
+RELU_SPLIT_CANDIDATES = 2
+RELU_SPLIT_DEPTH = 8
+
 # Seconds between two calls of branch_and_bound's ``report``.
 REPORT_EVERY = 0.1
 
@@ -347,7 +370,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
                      progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None,
-                     search: Optional[bool] = None) -> BabResult:
+                     search: Optional[bool] = None, relu_split: Optional[bool] = None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -381,6 +404,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       :class:`~qbound.errors.UnsupportedLayerError`.
     search: run projected gradient ascent on the box, around the best input and on the worst
       open pieces in a share of the time (:mod:`qbound.bounds.refute`); None: ``refute.ENABLED``.
+    relu_split: with strong branching, let splits on the sign of an unstable ReLU's input compete
+      with the input splits once a piece has been split ``RELU_SPLIT_DEPTH`` times
+      (:mod:`qbound.bounds.relusplit`; float-sound or not); None: ``RELU_SPLIT``.
 
   Returns:
     A :class:`BabResult`.
@@ -418,9 +444,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   elif zonotope:
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
-  candidate_count = STRONG_BRANCHING_CANDIDATES if small else LARGE_NET_CANDIDATES
+  relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
 
-  def bound_fn(lo, hi, prior, root=False):
+  def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
     lo, hi, prior = sharding.put_batch((lo, hi, prior), mesh)
     layout.update(sharding.layout(lo))
@@ -429,8 +455,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                        zonotope=zonotope)
       f_crown = widening > F_CROWN_WIDENING
       return sharding.gather(bounds)
+    # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.
     return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
-                                         dense=dense, zonotope=zonotope))
+                                         dense=dense and not constrained, zonotope=zonotope,
+                                         check=not constrained))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(_probe(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
@@ -449,10 +477,14 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   counter = itertools.count()
   bounded = 0
 
-  def bound_batch(los, his, priors, root=False):
-    """Bounds ``len(los)`` pieces (``priors``: each one's parent's kept bounds, or None)."""
+  def bound_batch(los, his, priors, root=False, depths=None, splits=None):
+    """Bounds ``len(los)`` pieces (``priors``: each one's parent's kept bounds, or None; ``depths``:
+    each one's input splits; ``splits``: its ReLU splits, whose pieces are sub-problems of their box)."""
     nonlocal best_lower, best_x, bounded
     k = len(los)
+    depths = [0] * k if depths is None else depths
+    splits = [0] * k if splits is None else splits
+    constrained = any(splits)
     pad = batch_size - k
     lo = np.stack(los + [los[-1]] * pad).reshape((batch_size, *shape))
     hi = np.stack(his + [his[-1]] * pad).reshape((batch_size, *shape))
@@ -461,20 +493,33 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       full = priors + [priors[-1]] * pad
       prior = tuple((np.stack([p[j][0] for p in full]), np.stack([p[j][1] for p in full]))
                     for j in range(len(full[0])))
-    (dlo, dhi), coefficients, keep = bound_fn(lo, hi, prior, root)
+    (dlo, dhi), coefficients, keep = bound_fn(lo, hi, prior, root, constrained)
     keep = [(np.asarray(a), np.asarray(b)) for a, b in keep]
     coefficients = np.abs(np.asarray(coefficients, np.float64).reshape(batch_size, 2 * len(outputs), -1)[:k])
     dlo = np.asarray(dlo, np.float64).reshape(batch_size, -1)[:k]
     dhi = np.asarray(dhi, np.float64).reshape(batch_size, -1)[:k]
+    empty = np.zeros(k, bool)
+    if constrained:
+      # A sub-problem whose bounds are empty somewhere has no input (float-sound bounds only:
+      # see relusplit.infeasible); it holds no error. Elsewhere, an empty interval is a bug.
+      for i in range(k):
+        bounds_i = [(a[i], b[i]) for a, b in keep] + [(dlo[i], dhi[i])]
+        empty[i] = splits[i] > 0 and sound and relusplit.infeasible(bounds_i)
+      dlo[empty], dhi[empty] = np.inf, -np.inf
+      live = ~empty
+      guards.check_bounds([("branch and bound, the bounds of ReLU-split pieces", None,
+                            [(a[:k][live], b[:k][live]) for a, b in keep] + [(dlo[live], dhi[live])])],
+                          sound=sound)
     sel = np.maximum(-dlo[:, outputs], dhi[:, outputs])
     worst = np.argmax(sel, axis=1)
-    ups = sel[np.arange(k), worst]
+    ups = np.where(empty, 0.0, sel[np.arange(k), worst])
     centres = (lo + hi) / 2
     values, points = probe_fn(centres, lo, hi, np.concatenate([worst, np.zeros(pad, np.int64)]))
     rows = np.arange(k)
     sensitivity = coefficients[rows, worst] + coefficients[rows, len(outputs) + worst]
     values = np.asarray(values)[:k]
-    suspect = np.flatnonzero(values > ups)
+    # A ReLU-split sub-problem's bound holds on its part of the box only, which its probes may miss.
+    suspect = np.flatnonzero((values > ups) & (np.asarray(splits) == 0))
     if suspect.size:  # in float32: look again in float64 before calling it a bug
       guards.check_points(merged.graph, np.asarray(points)[suspect], dlo[suspect], dhi[suspect], sound=sound,
                           what="branch and bound, a piece's bounds", outputs=outputs)
@@ -483,11 +528,13 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       best_lower, best_x = float(values[i]), np.asarray(points[i])
     bounded += k
     return [(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
-             tuple((a[i], b[i]) for a, b in keep)) for i in range(k)]
+             tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
 
   def push(items):
-    for up, lo, hi, worst, dlo, dhi, sensitivity, kept in items:
-      heapq.heappush(heap, (-up, next(counter), lo, hi, worst, dlo, dhi, sensitivity, kept))
+    for up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count in items:
+      if split_count and np.all(dlo == np.inf):  # an empty sub-problem (see bound_batch)
+        continue
+      heapq.heappush(heap, (-up, next(counter), lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count))
 
   closed = {"upper": 0.0, "lo": np.full(n_out, np.inf), "hi": np.full(n_out, -np.inf)}
 
@@ -507,7 +554,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     left_hi, right_lo = split_at(lower0, upper0, axis)
     los += [lower0, right_lo]
     his += [left_hi, upper0]
-  first = bound_batch(los, his, [None] * len(los), root=True)
+  first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
   root = first[:1]
   root_lower, root_upper = root[0][4], root[0][5]
   if root_axes and root[0][0] > best_lower:
@@ -521,6 +568,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       push(root)
   else:
     push(root)
+  # (f_crown is known now: paired nets keep f's own CROWN bounds when f_q really differs.)
+  candidate_count = (STRONG_BRANCHING_CANDIDATES if small
+                     else DIFFERING_CANDIDATES if paired and f_crown else LARGE_NET_CANDIDATES)
   stopped = "exhausted"
   last_report = -np.inf
   # Hook: counterexample search rounds (qbound/bounds/refute.py), in their own share of the time.
@@ -565,25 +615,41 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       # pieces): they try more dimensions, and the first splits, which matter most, are chosen
       # among more of them.
       count = max(candidate_count, (batch_size // 2) // len(heap)) if FILL_CANDIDATES else candidate_count
+      depths, splits = [], []
       while heap:
         candidates = _candidate_axes(heap[0][3] - heap[0][2], heap[0][7], count)
-        if take and len(los) + 2 * len(candidates) > batch_size:  # the batch is full
+        # ReLU splits (qbound/bounds/relusplit.py) compete with the input splits once the piece has
+        # been split RELU_SPLIT_DEPTH times along its input.
+        neurons = []
+        if relu_split and heap[0][9] >= RELU_SPLIT_DEPTH:
+          kept = heap[0][8]
+          neurons = relusplit.neuron_candidates(kept, 2 * len(kept) // 3 if paired else len(kept),
+                                                RELU_SPLIT_CANDIDATES)
+        if take and len(los) + 2 * (len(candidates) + len(neurons)) > batch_size:  # the batch is full
           break
         t = heapq.heappop(heap)
-        if not candidates:  # a single point: nothing left to split
+        if not candidates and not neurons:  # a single point, every ReLU stable: nothing left to split
           close(t)
           continue
         take.append(t)
-        axes.append(candidates)
+        axes.append(candidates + neurons)
         for axis in candidates:
           left_hi, right_lo = split_at(t[2], t[3], axis)
           los += [t[2], right_lo]
           his += [left_hi, t[3]]
           priors += [t[8], t[8]]
+          depths += [t[9] + 1] * 2
+          splits += [t[10]] * 2
+        for entry, neuron in neurons:
+          los += [t[2], t[2]]
+          his += [t[3], t[3]]
+          priors += list(relusplit.split(t[8], entry, neuron))
+          depths += [t[9]] * 2
+          splits += [t[10] + 1] * 2
       children = []
       for chunk in range(0, len(los), batch_size):
-        children += bound_batch(los[chunk:chunk + batch_size], his[chunk:chunk + batch_size],
-                                priors[chunk:chunk + batch_size])
+        part = slice(chunk, chunk + batch_size)
+        children += bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part])
       offset = 0
       for t, candidates in zip(take, axes):
         options = children[offset:offset + 2 * len(candidates)]
@@ -593,7 +659,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
         push(options[2 * best:2 * best + 2])
       continue
     take = [heapq.heappop(heap) for _ in range(min(max(batch_size // 2, 1), len(heap)))]
-    los, his, priors = [], [], []
+    los, his, priors, depths, splits = [], [], [], [], []
     for t in take:
       lo, hi = t[2], t[3]
       width = hi - lo
@@ -605,8 +671,11 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       los += [lo, right_lo]
       his += [left_hi, hi]
       priors += [t[8], t[8]]
+      depths += [t[9] + 1] * 2
+      splits += [t[10]] * 2
     for chunk in range(0, len(los), batch_size):
-      push(bound_batch(los[chunk:chunk + batch_size], his[chunk:chunk + batch_size], priors[chunk:chunk + batch_size]))
+      part = slice(chunk, chunk + batch_size)
+      push(bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part]))
 
   bar.close()
   for item in heap:
