@@ -22,6 +22,25 @@ known of it over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
 * the guard needs no decision: where it can fire (``max|x| <= Q g``), ``q = 0`` (rounded with
   ``s = 1``, when ``Q g < 1/2``), an error below ``Q g`` that the band takes in.
 
+The same node, three variants (:class:`DynamicScale` fields):
+
+* ``axes``: a scale per group of entries, ``max|x|`` over some axes (qwix: one scale per token for a
+  batch; AQT alike). Everything above holds group by group, with each group's ``max|x|``, as
+  long as the scale is constant along the product's contracted axes (the tracer checks that).
+* ``zero_point``: qwix's asymmetric ``minmax`` (after Jacob et al., "Quantization and Training of
+  Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018), with
+  ``m = max(max x, 0) - min(min x, 0)``, ``s = m / Q``, the zero point
+  ``z = round(qmin - D min(min x, 0) / m)`` (``D = qmax - qmin``: the argument lies in
+  ``[qmin, qmax]``, so the integer cast never saturates it) and ``q = s (clip(round(x / s + z)) - z)``.
+  Since ``|z - arg| <= 1/2``, ``x / s + z`` lies in ``[qmin - max(Q - D, 0) - 1/2, qmin + max(Q, D) + 1/2]``
+  (``x / s`` ranges over ``Q [min, max] / m``), so ``|q - x| <= s (1/2 + max(Q - D, 0))`` for a clip
+  to ``[qmin, qmax]``: half a step for plain ``minmax`` (``Q = D``). Where ``z``'s argument
+  ``qmin + D (-min) / m`` stays inside one rounding step over the bounds, ``z`` is a constant
+  ``K_z``, and where ``x / s + K_z`` does too, ``q = (k - K_z) m / Q`` between constant bounds.
+* AQT's calibration is the symmetric node with a clip to ``[-127, 127]`` *before* the rounding (the
+  same as after it, for integer ends) and ``x * (1 / s)``; its guard replaces ``1 / s`` by 1 where it
+  overflows (``s < 2^-127``), where ``q = 0`` as with qwix's guard.
+
 float32's own rounding of ``s`` and ``x / s`` (a relative ``2^-24`` each, and XLA may compute
 ``x * (1 / s)``) is covered by a relative slack of ``2^-18`` on every end. The bounds need no
 box fixed while tracing: they read the bounds of ``x`` that the bound method propagates.

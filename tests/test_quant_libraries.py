@@ -387,7 +387,7 @@ def test_aqt_dynamic_activation_scales_are_paired_and_sound(original):
   _check_dynamic(f, fq, box, method="interval")
 
 
-@pytest.mark.slow  # about a minute: it certifies three models live
+@pytest.mark.slow  # about two minutes: it certifies seven models live
 def test_walkthrough_notebook_runs(monkeypatch):
   pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
   _aqt()
@@ -406,4 +406,4 @@ def test_walkthrough_notebook_runs(monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-  assert text.count("paired=True") == 3
+  assert text.count("paired=True") == 7  # 3 static or weight-only, 4 dynamic

@@ -1,4 +1,4 @@
-"""Activation scales computed at run time (qwix's dynamic ``act_qtype``), traced as one rounding node.
+"""Activation scales computed at run time (qwix, AQT), traced as one rounding node.
 
 qwix quantizes an activation ``x`` with ``s = max|x| / 127.5``, guarded by ``where(s < g, 1, s)``,
 then ``int8(round(x / s))``, an integer product and a rescale by ``s`` (see
@@ -11,19 +11,31 @@ largest scale over them, or, where ``x / s`` stays on one step, that step times 
 the same product the float model has, so the layers pair for the differential bounds.
 
 How: the values of the pattern are kept symbolic (``("lazy", Deferred)``) while they are read
-only by the next step of the pattern: ``|x|`` (:class:`AbsOf`), its maximum over the whole tensor
-and the constants it is divided by (:class:`Scale`), the guard's comparison (:class:`Compare`)
-and ``where`` (a guarded :class:`Scale`), ``x / s`` (:class:`Quotient`), its rounding and
-saturating cast (:class:`Rounded`), the product of that with constant weights (:class:`Pending`,
-the product still divided by ``s``), and the rescale by ``s`` that completes it. Each deferred
-value keeps the equation that made it: used in any other way, it is replayed through the ordinary
-rules (:func:`materialize`), so nothing changes for functions without the pattern, and one whose
-pattern qbound does not know (per-token scales, asymmetric zero points) fails as before, naming
-the library's line.
+only by the next step of the pattern: ``|x|`` (:class:`AbsOf`), its maximum over some axes and the
+constants it is divided by (:class:`Scale`), the guard's comparison (:class:`Compare`) and
+``where`` (a guarded :class:`Scale`), ``x / s`` (:class:`Quotient`), its rounding and saturating
+cast (:class:`Rounded`), the product of that with constant weights (:class:`Pending`, the product
+still divided by ``s``), and the rescale by ``s`` that completes it. Each deferred value keeps the
+equation that made it: used in any other way, it is replayed through the ordinary rules
+(:func:`materialize`), so nothing changes for functions without the pattern, and one whose pattern
+qbound does not know (``rms`` calibration) fails as before, naming the library's line.
 
-The pattern must divide ``x`` by a scale computed from that same ``x``, over the whole tensor
-(per-token and per-channel scales, and asymmetric ones with zero points, are not this pattern and
-are refused as before). How the node is bounded: :mod:`qbound.dynamic_rounding`.
+Variants of the same node:
+
+* a scale per group of entries (per token, per channel): the maximum over some axes. Each scale
+  carries ``tags``, its entries' group numbers, moved through every broadcast, reshape and
+  transpose the library applies; where it divides ``x`` and where it rescales the product they
+  must be the groups of the entries they meet (:func:`_groups`), and the scale must be constant
+  along the contracted axes (:func:`_product_groups`), or it does not factor out of the sums.
+* asymmetric scales with a zero point (qwix's ``minmax``): ``min x`` and ``max x`` clipped to
+  include 0 (:class:`Extreme`), ``s = c (max - min) / 255``, the zero point ``round(qmin - c min / s)``
+  in an integer type (:class:`ZeroPoint`), ``x / s + z``, and qwix's product
+  ``(c @ W - z @ W) * s`` (:class:`ZeroProduct`), which is ``q(x) @ W`` with ``q = s (c - z)``.
+* AQT's calibration: the guard ``where(max|x| == 0, 1, max|x|)`` before the division by 127.5,
+  ``x * where(isinf(1 / s), 1, 1 / s)`` (:class:`Reciprocal`, :class:`Overflow`) and a clip to
+  integer ends before the rounding (the same as after it).
+
+How the node is bounded: :mod:`qbound.dynamic_rounding`.
 
 Example:
   >>> import jax.numpy as jnp, qbound as qb
@@ -505,6 +517,8 @@ def _quantized(b: _Builder, r: Rounded, eqn, where: str):
   ndim = len(b.shape_of(("node", r.x)))
   axes = None if len(r.scale.axes) == ndim else tuple(d - ndim for d in r.scale.axes)
   zero_point = None
+  if r.zero is None and r.scale.spread is not None:
+    b.unsupported(eqn, "an activation divided by a min/max (asymmetric) scale and rounded without its zero point")
   if r.zero is not None:
     offset, span = r.zero.offset, r.scale.divisor * r.scale.spread
     span = round(span) if abs(span - round(span)) <= 1e-6 * span else span
