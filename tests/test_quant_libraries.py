@@ -256,6 +256,19 @@ def test_qwix_dynamic_minmax_zero_points_are_paired_and_sound(original, provider
   _check_dynamic(f, fq, method="diff")
 
 
+def test_qwix_dynamic_minmax_before_a_convolution_is_sound():
+  """qwix subtracts the zero point's convolution, conv(c, W) - conv(z, W): one node, paired."""
+  qwix, rules = _dynamic_rules(act_calibration_method="minmax")
+  model = _SmallCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
+  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
+  qparams = qwix.quantize_params(params["params"], abstract["params"])
+  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  box = qb.Box(jnp.full((6, 6), -0.5), jnp.full((6, 6), 0.6))
+  _check_dynamic(functools.partial(model.apply, params), fq, box, method="interval")
+
+
 def test_qwix_dynamic_scales_that_stay_unsupported_are_refused_clearly(original):
   """``rms`` calibration (a scale from the root mean square) is not the pattern: the error names qwix's line."""
   model, params = original

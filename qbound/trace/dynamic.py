@@ -409,12 +409,12 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     if lo is None or hi is None:
       return None
     return lazy(dataclasses.replace(forms[1], low=max(forms[1].low, lo), high=min(forms[1].high, hi)))
-  if name == "dot_general" and len(ins) == 2:  # the zero point's product: z @ W
+  if name in ("dot_general", "conv_general_dilated") and len(ins) == 2:  # the zero point's product: z @ W
     for pos in (0, 1):
       z = forms[pos]
       if (isinstance(z, ZeroPoint) and z.rounded and ins[1 - pos][0] == "const"
           and _laid_out(z.tags, _groups(z.tags.shape, z.scale.axes))):
-        return lazy(ZeroProduct(z, (pos, ins[1 - pos][1]), eqn.params["dimension_numbers"]))
+        return lazy(ZeroProduct(z, (pos, ins[1 - pos][1]), (name, eqn.params)))
   if (name == "sub" and isinstance(forms[0], Pending) and forms[0].zero_product is not None
       and isinstance(forms[1], ZeroProduct)):
     p, zp = forms
@@ -438,9 +438,9 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     r = forms[pos]
     if r.zero is None:
       return lazy(Pending(product[1], r.scale, tags))
-    if name != "dot_general":
-      return None
-    return lazy(Pending(product[1], r.scale, tags, zero_product=(r, pos, ins[1 - pos][1], eqn.params["dimension_numbers"])))
+    # Both products are linear in the activation (a convolution pads c and z alike with zeros), so
+    # subtracting z's product with the same weights leaves (c - z) @ W.
+    return lazy(Pending(product[1], r.scale, tags, zero_product=(r, pos, ins[1 - pos][1], (name, eqn.params))))
   if isinstance(forms[0], Pending) and name == "convert_element_type" and len(ins) == 1:
     return lazy(forms[0]) if jnp.issubdtype(eqn.params["new_dtype"], jnp.floating) else None
   if name == "mul" and len(ins) == 2:
