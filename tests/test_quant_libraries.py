@@ -5,10 +5,11 @@ so, where a library is missing. What is checked: qbound traces what each library
 certificates hold against float64 sampling of the merged network and float32 sampling of the
 library's own functions, the layers pair with the float model's (the differential bounds) where the
 library dequantizes the weights (qwix) and where it rescales after an integer product (AQT, qwix's
-static activation scales: :mod:`qbound.trace.scaled`), activations quantized with scales computed
-from each input (qwix's per-tensor and per-token absmax, asymmetric minmax with zero points, AQT's dynamic calibration) are certified soundly against
-an independent search on the library's own function, and what stays unsupported (qwix's ``rms``
-calibration) is refused naming the library's source line.
+static activation scales: :mod:`qbound.trace.scaled`). Activations quantized with scales computed
+from each input (qwix's per-tensor and per-token absmax, asymmetric minmax with zero points, AQT's
+dynamic calibration) are certified soundly against an independent search on the library's own
+function, and what stays unsupported (qwix's ``rms`` calibration) is refused naming the library's
+source line.
 """
 
 import functools
@@ -391,11 +392,13 @@ def test_aqt_dynamic_activation_scales_are_paired_and_sound(original):
   an overflow guard, clipped to [-127, 127] before rounding; per token for a batch."""
   aqt_config, _, aqt_flax = _aqt()
   model, params = original
-  qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)))
+  config = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
+  qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(config))
   fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
   f = functools.partial(model.apply, params)
   merged = qb.merge(f, fq, _box())
-  assert [(n.attrs[1].low, n.attrs[1].high) for n in merged.fq_graph.nodes if n.kind == "round"] == [(-127, 127)] * 3
+  ends = [(n.attrs[1].low, n.attrs[1].high) for n in merged.fq_graph.nodes if n.kind == "round"]
+  assert ends == [(-127, 127)] * 3
   _check_dynamic(f, fq, method="diff")
   box = qb.Box(-jnp.ones((2, INPUTS)), jnp.ones((2, INPUTS)))
   _check_dynamic(f, fq, box, method="interval")
