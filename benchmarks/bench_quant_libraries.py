@@ -12,6 +12,9 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
 * ``qwix dynamic int8``: qwix int8 weights and int8 activations with dynamic scales (``max|x| /
   127.5`` computed from each input as the model runs: qwix's default without ``act_static_scale``,
   see ``qbound.dynamic_rounding``);
+* ``qwix dynamic minmax int8`` (asymmetric scales with zero points), ``qwix dynamic per-token int8``
+  (a batch of 3 tokens, one scale each; the box is 3 x 4) and ``aqt dynamic int8`` (AQT's default
+  calibration of int8 activations): dynamic scales beyond per-tensor absmax (not the CNN);
 * ``aqt int8``: AQT int8 weights through ``AqtDotGeneral`` (float activations);
 * ``aqt static int8 po2``: AQT int8 weights and activations with constant calibration bounds and
   power-of-two scales (what lets f's layers pair with AQT's, see ``qbound.trace.scaled``);
@@ -54,6 +57,12 @@ INPUTS = 4
 MODELS = ("linen-mlp", "nnx-mlp", "cnn")
 CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "qwix dynamic int8", "aqt int8",
            "aqt static int8 po2")
+# Dynamic activation scales beyond qwix's per-tensor absmax (issue 16; branch dynscale): qwix's
+# asymmetric minmax scales with zero points, qwix's scale per token on a batch of 3 tokens (the box
+# is 3 x 4, f and f_q take the batch), and AQT's dynamic calibration (int8 weights and activations).
+DYNAMIC_CONFIGS = ("qwix dynamic minmax int8", "qwix dynamic per-token int8", "aqt dynamic int8")
+CONFIGS = CONFIGS + DYNAMIC_CONFIGS
+TOKENS = 3
 
 
 class NotApplicable(Exception):
@@ -92,8 +101,11 @@ def _qwix_rules(config):
 
   if config == "qwix static int8":
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
-  if config == "qwix dynamic int8":  # the activations' scales computed from each input at run time
+  if config in ("qwix dynamic int8", "qwix dynamic per-token int8"):  # scales from each input at run time
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
+  if config == "qwix dynamic minmax int8":
+    return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8",
+                                  act_calibration_method="minmax")]
   return [qwix.QuantizationRule(module_path=".*", weight_qtype=config.split()[-1])]
 
 
@@ -119,6 +131,8 @@ def _aqt_config(config):
 
   if config == "aqt int8":
     return aqt_config.dot_general_make(lhs_bits=None, rhs_bits=8)
+  if config == "aqt dynamic int8":  # AQT's default calibration: max|x| of each input
+    return aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
   cfg = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
   cfg.fwd.dg_quantizer.lhs.calibration = functools.partial(aqt_calibration.ConstantCalibration, bound=2.0,
                                                            po2_scale=True)
@@ -147,6 +161,8 @@ def build(model_name: str, config: str):
     cfg = _aqt_config(config)
     qmodel = MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(cfg))
     batched_q = lambda xs: qmodel.apply(params, xs, rngs={"params": jax.random.key(0)})  # noqa: E731
+  if config == "qwix dynamic per-token int8":  # the input is a batch of tokens, one scale each
+    return batched_f, batched_q, qb.Box(-jnp.ones((TOKENS, INPUTS)), jnp.ones((TOKENS, INPUTS)))
   return (lambda x: batched_f(x[None])[0]), (lambda x: batched_q(x[None])[0]), box
 
 
@@ -177,6 +193,9 @@ def _build_nnx(config):
     # nnx: the static scales come from the example batch given to quantize_model.
     qmodel = qwix.quantize_model(model, qwix.PtqProvider(_qwix_rules(config)), calibration)
     q_graphdef, q_state = nnx.split(qmodel)
+  if config == "qwix dynamic per-token int8":  # the input is a batch of tokens, one scale each
+    box = qb.Box(-jnp.ones((TOKENS, INPUTS)), jnp.ones((TOKENS, INPUTS)))
+    return nnx.merge(graphdef, state), nnx.merge(q_graphdef, q_state), box
   f = lambda x: nnx.merge(graphdef, state)(x[None])[0]  # noqa: E731
   fq = lambda x: nnx.merge(q_graphdef, q_state)(x[None])[0]  # noqa: E731
   return f, fq, box
@@ -188,6 +207,8 @@ def _build_cnn(config):
     raise NotApplicable("flax.linen.Conv takes no AQT product")
   if config in ("qwix int8", "qwix int4"):
     raise NotApplicable("qwix: conv_general_dilated requires same act_qtype and weight_qtype")
+  if config == "qwix dynamic per-token int8":
+    raise NotApplicable("the CNN takes one image")
   from qbound.demo import load_digits_images
 
   images, _ = load_digits_images()

@@ -22,6 +22,25 @@ known of it over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
 * the guard needs no decision: where it can fire (``max|x| <= Q g``), ``q = 0`` (rounded with
   ``s = 1``, when ``Q g < 1/2``), an error below ``Q g`` that the band takes in.
 
+The same node, three variants (:class:`DynamicScale` fields):
+
+* ``axes``: a scale per group of entries, ``max|x|`` over some axes (qwix: one scale per token for a
+  batch; AQT alike). Everything above holds group by group, with each group's ``max|x|``, as
+  long as the scale is constant along the product's contracted axes (the tracer checks that).
+* ``zero_point``: qwix's asymmetric ``minmax`` (after Jacob et al., "Quantization and Training of
+  Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018), with
+  ``m = max(max x, 0) - min(min x, 0)``, ``s = m / Q``, the zero point
+  ``z = round(qmin - D min(min x, 0) / m)`` (``D = qmax - qmin``: the argument lies in
+  ``[qmin, qmax]``, so the integer cast never saturates it) and ``q = s (clip(round(x / s + z)) - z)``.
+  Since ``|z - arg| <= 1/2``, ``x / s + z`` lies in ``[qmin - max(Q - D, 0) - 1/2, qmin + max(Q, D) + 1/2]``
+  (``x / s`` ranges over ``Q [min, max] / m``), so ``|q - x| <= s (1/2 + max(Q - D, 0))`` for a clip
+  to ``[qmin, qmax]``: half a step for plain ``minmax`` (``Q = D``). Where ``z``'s argument
+  ``qmin + D (-min) / m`` stays inside one rounding step over the bounds, ``z`` is a constant
+  ``K_z``, and where ``x / s + K_z`` does too, ``q = (k - K_z) m / Q`` between constant bounds.
+* AQT's calibration is the symmetric node with a clip to ``[-127, 127]`` *before* the rounding (the
+  same as after it, for integer ends) and ``x * (1 / s)``; its guard replaces ``1 / s`` by 1 where it
+  overflows (``s < 2^-127``), where ``q = 0`` as with qwix's guard.
+
 float32's own rounding of ``s`` and ``x / s`` (a relative ``2^-24`` each, and XLA may compute
 ``x * (1 / s)``) is covered by a relative slack of ``2^-18`` on every end. The bounds need no
 box fixed while tracing: they read the bounds of ``x`` that the bound method propagates.
@@ -57,6 +76,12 @@ class DynamicScale:
     low, high: the integer range the rounded values are clipped (saturated) to.
     rounding: ``"nearest"`` (halves to even) or ``"away"``.
     guard: ``(comparison, cut, fallback)`` for ``s = where(s <cmp> cut, fallback, s)``, or None.
+    axes: the axes ``max|x|`` is taken over, counted from the end (``-1``: the last), one scale for
+      each entry of the others (a scale per token or per channel); None: the whole tensor.
+    zero_point: ``(offset, span)`` for asymmetric scales with a zero point (qwix's ``minmax``):
+      ``s = (max(max x, 0) - min(min x, 0)) / divisor``, ``z = round(offset - c min(min x, 0) / s)``
+      with ``c = span / divisor`` (the calibration's factor), and ``q = s * (clip(round(x / s + z)) - z)``;
+      None: symmetric, ``s = max|x| / divisor``, no zero point.
   """
 
   divisor: float
@@ -64,6 +89,8 @@ class DynamicScale:
   high: float
   rounding: str = "nearest"
   guard: Optional[tuple[str, float, float]] = None
+  axes: Optional[tuple[int, ...]] = None
+  zero_point: Optional[tuple[float, float]] = None
 
   @property
   def band(self) -> float:
@@ -72,8 +99,13 @@ class DynamicScale:
 
 
 def scale_of(spec: DynamicScale, x):
-  """The scale the library computes from ``x`` (per tensor), with its guard."""
-  s = jnp.max(jnp.abs(x)) / spec.divisor
+  """The scale the library computes from ``x`` (per tensor, or per group: ``spec.axes``), with its guard."""
+  keep = spec.axes is not None
+  if spec.zero_point is None:
+    s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
+  else:
+    low_c, high_c = _calibration(spec, x)
+    s = (high_c - low_c) / spec.zero_point[1]
   if spec.guard is not None:
     cmp, cut, fallback = spec.guard
     fires = {"lt": s < cut, "le": s <= cut, "eq": s == cut}[cmp]
@@ -81,12 +113,25 @@ def scale_of(spec: DynamicScale, x):
   return s
 
 
+def _calibration(spec: DynamicScale, x):
+  """qwix's ``minmax``: ``c min(min x, 0)`` and ``c max(max x, 0)`` per group."""
+  keep, c = spec.axes is not None, spec.zero_point[1] / spec.divisor
+  return (jnp.minimum(jnp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c,
+          jnp.maximum(jnp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c)
+
+
+def _round(spec: DynamicScale, z):
+  return jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
+
+
 def quantize(spec: DynamicScale, x):
-  """``q(x) = s(x) * clip(round(x / s(x)), low, high)``, the dynamically fake-quantized ``x``."""
+  """``q(x) = s(x) * clip(round(x / s(x)), low, high)``, the dynamically fake-quantized ``x`` (with a
+  zero point ``z``: ``s * (clip(round(x / s + z)) - z)``)."""
   s = scale_of(spec, x)
-  z = x / s
-  r = jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
-  return s * jnp.clip(r, spec.low, spec.high)
+  if spec.zero_point is None:
+    return s * jnp.clip(_round(spec, x / s), spec.low, spec.high)
+  z = jnp.round(spec.zero_point[0] - _calibration(spec, x)[0] / s)
+  return s * (jnp.clip(_round(spec, x / s + z), spec.low, spec.high) - z)
 
 
 def check_guard(spec: DynamicScale) -> Optional[str]:
@@ -100,6 +145,16 @@ def check_guard(spec: DynamicScale) -> Optional[str]:
     return (f"its guard replaces scales below {cut} with {fallback}, too small to round those "
             "activations to 0")
   return None
+
+
+# 1 / s overflows float32 to inf only where s < 2^-127 (AQT replaces it by 1 there).
+RECIPROCAL_OVERFLOW = 2.0 ** -127
+
+
+def reciprocal_is_finite(guard) -> bool:
+  """Whether ``1 / s`` stays finite in float32 behind ``guard`` (scales below a cut replaced)."""
+  return (guard is not None and guard[0] in ("lt", "le") and guard[1] >= 2.0 ** -126
+          and 0 < guard[2] and np.isfinite(1 / np.float32(guard[2])))
 
 
 # Relative slack on the few float32 operations of :func:`bounds` and of the library's scale and
@@ -116,25 +171,50 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int):
   and where ``flat``, ``v = k max|t| / Q`` for one integer ``k`` (the quotient ``x / s`` stays
   inside one rounding step), so ``v_lo <= v <= v_hi``. All in float32 with slack ``_REL``.
   """
-  axes = tuple(range(lo.ndim - ndim, lo.ndim))
-  mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-  mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
-  m_hi = jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL)  # bounds of max|t|
-  m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
+  axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
   q = spec.divisor
-  # The quotient u = x / s = Q t / max|t|, for t in [lo, hi] and max|t| in [m_lo, m_hi]; |u| <= Q.
+  if spec.zero_point is None:
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+    m_hi = jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL)  # bounds of max|t|
+    m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
+    zero, zero_known, zero_steps = 0.0, True, 0.0
+  else:
+    # m = max(max t, 0) - min(min t, 0), the range the scale spans; the zero point is
+    # z = round(offset - span min(min t, 0) / m), constant where its argument stays inside one step.
+    offset, span = spec.zero_point
+    top_lo = jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)  # bounds of max(max t, 0)
+    top_hi = jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
+    neg_lo = jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)  # bounds of -min(min t, 0)
+    neg_hi = jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)
+    m_lo, m_hi = (top_lo + neg_lo) * (1 - _REL), (top_hi + neg_hi) * (1 + _REL)
+    share_lo = jnp.where(neg_lo > 0, neg_lo / jnp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
+    share_hi = jnp.where(top_lo > 0, neg_hi / jnp.where(top_lo > 0, top_lo + neg_hi, 1.0), 1.0)
+    arg_slack = (abs(offset) + span + 1) * _REL
+    arg_lo, arg_hi = offset + span * share_lo - arg_slack, offset + span * share_hi + arg_slack
+    zero = jnp.round(arg_lo)
+    zero_known = (arg_lo > zero - 0.5) & (arg_hi < zero + 0.5)
+    # |z - arg| <= 1/2 and arg in [offset, offset + span]: x / s + z stays within
+    # [offset - max(Q - span, 0) - 1/2, offset + max(Q, span) + 1/2] (Q = divisor), so a clip to
+    # [low, high] costs at most this many steps more than the rounding's 1/2:
+    zero_steps = max(0.0, spec.low - offset + max(q - span, 0.0), offset + max(q, span) - spec.high)
+  # The quotient u = x / s = Q t / m, for t in [lo, hi] and m in [m_lo, m_hi]; |u| <= Q.
   safe_lo = jnp.where(m_lo > 0, m_lo, 1.0)
   u_lo = jnp.where(m_lo > 0, q * jnp.minimum(lo / safe_lo, lo / m_hi), jnp.where(lo >= 0, 0.0, -q))
   u_hi = jnp.where(m_lo > 0, q * jnp.maximum(hi / safe_lo, hi / m_hi), jnp.where(hi <= 0, 0.0, q))
-  u_lo = jnp.maximum(u_lo - jnp.abs(u_lo) * _REL, -q * (1 + _REL))
-  u_hi = jnp.minimum(u_hi + jnp.abs(u_hi) * _REL, q * (1 + _REL))
+  u_lo = jnp.maximum(u_lo - jnp.abs(u_lo) * _REL, -q * (1 + _REL)) + zero
+  u_hi = jnp.minimum(u_hi + jnp.abs(u_hi) * _REL, q * (1 + _REL)) + zero
   # Each entry's error, in steps: 1/2, or where it may saturate, how far past the clip it reaches.
-  band = jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo))
+  if spec.zero_point is None:
+    band = jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo))
+  else:
+    band = jnp.where(zero_known, jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo)), 0.5 + zero_steps)
+    band = jnp.minimum(band, 0.5 + zero_steps) + (abs(spec.zero_point[0]) + q + spec.zero_point[1] + 1) * _REL
   half = m_hi * ((band / q) * (1 + _REL) + _REL)
   guard_may_fire = jnp.zeros_like(m_lo, bool)
   if spec.guard is not None and spec.guard[0] != "eq":
     _, cut, _ = spec.guard
-    # where the guard fires, q = 0 and the error is |t| <= max|t| < Q cut
+    # where the guard fires, q = 0 and the error is |t| <= m < Q cut
     guard_may_fire = m_lo <= q * cut * (1 + _REL)
     half = jnp.maximum(half, jnp.minimum(m_hi, q * cut * (1 + _REL)))
   elif spec.guard is not None:
@@ -143,11 +223,10 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int):
   one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
   at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
   at_low = u_hi < spec.low + 0.5
-  k = jnp.where(at_high, spec.high, jnp.where(at_low, spec.low, k))
-  flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire
+  k = jnp.where(at_high, spec.high, jnp.where(at_low, spec.low, k)) - zero
+  flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire & zero_known
   ends = (k * (m_lo / q) * (1 - _REL), k * (m_hi / q) * (1 + _REL))
   v_lo = jnp.where(k >= 0, ends[0], ends[1])
   v_hi = jnp.where(k >= 0, ends[1], ends[0])
   shape = jnp.shape(lo)
   return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
-

@@ -5,8 +5,11 @@ so, where a library is missing. What is checked: qbound traces what each library
 certificates hold against float64 sampling of the merged network and float32 sampling of the
 library's own functions, the layers pair with the float model's (the differential bounds) where the
 library dequantizes the weights (qwix) and where it rescales after an integer product (AQT, qwix's
-static activation scales: :mod:`qbound.trace.scaled`), and what stays unsupported (activations
-quantized with scales computed from each input) is refused naming the library's source line.
+static activation scales: :mod:`qbound.trace.scaled`). Activations quantized with scales computed
+from each input (qwix's per-tensor and per-token absmax, asymmetric minmax with zero points, AQT's
+dynamic calibration) are certified soundly against an independent search on the library's own
+function, and what stays unsupported (qwix's ``rms`` calibration) is refused naming the library's
+source line.
 """
 
 import functools
@@ -52,7 +55,7 @@ def _check_sound(f, fq, cert, box=None):
   box = _box() if box is None else box
   merged = qb.merge(f, fq, box)
   points = H.sample_points(box, 2000)
-  values = H.eval64(merged, points)
+  values = H.eval64(merged, points).reshape(len(points), -1)  # the bounds are flat
   assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
   assert np.max(np.abs(values)) <= cert.upper
   assert cert.lower <= cert.upper
@@ -213,14 +216,64 @@ def test_qwix_dynamic_cnn_is_paired_and_sound():
   assert cert.upper < 1.0
 
 
-def test_qwix_dynamic_scales_that_stay_unsupported_are_refused_clearly(original):
-  """Asymmetric (min/max) scales with zero points are not the pattern: the error names qwix's line."""
-  qwix, rules = _dynamic_rules(act_calibration_method="minmax")
-  model, params = original
+def _qwix_dynamic_ptq(model, params, x0, **rule):
+  qwix, rules = _dynamic_rules(**rule)
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), jnp.zeros(INPUTS))
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), x0)
   qparams = qwix.quantize_params(params["params"], abstract["params"])
-  fq = lambda x: qmodel.apply({"params": qparams}, x)  # noqa: E731
+  return lambda x: qmodel.apply({"params": qparams}, x)
+
+
+def test_qwix_dynamic_per_token_scales_are_paired_and_sound(original):
+  """A batch of 3 tokens: qwix computes one scale per token (its channelwise axes are the product's
+  free axes); each token's rounding node is bounded from that token's bounds."""
+  model, params = original
+  box = qb.Box(-jnp.ones((3, INPUTS)), jnp.ones((3, INPUTS)).at[1].set(0.1))
+  fq = _qwix_dynamic_ptq(model, params, box.lower)
+  cert = _check_dynamic(functools.partial(model.apply, params), fq, box, method="diff")
+  merged = qb.merge(functools.partial(model.apply, params), fq, box)
+  assert {n.attrs[1].axes for n in merged.fq_graph.nodes if n.kind == "round"} == {(-1,)}
+  # the second token's box is narrower, its scale smaller: its error bound is tighter
+  per_token = np.maximum(np.abs(cert.diff_lower), np.abs(cert.diff_upper)).reshape(3, -1).max(axis=1)
+  assert per_token[1] < per_token[0]
+
+
+# QT's forward runs the same integer product as PTQ: slow (~30 s on 2 loaded cores, mostly compiling)
+@pytest.mark.parametrize("provider", ["ptq", pytest.param("qt", marks=pytest.mark.slow)])
+def test_qwix_dynamic_minmax_zero_points_are_paired_and_sound(original, provider):
+  """Asymmetric scales (``minmax``): s = (max(max x, 0) - min(min x, 0)) / 255, an int8 zero point,
+  and qwix's product (c @ W - z @ W) * s."""
+  model, params = original
+  if provider == "ptq":
+    fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), act_calibration_method="minmax")
+    f = functools.partial(model.apply, params)
+  else:
+    qwix, rules = _dynamic_rules(act_calibration_method="minmax")
+    qat = qwix.quantize_model(model, qwix.QtProvider(rules))
+    fq = lambda x: qat.apply(params, x[None])[0]  # noqa: E731
+    f = lambda x: model.apply(params, x[None])[0]  # noqa: E731
+  merged = qb.merge(f, fq, _box())
+  assert all(n.attrs[1].zero_point == (-128.0, 255.0) for n in merged.fq_graph.nodes if n.kind == "round")
+  _check_dynamic(f, fq, method="diff")
+
+
+def test_qwix_dynamic_minmax_before_a_convolution_is_sound():
+  """qwix subtracts the zero point's convolution, conv(c, W) - conv(z, W): one node, paired."""
+  qwix, rules = _dynamic_rules(act_calibration_method="minmax")
+  model = _SmallCNN()
+  params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
+  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
+  qparams = qwix.quantize_params(params["params"], abstract["params"])
+  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  box = qb.Box(jnp.full((6, 6), -0.5), jnp.full((6, 6), 0.6))
+  _check_dynamic(functools.partial(model.apply, params), fq, box, method="interval")
+
+
+def test_qwix_dynamic_scales_that_stay_unsupported_are_refused_clearly(original):
+  """``rms`` calibration (a scale from the root mean square) is not the pattern: the error names qwix's line."""
+  model, params = original
+  fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), act_calibration_method="rms,3")
   with pytest.raises(qb.UnsupportedPrimitiveError) as err:
     qb.merge(functools.partial(model.apply, params), fq, _box())
   assert "qwix" in str(err.value)  # names the library's line that computes the scale
@@ -334,7 +387,24 @@ def test_aqt_static_activation_scales_are_sound(original):
     assert 0 < cert.lower <= cert.upper
 
 
-@pytest.mark.slow  # about a minute: it certifies three models live
+def test_aqt_dynamic_activation_scales_are_paired_and_sound(original):
+  """AQT's default int8 activations: s = where(max|x| == 0, 1, max|x|) / 127.5, x * (1 / s) with
+  an overflow guard, clipped to [-127, 127] before rounding; per token for a batch."""
+  aqt_config, _, aqt_flax = _aqt()
+  model, params = original
+  config = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
+  qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(config))
+  fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
+  f = functools.partial(model.apply, params)
+  merged = qb.merge(f, fq, _box())
+  ends = [(n.attrs[1].low, n.attrs[1].high) for n in merged.fq_graph.nodes if n.kind == "round"]
+  assert ends == [(-127, 127)] * 3
+  _check_dynamic(f, fq, method="diff")
+  box = qb.Box(-jnp.ones((2, INPUTS)), jnp.ones((2, INPUTS)))
+  _check_dynamic(f, fq, box, method="interval")
+
+
+@pytest.mark.slow  # about two minutes: it certifies seven models live
 def test_walkthrough_notebook_runs(monkeypatch):
   pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
   _aqt()
@@ -353,4 +423,4 @@ def test_walkthrough_notebook_runs(monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-  assert text.count("paired=True") == 3
+  assert text.count("paired=True") == 7  # 3 static or weight-only, 4 dynamic

@@ -1,52 +1,103 @@
 """Dynamically scaled activation quantization (qbound.dynamic_rounding, qbound.trace.dynamic) without qwix.
 
 What is checked: the bounds of a dynamic rounding node hold at sampled inputs of random boxes (the
-band and the single-step bounds, as float32 computes the scale and the quotient, both ways XLA may);
-the pattern written by hand traces to one node beside f's identity, pairs, and its certificate
-holds against sampling; what is not the pattern (a scale per row) fails naming the line.
+band and the single-step bounds, as float32 computes the scale and the quotient, both ways XLA may),
+for a scale per tensor, per row and per column, asymmetric scales with zero points and AQT's
+clip-before-rounding; the pattern written by hand traces to one node beside f's identity, pairs, and
+its certificate holds against sampling (per tensor, per row, in both float modes); what is not the
+pattern (a scale that varies along a contracted axis) fails naming the line.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qbound as qb
 from qbound import dynamic_rounding as DR
 
 import helpers as H
 
-SPECS = [DR.DynamicScale(127.5, -128, 127, guard=("lt", float(np.sqrt(np.finfo(np.float32).tiny)), 1.0)),
+_GUARD = ("lt", float(np.sqrt(np.finfo(np.float32).tiny)), 1.0)
+SPECS = [DR.DynamicScale(127.5, -128, 127, guard=_GUARD),
          DR.DynamicScale(7.5, -8, 7, rounding="away"),
-         DR.DynamicScale(127.5 / 0.9, -128, 127)]  # qwix's "absmax,0.9": the largest entries saturate
+         DR.DynamicScale(127.5 / 0.9, -128, 127),  # qwix's "absmax,0.9": the largest entries saturate
+         DR.DynamicScale(127.5, -128, 127, guard=_GUARD, axes=(-1,)),  # a scale per row (token)
+         DR.DynamicScale(127.5, -128, 127, axes=(-2,)),  # a scale per column (channel)
+         DR.DynamicScale(255.0, -128, 127, guard=_GUARD, axes=(-1,), zero_point=(-128.0, 255.0)),  # minmax
+         DR.DynamicScale(15.0 / 0.8, -8, 7, zero_point=(-8.0, 15.0)),  # "minmax,0.8" int4: saturates
+         DR.DynamicScale(127.5, -127, 127, guard=("lt", DR.RECIPROCAL_OVERFLOW, 1.0))]  # AQT
 
 
 def _library(spec, x, reciprocal):
-  """The library's float32 computation (``x / s``, or ``x * (1 / s)`` as XLA may rewrite it)."""
-  s = jnp.max(jnp.abs(x)) / spec.divisor
+  """The library's float32 computation, written as qwix and AQT do (``x / s``, or ``x * (1 / s)`` as
+  XLA may rewrite it, or as AQT does), independent of :func:`qbound.dynamic_rounding.quantize`."""
+  keep = spec.axes is not None
+  if spec.zero_point is None:
+    s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
+  else:
+    offset, span = spec.zero_point
+    c = span / spec.divisor
+    low = jnp.minimum(jnp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c
+    high = jnp.maximum(jnp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c
+    s = (high - low) / span
   if spec.guard is not None:
     s = jnp.where(s < spec.guard[1], spec.guard[2], s)
   z = x * (1 / s) if reciprocal else x / s
+  zero = 0.0
+  if spec.zero_point is not None:
+    zero = jnp.round(spec.zero_point[0] - low / s)
+    z = z + zero
+  if spec.low == -127:  # AQT: clip, then round
+    z = jnp.clip(z, spec.low, spec.high)
   r = jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
-  return s * jnp.clip(r, spec.low, spec.high)
+  return s * (jnp.clip(r, spec.low, spec.high) - zero)
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_bounds_hold_at_sampled_inputs(spec):
-  rng = np.random.default_rng(0)
-  n, width = 120, 6
-  centre = rng.normal(size=(n, width)) * rng.choice([1e-3, 1.0, 30.0], size=(n, 1))
-  radius = np.abs(rng.normal(size=(n, width))) * rng.choice([0.0, 1e-4, 1e-2, 0.3], size=(n, 1)) * np.abs(centre).max(1, keepdims=True)
-  lo, hi = (centre - radius).astype(np.float32), (centre + radius).astype(np.float32)
-  half, flat, v_lo, v_hi = (np.asarray(a) for a in DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), 1))
-  assert flat.any() and (~flat).any()  # both kinds of bounds are exercised
-  xs = lo[:, None] + rng.uniform(size=(n, 100, width)).astype(np.float32) * (hi - lo)[:, None]
+def _check_bounds(spec, lo, hi, rng, samples=100):
+  """Samples of each box (and its two corners) stay within the node's bounds, both ways XLA computes."""
+  n, shape = lo.shape[0], lo.shape[1:]
+  half, flat, v_lo, v_hi = (np.asarray(a) for a in DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), len(shape)))
+  xs = lo[:, None] + rng.uniform(size=(n, samples, *shape)).astype(np.float32) * (hi - lo)[:, None]
   xs = np.concatenate([xs, lo[:, None], hi[:, None]], axis=1)
   for reciprocal in (False, True):
     q = np.asarray(jax.vmap(jax.vmap(lambda x: _library(spec, x, reciprocal)))(jnp.asarray(xs)))
     assert np.all(np.abs(q.astype(np.float64) - xs) <= half[:, None] * (1 + 1e-6))
     inside = (q >= v_lo[:, None]) & (q <= v_hi[:, None])
     assert np.all(inside | ~flat[:, None])
+  return flat
+
+
+def _random_boxes(rng, n, shape):
+  scale = rng.choice([1e-3, 1.0, 30.0], size=(n,) + (1,) * len(shape))
+  centre = rng.normal(size=(n, *shape)) * scale
+  # some boxes all positive, as after a ReLU
+  centre = np.where(rng.uniform(size=(n,) + (1,) * len(shape)) < 0.3, np.abs(centre), centre)
+  spread = rng.choice([0.0, 1e-4, 1e-2, 0.3], size=(n,) + (1,) * len(shape)) * np.abs(centre).max(
+      axis=tuple(range(1, centre.ndim)), keepdims=True)
+  radius = np.abs(rng.normal(size=(n, *shape))) * spread
+  return (centre - radius).astype(np.float32), (centre + radius).astype(np.float32)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_bounds_hold_at_sampled_inputs(spec):
+  rng = np.random.default_rng(0)
+  lo, hi = _random_boxes(rng, 120, (2, 3))
+  flat = _check_bounds(spec, lo, hi, rng)
+  assert flat.any() and (~flat).any()  # both kinds of bounds are exercised
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from(SPECS), st.sampled_from([(4,), (2, 3), (3, 1, 2)]))
+def test_bounds_hold_in_random_boxes(seed, spec, shape):
+  axes = spec.axes
+  if axes is not None and -axes[0] > len(shape):
+    axes = (-1,)
+  spec = DR.DynamicScale(spec.divisor, spec.low, spec.high, spec.rounding, spec.guard, axes, spec.zero_point)
+  rng = np.random.default_rng(seed)
+  lo, hi = _random_boxes(rng, 20, shape)
+  _check_bounds(spec, lo, hi, rng, samples=50)
 
 
 def _fq(w1, b1, w2):
@@ -75,7 +126,8 @@ def test_hand_written_pattern_pairs_and_is_sound():
   for method in ("interval", "diff"):
     cert = qb.certify(f, fq, box, method=method)
     assert np.max(np.abs(H.eval64(merged, points))) <= cert.upper
-    errors = np.abs(np.asarray(jax.vmap(f)(jnp.asarray(points, jnp.float32)) - jax.vmap(fq)(jnp.asarray(points, jnp.float32))))
+    xs = jnp.asarray(points, jnp.float32)
+    errors = np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))
     assert errors.max() <= cert.upper * (1 + 1e-5)
     assert 0 < cert.lower <= cert.upper
 
@@ -92,13 +144,57 @@ def test_a_box_where_the_guard_may_fire_is_sound():
   assert np.max(np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))) <= cert.upper
 
 
-def test_a_scale_per_row_is_refused_naming_the_line():
-  w = jnp.ones((3, 2))
-
-  def fq(x):  # x: (2, 3), one scale per row
+def _per_row(w):
+  def fq(x):  # x: (rows, n), one scale per row (token), as qwix quantizes a batch
     s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.5
     s = jnp.where(s < 1e-19, 1.0, s)
     return (jnp.round(x / s) @ w) * s
+  return fq
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_a_scale_per_row_pairs_and_is_sound(sound):
+  w = jax.random.normal(jax.random.key(2), (3, 2))
+  fq, f = _per_row(w), lambda x: x @ w  # noqa: E731
+  box = qb.Box(jnp.array([[-1.0, 0.0, 0.5], [-0.1, 0.2, 0.1]]), jnp.array([[1.0, 0.5, 1.0], [0.1, 0.3, 0.2]]))
+  merged = qb.merge(f, fq, box)
+  assert merged.paired
+  (node,) = [n for n in merged.fq_graph.nodes if n.kind == "round"]
+  assert node.attrs[1].axes == (-1,)
+  xs = jnp.asarray(H.sample_points(box, 3000), jnp.float32)
+  np.testing.assert_allclose(np.asarray(jax.vmap(merged.fq_graph)(xs)), np.asarray(jax.vmap(fq)(xs)), atol=1e-5)
+  cert = qb.certify(f, fq, box, method="diff", sound=sound)
+  errors = np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))
+  assert errors.max() <= cert.upper * (1 + 1e-5)
+  # the second row's scale is about 3x smaller: its outputs' error is bounded separately, tighter
+  rows = np.abs(np.reshape(np.stack([cert.diff_lower, cert.diff_upper]), (2, 2, 2))).max(axis=(0, 2))
+  assert rows[1] < rows[0] / 2
+
+
+def _per_column(x):
+  s = jnp.max(jnp.abs(x), axis=0, keepdims=True) / 127.5  # x: (2, 3), one scale per column
+  return jnp.where(s < 1e-19, 1.0, s)
+
+
+def test_a_fake_quantized_scale_per_column_is_sound():
+  """Dequantized before the product (qwix's QT forward), a scale per column is one node too."""
+  w = jax.random.normal(jax.random.key(3), (3, 2))
+  fq = lambda x: (jnp.round(x / _per_column(x)) * _per_column(x)) @ w  # noqa: E731
+  box = qb.Box(-jnp.ones((2, 3)), jnp.ones((2, 3)))
+  merged = qb.merge(lambda x: x @ w, fq, box)
+  assert [n.attrs[1].axes for n in merged.fq_graph.nodes if n.kind == "round"] == [(-2,)]
+  cert = qb.certify(lambda x: x @ w, fq, box, method="diff")
+  xs = jnp.asarray(H.sample_points(box, 3000), jnp.float32)
+  assert np.abs(np.asarray(jax.vmap(lambda x: x @ w)(xs) - jax.vmap(fq)(xs))).max() <= cert.upper
+
+
+def test_a_scale_along_the_contracted_axis_is_refused_naming_the_line():
+  """(round(x / s) @ W) * s is no product of q(x) when s varies along the contracted axis."""
+  w = jnp.ones((3, 2))
+
+  def fq(x):
+    s = _per_column(x)
+    return (jnp.round(x / s) @ w) * jnp.max(s)
 
   with pytest.raises(qb.UnsupportedPrimitiveError) as err:
     qb.merge(lambda x: x @ w, fq, qb.Box(-jnp.ones((2, 3)), jnp.ones((2, 3))))

@@ -111,7 +111,7 @@ class _Builder:
         return self.run(sub, (), ins, _where(eqn, outer_where))
       finally:
         self.calls = self.calls[:-1]
-    if any(v[0] == "lazy" for v in ins) or (defer and name == "abs"):
+    if any(v[0] == "lazy" for v in ins) or (defer and name in dynamic.STARTS and ins[0][0] == "node"):
       # Dynamic activation scales: the pattern's values stay symbolic (trace.dynamic), anything
       # else reads them as the ordinary values their equations make.
       out = dynamic.rule(self, eqn, ins, self.user_where(eqn, _where(eqn, outer_where)),
