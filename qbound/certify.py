@@ -333,6 +333,35 @@ def _hashable(*objects) -> bool:
   return True
 
 
+# Share of the time budget the staircase search may take (beside the bounds, in a thread of its own),
+# and how many runs it makes at least (see certify).
+STAIRCASE_SHARE = 0.2
+STAIRCASE_RUNS = 2
+
+
+def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: float, finished: Callable[[], bool],
+                      failure: list) -> None:
+  """:data:`qbound.attack.STAIRCASE` (or ``search``) on the float64 graph, run with a new key each time
+  until ``until`` (at least :data:`STAIRCASE_RUNS` times) or ``finished()``; every witness goes to
+  ``track``, an exception to ``failure``.
+
+  Several short runs rather than one long one: each run's refinement closes in on the best few
+  points of its own samples, and new samples find other steps.
+  """
+  try:
+    key = jax.random.key(0) if key is None else key
+    run = 0
+    while True:
+      _, x = attack.maximize_error(graph, box, key=jax.random.fold_in(key, run), search=search or attack.STAIRCASE,
+                                   exact=True)
+      track.add_witness(graph, x)
+      run += 1
+      if finished() or (run >= STAIRCASE_RUNS and time.perf_counter() >= until):
+        return
+  except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
+    failure.append(err)
+
+
 def _first_probes(box: Box, key) -> np.ndarray:
   """The box's centre, lower and upper corners and :data:`FIRST_RANDOM_CORNERS` random corners.
 
@@ -444,6 +473,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   # (neither wins everywhere: experiments/vit_digits.py), and branch and bound splits on CROWN.
   diff_ok = merged.paired
   transformer = nonlinear.first_nonlinear(merged.f_graph) is not None
+  staircase = attack.has_rounding(graph)
   track = _Tracker(n_out, outputs)
   # The error as f and f_q compute it themselves, compiled (op by op, every operation of the user's
   # model would compile on its own: seconds on a first call of a CNN) once per pair of functions.
@@ -471,7 +501,19 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     """The call has returned at its deadline, and this certificate has its proven bound."""
     return stop.is_set() and bool(track.snapshot()["per_method"])
 
+  searchers: list = []  # the staircase search's thread, when it has one
+  search_failure: list = []
+
   def run_stages():
+    try:
+      bound_stages()
+    finally:
+      for searcher in searchers:
+        searcher.join()
+    if search_failure:
+      raise search_failure[0]
+
+  def bound_stages():
     # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
     # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
     # So auto on paired networks goes to branch and bound directly: its first batch is the
@@ -487,6 +529,22 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # What the certificate itself evaluates at its witness, done once now: its compilations are then
     # behind it when the call ends at its deadline.
     closing_values(track.snapshot()["witness"])
+    if staircase:
+      # f_q rounds its activations: gradient ascent and branch and bound's probes stall on its treads,
+      # and a float32 search is drawn to inputs within an ulp of a rounding tie, where the real
+      # arithmetic error is far smaller (qbound.attack). The derivative-free search on the float64
+      # graph, repeated with new keys for a share of the budget, before the bounds: branch and
+      # bound drops the pieces whose bound falls below the error reached.
+      # With a time budget it runs in a thread of its own beside the bounds (a first call compiles
+      # both at once, on two cores); otherwise once, here.
+      if method in TIMED_METHODS and time_budget != float("inf"):
+        until = time.perf_counter() + STAIRCASE_SHARE * time_budget
+        searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
+                                    args=(track, graph, box, key, search, until, finished, search_failure))
+        searcher.start()
+        searchers.append(searcher)
+      else:
+        _staircase_search(track, graph, box, key, search, 0.0, finished, search_failure)
 
     # Cheap proven bounds.
     if method == "interval":
@@ -519,9 +577,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         if halted():
           return
 
-      # Reached errors.
-      _, x = attack.maximize_error(graph, box, key=key, search=search)
-      track.add_witness(graph, x)
+      # Reached errors (on staircases, found above).
+      if not staircase:
+        _, x = attack.maximize_error(graph, box, key=key, search=search)
+        track.add_witness(graph, x)
 
     if halted():  # the call has returned: no stage starts after it
       return
