@@ -50,7 +50,9 @@ class Search:
     restarts: how many of the best samples start gradient ascent.
     steps: gradient-ascent steps per start.
     learning_rate: Adam's initial step, in units of the box's width (cosine-decayed).
-    refine_rounds: rounds of the derivative-free refinement (0: none).
+    refine_rounds: rounds of the derivative-free refinement (0, the default: none; on smooth
+      networks 20 rounds reached up to 2% more, 3x on ACAS Xu 1_1, for a first call 0.5-2.3 s
+      longer, see the comment above :data:`STAIRCASE`; networks that round use :data:`STAIRCASE`).
     refine_points: how many of the best points found so far each round perturbs.
     refine_tries: random perturbations of each point per round: a random half of the coordinates
       moved uniformly within the round's radius.
@@ -62,7 +64,7 @@ class Search:
   restarts: int = 16
   steps: int = 100
   learning_rate: float = 0.05
-  refine_rounds: int = 20
+  refine_rounds: int = 0
   refine_points: int = 16
   refine_tries: int = 16
   refine_radius: float = 0.25
@@ -80,14 +82,23 @@ class Search:
     validate.non_negative("Search.refine_radius", self.refine_radius)
 
 
+# The refinement is off by default: on smooth networks, after gradient ascent (20 rounds of 16 points x
+# 16 tries), it reached a little more for a longer first call. Measured with QBOUND_JAX_CACHE=0 in one
+# process, old and new interleaved, on a loaded machine (load 7.7 on 2 cores), the NeuroDiff pairs
+# against their 16-bit copies (benchmarks/bench_tight.py's boxes): MNIST 3x100 (6 boxes) reached
+# +0-1.7% (0.00242 = 0.00242 on the first box), first call 1.5 -> 3.8 s, warm 238 -> 393 ms; HAR
+# (6 boxes) +0-0.6%, 2.0 -> 3.8 s, 302 -> 380 ms; ACAS Xu 1_1 on property 1's box 1.63e-5 ->
+# 4.85e-5, 1.5 -> 2.0 s, 34 -> 59 ms.
+
 # Settings for networks that round their activations (staircases; certify uses them with
 # exact=True): more samples, no gradient ascent (zero gradients on the treads), a longer refinement
 # of more points from a smaller first radius. Chosen among five settings of about equal cost on the
 # linen 4-16-16-2 MLP pairs of benchmarks/bench_quant_libraries.py (float64 search, 10 keys each,
 # 0.3 s warm each): median (min-max) error reached 0.0334 (0.0320-0.0347) on qwix dynamic int8 and
 # 0.0632 (0.0590-0.0716) on AQT static int8 po2, against 0.0322 (0.0306-0.0341) and 0.0625
-# (0.0559-0.0716) for 30 rounds of 128 points x 32 tries from radius 0.25; the defaults in float32
-# reached 0.0193 and 0.0529 (medians of 6 keys; float64 values at their witnesses).
+# (0.0559-0.0716) for 30 rounds of 128 points x 32 tries from radius 0.25. The default search
+# (gradient ascent, no refinement; 0.01 s warm) reached 0.0196 and 0.0403 in float32, 0.0227 and
+# 0.0430 in float64 (medians of 6 keys; float64 values at their witnesses).
 STAIRCASE = Search(samples=16384, restarts=0, steps=0, refine_rounds=40, refine_points=256, refine_tries=16,
                    refine_radius=0.1)
 
