@@ -156,45 +156,47 @@ def _search(fn: Callable, box: Box, key, search: Search, mesh=None, input_dtype=
     final_v = objective(to_x(t))
     return jnp.where(final_v > best_v, final_v, best_v), jnp.where(final_v > best_v, t, best_t)
 
-  cand_v, cand_t = values, (xs - box.lower) / safe_width
+  cand_v, cand_x = values, xs
   if restarts and search.steps:  # (not compiled at all otherwise: STAIRCASE has none)
     asc_v, asc_t = jax.vmap(ascend)(starts)
     cand_v = jnp.concatenate([cand_v, _nan_last(asc_v)])
-    cand_t = jnp.concatenate([cand_t, asc_t])
+    cand_x = jnp.concatenate([cand_x, jax.vmap(to_x)(asc_t)])
   if search.refine_rounds and search.refine_points and search.refine_tries:
-    k_refine = jax.random.fold_in(key, 1)
-    cand_v, cand_t = _refine(lambda t: objective(to_x(t)), cand_v, cand_t, k_refine, search, mesh)
+    cand_v, cand_x = _refine(objective, to_x, cand_v, cand_x, (cand_x - box.lower) / safe_width,
+                             jax.random.fold_in(key, 1), search, mesh)
   best = jnp.argmax(cand_v)
-  return cand_v[best], to_x(cand_t[best])
+  return cand_v[best], cand_x[best]
 
 
-def _refine(objective, values, ts, key, search: Search, mesh=None):
-  """Derivative-free refinement of the best of ``(values, ts)`` (box-normalised points): every round
-  perturbs each of the ``refine_points`` best points ``refine_tries`` times, a random half of the
-  coordinates moved uniformly within the round's radius, and keeps the best of old and new points.
-  Returns the kept points and their values."""
+def _refine(objective, to_x, values, xs, ts, key, search: Search, mesh=None):
+  """Derivative-free refinement of the best of the points ``xs`` (``ts`` box-normalised, ``to_x``
+  maps back): every round perturbs each of the ``refine_points`` best points ``refine_tries`` times,
+  a random half of the coordinates moved uniformly within the round's radius, and keeps the best of
+  old and new points. Returns the kept points' values and inputs (each value is the objective at
+  its input exactly: ``to_x(ts)`` may differ from ``xs`` by an ulp)."""
   points = min(search.refine_points, ts.shape[0])
   kept_v, top = jax.lax.top_k(values, points)
-  kept_t = ts[top]
+  kept = (kept_v, ts[top], xs[top])
   rounds, first = search.refine_rounds, search.refine_radius
   shrink = 1e-4 ** (1.0 / max(rounds - 1, 1))  # to first * 1e-4 in the last round
 
-  def round_(carry, k):
-    kept_v, kept_t = carry
+  def round_(kept, k):
+    kept_v, kept_t, kept_x = kept
     k_step, k_mask = jax.random.split(jax.random.fold_in(key, k))
-    shape = (points, search.refine_tries, kept_t.shape[1])
+    shape = (points, search.refine_tries, *kept_t.shape[1:])
     step = jax.random.uniform(k_step, shape, kept_t.dtype, -1.0, 1.0)
     step = jnp.where(jax.random.bernoulli(k_mask, 0.5, shape), step, 0.0)
     radius = first * shrink ** k.astype(kept_t.dtype)
-    tries = jnp.clip(kept_t[:, None] + radius * step, 0.0, 1.0).reshape(-1, kept_t.shape[1])
+    tries = jnp.clip(kept_t[:, None] + radius * step, 0.0, 1.0).reshape(-1, *kept_t.shape[1:])
     tries = sharding.constrain_batch(tries, mesh)
-    tried_v = _nan_last(jax.vmap(objective)(tries))
-    all_v, all_t = jnp.concatenate([kept_v, tried_v]), jnp.concatenate([kept_t, tries])
+    tried_x = jax.vmap(to_x)(tries)
+    tried_v = _nan_last(jax.vmap(objective)(tried_x))
+    all_v = jnp.concatenate([kept_v, tried_v])
     kept_v, best = jax.lax.top_k(all_v, points)
-    return (kept_v, all_t[best]), None
+    return (kept_v, jnp.concatenate([kept_t, tries])[best], jnp.concatenate([kept_x, tried_x])[best]), None
 
-  (kept_v, kept_t), _ = jax.lax.scan(round_, (kept_v, kept_t), jnp.arange(rounds))
-  return kept_v, kept_t
+  (kept_v, _, kept_x), _ = jax.lax.scan(round_, kept, jnp.arange(rounds))
+  return kept_v, kept_x
 
 
 @functools.partial(jax.jit, static_argnames=("search", "mesh", "input_dtype"))

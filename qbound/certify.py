@@ -335,7 +335,7 @@ def _hashable(*objects) -> bool:
 
 # Share of the time budget the staircase search may take (beside the bounds, in a thread of its own),
 # and how many runs it makes at least (see certify).
-STAIRCASE_SHARE = 0.2
+STAIRCASE_SHARE = 0.1
 STAIRCASE_RUNS = 2
 
 
