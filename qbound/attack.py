@@ -3,8 +3,9 @@
 Uniform samples and random vertices of the box are evaluated in one vmapped, jit-compiled batch;
 the best ones start projected gradient ascent (Adam from optax, on box-normalised coordinates,
 projected back onto the box after every step) on ``|g(x)|_inf``, as in PGD attacks (Madry et al.,
-"Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018). Then a derivative-free
-refinement: the best points found so far are perturbed at random within a radius that shrinks
+"Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018). Then, if
+``Search.refine_rounds`` asks for it (:data:`STAIRCASE` does), a derivative-free refinement: the
+best points found so far are perturbed at random within a radius that shrinks
 geometrically round after round, and the best of old and new points are kept (an elitist random
 local search, in the family of Rastrigin's fixed-step random search, "The convergence of the random
 search method in the extremal control of a many parameter system", Automation and Remote Control
@@ -338,6 +339,13 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
     >>> v, x = qb.maximize_error(lambda x: jnp.sin(3 * x), qb.Box(jnp.zeros(1), jnp.ones(1)))
     >>> round(float(v), 3)
     1.0
+
+    A staircase (rounding to steps of 1/4: the error peaks at the ties), searched in float64:
+
+    >>> g = qb.trace(lambda x: x - jnp.round(4 * x) / 4, jnp.zeros(2))
+    >>> v, x = qb.maximize_error(g, qb.Box(-jnp.ones(2), jnp.ones(2)), search=qb.attack.STAIRCASE, exact=True)
+    >>> round(v, 3)
+    0.125
   """
   from qbound.merge import MergedNetwork
 
