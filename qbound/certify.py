@@ -503,10 +503,33 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
   searchers: list = []  # the staircase search's thread, when it has one
   search_failure: list = []
+  staircase_started = threading.Event()
+
+  def start_staircase_search():
+    """f_q rounds its activations: gradient ascent and branch and bound's probes stall on its treads,
+    and a float32 search is drawn to inputs within an ulp of a rounding tie, where the real-arithmetic
+    error is far smaller (qbound.attack). So the derivative-free search on the float64 graph runs
+    too: with a time budget in a thread of its own beside the bounds (at least STAIRCASE_RUNS runs,
+    for STAIRCASE_SHARE of the budget), otherwise once, here. Started once the first bound is proven
+    (branch and bound's first batch): started before, its compilation delayed that batch's on a
+    loaded machine, and first calls ended with interval bounds (linen qwix static int8, load 10)."""
+    if not staircase or staircase_started.is_set() or halted() or finished():
+      return
+    staircase_started.set()
+    if method in TIMED_METHODS and time_budget != float("inf"):
+      until = time.perf_counter() + STAIRCASE_SHARE * time_budget
+      searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
+                                  args=(track, graph, box, key, search, until, STAIRCASE_RUNS, finished,
+                                        search_failure))
+      searcher.start()
+      searchers.append(searcher)
+    else:
+      _staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
 
   def run_stages():
     try:
       bound_stages()
+      start_staircase_search()  # if no stage started it (a method without branch and bound)
     finally:
       for searcher in searchers:
         searcher.join()
@@ -529,24 +552,6 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # What the certificate itself evaluates at its witness, done once now: its compilations are then
     # behind it when the call ends at its deadline.
     closing_values(track.snapshot()["witness"])
-    if staircase:
-      # f_q rounds its activations: gradient ascent and branch and bound's probes stall on its treads,
-      # and a float32 search is drawn to inputs within an ulp of a rounding tie, where the real
-      # arithmetic error is far smaller (qbound.attack). The derivative-free search on the float64
-      # graph, repeated with new keys for a share of the budget, before the bounds: branch and
-      # bound drops the pieces whose bound falls below the error reached.
-      # With a time budget it runs in a thread of its own beside the bounds (a first call compiles
-      # both at once, on two cores); otherwise once, here.
-      if method in TIMED_METHODS and time_budget != float("inf"):
-        until = time.perf_counter() + STAIRCASE_SHARE * time_budget
-        searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
-                                    args=(track, graph, box, key, search, until, STAIRCASE_RUNS, finished,
-                                          search_failure))
-        searcher.start()
-        searchers.append(searcher)
-      else:
-        _staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
-
     # Cheap proven bounds.
     if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
@@ -582,6 +587,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       # larger net (a CNN of 64 inputs: 13 s at load 12), where this one is done in one or two.
       _, x = attack.maximize_error(graph, box, key=key, search=search)
       track.add_witness(graph, x)
+      start_staircase_search()
 
     if halted():  # the call has returned: no stage starts after it
       return
@@ -613,6 +619,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
           if branch_first and "diff" not in track.per_method:
             track.add_bounds("diff", root_lower, root_upper)
           track.add_upper("bab", upper)
+          start_staircase_search()
           if lower > reached[0]:
             reached[0] = lower
             track.add_witness(graph, witness)
