@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 import warnings
@@ -335,8 +336,23 @@ def _hashable(*objects) -> bool:
 
 # Share of the time budget the staircase search may take (beside the bounds, in a thread of its own),
 # and how many runs it makes at least there (see certify; once with the methods that have no budget).
-STAIRCASE_SHARE = 0.1
-STAIRCASE_RUNS = 2
+STAIRCASE_SHARE = 0.05
+STAIRCASE_RUNS = 1
+
+
+# Niceness added to the staircase search's thread: it yields the CPU to the bounds (its compilation
+# runs in this thread) without starving (a nice of 5 still gets about a third of a nice-0 thread's share).
+STAIRCASE_NICE = 5
+
+
+def _lower_priority() -> None:
+  """Lowers the calling thread's scheduling priority by :data:`STAIRCASE_NICE` where the OS sets it per
+  thread (Linux); elsewhere nothing."""
+  try:
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + STAIRCASE_NICE)
+  except (AttributeError, OSError):  # no per-thread priorities here
+    pass
 
 
 def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: float, runs: int,
@@ -349,6 +365,8 @@ def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: floa
   points of its own samples, and new samples find other steps.
   """
   try:
+    if threading.current_thread() is not threading.main_thread():
+      _lower_priority()
     key = jax.random.key(0) if key is None else key
     run = 0
     while True:
