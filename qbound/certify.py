@@ -420,7 +420,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       is kept and ``Certificate.bounds`` records what each method proved.
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
-    search: settings of the lower-bound search (:class:`qbound.attack.Search`).
+    search: settings of the lower-bound search (:class:`qbound.attack.Search`). Where f_q rounds its
+      activations (a graph with ``round`` nodes), a second search also runs on the float64 graph
+      once the first bound is proven: :data:`qbound.attack.STAIRCASE` (or ``search``) with
+      ``exact=True``, beside the bounds in a thread of its own when there is a time budget.
     time_budget: wall-clock seconds of the whole call with ``auto``, ``bab`` and ``milp``,
       compilation included: the call returns at the deadline with what is proven by then (at
       least one bound: if none is there yet, it waits for the interval bounds). A stage cannot be
