@@ -356,16 +356,16 @@ def _lower_priority() -> None:
 
 
 def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: float, runs: int,
-                      finished: Callable[[], bool], failure: list) -> None:
+                      finished: Callable[[], bool], failure: list, background: bool = False) -> None:
   """:data:`qbound.attack.STAIRCASE` (or ``search``) on the float64 graph, run with a new key each time
   until ``until`` (at least ``runs`` times) or ``finished()``; every witness goes to ``track``, an
-  exception to ``failure``.
+  exception to ``failure``. ``background``: in a thread of its own, whose priority it lowers.
 
   Several short runs rather than one long one: each run's refinement closes in on the best few
   points of its own samples, and new samples find other steps.
   """
   try:
-    if threading.current_thread() is not threading.main_thread():
+    if background:  # never the caller's thread: its priority would stay lowered
       _lower_priority()
     key = jax.random.key(0) if key is None else key
     run = 0
@@ -541,7 +541,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       until = time.perf_counter() + STAIRCASE_SHARE * time_budget
       searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
                                   args=(track, graph, box, key, search, until, STAIRCASE_RUNS, finished,
-                                        search_failure))
+                                        search_failure, True))
       searcher.start()
       searchers.append(searcher)
     else:
