@@ -164,3 +164,21 @@ def test_exact_search_needs_a_graph():
     qb.maximize_error(lambda x: x, qb.Box(jnp.zeros(2), jnp.ones(2)), exact=True)
   with pytest.raises(ValueError):
     Search(refine_rounds=-1)
+
+
+def test_certify_with_a_budget_searches_a_staircase_beside_the_bounds():
+  # The timed path: the staircase search runs in a thread of its own, at a lower priority that
+  # stays its own (the caller's thread keeps its niceness); what it reaches stays below the bound.
+  import os
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  w1, w2 = jax.random.normal(k1, (2, 6)), jax.random.normal(k2, (6, 1))
+  f = lambda x: jax.nn.relu(x @ w1) @ w2
+  fq = lambda x: (jnp.round(jax.nn.relu(x @ w1) * 8) / 8) @ w2
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  nice = os.getpriority(os.PRIO_PROCESS, 0)
+  cert = qb.certify(f, fq, box, search=STAIRS, time_budget=3.0)
+  assert os.getpriority(os.PRIO_PROCESS, 0) == nice
+  grid = jnp.stack(jnp.meshgrid(*[jnp.linspace(-1, 1, 500)] * 2), -1).reshape(-1, 2)
+  grid_max = float(jnp.max(jnp.abs(jax.vmap(f)(grid) - jax.vmap(fq)(grid))))
+  assert cert.lower <= cert.upper and grid_max <= cert.upper
