@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import threading
 import time
 import warnings
@@ -334,48 +333,15 @@ def _hashable(*objects) -> bool:
   return True
 
 
-# Share of the time budget the staircase search may take (beside the bounds, in a thread of its own),
-# and how many runs it makes at least there (see certify; once with the methods that have no budget).
-STAIRCASE_SHARE = 0.05
-STAIRCASE_RUNS = 1
-
-
-# Niceness added to the staircase search's thread: it yields the CPU to the bounds (its compilation
-# runs in this thread) without starving (a nice of 5 still gets about a third of a nice-0 thread's share).
-STAIRCASE_NICE = 5
-
-
-def _lower_priority() -> None:
-  """Lowers the calling thread's scheduling priority by :data:`STAIRCASE_NICE` where the OS sets it per
-  thread (Linux); elsewhere nothing."""
-  try:
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + STAIRCASE_NICE)
-  except (AttributeError, OSError):  # no per-thread priorities here
-    pass
-
-
 def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: float, runs: int,
                       finished: Callable[[], bool], failure: list, background: bool = False) -> None:
-  """:data:`qbound.attack.STAIRCASE` (or ``search``) on the float64 graph, run with a new key each time
-  until ``until`` (at least ``runs`` times) or ``finished()``; every witness goes to ``track``, an
-  exception to ``failure``. ``background``: in a thread of its own, whose priority it lowers.
-
-  Several short runs rather than one long one: each run's refinement closes in on the best few
-  points of its own samples, and new samples find other steps.
-  """
+  """:func:`qbound.attack.search_until` with every witness going to ``track`` and an exception to
+  ``failure``. ``background``: in a thread of its own, whose priority it lowers."""
   try:
     if background:  # never the caller's thread: its priority would stay lowered
-      _lower_priority()
-    key = jax.random.key(0) if key is None else key
-    run = 0
-    while True:
-      _, x = attack.maximize_error(graph, box, key=jax.random.fold_in(key, run), search=search or attack.STAIRCASE,
-                                   exact=True)
-      track.add_witness(graph, x)
-      run += 1
-      if finished() or (run >= runs and time.perf_counter() >= until):
-        return
+      attack.lower_thread_priority()
+    attack.search_until(graph, box, key=key, search=search, until=until, runs=runs, stop=finished,
+                        report=lambda x: track.add_witness(graph, x))
   except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
     failure.append(err)
 
@@ -530,17 +496,17 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     """f_q rounds its activations: gradient ascent and branch and bound's probes stall on its treads,
     and a float32 search is drawn to inputs within an ulp of a rounding tie, where the real-arithmetic
     error is far smaller (qbound.attack). So the derivative-free search on the float64 graph runs
-    too: with a time budget in a thread of its own beside the bounds (at least STAIRCASE_RUNS runs,
-    for STAIRCASE_SHARE of the budget), otherwise once, here. Started once the first bound is proven
-    (branch and bound's first batch): started before, its compilation delayed that batch's on a
-    loaded machine, and first calls ended with interval bounds (linen qwix static int8, load 10)."""
+    too: with a time budget in a thread of its own beside the bounds (see attack.STAIRCASE_SHARE),
+    otherwise once, here. Started once the first bound is proven (branch and bound's first batch):
+    started before, its compilation delayed that batch's on a loaded machine, and first calls ended
+    with interval bounds (linen qwix static int8, load 10)."""
     if not staircase or staircase_started.is_set() or halted() or finished():
       return
     staircase_started.set()
     if method in TIMED_METHODS and time_budget != float("inf"):
-      until = time.perf_counter() + STAIRCASE_SHARE * time_budget
+      until = time.perf_counter() + attack.STAIRCASE_SHARE * time_budget
       searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
-                                  args=(track, graph, box, key, search, until, STAIRCASE_RUNS, finished,
+                                  args=(track, graph, box, key, search, until, attack.STAIRCASE_RUNS, finished,
                                         search_failure, True))
       searcher.start()
       searchers.append(searcher)
