@@ -333,6 +333,19 @@ def _hashable(*objects) -> bool:
   return True
 
 
+def _staircase_search(track: _Tracker, graph, box: Box, key, search, until: float, runs: int,
+                      finished: Callable[[], bool], failure: list, background: bool = False) -> None:
+  """:func:`qbound.attack.search_until` with every witness going to ``track`` and an exception to
+  ``failure``. ``background``: in a thread of its own, whose priority it lowers."""
+  try:
+    if background:  # never the caller's thread: its priority would stay lowered
+      attack.lower_thread_priority()
+    attack.search_until(graph, box, key=key, search=search, until=until, runs=runs, stop=finished,
+                        report=lambda x: track.add_witness(graph, x))
+  except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
+    failure.append(err)
+
+
 def _first_probes(box: Box, key) -> np.ndarray:
   """The box's centre, lower and upper corners and :data:`FIRST_RANDOM_CORNERS` random corners.
 
@@ -373,7 +386,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       is kept and ``Certificate.bounds`` records what each method proved.
     key: a ``jax.random`` key for the lower-bound search; ``jax.random.key(0)`` when omitted.
     sound: widen the bounds by proven floating-point margins (the default).
-    search: settings of the lower-bound search (:class:`qbound.attack.Search`).
+    search: settings of the lower-bound search (:class:`qbound.attack.Search`). Where f_q rounds its
+      activations (a graph with ``round`` nodes), a second search also runs on the float64 graph
+      once the first bound is proven: :data:`qbound.attack.STAIRCASE` (or ``search``) with
+      ``exact=True``, beside the bounds in a thread of its own when there is a time budget.
     time_budget: wall-clock seconds of the whole call with ``auto``, ``bab`` and ``milp``,
       compilation included: the call returns at the deadline with what is proven by then (at
       least one bound: if none is there yet, it waits for the interval bounds). A stage cannot be
@@ -444,6 +460,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   # (neither wins everywhere: experiments/vit_digits.py), and branch and bound splits on CROWN.
   diff_ok = merged.paired
   transformer = nonlinear.first_nonlinear(merged.f_graph) is not None
+  staircase = attack.has_rounding(graph)
   track = _Tracker(n_out, outputs)
   # The error as f and f_q compute it themselves, compiled (op by op, every operation of the user's
   # model would compile on its own: seconds on a first call of a CNN) once per pair of functions.
@@ -471,7 +488,42 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     """The call has returned at its deadline, and this certificate has its proven bound."""
     return stop.is_set() and bool(track.snapshot()["per_method"])
 
+  searchers: list = []  # the staircase search's thread, when it has one
+  search_failure: list = []
+  staircase_started = threading.Event()
+
+  def start_staircase_search():
+    """f_q rounds its activations: gradient ascent and branch and bound's probes stall on its treads,
+    and a float32 search is drawn to inputs within an ulp of a rounding tie, where the real-arithmetic
+    error is far smaller (qbound.attack). So the derivative-free search on the float64 graph runs
+    too: with a time budget in a thread of its own beside the bounds (see attack.STAIRCASE_SHARE),
+    otherwise once, here. Started once the first bound is proven (branch and bound's first batch):
+    started before, its compilation delayed that batch's on a loaded machine, and first calls ended
+    with interval bounds (linen qwix static int8, load 10)."""
+    if not staircase or staircase_started.is_set() or halted() or finished():
+      return
+    staircase_started.set()
+    if method in TIMED_METHODS and time_budget != float("inf"):
+      until = time.perf_counter() + attack.STAIRCASE_SHARE * time_budget
+      searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
+                                  args=(track, graph, box, key, search, until, attack.STAIRCASE_RUNS, finished,
+                                        search_failure, True))
+      searcher.start()
+      searchers.append(searcher)
+    else:
+      _staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
+
   def run_stages():
+    try:
+      bound_stages()
+      start_staircase_search()  # if no stage started it (a method without branch and bound)
+    finally:
+      for searcher in searchers:
+        searcher.join()
+    if search_failure:
+      raise search_failure[0]
+
+  def bound_stages():
     # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
     # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
     # So auto on paired networks goes to branch and bound directly: its first batch is the
@@ -487,7 +539,6 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # What the certificate itself evaluates at its witness, done once now: its compilations are then
     # behind it when the call ends at its deadline.
     closing_values(track.snapshot()["witness"])
-
     # Cheap proven bounds.
     if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
@@ -519,9 +570,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         if halted():
           return
 
-      # Reached errors.
+      # Reached errors. Staircases too: their own search compiles for seconds on a first call of a
+      # larger net (a CNN of 64 inputs: 13 s at load 12), where this one is done in one or two.
       _, x = attack.maximize_error(graph, box, key=key, search=search)
       track.add_witness(graph, x)
+      start_staircase_search()
 
     if halted():  # the call has returned: no stage starts after it
       return
@@ -553,6 +606,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
           if branch_first and "diff" not in track.per_method:
             track.add_bounds("diff", root_lower, root_upper)
           track.add_upper("bab", upper)
+          start_staircase_search()
           if lower > reached[0]:
             reached[0] = lower
             track.add_witness(graph, witness)

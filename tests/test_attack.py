@@ -107,3 +107,78 @@ def test_exact_error_is_float64():
 def test_invalid_box_is_rejected():
   with pytest.raises(ValueError, match="empty"):
     qb.maximize_error(lambda x: x, qb.Box(jnp.ones(2), jnp.zeros(2)))
+
+
+# --- staircases: f_q rounds its activations -------------------------------------------------------
+
+# A smaller STAIRCASE setting: the tests' networks are tiny.
+STAIRS = Search(samples=2048, restarts=0, steps=0, refine_rounds=30, refine_points=64, refine_tries=16,
+                refine_radius=0.1)
+
+
+def test_refinement_climbs_a_staircase_to_its_known_maximum():
+  # sum_i w_i (x_i - round(4 x_i) / 4): each term at most |w_i| / 8, reached at the rounding ties
+  # (4 x_i = k + 1/2 rounds to the even k, so the tie itself is on the high side when w_i > 0).
+  # Uniform samples miss the ties (one sample in 8^-6 falls within 1/64 of step of all six), and
+  # the error is flat across each tread's direction of other coordinates.
+  w = jnp.array([1.0, -2.0, 0.5, 3.0, -1.0, 1.5])
+  graph = qb.trace(lambda x: jnp.sum(w * (x - jnp.round(4 * x) / 4))[None], jnp.zeros(6))
+  box = qb.Box(-jnp.ones(6), jnp.ones(6))
+  best = float(jnp.sum(jnp.abs(w))) / 8
+  sampled, _ = qb.maximize_error(graph, box, search=Search(samples=STAIRS.samples, restarts=0, steps=0))
+  value, witness = qb.maximize_error(graph, box, search=STAIRS, exact=True)
+  assert sampled < 0.95 * best  # what the samples alone reach
+  assert 0.98 * best <= value <= best
+  assert value == float(np.max(np.abs(exact_error(graph, witness))))  # the certificate's measure
+  assert witness.dtype == np.float32 and box.contains(witness)
+
+
+def test_exact_search_ranks_by_the_real_arithmetic_error():
+  # x / 0.1 rounds differently in float32 and in real arithmetic for inputs within an ulp of a tie:
+  # the exact search's value is the float64 error at its (float32) witness, as certify's lower.
+  graph = qb.trace(lambda x: (x - jnp.round(x / 0.1) * 0.1), jnp.zeros(3))
+  box = qb.Box(jnp.zeros(3), jnp.ones(3))
+  value, witness = qb.maximize_error(graph, box, search=STAIRS, exact=True, key=jax.random.key(2))
+  assert value == float(np.max(np.abs(exact_error(graph, witness))))
+  assert 0.049 <= value <= 0.05 + 1e-7
+
+
+def test_staircase_certificate_reaches_its_grid_maximum_and_stays_below_its_bound():
+  # A 2-input net whose hidden activations are rounded to steps of 1/8: certify's staircase search
+  # (float64, its own thread or inline) reaches the maximum a 1000 x 1000 grid finds, and the proven
+  # bound is above both (soundness).
+  k1, k2 = jax.random.split(jax.random.key(0))
+  w1, w2 = jax.random.normal(k1, (2, 6)), jax.random.normal(k2, (6, 1))
+  f = lambda x: jax.nn.relu(x @ w1) @ w2
+  fq = lambda x: (jnp.round(jax.nn.relu(x @ w1) * 8) / 8) @ w2
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  cert = qb.certify(f, fq, box, method="crown", search=STAIRS)
+  grid = jnp.stack(jnp.meshgrid(*[jnp.linspace(-1, 1, 1000)] * 2), -1).reshape(-1, 2)
+  grid_max = float(jnp.max(jnp.abs(jax.vmap(f)(grid) - jax.vmap(fq)(grid))))
+  assert grid_max <= cert.upper
+  assert 0.99 * grid_max <= cert.lower <= cert.upper
+
+
+def test_exact_search_needs_a_graph():
+  with pytest.raises(TypeError, match="Graph or a MergedNetwork"):
+    qb.maximize_error(lambda x: x, qb.Box(jnp.zeros(2), jnp.ones(2)), exact=True)
+  with pytest.raises(ValueError):
+    Search(refine_rounds=-1)
+
+
+def test_certify_with_a_budget_searches_a_staircase_beside_the_bounds():
+  # The timed path: the staircase search runs in a thread of its own, at a lower priority that
+  # stays its own (the caller's thread keeps its niceness); what it reaches stays below the bound.
+  import os
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  w1, w2 = jax.random.normal(k1, (2, 6)), jax.random.normal(k2, (6, 1))
+  f = lambda x: jax.nn.relu(x @ w1) @ w2
+  fq = lambda x: (jnp.round(jax.nn.relu(x @ w1) * 8) / 8) @ w2
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  nice = os.getpriority(os.PRIO_PROCESS, 0)
+  cert = qb.certify(f, fq, box, search=STAIRS, time_budget=3.0)
+  assert os.getpriority(os.PRIO_PROCESS, 0) == nice
+  grid = jnp.stack(jnp.meshgrid(*[jnp.linspace(-1, 1, 500)] * 2), -1).reshape(-1, 2)
+  grid_max = float(jnp.max(jnp.abs(jax.vmap(f)(grid) - jax.vmap(fq)(grid))))
+  assert cert.lower <= cert.upper and grid_max <= cert.upper
