@@ -110,7 +110,7 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None
       err = fp.margin_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
     return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
   if node.kind in G.NONLINEAR:
-    return nonlinear.backward_rule(node, lam, src_bounds, sound)
+    return nonlinear.backward_rule(node, lam, src_bounds, sound, alpha)
   raise ValueError(f"CROWN has no rule for node kind {node.kind!r}")
 
 
@@ -169,7 +169,7 @@ def backward_lower(graph: G.Graph, target: int, rows, bounds, box: Box, *, alpha
     if idx not in lambdas:
       continue
     node = graph.nodes[idx]
-    alpha = None if alphas is None or node.kind not in ACTIVATIONS else alphas.get(idx)
+    alpha = None if alphas is None or node.kind not in ACTIVATIONS + G.NONLINEAR else alphas.get(idx)
     src_bounds = tuple(bounds[i] for i in node.inputs)
     step_lines = None if lines is None else lines.get(idx)
     if node.kind in ACTIVATIONS and step_lines is None:
