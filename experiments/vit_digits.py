@@ -5,7 +5,9 @@ embedding of width 32 plus learned position embeddings, pre-norm transformer blo
 LayerNorm, 2-head softmax self-attention, a GELU MLP of width 64), mean pooling, a final LayerNorm
 and a linear classifier. Trained with Adam (optax) for a few hundred steps, then quantized to int8
 weights twice: qbound's ``qb.quantize.uniform(params, bits=8)``, and qwix's weight-only PTQ
-(``weight_qtype="int8"``; qwix dequantizes the kernels, so the layers pair with f's). Certified
+(``weight_qtype="int8"`` on every module, attention's einsums included; qwix dequantizes the
+kernels, and writes ``q k^T`` with its operands swapped, which the tracer puts back in order, so the
+layers pair with f's). Certified
 over L-inf balls (radius 0.001, 0.005 and 0.01, clipped to [0, 1]) around test images by
 ``qb.certify`` with ``method="crown"`` (CROWN on the merged network ``f - f_q``: f and f_q
 relaxed apart), ``method="diff"`` (differential bounds through every layer, products and
@@ -115,10 +117,10 @@ def qwix_int8(model, params):
     import qwix
   except ImportError as err:  # an optional extra
     return None, f"qwix not installed: {err}"
-  # Only the Dense layers: with module_path=".*" qwix also intercepts attention's einsum of two
-  # activations (nothing to quantize there) and writes q k^T with its operands swapped, so the
-  # merged network would not pair its product with f's.
-  rules = [qwix.QuantizationRule(module_path=r".*Dense_\d+", weight_qtype="int8")]
+  # Every module (module_path ".*"): qwix also intercepts attention's einsums of two activations
+  # (nothing to quantize there in weight-only mode) and writes q k^T with its operands swapped; the
+  # tracer builds products in a canonical operand order, so f_q still pairs with f.
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(qmodel.init, jax.random.key(0), jnp.zeros(64))
   qparams = qwix.quantize_params(params["params"], abstract["params"])

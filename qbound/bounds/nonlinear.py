@@ -306,9 +306,39 @@ def default_slopes(kind: str, lo, hi):
   return lower, upper
 
 
-def curve_relaxation(kind: str, lo, hi, *, sound: bool = True) -> Relaxation:
+def slope_range(kind: str, lo, hi):
+  """A range ``(k_min, k_max)`` of slopes worth trying on ``[lo, hi]``: the derivative at both ends
+  and CROWN's slopes (:func:`default_slopes`). Any slope gives proven lines (:func:`curve_offsets`);
+  optimised slopes (:mod:`qbound.bounds.alpha`) move within this range."""
+  curve = CURVES[kind]
+  ends = [curve.deriv(jnp.maximum(x, curve.deriv_floor)) for x in (lo, hi)]
+  lower, upper = default_slopes(kind, lo, hi)
+  k_min = jnp.minimum(jnp.minimum(ends[0], ends[1]), jnp.minimum(lower, upper))
+  k_max = jnp.maximum(jnp.maximum(ends[0], ends[1]), jnp.maximum(lower, upper))
+  return k_min, k_max
+
+
+def default_fractions(kind: str, lo, hi):
+  """CROWN's slopes as fractions of :func:`slope_range`: ``{"lower", "upper"}`` in [0, 1], the
+  starting point of optimised slopes."""
+  bad = invalid(kind, lo, hi)
+  lo, hi = jnp.where(bad, 1, lo), jnp.where(bad, 1, hi)
+  k_min, k_max = slope_range(kind, lo, hi)
+  lower, upper = default_slopes(kind, lo, hi)
+  span = k_max - k_min
+  ok = jnp.isfinite(span) & (span > 0)
+  frac = lambda k: jnp.where(ok, jnp.clip((k - k_min) / jnp.where(ok, span, 1), 0, 1), 0.5)
+  return {"lower": frac(lower).astype(lo.dtype), "upper": frac(upper).astype(lo.dtype)}
+
+
+def curve_relaxation(kind: str, lo, hi, *, sound: bool = True, fractions=None) -> Relaxation:
   """Lines below and above ``f`` on ``[lo, hi]`` (horizontal lines at the interval bounds where
   the slopes or offsets overflow, and at the whole real line outside the domain).
+
+  ``fractions``: optional ``{"lower", "upper"}`` in [0, 1] (any leading axes, e.g. one set per
+  backward row): the slopes ``k_min + fraction (k_max - k_min)`` of :func:`slope_range` instead of
+  CROWN's. Every slope gives proven lines, so these can be optimised (alpha-CROWN, Xu et al.,
+  ICLR 2021, applied to curves as in Shi et al., ICLR 2020).
 
   Example:
     >>> import jax.numpy as jnp
@@ -321,7 +351,16 @@ def curve_relaxation(kind: str, lo, hi, *, sound: bool = True) -> Relaxation:
   """
   bad = invalid(kind, lo, hi)
   safe_lo, safe_hi = jnp.where(bad, 1, lo), jnp.where(bad, 1, hi)
-  lower_slope, upper_slope = jax.lax.stop_gradient(default_slopes(kind, safe_lo, safe_hi))
+  if fractions is None:
+    lower_slope, upper_slope = jax.lax.stop_gradient(default_slopes(kind, safe_lo, safe_hi))
+  else:
+    k_min, k_max = jax.lax.stop_gradient(slope_range(kind, safe_lo, safe_hi))
+    span = jnp.where(jnp.isfinite(k_max - k_min), k_max - k_min, 0)
+    lower_slope = k_min + fractions["lower"] * span
+    upper_slope = k_min + fractions["upper"] * span
+    shape = jnp.shape(lower_slope)  # the fractions' leading axes (one set per row)
+    lo, hi, bad = (jnp.broadcast_to(v, shape) for v in (lo, hi, bad))
+    safe_lo, safe_hi = jnp.broadcast_to(safe_lo, shape), jnp.broadcast_to(safe_hi, shape)
   b_lo, b_up = curve_offsets(kind, safe_lo, safe_hi, lower_slope, upper_slope, sound=sound)
   box_lo, box_hi = curve_interval(kind, lo, hi, sound=sound)
   flat_lo = ~(jnp.isfinite(lower_slope) & jnp.isfinite(b_lo)) | bad
@@ -338,6 +377,60 @@ class ProductRelaxation(NamedTuple):
   y_slope: jnp.ndarray
   lower_offset: jnp.ndarray
   upper_offset: jnp.ndarray
+
+
+def product_offsets(x, y, a, b, *, sound: bool = True):
+  """Proven ``(low, high)`` with ``a x + b y + low <= x y <= a x + b y + high`` on the box, for ANY
+  slopes ``a``, ``b``: the extremes of the bilinear ``x y - a x - b y`` over the four vertices
+  (``+-inf`` where a bound is not finite)."""
+  (xl, xu), (yl, yu) = x, y
+  low, high = jnp.inf, -jnp.inf
+  for xv in (xl, xu):
+    for yv in (yl, yu):
+      xy, ax, by = _times(xv, yv), _times(a, xv), _times(b, yv)
+      h = xy - ax - by
+      # Three products and two differences, and subnormal factors flushed to 0 (tiny times the other).
+      err = (4 * _u(h) * (jnp.abs(xy) + jnp.abs(ax) + jnp.abs(by))
+             + _tiny(h) * (4 + 2 * (jnp.abs(xv) + jnp.abs(yv) + jnp.abs(a) + jnp.abs(b)))) if sound else 0
+      low, high = jnp.minimum(low, h - err), jnp.maximum(high, h + err)
+  return low, high
+
+
+class ProductPlanes(NamedTuple):
+  """``x_lower x + y_lower y + lower_offset <= x y <= x_upper x + y_upper y + upper_offset``."""
+
+  x_lower: jnp.ndarray
+  y_lower: jnp.ndarray
+  lower_offset: jnp.ndarray
+  x_upper: jnp.ndarray
+  y_upper: jnp.ndarray
+  upper_offset: jnp.ndarray
+
+
+def product_planes(x, y, fractions, *, sound: bool = True) -> ProductPlanes:
+  """A plane below and one above ``x * y``, with slopes ``a = yl + s (yu - yl)``, ``b = xl + t
+  (xu - xl)`` from ``fractions = {"a_lower", "b_lower", "a_upper", "b_upper"}`` in [0, 1] (any
+  leading axes). 0 and 1 give McCormick's planes (Math. Programming 1976), 1/2 the planes through
+  the centre of :func:`product_relaxation`; every choice is proven, so they can be optimised
+  (alpha-CROWN, Xu et al., ICLR 2021; the plane choice of Shi et al., ICLR 2020)."""
+  (xl, xu), (yl, yu) = x, y
+  finite = jnp.isfinite(xl) & jnp.isfinite(xu) & jnp.isfinite(yl) & jnp.isfinite(yu)
+  slope = lambda lo, hi, f: jnp.where(finite, lo + f * jnp.where(finite, hi - lo, 0), 0)
+  a_l, b_l = slope(yl, yu, fractions["a_lower"]), slope(xl, xu, fractions["b_lower"])
+  a_u, b_u = slope(yl, yu, fractions["a_upper"]), slope(xl, xu, fractions["b_upper"])
+  low, _ = product_offsets(x, y, a_l, b_l, sound=sound)
+  _, high = product_offsets(x, y, a_u, b_u, sound=sound)
+  box_lo, box_hi = product_interval(x, y, sound=sound)
+  low, high = jnp.where(finite, low, box_lo), jnp.where(finite, high, box_hi)
+  dtype = xl.dtype
+  return ProductPlanes(a_l.astype(dtype), b_l.astype(dtype), low.astype(dtype), a_u.astype(dtype),
+                       b_u.astype(dtype), high.astype(dtype))
+
+
+def default_product_fractions(x):
+  """The centre planes of :func:`product_relaxation` as :func:`product_planes`' fractions."""
+  half = jnp.full(jnp.shape(x[0]), 0.5, x[0].dtype)
+  return {"a_lower": half, "b_lower": half, "a_upper": half, "b_upper": half}
 
 
 def product_relaxation(x, y, *, sound: bool = True) -> ProductRelaxation:
@@ -360,15 +453,7 @@ def product_relaxation(x, y, *, sound: bool = True) -> ProductRelaxation:
   finite = jnp.isfinite(xl) & jnp.isfinite(xu) & jnp.isfinite(yl) & jnp.isfinite(yu)
   a = jnp.where(finite, (yl + yu) / 2, 0)
   b = jnp.where(finite, (xl + xu) / 2, 0)
-  low, high = jnp.inf, -jnp.inf
-  for xv in (xl, xu):
-    for yv in (yl, yu):
-      xy, ax, by = _times(xv, yv), _times(a, xv), _times(b, yv)
-      h = xy - ax - by
-      # Three products and two differences, and subnormal factors flushed to 0 (tiny times the other).
-      err = (4 * _u(h) * (jnp.abs(xy) + jnp.abs(ax) + jnp.abs(by))
-             + _tiny(h) * (4 + 2 * (jnp.abs(xv) + jnp.abs(yv) + jnp.abs(a) + jnp.abs(b)))) if sound else 0
-      low, high = jnp.minimum(low, h - err), jnp.maximum(high, h + err)
+  low, high = product_offsets(x, y, a, b, sound=sound)
   box_lo, box_hi = product_interval(x, y, sound=sound)
   low, high = jnp.where(finite, low, box_lo), jnp.where(finite, high, box_hi)
   dtype = xl.dtype
@@ -393,12 +478,28 @@ def _offset_sum(lam, lower_offset, upper_offset):
   return _row_sum(_times(pos, lower_offset) + _times(neg, upper_offset))
 
 
-def backward_rule(node: G.Node, lam, src_bounds, sound: bool):
+def backward_rule(node: G.Node, lam, src_bounds, sound: bool, alpha=None):
   """CROWN through a :data:`~qbound.graph.NONLINEAR` node: coefficients passed to each input, and
-  the constant and rounding margin per row (as :func:`qbound.bounds.crown._backward_rule`)."""
+  the constant and rounding margin per row (as :func:`qbound.bounds.crown._backward_rule`).
+
+  ``alpha``: optional optimised slopes, one set per row: :func:`product_planes`' fractions for a
+  product, :func:`curve_relaxation`'s for a curve."""
   dtype = lam.dtype
   u = fp.unit_roundoff(dtype)
   n_terms = fp.pairwise_terms(node.size)
+  if node.kind == G.MUL and alpha is not None:
+    r = product_planes(src_bounds[0], src_bounds[1], alpha, sound=sound)
+    pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+    parts = (pos * r.x_lower + neg * r.x_upper, pos * r.y_lower + neg * r.y_upper)
+    beta = _offset_sum(lam, r.lower_offset, r.upper_offset)
+    if not sound:
+      return parts, beta, jnp.zeros(lam.shape[0], dtype)
+    x_slope = jnp.maximum(jnp.abs(r.x_lower), jnp.abs(r.x_upper))
+    y_slope = jnp.maximum(jnp.abs(r.y_lower), jnp.abs(r.y_upper))
+    offset = jnp.maximum(jnp.abs(r.lower_offset), jnp.abs(r.upper_offset))
+    spread = (u * fp.SLACK * (x_slope * _magnitude(src_bounds[0]) + y_slope * _magnitude(src_bounds[1]))
+              + fp.margin_coefficient(n_terms, dtype) * offset)
+    return parts, beta, _row_sum(_times(jnp.abs(lam), spread)) + fp.margin_floor(n_terms, dtype)
   if node.kind == G.MUL:
     r = product_relaxation(src_bounds[0], src_bounds[1], sound=sound)
     parts = (lam * r.x_slope, lam * r.y_slope)
@@ -409,7 +510,7 @@ def backward_rule(node: G.Node, lam, src_bounds, sound: bool):
     spread = (u * fp.SLACK * (jnp.abs(r.x_slope) * _magnitude(src_bounds[0]) + jnp.abs(r.y_slope)
                               * _magnitude(src_bounds[1])) + fp.margin_coefficient(n_terms, dtype) * offset)
     return parts, beta, _row_sum(_times(jnp.abs(lam), spread)) + fp.margin_floor(n_terms, dtype)
-  r = curve_relaxation(node.kind, *src_bounds[0], sound=sound)
+  r = curve_relaxation(node.kind, *src_bounds[0], sound=sound, fractions=alpha)
   pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
   parts = (pos * r.lower_slope + neg * r.upper_slope,)
   beta = _offset_sum(lam, r.lower_offset, r.upper_offset)

@@ -270,6 +270,24 @@ def _rule_dot_general(b: _Builder, eqn, ins, where, shape):
     return b.linear(eqn, ins, where, shape)
   (cx, cy), (bx, by) = eqn.params["dimension_numbers"]
   x, y = ins
+  if x[1] > y[1]:
+    # Products commute: ``x . y`` is built with the earlier node first, then transposed to the
+    # layout asked for. Two networks that write one einsum with its operands swapped (qwix swaps
+    # attention's ``q k^T``) then trace to the same product, and the transpose that follows it in
+    # one of them cancels against this one (:mod:`qbound.trace.simplify`), so the two pair.
+    nb, nfx = len(bx), len(b.shape_of(x)) - len(bx) - len(cx)
+    nfy = len(b.shape_of(y)) - len(by) - len(cy)
+    swapped = _contract(b, y, x, (cy, cx), (by, bx), where)
+    perm = tuple(range(nb)) + tuple(nb + nfy + i for i in range(nfx)) + tuple(nb + j for j in range(nfy))
+    if perm == tuple(range(len(perm))):
+      return swapped
+    return b.route(swapped, lambda t: lax.transpose(t, perm), where)
+  return _contract(b, x, y, (cx, cy), (bx, by), where)
+
+
+def _contract(b: _Builder, x, y, contracting, batch, where):
+  """``dot_general(x, y)`` of two nodes, output ``(batch, free of x, free of y)``."""
+  (cx, cy), (bx, by) = contracting, batch
   sx, sy = b.shape_of(x), b.shape_of(y)
   fx = [d for d in range(len(sx)) if d not in cx and d not in bx]
   fy = [d for d in range(len(sy)) if d not in cy and d not in by]
@@ -281,6 +299,8 @@ def _rule_dot_general(b: _Builder, eqn, ins, where, shape):
     perm = tuple(order)
     if perm != tuple(range(len(perm))):
       v = b.route(v, lambda t, perm=perm: lax.transpose(t, perm), where)
+    if b.shape_of(v) == common:  # already in place: jax emits no broadcast, there is no op to record
+      return v
     return b.route(v, lambda t: lax.broadcast_in_dim(t, common, kept), where)
 
   rest = tuple(range(nb + nfx + nfy, nb + nfx + nfy + nc))

@@ -10,6 +10,24 @@ import numpy as np
 from qbound import graph as G
 
 
+def _is_transpose(node: G.Node) -> bool:
+  return node.kind == G.AFFINE and node.bias is None and node.op is not None and node.op.name == "transpose"
+
+
+def _permutation(node: G.Node) -> tuple:
+  return tuple(dict(node.op.params)["permutation"])
+
+
+def _with_permutation(params: tuple, perm: tuple) -> tuple:
+  return tuple((k, perm if k == "permutation" else v) for k, v in params)
+
+
+def _reads_lone_transpose(nodes: list[G.Node], consumers: list[list[int]], idx: int, output: int) -> bool:
+  """Whether node ``idx`` reads a transpose that nothing else reads."""
+  src = nodes[idx].inputs[0]
+  return _is_transpose(nodes[src]) and consumers[src] == [idx] and src != output
+
+
 def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
   """Folds added constants into the affine node before them and drops nodes the output ignores."""
   consumers: list[list[int]] = [[] for _ in nodes]
@@ -38,6 +56,20 @@ def _simplify(nodes: list[G.Node], output: int) -> tuple[list[G.Node], int]:
           lo, hi = jnp.asarray(lo), jnp.asarray(hi)
           new_nodes[src] = dataclasses.replace(prev, weights=(lo, hi))
           alias[idx] = src
+      continue
+    if _is_transpose(node) and _reads_lone_transpose(new_nodes, consumers, idx, output):
+      # transpose(transpose(x)): one transpose, none when the two cancel (a product traced with its
+      # operands in canonical order, then put back in the order the einsum asked for; see
+      # qbound.trace.rules._rule_dot_general).
+      src = node.inputs[0]
+      inner = new_nodes[src]
+      perm = tuple(_permutation(inner)[i] for i in _permutation(node))
+      if perm == tuple(range(len(perm))):
+        alias[idx] = inner.inputs[0]
+      else:
+        op = dataclasses.replace(inner.op, params=_with_permutation(inner.op.params, perm), out_shape=node.shape)
+        new_nodes[src] = dataclasses.replace(inner, op=op, shape=node.shape, where=node.where)
+        alias[idx] = src
       continue
     if node.kind != G.AFFINE or node.op is not None:
       continue
