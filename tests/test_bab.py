@@ -9,7 +9,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import bab
+from qbound.bounds import bab, splitting
 from qbound.bounds.diff import diff_bounds
 
 
@@ -55,20 +55,20 @@ def test_sampled_errors_within_the_bounds_when_stopped_early():
 
 def test_candidate_axes_skip_empty_dimensions():
   sensitivity = np.ones(4)
-  assert bab._candidate_axes(np.array([1.0, 0.02, 50.0, 0.0]), sensitivity) == [2, 0, 1]
-  assert bab._candidate_axes(np.zeros(4), sensitivity) == []
-  assert bab._candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), sensitivity) == [1]
+  assert splitting.candidate_axes(np.array([1.0, 0.02, 50.0, 0.0]), sensitivity) == [2, 0, 1]
+  assert splitting.candidate_axes(np.zeros(4), sensitivity) == []
+  assert splitting.candidate_axes(np.array([0.0, 1e-9, 0.0, 0.0]), sensitivity) == [1]
 
 
 def test_candidate_axes_keep_the_dimensions_that_weigh_most_in_the_bound():
   width = np.full(5, 1.0)
   sensitivity = np.array([0.1, 3.0, 0.0, 2.0, 1.0])
-  assert bab._candidate_axes(width, sensitivity) == [1, 3, 4]
+  assert splitting.candidate_axes(width, sensitivity) == [1, 3, 4]
   # The weight is |coefficient| times width: a narrower piece side counts for less.
-  assert bab._candidate_axes(np.array([1.0, 0.2, 1.0, 1.0, 1.0]), sensitivity) == [3, 4, 1]
-  assert bab._candidate_axes(width[:3], sensitivity[:3]) == [1, 0, 2]  # few dimensions: all
+  assert splitting.candidate_axes(np.array([1.0, 0.2, 1.0, 1.0, 1.0]), sensitivity) == [3, 4, 1]
+  assert splitting.candidate_axes(width[:3], sensitivity[:3]) == [1, 0, 2]  # few dimensions: all
   # A dimension the bound ignores is still split once it is the only one left with width.
-  assert bab._candidate_axes(np.array([0.0, 0.0, 1.0, 0.0, 0.0]), sensitivity) == [2]
+  assert splitting.candidate_axes(np.array([0.0, 0.0, 1.0, 0.0, 0.0]), sensitivity) == [2]
 
 
 @pytest.mark.parametrize("seed,shape,compression", [(0, H.SHAPES[1], {"bits": 3}), (1, H.SHAPES[2], {"bits": 8}),
@@ -105,9 +105,9 @@ def test_f_crown_is_skipped_only_for_close_copies():
 
 def test_strong_branching_prefers_splits_that_help_both_children():
   # Minimax would pick axis 0 (worse child 0.9 < 0.95); the product of gains picks axis 1.
-  assert bab._strong_branching_axis(1.0, [(0.9, 0.999), (0.95, 0.6)]) == 1
+  assert splitting.strong_branching_axis(1.0, [(0.9, 0.999), (0.95, 0.6)]) == 1
   # No gain anywhere: any axis, but a valid one.
-  assert bab._strong_branching_axis(1.0, [(1.0, 1.0), (1.0, 1.0)]) in (0, 1)
+  assert splitting.strong_branching_axis(1.0, [(1.0, 1.0), (1.0, 1.0)]) in (0, 1)
 
 
 def test_default_batch_size_follows_the_net_size():
@@ -159,8 +159,8 @@ def test_sparse_bounds_on_every_neuron_measure_the_dense_widening():
 def test_candidate_axes_take_as_many_as_asked():
   width = np.ones(5)
   sensitivity = np.array([0.1, 3.0, 0.2, 2.0, 1.0])
-  assert bab._candidate_axes(width, sensitivity, 2) == [1, 3]
-  assert bab._candidate_axes(width, sensitivity, 1) == [1]
+  assert splitting.candidate_axes(width, sensitivity, 2) == [1, 3]
+  assert splitting.candidate_axes(width, sensitivity, 1) == [1]
 
 
 def test_close_copy_of_a_larger_net_is_bounded_sparsely_and_soundly():

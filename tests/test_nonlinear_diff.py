@@ -33,12 +33,22 @@ RANGES = {G.SQUARE: (-20, 20), G.EXP: (-20, 20), G.RECIPROCAL: (0.05, 40), G.RSQ
           G.ERFC: (-6, 6), G.SILU: (-20, 20)}
 
 
+# XLA on CPU reads subnormal float32 inputs as zero, so a box end rounded outward to a subnormal is
+# read as 0, which is no longer outward (an end of 1e-43 in float64 would be d's box [0, 0]: exactly
+# zero): ends below the smallest normal go to 0 when that is outward, else to the smallest normal.
+_TINY = np.finfo(np.float32).tiny
+
+
 def _down(x):
-  return np.nextafter(np.float32(x), np.float32(-np.inf))
+  x = np.asarray(x, np.float64)
+  v = np.nextafter(x.astype(np.float32), np.float32(-np.inf))
+  return np.where(np.abs(v) >= _TINY, v, np.where(x >= 0, 0, -_TINY)).astype(np.float32)
 
 
 def _up(x):
-  return np.nextafter(np.float32(x), np.float32(np.inf))
+  x = np.asarray(x, np.float64)
+  v = np.nextafter(x.astype(np.float32), np.float32(np.inf))
+  return np.where(np.abs(v) >= _TINY, v, np.where(x <= 0, 0, _TINY)).astype(np.float32)
 
 
 def _pair_boxes(data, low, high, d_scale):

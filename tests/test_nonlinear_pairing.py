@@ -115,6 +115,7 @@ def test_swapped_attention_block_interval_diff_bounds_hold():
   assert bool(jnp.all(jnp.isfinite(upper)) & jnp.all(err >= lower) & jnp.all(err <= upper))
 
 
+@pytest.mark.slow  # ~25 s, mostly compiling the differential bounds of an attention block
 def test_swapped_attention_block_diff_certificate_holds():
   """12 s on a quiet machine (30 s loaded): the differential bounds' steps compile."""
   f, fq, x0 = _swapped_pair()

@@ -151,6 +151,7 @@ def test_converges_to_the_exact_value_with_relu_splits(split_early):
   assert res.upper <= 1.01 * exact.upper + tol
 
 
+@pytest.mark.slow  # ~12 s; ReLU splitting is off by default, and the sub-problem tests cover its bounds
 @settings(max_examples=4, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(seed=st.integers(0, 10_000), sound=st.booleans(), scale=st.sampled_from([1.0, 2.5]))
 def test_stopped_early_with_relu_splits_the_bounds_hold_the_sampled_errors(seed, sound, scale):

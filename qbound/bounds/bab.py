@@ -47,6 +47,8 @@ from tqdm.auto import tqdm
 from qbound import graph as G
 from qbound import sharding, validate
 from qbound.bounds import guards, nonlinear, refute, relusplit
+from qbound.bounds.probe import probe_batch
+from qbound.bounds.splitting import candidate_axes, split_at, split_scores, strong_branching_axis
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
@@ -210,31 +212,6 @@ def _widening(fg: G.Graph, z, zq, d) -> float:
   return worst
 
 
-def probe_piece(graph: G.Graph, outputs, x, low, high, j):
-  """The error reached in one piece ``[low, high]``: at its centre ``x`` or at the corner its gradient
-  points to, whichever is larger.
-
-  On a small piece ``g`` is close to affine, so the corner in the direction of
-  ``sign(g_j(x)) * grad g_j(x)`` (``j`` the piece's worst output) is close to where ``|g_j|`` peaks on
-  the piece: a reached error that keeps up with the shrinking upper bounds, for one more forward
-  pass. Returns the better point's ``max_j |g_j|`` over the selected outputs and that point.
-  """
-  value_of = lambda y: jnp.max(jnp.abs(graph(y).reshape(-1)[outputs]))
-  g_j, grad = jax.value_and_grad(lambda y: graph(y).reshape(-1)[outputs][j])(x)
-  direction = jnp.sign(g_j) * grad
-  corner = jnp.where(direction > 0, high, jnp.where(direction < 0, low, x))
-  at_centre, at_corner = value_of(x), value_of(corner)
-  better = at_corner > at_centre
-  return jnp.where(better, at_corner, at_centre), jnp.where(better, corner, x)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _probe(graph: G.Graph, outputs, xs, lo, hi, worst, mesh=None):
-  """:func:`probe_piece` on a batch of pieces, split over the mesh's devices."""
-  one = functools.partial(probe_piece, graph, outputs)
-  return sharding.data_parallel(jax.vmap(one), mesh, 0, 4)(xs, lo, hi, worst)
-
-
 SMALL_NET_NEURONS = 256
 
 
@@ -286,35 +263,6 @@ DIFFERING_CANDIDATES = 1
 FILL_CANDIDATES = True
 
 
-def _split_scores(width: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
-  """How much each input dimension weighs in a piece's bound: ``|coefficient| * width`` (what the
-  bound's minimum over the piece loses to that dimension's width; ReluVal's smear, VeryDiff's
-  generator influence), -1 for dimensions of width 0. A tiny share of the width breaks ties, so
-  that a dimension the bound ignores is still split once the others are."""
-  score = (sensitivity + 1e-9 * (sensitivity.max(initial=0.0) + 1e-30)) * width
-  return np.where(width > 0, score, -1.0)
-
-
-def _candidate_axes(width: np.ndarray, sensitivity: np.ndarray, count: int = STRONG_BRANCHING_CANDIDATES) -> list:
-  """The dimensions worth trying to split: positive width, the ``count`` that weigh most in the
-  bound (:func:`_split_scores`)."""
-  score = _split_scores(width, sensitivity)
-  axes = np.argsort(-score, kind="stable")[:count]
-  return [int(a) for a in axes if score[a] >= 0]
-
-
-def _strong_branching_axis(parent: float, children: Sequence[tuple]) -> int:
-  """Which of the tried splits to keep: the largest product of the two children's improvements.
-
-  Ranking splits by the worse child alone (minimax) stalls: when the worst region sits in one
-  corner, every split leaves one child nearly as bad as the parent. The product of both children's
-  gains (each at least a small floor) is the score MIP solvers use for strong branching
-  (Achterberg, "Constraint Integer Programming", 2007, section 5.3).
-  """
-  floor = 1e-6 * max(abs(parent), 1e-30)
-  return int(np.argmax([max(parent - a, floor) * max(parent - b, floor) for a, b in children]))
-
-
 # Whether the root's batch also bounds the root's halves along every dimension (see branch_and_bound).
 ROOT_CHILDREN = True
 
@@ -329,15 +277,6 @@ def _root_children(width: np.ndarray, batch_size: int) -> list:
   """
   axes = [int(a) for a in np.flatnonzero(width > 0)]
   return axes if ROOT_CHILDREN and 1 + 2 * len(axes) <= batch_size else []
-
-
-def split_at(lo, hi, axis):
-  """Upper corner of the left half and lower corner of the right half, split at the midpoint."""
-  mid = np.float32((lo[axis] + hi[axis]) / 2)
-  left_hi, right_lo = hi.copy(), lo.copy()
-  left_hi[axis] = mid
-  right_lo[axis] = mid
-  return left_hi, right_lo
 
 
 # Whether paired nets of affine layers, ReLUs and clips also take differential zonotopes on every
@@ -461,7 +400,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          check=not constrained))
 
   def probe_fn(xs, lo, hi, worst):
-    return sharding.gather(_probe(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
+    return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
   shape = box.shape
   lower0 = np.asarray(box.lower, np.float32).reshape(-1)
   upper0 = np.asarray(box.upper, np.float32).reshape(-1)
@@ -559,7 +498,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   root_lower, root_upper = root[0][4], root[0][5]
   if root_axes and root[0][0] > best_lower:
     options = first[1:]
-    best = _strong_branching_axis(root[0][0], [(options[2 * a][0], options[2 * a + 1][0])
+    best = strong_branching_axis(root[0][0], [(options[2 * a][0], options[2 * a + 1][0])
                                                 for a in range(len(root_axes))])
     chosen = options[2 * best:2 * best + 2]
     if max(c[0] for c in chosen) <= root[0][0]:
@@ -617,7 +556,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       count = max(candidate_count, (batch_size // 2) // len(heap)) if FILL_CANDIDATES else candidate_count
       depths, splits = [], []
       while heap:
-        candidates = _candidate_axes(heap[0][3] - heap[0][2], heap[0][7], count)
+        candidates = candidate_axes(heap[0][3] - heap[0][2], heap[0][7], count)
         # ReLU splits (qbound/bounds/relusplit.py) compete with the input splits once the piece has
         # been split RELU_SPLIT_DEPTH times along its input.
         neurons = []
@@ -654,7 +593,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       for t, candidates in zip(take, axes):
         options = children[offset:offset + 2 * len(candidates)]
         offset += len(options)
-        best = _strong_branching_axis(-t[0], [(options[2 * a][0], options[2 * a + 1][0])
+        best = strong_branching_axis(-t[0], [(options[2 * a][0], options[2 * a + 1][0])
                                               for a in range(len(candidates))])
         push(options[2 * best:2 * best + 2])
       continue
@@ -663,7 +602,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     for t in take:
       lo, hi = t[2], t[3]
       width = hi - lo
-      axis = int(np.argmax(_split_scores(width, t[7])))
+      axis = int(np.argmax(split_scores(width, t[7])))
       if width[axis] <= 0:  # a single point: nothing left to split
         close(t)
         continue

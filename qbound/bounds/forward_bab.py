@@ -47,7 +47,7 @@ import numpy as np
 from qbound import graph as G
 from qbound import validate
 from qbound.bounds import guards
-from qbound.bounds.bab import probe_piece
+from qbound.bounds.probe import probe_piece
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower
 from qbound.bounds.forward import forward_diff_bounds
@@ -166,7 +166,7 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
 
 
 def _probe(graph: G.Graph, outputs, lo, hi, worst):
-  """Errors reached on a batch of pieces (:func:`qbound.bounds.bab.probe_piece` at each centre)."""
+  """Errors reached on a batch of pieces (:func:`qbound.bounds.probe.probe_piece` at each centre)."""
   return jax.vmap(functools.partial(probe_piece, graph, outputs))((lo + hi) / 2, lo, hi, worst)
 
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound.attack import exact_errors
-from qbound.bounds.bab import split_at
+from qbound.bounds.splitting import split_at
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
 from qbound.box import Box
