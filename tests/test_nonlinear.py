@@ -163,7 +163,8 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+# attention (~14 s) runs with -m slow: test_certify_attention_block_is_sound certifies a whole block.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "attention" else n for n in sorted(LAYERS)])
 def test_layers_trace_and_bound(name):
   fn, kinds = LAYERS[name]
   box = qb.Box(X0 - 0.1, X0 + 0.1)

@@ -224,6 +224,7 @@ def _qwix_dynamic_ptq(model, params, x0, **rule):
   return lambda x: qmodel.apply({"params": qparams}, x)
 
 
+@pytest.mark.slow  # ~14 s; per-group bounds are tested on hand-written patterns in test_trace_dynamic
 def test_qwix_dynamic_per_token_scales_are_paired_and_sound(original):
   """A batch of 3 tokens: qwix computes one scale per token (its channelwise axes are the product's
   free axes); each token's rounding node is bounded from that token's bounds."""
@@ -257,6 +258,7 @@ def test_qwix_dynamic_minmax_zero_points_are_paired_and_sound(original, provider
   _check_dynamic(f, fq, method="diff")
 
 
+@pytest.mark.slow  # ~13 s, mostly compiling the convolution; the minmax PTQ test covers the zero points
 def test_qwix_dynamic_minmax_before_a_convolution_is_sound():
   """qwix subtracts the zero point's convolution, conv(c, W) - conv(z, W): one node, paired."""
   qwix, rules = _dynamic_rules(act_calibration_method="minmax")
