@@ -127,6 +127,15 @@ def _dynamic_rules(weight_qtype="int8", **extra):
   return qwix, [qwix.QuantizationRule(module_path=".*", weight_qtype=weight_qtype, act_qtype="int8", **extra)]
 
 
+def _qwix_dynamic_ptq(model, params, x0, **rule):
+  """qwix PTQ of ``model`` with :func:`_dynamic_rules` (``x0``: an input of the model's shape)."""
+  qwix, rules = _dynamic_rules(**rule)
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), x0)
+  qparams = qwix.quantize_params(params["params"], abstract["params"])
+  return lambda x: qmodel.apply({"params": qparams}, x)
+
+
 def _check_dynamic(f, fq, box=None, ratio=None, **kwargs):
   """Certifies f against qwix's dynamically quantized fq: paired, sound, and within ``ratio``."""
   box = _box() if box is None else box
@@ -153,12 +162,8 @@ def _check_dynamic(f, fq, box=None, ratio=None, **kwargs):
 
 @pytest.mark.parametrize("qtype", ["int8", "int4"])
 def test_qwix_dynamic_activation_scales_are_paired_and_sound(original, qtype):
-  qwix, rules = _dynamic_rules(qtype)
   model, params = original
-  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), jnp.zeros(INPUTS))
-  qparams = qwix.quantize_params(params["params"], abstract["params"])
-  fq = lambda x: qmodel.apply({"params": qparams}, x)  # noqa: E731
+  fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), weight_qtype=qtype)
   _check_dynamic(functools.partial(model.apply, params), fq, method="diff")
 
 
@@ -203,25 +208,12 @@ class _SmallCNN(flax_linen.Module):
 
 @pytest.mark.slow  # ~30 s on 2 loaded cores, mostly compiling the differential bound for a conv
 def test_qwix_dynamic_cnn_is_paired_and_sound():
-  qwix, rules = _dynamic_rules()
-
   model = _SmallCNN()
   params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
-  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
-  qparams = qwix.quantize_params(params["params"], abstract["params"])
-  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  fq = _qwix_dynamic_ptq(model, params, jnp.zeros((6, 6)))
   box = qb.Box(jnp.full((6, 6), 0.4), jnp.full((6, 6), 0.6))
   cert = _check_dynamic(functools.partial(model.apply, params), fq, box, method="diff")
   assert cert.upper < 1.0
-
-
-def _qwix_dynamic_ptq(model, params, x0, **rule):
-  qwix, rules = _dynamic_rules(**rule)
-  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), x0)
-  qparams = qwix.quantize_params(params["params"], abstract["params"])
-  return lambda x: qmodel.apply({"params": qparams}, x)
 
 
 @pytest.mark.slow  # ~14 s; per-group bounds are tested on hand-written patterns in test_trace_dynamic
@@ -261,13 +253,9 @@ def test_qwix_dynamic_minmax_zero_points_are_paired_and_sound(original, provider
 @pytest.mark.slow  # ~13 s, mostly compiling the convolution; the minmax PTQ test covers the zero points
 def test_qwix_dynamic_minmax_before_a_convolution_is_sound():
   """qwix subtracts the zero point's convolution, conv(c, W) - conv(z, W): one node, paired."""
-  qwix, rules = _dynamic_rules(act_calibration_method="minmax")
   model = _SmallCNN()
   params = model.init(jax.random.key(0), jnp.zeros((6, 6)))
-  ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((6, 6)))
-  qparams = qwix.quantize_params(params["params"], abstract["params"])
-  fq = lambda x: ptq.apply({"params": qparams}, x)  # noqa: E731
+  fq = _qwix_dynamic_ptq(model, params, jnp.zeros((6, 6)), act_calibration_method="minmax")
   box = qb.Box(jnp.full((6, 6), -0.5), jnp.full((6, 6), 0.6))
   _check_dynamic(functools.partial(model.apply, params), fq, box, method="interval")
 
