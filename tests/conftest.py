@@ -41,34 +41,3 @@ def strict_promotion():
   """
   with jax.numpy_dtype_promotion("strict"):
     yield
-
-
-# Heavier integration checks whose code other default tests cover, run with `-m slow` (and by the
-# benchmarks) rather than in the default suite, which must stay within CI's 15 minutes on two cores:
-# after this session's merges it took 14:25 in a fresh clone. Measured seconds (one worker, idle) in
-# each comment; every one of them passes with `pytest -m slow`.
-SLOW_IN_DEFAULT_RUN = {
-    "tests/test_fixed_point_qnn.py::test_digits_certificates_enclose_reached_errors[1500]",  # 16; 1502 stays
-    "tests/test_certified_training.py::test_docstring_examples[qbound.certified_training]",  # 19
-    "tests/test_certified_training.py::test_error_bound_is_the_certified_bound_and_has_gradients",  # 13
-    "tests/test_compression.py::test_plan_meets_the_budget_and_beats_uniform",  # 14
-    "tests/test_experiments.py::test_top1_agreement",  # 14 (the notebook below reruns its smoke)
-    "tests/test_experiments.py::test_notebook_runs[top1_agreement]",
-    "tests/test_experiments.py::test_certified_compression",  # 18
-    "tests/test_experiments.py::test_notebook_runs[certified_compression]",
-    "tests/test_experiments.py::test_notebook_runs[resiliency]",  # 15
-    "tests/test_experiments.py::test_notebook_runs[scaling]",  # 13
-    "tests/test_memory.py::test_estimate_bounds_what_xla_allocates",  # 13
-    "tests/test_zonotope.py::test_large_weight_differences_on_a_deeper_net",  # 10
-    "tests/test_bab.py::test_close_copy_of_a_larger_net_is_bounded_sparsely_and_soundly",  # 11
-    "tests/test_props.py::test_verdicts_hold_against_sampling",  # 21
-    "tests/test_props.py::test_max_error_goes_through_certify",  # 10
-    "tests/test_cli_verify.py::test_epsilon_on_nnet_files",  # 11; the tiny-box JSON test stays
-    "tests/test_models.py::test_linen_residual_tanh_maxpool_cnn_is_certified_soundly[0]",  # 10
-}
-
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.nodeid in SLOW_IN_DEFAULT_RUN:
-      item.add_marker(pytest.mark.slow)

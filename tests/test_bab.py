@@ -165,6 +165,7 @@ def test_candidate_axes_take_as_many_as_asked():
   assert splitting.candidate_axes(width, sensitivity, 1) == [1]
 
 
+@pytest.mark.slow  # 11 s
 def test_close_copy_of_a_larger_net_is_bounded_sparsely_and_soundly():
   """Above SMALL_NET_NEURONS a close copy (f's CROWN rows skipped) takes the sparse passes, with
   rows per piece: every sampled difference lies within the bounds, at every stop."""

@@ -24,6 +24,7 @@ def setting():
   return model, params, x, teacher
 
 
+@pytest.mark.slow  # 13 s; tests/test_compression.py covers error_bound
 def test_error_bound_is_the_certified_bound_and_has_gradients(setting):
   model, params, x, _ = setting
   boxes = qb.linf_ball(x[:6], 0.05)
@@ -99,7 +100,8 @@ def test_a_weight_computed_from_trained_parameters_is_refused():
   assert float(jnp.max(bound(params, qb.linf_ball(jnp.zeros((1, 3)), 0.1)))) <= 1e-6
 
 
-@pytest.mark.parametrize("name", ["qbound.certified_training", "qbound.compression"])
+@pytest.mark.parametrize("name", [pytest.param("qbound.certified_training", marks=pytest.mark.slow),  # 19 s
+                                  "qbound.compression"])
 def test_docstring_examples(name):
   import doctest
   import importlib

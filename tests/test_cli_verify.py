@@ -69,6 +69,7 @@ def test_tiny_box_is_proved_with_json(capsys, pair):
   assert report["answer"] == "unsat" and report["verdicts"][0]["status"] == "proved"
 
 
+@pytest.mark.slow  # 11 s; the tiny-box JSON test stays
 def test_epsilon_on_nnet_files(capsys):
   code, out, _ = run(["verify", ACAS, ACAS_16, *ACAS_BOX, "--epsilon", "0.05", "-q"], capsys)
   assert out.splitlines()[0] == "unsat" and code == 0

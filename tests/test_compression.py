@@ -20,6 +20,7 @@ def setting():
   return model, params, qb.linf_ball(centres, 0.05)
 
 
+@pytest.mark.slow  # 14 s
 def test_plan_meets_the_budget_and_beats_uniform(setting):
   model, params, boxes = setting
   widest = qb.compression.search(params, model.apply, boxes, epsilon=1e9, widths=(8,), progress=False)

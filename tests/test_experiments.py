@@ -167,6 +167,7 @@ def test_batch_mnist(smoke):
   assert [r["upper"] for r in rows] == batch.upper.tolist()
 
 
+@pytest.mark.slow  # 14 s of smoke run; `python experiments/top1_agreement.py --smoke` does the same
 def test_top1_agreement(smoke):
   """Certified top-1 agreement (qb.props.certified_agreement) beside the measured one."""
   summary, out = smoke("top1_agreement")
@@ -191,6 +192,7 @@ def test_top1_agreement(smoke):
   assert u8[0.01]["agree_all"] >= 0.99 and summary["warmup"]["status"] == "proved"
 
 
+@pytest.mark.slow  # 18 s of smoke run
 def test_certified_compression(smoke):
   """qb.compression.search meets its budget, re-certified, and is no larger than any uniform width
   that meets it."""
@@ -252,7 +254,12 @@ def test_build_notebooks_is_reproducible(tmp_path):
     assert [c.source for c in committed.cells] == [c.source for c in build.build(name, cells).cells], name
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if (NOTEBOOKS / f"{n}.ipynb").is_file()])
+# 13-15 s each, and the smoke runs of the first two are tested above.
+SLOW_NOTEBOOKS = {"top1_agreement", "certified_compression", "resiliency", "scaling"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NOTEBOOKS else n
+                                  for n in NAMES if (NOTEBOOKS / f"{n}.ipynb").is_file()])
 def test_notebook_runs(name, smoke, results_root, monkeypatch):
   smoke(name)
   monkeypatch.setenv("QBOUND_RESULTS", str(results_root))

@@ -107,6 +107,7 @@ def dataclass_replace(p, **kw):
   return dataclasses.replace(p, **kw)
 
 
+@pytest.mark.slow  # 13 s
 def test_estimate_bounds_what_xla_allocates():
   """A CNN whose backward rows take most of the memory: compiled with the row blocks a budget forces,
   and with the default two blocks, XLA's own count of the buffers stays within the estimate."""

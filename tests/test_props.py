@@ -39,6 +39,7 @@ def assert_verdict_holds(prop, f, fq, box, verdict, samples=3000):
     np.testing.assert_allclose(verdict.f_output, yf[0], rtol=1e-12)
 
 
+@pytest.mark.slow  # 21 s; the fixed verdict tests stay
 @settings(max_examples=6)
 @given(seed=st.integers(0, 10_000), shape=st.sampled_from(CLASS_SHAPES), bits=st.sampled_from([2, 3, 4, 6, 8]),
        delta=st.sampled_from([None, 0.6, 0.9]), radius=st.sampled_from([(0.01, 0.05), (0.05, 0.3), (0.3, 1.0)]))
@@ -115,6 +116,7 @@ def test_unpaired_networks_use_crown_on_each():
   assert_verdict_holds(Top1(), f, g, box, verdict)
 
 
+@pytest.mark.slow  # 10 s
 def test_max_error_goes_through_certify():
   f, fq, _, _ = random_pair(5, SHAPES[2], bits=4)
   box = random_box(5, 5, radius=(0.05, 0.1))

@@ -83,6 +83,7 @@ def test_every_node_holds_the_sampled_values(kind, sound):
     assert not violations(merged, box, out, sound), (kind, seed, violations(merged, box, out, sound))
 
 
+@pytest.mark.slow  # 10 s; the random-pair soundness tests above stay
 def test_large_weight_differences_on_a_deeper_net():
   """Three hidden layers, noise of three times the largest weight, larger weights (more unstable
   ReLUs) and wide boxes: every node still holds its values."""
