@@ -35,7 +35,7 @@ from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds import guards
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, box_at, validate_boxes
-from qbound.certify import Certificate, _max_abs
+from qbound.certificate import Certificate, max_abs
 from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError
 from qbound.merge import MergedNetwork, merge
 
@@ -54,7 +54,7 @@ _BATCH_FIELDS = {
 class BatchCertificate:
   """Certificates for a batch of boxes, as arrays with a leading batch axis of length ``n``.
 
-  ``batch[i]`` is box ``i``'s :class:`~qbound.certify.Certificate`, and :meth:`certificates` all of
+  ``batch[i]`` is box ``i``'s :class:`~qbound.certificate.Certificate`, and :meth:`certificates` all of
   them.
 
   Attributes:
@@ -135,7 +135,7 @@ class BatchCertificate:
                          box_upper=opt(self.box_upper))
 
   def certificates(self) -> list[Certificate]:
-    """Every box's :class:`~qbound.certify.Certificate`, in order."""
+    """Every box's :class:`~qbound.certificate.Certificate`, in order."""
     return [self[i] for i in range(len(self))]
 
   @property
@@ -328,7 +328,7 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
     progress: show a tqdm progress bar (on stderr).
 
   Returns:
-    A :class:`BatchCertificate`; ``result[i]`` is box ``i``'s :class:`~qbound.certify.Certificate`.
+    A :class:`BatchCertificate`; ``result[i]`` is box ``i``'s :class:`~qbound.certificate.Certificate`.
 
   Raises:
     TypeError: an argument of the wrong kind (``sound="no"``, ``key="abc"``, ``alpha_steps=2.5``).
@@ -483,9 +483,9 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
   for name, parts in per_method.items():
     dl = np.concatenate([p[0] for p in parts]).astype(np.float64)
     du = np.concatenate([p[1] for p in parts]).astype(np.float64)
-    bounds[name] = np.array([_max_abs(dl[i], du[i], outputs) for i in range(n)])
+    bounds[name] = np.array([max_abs(dl[i], du[i], outputs) for i in range(n)])
     diff_lower, diff_upper = np.maximum(diff_lower, dl), np.minimum(diff_upper, du)
-  upper = np.array([_max_abs(diff_lower[i], diff_upper[i], outputs) for i in range(n)])
+  upper = np.array([max_abs(diff_lower[i], diff_upper[i], outputs) for i in range(n)])
   bounds[method] = upper  # alpha: the intersection of what it computed
   witness_diff = attack.exact_errors(merged.graph, witness).reshape(n, -1)
   sel = witness_diff if outputs is None else witness_diff[:, outputs]

@@ -15,132 +15,29 @@ same error as f and fq compute it in their own dtype, which differs from it by r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
 import time
-import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack, serialize, validate
+from qbound import attack, validate
 from qbound.bounds import nonlinear
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
-from qbound.errors import BoundOverflowError, InfiniteBoundWarning, SoundnessError, UnboundedLayerError
+from qbound.certificate import Certificate, max_abs
+from qbound.errors import BoundOverflowError, SoundnessError, UnboundedLayerError
 from qbound.merge import MergedNetwork, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
 LOW_DIMENSIONAL_INPUTS = 8
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
-
-
-@dataclasses.dataclass(frozen=True)
-class Certificate:
-  """A proven interval ``[lower, upper]`` for the maximal error ``max_x |f(x) - fq(x)|_inf``.
-
-  Attributes:
-    lower: an error actually reached, at ``witness`` (float64 evaluation).
-    upper: a proven upper bound on the maximal error over the box.
-    diff_lower: per-output proven lower bounds on ``f_j(x) - fq_j(x)``.
-    diff_upper: per-output proven upper bounds on ``f_j(x) - fq_j(x)``.
-    witness: the input reaching ``lower``.
-    method: the method that proved ``upper``.
-    seconds: wall-clock time of the whole certification.
-    bounds: the upper bound each method tried gave (name -> value).
-    sound: whether floating-point margins were applied (see :mod:`qbound.bounds.fp`).
-    lower_float32: the error at ``witness`` as f and fq compute it in their own dtype.
-    witness_diff: ``f(witness) - fq(witness)`` per output (float64 evaluation).
-    box_lower, box_upper: the box certified over.
-
-  Example:
-    >>> import functools, jax, jax.numpy as jnp, flax.linen as nn, qbound as qb
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> params = model.init(jax.random.key(0), jnp.zeros(3))
-    >>> f = functools.partial(model.apply, params)
-    >>> fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
-    >>> cert = qb.certify(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
-    >>> cert.lower <= cert.upper
-    True
-    >>> qb.Certificate.from_json(cert.to_json()).upper == cert.upper
-    True
-  """
-
-  lower: float
-  upper: float
-  diff_lower: np.ndarray
-  diff_upper: np.ndarray
-  witness: np.ndarray
-  method: str
-  seconds: float
-  bounds: dict = dataclasses.field(default_factory=dict)
-  sound: bool = True
-  lower_float32: Optional[float] = None
-  witness_diff: Optional[np.ndarray] = None
-  box_lower: Optional[np.ndarray] = None
-  box_upper: Optional[np.ndarray] = None
-
-  def __post_init__(self):
-    # Never a NaN upper bound (it compares false with everything); an infinite one warns.
-    validate.certificate_values("certificate", self.lower, self.upper)
-
-  @property
-  def gap(self) -> float:
-    """``upper / lower`` (inf when nothing was reached): 1 means the maximal error is known exactly."""
-    return float("inf") if self.lower <= 0 else self.upper / self.lower
-
-  def proves(self, epsilon: float) -> bool:
-    """Whether the certificate proves ``|f(x) - fq(x)|_inf <= epsilon`` on the whole box."""
-    return self.upper <= epsilon
-
-  def to_dict(self) -> dict[str, Any]:
-    """The fields as plain Python values (arrays as nested lists; numbers may be inf or NaN)."""
-    return {field.name: serialize.plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
-
-  def to_json(self, **kwargs) -> str:
-    """The certificate as strict JSON (arrays as nested lists; inf and NaN as the strings
-    ``"Infinity"``, ``"-Infinity"``, ``"NaN"``); ``kwargs`` go to ``json.dumps``."""
-    return serialize.dumps(self.to_dict(), **kwargs)
-
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> "Certificate":
-    """The certificate :meth:`to_dict` wrote (or parsed JSON); ``ValueError`` saying what is wrong otherwise."""
-    kwargs = serialize.fields_from_dict(cls, data, _CERTIFICATE_FIELDS, "qbound certificate")
-    with warnings.catch_warnings():  # it warned when it was made; reading it back is no news
-      warnings.simplefilter("ignore", InfiniteBoundWarning)
-      return cls(**kwargs)
-
-  @classmethod
-  def from_json(cls, text: str) -> "Certificate":
-    """The certificate :meth:`to_json` wrote; ``ValueError`` saying what is wrong for other text."""
-    return cls.from_dict(serialize.loads(text, "qbound certificate"))
-
-  def __str__(self) -> str:
-    return (f"Certificate(max error in [{self.lower:.6g}, {self.upper:.6g}], gap {self.gap:.3g}, "
-            f"method={self.method}, {self.seconds:.2f} s)")
-
-
-# What each field of a Certificate holds, for reading it back (qbound.serialize).
-_CERTIFICATE_FIELDS = {
-    "lower": serialize.FLOAT, "upper": serialize.FLOAT, "diff_lower": serialize.ARRAY, "diff_upper": serialize.ARRAY,
-    "witness": serialize.ARRAY, "method": serialize.STRING, "seconds": serialize.FLOAT, "bounds": serialize.FLOATS,
-    "sound": serialize.BOOL, "lower_float32": serialize.FLOAT, "witness_diff": serialize.ARRAY,
-    "box_lower": serialize.ARRAY, "box_upper": serialize.ARRAY,
-}
-
-
-def _max_abs(lower, upper, outputs=None) -> float:
-  lower = np.asarray(lower, np.float64).reshape(-1)
-  upper = np.asarray(upper, np.float64).reshape(-1)
-  if outputs is not None:
-    lower, upper = lower[outputs], upper[outputs]
-  return float(max(np.max(-lower), np.max(upper), 0.0)) + 0.0  # never -0.0
 
 
 def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
@@ -202,14 +99,14 @@ class _Tracker:
 
   @property
   def upper(self) -> float:
-    return _max_abs(self.diff_lower, self.diff_upper, self.outputs)
+    return max_abs(self.diff_lower, self.diff_upper, self.outputs)
 
   def add_bounds(self, name: str, lower, upper):
     lower = np.asarray(lower, np.float64).reshape(-1)
     upper = np.asarray(upper, np.float64).reshape(-1)
     with self.lock:
       before = self.upper
-      self.per_method[name] = _max_abs(lower, upper, self.outputs)
+      self.per_method[name] = max_abs(lower, upper, self.outputs)
       self.diff_lower = np.maximum(self.diff_lower, lower)
       self.diff_upper = np.minimum(self.diff_upper, upper)
       if self.best_method is None or self.upper < before:
