@@ -110,12 +110,16 @@ def check_method(method, **kwargs):
 
 @pytest.mark.parametrize("method", ["interval", "crown", "diff", "diff-interval", "milp"])
 def test_each_method_is_sound(method):
-  f, fq, box, one = check_method(method)
+  # The MILP returns once HiGHS proves optimality; the budget only matters on a loaded machine.
+  f, fq, box, one = check_method(method, **({"time_budget": 60.0} if method == "milp" else {}))
   if method in ("interval", "crown", "diff"):
-    # auto always runs these three and keeps the tightest bound per output (what it runs after
-    # them depends on the time budget, so nothing more is certain).
+    # auto runs these three first and keeps the tightest bound per output; on a loaded machine its
+    # deadline may come before one of them has compiled, and what it runs after them depends on the
+    # budget, so only the bounds it reports are certain.
     auto = qb.certify(f, fq, box, search=H.search())
-    assert auto.upper <= one.upper + 1e-12
+    assert "interval" in auto.bounds
+    if method in auto.bounds:
+      assert auto.upper <= one.upper + 1e-12
   if method == "milp":  # exact: the interval closes up to the solver's tolerance
     assert one.upper - one.lower <= 1e-4
 
