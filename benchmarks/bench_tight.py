@@ -236,7 +236,8 @@ def bench_acas_profile(calls: int = 3):
   print("\n== 6. ACAS Xu 1_1..1_9 vs 16-bit copies, property 1, epsilon 0.05: where the warm time goes ==")
   print(f"the warm call of median time of {calls} per net; 'no search s': median of the same call without the "
         "search rounds, interleaved")
-  box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
+  box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]),
+               jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
   print(f"{'net':<6}{'outputs':>8}{'s':>7}{'pieces':>8}{'batches':>8}{'ms/batch':>9}{'bounds s':>9}{'search s':>9}"
         f"{'bab rest':>9}{'certify rest':>13}{'no search s':>12}")
   rows = []
