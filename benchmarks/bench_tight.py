@@ -10,10 +10,16 @@ Prints, in one run:
      maximal error certified to upper/lower <= 1.1, by branch and bound;
   5. ACAS Xu 1_1..1_9 vs their 16-bit copies, property 1, epsilon 0.05 through
      ``qb.certify(method="bab")``: output 0, and all five outputs in one call (median of 3 warm calls
-     per net; NeuroDiff: 0.23-0.26 s per output, idle).
+     per net; NeuroDiff: 0.23-0.26 s per output, idle);
+  6. (``--only acas-profile``, not in the default run) where the time of those warm calls goes: per
+     net, pieces and batches of branch and bound, milliseconds per batch, and the wall time split
+     into the batches' bounds, the counterexample search's rounds (:mod:`qbound.bounds.refute`),
+     the rest of branch and bound (probes, splitting, the heap) and the rest of ``certify``
+     (tracing, the first search, checks); and, interleaved in the same run, the same call without
+     the search rounds (``qbound.bounds.refute.ENABLED = False``).
 Compilation is timed separately (the first input of each table) from the per-input times.
 
-Run: ``python benchmarks/bench_tight.py [--only exact,mnist,har,acas,acas-nets] [--cache DIR]``.
+Run: ``python benchmarks/bench_tight.py [--only exact,mnist,har,acas,acas-nets,acas-profile] [--cache DIR]``.
 """
 
 from __future__ import annotations
@@ -190,6 +196,85 @@ def bench_acas_nets(calls: int = 3):
   print(f"median over the nets: output 0 {t1:.2f} s, all five {t5:.2f} s (NeuroDiff: 0.23-0.26 s per output, idle)")
 
 
+class _Stopwatch:
+  """Wall time spent inside a few functions (summed over threads and calls) while it is installed."""
+
+  def __init__(self, targets):
+    self.targets = targets  # (owner, attribute name, label, wait for the result's arrays)
+    self.seconds = {label: 0.0 for _, _, label, _ in targets}
+    self.calls = {label: 0 for _, _, label, _ in targets}
+    self.last = {}
+    self._saved = []
+
+  def __enter__(self):
+    for owner, name, label, block in self.targets:
+      fn = getattr(owner, name)
+      self._saved.append((owner, name, fn))
+
+      def timed(*args, _fn=fn, _label=label, _block=block, **kwargs):
+        t0 = time.perf_counter()
+        out = _fn(*args, **kwargs)
+        if _block:
+          jax.block_until_ready(out)
+        self.seconds[_label] += time.perf_counter() - t0
+        self.calls[_label] += 1
+        self.last[_label] = out
+        return out
+
+      setattr(owner, name, timed)
+    return self
+
+  def __exit__(self, *exc):
+    for owner, name, fn in reversed(self._saved):
+      setattr(owner, name, fn)
+
+
+def bench_acas_profile(calls: int = 3):
+  """Where the warm ``certify(method="bab", epsilon=0.05)`` calls of section 5 spend their time."""
+  from qbound.bounds import bab, refute
+
+  print("\n== 6. ACAS Xu 1_1..1_9 vs 16-bit copies, property 1, epsilon 0.05: where the warm time goes ==")
+  print(f"the warm call of median time of {calls} per net; 'no search s': median of the same call without the "
+        "search rounds, interleaved")
+  box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]),
+               jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
+  print(f"{'net':<6}{'outputs':>8}{'s':>7}{'pieces':>8}{'batches':>8}{'ms/batch':>9}{'bounds s':>9}{'search s':>9}"
+        f"{'bab rest':>9}{'certify rest':>13}{'no search s':>12}")
+  rows = []
+  for i in range(1, 10):
+    f, fq = _pairs(f"ACASXU_run2a_1_{i}_batch_2000")
+    for outputs, label in (([0], "0"), (None, "all")):
+      run = lambda: qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=outputs, time_budget=30)
+      run()  # compile (and warm the caches) first
+      measured, plain = [], []
+      for _ in range(calls):
+        watch = _Stopwatch([(bab, "_batch_bounds", "bounds", True), (refute.WorstPieceSearch, "run", "search", False),
+                            (bab, "branch_and_bound", "bab", False)])
+        with watch:
+          t0 = time.perf_counter()
+          cert = run()
+          total = time.perf_counter() - t0
+        assert cert.upper <= 0.05, cert.upper
+        measured.append((total, watch.last["bab"].pieces_bounded, watch.calls["bounds"], watch.seconds["bounds"],
+                         watch.seconds["search"], watch.seconds["bab"]))
+        saved, refute.ENABLED = refute.ENABLED, False
+        try:
+          t0 = time.perf_counter()
+          run()
+          plain.append(time.perf_counter() - t0)
+        finally:
+          refute.ENABLED = saved
+      # The breakdown of the call of median time (its parts add up), beside the median without search.
+      total, pieces, batches, bounds, search, in_bab = sorted(measured)[len(measured) // 2]
+      rows.append((total, np.median(plain)))
+      print(f"1_{i:<4}{label:>8}{total:>7.2f}{pieces:>8.0f}{batches:>8.0f}{1000 * bounds / max(batches, 1):>9.1f}"
+            f"{bounds:>9.2f}{search:>9.2f}{in_bab - bounds - search:>9.2f}{total - in_bab:>13.2f}"
+            f"{np.median(plain):>12.2f}", flush=True)
+  t = np.asarray(rows)
+  print(f"median over nets and both output sets: {np.median(t[:, 0]):.2f} s, without the search rounds "
+        f"{np.median(t[:, 1]):.2f} s")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="exact,mnist,har,acas,acas-nets")
@@ -215,6 +300,8 @@ def main(argv=None):
     bench_acas(args.acas_budget)
   if "acas-nets" in only:
     bench_acas_nets()
+  if "acas-profile" in only:
+    bench_acas_profile()
 
 
 if __name__ == "__main__":
