@@ -37,6 +37,8 @@ Run from the repository root::
     # old and new in the same run, interleaved per instance, on the instances an earlier run left undecided:
     python benchmarks/bench_differing.py --undecided-from results/bench_differing/results.csv --candidates 2 1
     python benchmarks/bench_differing.py --nets 9 8 7 --props 8 --eps 0.05 --relu-split both
+    # optimised slopes against the default ones on the 20 worst open pieces after 15 s (stalled_pieces):
+    python benchmarks/bench_differing.py --stalled --nets 9 --props 8 --time-budget 15
 
 Writes ``results/bench_differing/results.csv`` (``pieces.csv`` in ``--pieces`` mode; under
 ``results/smoke/`` with ``--smoke``).
@@ -209,6 +211,135 @@ def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_
   return rows
 
 
+# --- optimised slopes on stalled pieces -----------------------------------------------------------
+
+class _OpenPieces:
+  """Stands in for branch and bound's ``heapq`` to keep a reference to its heap: after the run,
+  the pieces still open (the heap's items, see :func:`qbound.bounds.bab.branch_and_bound`)."""
+
+  def __init__(self):
+    import heapq
+    self._heapq, self.heap = heapq, None
+
+  def heappush(self, heap, item):
+    self.heap = heap
+    self._heapq.heappush(heap, item)
+
+  def heappop(self, heap):
+    return self._heapq.heappop(heap)
+
+
+def _prior_lists(fg, items):
+  """The kept bounds of heap items as :func:`qbound.bounds.sparse.diff_bounds_sparse`'s ``prior``."""
+  from qbound.bounds import bab
+  nodes = bab._kept_nodes(fg, True)
+  k = len(nodes)
+  prior = tuple([None] * len(fg.nodes) for _ in range(3))
+  for j in range(3):
+    for n, i in enumerate(nodes):
+      entry = j * k + n
+      prior[j][i] = tuple(jnp.asarray(np.stack([it[8][entry][side] for it in items])) for side in (0, 1))
+  return prior
+
+
+def stalled_pieces(f, fq, box: qb.Box, *, budget: float, worst: int = 20, steps=(20, 100), outputs=None,
+                   label: str = "", warmup: float = 8.0) -> list[dict]:
+  """Optimised slopes against the default ones (and against one input split) on the ``worst`` open
+  pieces of a branch-and-bound run of ``budget`` seconds, each from the bounds it inherited.
+
+  Per piece: its own bound (branch and bound's), the default slopes' bound recomputed from the
+  inherited bounds (the sparse passes, as branch and bound does), the optimised slopes' after each
+  number of Adam ``steps`` (started at the default ones), ``z - z_q`` from each network's own
+  bounds at the output, that with alpha-CROWN on each network's output (``steps[0]`` steps, piece
+  by piece), the best input split (the larger of the two halves' bounds, the best dimension), and
+  the seconds each took for the batch of pieces.
+  A first run of ``warmup`` seconds compiles the steps, so that the measured run is warm.
+  """
+  from qbound.bounds import bab
+  from qbound.bounds.alpha import diff_alpha_pieces
+  merged = qb.merge(f, fq, box)
+  fg, qg = merged.f_graph, merged.fq_graph
+  bab.branch_and_bound(merged, box, outputs=outputs, time_budget=warmup, target_gap=0.0)
+  spy = _OpenPieces()
+  real = bab.heapq
+  bab.heapq = spy
+  try:
+    res = bab.branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=0.0)
+  finally:
+    bab.heapq = real
+  out_idx = np.arange(fg.nodes[fg.output].size) if outputs is None else np.asarray(outputs)
+  items = sorted(spy.heap, key=lambda it: it[0])[:worst]
+  print(f"{label}: branch and bound {budget:g} s: upper {res.upper:.4g}, lower {res.lower:.4g}, "
+        f"{res.pieces_bounded} pieces, {len(spy.heap)} open; the {len(items)} worst open bound "
+        f"{-items[-1][0]:.4g}-{-items[0][0]:.4g}", flush=True)
+  lo = jnp.asarray(np.stack([it[2] for it in items]).reshape(len(items), *box.shape))
+  hi = jnp.asarray(np.stack([it[3] for it in items]).reshape(len(items), *box.shape))
+  prior = _prior_lists(fg, items)
+
+  rows = [dict(pair=label, piece=k, own=-it[0], depth=it[9]) for k, it in enumerate(items)]
+  for n in (0, *steps):
+    for repeat in range(2):  # the first call compiles: time the second
+      t0 = time.perf_counter()
+      optimised, default = diff_alpha_pieces(fg, qg, lo, hi, prior=prior, outputs=out_idx, steps=n)
+      value = worst_of_n(jax.block_until_ready(optimised), out_idx, len(items))
+      seconds = time.perf_counter() - t0
+    for r, v in zip(rows, value):
+      r[f"alpha{n}"] = v
+      r[f"alpha{n}_s"] = seconds
+  # Which bound is active: on ACAS Xu's stalled pieces it is z - z_q from each network's own CROWN
+  # bounds at the output (met in the sparse passes' ``z = z_q + d``), not the differential pass.
+  # So also: alpha-CROWN on f's and on f_q's output, piece by piece, from the piece's bounds.
+  from qbound.bounds.alpha import crown_alpha_node
+  from qbound.bounds.sparse import diff_bounds_sparse
+  dense = diff_bounds_sparse(fg, qg, qb.Box(lo, hi), prior=prior, outputs=out_idx)
+  t = fg.output
+  (zl, zu), (ql, qu) = ((np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in (dense.z[t], dense.zq[t]))
+  naive = worst_of_n((zl - qu, zu - ql), out_idx, len(items))
+  own_alpha = np.empty(len(items))
+  t0 = time.perf_counter()
+  for k in range(len(items)):
+    piece = qb.Box(lo[k], hi[k])
+    ends = []
+    for graph, bounds, (low, high) in ((fg, dense.z, (zl[k], zu[k])), (qg, dense.zq, (ql[k], qu[k]))):
+      a, b = crown_alpha_node(graph, t, [(x[k], y[k]) for x, y in bounds], piece, steps=steps[0])
+      ends.append((np.maximum(np.asarray(a, np.float64), low), np.minimum(np.asarray(b, np.float64), high)))
+    (fl, fh), (gl, gh) = ends
+    own_alpha[k] = min(worst_of_n((fl - gh, fh - gl), out_idx, 1)[0], rows[k][f"alpha{steps[0]}"])
+  own_seconds = time.perf_counter() - t0  # (the first piece compiles)
+  for r, v, w in zip(rows, naive, own_alpha):
+    r["z_minus_zq"] = v
+    r[f"crown_alpha{steps[0]}_f_and_fq"] = w
+    r[f"crown_alpha{steps[0]}_f_and_fq_s"] = own_seconds
+  # The best input split: both halves along every dimension, with the piece's bounds as prior.
+  dims = int(np.prod(box.shape))
+  best = np.full(len(items), np.inf)
+  split_seconds = 0.0
+  for axis in range(dims):
+    halves = [bab.split_at(it[2], it[3], axis) for it in items]
+    los = [it[2] for it in items] + [h[1] for h in halves]
+    his = [h[0] for h in halves] + [it[3] for it in items]
+    both = items + items
+    for repeat in range(2):
+      t0 = time.perf_counter()
+      _, default = diff_alpha_pieces(fg, qg, jnp.asarray(np.stack(los).reshape(2 * len(items), *box.shape)),
+                                     jnp.asarray(np.stack(his).reshape(2 * len(items), *box.shape)),
+                                     prior=_prior_lists(fg, both), outputs=out_idx, steps=0)
+      value = worst_of_n(default, out_idx, 2 * len(items))
+      seconds = time.perf_counter() - t0
+    split_seconds += seconds
+    best = np.minimum(best, np.maximum(value[:len(items)], value[len(items):]))
+  for r, v in zip(rows, best):
+    r["input_split"] = v
+    r["input_split_s"] = split_seconds
+  return rows
+
+
+def worst_of_n(bounds, out_idx, n):
+  """Each of ``n`` pieces' largest ``|f - f_q|`` bound over the outputs ``out_idx``."""
+  blo, bhi = (np.asarray(b, np.float64).reshape(n, -1)[:, out_idx] for b in bounds)
+  return np.maximum(-blo, bhi).max(1)
+
+
 # --- tightness on pieces --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -231,7 +362,18 @@ def _forward(f, fq, box):
   return qb.bounds.forward_diff(merged(f, fq), None, box)
 
 
-PIECE_METHODS: dict[str, Callable] = {"crown (merged)": _crown_merged, "diff": _diff, "forward": _forward}
+def _diff_alpha(f, fq, box, everywhere=False):
+  """Optimised differential slopes (20 Adam steps, started at the default ones)."""
+  from qbound.bounds.alpha import diff_alpha_bounds
+  m = merged(f, fq)
+  _, _, d = diff_alpha_bounds(m.f_graph, m.fq_graph, box, steps=20, everywhere=everywhere)
+  return qb.Box(*d[m.f_graph.output])
+
+
+PIECE_METHODS: dict[str, Callable] = {"crown (merged)": _crown_merged, "diff": _diff, "forward": _forward,
+                                      "diff alpha": _diff_alpha,
+                                      "diff alpha everywhere": functools.partial(_diff_alpha, everywhere=True)}
+DEFAULT_PIECE_METHODS = ("crown (merged)", "diff", "forward")
 
 
 def random_pieces(box: qb.Box, fraction: float, count: int, rng: np.random.Generator) -> list[qb.Box]:
@@ -316,6 +458,9 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
   p.add_argument("--candidates", type=int, nargs="+", default=None,
                  help="strong-branching candidates on ACAS Xu pairs that differ (bab.DIFFERING_CANDIDATES); several: every "
                       "instance with each, in the same run")
+  p.add_argument("--stalled", action="store_true",
+                 help="optimised slopes vs default on the worst open pieces after --time-budget s of branch "
+                      "and bound, on the first of --nets and --props (stalled_pieces)")
   p.add_argument("--undecided-from", type=pathlib.Path, default=None,
                  help="only the instances undecided in this results.csv of an earlier run")
   p.add_argument("--out", type=pathlib.Path, default=None)
@@ -331,15 +476,26 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
     return None
   out = args.out or (ROOT / "results" / ("smoke/bench_differing" if args.smoke else "bench_differing"))
   if args.pieces:
-    methods = dict(methods or PIECE_METHODS)
+    methods = dict(methods or {name: PIECE_METHODS[name] for name in DEFAULT_PIECE_METHODS})
     if args.methods:
-      methods = {name: methods[name] for name in args.methods}
+      pool = {**PIECE_METHODS, **methods}
+      methods = {name: pool[name] for name in args.methods}
     sizes = [2.0 ** -j for j in range(1, 7)]
     if args.smoke:
       sizes, args.pieces_per_size = sizes[:1], 2
     return bench_pieces(methods, args.pieces_per_size, sizes, out)
   for prop in args.props:
     acas_properties.get(prop)  # fail early on a name that is not a property
+  if args.stalled:
+    f, fq = acas_pair(args.nets[0])
+    rows = stalled_pieces(f, fq, acas_properties.get(args.props[0]).raw_box(), budget=args.time_budget,
+                          label=f"1_{args.nets[0]} property {args.props[0]}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "stalled_pieces.csv", rows)
+    cols = [k for k in rows[0] if k != "pair"]
+    print(table([{k: float(np.median([r[k] for r in rows])) for k in cols}], cols,
+                title="medians over the pieces (bounds; *_s: seconds for all the pieces)"))
+    return rows
   if args.smoke:
     args.nets, args.props, args.eps, args.time_budget = args.nets[:1], args.props[:1], args.eps[:1], 2.0
   variants = [("default", {})]

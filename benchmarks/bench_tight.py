@@ -67,6 +67,21 @@ def mlp_apply(params, x):
   return x
 
 
+def exact_net(i: int):
+  """The exactness table's net ``i``: ``(f, fq, box, widths, bits)`` (the same draws as the table:
+  net ``i`` takes the ``i``-th draws of one generator seeded 0)."""
+  rng = np.random.default_rng(0)
+  for k in range(i + 1):
+    n_in = int(rng.integers(2, 6))
+    hidden = [int(rng.choice([8, 12, 16])) for _ in range(int(rng.integers(2, 4)))]
+    widths = [n_in, *hidden, 2]
+    bits = int(rng.choice([3, 4, 6, 8]))
+  params = random_net(jax.random.key(i), widths)
+  qparams = qb.quantize.uniform(params, bits=bits)
+  f, fq = functools.partial(mlp_apply, params), functools.partial(mlp_apply, qparams)
+  return f, fq, qb.Box(-jnp.ones(n_in), jnp.ones(n_in)), widths, bits
+
+
 def bench_exact(n_nets: int = 12, budget: float = 4.5, reference_seconds: float = 30.0):
   """certify(method="auto") within ``budget`` seconds against the exact maximal error.
 
@@ -81,17 +96,9 @@ def bench_exact(n_nets: int = 12, budget: float = 4.5, reference_seconds: float 
         "random ReLU nets ==")
   print(f"{'net':<18}{'bits':>5}{'exact in [lo, hi]':>26}{'upper':>11}{'upper/exact <=':>16}{'lower':>11}"
         f"{'method':>8}{'s first':>9}{'s again':>9}{'milp':>16}")
-  rng = np.random.default_rng(0)
   ratios, firsts, agains = [], [], []
   for i in range(n_nets):
-    n_in = int(rng.integers(2, 6))
-    hidden = [int(rng.choice([8, 12, 16])) for _ in range(int(rng.integers(2, 4)))]
-    widths = [n_in, *hidden, 2]
-    bits = int(rng.choice([3, 4, 6, 8]))
-    params = random_net(jax.random.key(i), widths)
-    qparams = qb.quantize.uniform(params, bits=bits)
-    f, fq = functools.partial(mlp_apply, params), functools.partial(mlp_apply, qparams)
-    box = qb.Box(-jnp.ones(n_in), jnp.ones(n_in))
+    f, fq, box, widths, bits = exact_net(i)
     cert = qb.certify(f, fq, box, method="auto", time_budget=budget, target_gap=0.02)
     again = qb.certify(f, fq, box, method="auto", time_budget=budget, target_gap=0.02)
     exact = qb.exact.milp(f, fq, box, time_limit=reference_seconds)

@@ -514,6 +514,12 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   last_report = -np.inf
   # Hook: counterexample search rounds (qbound/bounds/refute.py), in their own share of the time.
   searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search, time_budget)
+  # Hook: the root's bound reported as soon as it is known. The loop below runs a search round
+  # first, and on a first call that round compiles for seconds: certify(auto)'s first call on a
+  # small net then hit its deadline with only the interval bound (bench_tight.py's 5-12-8-8-2).
+  if report is not None and heap:
+    report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
+    last_report = time.perf_counter()
   while heap:
     if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon):
       value, x = searching.run(heap, best_x)
