@@ -32,7 +32,7 @@ import optax
 
 from qbound import validate
 from qbound.box import Box
-from qbound.quantize.policy import Selection, Transform, Where, path_str
+from qbound.quantize.policy import Selection, Transform, Where
 
 BOUND_METHODS = ("diff", "diff-interval", "interval")
 

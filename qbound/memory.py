@@ -54,10 +54,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G

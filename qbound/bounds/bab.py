@@ -33,13 +33,11 @@ alpha-beta-CROWN (Wang et al., NeurIPS 2021).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import heapq
 import itertools
 import time
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from qbound import graph as G
 from qbound.bounds import relax, smooth
 from qbound.bounds.relax import DiffRelaxation, Relaxation

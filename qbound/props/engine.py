@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import heapq
 import itertools
-import math
 import time
 from typing import Optional
 
