@@ -148,12 +148,14 @@ def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_
   """``variants``: ``(label, {name: value})`` settings of :mod:`qbound.bounds.bab`'s module constants
   each instance runs with in turn (old and new in the same run, interleaved); ``only``: the set of
   ``(net, prop, eps)`` to run (e.g. the undecided ones of an earlier run), None for all."""
-  from qbound.bounds import bab
-  defaults = {name: getattr(bab, name) for _, setting in variants for name in setting}
+  from qbound.bounds import bab, refute
+  # A setting names a constant of bab, or of refute as "refute.NAME".
+  owner = lambda name: (refute, name[len("refute."):]) if name.startswith("refute.") else (bab, name)
+  defaults = {name: getattr(*owner(name)) for _, setting in variants for name in setting}
 
   def use(setting):
     for name, value in {**defaults, **setting}.items():
-      setattr(bab, name, value)
+      setattr(*owner(name), value)
 
   first_f, first_fq = acas_pair(nets[0])
   # Warm-up: the first instance, so that the table's times exclude compiling the bound steps
@@ -463,6 +465,12 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
                       "and bound, on the first of --nets and --props (stalled_pieces)")
   p.add_argument("--undecided-from", type=pathlib.Path, default=None,
                  help="only the instances undecided in this results.csv of an earlier run")
+  p.add_argument("--instances", nargs="+", default=None, metavar="NET:PROP:EPS",
+                 help="only these instances, e.g. 6:7:0.05 (ACAS Xu 1_6, property 7, epsilon 0.05)")
+  p.add_argument("--search-schedule", choices=["default", "before19", "both"], default="default",
+                 help="the search rounds' schedule (qbound.bounds.refute): before19 is the one before issue 19 "
+                      "(first round 0.5 s from the start, never charged before it runs); both: every instance "
+                      "with each, interleaved")
   p.add_argument("--out", type=pathlib.Path, default=None)
   args = p.parse_args(argv)
   if args.zonotope:
@@ -505,7 +513,21 @@ def main(argv=None, methods: Mapping[str, Callable] | None = None):
   if args.candidates:
     variants = [(f"{label + ', ' if label != 'default' else ''}candidates {c}", {**setting, "DIFFERING_CANDIDATES": c})
                 for c in args.candidates for label, setting in variants]
+  if args.search_schedule != "default":
+    before19 = {"refute.FIRST_AFTER": 0.5, "refute.FIRST_FROM_ROOT": False, "refute.HOPEFUL_LOWER": 0.0}
+    schedules = {"before19": before19, "default": {}}
+    chosen = ["before19", "default"] if args.search_schedule == "both" else [args.search_schedule]
+    variants = [(f"{label + ', ' if label != 'default' else ''}schedule {c}", {**setting, **schedules[c]})
+                for c in chosen for label, setting in variants]
   only = None
+  if args.instances:
+    only = set()
+    for spec in args.instances:
+      k, prop, eps = spec.split(":")
+      only.add((f"1_{k}", prop, float(eps)))
+    args.nets = sorted({int(s.split(":")[0]) for s in args.instances})
+    args.props = list(dict.fromkeys(s.split(":")[1] for s in args.instances))
+    args.eps = sorted({float(s.split(":")[2]) for s in args.instances})
   if args.undecided_from is not None:
     import csv
     with open(args.undecided_from) as fh:

@@ -89,6 +89,34 @@ def test_search_share_grows_only_when_the_bound_is_far_from_epsilon():
   assert not s.due(10.0, upper=100.0)  # no epsilon: no proof to give up on
 
 
+def test_rounds_are_charged_before_they_run_only_where_a_counterexample_looks_unlikely(monkeypatch):
+  """Issue 19: the clock starts at the root's end; a round's measured cost must fit in the share
+  before it runs while the error reached is far below epsilon and the bound near it; elsewhere the
+  rounds run as before (the pruned pairs they refute had reached 0.45-0.9 epsilon, or had bounds
+  thousands of times epsilon)."""
+  s = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), share=0.05, first_after=0.4,
+                              first_from_root=True, hopeful_lower=0.1)
+  monkeypatch.setattr(refute, "_ROUND_COST", {s._key(): 0.1})
+  unlikely = dict(upper=2.0, epsilon=0.05, lower=1e-5)  # ACAS Xu vs float16: 40x epsilon, 2e-4 of it reached
+  assert not s.due(1.0, **unlikely)  # the root's batch ends here (a first call's compiling root)
+  assert not s.due(1.3, **unlikely)  # 0.3 s after the root: too early for any round
+  assert s.due(1.5, upper=2.0, epsilon=0.05, lower=0.03)  # 0.6 epsilon reached: checked before, paid after
+  assert s.due(1.5, upper=100.0, epsilon=0.05, lower=1e-5)  # bound 2000x epsilon: the same
+  assert s.due(1.5, upper=2.0)  # no epsilon: the same
+  assert not s.due(2.5, **unlikely)  # 5% of 1.5 s after the root does not cover a 0.1 s round
+  assert s.due(3.0, **unlikely)  # 5% of 2 s does
+  s.spent = 0.1
+  assert not s.due(4.0, **unlikely) and s.due(5.0, **unlikely)  # the next needs 0.2 s of 4 s
+  # Before a round was measured, ROUND_GUESS per output is charged.
+  monkeypatch.setattr(refute, "_ROUND_COST", {})
+  fresh = refute.WorstPieceSearch(None, np.arange(5), np.zeros(1), np.ones(1), (1,), share=0.05, first_after=0.0,
+                                  first_from_root=True, hopeful_lower=0.1)
+  assert fresh.round_cost() == pytest.approx(5 * refute.ROUND_GUESS)
+  # The schedule before issue 19 (clock from the start, never charged first) is still there to compare.
+  old = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), share=0.05, first_after=0.5)
+  assert old.due(0.5, **unlikely)
+
+
 def test_branch_and_bound_with_search_is_sound_and_its_witness_is_real():
   """With the search rounds (forced to run at once), the bounds still hold on samples, the lower
   bound is the error at the witness and it is at least the one without them."""

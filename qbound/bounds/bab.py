@@ -519,7 +519,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
     last_report = time.perf_counter()
   while heap:
-    if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon):
+    if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon, best_lower):
       value, x = searching.run(heap, best_x)
       if value > best_lower:
         best_lower, best_x = value, x

@@ -18,8 +18,20 @@ momentum as in MI-FGSM, Dong et al., CVPR 2018) on a fixed number of rows:
   the pieces shrink as branch and bound goes, so later rounds search ever finer).
 
 The rows have one fixed count, so one compilation serves every round. A round runs when the time
-spent searching is at most :data:`SHARE` of the time branch and bound has run, and never before
-:data:`FIRST_AFTER` seconds (instances decided sooner pay nothing).
+spent searching is at most :data:`SHARE` of the time branch and bound has run since its root's batch,
+and never before :data:`FIRST_AFTER` seconds after it (instances decided sooner pay nothing; counted from
+the root's end, so that a first call's compilation of the root does not bring the first round
+forward).
+
+Rounds pay their way (issue 19): where a counterexample looks unlikely, a round is charged to the
+share *before* it runs. Unlikely means the error reached so far is below :data:`HOPEFUL_LOWER` times
+epsilon and the bound within :data:`FAR_RATIO` times epsilon: ACAS Xu 1_1..1_9 against their float16
+copies reach about 1e-5 against epsilon 0.05 while their bound closes by itself from 30-40x epsilon,
+and a round (0.06-0.1 s warm) ran after 0.5 s and took 10-30% of calls that prove in 0.5-3 s. Its
+cost is the cheapest round measured for this kind of search (:data:`ROUND_GUESS` per output before
+any), so the first such round waits until the share covers it. Elsewhere (an error reached within a
+factor ten of epsilon, or a bound still hundreds of times epsilon, as on the pruned pairs that the
+rounds refute) the rounds run as before: checked before, paid after.
 
 Everything returned is an error actually reached at its input (float32 evaluation of the merged
 graph, as branch and bound's probes): a lower bound, never part of a proof.
@@ -38,6 +50,11 @@ import numpy as np
 from qbound import graph as G
 from qbound.attack import PieceSearch, search_pieces
 
+# The cheapest round measured per kind of search (node shapes, input size, outputs, settings): a
+# warm round's cost, which later calls charge before their first round (the first call's first round
+# compiles and costs seconds more).
+_ROUND_COST: dict = {}
+
 # Whether branch and bound searches its worst pieces by default (its ``search=None``).
 ENABLED = True
 # Share of branch and bound's running time that the searches may take.
@@ -49,8 +66,20 @@ SHARE = 0.05
 FAR_SHARE = 0.5
 FAR_RATIO = 100.0
 FAR_AFTER = 0.4
-# Seconds branch and bound runs before the first search round.
-FIRST_AFTER = 0.5
+# Seconds branch and bound runs after its root's batch before the first search round (0.4 s after a
+# warm ACAS Xu root of about 0.1 s is where 0.5 s from the start was before issue 19).
+FIRST_AFTER = 0.4
+# Whether FIRST_AFTER counts from the root's batch's end (False: from branch and bound's start, as
+# before issue 19; a first call then ran a compiling round right after a compiling root).
+FIRST_FROM_ROOT = True
+# A round is charged to the share before it runs while the error reached is below HOPEFUL_LOWER
+# times epsilon and the bound below FAR_RATIO times epsilon (0: never, as before issue 19). The pruned
+# pairs the rounds refute had reached 0.45-0.9 of epsilon (1_6, 1_7 property 7 at 0.05, 1_3 at 0.5)
+# or had bounds thousands of times epsilon; float16 copies of ACAS Xu reach 3e-4 of it.
+HOPEFUL_LOWER = 0.1
+# Seconds a round costs per output, before one was measured (ACAS Xu, 8 rows x 5 starts x 100 steps,
+# warm, loaded machine: 0.06-0.1 s for one output, 0.25-0.28 s for five).
+ROUND_GUESS = 0.06
 # Rows per round: the whole box (BOX_ROWS times), boxes around the best input, the worst open pieces.
 ROWS = 8
 # The whole box takes two rows: on ACAS Xu 1_7 property 7 at epsilon 0.05 (20 s, three seeds, loaded
@@ -96,9 +125,24 @@ class WorstPieceSearch:
     share: most of branch and bound's time the rounds may take.
     far_share: the same once the bound is far from epsilon (:data:`FAR_RATIO`) after ``far_after``
       seconds.
-    first_after: seconds before the first round.
+    first_after: seconds before the first round (after the root's batch with ``first_from_root``).
+    first_from_root: count ``first_after`` from the first :meth:`due` (called after the root's batch).
+    hopeful_lower: below this share of epsilon reached (and a bound within :data:`FAR_RATIO`
+      epsilon), a round's cost is charged before it runs.
     seed: the rounds' keys are ``jax.random.key(seed + round)``.
     far: whether the last :meth:`due` found the bound far from epsilon.
+    origin: seconds of branch and bound at the first :meth:`due` (its root's end), or 0.
+
+  Example (with ``first_from_root`` the clock starts at the first :meth:`due`, after the root):
+
+    >>> s = WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), first_after=0.4,
+    ...                      first_from_root=True, hopeful_lower=0.1)
+    >>> s.due(0.1), s.due(0.6, upper=2.0, epsilon=0.05, lower=0.03)  # the root ends at 0.1 s; hopeful
+    (False, True)
+    >>> s.due(0.6, upper=2.0, epsilon=0.05, lower=1e-5)  # unlikely: a 0.06 s round needs 1.2 s at 5%
+    False
+    >>> s.due(1.4, upper=2.0, epsilon=0.05, lower=1e-5), s.due(0.6, upper=10.0, epsilon=0.05, lower=1e-5)
+    (True, True)
   """
 
   graph: G.Graph
@@ -111,16 +155,37 @@ class WorstPieceSearch:
   first_after: float = FIRST_AFTER
   far_share: float = FAR_SHARE
   far_after: float = np.inf
+  first_from_root: bool = False
+  hopeful_lower: float = 0.0
   seed: int = 0
   far: bool = False
   spent: float = 0.0
   rounds: int = 0
+  origin: Optional[float] = None
 
-  def due(self, elapsed: float, upper: float = np.inf, epsilon: Optional[float] = None) -> bool:
+  def _key(self) -> tuple:
+    nodes = tuple(n.shape for n in self.graph.nodes) if self.graph is not None else ()
+    return (nodes, self.lower.size, len(self.outputs), self.search)
+
+  def round_cost(self) -> float:
+    """The seconds a round is expected to cost: the cheapest measured, else a guess per output."""
+    return _ROUND_COST.get(self._key(), ROUND_GUESS * max(len(self.outputs), 1))
+
+  def due(self, elapsed: float, upper: float = np.inf, epsilon: Optional[float] = None,
+          lower: float = 0.0) -> bool:
     """Whether a round may run after ``elapsed`` seconds of branch and bound whose bound is now
-    ``upper`` (with ``epsilon`` given and ``upper`` far above it, the search gets more time)."""
+    ``upper`` and whose reached error is ``lower`` (with ``epsilon`` given and ``upper`` far above it,
+    the search gets more time; with ``lower`` far below it and ``upper`` not far above, a round must
+    fit in the share before it runs)."""
+    if self.origin is None:
+      self.origin = elapsed if self.first_from_root else 0.0
     self.far = epsilon is not None and elapsed >= self.far_after and upper > FAR_RATIO * epsilon
-    return elapsed >= self.first_after and self.spent <= (self.far_share if self.far else self.share) * elapsed
+    if elapsed - self.origin < self.first_after:
+      return False
+    # (The share, too, counts from the root's end: a first call's compiling root buys no search.)
+    allowed = (self.far_share if self.far else self.share) * (elapsed - self.origin)
+    unlikely = epsilon is not None and lower < self.hopeful_lower * epsilon and upper <= FAR_RATIO * epsilon
+    return self.spent + (self.round_cost() if unlikely else 0.0) <= allowed
 
   def run(self, heap: list, best_x) -> tuple[float, np.ndarray]:
     """One round on the box, around ``best_x`` and on the worst pieces of branch and bound's
@@ -132,7 +197,10 @@ class WorstPieceSearch:
     value, x = search_pieces(self.graph, los.reshape(-1, *self.shape), his.reshape(-1, *self.shape),
                              key=jax.random.key(self.seed + self.rounds), outputs=self.outputs, search=self.search)
     self.rounds += 1
-    self.spent += time.perf_counter() - start
+    cost = time.perf_counter() - start
+    self.spent += cost
+    key = self._key()
+    _ROUND_COST[key] = min(cost, _ROUND_COST.get(key, np.inf))
     return value, x
 
 
@@ -145,4 +213,5 @@ def searcher(graph: G.Graph, outputs, lower, upper, shape, enabled: Optional[boo
   # The module's settings as they are now (tests and benchmarks change them).
   return WorstPieceSearch(graph, np.asarray(outputs), np.asarray(lower, np.float32).reshape(-1),
                           np.asarray(upper, np.float32).reshape(-1), tuple(shape), search=SEARCH, share=SHARE,
-                          first_after=FIRST_AFTER, far_share=FAR_SHARE, far_after=FAR_AFTER * time_budget)
+                          first_after=FIRST_AFTER, far_share=FAR_SHARE, far_after=FAR_AFTER * time_budget,
+                          first_from_root=FIRST_FROM_ROOT, hopeful_lower=HOPEFUL_LOWER)
