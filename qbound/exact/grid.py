@@ -7,7 +7,7 @@ box: a product of intervals, one per input entry, between consecutive rounding t
 ``f - f_q`` is f minus a constant, and a linear bound of f is nearly exact there. Bound propagation
 cannot see this: it bounds every rounding of f_q's hidden layers by a full step, independently of
 the others, although in a few input dimensions only a few of their sign patterns are realisable
-(for AQT's int8 MLP on ``[-1, 1]^4``, 4x the error reached; :doc:`docs/models.md`).
+(for AQT's int8 MLP on ``[-1, 1]^4``, 4x the error reached; see docs/models.md).
 
 So :func:`grid_error` enumerates the cells, in blocks of a few cells per entry:
 
@@ -16,18 +16,22 @@ So :func:`grid_error` enumerates the cells, in blocks of a few cells per entry:
   magnitudes of the interval bounds over the whole box). A rounding whose input lies within its
   error bound of a tie could round either way in real arithmetic: such a cell gets f_q's interval
   bounds over the cell instead (rare: float32's error is ~1e-5 steps);
-* f by CROWN (Zhang et al., NeurIPS 2018) over each block: linear lower and upper bounds
-  ``lam . x + beta`` valid on the block, minimised over each of its cells in closed form;
-* the cell's bound is f's bound minus f_q's value; the maximum over cells is the proven bound.
+* f by forward symbolic intervals over each block (:mod:`qbound.exact.forms`; Wang et al. 2018):
+  linear lower and upper bounds valid on the block, minimised over each of its cells in closed form;
+* the cell's bound is f's bound minus f_q's value; the maximum over cells is the proven bound;
+* cells whose bound exceeds the error reached by more than ``refine_gap`` are bounded again with
+  f's linear bounds over the cell itself (exact where f is affine on the cell).
 
 Every input point lies in a closed cell whose representative rounds the same way (cells are
 widened by a relative 1e-9 past their computed ties), so the bound covers the box, ties included.
 The cells with the largest bounds give the reached error: points just inside their corners,
 evaluated in float64 on the merged graph.
 
-Cost: one float32 pass of f_q per cell plus CROWN per block; about 65^4 = 1.8e7 cells for AQT's
-int8 input grid on ``[-1, 1]^4``. :data:`MAX_CELLS` caps it; :func:`grid_error` returns None past
-its deadline.
+Cost: one float32 pass of f_q per cell, the linear bounds per block, and the linear bounds again
+per refined cell (about 60 us each on a loaded CPU, the dominant cost). AQT's int8 input grid on
+``[-1, 1]^4`` has 65^4 = 1.8e7 cells: minutes, not the 10 s of ``certify``'s default budget (see
+docs/models.md); ``certify(method="auto")`` enumerates grids of at most :data:`AUTO_MAX_CELLS` cells
+(local boxes). :data:`MAX_CELLS` caps it; :func:`grid_error` returns None past its deadline.
 
 Example:
   >>> import jax, jax.numpy as jnp, qbound as qb
@@ -287,7 +291,7 @@ def _evaluate(graph: G.Graph, errs, x):
 
 
 def _f_on_cells(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
-  """Bounds of f on cells from CROWN's linear bounds over their blocks.
+  """Bounds of f on cells from the linear bounds (qbound.exact.forms) over their blocks.
 
   ``value``, ``lam`` (``(k, rows)``, ``(k, rows, *in)``): lower bounds of the rows ``[+e_j; -e_j]``
   of f over the blocks ``[blk_lo, blk_hi]`` and their coefficients on the input, so that
