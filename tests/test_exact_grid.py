@@ -123,3 +123,11 @@ def test_certify_auto_enumerates_small_grids():
   cert = qb.certify(f, fq, box, time_budget=60)  # it returns once the gap is closed (seconds, cold)
   assert "grid" in cert.bounds and cert.seconds < 60
   assert cert.lower <= cert.upper <= 1.1 * cert.lower
+
+
+@pytest.mark.parametrize("module", [grid, forms])
+def test_docstring_examples_run(module):
+  import doctest
+
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

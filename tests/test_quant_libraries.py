@@ -377,6 +377,7 @@ def test_aqt_static_activation_scales_are_sound(original):
     assert 0 < cert.lower <= cert.upper
 
 
+@pytest.mark.slow  # 14 s at load 8 (AQT's model and the grid's programs compile); tests/test_exact_grid.py covers the method
 def test_aqt_static_activation_scales_are_enumerated_on_small_boxes(original):
   # AQT rounds the input first (steps of 1/32 here): on a box of a few cells per entry, certify
   # bounds the error cell by cell (qbound.exact.grid), within 1.5x of the error reached.

@@ -75,8 +75,8 @@ MAX_BLOCKS = 1 << 15
 CHUNK_CELLS = 1 << 20
 # Cells whose corners are tried for the reached error.
 WITNESS_CELLS = 32
-# Cells refined per batch.
-REFINE_BATCH = 1 << 16
+# Cells refined per batch (the reached error, and with it the threshold, is updated between them).
+REFINE_BATCH = 1 << 14
 # Cells are widened past their computed ties by this relative amount (float64 ties are exact to
 # ~1e-16 relative): a point near a tie then lies in both neighbouring cells.
 CELL_WIDENING = 1e-9
@@ -175,6 +175,20 @@ def _ties(mode: str, u_lo: float, u_hi: float) -> np.ndarray:
   if last - first > 1 << 22:
     raise OverflowError
   return np.arange(first, last + 1, dtype=np.float64) + offset
+
+
+def _cells_at_most(graph: G.Graph, gates, bounds) -> float:
+  """An upper bound on the number of cells: the product over rounded entries of one plus the ties
+  within their input's interval bounds (exact when each input entry is rounded once)."""
+  total = 1.0
+  for gate in gates:
+    lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in bounds[graph.nodes[gate].inputs[0]])
+    offset = 0.5 if graph.nodes[gate].attrs[0] in ("nearest", "away") else 0.0
+    ties = np.maximum(np.floor(hi - offset) - np.ceil(lo - offset) + 1, 0)
+    total *= float(np.prod(1 + np.minimum(ties, 1e9)))
+    if not np.isfinite(total) or total > 1e18:
+      return math.inf
+  return total
 
 
 def input_cells(graph: G.Graph, box: Box) -> Optional[list]:
@@ -383,7 +397,7 @@ def _evaluate_batch(qg: G.Graph, q_err, xs):
 class _Grid:
   """The cells of one call: their layout in blocks, and where each cell's numbers come from."""
 
-  def __init__(self, fg, qg, box, edges, sound):
+  def __init__(self, fg, qg, box, edges, sound, q_bounds):
     self.fg, self.qg, self.sound = fg, qg, sound
     self.in_shape = tuple(box.shape)
     self.dtype = np.dtype(jnp.result_type(box.lower))
@@ -399,7 +413,6 @@ class _Grid:
     self.cells_per_block = math.prod(self.per)
     self.offsets = jnp.stack(jnp.meshgrid(*[jnp.arange(b) for b in self.per], indexing="ij"), -1).reshape(
         -1, len(self.per))
-    q_bounds = interval_bounds(qg, box, sound)
     self.q_err = _error_bounds(qg, q_bounds)
     # The same bounds for a float64 evaluation: the standard model's terms scale with the unit
     # roundoff (2^-53 against 2^-24); a factor 2 to spare.
@@ -496,11 +509,19 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   fg, qg = merged.f_graph, merged.fq_graph
   if late() or not forms_supported(fg):
     return None
+  # A count from the roundings' interval bounds first: cheap (these steps are compiled by the
+  # interval bounds certify starts with), where tracing the input's chain compiles op by op.
+  found = _pre_rounding(qg)
+  if found is None:
+    return None
+  q_bounds = interval_bounds(qg, box, sound)
+  if _cells_at_most(qg, found[0], q_bounds) > max_cells:
+    return None
   edges = input_cells(qg, box)
   if edges is None or math.prod(len(e) - 1 for e in edges) > max_cells:
     return None
   try:
-    grid = _Grid(fg, qg, box, edges, sound)
+    grid = _Grid(fg, qg, box, edges, sound, q_bounds)
   except ValueError:
     return None
   k = max(1, min(grid.n_blocks, CHUNK_CELLS // grid.cells_per_block))
@@ -521,20 +542,28 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   refined, idx = grid.refine(order)
   lower, witness = _reached(merged, box, grid.tables_np, idx[np.argsort(-refined)])
   bound = refined.max()
-  threshold = (1 + refine_gap) * lower
-  candidates = np.flatnonzero(worst > threshold)
+  # Largest first bounds first: the reached error rises early, and the cells whose first bound is
+  # within refine_gap of it by then keep that bound.
+  candidates = np.flatnonzero(worst > (1 + refine_gap) * lower)
+  candidates = candidates[np.argsort(-worst[candidates], kind="stable")]
   candidates = candidates[~np.isin(candidates, order)]
-  for first in range(0, candidates.size, REFINE_BATCH):
+  done = np.zeros(worst.size, bool)
+  done[order] = True
+  first = 0
+  while first < candidates.size and worst[candidates[first]] > (1 + refine_gap) * lower:
     if late():
       return None
     part = candidates[first: first + REFINE_BATCH]
+    part = part[worst[part] > (1 + refine_gap) * lower]
+    first += REFINE_BATCH
     d, idx = grid.refine(part)
+    done[part] = True
     bound = max(bound, d.max())
-    if d.max() > threshold:  # more corners to try
+    if d.max() > lower:  # more corners to try
       more, x = _reached(merged, box, grid.tables_np, idx[np.argsort(-d)[:WITNESS_CELLS]])
       if more > lower:
         lower, witness = more, x
-  rest = np.delete(worst, np.concatenate([candidates, order]))
+  rest = worst[~done]
   upper = float(max(bound, rest.max() if rest.size else 0.0, 0.0))
   if lower > upper:
     raise SoundnessError(f"grid: the error {lower!r} reached at {witness.reshape(-1).tolist()} exceeds the bound "
@@ -542,7 +571,7 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   n_out = grid.n_out
   return GridResult(lower=lower, upper=upper, diff_lower=np.full(n_out, -upper), diff_upper=np.full(n_out, upper),
                     witness=witness, cells=math.prod(grid.counts), blocks=grid.n_blocks,
-                    refined=int(candidates.size + order.size), seconds=time.perf_counter() - start)
+                    refined=int(done.sum()), seconds=time.perf_counter() - start)
 
 
 def _reached(merged, box: Box, tables, cells) -> tuple:
