@@ -186,11 +186,13 @@ def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
 
 
 # --- input-grid enumeration (qbound.exact.grid; branch aqtgrid) ---
-def _run_grid(track, merged, box, sound: bool, deadline: float, stop) -> None:
+def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float) -> None:
   """Where f_q rounds its input first and the grid has few cells: the error cell by cell."""
-  from qbound.exact.grid import AUTO_MAX_CELLS, grid_error
+  from qbound.exact.grid import auto_max_cells, grid_error
 
-  res = grid_error(merged, box, deadline=deadline, max_cells=AUTO_MAX_CELLS, sound=sound, stop=stop)
+  # Past 2^15 cells, only when the time allows (a larger time_budget): about 1e5 cells a second.
+  res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
+                   sound=sound, stop=stop, refine_gap=target_gap, large_refine_gap=max(target_gap, 0.2))
   if res is not None:
     track.add_bounds("grid", res.diff_lower, res.diff_upper)
     track.add_witness(merged.graph, res.witness)
@@ -563,7 +565,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
           raise
     # --- input-grid enumeration (qbound.exact.grid; branch aqtgrid): half the time left at most ---
     if method == "auto" and staircase and not halted():
-      _run_grid(track, merged, box, sound, time.perf_counter() + left() / 2, halted)
+      _run_grid(track, merged, box, sound, time.perf_counter() + left() / 2, halted, target_gap)
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
     # --- end of input-grid enumeration ---
