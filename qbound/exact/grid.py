@@ -234,7 +234,14 @@ def input_cells(graph: G.Graph, box: Box) -> Optional[list]:
       if np.any(np.abs(t) + abs(b[e]) > 1e3 * abs(a) * (1 + np.abs(x))):
         return None  # float64's error in x would outgrow the cells' widening (CELL_WIDENING)
       ties[i].append(np.clip(x, lower[i], upper[i]))
-  return [np.sort(np.concatenate([[lower[i]], *ties[i], [upper[i]]])) for i in range(lower.size)]
+  edges = [np.sort(np.concatenate([[lower[i]], *ties[i], [upper[i]]])) for i in range(lower.size)]
+  for e in edges:
+    # A cell narrower than float32 can resolve (two roundings' ties nearly together) would have its
+    # representative rounded out of it; zero-width cells (ties at the box's ends) are fine.
+    width = np.diff(e)
+    if np.any((width > 0) & (width < 1e-5 * (1 + np.abs(e[1:])))):
+      return None
+  return edges
 
 
 def _cell_tables(edges: list, box: Box):
@@ -295,9 +302,10 @@ _error_bounds = jax.jit(error_bounds)
 
 def _near_tie(mode: str, u, err):
   """Whether ``round(u)`` could differ from the real rounding of a value within ``err`` of ``u``."""
-  frac = u - jnp.floor(u)  # exact in floats
+  frac = u - jnp.floor(u)
   dist = jnp.abs(frac - 0.5) if mode in ("nearest", "away") else jnp.minimum(frac, 1 - frac)
-  return jnp.any(dist <= err)
+  # frac and dist round for negative u (-0.3 + 1): a few units of roundoff of u's size more.
+  return jnp.any(dist <= err + 4 * jnp.finfo(u.dtype).eps * (1 + jnp.abs(u)))
 
 
 def _evaluate(graph: G.Graph, errs, x):
