@@ -190,7 +190,7 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
   """Where f_q rounds its input first and the grid has few cells: the error cell by cell."""
   from qbound.exact.grid import auto_max_cells, grid_error
 
-  # Past 2^15 cells, only when the time allows (a larger time_budget): about 1e5 cells a second.
+  # Past 2^15 cells, only when the time allows (a larger time_budget): 4e4 cells a second.
   res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
                    sound=sound, stop=stop, refine_gap=target_gap, large_refine_gap=max(target_gap, 0.2))
   if res is not None:

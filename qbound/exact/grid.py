@@ -71,8 +71,9 @@ MAX_CELLS = 1 << 25
 # AQT's 4-16-16-2 MLP; 1.8e7 cells take minutes, see docs/models.md).
 AUTO_MAX_CELLS = 1 << 15
 # With more time, certify allows this many cells per second of its deadline (measured: AQT's
-# 1.8e7 cells in 169 s warm at load 10, refine_gap 0.2: about 1e5 per second).
-AUTO_CELLS_PER_SECOND = 100_000
+# 1.8e7 cells in 169 s warm at load 10, refine_gap 0.2: about 1e5 per second alone; inside
+# certify, beside its search thread at load 8.5, not within 200 s: 4e4 leaves room).
+AUTO_CELLS_PER_SECOND = 40_000
 # Blocks (the first pass's boxes) per call at most, and per chunk processed at once.
 MAX_BLOCKS = 1 << 15
 CHUNK_CELLS = 1 << 20
