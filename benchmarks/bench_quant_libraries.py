@@ -32,6 +32,8 @@ Run from the repository root (needs the ``qwix`` and ``aqt`` extras)::
 
     python benchmarks/bench_quant_libraries.py              # all rows, about 6 minutes on 2 cores
     python benchmarks/bench_quant_libraries.py --models linen-mlp --configs "aqt int8"
+    python benchmarks/bench_quant_libraries.py --models linen-mlp --configs "aqt static int8 po2" \
+        --radius 0.0625 --center 0.26 -0.34 0.16 -0.04     # a local box (5^4 cells of AQT's input grid)
 
 Writes ``results/quant_libraries/results.csv``.
 """
@@ -243,12 +245,21 @@ def independent_error(f, fq, box: qb.Box) -> float:
   return max(sampled, float(ascended))
 
 
-def run_row(model_name: str, config: str, time_budget: float) -> dict:
+def local_box(box: qb.Box, center, radius: float) -> qb.Box:
+  """The L-inf ball of ``radius`` around ``center`` (one value for every entry, or one per entry),
+  inside ``box``."""
+  c = jnp.broadcast_to(jnp.asarray(center, jnp.float32), box.lower.shape)
+  return qb.Box(jnp.maximum(c - radius, box.lower), jnp.minimum(c + radius, box.upper))
+
+
+def run_row(model_name: str, config: str, time_budget: float, center=None, radius=None) -> dict:
   row = {"model": model_name, "config": config}
   try:
     f, fq, box = build(model_name, config)
   except NotApplicable as why:
     return {**row, "note": f"n/a: {why}"}
+  if radius is not None:
+    box = local_box(box, center, radius)
   try:
     paired = qb.merge(f, fq, box).paired
   except qb.UnsupportedPrimitiveError as err:
@@ -294,17 +305,21 @@ def main(argv=None):
   parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=CONFIGS)
   parser.add_argument("--time-budget", type=float, default=10.0, help="qb.certify's time budget (its default: 10)")
   parser.add_argument("--out", default="results/quant_libraries/results.csv")
+  parser.add_argument("--radius", type=float, default=None,
+                      help="certify on the L-inf ball of this radius around --center instead (MLPs)")
+  parser.add_argument("--center", type=float, nargs="*", default=[0.0], help="the ball's centre (one value or one per input)")
   parser.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)  # one row, as JSON
   args = parser.parse_args(argv)
   if args.one:
-    print(json.dumps(run_row(*args.one, args.time_budget)))
+    print(json.dumps(run_row(*args.one, args.time_budget, args.center, args.radius)))
     return None
   rows = []
   for model_name in args.models:
     for config in args.configs:
       # A fresh process per row: its first call pays every compilation, as a user's first call does.
+      local = [] if args.radius is None else ["--radius", str(args.radius), "--center", *map(str, args.center)]
       done = subprocess.run([sys.executable, __file__, "--one", model_name, config, "--time-budget",
-                             str(args.time_budget)], capture_output=True, text=True, check=False)
+                             str(args.time_budget), *local], capture_output=True, text=True, check=False)
       if done.returncode != 0:
         raise RuntimeError(f"{model_name} {config} failed:\n{done.stderr[-3000:]}")
       rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

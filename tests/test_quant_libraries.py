@@ -377,6 +377,25 @@ def test_aqt_static_activation_scales_are_sound(original):
     assert 0 < cert.lower <= cert.upper
 
 
+@pytest.mark.slow  # 14 s at load 8 (AQT's model and the grid's programs compile); tests/test_exact_grid.py covers the method
+def test_aqt_static_activation_scales_are_enumerated_on_small_boxes(original):
+  # AQT rounds the input first (steps of 1/32 here): on a box of a few cells per entry, certify
+  # bounds the error cell by cell (qbound.exact.grid), within 1.5x of the error reached.
+  aqt_config, aqt_calibration, aqt_flax = _aqt()
+  model, params = original
+  cfg = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)
+  cfg.fwd.dg_quantizer.lhs.calibration = functools.partial(aqt_calibration.ConstantCalibration, bound=2.0,
+                                                           po2_scale=True)
+  qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(cfg))
+  f = functools.partial(model.apply, params)
+  fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
+  box = qb.Box(jnp.array([0.2, -0.4, 0.1, -0.1]), jnp.array([0.325, -0.275, 0.225, 0.025]))
+  cert = qb.certify(f, fq, box, time_budget=60)  # it returns once the gap is closed (seconds, cold)
+  assert "grid" in cert.bounds
+  _check_sound(f, fq, cert, box)
+  assert cert.upper <= 1.5 * cert.lower
+
+
 def test_aqt_dynamic_activation_scales_are_paired_and_sound(original):
   """AQT's default int8 activations: s = where(max|x| == 0, 1, max|x|) / 127.5, x * (1 / s) with
   an overflow guard, clipped to [-127, 127] before rounding; per token for a batch."""

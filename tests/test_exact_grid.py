@@ -1,0 +1,133 @@
+"""qbound.exact.grid: the maximal error cell by cell where f_q rounds its input first."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qbound as qb
+from qbound.exact import forms, grid
+import helpers as H
+
+
+def _rounded_mlp(key, inputs=3, width=8, step=1 / 8, hidden_step=1 / 4):
+  """A ReLU MLP f, and f_q: the same with its input and hidden activations fake-quantized
+  (``round(x / s) * s`` with static steps), the shape of AQT's and qwix's static int8 layers."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  w1 = jax.random.normal(k1, (inputs, width)) / np.sqrt(inputs)
+  w2 = jax.random.normal(k2, (width, 2)) / np.sqrt(width)
+  b1 = 0.1 * jax.random.normal(k3, (width,))
+
+  def f(x):
+    return jax.nn.relu(x @ w1 + b1) @ w2
+
+  def fq(x):
+    xq = jnp.clip(jnp.round(x / step), -127, 127) * step
+    h = jax.nn.relu(xq @ w1 + b1)
+    return (jnp.round(h / hidden_step) * hidden_step) @ w2
+
+  return f, fq
+
+
+def _sampled_max(merged, box, edges, n=5000, seed=0):
+  """The largest float64 error over uniform samples and points just beside the cells' ties."""
+  rng = np.random.default_rng(seed)
+  lo, hi = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  xs = lo + rng.uniform(size=(n, lo.size)) * (hi - lo)
+  # Points a hair from a tie on one entry (where f_q jumps), the others uniform.
+  near = lo + rng.uniform(size=(n, lo.size)) * (hi - lo)
+  for row in near:
+    i = rng.integers(lo.size)
+    e = edges[i][rng.integers(len(edges[i]))]
+    row[i] = np.clip(e + rng.choice([-1e-7, 1e-7]), lo[i], hi[i])
+  points = np.concatenate([xs, near]).astype(np.float32)
+  return float(np.max(np.abs(H.eval64(merged, points))))
+
+
+def test_grid_error_is_exact_when_f_is_linear_on_each_cell():
+  f = lambda x: jnp.sum(jax.nn.relu(x))  # noqa: E731
+  fq = lambda x: jnp.sum(jax.nn.relu(jnp.round(x * 4) / 4))  # noqa: E731
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  res = grid.grid_error(qb.merge(f, fq, box), box)
+  assert res.cells == 9 * 9
+  # Just below x = 1/8 per entry (rounded to 0) the error is 1/8 + 1/8: the sup is 1/4.
+  assert 0.2499 <= res.lower <= 0.25 <= res.upper < 0.25 + 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grid_error_is_sound_and_tight_on_rounded_mlps(seed):
+  f, fq = _rounded_mlp(jax.random.key(seed))
+  box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))
+  merged = qb.merge(f, fq, box)
+  res = grid.grid_error(merged, box)
+  assert res is not None and res.cells == 5 * 5 * 5  # steps of 1/8 over widths of 1/2
+  sampled = _sampled_max(merged, box, grid.input_cells(merged.fq_graph, box))
+  assert sampled <= res.upper
+  assert res.lower <= res.upper <= 1.1 * res.lower
+  # The reached error is the error at the witness (float64).
+  assert res.lower == pytest.approx(float(np.max(np.abs(H.eval64(merged, res.witness[None])))), rel=1e-9)
+
+
+def test_grid_error_declines_networks_it_cannot_enumerate():
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  assert grid.grid_error(qb.merge(f, fq, box), box, max_cells=100) is None  # 17^3 cells
+  # Weights quantized, the input not rounded: f_q is not constant on any grid.
+  w = jax.random.normal(jax.random.key(1), (3, 2))
+  plain = lambda x: jax.nn.relu(x @ w)  # noqa: E731
+  coarse = lambda x: jax.nn.relu(x @ (jnp.round(w * 8) / 8))  # noqa: E731
+  assert grid.grid_error(qb.merge(plain, coarse, box), box) is None
+  # A rounding of a sum of inputs is no grid of the input.
+  mixed = lambda x: jnp.round(x[0] + x[1]) * x[2]  # noqa: E731
+  assert grid.input_cells(qb.trace(mixed, jnp.zeros(3)), box) is None
+
+
+def test_grid_error_stops_at_its_deadline():
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  assert grid.grid_error(qb.merge(f, fq, box), box, deadline=0.0) is None
+
+
+def test_ties_at_the_box_ends_are_cells_of_their_own():
+  # x / 0.5 has a tie at x = 0.25: a box ending there must bound both sides of the jump.
+  f = lambda x: 2 * x[0]  # noqa: E731
+  fq = lambda x: 2 * jnp.round(x[0] / 0.5) * 0.5  # noqa: E731
+  box = qb.Box(jnp.array([0.25]), jnp.array([0.5]))
+  res = grid.grid_error(qb.merge(f, fq, box), box)
+  # At x = 0.25 round(0.5) = 0 (half to even): the error 0.5 is reached there, and the sup is 0.5.
+  assert res.upper >= 0.5
+
+
+def test_linear_forms_hold_on_random_boxes():
+  f, _ = _rounded_mlp(jax.random.key(2))
+  g = qb.trace(f, jnp.zeros(3))
+  assert forms.supported(g)
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(-1, 0.8, (64, 3)).astype(np.float32)
+  hi = (lo + rng.uniform(0, 0.2, (64, 3))).astype(np.float32)
+  value, lam = forms.linear_bounds(g, lo, hi)
+  xs = lo[:, None] + rng.uniform(size=(64, 200, 3)) * (hi - lo)[:, None]
+  out = np.asarray(H.eval64(g, xs.reshape(-1, 3).astype(np.float32)), np.float64).reshape(64, 200, -1)
+  xs = xs.astype(np.float32).astype(np.float64)
+  n = out.shape[-1]
+  rows = np.concatenate([out, -out], axis=-1)  # (64, 200, 2n): +f_j, -f_j
+  at_min = np.minimum(lam * lo[:, None], lam * hi[:, None]).sum(-1)  # (64, 2n)
+  bound = value[:, None] + np.einsum("kri,kpi->kpr", lam, xs) - at_min[:, None]
+  assert np.all(rows >= bound - 1e-5 * (1 + np.abs(rows)))
+  assert n == 2
+
+
+def test_certify_auto_enumerates_small_grids():
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))
+  cert = qb.certify(f, fq, box, time_budget=60)  # it returns once the gap is closed (seconds, cold)
+  assert "grid" in cert.bounds and cert.seconds < 60
+  assert cert.lower <= cert.upper <= 1.1 * cert.lower
+
+
+@pytest.mark.parametrize("module", [grid, forms])
+def test_docstring_examples_run(module):
+  import doctest
+
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
