@@ -82,7 +82,6 @@ def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
   track.add_upper(name, res.upper)
 
 
-# --- input-grid enumeration (qbound.exact.grid; branch aqtgrid) ---
 def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float) -> None:
   """Where f_q rounds its input first and the grid has few cells: the error cell by cell."""
   from qbound.exact.grid import auto_max_cells, grid_error
@@ -93,7 +92,6 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
   if res is not None:
     track.add_bounds("grid", res.diff_lower, res.diff_upper)
     track.add_witness(merged.graph, res.witness)
-# --- end of input-grid enumeration ---
 
 
 class _Tracker:
@@ -460,12 +458,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
         if nonlinear.first_nonlinear(graph) is None:
           raise
-    # --- input-grid enumeration (qbound.exact.grid; branch aqtgrid): half the time left at most ---
+    # Input-grid enumeration (qbound.exact.grid), in half the time left at most.
     if method == "auto" and staircase and not halted():
       _run_grid(track, merged, box, sound, time.perf_counter() + left() / 2, halted, target_gap)
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
-    # --- end of input-grid enumeration ---
     if not branch_first:
       if halted():
         return

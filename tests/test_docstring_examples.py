@@ -15,7 +15,8 @@ import qbound
 # Run by their own test modules (see `grep testmod tests/`; tests/test_quantize_doctests.py runs qbound.quantize).
 TESTED_ELSEWHERE = {"qbound.certified_training", "qbound.compression", "qbound.models", "qbound.piecewise",
                     "qbound.serialize", "qbound.bounds.smooth", "qbound.validate", "qbound.quantize.activations",
-                    "qbound.quantize.qat", "qbound.io.onnx_export", "qbound.io.vnnlib_reader"}
+                    "qbound.quantize.qat", "qbound.io.onnx_export", "qbound.io.vnnlib_reader", "qbound.exact.grid",
+                    "qbound.exact.forms"}
 
 
 def _modules():
