@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qbound as qb
-from qbound.exact import forms, grid
+from qbound.exact import cells, forms, grid
 import helpers as H
 
 
@@ -61,7 +61,7 @@ def test_grid_error_is_sound_and_tight_on_rounded_mlps(seed):
   merged = qb.merge(f, fq, box)
   res = grid.grid_error(merged, box)
   assert res is not None and res.cells == 5 * 5 * 5  # steps of 1/8 over widths of 1/2
-  sampled = _sampled_max(merged, box, grid.input_cells(merged.fq_graph, box))
+  sampled = _sampled_max(merged, box, cells.input_cells(merged.fq_graph, box))
   assert sampled <= res.upper
   assert res.lower <= res.upper <= 1.1 * res.lower
   # The reached error is the error at the witness (float64).
@@ -79,7 +79,7 @@ def test_grid_error_declines_networks_it_cannot_enumerate():
   assert grid.grid_error(qb.merge(plain, coarse, box), box) is None
   # A rounding of a sum of inputs is no grid of the input.
   mixed = lambda x: jnp.round(x[0] + x[1]) * x[2]  # noqa: E731
-  assert grid.input_cells(qb.trace(mixed, jnp.zeros(3)), box) is None
+  assert cells.input_cells(qb.trace(mixed, jnp.zeros(3)), box) is None
 
 
 def test_grid_error_stops_at_its_deadline():
