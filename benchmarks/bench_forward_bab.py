@@ -11,8 +11,9 @@ the default branch and bound (``qb.bounds.branch_and_bound``), in the same proce
   20 s each, nets ``--nets``.
 * ``--neurodiff``: ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0: the device loop
   with NeuroDiff's choices (``relu_rules="equation"``, ``split_rule="gradient"``, with and without
-  the backward pass at the output) against its default, interleaved in one process (a first call of
-  each, which compiles, then ``--reps`` warm calls of each; median).
+  the backward pass at the output, and on differential zonotopes) against the coefficient split and
+  ``branch_and_bound``, interleaved in one process (a first call of each, which compiles, then
+  ``--reps`` warm calls of each; median).
 
 Run: ``python benchmarks/bench_forward_bab.py --acas --small --differing`` (about 15 minutes on 2
 shared cores). Prints one JSON line per row.
@@ -115,11 +116,14 @@ def bench_differing(nets, budget: float):
 
 
 NEURODIFF_VARIANTS = {
-    "default": dict(),
+    "coefficient split": dict(split_rule="bound"),
     "equation+gradient": dict(relu_rules="equation", split_rule="gradient", output_backward=False),
     "node+gradient": dict(split_rule="gradient", output_backward=False),
     "equation+gradient+backward": dict(relu_rules="equation", split_rule="gradient"),
     "node+gradient+backward": dict(split_rule="gradient"),
+    "zonotope+gradient": dict(domain="zonotope", split_rule="gradient"),
+    "zonotope+bound": dict(domain="zonotope", split_rule="bound"),
+    "branch_and_bound": None,  # the default host loop, for reference
 }
 
 
@@ -128,7 +132,10 @@ def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10)):
 
   for k in nets:
     merged = qb.merge(*_pairs(f"ACASXU_run2a_1_{k}_batch_2000"), PROPERTY_1)
-    run = lambda kw: forward_branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget, **kw)
+    def run(kw):
+      if kw is None:
+        return branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget)
+      return forward_branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget, **kw)
     first = {name: _timed(lambda: run(kw))[0] for name, kw in NEURODIFF_VARIANTS.items()}
     times = {name: [] for name in NEURODIFF_VARIANTS}
     last = {}

@@ -112,3 +112,22 @@ def test_gradient_split_needs_a_chain():
     forward_branch_and_bound(merged, box, split_rule="gradient")
   with pytest.raises(ValueError, match="split_rule"):
     forward_branch_and_bound(merged, box, split_rule="smear")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(domain="zonotope", split_rule="gradient"),
+                                dict(relu_rules="equation", split_rule="gradient", output_backward=False)])
+def test_device_loop_with_the_gradient_split_is_sound(kw):
+  """The device loop with the interval-gradient split, on differential zonotopes or on NeuroDiff's
+  forward rules: its bounds hold at float64 samples (one more compiled program each: slow)."""
+  from qbound.bounds.forward_bab import forward_branch_and_bound
+
+  shape = H.SHAPES[2]
+  f, fq, _, _ = H.random_pair(0, shape, bits=3)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  merged = qb.merge(f, fq, box)
+  res = forward_branch_and_bound(merged, box, time_budget=30, target_gap=0.05, batch_size=8, max_pieces=2048, **kw)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.all(values >= res.diff_lower - 1e-7) and np.all(values <= res.diff_upper + 1e-7)
+  assert np.abs(values).max() <= res.upper + 1e-7
+  assert res.lower <= res.upper * (1 + 1e-5) + 1e-7
