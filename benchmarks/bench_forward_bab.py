@@ -9,6 +9,11 @@ the default branch and bound (``qb.bounds.branch_and_bound``), in the same proce
   second call of each.
 * ``--differing``: ACAS Xu pruned pairs (``benchmarks/data``), properties 1, 7 and 8, epsilon 0.05,
   20 s each, nets ``--nets``.
+* ``--neurodiff``: ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0: the device loop
+  with NeuroDiff's choices (``relu_rules="equation"``, ``split_rule="gradient"``, with and without
+  the backward pass at the output, and on differential zonotopes) against the coefficient split and
+  ``branch_and_bound``, interleaved in one process (a first call of each, which compiles, then
+  ``--reps`` warm calls of each; median).
 
 Run: ``python benchmarks/bench_forward_bab.py --acas --small --differing`` (about 15 minutes on 2
 shared cores). Prints one JSON line per row.
@@ -110,11 +115,46 @@ def bench_differing(nets, budget: float):
       print(json.dumps(row), flush=True)
 
 
+NEURODIFF_VARIANTS = {
+    "coefficient split": dict(split_rule="bound"),
+    "equation+gradient": dict(relu_rules="equation", split_rule="gradient", output_backward=False),
+    "node+gradient": dict(split_rule="gradient", output_backward=False),
+    "equation+gradient+backward": dict(relu_rules="equation", split_rule="gradient"),
+    "node+gradient+backward": dict(split_rule="gradient"),
+    "zonotope+gradient": dict(domain="zonotope", split_rule="gradient"),
+    "zonotope+bound": dict(domain="zonotope", split_rule="bound"),
+    "branch_and_bound": None,  # the default host loop, for reference
+}
+
+
+def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10)):
+  from bench_tight import _pairs
+
+  for k in nets:
+    merged = qb.merge(*_pairs(f"ACASXU_run2a_1_{k}_batch_2000"), PROPERTY_1)
+    def run(kw):
+      if kw is None:
+        return branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget)
+      return forward_branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget, **kw)
+    first = {name: _timed(lambda: run(kw))[0] for name, kw in NEURODIFF_VARIANTS.items()}
+    times = {name: [] for name in NEURODIFF_VARIANTS}
+    last = {}
+    for _ in range(reps):
+      for name, kw in NEURODIFF_VARIANTS.items():
+        seconds, last[name] = _timed(lambda: run(kw))
+        times[name].append(seconds)
+    for name in NEURODIFF_VARIANTS:
+      print(json.dumps({"net": f"1_{k}", "variant": name, "first_s": round(first[name], 2),
+                        "warm_s": round(float(np.median(times[name])), 3), "pieces": last[name].pieces_bounded,
+                        "stopped": last[name].stopped}), flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--acas", action="store_true")
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--differing", action="store_true")
+  parser.add_argument("--neurodiff", action="store_true")
   parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--nets", type=int, nargs="+", default=[1, 5])
   args = parser.parse_args(argv)
@@ -124,6 +164,8 @@ def main(argv=None):
     bench_small()
   if args.differing:
     bench_differing(args.nets, budget=20.0)
+  if args.neurodiff:
+    bench_neurodiff(args.reps)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,14 @@ for three bounds, each on the whole batch of pieces at once, as branch and bound
 All in sound mode. ``ms/piece`` is the warm time of one batched call divided by its pieces (the
 first call compiles and is not counted).
 
+With ``--forward-rules`` it compares instead, on the float16 pair, the root box and random pieces of
+edge 1/2 .. 1/16, the bound on output 0's difference of the forward symbolic pass with its default
+ReLU rules (``relu_rules="node"``), with NeuroDiff's (``"equation"``,
+:mod:`qbound.bounds.neurodiff_rules`), and of the sparse backward pass (median and worst).
+
 Run from the repository root::
 
-    python benchmarks/bench_pieces.py [--pieces 32] [--seed 0]
+    python benchmarks/bench_pieces.py [--pieces 32] [--seed 0] [--forward-rules]
 
 Writes ``results/bench_pieces/pieces.csv``.
 """
@@ -156,12 +161,45 @@ def run(count: int, seed: int, out: pathlib.Path) -> list[dict]:
   return rows
 
 
+def run_forward_rules(count: int, seed: int) -> list[dict]:
+  """Output 0's bound on the float16 pair: forward pass with each ReLU rule set, and the backward pass."""
+  from qbound.bounds.forward import forward_diff_batch
+
+  box = acas_properties.get("1").raw_box()
+  f, fq = pairs()["1_1 float16"]
+  merged = qb.merge(f, fq, box)
+  fg, qg = merged.f_graph, merged.fq_graph
+  rng = np.random.default_rng(seed)
+  fns = {"forward node": lambda lo, hi: forward_diff_batch(fg, qg, lo, hi, sound=True, relu_rules="node").d[fg.output],
+         "forward equation": lambda lo, hi: forward_diff_batch(fg, qg, lo, hi, sound=True,
+                                                               relu_rules="equation").d[fg.output],
+         "backward (sparse)": lambda lo, hi: diff_bounds_sparse(fg, qg, qb.Box(lo, hi), sound=True).d[fg.output]}
+  rows = []
+  for fraction in [1.0, 0.5, 0.25, 0.125, 0.0625]:
+    if fraction == 1.0:
+      low, high = np.asarray(box.lower)[None], np.asarray(box.upper)[None]
+    else:
+      low, high = pieces(box, fraction, count, rng)
+    for name, fn in fns.items():
+      dlo, dhi = fn(jnp.asarray(low), jnp.asarray(high))
+      bound = np.maximum(-np.asarray(dlo, np.float64)[:, 0], np.asarray(dhi, np.float64)[:, 0])
+      rows.append(dict(edge="root" if fraction == 1.0 else f"1/{round(1 / fraction)}", method=name,
+                       median_bound=float(np.median(bound)), worst_bound=float(np.max(bound))))
+      print(rows[-1], flush=True)
+  print(table(rows, ["edge", "method", "median_bound", "worst_bound"],
+              title=f"output 0's bound on ACAS Xu 1_1 vs float16 ({count} pieces per edge, seed {seed}, sound mode)"))
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--pieces", type=int, default=32, help="pieces per edge size (one batch)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / "bench_pieces")
+  p.add_argument("--forward-rules", action="store_true", help="compare the forward pass's ReLU rules instead")
   args = p.parse_args(argv)
+  if args.forward_rules:
+    return run_forward_rules(args.pieces, args.seed)
   return run(args.pieces, args.seed, args.out)
 
 

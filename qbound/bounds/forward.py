@@ -25,6 +25,18 @@ default branch and bound keeps the backward passes). The linear functions also
 say how much each input coordinate widens the output's bound (``|U - L|`` times the coordinate's
 width): the split rule of ReluVal and of VeryDiff's generator influence (Teuber et al., TACAS 2025).
 
+**NeuroDiff's own rules** (``relu_rules="equation"``, :mod:`qbound.bounds.neurodiff_rules`): each
+bounding function relaxed over its own range rather than the neuron's (Neurify's lines for ``z`` and
+``z_q``; for ``d`` one case per pair of neuron states, reading ``z``'s own functions where ``z_q`` is
+inactive, and per-function chords where both change sign). Measured on ACAS Xu 1_1 vs float16,
+output 0 (``benchmarks/bench_pieces.py --forward-rules``, 32 random pieces per edge of property 1's
+box, sound mode): the two rule sets are within 10% of each other at every edge (root 296 against
+271; edge 1/8 median 0.51 against 0.52; edge 1/16 median 1.5e-5 both, worst 0.92 against 0.83), and
+both 5-200x looser than the backward pass (root 46, 1/8 median 0.0026). A float64 numpy model of
+NeuroDiff's pass (``benchmarks/neurodiff_reference.py``) gives the same root bound (271). So the
+per-piece bound is not why NeuroDiff proves ACAS Xu in few splits; its split rule is
+(:mod:`qbound.bounds.forward_bab`, ``split_rule="gradient"``).
+
 Every node's concrete range (the functions' extremes over the box) is intersected with interval
 arithmetic on its inputs' ranges, with optional ``prior`` bounds (a parent piece's, in branch and
 bound) and, for paired nodes, with ``z = z_q + d``; the activations' relaxations use those ranges.
@@ -44,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, rules
+from qbound.bounds import fp, neurodiff_rules, nonlinear, rules
 from qbound.bounds.diff import _DeltaLinear, diff_interval_node
 from qbound.bounds.interval import node_interval
 from qbound.box import Box
@@ -84,6 +96,7 @@ class _Context(NamedTuple):
   radius: jnp.ndarray
   xmax: jnp.ndarray
   sound: bool
+  relu_rules: str = "node"
 
 
 def _magnitude(s: Symbolic, ctx: _Context):
@@ -151,6 +164,13 @@ def concretize(s: Symbolic, ctx: _Context):
   return fp.round_down(lo - err_lo - floor), fp.round_up(hi + err_hi + floor)
 
 
+def equation_ranges(s: Symbolic, ctx: _Context) -> neurodiff_rules.EquationRanges:
+  """The range over the box of ``L x + l`` and of ``U x + u`` each (rounded outward in sound mode)."""
+  low, up = concretize(s, ctx)
+  ups_low, lows_up = concretize(Symbolic(s.U, s.u, s.L, s.l), ctx)  # min of U, max of L
+  return neurodiff_rules.EquationRanges(low, lows_up, ups_low, up)
+
+
 def _affine_rounding(node: G.Node, s: Symbolic, ctx: _Context):
   """Proven bound on the float32 rounding of an affine node's product with ``s`` (0 when not sound)."""
   if not ctx.sound:
@@ -181,7 +201,10 @@ def _network_step(node: G.Node, ins, bounds_in, ctx: _Context, n_in: int) -> Sym
                     jnp.concatenate([s.U for s in ins], axis + 1), jnp.concatenate([s.u for s in ins], axis))
   if node.kind in (G.RELU, G.CLIP, G.ROUND) or node.kind in G.SMOOTH:
     lo, hi = bounds_in[0]
-    r = rules.for_node(node, lo, hi, None, sound=ctx.sound)
+    if node.kind == G.RELU and ctx.relu_rules == "equation":
+      r = neurodiff_rules.relu_lines(equation_ranges(ins[0], ctx), lo, hi, sound=ctx.sound)
+    else:
+      r = rules.for_node(node, lo, hi, None, sound=ctx.sound)
     terms = [(r.lower_slope, r.upper_slope, ins[0])]
     offsets = (r.lower_offset, r.upper_offset)
     s = _lines(terms, offsets, node.shape, n_in, dtype)
@@ -198,7 +221,7 @@ def _broadcast(s: Symbolic, shape) -> Symbolic:
                   jnp.broadcast_to(s.U, (n_in, *shape)), jnp.broadcast_to(s.u, shape))
 
 
-def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Context, n_in: int) -> Symbolic:
+def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Context, n_in: int, z_ins=None) -> Symbolic:
   """One node pair: the symbolic interval of ``d = z - z_q`` at the node."""
   dtype = d_ins[0].l.dtype
   if nf.kind == G.AFFINE:
@@ -218,6 +241,13 @@ def _diff_step(nf: G.Node, nq: G.Node, d_ins, zq_ins, z_b, zq_b, d_b, ctx: _Cont
     return _widen(s, err, ctx)
   if nf.kind in (G.ADD, G.CONCAT):
     return _network_step(nf, d_ins, None, ctx, n_in)
+  if nf.kind == G.RELU and ctx.relu_rules == "equation":
+    ranges = [equation_ranges(s[0], ctx) for s in (z_ins, zq_ins, d_ins)]
+    r = neurodiff_rules.relu_diff_lines(z_b[0], zq_b[0], d_b[0], *ranges, sound=ctx.sound)
+    terms = [(r.a_z, r.b_z, z_ins[0]), (r.a_q, r.b_q, zq_ins[0]), (r.a_d, r.b_d, d_ins[0])]
+    offsets = (r.a_0, r.b_0)
+    s = _lines(terms, offsets, nf.shape, n_in, dtype)
+    return _widen(s, _lines_error(terms, offsets, ctx, dtype) if ctx.sound else 0.0, ctx)
   if nf.kind in (G.RELU, G.CLIP, G.ROUND) or nf.kind in G.SMOOTH:
     r = rules.diff_for_nodes(nf, nq, z_b[0], zq_b[0], d_b[0], None, sound=ctx.sound)
     terms = [(r.lower_d, r.upper_d, d_ins[0]), (r.lower_q, r.upper_q, zq_ins[0])]
@@ -244,14 +274,14 @@ def _tighten(z, zq, d, sound: bool):
   return z, zq, d
 
 
-def _context(box: Box, sound: bool) -> _Context:
+def _context(box: Box, sound: bool, relu_rules: str = "node") -> _Context:
   lo = box.lower.reshape(-1)
   hi = box.upper.reshape(-1)
   center = (lo + hi) / 2
   radius = jnp.maximum(hi - center, center - lo)
   if sound:
     radius = fp.round_up(radius)
-  return _Context(center, radius, jnp.maximum(jnp.abs(lo), jnp.abs(hi)), sound)
+  return _Context(center, radius, jnp.maximum(jnp.abs(lo), jnp.abs(hi)), sound, relu_rules)
 
 
 def _input_symbolic(box: Box) -> Symbolic:
@@ -261,7 +291,8 @@ def _input_symbolic(box: Box) -> Symbolic:
   return Symbolic(eye, zero, eye, zero)
 
 
-def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, prior=None) -> ForwardBounds:
+def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, prior=None,
+                        relu_rules: str = "node") -> ForwardBounds:
   """Symbolic differential intervals of two paired graphs over one box (see the module docstring).
 
   A pure function of the graphs (whose structure is static) and the box: ``jax.jit`` it, and
@@ -276,12 +307,18 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
     sound: proven floating-point margins.
     prior: optional ``(z, zq, d)`` bounds known to hold on the box (e.g. a parent piece's), one
       ``(lower, upper)`` per node each (None entries are skipped); intersected with every node's.
+    relu_rules: ``"node"``: each ReLU (and pair of ReLUs) relaxed over its input's concrete range
+      (:mod:`qbound.bounds.rules`); ``"equation"``: NeuroDiff's rules, each bounding function
+      relaxed over its own range (:mod:`qbound.bounds.neurodiff_rules`). Other activations keep
+      their rules either way.
 
   Returns:
     A :class:`ForwardBounds`.
   """
   nonlinear.require_none(fg, "forward symbolic differential bounds")
-  ctx = _context(box, sound)
+  if relu_rules not in RELU_RULES:
+    raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
+  ctx = _context(box, sound, relu_rules)
   n_in = int(box.lower.size)
   x = _input_symbolic(box)
   zero = Symbolic(jnp.zeros_like(x.L), x.l, jnp.zeros_like(x.U), x.u)
@@ -313,7 +350,7 @@ def _node_bounds(nf, nq, zs_in, qs_in, ds_in, zb, qb, db, known, ctx: _Context, 
   """One node pair: symbolic intervals ``(z, zq, d)`` and concrete ranges ``(z, zq, d)``."""
   s_z = _network_step(nf, zs_in, zb, ctx, n_in)
   s_q = _network_step(nq, qs_in, qb, ctx, n_in)
-  s_d = _diff_step(nf, nq, ds_in, qs_in, zb, qb, db, ctx, n_in)
+  s_d = _diff_step(nf, nq, ds_in, qs_in, zb, qb, db, ctx, n_in, zs_in)
   zi = _meet(concretize(s_z, ctx), node_interval(_local(nf), tuple(zb), sound))
   qi = _meet(concretize(s_q, ctx), node_interval(_local(nq), tuple(qb), sound))
   di = _meet(concretize(s_d, ctx), diff_interval_node(_local(nf), _local(nq), tuple(zb), tuple(qb), tuple(db), sound))
@@ -322,6 +359,9 @@ def _node_bounds(nf, nq, zs_in, qs_in, ds_in, zb, qb, db, known, ctx: _Context, 
   zi, qi, di = _tighten(zi, qi, di, sound)
   return (s_z, s_q, s_d), (zi, qi, di)
 
+
+# The ReLU rules forward_diff_bounds knows (its ``relu_rules`` argument).
+RELU_RULES = ("node", "equation")
 
 # Whether forward_diff_bounds scans runs of identical blocks (repeated_run) instead of unrolling them.
 # ACAS Xu vs float16, 64 boxes, sound: the program compiled in 16-19 s unrolled (14,482 lines of HLO).
@@ -425,11 +465,12 @@ def _local(node: G.Node) -> G.Node:
   return dataclasses.replace(node, inputs=tuple(range(len(node.inputs))))
 
 
-@functools.partial(jax.jit, static_argnames=("sound",))
-def forward_diff_batch(fg: G.Graph, qg: G.Graph, lower, upper, prior=None, *, sound: bool = True) -> ForwardBounds:
+@functools.partial(jax.jit, static_argnames=("sound", "relu_rules"))
+def forward_diff_batch(fg: G.Graph, qg: G.Graph, lower, upper, prior=None, *, sound: bool = True,
+                       relu_rules: str = "node") -> ForwardBounds:
   """:func:`forward_diff_bounds` for a batch of boxes (leading axis of ``lower``, ``upper`` and of
   every array of ``prior``), one compiled program per graph structure and batch size."""
-  one = lambda lo, hi, p: forward_diff_bounds(fg, qg, Box(lo, hi), sound=sound, prior=p)
+  one = lambda lo, hi, p: forward_diff_bounds(fg, qg, Box(lo, hi), sound=sound, prior=p, relu_rules=relu_rules)
   return jax.vmap(one)(lower, upper, prior)
 
 

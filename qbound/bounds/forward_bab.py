@@ -12,16 +12,31 @@ ASE 2020) does on the CPU. Here the whole loop runs inside one compiled program
 * the open pieces live in a fixed-capacity buffer on the device (corners, bound, split scores and
   the bounds each passes on to its children);
 * every iteration takes the ``batch`` pieces with the largest upper bounds (``lax.top_k``), splits
-  each in two at the midpoint of the dimension that weighs most in its bound (``|L_j| + |U_j|``
-  of the output's linear bounds times the width: ReluVal's smear, Wang et al., USENIX Security
-  2018), bounds the children with their parent's node bounds as ``prior``, evaluates the network at
+  each in two at the midpoint of the dimension that weighs most (``split_rule``: ``"gradient"``,
+  the largest ``max |g_i| * width_i`` of an interval gradient ``g`` of ``f - f_q`` over the piece,
+  as NeuroDiff splits, :func:`interval_gradient`; or ``"bound"``, ``|L_j| + |U_j|`` of the output's
+  linear bounds times the width: ReluVal's smear, Wang et al., USENIX Security 2018), bounds the
+  children with their parent's node bounds as ``prior``, evaluates the network at
   each child's centre and at the corner its gradient points to (the lower bound), and writes the
   children that are not finished back into free slots;
 * a piece is finished once its bound is at most ``max(epsilon, (1 + target_gap) * lower)``: it can
   decide nothing any more; the largest bound of finished pieces is kept, so the answer whenever it
   stops is the same valid interval as :func:`qbound.bounds.branch_and_bound`'s.
 
-Measured (``benchmarks/bench_forward_bab.py``, docs/results.md): this does **not** beat
+Why NeuroDiff needs few splits (docs/results.md, "Why NeuroDiff's forward analysis needs few
+splits"): not its per-piece bound, which qbound's forward pass matches (its rules are
+``relu_rules="equation"``, within 10% either way), but its split rule. The output bound's
+coefficients say how ``d`` moves with each input, which for a float16 copy is hardly at all; the
+interval gradient weighs each input by how much it moves the unstable neurons, whose relaxations are
+where the bound's width comes from. On ACAS Xu 1_1..1_9 vs float16 (output 0, epsilon 0.05) the
+gradient split needs 1.3-4.6x fewer pieces than the coefficient split wherever either proves, 1_1 in
+563 pieces and 0.23 s warm (load 5-8; NeuroDiff 0.23-0.26 s idle); 1_3 and 1_4 stay undecided in
+10 s, where NeuroDiff relies on intermediate symbolic variables. Their nearest kin here,
+``domain="zonotope"`` (fresh generators per layer), proves all nine with the gradient split in
+0.41-0.79 s warm, about as fast as :func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
+
+The gradient split is the default where it applies (``SPLIT_RULE = "auto"``). Measured before it,
+with the coefficient split (``benchmarks/bench_forward_bab.py``, docs/results.md): this does **not** beat
 :func:`qbound.bounds.branch_and_bound` on ACAS Xu, where the forward bounds need 6-100x its pieces
 (the six layers' relaxation errors add up; 1_3-1_5 vs float16 undecided at epsilon 0.05 within
 10 s), and the one program compiles for 15-60 s, so ``auto`` and ``bab`` do not use it. Its second
@@ -69,6 +84,14 @@ OUTPUT_BACKWARD = True
 # Fresh zonotope generators per layer and network with domain "zonotope" or "both".
 ZONOTOPE_KEEP = 16
 DOMAIN = "forward"
+# Where a piece is split: "bound" weighs each dimension by the output bound's linear coefficients
+# (|L_j| + |U_j|, or the backward pass's); "gradient" by an interval enclosure of the gradient of
+# f - f_q over the piece (ReluVal's smear, as NeuroDiff splits); "auto": "gradient" where
+# interval_gradient walks the graphs (chains of affine layers, ReLUs and clips), else "bound".
+# ACAS Xu 1_1..1_9 vs float16, output 0, eps 0.05: 1.3-4.6x fewer pieces with "gradient" wherever
+# either proves (docs/results.md); four random MLPs of bench_forward_bab.py --small: 51-16,079
+# pieces against 61-40,581 (one net 39 against 37).
+SPLIT_RULE = "auto"
 
 
 class _State(NamedTuple):
@@ -105,7 +128,48 @@ def supported(merged) -> bool:
   return all(n.kind in SUPPORTED_KINDS for g in (merged.f_graph, merged.fq_graph) for n in g.nodes)
 
 
-def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
+def gradient_supported(fg: G.Graph, qg: G.Graph) -> bool:
+  """Whether :func:`interval_gradient` walks these graphs: chains of affine layers, ReLUs and clips."""
+  return all(n.kind in (G.INPUT, G.AFFINE, G.RELU, G.CLIP) and (n.kind == G.INPUT or tuple(n.inputs) == (i - 1,))
+             for g in (fg, qg) for i, n in enumerate(g.nodes))
+
+
+def _chain_gradient(graph: G.Graph, bounds, rows):
+  """Interval gradient of ``rows @ output`` w.r.t. the input of a chain of affine layers, ReLUs and
+  clips: centre and radius, shape ``(k, inputs)``. A ReLU whose input range is ``[lo, hi]`` has slope
+  1 (``lo >= 0``), 0 (``hi <= 0``) or anything in [0, 1] (the cotangent's interval joined with 0)."""
+  c, r = rows, jnp.zeros_like(rows)
+  for i in range(graph.output, 0, -1):
+    node = graph.nodes[i]
+    if node.kind == G.AFFINE:
+      c, r = jax.vmap(node.linear_transpose)(c), jax.vmap(node.linear_abs_transpose)(r)
+    else:  # ReLU, or a clip: slope 1 between its cuts, 0 outside
+      lo, hi = bounds[node.inputs[0]]
+      low_cut, high_cut = (0.0, jnp.inf) if node.kind == G.RELU else node.weights
+      flat = (hi <= low_cut) | (lo >= high_cut)
+      kink = ~flat & ((lo < low_cut) | (hi > high_cut))
+      gl, gu = c - r, c + r
+      gl = jnp.where(flat, 0.0, jnp.where(kink, jnp.minimum(gl, 0.0), gl))
+      gu = jnp.where(flat, 0.0, jnp.where(kink, jnp.maximum(gu, 0.0), gu))
+      c, r = (gl + gu) / 2, (gu - gl) / 2
+  return c.reshape(c.shape[0], -1), r.reshape(r.shape[0], -1)
+
+
+def interval_gradient(fg: G.Graph, qg: G.Graph, z, zq, outputs):
+  """An enclosure of the gradient of ``f_j - f_q,j`` over a piece, for each selected output ``j``:
+  centre and radius of shape ``(inputs, len(outputs))``, from the ReLU states that the node bounds
+  ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al., USENIX Security
+  2018; NeuroDiff splits where ``max |gradient| * width`` is largest). The caller checks
+  :func:`gradient_supported`."""
+  node = fg.nodes[fg.output]
+  rows = jax.nn.one_hot(jnp.asarray(outputs), node.size, dtype=z[0][0].dtype).reshape((len(outputs), *node.shape))
+  cf, rf = _chain_gradient(fg, z, rows)
+  cq, rq = _chain_gradient(qg, zq, rows)
+  return (cf - cq).T, (rf + rq).T
+
+
+def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="node", split_rule="bound",
+                    output_backward=None):
   """Bounds of a batch of pieces: ``(dlo, dhi, up, worst output, sens, kept bounds)``.
 
   ``domain``: ``"forward"``: every node's bounds from the forward symbolic pass
@@ -131,7 +195,7 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
         known.append(full)
     n_in = l.size
     if domain in ("forward", "both"):
-      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known)
+      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules)
       L = out.d_out.L.reshape(n_in, -1)[:, outputs]
       U = out.d_out.U.reshape(n_in, -1)[:, outputs]
       z, zq, d, sens = out.z, out.zq, out.d, jnp.abs(L) + jnp.abs(U)
@@ -141,13 +205,17 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
       half = ((h - l) / 2).reshape(-1)
       sens = zono.influence[:, outputs] / jnp.where(half > 0, half, 1.0)[:, None]
       z, zq, d = zono.z, zono.zq, zono.d
+    if split_rule == "gradient":
+      centre, radius = interval_gradient(fg, qg, z, zq, outputs)
+      sens = jnp.abs(centre) + radius  # the largest |gradient| per dimension
     return z, zq, d, sens
 
   z, zq, d, sens_all = jax.vmap(one)(lo, hi, prior)
   box = Box(lo, hi)
   dlo, dhi = (b.reshape(b.shape[0], -1) for b in d[out_node])
-  if OUTPUT_BACKWARD:
+  if OUTPUT_BACKWARD if output_backward is None else output_backward:
     batch = lo.shape[0]
+    keep_sens = sens_all
     node = fg.nodes[out_node]
     rows = output_rows(node.size, outputs, tuple(node.shape), lo.dtype, batch)
     low, coefficients = diff_backward_lower(fg, qg, out_node, rows, z, zq, d, box, sound=sound, batched=True,
@@ -157,6 +225,8 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain):
     dhi = dhi.at[:, outputs].min(-low[:, k:])
     coefficients = jnp.abs(coefficients.reshape(batch, 2 * k, -1))
     sens_all = jnp.swapaxes(coefficients[:, :k] + coefficients[:, k:], 1, 2)
+    if split_rule == "gradient":
+      sens_all = keep_sens
   sel = jnp.maximum(-dlo[:, outputs], dhi[:, outputs])
   worst = jnp.argmax(sel, axis=1)
   up = jnp.max(sel, axis=1)
@@ -175,7 +245,8 @@ def _finished_below(state: _State, epsilon, target_gap):
   return jnp.maximum(epsilon, (1 + target_gap) * state.lower)
 
 
-def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state: _State) -> _State:
+def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state: _State, relu_rules="node",
+          split_rule="bound", output_backward=None) -> _State:
   """One iteration: split the ``batch`` worst open pieces, bound the children, keep the open ones."""
   capacity, n = state.lo.shape
   shape = tuple(fg.input_shape)
@@ -199,7 +270,8 @@ def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state:
   c_prior = tuple((jnp.concatenate([a[idx], a[idx]]), jnp.concatenate([b[idx], b[idx]])) for a, b in state.prior)
   c_valid = jnp.concatenate([active & (splittable | fresh), active & splittable & split])
   dlo, dhi, up, worst, sens, keep = _bound_children(
-      fg, qg, c_lo.reshape((2 * batch, *shape)), c_hi.reshape((2 * batch, *shape)), c_prior, outputs, sound, domain)
+      fg, qg, c_lo.reshape((2 * batch, *shape)), c_hi.reshape((2 * batch, *shape)), c_prior, outputs, sound, domain,
+      relu_rules, split_rule, output_backward)
   # A child lies inside its parent, so the parent's output bounds hold on it too (the prior covers
   # the nodes activations read, not the output).
   inherit = jnp.concatenate([~fresh, ~fresh])[:, None]
@@ -262,9 +334,12 @@ def _running(state: _State, batch, epsilon, target_gap):
   return jnp.any(open_) & ~refuted & room & (state.violation <= 0)
 
 
-@functools.partial(jax.jit, static_argnames=("outputs", "batch", "sound", "domain"), donate_argnames=("state",),
+@functools.partial(jax.jit, static_argnames=("outputs", "batch", "sound", "domain", "relu_rules", "split_rule",
+                                    "output_backward"),
+                   donate_argnames=("state",),
                    compiler_options=None)
-def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs, batch, sound, domain):
+def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs, batch, sound, domain,
+         relu_rules="node", split_rule="bound", output_backward=None):
   """Up to ``iterations`` steps, fewer if the search ends; returns the state and the steps taken."""
   outs = jnp.asarray(outputs)
 
@@ -274,7 +349,8 @@ def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs,
 
   def body(carry):
     s, i = carry
-    return _step(fg, qg, mg, outs, batch, sound, domain, epsilon, target_gap, s), i + 1
+    return _step(fg, qg, mg, outs, batch, sound, domain, epsilon, target_gap, s, relu_rules, split_rule,
+                 output_backward), i + 1
 
   return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
@@ -313,7 +389,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                              epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                              max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                              sound: bool = True, report=None, report_every: float = 0.1,
-                             domain: Optional[str] = None):
+                             domain: Optional[str] = None, relu_rules: Optional[str] = None,
+                             split_rule: Optional[str] = None, output_backward: Optional[bool] = None):
   """Input-splitting branch and bound with forward symbolic bounds, run on the device.
 
   The same contract as :func:`qbound.bounds.branch_and_bound` (and the same
@@ -335,6 +412,14 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     sound: proven floating-point margins.
     report: as in :func:`qbound.bounds.branch_and_bound`.
     report_every: seconds between reports (and about the length of one compiled call).
+    domain: ``"forward"`` (default), ``"zonotope"`` or ``"both"`` (see ``_bound_children``).
+    relu_rules: the forward pass's ReLU rules (:func:`qbound.bounds.forward.forward_diff_bounds`):
+      ``"node"`` (default) or ``"equation"`` (NeuroDiff's).
+    split_rule: ``"gradient"`` (an interval gradient of ``f - f_q``, :func:`interval_gradient`, as
+      NeuroDiff; chains of affine layers, ReLUs and clips only), ``"bound"`` (the output bound's
+      coefficients) or ``"auto"`` (default ``SPLIT_RULE``: ``"gradient"`` where it applies).
+    output_backward: bound the selected outputs again by one backward pass (default
+      ``OUTPUT_BACKWARD``).
 
   Returns:
     A :class:`~qbound.bounds.bab.BabResult`.
@@ -358,6 +443,16 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                                        epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
                                        initial_lower=initial_lower, initial_witness=initial_witness, sound=sound)
   domain = DOMAIN if domain is None else domain
+  relu_rules = "node" if relu_rules is None else relu_rules
+  split_rule = SPLIT_RULE if split_rule is None else split_rule
+  if split_rule == "auto":
+    split_rule = "gradient" if merged.paired and gradient_supported(merged.f_graph, merged.fq_graph) else "bound"
+  output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
+  from qbound.bounds.forward import RELU_RULES
+  if relu_rules not in RELU_RULES:
+    raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
+  if split_rule not in ("bound", "gradient"):
+    raise ValueError(f"split_rule must be 'auto', 'bound' or 'gradient'; got {split_rule!r}.")
   if domain not in ("forward", "zonotope", "both"):
     raise ValueError(f"domain must be 'forward', 'zonotope' or 'both'; got {domain!r}.")
   if domain != "forward":
@@ -367,6 +462,9 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     raise ValueError("forward branch and bound needs paired networks (f and f_q of the same structure) of "
                      f"affine layers, adds, concatenations and elementwise activations; got paired={merged.paired}"
                      + (f", unsupported node kinds {kinds}" if kinds else "") + ". Use qbound.bounds.branch_and_bound.")
+  if split_rule == "gradient" and not gradient_supported(merged.f_graph, merged.fq_graph):
+    raise ValueError("split_rule='gradient' needs chains of affine layers, ReLUs and clips (the interval "
+                     "gradient walks no other node); use split_rule='bound'.")
   n_out = int(np.prod(merged.output_shape))
   outputs = tuple(range(n_out)) if outputs is None else tuple(int(o) for o in outputs)
   batch = BATCH if batch_size is None else int(batch_size)
@@ -385,7 +483,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   while True:
     t = time.perf_counter()
     state, _ = _run(fg, qg, mg, state, np.int32(iterations), eps, gap, outputs=outputs, batch=batch,
-                        sound=sound, domain=domain)
+                        sound=sound, domain=domain, relu_rules=relu_rules, split_rule=split_rule,
+                        output_backward=output_backward)
     up, closed_up, lower, violation, free = jax.device_get(
         (jnp.max(state.up), state.closed_up, state.lower, state.violation, jnp.sum(state.up == -jnp.inf)))
     if violation > 0:  # in float32: look again in float64 before calling it a bug
