@@ -7,7 +7,11 @@ backward rows only for the neurons whose relaxation a tighter bound could change
 those are split in two along the dimension that weighs most in their bound: the bound of output
 ``j`` (the piece's worst) is the minimum over the piece of a linear function of the input, and
 ``|coefficient_i| * width_i`` is what dimension ``i``'s width costs it (ReluVal's smear; VeryDiff's
-generator influence). For low-dimensional inputs the split is chosen among the two or three dimensions
+generator influence). On paired chains of affine layers, ReLUs and clips the default
+(``split_rule="auto"``) weighs input ``i`` instead by ``max |g_i| * width_i``, ``g`` an interval
+gradient of ``f_j - f_q,j`` over the piece (ReluVal's, as NeuroDiff splits): the width of a close
+copy's bound sits in the relaxations of unstable neurons, which the bound's coefficients do not see
+and the interval gradient does. For low-dimensional inputs the split is chosen among the two or three dimensions
 that weigh most by bounding both halves of each (strong branching, all candidate halves in the
 same batch). Pieces whose upper bound is at most the best error reached so far can hold no larger
 error and are dropped. Piece centres, and the corners their gradients point to, are evaluated as
@@ -38,6 +42,9 @@ import itertools
 import time
 from typing import Optional, Sequence
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -49,6 +56,7 @@ from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import candidate_axes, split_at, split_scores, strong_branching_axis
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
+from qbound.bounds.forward_bab import gradient_supported, interval_gradient
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
 from qbound.bounds import zonotope as zonotope_domain
 from qbound.bounds.zonotope import diff_zonotope_batch as zonotope_batch
@@ -92,7 +100,7 @@ class BabResult:
 
 def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
-                  zonotope: bool = False, check: bool = True):
+                  zonotope: bool = False, check: bool = True, split_rule: str = "bound"):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -112,6 +120,10 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
 
   ``check=False``: empty intervals are not raised for (ReLU-split sub-problems, whose bounds may
   prove them empty: :func:`qbound.bounds.relusplit.infeasible`).
+
+  ``split_rule="gradient"`` (paired chains, :func:`qbound.bounds.forward_bab.gradient_supported`):
+  the coefficients returned are an interval gradient's largest magnitude instead
+  (:func:`_gradient_coefficients`).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -124,6 +136,8 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
                                             with_coefficients=True)
     nodes = _kept_nodes(fg, paired)
     keep = tuple(b[i] for b in (z, zq, d) for i in nodes)
+    if split_rule == "gradient":
+      coefficients = _gradient_coefficients(fg, qg, lo, hi, z, zq, outputs)
     result = (output_scatter(d[out], jnp.asarray(outputs), low), coefficients, keep)
     return (result, _widening(fg, z, zq, d)) if widening else result
   if paired:
@@ -143,6 +157,8 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     coefficients = out.coefficients
     if zonotope and ZONOTOPE_SPLIT:
       coefficients = _influence_coefficients(zono.influence, lo, hi, outputs)
+    if split_rule == "gradient":
+      coefficients = _gradient_coefficients(fg, qg, lo, hi, out.z, out.zq, outputs)
     result = (d_out, coefficients, keep)
     if not widening:
       return result
@@ -172,6 +188,34 @@ def _influence_coefficients(influence, lo, hi, outputs):
   half = ((hi - lo) / 2).reshape(n, -1)
   per_unit = influence[:, :, jnp.asarray(outputs)] / jnp.where(half > 0, half, 1.0)[:, :, None]
   rows = jnp.swapaxes(per_unit, 1, 2)
+  return jnp.concatenate([rows, rows], axis=1)
+
+
+def _gradient_coefficients(fg: G.Graph, qg: G.Graph, lo, hi, z, zq, outputs):
+  """NeuroDiff's split score as branch and bound's coefficients: the largest ``|gradient|`` of
+  ``f_j - f_q,j`` per input over each piece, from an interval gradient over the ReLU states that the
+  pieces' node bounds ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al.,
+  USENIX Security 2018; NeuroDiff, Paulsen et al., ASE 2020), for the lower and the upper rows alike
+  (``(pieces, 2 * outputs, inputs)``: the split rule reads their sum, times the width)."""
+  needed = lambda g: tuple(sorted({n.inputs[0] for n in g.nodes if n.kind in (G.RELU, G.CLIP)}))
+  nf, nq = needed(fg), needed(qg)
+  return _gradient_scores(fg, qg, lo, hi, tuple(z[i] for i in nf), tuple(zq[i] for i in nq), nf, nq,
+                          tuple(int(o) for o in outputs))
+
+
+@functools.partial(jax.jit, static_argnames=("nf", "nq", "outputs"))
+def _gradient_scores(fg, qg, lo, hi, zf, zq, nf, nq, outputs):
+  def one(l, h, bf, bq):
+    # Only the nodes a ReLU or clip reads are looked at; the input's entry gives the dtype.
+    full_f, full_q = [(l, h)] + [None] * (len(fg.nodes) - 1), [(l, h)] + [None] * (len(qg.nodes) - 1)
+    for i, b in zip(nf, bf):
+      full_f[i] = b
+    for i, b in zip(nq, bq):
+      full_q[i] = b
+    centre, radius = interval_gradient(fg, qg, full_f, full_q, outputs)
+    return (jnp.abs(centre) + radius).T  # (outputs, inputs)
+
+  rows = jax.vmap(one)(lo, hi, zf, zq)
   return jnp.concatenate([rows, rows], axis=1)
 
 
@@ -298,8 +342,32 @@ RELU_SPLIT = False
 RELU_SPLIT_CANDIDATES = 2
 RELU_SPLIT_DEPTH = 8
 
+# Where branch_and_bound splits a piece (its ``split_rule=None``): "bound" weighs each input by the
+# worst output's bound coefficients times the width; "gradient" by an interval gradient of
+# f_j - f_q,j over the piece (_gradient_coefficients, NeuroDiff's rule); "auto": "gradient" for
+# paired chains of affine layers, ReLUs and clips, else "bound". Strong branching still chooses
+# among the top candidates of either score. certify(method="bab"), warm, interleaved, loaded 2
+# cores (benchmarks/bench_split_rule.py, docs/results.md): ACAS Xu 1_1..1_9 vs float16, property 1,
+# eps 0.05: never more pieces (0.89-1.0x), median 0.69 -> 0.69 s (output 0), 0.83 -> 0.78 s (all);
+# vs the 10%-pruned copies, all outputs: 1.25-4.3x fewer pieces at eps 0.5 (median 1.69 -> 0.93 s),
+# 1.4-12.7x at eps 0.05 (all nine proved in 10 s, median 8.49 -> 2.82 s; "bound" left three open).
+SPLIT_RULE = "auto"
+
 # Seconds between two calls of branch_and_bound's ``report``.
 REPORT_EVERY = 0.1
+
+
+def _resolve_split_rule(merged, paired: bool, split_rule: str) -> str:
+  """``"bound"`` or ``"gradient"`` from a ``split_rule`` argument (see :func:`branch_and_bound`)."""
+  if split_rule not in ("auto", "bound", "gradient"):
+    raise ValueError(f"split_rule must be 'auto', 'bound' or 'gradient'; got {split_rule!r}.")
+  walks = paired and gradient_supported(merged.f_graph, merged.fq_graph)
+  if split_rule == "auto":
+    return "gradient" if walks else "bound"
+  if split_rule == "gradient" and not walks:
+    raise ValueError("split_rule='gradient' needs f and f_q paired as chains of affine layers, ReLUs and clips "
+                     "(the interval gradient walks no other node); use split_rule='bound'.")
+  return split_rule
 
 
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
@@ -307,7 +375,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
                      progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None,
-                     search: Optional[bool] = None, relu_split: Optional[bool] = None) -> BabResult:
+                     search: Optional[bool] = None, relu_split: Optional[bool] = None,
+                     split_rule: Optional[str] = None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -344,6 +413,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     relu_split: with strong branching, let splits on the sign of an unstable ReLU's input compete
       with the input splits once a piece has been split ``RELU_SPLIT_DEPTH`` times
       (:mod:`qbound.bounds.relusplit`; float-sound or not); None: ``RELU_SPLIT``.
+    split_rule: which inputs a piece's split tries: ``"bound"`` (the worst output's bound
+      coefficients times the width), ``"gradient"`` (an interval gradient of ``f_j - f_q,j`` over
+      the piece times the width, as NeuroDiff splits; paired chains of affine layers, ReLUs and
+      clips only) or ``"auto"`` (``"gradient"`` where it applies); None: ``SPLIT_RULE``.
 
   Returns:
     A :class:`BabResult`.
@@ -382,6 +455,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
+  split_rule = _resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
@@ -389,13 +463,13 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     layout.update(sharding.layout(lo))
     if root and paired:
       bounds, widening = _batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
-                                       zonotope=zonotope)
+                                       zonotope=zonotope, split_rule=split_rule)
       f_crown = widening > F_CROWN_WIDENING
       return sharding.gather(bounds)
     # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.
     return sharding.gather(_batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
                                          dense=dense and not constrained, zonotope=zonotope,
-                                         check=not constrained))
+                                         check=not constrained, split_rule=split_rule))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))

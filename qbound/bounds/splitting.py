@@ -5,7 +5,9 @@ A piece's bound is the minimum over the piece of a linear function of the input,
 USENIX Security 2018), VeryDiff's generator influence (Teuber et al., TACAS 2025). Strong branching
 bounds both halves along a few of the dimensions that weigh most and keeps the split whose children
 gain most together (the product rule of MIP solvers; Achterberg, "Constraint Integer
-Programming", 2007, section 5.3).
+Programming", 2007, section 5.3). On paired ReLU chains the coefficients are by default replaced by
+an interval gradient's largest magnitude over the piece (NeuroDiff's split; Paulsen et al., ASE
+2020; ``qbound.bounds.bab._gradient_coefficients``): the scores here read either.
 
 Example:
   >>> import numpy as np
