@@ -237,8 +237,8 @@ def test_gradient_split_rule_is_sound_against_sampling(monkeypatch):
   are refused by name."""
   f, fq, box, merged = small_case(3, H.SHAPES[2], 4)
   calls = []
-  real = bab._gradient_coefficients
-  monkeypatch.setattr(bab, "_gradient_coefficients", lambda *a: calls.append(1) or real(*a))
+  real = bab.gradient_coefficients
+  monkeypatch.setattr(bab, "gradient_coefficients", lambda *a: calls.append(1) or real(*a))
   res = bab.branch_and_bound(merged, box, time_budget=0.5, target_gap=0.0, split_rule="gradient")
   assert calls and res.pieces_bounded > 1
   values = H.eval64(merged, H.sample_points(box, 2000))

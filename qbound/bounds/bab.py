@@ -42,9 +42,6 @@ import itertools
 import time
 from typing import Optional, Sequence
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,10 +50,10 @@ from qbound import graph as G
 from qbound import sharding, validate
 from qbound.bounds import guards, nonlinear, refute, relusplit
 from qbound.bounds.probe import probe_batch
-from qbound.bounds.splitting import candidate_axes, split_at, split_scores, strong_branching_axis
+from qbound.bounds.splitting import (candidate_axes, gradient_coefficients, resolve_split_rule, split_at, split_scores,
+                                     strong_branching_axis)
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
-from qbound.bounds.forward_bab import gradient_supported, interval_gradient
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
 from qbound.bounds import zonotope as zonotope_domain
 from qbound.bounds.zonotope import diff_zonotope_batch as zonotope_batch
@@ -123,7 +120,7 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
 
   ``split_rule="gradient"`` (paired chains, :func:`qbound.bounds.forward_bab.gradient_supported`):
   the coefficients returned are an interval gradient's largest magnitude instead
-  (:func:`_gradient_coefficients`).
+  (:func:`qbound.bounds.splitting.gradient_coefficients`).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -137,7 +134,7 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     nodes = _kept_nodes(fg, paired)
     keep = tuple(b[i] for b in (z, zq, d) for i in nodes)
     if split_rule == "gradient":
-      coefficients = _gradient_coefficients(fg, qg, lo, hi, z, zq, outputs)
+      coefficients = gradient_coefficients(fg, qg, lo, hi, z, zq, outputs)
     result = (output_scatter(d[out], jnp.asarray(outputs), low), coefficients, keep)
     return (result, _widening(fg, z, zq, d)) if widening else result
   if paired:
@@ -158,7 +155,7 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
     if zonotope and ZONOTOPE_SPLIT:
       coefficients = _influence_coefficients(zono.influence, lo, hi, outputs)
     if split_rule == "gradient":
-      coefficients = _gradient_coefficients(fg, qg, lo, hi, out.z, out.zq, outputs)
+      coefficients = gradient_coefficients(fg, qg, lo, hi, out.z, out.zq, outputs)
     result = (d_out, coefficients, keep)
     if not widening:
       return result
@@ -188,34 +185,6 @@ def _influence_coefficients(influence, lo, hi, outputs):
   half = ((hi - lo) / 2).reshape(n, -1)
   per_unit = influence[:, :, jnp.asarray(outputs)] / jnp.where(half > 0, half, 1.0)[:, :, None]
   rows = jnp.swapaxes(per_unit, 1, 2)
-  return jnp.concatenate([rows, rows], axis=1)
-
-
-def _gradient_coefficients(fg: G.Graph, qg: G.Graph, lo, hi, z, zq, outputs):
-  """NeuroDiff's split score as branch and bound's coefficients: the largest ``|gradient|`` of
-  ``f_j - f_q,j`` per input over each piece, from an interval gradient over the ReLU states that the
-  pieces' node bounds ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al.,
-  USENIX Security 2018; NeuroDiff, Paulsen et al., ASE 2020), for the lower and the upper rows alike
-  (``(pieces, 2 * outputs, inputs)``: the split rule reads their sum, times the width)."""
-  needed = lambda g: tuple(sorted({n.inputs[0] for n in g.nodes if n.kind in (G.RELU, G.CLIP)}))
-  nf, nq = needed(fg), needed(qg)
-  return _gradient_scores(fg, qg, lo, hi, tuple(z[i] for i in nf), tuple(zq[i] for i in nq), nf, nq,
-                          tuple(int(o) for o in outputs))
-
-
-@functools.partial(jax.jit, static_argnames=("nf", "nq", "outputs"))
-def _gradient_scores(fg, qg, lo, hi, zf, zq, nf, nq, outputs):
-  def one(l, h, bf, bq):
-    # Only the nodes a ReLU or clip reads are looked at; the input's entry gives the dtype.
-    full_f, full_q = [(l, h)] + [None] * (len(fg.nodes) - 1), [(l, h)] + [None] * (len(qg.nodes) - 1)
-    for i, b in zip(nf, bf):
-      full_f[i] = b
-    for i, b in zip(nq, bq):
-      full_q[i] = b
-    centre, radius = interval_gradient(fg, qg, full_f, full_q, outputs)
-    return (jnp.abs(centre) + radius).T  # (outputs, inputs)
-
-  rows = jax.vmap(one)(lo, hi, zf, zq)
   return jnp.concatenate([rows, rows], axis=1)
 
 
@@ -344,7 +313,7 @@ RELU_SPLIT_DEPTH = 8
 
 # Where branch_and_bound splits a piece (its ``split_rule=None``): "bound" weighs each input by the
 # worst output's bound coefficients times the width; "gradient" by an interval gradient of
-# f_j - f_q,j over the piece (_gradient_coefficients, NeuroDiff's rule); "auto": "gradient" for
+# f_j - f_q,j over the piece (gradient_coefficients, NeuroDiff's rule); "auto": "gradient" for
 # paired chains of affine layers, ReLUs and clips, else "bound". Strong branching still chooses
 # among the top candidates of either score. certify(method="bab"), warm, interleaved, loaded 2
 # cores (benchmarks/bench_split_rule.py, docs/results.md): ACAS Xu 1_1..1_9 vs float16, property 1,
@@ -355,19 +324,6 @@ SPLIT_RULE = "auto"
 
 # Seconds between two calls of branch_and_bound's ``report``.
 REPORT_EVERY = 0.1
-
-
-def _resolve_split_rule(merged, paired: bool, split_rule: str) -> str:
-  """``"bound"`` or ``"gradient"`` from a ``split_rule`` argument (see :func:`branch_and_bound`)."""
-  if split_rule not in ("auto", "bound", "gradient"):
-    raise ValueError(f"split_rule must be 'auto', 'bound' or 'gradient'; got {split_rule!r}.")
-  walks = paired and gradient_supported(merged.f_graph, merged.fq_graph)
-  if split_rule == "auto":
-    return "gradient" if walks else "bound"
-  if split_rule == "gradient" and not walks:
-    raise ValueError("split_rule='gradient' needs f and f_q paired as chains of affine layers, ReLUs and clips "
-                     "(the interval gradient walks no other node); use split_rule='bound'.")
-  return split_rule
 
 
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
@@ -455,7 +411,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
-  split_rule = _resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
+  split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown

@@ -7,7 +7,7 @@ bounds both halves along a few of the dimensions that weigh most and keeps the s
 gain most together (the product rule of MIP solvers; Achterberg, "Constraint Integer
 Programming", 2007, section 5.3). On paired ReLU chains the coefficients are by default replaced by
 an interval gradient's largest magnitude over the piece (NeuroDiff's split; Paulsen et al., ASE
-2020; ``qbound.bounds.bab._gradient_coefficients``): the scores here read either.
+2020; :func:`gradient_coefficients`): the scores here read either.
 
 Example:
   >>> import numpy as np
@@ -21,9 +21,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from qbound import graph as G
+from qbound.bounds.forward_bab import gradient_supported, interval_gradient
 
 
 def split_scores(width: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -62,3 +68,44 @@ def split_at(lo, hi, axis):
   left_hi[axis] = mid
   right_lo[axis] = mid
   return left_hi, right_lo
+
+
+def gradient_coefficients(fg: G.Graph, qg: G.Graph, lo, hi, z, zq, outputs):
+  """NeuroDiff's split score as branch and bound's coefficients: the largest ``|gradient|`` of
+  ``f_j - f_q,j`` per input over each piece, from an interval gradient over the ReLU states that the
+  pieces' node bounds ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al.,
+  USENIX Security 2018; NeuroDiff, Paulsen et al., ASE 2020), for the lower and the upper rows alike
+  (``(pieces, 2 * outputs, inputs)``: the split rule reads their sum, times the width)."""
+  needed = lambda g: tuple(sorted({n.inputs[0] for n in g.nodes if n.kind in (G.RELU, G.CLIP)}))
+  nf, nq = needed(fg), needed(qg)
+  return _gradient_scores(fg, qg, lo, hi, tuple(z[i] for i in nf), tuple(zq[i] for i in nq), nf, nq,
+                          tuple(int(o) for o in outputs))
+
+
+@functools.partial(jax.jit, static_argnames=("nf", "nq", "outputs"))
+def _gradient_scores(fg, qg, lo, hi, zf, zq, nf, nq, outputs):
+  def one(l, h, bf, bq):
+    # Only the nodes a ReLU or clip reads are looked at; the input's entry gives the dtype.
+    full_f, full_q = [(l, h)] + [None] * (len(fg.nodes) - 1), [(l, h)] + [None] * (len(qg.nodes) - 1)
+    for i, b in zip(nf, bf):
+      full_f[i] = b
+    for i, b in zip(nq, bq):
+      full_q[i] = b
+    centre, radius = interval_gradient(fg, qg, full_f, full_q, outputs)
+    return (jnp.abs(centre) + radius).T  # (outputs, inputs)
+
+  rows = jax.vmap(one)(lo, hi, zf, zq)
+  return jnp.concatenate([rows, rows], axis=1)
+
+
+def resolve_split_rule(merged, paired: bool, split_rule: str) -> str:
+  """``"bound"`` or ``"gradient"`` from a ``split_rule`` argument (see :func:`qbound.bounds.bab.branch_and_bound`)."""
+  if split_rule not in ("auto", "bound", "gradient"):
+    raise ValueError(f"split_rule must be 'auto', 'bound' or 'gradient'; got {split_rule!r}.")
+  walks = paired and gradient_supported(merged.f_graph, merged.fq_graph)
+  if split_rule == "auto":
+    return "gradient" if walks else "bound"
+  if split_rule == "gradient" and not walks:
+    raise ValueError("split_rule='gradient' needs f and f_q paired as chains of affine layers, ReLUs and clips "
+                     "(the interval gradient walks no other node); use split_rule='bound'.")
+  return split_rule
