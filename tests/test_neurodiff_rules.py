@@ -13,7 +13,7 @@ import helpers as H
 import qbound as qb
 from qbound.bounds import forward as F
 from qbound.bounds import neurodiff_rules as N
-from qbound.bounds.forward_bab import gradient_supported, interval_gradient
+from qbound.bounds.splitting import gradient_supported, interval_gradient
 
 
 @pytest.mark.parametrize("sound", [True, False])

@@ -118,7 +118,7 @@ def _batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, s
   ``check=False``: empty intervals are not raised for (ReLU-split sub-problems, whose bounds may
   prove them empty: :func:`qbound.bounds.relusplit.infeasible`).
 
-  ``split_rule="gradient"`` (paired chains, :func:`qbound.bounds.forward_bab.gradient_supported`):
+  ``split_rule="gradient"`` (paired chains, :func:`qbound.bounds.splitting.gradient_supported`):
   the coefficients returned are an interval gradient's largest magnitude instead
   (:func:`qbound.bounds.splitting.gradient_coefficients`).
   """

@@ -14,7 +14,7 @@ ASE 2020) does on the CPU. Here the whole loop runs inside one compiled program
 * every iteration takes the ``batch`` pieces with the largest upper bounds (``lax.top_k``), splits
   each in two at the midpoint of the dimension that weighs most (``split_rule``: ``"gradient"``,
   the largest ``max |g_i| * width_i`` of an interval gradient ``g`` of ``f - f_q`` over the piece,
-  as NeuroDiff splits, :func:`interval_gradient`; or ``"bound"``, ``|L_j| + |U_j|`` of the output's
+  as NeuroDiff splits, :func:`qbound.bounds.splitting.interval_gradient`; or ``"bound"``, ``|L_j| + |U_j|`` of the output's
   linear bounds times the width: ReluVal's smear, Wang et al., USENIX Security 2018), bounds the
   children with their parent's node bounds as ``prior``, evaluates the network at
   each child's centre and at the corner its gradient points to (the lower bound), and writes the
@@ -67,6 +67,7 @@ from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower
 from qbound.bounds.forward import forward_diff_bounds
 from qbound.bounds.sparse import output_rows
+from qbound.bounds.splitting import interval_gradient, resolve_split_rule
 from qbound.bounds.zonotope import check_supported as zonotope_check_supported
 from qbound.bounds.zonotope import diff_zonotope_bounds
 from qbound.box import Box
@@ -126,46 +127,6 @@ def supported(merged) -> bool:
   if not merged.paired:
     return False
   return all(n.kind in SUPPORTED_KINDS for g in (merged.f_graph, merged.fq_graph) for n in g.nodes)
-
-
-def gradient_supported(fg: G.Graph, qg: G.Graph) -> bool:
-  """Whether :func:`interval_gradient` walks these graphs: chains of affine layers, ReLUs and clips."""
-  return all(n.kind in (G.INPUT, G.AFFINE, G.RELU, G.CLIP) and (n.kind == G.INPUT or tuple(n.inputs) == (i - 1,))
-             for g in (fg, qg) for i, n in enumerate(g.nodes))
-
-
-def _chain_gradient(graph: G.Graph, bounds, rows):
-  """Interval gradient of ``rows @ output`` w.r.t. the input of a chain of affine layers, ReLUs and
-  clips: centre and radius, shape ``(k, inputs)``. A ReLU whose input range is ``[lo, hi]`` has slope
-  1 (``lo >= 0``), 0 (``hi <= 0``) or anything in [0, 1] (the cotangent's interval joined with 0)."""
-  c, r = rows, jnp.zeros_like(rows)
-  for i in range(graph.output, 0, -1):
-    node = graph.nodes[i]
-    if node.kind == G.AFFINE:
-      c, r = jax.vmap(node.linear_transpose)(c), jax.vmap(node.linear_abs_transpose)(r)
-    else:  # ReLU, or a clip: slope 1 between its cuts, 0 outside
-      lo, hi = bounds[node.inputs[0]]
-      low_cut, high_cut = (0.0, jnp.inf) if node.kind == G.RELU else node.weights
-      flat = (hi <= low_cut) | (lo >= high_cut)
-      kink = ~flat & ((lo < low_cut) | (hi > high_cut))
-      gl, gu = c - r, c + r
-      gl = jnp.where(flat, 0.0, jnp.where(kink, jnp.minimum(gl, 0.0), gl))
-      gu = jnp.where(flat, 0.0, jnp.where(kink, jnp.maximum(gu, 0.0), gu))
-      c, r = (gl + gu) / 2, (gu - gl) / 2
-  return c.reshape(c.shape[0], -1), r.reshape(r.shape[0], -1)
-
-
-def interval_gradient(fg: G.Graph, qg: G.Graph, z, zq, outputs):
-  """An enclosure of the gradient of ``f_j - f_q,j`` over a piece, for each selected output ``j``:
-  centre and radius of shape ``(inputs, len(outputs))``, from the ReLU states that the node bounds
-  ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al., USENIX Security
-  2018; NeuroDiff splits where ``max |gradient| * width`` is largest). The caller checks
-  :func:`gradient_supported`."""
-  node = fg.nodes[fg.output]
-  rows = jax.nn.one_hot(jnp.asarray(outputs), node.size, dtype=z[0][0].dtype).reshape((len(outputs), *node.shape))
-  cf, rf = _chain_gradient(fg, z, rows)
-  cq, rq = _chain_gradient(qg, zq, rows)
-  return (cf - cq).T, (rf + rq).T
 
 
 def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="node", split_rule="bound",
@@ -415,7 +376,7 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     domain: ``"forward"`` (default), ``"zonotope"`` or ``"both"`` (see ``_bound_children``).
     relu_rules: the forward pass's ReLU rules (:func:`qbound.bounds.forward.forward_diff_bounds`):
       ``"node"`` (default) or ``"equation"`` (NeuroDiff's).
-    split_rule: ``"gradient"`` (an interval gradient of ``f - f_q``, :func:`interval_gradient`, as
+    split_rule: ``"gradient"`` (an interval gradient of ``f - f_q``, :func:`qbound.bounds.splitting.interval_gradient`, as
       NeuroDiff; chains of affine layers, ReLUs and clips only), ``"bound"`` (the output bound's
       coefficients) or ``"auto"`` (default ``SPLIT_RULE``: ``"gradient"`` where it applies).
     output_backward: bound the selected outputs again by one backward pass (default
@@ -444,15 +405,10 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                                        initial_lower=initial_lower, initial_witness=initial_witness, sound=sound)
   domain = DOMAIN if domain is None else domain
   relu_rules = "node" if relu_rules is None else relu_rules
-  split_rule = SPLIT_RULE if split_rule is None else split_rule
-  if split_rule == "auto":
-    split_rule = "gradient" if merged.paired and gradient_supported(merged.f_graph, merged.fq_graph) else "bound"
   output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
   from qbound.bounds.forward import RELU_RULES
   if relu_rules not in RELU_RULES:
     raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
-  if split_rule not in ("bound", "gradient"):
-    raise ValueError(f"split_rule must be 'auto', 'bound' or 'gradient'; got {split_rule!r}.")
   if domain not in ("forward", "zonotope", "both"):
     raise ValueError(f"domain must be 'forward', 'zonotope' or 'both'; got {domain!r}.")
   if domain != "forward":
@@ -462,9 +418,7 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     raise ValueError("forward branch and bound needs paired networks (f and f_q of the same structure) of "
                      f"affine layers, adds, concatenations and elementwise activations; got paired={merged.paired}"
                      + (f", unsupported node kinds {kinds}" if kinds else "") + ". Use qbound.bounds.branch_and_bound.")
-  if split_rule == "gradient" and not gradient_supported(merged.f_graph, merged.fq_graph):
-    raise ValueError("split_rule='gradient' needs chains of affine layers, ReLUs and clips (the interval "
-                     "gradient walks no other node); use split_rule='bound'.")
+  split_rule = resolve_split_rule(merged, merged.paired, SPLIT_RULE if split_rule is None else split_rule)
   n_out = int(np.prod(merged.output_shape))
   outputs = tuple(range(n_out)) if outputs is None else tuple(int(o) for o in outputs)
   batch = BATCH if batch_size is None else int(batch_size)

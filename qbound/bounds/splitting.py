@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds.forward_bab import gradient_supported, interval_gradient
 
 
 def split_scores(width: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -68,6 +67,46 @@ def split_at(lo, hi, axis):
   left_hi[axis] = mid
   right_lo[axis] = mid
   return left_hi, right_lo
+
+
+def gradient_supported(fg: G.Graph, qg: G.Graph) -> bool:
+  """Whether :func:`interval_gradient` walks these graphs: chains of affine layers, ReLUs and clips."""
+  return all(n.kind in (G.INPUT, G.AFFINE, G.RELU, G.CLIP) and (n.kind == G.INPUT or tuple(n.inputs) == (i - 1,))
+             for g in (fg, qg) for i, n in enumerate(g.nodes))
+
+
+def _chain_gradient(graph: G.Graph, bounds, rows):
+  """Interval gradient of ``rows @ output`` w.r.t. the input of a chain of affine layers, ReLUs and
+  clips: centre and radius, shape ``(k, inputs)``. A ReLU whose input range is ``[lo, hi]`` has slope
+  1 (``lo >= 0``), 0 (``hi <= 0``) or anything in [0, 1] (the cotangent's interval joined with 0)."""
+  c, r = rows, jnp.zeros_like(rows)
+  for i in range(graph.output, 0, -1):
+    node = graph.nodes[i]
+    if node.kind == G.AFFINE:
+      c, r = jax.vmap(node.linear_transpose)(c), jax.vmap(node.linear_abs_transpose)(r)
+    else:  # ReLU, or a clip: slope 1 between its cuts, 0 outside
+      lo, hi = bounds[node.inputs[0]]
+      low_cut, high_cut = (0.0, jnp.inf) if node.kind == G.RELU else node.weights
+      flat = (hi <= low_cut) | (lo >= high_cut)
+      kink = ~flat & ((lo < low_cut) | (hi > high_cut))
+      gl, gu = c - r, c + r
+      gl = jnp.where(flat, 0.0, jnp.where(kink, jnp.minimum(gl, 0.0), gl))
+      gu = jnp.where(flat, 0.0, jnp.where(kink, jnp.maximum(gu, 0.0), gu))
+      c, r = (gl + gu) / 2, (gu - gl) / 2
+  return c.reshape(c.shape[0], -1), r.reshape(r.shape[0], -1)
+
+
+def interval_gradient(fg: G.Graph, qg: G.Graph, z, zq, outputs):
+  """An enclosure of the gradient of ``f_j - f_q,j`` over a piece, for each selected output ``j``:
+  centre and radius of shape ``(inputs, len(outputs))``, from the ReLU states that the node bounds
+  ``z`` (f's) and ``zq`` (f_q's) give (ReluVal's interval gradient, Wang et al., USENIX Security
+  2018; NeuroDiff splits where ``max |gradient| * width`` is largest). The caller checks
+  :func:`gradient_supported`."""
+  node = fg.nodes[fg.output]
+  rows = jax.nn.one_hot(jnp.asarray(outputs), node.size, dtype=z[0][0].dtype).reshape((len(outputs), *node.shape))
+  cf, rf = _chain_gradient(fg, z, rows)
+  cq, rq = _chain_gradient(qg, zq, rows)
+  return (cf - cq).T, (rf + rq).T
 
 
 def gradient_coefficients(fg: G.Graph, qg: G.Graph, lo, hi, z, zq, outputs):
