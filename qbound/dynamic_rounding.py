@@ -22,7 +22,7 @@ known of it over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
 * the guard needs no decision: where it can fire (``max|x| <= Q g``), ``q = 0`` (rounded with
   ``s = 1``, when ``Q g < 1/2``), an error below ``Q g`` that the band takes in.
 
-The same node, three variants (:class:`DynamicScale` fields):
+The same node, four variants (:class:`DynamicScale` fields):
 
 * ``axes``: a scale per group of entries, ``max|x|`` over some axes (qwix: one scale per token for a
   batch; AQT alike). Everything above holds group by group, with each group's ``max|x|``, as
@@ -37,6 +37,8 @@ The same node, three variants (:class:`DynamicScale` fields):
   to ``[qmin, qmax]``: half a step for plain ``minmax`` (``Q = D``). Where ``z``'s argument
   ``qmin + D (-min) / m`` stays inside one rounding step over the bounds, ``z`` is a constant
   ``K_z``, and where ``x / s + K_z`` does too, ``q = (k - K_z) m / Q`` between constant bounds.
+* ``norm="rms"``: qwix's ``rms,c`` calibration, ``s = c sqrt(mean(x^2)) / Q``
+  (:mod:`qbound.rms_rounding` bounds it: the entries beyond ``Q s`` saturate).
 * AQT's calibration is the symmetric node with a clip to ``[-127, 127]`` *before* the rounding (the
   same as after it, for integer ends) and ``x * (1 / s)``; its guard replaces ``1 / s`` by 1 where it
   overflows (``s < 2^-127``), where ``q = 0`` as with qwix's guard.
@@ -63,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbound import rms_rounding
+
 # The rounding mode of a ``round`` node that is a dynamically scaled fake quantization.
 DYNAMIC = "dynamic"
 
@@ -82,6 +86,9 @@ class DynamicScale:
       ``s = (max(max x, 0) - min(min x, 0)) / divisor``, ``z = round(offset - c min(min x, 0) / s)``
       with ``c = span / divisor`` (the calibration's factor), and ``q = s * (clip(round(x / s + z)) - z)``;
       None: symmetric, ``s = max|x| / divisor``, no zero point.
+    norm: ``"max"``: the scale is ``max|x|`` (or ``zero_point``'s range) over ``divisor``; ``"rms"``:
+      qwix's ``rms,c``, ``s = c sqrt(mean(x^2)) / Q``, written ``sqrt(sum(x^2)) / divisor`` with
+      ``divisor = sqrt(n) Q / c`` (``n`` the entries the mean is over); see :mod:`qbound.rms_rounding`.
   """
 
   divisor: float
@@ -91,6 +98,7 @@ class DynamicScale:
   guard: Optional[tuple[str, float, float]] = None
   axes: Optional[tuple[int, ...]] = None
   zero_point: Optional[tuple[float, float]] = None
+  norm: str = "max"
 
   @property
   def band(self) -> float:
@@ -101,7 +109,9 @@ class DynamicScale:
 def scale_of(spec: DynamicScale, x):
   """The scale the library computes from ``x`` (per tensor, or per group: ``spec.axes``), with its guard."""
   keep = spec.axes is not None
-  if spec.zero_point is None:
+  if spec.norm == "rms":
+    s = jnp.sqrt(jnp.sum(jnp.square(x), axis=spec.axes, keepdims=keep)) / spec.divisor
+  elif spec.zero_point is None:
     s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
   else:
     low_c, high_c = _calibration(spec, x)
@@ -136,6 +146,10 @@ def quantize(spec: DynamicScale, x):
 
 def check_guard(spec: DynamicScale) -> Optional[str]:
   """Why the guard cannot be bounded as :func:`bounds` does, or None."""
+  if spec.norm not in ("max", "rms") or (spec.norm == "rms" and spec.zero_point is not None):
+    return f"its scale is of an unknown kind ({spec.norm!r}, zero point {spec.zero_point})"
+  if spec.norm == "rms" and not spec.low <= -0.5 < 0.5 <= spec.high:
+    return f"its rounded values are clipped to [{spec.low}, {spec.high}], a range without the integers -1, 0, 1"
   if spec.guard is None:
     return None
   cmp, cut, fallback = spec.guard
@@ -172,6 +186,8 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int):
   inside one rounding step), so ``v_lo <= v <= v_hi``. All in float32 with slack ``_REL``.
   """
   axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
+  if spec.norm == "rms":
+    return rms_rounding.bounds(spec, lo, hi, axes)
   q = spec.divisor
   if spec.zero_point is None:
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))

@@ -199,3 +199,114 @@ def test_a_scale_along_the_contracted_axis_is_refused_naming_the_line():
   with pytest.raises(qb.UnsupportedPrimitiveError) as err:
     qb.merge(lambda x: x @ w, fq, qb.Box(-jnp.ones((2, 3)), jnp.ones((2, 3))))
   assert "test_trace_dynamic.py" in str(err.value)
+
+
+# qwix's rms calibration (qbound.rms_rounding): s = c sqrt(mean(x^2)) / Q, the entries past Q s
+# saturate. (c, Q, low, high, guard, axes): the divisor depends on the group's size n, sqrt(n) Q / c.
+RMS = [(1.0, 127.5, -128, 127, _GUARD, None),  # rms,1: the largest entries saturate
+       (0.5, 127.5, -128, 127, None, (-1,)),  # a scale per row, most of it saturates
+       (3.0, 127.5, -128, 127, _GUARD, None),  # rms,3: for n <= 9, |x / s| <= D <= 127.5: no saturation
+       (2.0, 7.5, -8, 7, _GUARD, None)]  # int4
+
+
+def _rms_spec(case, shape):
+  c, q, low, high, guard, axes = case
+  n = int(np.prod(shape if axes is None else [shape[a] for a in axes]))
+  return DR.DynamicScale(float(np.sqrt(n)) * q / c, low, high, guard=guard, axes=axes, norm="rms")
+
+
+def _rms_library(case, x):
+  """qwix's float32 computation (``qwix/_src/core/qarray.py``: calibrate, compute_scale_zero_point,
+  quantize_with_scale_zero_point), independent of :func:`qbound.dynamic_rounding.quantize`."""
+  c, q, low, high, guard, axes = case
+  s = jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=axes is not None)) * jnp.float32(c) / jnp.float32(q)
+  if guard is not None:
+    s = jnp.where(s < guard[1], jnp.ones_like(s), s)
+  return s * jnp.clip(jnp.round(x / s), low, high)
+
+
+def _check_rms(case, lo, hi, rng, samples=100):
+  n, shape = lo.shape[0], lo.shape[1:]
+  spec = _rms_spec(case, shape)
+  half, flat, v_lo, v_hi = (np.asarray(a) for a in DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), len(shape)))
+  xs = lo[:, None] + rng.uniform(size=(n, samples, *shape)).astype(np.float32) * (hi - lo)[:, None]
+  corners = np.where(rng.uniform(size=(n, 8, *shape)) < 0.5, lo[:, None], hi[:, None])  # where saturation peaks
+  xs = np.concatenate([xs, corners, lo[:, None], hi[:, None]], axis=1)
+  q = np.asarray(jax.vmap(jax.vmap(lambda x: _rms_library(case, x)))(jnp.asarray(xs)))
+  assert np.all(np.abs(q.astype(np.float64) - xs) <= half[:, None] * (1 + 1e-6))
+  assert np.all((q >= v_lo[:, None]) & (q <= v_hi[:, None]) | ~flat[:, None])
+  graph_q = np.asarray(jax.vmap(jax.vmap(lambda x: DR.quantize(spec, x)))(jnp.asarray(xs)))
+  np.testing.assert_allclose(graph_q, q, atol=1e-5 * np.abs(xs).max())  # the node computes what qwix does
+  return half, flat
+
+
+def _dominated_boxes(rng, n, shape):
+  """Random boxes, some with one entry far above the others (it saturates under rms scales)."""
+  lo, hi = _random_boxes(rng, n, shape)
+  pick = rng.uniform(size=(n,)) < 0.5
+  boost = np.where(pick[:, None], 6.0, 1.0).reshape((n,) + (1,) * len(shape))
+  first = np.zeros(shape, bool).reshape(-1)
+  first[0] = True
+  first = first.reshape(shape)
+  return np.where(first, lo * boost, lo).astype(np.float32), np.where(first, hi * boost, hi).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", RMS)
+def test_rms_bounds_hold_at_sampled_inputs(case):
+  rng = np.random.default_rng(1)
+  lo, hi = _dominated_boxes(rng, 120, (2, 3))
+  half, flat = _check_rms(case, lo, hi, rng)
+  assert flat.any() and (~flat).any()
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from(RMS), st.sampled_from([(4,), (2, 3), (3, 1, 2), (16,)]))
+def test_rms_bounds_hold_in_random_boxes(seed, case, shape):
+  rng = np.random.default_rng(seed)
+  lo, hi = _dominated_boxes(rng, 20, shape)
+  _check_rms(case, lo, hi, rng, samples=50)
+
+
+def test_rms_band_is_the_saturation_error_on_a_point():
+  """On a box that is a point, the band is the entry's own error where it saturates (the bound is
+  tight, not a multiple of the scale), and where it does not, at most half a step."""
+  case = RMS[0]  # rms,1 on 4 entries: D = 255, the first entry saturates (u = 255 * 0.96 > 127.5)
+  x = np.array([[3.0, 0.5, -0.4, 0.6]], np.float32)
+  half, _ = _check_rms(case, x, x, np.random.default_rng(0), samples=1)
+  error = np.abs(np.asarray(_rms_library(case, jnp.asarray(x[0]))) - x[0])
+  assert error[0] > 1.0 and half[0, 0] <= error[0] * (1 + 1e-4)
+  s = float(np.sqrt(np.mean(x**2))) / 127.5
+  assert np.all(half[0, 1:] <= s / 2 * (1 + 1e-2))  # and float32 slack (m 2^-17)
+
+
+def test_rms_guard_near_zero_is_covered():
+  lo, hi = np.full((1, 4), -1e-21, np.float32), np.full((1, 4), 1e-21, np.float32)
+  half, flat = _check_rms(RMS[0], lo, hi, np.random.default_rng(0))
+  assert not flat.any() and np.all(half < 1e-18)
+
+
+def _rms_fq(w, c=1.0):
+  def fq(x):  # qwix's rms,c written out, a scale per row
+    s = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True)) * c / 127.5
+    s = jnp.where(s < 1e-19, 1.0, s)
+    return (jnp.round(x / s).astype(jnp.int8).astype(jnp.float32) @ w) * s
+  return fq
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_an_rms_scale_per_row_pairs_and_is_sound(sound):
+  w = jax.random.normal(jax.random.key(5), (4, 2))
+  fq, f = _rms_fq(w), lambda x: x @ w  # noqa: E731
+  box = qb.Box(jnp.array([[0.5, -0.2, -0.1, 0.0], [-0.1, 0.2, 0.1, 0.0]]),
+               jnp.array([[2.0, 0.2, 0.1, 0.1], [0.1, 0.3, 0.2, 0.1]]))
+  merged = qb.merge(f, fq, box)
+  assert merged.paired
+  (node,) = [n for n in merged.fq_graph.nodes if n.kind == "round"]
+  assert node.attrs[1].norm == "rms" and node.attrs[1].axes == (-1,) and node.attrs[1].divisor == 255.0
+  xs = jnp.asarray(np.concatenate([H.sample_points(box, 3000), H.grid(box, 2)]), jnp.float32)
+  np.testing.assert_allclose(np.asarray(jax.vmap(merged.fq_graph)(xs)), np.asarray(jax.vmap(fq)(xs)), atol=1e-5)
+  errors = np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))
+  for method in ("interval", "diff"):
+    cert = qb.certify(f, fq, box, method=method, sound=sound)
+    assert errors.max() <= cert.upper * (1 + 1e-5)
+    assert np.max(np.abs(H.eval64(merged, np.asarray(xs, np.float64)))) <= cert.upper
+    assert 0 < cert.lower <= cert.upper

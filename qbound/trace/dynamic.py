@@ -18,7 +18,8 @@ cast (:class:`Rounded`), the product of that with constant weights (:class:`Pend
 still divided by ``s``), and the rescale by ``s`` that completes it. Each deferred value keeps the
 equation that made it: used in any other way, it is replayed through the ordinary rules
 (:func:`materialize`), so nothing changes for functions without the pattern, and one whose pattern
-qbound does not know (``rms`` calibration) fails as before, naming the library's line.
+qbound does not know (a scale that varies along a contracted axis) fails as before, naming the
+library's line.
 
 Variants of the same node:
 
@@ -31,6 +32,9 @@ Variants of the same node:
   include 0 (:class:`Extreme`), ``s = c (max - min) / 255``, the zero point ``round(qmin - c min / s)``
   in an integer type (:class:`ZeroPoint`), ``x / s + z``, and qwix's product
   ``(c @ W - z @ W) * s`` (:class:`ZeroProduct`), which is ``q(x) @ W`` with ``q = s (c - z)``.
+* qwix's ``rms,c``: ``x^2`` (:class:`SquareOf`), its sum over the group's axes divided by ``n``
+  (:class:`SquareSum`), its square root: a :class:`Scale` of norm ``rms``, ``sqrt(sum x^2) / sqrt(n)``,
+  then the same factors and guard (bounded by :mod:`qbound.rms_rounding`).
 * AQT's calibration: the guard ``where(max|x| == 0, 1, max|x|)`` before the division by 127.5,
   ``x * where(isinf(1 / s), 1, 1 / s)`` (:class:`Reciprocal`, :class:`Overflow`) and a clip to
   integer ends before the rounding (the same as after it).
@@ -84,6 +88,7 @@ class Scale:
   factors: tuple = ()
   spread: Optional[float] = None  # asymmetric: the scale is c (max(max x, 0) - min(min x, 0)) (c: spread)
   guard: Optional[tuple] = None
+  norm: str = "max"  # "rms": the scale is sqrt(sum of x^2 over axes), not max|x| (qwix's rms,c)
   tags: Any = dataclasses.field(default=None, compare=False, hash=False)
 
   @property
@@ -110,6 +115,22 @@ def _laid_out(tags, groups) -> bool:
 
 def _same_scale(a, b) -> bool:
   return isinstance(a, Scale) and isinstance(b, Scale) and a == b and np.array_equal(a.tags, b.tags)
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareOf:
+  """``x^2`` (on the way to qwix's ``rms``: ``sqrt(mean(x^2))``)."""
+  x: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareSum:
+  """``sum(x^2)`` over ``axes`` of ``x``, divided by ``count`` (``jnp.mean``'s ``n``), until its square root
+  makes it a :class:`Scale` of norm ``rms``; ``tags`` as for :class:`Scale`."""
+  x: int
+  axes: tuple
+  count: float = 1.0
+  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +277,20 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
 
   if name == "abs" and ins[0][0] == "node":
     return lazy(AbsOf(ins[0][1]))
+  if ins[0][0] == "node" and (name == "square" or (name == "integer_pow" and eqn.params["y"] == 2)):
+    return lazy(SquareOf(ins[0][1]))  # qwix's rms calibration: sqrt(mean(x^2))
+  if name == "reduce_sum" and isinstance(forms[0], SquareOf):
+    x_shape = b.shape_of(("node", forms[0].x))
+    axes = tuple(sorted(set(eqn.params["axes"]) | {d for d, n in enumerate(x_shape) if n == 1}))
+    return lazy(SquareSum(forms[0].x, axes, tags=np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)))
+  if isinstance(forms[0], SquareSum) and len(ins) == 2 and name in ("div", "mul") and ins[1][0] == "const":
+    c = _uniform(ins[1][1])  # the mean's division by n
+    if c is None or not (c > 0 and np.isfinite(c)):
+      return None
+    return lazy(dataclasses.replace(forms[0], count=forms[0].count * c if name == "div" else forms[0].count / c))
+  if name == "sqrt" and isinstance(forms[0], SquareSum):
+    ss = forms[0]  # sqrt(sum / n) = sqrt(sum) / sqrt(n)
+    return lazy(Scale(ss.x, ss.axes, (("div", float(np.sqrt(ss.count))),), norm="rms", tags=ss.tags))
   if name == "reduce_max" and isinstance(forms[0], AbsOf):
     # One scale per group: per tensor, per token (a row's), per channel; the axes kept are the groups.
     x_shape = b.shape_of(("node", forms[0].x))
@@ -312,7 +347,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
         info = jnp.iinfo(new)
         return lazy(dataclasses.replace(z, low=max(z.low, float(info.min)), high=min(z.high, float(info.max))))
       return lazy(z) if jnp.issubdtype(new, jnp.floating) and jnp.finfo(new).nmant >= 10 else None
-  if isinstance(forms[0], (Scale, Extreme, ZeroPoint)) and len(ins) == 1 and name in _MOVES:
+  if isinstance(forms[0], (Scale, Extreme, ZeroPoint, SquareSum)) and len(ins) == 1 and name in _MOVES:
     if name == "convert_element_type":
       new = eqn.params["new_dtype"]
       if not jnp.issubdtype(new, jnp.floating) or jnp.finfo(new).nmant < jnp.finfo(b.dtype).nmant:
@@ -456,7 +491,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
 
 
 # The operations that may begin the pattern (on an ordinary node): what the builder defers.
-STARTS = ("abs", "reduce_max", "reduce_min")
+STARTS = ("abs", "reduce_max", "reduce_min", "square", "integer_pow")
 
 _MOVES = ("broadcast_in_dim", "reshape", "squeeze", "transpose", "convert_element_type", "stop_gradient")
 
@@ -532,7 +567,7 @@ def _quantized(b: _Builder, r: Rounded, eqn, where: str):
       b.unsupported(eqn, f"a dynamically scaled activation quantization with two guards ({guard} and isinf(1 / s))")
     guard = ("lt", DR.RECIPROCAL_OVERFLOW, 1.0)  # where(s == 0, ...) fires inside it
   spec = DR.DynamicScale(divisor=r.scale.divisor, low=r.low, high=r.high, rounding=r.rounding,
-                         guard=guard, axes=axes, zero_point=zero_point)
+                         guard=guard, axes=axes, zero_point=zero_point, norm=r.scale.norm)
   why = DR.check_guard(spec)
   if why is not None:
     b.unsupported(eqn, f"a dynamically scaled activation quantization whose scale qbound cannot bound: {why}")

@@ -1,0 +1,141 @@
+"""Bounds of a fake quantization whose scale is a root mean square (qwix's ``rms,c`` calibration).
+
+qwix's ``act_calibration_method="rms,c"`` (``qwix/_src/core/qarray.py``, ``calibrate``) scales an
+activation by the root mean square of its entries instead of their largest magnitude::
+
+    s = c * sqrt(mean(x^2)) / Q              # Q = 127.5 for int8; c is required (e.g. "rms,3")
+    s = where(s < sqrt(tiny), 1, s)          # the same guard as absmax
+    q = s * clip(round(x / s), -128, 127)    # the int8 cast saturates
+
+Over the ``n`` entries of a group (a tensor, or a token) write ``m = sqrt(sum x^2)`` (the L2 norm)
+and ``D = sqrt(n) Q / c``, so ``s = m / D``. Unlike ``max|x|``, ``m`` does not cap the quotient at
+the clip: ``|x_i| <= m`` gives ``|x_i / s| <= D``, which is beyond 127 when ``c < sqrt(n)``, so the
+largest entries saturate and the error of such an entry is ``x_i - 127 s``, far more than half a
+step. What is known of ``q`` over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
+
+* ``m`` lies between the norms of the entries' smallest and largest magnitudes over the bounds, and
+  for each entry the others' part ``r_i^2 = m^2 - x_i^2`` is at least ``r_i^2`` of their smallest
+  magnitudes (``rest``);
+* the quotient ``u_i = D x_i / m = D x_i / sqrt(x_i^2 + r_i^2)`` increases with ``x_i`` and, for
+  ``x_i > 0``, falls as ``r_i`` grows: ``u_i <= D hi_i / sqrt(hi_i^2 + rest_i^2)``, and alike below;
+* the error: ``s/2`` where ``u_i`` stays within half a step of the clip; past it (``u_i > 127.5``)
+  the entry saturates, ``q_i = 127 s`` and ``x_i - q_i = x_i - (127 / D) sqrt(x_i^2 + r_i^2)``,
+  increasing in ``x_i`` (``127 < D`` there) and falling with ``r_i``: at most its value at
+  ``x_i = hi_i``, ``r_i = rest_i``. So the band shrinks with the box, and it is exact for a box that
+  is a point;
+* a step, as for ``max|x|`` (:mod:`qbound.dynamic_rounding`): where ``u_i`` stays strictly inside one
+  rounding step (or past a clip) over the bounds, ``q_i = k m / D`` between ``k`` times the bounds
+  of ``m / D``;
+* the guard: where it may fire (``m <= D g``), ``q = 0`` with an error below ``min(m, D g)``.
+
+Every quantity is computed relative to the group's largest magnitude (so squares of small entries
+do not underflow), and covered for float32's rounding of the library's sum of ``n`` squares, mean,
+square root and quotient by a relative slack of ``2^-18 + n 2^-23`` (sound for ``n`` far below
+``2^23``).
+
+Reference: qwix (Google, https://github.com/google/qwix), ``calibrate``'s ``rms`` method; the
+symmetric int8 grid of Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from qbound.dynamic_rounding import DynamicScale, quantize
+  >>> from qbound import rms_rounding
+  >>> spec = DynamicScale(divisor=2 * 127.5 / 3, low=-128, high=127, norm="rms")  # "rms,3", n = 4
+  >>> lo, hi = jnp.array([0.5, -1.0, 0.2, 0.0]), jnp.array([0.6, -0.9, 0.3, 0.1])
+  >>> half, flat, v_lo, v_hi = rms_rounding.bounds(spec, lo, hi, (0,))
+  >>> x = jnp.array([0.55, -0.95, 0.25, 0.05])
+  >>> bool(jnp.all(jnp.abs(quantize(spec, x) - x) <= half))
+  True
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+# float32's rounding of a few operations (a relative 2^-24 each): 2^-18 covers them many times over;
+# a sum of n squares adds n 2^-24 at most, counted twice.
+_REL = 2.0 ** -18
+_ULP = 2.0 ** -23
+
+
+def slack(terms: int) -> float:
+  """The relative slack for a scale computed from a mean of ``terms`` squares in float32."""
+  return _REL + (terms + 8) * _ULP
+
+
+def bounds(spec, lo, hi, axes: tuple):
+  """``(half, flat, v_lo, v_hi)`` of an ``rms`` dynamic rounding node for inputs in ``[lo, hi]``, as
+  :func:`qbound.dynamic_rounding.bounds` returns them (``axes``: the axes of ``lo`` each scale is
+  taken over, leading axes being a batch of boxes).
+
+  Args:
+    spec: the node's :class:`~qbound.dynamic_rounding.DynamicScale` (``norm == "rms"``).
+    lo, hi: bounds of the node's input.
+    axes: the reduced axes of ``lo`` (non-negative).
+
+  Returns:
+    ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
+  """
+  d, top, bottom = float(spec.divisor), float(spec.high), float(spec.low)
+  terms = int(np.prod([lo.shape[a] for a in axes], dtype=np.int64))
+  rel = slack(terms)
+  mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+  big = jnp.max(mag, axis=axes, keepdims=True)  # each group's largest magnitude: the unit below
+  unit = jnp.where(big > 0, big, 1.0)
+  ln, hn, mag_n, mig_n = lo / unit, hi / unit, mag / unit, mig / unit
+  sq_hi = jnp.sum(mag_n * mag_n, axis=axes, keepdims=True) * (1 + rel) + 1e-30  # bounds of sum x^2 / unit^2
+  sq_lo = jnp.maximum(jnp.sum(mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30, 0.0)
+  m_hi = jnp.sqrt(sq_hi) * unit * (1 + rel)  # bounds of m = sqrt(sum x^2)
+  m_lo = jnp.sqrt(sq_lo) * unit * (1 - rel)
+  # each entry's others: r_i^2 = m^2 - x_i^2 >= rest_i^2 (the sum rounded down, the entry's part up)
+  rest2 = jnp.maximum((sq_lo - mig_n * mig_n * (1 + rel)) * (1 - rel) - 1e-30, 0.0)
+
+  def ratio(t):  # t / sqrt(t^2 + rest^2), in [-1, 1]; where the denominator underflows, +-1 bounds it
+    den = jnp.sqrt(t * t + rest2)
+    return jnp.where(den > 0, t / jnp.where(den > 0, den, 1.0), jnp.sign(t))
+
+  m_hi_n = jnp.sqrt(sq_hi)  # >= 1 where the group is not all 0
+  up = jnp.where(hn > 0, ratio(hn), hn / m_hi_n)  # u_i / D for t_i <= hi_i: x_i / m <= hi_i / m_hi if hi_i <= 0
+  down = jnp.where(ln < 0, ratio(ln), ln / m_hi_n)
+  u_hi = jnp.clip(d * up, -d, d)
+  u_lo = jnp.clip(d * down, -d, d)
+  u_hi = u_hi + (jnp.abs(u_hi) + 1e-30) * 2 * rel
+  u_lo = u_lo - (jnp.abs(u_lo) + 1e-30) * 2 * rel
+  s_hi = m_hi / d
+  half = 0.5 * s_hi
+  # saturation past the top: x_i - (top / D) sqrt(x_i^2 + r_i^2) <= its value at hi_i, rest_i (top < D)
+  if top < d:
+    root = jnp.sqrt(hn * hn + rest2) * (1 - rel)
+    past = jnp.maximum(hn - (top / d) * root, 0.0) * unit
+  else:  # u <= D <= top: only float32's slack can reach past it
+    past = s_hi * jnp.maximum(u_hi - top, 0.0)
+  half = jnp.maximum(half, jnp.where(u_hi > top + 0.5, past, 0.0))
+  if -bottom < d:
+    root = jnp.sqrt(ln * ln + rest2) * (1 - rel)
+    past = jnp.maximum(-ln + (bottom / d) * root, 0.0) * unit
+  else:
+    past = s_hi * jnp.maximum(bottom - u_lo, 0.0)
+  half = jnp.maximum(half, jnp.where(u_lo < bottom - 0.5, past, 0.0))
+  # the library's scale is s (1 +- rel): a saturated entry's value k s moves by k s rel <= m rel
+  half = half * (1 + rel) + m_hi * 2 * rel
+  guard_may_fire = jnp.zeros_like(m_lo, bool)
+  if spec.guard is not None and spec.guard[0] != "eq":
+    cut = spec.guard[1]
+    guard_may_fire = m_lo <= d * cut * (1 + rel)  # where it fires, q = 0 and |t| <= m < D cut
+    half = jnp.maximum(half, jnp.minimum(m_hi, d * cut * (1 + rel)))
+  elif spec.guard is not None:
+    guard_may_fire = m_lo <= 0
+  k = jnp.clip(jnp.round(u_lo), bottom, top)
+  one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
+  at_high = u_lo > top - 0.5
+  at_low = u_hi < bottom + 0.5
+  k = jnp.where(at_high, top, jnp.where(at_low, bottom, k))
+  flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire
+  ends = (k * (m_lo / d) * (1 - rel), k * (m_hi / d) * (1 + rel))
+  v_lo = jnp.where(k >= 0, ends[0], ends[1])
+  v_hi = jnp.where(k >= 0, ends[1], ends[0])
+  shape = jnp.shape(lo)
+  return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
