@@ -68,6 +68,8 @@ def _identity_beside(node: G.Node, src: int) -> Optional[G.Node]:
   if node.kind == G.CLIP:
     lo = jnp.full(node.shape, -jnp.inf, jnp.result_type(node.weights[0]))
     return dataclasses.replace(node, weights=(lo, -lo), **base)
+  if _is_routing(node):  # f_q reshapes on the way (qwix's tiles): f moves its entries alike and back
+    return dataclasses.replace(node, **base)
   if node.kind == G.AFFINE and (node.op is None or (node.op.name in ("mul", "div") and node.op.in_shape == node.shape)):
     # The same scaling as f_q's, so both networks' values stay in the same units, but no shift:
     # f_q's shifts (the +1/2 of floor(x s + 1/2), zero points) are part of its quantization, and
@@ -78,9 +80,19 @@ def _identity_beside(node: G.Node, src: int) -> Optional[G.Node]:
   return None
 
 
+_ROUTING = ("reshape", "transpose", "squeeze", "expand_dims")
+
+
+def _is_routing(node: G.Node) -> bool:
+  """A node that only moves its input's entries (a reshape or transpose, nothing added)."""
+  return (node.kind == G.AFFINE and node.op is not None and node.op.name in _ROUTING and not node.weights
+          and node.bias is None)
+
+
 def _chain_map(chain: list[G.Node]) -> Optional[tuple[list, list]]:
   """The per-entry ``(scale, shift)`` that elementwise steps (scalings, shifts, identity roundings
-  and clips) compose to, in rational arithmetic on the float values; None if one divides by 0."""
+  and clips, and reshapes that move the entries back where they were) compose to, in rational
+  arithmetic on the float values; None if one divides by 0 or the entries end up moved."""
   from fractions import Fraction
 
   affine = [n for n in chain if n.kind == G.AFFINE]
@@ -89,7 +101,14 @@ def _chain_map(chain: list[G.Node]) -> Optional[tuple[list, list]]:
   size = affine[0].size
   scales = [Fraction(1)] * size
   shifts = [Fraction(0)] * size
+  where = np.arange(size)  # the chain's input entry each entry holds now
   for node in affine:
+    if _is_routing(node):
+      src = np.asarray(node.op.apply((), jnp.arange(size, dtype=jnp.int32).reshape(node.op.in_shape))).reshape(-1)
+      if src.size != size:
+        return None
+      where, scales, shifts = where[src], [scales[e] for e in src], [shifts[e] for e in src]
+      continue
     if node.op is not None:
       c = np.asarray(node.weights[0], np.float64).reshape(-1)
       for e in range(size):
@@ -103,6 +122,8 @@ def _chain_map(chain: list[G.Node]) -> Optional[tuple[list, list]]:
     if node.bias is not None:
       b = np.asarray(node.bias, np.float64).reshape(-1)
       shifts = [sh + Fraction(float(b[e])) for e, sh in enumerate(shifts)]
+  if not np.array_equal(where, np.arange(size)):
+    return None
   return scales, shifts
 
 

@@ -294,6 +294,19 @@ def test_qwix_dynamic_rms_calibration_nnx_is_paired_and_sound():
   _check_dynamic(f, fq, method="diff")
 
 
+@pytest.mark.slow  # ~40 s at load 7, mostly compiling; test_trace_dynamic has the pattern cheaply
+def test_qwix_dynamic_scales_per_tile_are_paired_and_sound(original):
+  """``tile_size=2``: a scale per tile of 2 entries along the contracted axis. qwix's PTQ then
+  dequantizes before the product (x split into tiles, divided, rounded flat, rescaled per tile,
+  flattened): one node per layer, one scale per tile, f given the same reshapes so the layers pair."""
+  model, params = original
+  fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), tile_size=2)
+  f = functools.partial(model.apply, params)
+  merged = qb.merge(f, fq, _box())
+  assert [n.shape for n in merged.fq_graph.nodes if n.kind == "round"] == [(2, 2), (8, 2), (8, 2)]
+  _check_dynamic(f, fq, method="diff")
+
+
 def _aqt():
   pytest.importorskip("aqt.jax.v2.flax.aqt_flax", reason="AQT is not installed (pip install 'qbound[aqt]')")
   from aqt.jax.v2 import calibration as aqt_calibration
@@ -317,11 +330,12 @@ def test_aqt_weight_quantization_is_paired_and_tight(original):
   assert cert.lower > 0 and cert.upper <= 1.5 * cert.lower
 
 
-def _static_mlp(model, params, calibration):
+def _static_mlp(model, params, calibration, **rule):
   """qwix post-training quantization with static (calibrated) activation scales: int8 weights and
   activations, the scales from the calibration batch (qwix's QAT provider collects them)."""
   qwix = pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")
-  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  rules = [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True,
+                                 **rule)]
   _, stats = qwix.quantize_model(model, qwix.QtProvider(rules)).apply(params, calibration, mutable=["quant_stats"])
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(ptq.init, jax.random.key(0), calibration[:1])
@@ -329,10 +343,13 @@ def _static_mlp(model, params, calibration):
   return lambda x: ptq.apply({"params": qparams}, x[None])[0]
 
 
-def test_qwix_static_activation_scales_are_paired_and_sound(original):
+# rms,3: the calibrated scale is 3 sqrt(mean(x^2)) / 127.5, averaged over the batch: a constant
+# like any other, the entries past it saturate (slow: ~30 s at load 6, as the absmax case)
+@pytest.mark.parametrize("rule", [{}, pytest.param({"act_calibration_method": "rms,3"}, marks=pytest.mark.slow)])
+def test_qwix_static_activation_scales_are_paired_and_sound(original, rule):
   model, params = original
   calibration = jax.random.uniform(jax.random.key(5), (64, INPUTS), minval=-1, maxval=1)
-  fq = _static_mlp(model, params, calibration)
+  fq = _static_mlp(model, params, calibration, **rule)
   f = lambda x: model.apply(params, x[None])[0]  # noqa: E731  (batched like f_q, so the layers line up)
   cert = qb.certify(f, fq, _box(), method="diff")
   merged = _check_sound(f, fq, cert)

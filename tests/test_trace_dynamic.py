@@ -310,3 +310,35 @@ def test_an_rms_scale_per_row_pairs_and_is_sound(sound):
     assert errors.max() <= cert.upper * (1 + 1e-5)
     assert np.max(np.abs(H.eval64(merged, np.asarray(xs, np.float64)))) <= cert.upper
     assert 0 < cert.lower <= cert.upper
+
+
+def _tiled(w, back):
+  """A scale per tile of 2 entries along the contracted axis, dequantized before the product (qwix's
+  ``tile_size``): x split into tiles, divided, flattened to round, split again to rescale, flattened
+  by ``back`` for the product."""
+  def fq(x):
+    tiles = x.reshape(2, 2)
+    s = jnp.max(jnp.abs(tiles), axis=1, keepdims=True) / 127.5
+    s = jnp.where(s < 1e-19, 1.0, s)
+    c = jnp.round((tiles / s).reshape(4)).astype(jnp.int8).astype(jnp.float32)
+    return back(c.reshape(2, 2) * s) @ w
+  return fq
+
+
+def test_a_scale_per_tile_of_the_contracted_axis_pairs_when_dequantized_first():
+  """Reshapes around the rounding: f gets the same reshapes (proven to move every entry back), so
+  the layers pair; a layout that does not come back (a transpose) does not pair, and stays sound."""
+  w = jax.random.normal(jax.random.key(6), (4, 2))
+  f = lambda x: x @ w  # noqa: E731
+  box = qb.Box(jnp.array([-1.0, 0.2, -0.1, 0.5]), jnp.array([1.0, 0.4, 0.1, 0.6]))
+  xs = jnp.asarray(np.concatenate([H.sample_points(box, 3000), H.grid(box, 2)]), jnp.float32)
+  for back, paired in ((lambda v: v.reshape(4), True), (lambda v: v.T.reshape(4), False)):
+    fq = _tiled(w if paired else w[jnp.array([0, 2, 1, 3])], back)
+    merged = qb.merge(f, fq, box)
+    assert merged.paired == paired
+    (node,) = [n for n in merged.fq_graph.nodes if n.kind == "round"]
+    assert node.attrs[1].axes == (-1,) and node.shape == (2, 2)  # one scale per tile
+    np.testing.assert_allclose(np.asarray(jax.vmap(merged.fq_graph)(xs)), np.asarray(jax.vmap(fq)(xs)), atol=1e-5)
+    cert = qb.certify(f, fq, box, method="diff" if paired else "crown")
+    errors = np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))
+    assert errors.max() <= cert.upper * (1 + 1e-5) and 0 < cert.lower <= cert.upper

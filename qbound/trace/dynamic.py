@@ -180,6 +180,7 @@ class Quotient:
   low: float = -np.inf  # clipped before rounding (AQT)
   high: float = np.inf
   reciprocal_guarded: bool = False  # x * where(isinf(1 / s), 1, 1 / s) (AQT)
+  layout: Any = dataclasses.field(default=None, compare=False, hash=False)  # see Rounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,20 @@ class Rounded:
   high: float = np.inf
   zero: Optional[ZeroPoint] = None
   reciprocal_guarded: bool = False
+  # Reshaped or transposed on the way (qwix's tiles: x split into tiles, divided, flattened to round,
+  # split again to rescale): which entry of x each entry now holds; None: x's own layout. Only
+  # elementwise steps read a value out of its layout.
+  layout: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+
+def _moved(b: _Builder, form, eqn):
+  """``form`` (a :class:`Quotient` or :class:`Rounded`) reshaped or transposed by ``eqn``."""
+  x_shape = b.shape_of(("node", form.x))
+  home = np.arange(int(np.prod(x_shape, dtype=np.int64))).reshape(x_shape)
+  layout = np.asarray(eqn.primitive.bind(jnp.asarray(home if form.layout is None else form.layout, jnp.int32),
+                                         **eqn.params))
+  at_home = layout.shape == home.shape and np.array_equal(layout, home)
+  return dataclasses.replace(form, layout=None if at_home else layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +292,9 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
 
   if name == "abs" and ins[0][0] == "node":
     return lazy(AbsOf(ins[0][1]))
+  if isinstance(forms[0], (Quotient, Rounded)) and len(ins) == 1 and name in ("reshape", "transpose", "squeeze",
+                                                                              "expand_dims"):
+    return lazy(_moved(b, forms[0], eqn))
   if ins[0][0] == "node" and (name == "square" or (name == "integer_pow" and eqn.params["y"] == 2)):
     return lazy(SquareOf(ins[0][1]))  # qwix's rms calibration: sqrt(mean(x^2))
   if name == "reduce_sum" and isinstance(forms[0], SquareOf):
@@ -411,7 +429,8 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
   if name == "add" and len(ins) == 2:  # x / s + z
     for a, c in ((0, 1), (1, 0)):
       quotient, zero = forms[a], forms[c]
-      if (isinstance(quotient, Quotient) and quotient.zero is None and isinstance(zero, ZeroPoint)
+      if (isinstance(quotient, Quotient) and quotient.zero is None and quotient.layout is None
+          and isinstance(zero, ZeroPoint)
           and zero.rounded and _same_scale(zero.scale, quotient.scale)
           and _laid_out(zero.tags, _groups(tuple(shape), quotient.scale.axes))):
         return lazy(dataclasses.replace(quotient, zero=zero))
@@ -422,7 +441,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     if any(np.isfinite(e) and e != round(e) for e in (qt.low, qt.high)):
       return None
     return lazy(Rounded(qt.x, qt.scale, mode, low=qt.low, high=qt.high, zero=qt.zero,
-                        reciprocal_guarded=qt.reciprocal_guarded))
+                        reciprocal_guarded=qt.reciprocal_guarded, layout=qt.layout))
   if isinstance(forms[0], Rounded):
     r = forms[0]
     if name == "convert_element_type" and len(ins) == 1:
@@ -461,7 +480,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     return None
   if name in ("dot_general", "conv_general_dilated") and len(ins) == 2:
     pos = 0 if isinstance(forms[0], Rounded) else 1 if isinstance(forms[1], Rounded) else None
-    if pos is None or ins[1 - pos][0] != "const":
+    if pos is None or ins[1 - pos][0] != "const" or forms[pos].layout is not None:
       return None
     tags = _product_groups(b, forms[pos], eqn, pos, tuple(shape))
     if tags is None:
@@ -484,7 +503,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
           and b.shape_of(("node", forms[a].node)) == tuple(shape) and _laid_out(forms[c].tags, forms[a].tags)):
         return ("node", forms[a].node)  # (q @ W) / s * s, each entry by its own group's scale
       if (isinstance(forms[a], Rounded) and _same_scale(forms[c], forms[a].scale) and forms[a].zero is None
-          and b.shape_of(("node", forms[a].x)) == tuple(shape)
+          and forms[a].layout is None          and b.shape_of(("node", forms[a].x)) == tuple(shape)
           and _laid_out(forms[c].tags, _groups(tuple(shape), forms[a].scale.axes))):
         return _quantized(b, forms[a], eqn, where)  # the fake-quantized activation, dequantized in float
   return None
