@@ -15,6 +15,11 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
 * ``qwix dynamic minmax int8`` (asymmetric scales with zero points), ``qwix dynamic per-token int8``
   (a batch of 3 tokens, one scale each; the box is 3 x 4) and ``aqt dynamic int8`` (AQT's default
   calibration of int8 activations): dynamic scales beyond per-tensor absmax (not the CNN);
+* ``qwix dynamic rms int8`` / ``qwix static rms int8``: qwix's ``rms,3`` calibration of the int8
+  activations, ``s = 3 sqrt(mean(x^2)) / 127.5`` from each input (the largest entries saturate,
+  ``qbound.rms_rounding``) or calibrated on the 64 inputs (a constant scale);
+* ``qwix dynamic tiled int8``: ``tile_size=2``, one dynamic ``max|x|`` scale per tile of 2 entries
+  along the contracted axis (MLPs only);
 * ``aqt int8``: AQT int8 weights through ``AqtDotGeneral`` (float activations);
 * ``aqt static int8 po2``: AQT int8 weights and activations with constant calibration bounds and
   power-of-two scales (what lets f's layers pair with AQT's, see ``qbound.trace.scaled``);
@@ -63,7 +68,14 @@ CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "qwix dy
 # asymmetric minmax scales with zero points, qwix's scale per token on a batch of 3 tokens (the box
 # is 3 x 4, f and f_q take the batch), and AQT's dynamic calibration (int8 weights and activations).
 DYNAMIC_CONFIGS = ("qwix dynamic minmax int8", "qwix dynamic per-token int8", "aqt dynamic int8")
-CONFIGS = CONFIGS + DYNAMIC_CONFIGS
+# qwix's rms calibration (issue 16; branch rmscal): s = 3 sqrt(mean(x^2)) / 127.5, the entries past
+# 127.5 s saturate (qbound.rms_rounding); with static scales it is a constant scale like any other.
+RMS_CONFIGS = ("qwix dynamic rms int8", "qwix static rms int8")
+# A scale per tile of 2 entries along the contracted axis (qwix's tile_size; branch rmscal): qwix
+# dequantizes before the product, and f gets the same reshapes so the layers pair.
+RMS_CONFIGS = RMS_CONFIGS + ("qwix dynamic tiled int8",)
+CONFIGS = CONFIGS + DYNAMIC_CONFIGS + RMS_CONFIGS
+RMS = "rms,3"
 TOKENS = 3
 
 
@@ -103,6 +115,13 @@ def _qwix_rules(config):
 
   if config == "qwix static int8":
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True)]
+  if config == "qwix static rms int8":
+    return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_static_scale=True,
+                                  act_calibration_method=RMS)]
+  if config == "qwix dynamic tiled int8":
+    return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", tile_size=2)]
+  if config == "qwix dynamic rms int8":
+    return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_calibration_method=RMS)]
   if config in ("qwix dynamic int8", "qwix dynamic per-token int8"):  # scales from each input at run time
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
   if config == "qwix dynamic minmax int8":
@@ -117,7 +136,7 @@ def _qwix_linen(model, params, config, calibration):
 
   rules = _qwix_rules(config)
   stats = {}
-  if config == "qwix static int8":
+  if config.startswith("qwix static"):
     _, collected = qwix.quantize_model(model, qwix.QtProvider(rules)).apply(params, calibration,
                                                                           mutable=["quant_stats"])
     stats = collected["quant_stats"]
@@ -211,6 +230,8 @@ def _build_cnn(config):
     raise NotApplicable("qwix: conv_general_dilated requires same act_qtype and weight_qtype")
   if config == "qwix dynamic per-token int8":
     raise NotApplicable("the CNN takes one image")
+  if config == "qwix dynamic tiled int8":
+    raise NotApplicable("the MLP rows show tiles")
   from qbound.demo import load_digits_images
 
   images, _ = load_digits_images()

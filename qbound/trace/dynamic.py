@@ -35,6 +35,12 @@ Variants of the same node:
 * qwix's ``rms,c``: ``x^2`` (:class:`SquareOf`), its sum over the group's axes divided by ``n``
   (:class:`SquareSum`), its square root: a :class:`Scale` of norm ``rms``, ``sqrt(sum x^2) / sqrt(n)``,
   then the same factors and guard (bounded by :mod:`qbound.rms_rounding`).
+* a scale per tile of the contracted axis (qwix's ``tile_size``): ``x`` split into tiles, divided
+  by each tile's scale, flattened to round and split again to rescale, then flattened before the
+  product with dequantized weights. The quotient and its rounding keep their ``layout`` (which of
+  ``x``'s entries each holds) through reshapes and transposes; only elementwise steps read them
+  out of place, and the node is emitted on the tiled ``x`` (``qbound.merge`` gives f the same
+  reshapes, proven to move every entry back).
 * AQT's calibration: the guard ``where(max|x| == 0, 1, max|x|)`` before the division by 127.5,
   ``x * where(isinf(1 / s), 1, 1 / s)`` (:class:`Reciprocal`, :class:`Overflow`) and a clip to
   integer ends before the rounding (the same as after it).
