@@ -509,7 +509,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
           and b.shape_of(("node", forms[a].node)) == tuple(shape) and _laid_out(forms[c].tags, forms[a].tags)):
         return ("node", forms[a].node)  # (q @ W) / s * s, each entry by its own group's scale
       if (isinstance(forms[a], Rounded) and _same_scale(forms[c], forms[a].scale) and forms[a].zero is None
-          and forms[a].layout is None          and b.shape_of(("node", forms[a].x)) == tuple(shape)
+          and forms[a].layout is None and b.shape_of(("node", forms[a].x)) == tuple(shape)
           and _laid_out(forms[c].tags, _groups(tuple(shape), forms[a].scale.axes))):
         return _quantized(b, forms[a], eqn, where)  # the fake-quantized activation, dequantized in float
   return None
