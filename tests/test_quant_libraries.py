@@ -294,16 +294,26 @@ def test_qwix_dynamic_rms_calibration_nnx_is_paired_and_sound():
   _check_dynamic(f, fq, method="diff")
 
 
-@pytest.mark.slow  # ~40 s at load 7, mostly compiling; test_trace_dynamic has the pattern cheaply
-def test_qwix_dynamic_scales_per_tile_are_paired_and_sound(original):
+@pytest.mark.slow  # ~40 s each at load 7, mostly compiling; test_trace_dynamic has the pattern cheaply
+@pytest.mark.parametrize("provider", ["ptq", "qt"])
+def test_qwix_dynamic_scales_per_tile_are_paired_and_sound(original, provider):
   """``tile_size=2``: a scale per tile of 2 entries along the contracted axis. qwix's PTQ then
   dequantizes before the product (x split into tiles, divided, rounded flat, rescaled per tile,
-  flattened): one node per layer, one scale per tile, f given the same reshapes so the layers pair."""
+  flattened): one node per layer, one scale per tile, f given the same reshapes so the layers pair.
+  QT (with ``rms,2``) computes the scales outside its custom VJP and does the same inside."""
   model, params = original
-  fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), tile_size=2)
-  f = functools.partial(model.apply, params)
+  if provider == "ptq":
+    fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), tile_size=2)
+    f = functools.partial(model.apply, params)
+    shapes = [(2, 2), (8, 2), (8, 2)]
+  else:
+    qwix, rules = _dynamic_rules(tile_size=2, act_calibration_method="rms,2")
+    qat = qwix.quantize_model(model, qwix.QtProvider(rules))
+    fq = lambda x: qat.apply(params, x[None])[0]  # noqa: E731
+    f = lambda x: model.apply(params, x[None])[0]  # noqa: E731
+    shapes = [(1, 2, 2), (1, 8, 2), (1, 8, 2)]
   merged = qb.merge(f, fq, _box())
-  assert [n.shape for n in merged.fq_graph.nodes if n.kind == "round"] == [(2, 2), (8, 2), (8, 2)]
+  assert [n.shape for n in merged.fq_graph.nodes if n.kind == "round"] == shapes
   _check_dynamic(f, fq, method="diff")
 
 
