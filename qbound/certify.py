@@ -83,12 +83,15 @@ def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
 
 
 def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float) -> None:
-  """Where f_q rounds its input first and the grid has few cells: the error cell by cell."""
+  """Where f_q rounds its input first: the error cell by cell, if its first pass ends in time."""
   from qbound.exact.grid import auto_max_cells, grid_error
 
-  # Past 2^15 cells, only when the time allows (a larger time_budget): 4e4 cells a second.
+  # Grids past 2^15 cells only when their first pass can end in time (AUTO_CELLS_PER_SECOND;
+  # grid_error gives up after two chunks if the rest would end past the deadline). Past its first
+  # pass it refines the largest bounds first, towards target_gap, and returns at the deadline.
+  witness = track.snapshot()["witness"]
   res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
-                   sound=sound, stop=stop, refine_gap=target_gap, large_refine_gap=max(target_gap, 0.2))
+                   sound=sound, stop=stop, refine_gap=target_gap, reached=None if witness is None else witness[None])
   if res is not None:
     track.add_bounds("grid", res.diff_lower, res.diff_upper)
     track.add_witness(merged.graph, res.witness)
@@ -169,6 +172,8 @@ class _Tracker:
 
 
 FIRST_RANDOM_CORNERS = 13
+# The share of the time left that certify(method='auto') gives the input-grid enumeration.
+GRID_SHARE = 0.8
 
 # The methods ``time_budget`` holds (the others are one bound propagation each, run to the end).
 TIMED_METHODS = ("auto", "bab", "milp")
@@ -458,9 +463,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
         if nonlinear.first_nonlinear(graph) is None:
           raise
-    # Input-grid enumeration (qbound.exact.grid), in half the time left at most.
+    # Input-grid enumeration (qbound.exact.grid), in GRID_SHARE of the time left at most: where f_q
+    # rounds its input first, bound propagation stalls at 3-6x the error (docs/methods/grid.md).
     if method == "auto" and staircase and not halted():
-      _run_grid(track, merged, box, sound, time.perf_counter() + left() / 2, halted, target_gap)
+      _run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap)
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
     if not branch_first:

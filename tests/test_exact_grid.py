@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qbound as qb
 from qbound.exact import cells, forms, grid
@@ -66,6 +68,82 @@ def test_grid_error_is_sound_and_tight_on_rounded_mlps(seed):
   assert res.lower <= res.upper <= 1.1 * res.lower
   # The reached error is the error at the witness (float64).
   assert res.lower == pytest.approx(float(np.max(np.abs(H.eval64(merged, res.witness[None])))), rel=1e-9)
+
+
+def _brute_force_max(merged, box, edges, per_cell=3):
+  """The largest float64 error over a lattice of points in every cell (its corners inset by 1e-6
+  of the cell, and its centre): the grid's bound must cover every one of them."""
+  axes = []
+  for e in edges:
+    lo, hi = e[:-1], e[1:]
+    inset = 1e-6 * (hi - lo)
+    axes.append(np.concatenate([lo + inset + t * (hi - lo - 2 * inset) for t in np.linspace(0, 1, per_cell)]))
+  points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(edges)).astype(np.float32)
+  return float(np.max(np.abs(H.eval64(merged, points))))
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2 ** 16), block=st.sampled_from([8, 27, 64]), gap=st.sampled_from([0.0, 0.3]))
+def test_grid_refined_over_smaller_boxes_is_sound(seed, block, gap):
+  # Few blocks of many cells: the cells above the threshold are bounded again over half a block, a
+  # quarter, ..., the cell itself. Every level must stay above the error at every point of the box.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(grid, "MAX_BLOCKS", block)
+    _check_refined_grid(seed, block, gap)
+
+
+def _check_refined_grid(seed, block, gap):
+  rng = np.random.default_rng(seed)
+  f, fq = _rounded_mlp(jax.random.key(seed))
+  lo = rng.uniform(-1, 0.3, 3).astype(np.float32)
+  box = qb.Box(jnp.asarray(lo), jnp.asarray(lo + np.float32(0.7)))
+  merged = qb.merge(f, fq, box)
+  res = grid.grid_error(merged, box, refine_gap=gap)
+  edges = cells.input_cells(merged.fq_graph, box)
+  assert res is not None and res.blocks <= block and res.cells > res.blocks
+  assert max(_brute_force_max(merged, box, edges), _sampled_max(merged, box, edges, n=2000, seed=seed)) <= res.upper
+  assert res.lower <= res.upper
+  assert res.lower == pytest.approx(float(np.max(np.abs(H.eval64(merged, res.witness[None])))), rel=1e-9)
+
+
+def test_grid_refinement_gets_the_one_cell_bounds(monkeypatch):
+  # With refine_gap 0 every cell above the reached error ends bounded on its own: the bound is the
+  # one of 5^3 single-cell refinements, whatever the blocks.
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))
+  merged = qb.merge(f, fq, box)
+  one_cell = grid.grid_error(merged, box, refine_gap=0.0)  # 125 blocks of one cell
+  monkeypatch.setattr(grid, "MAX_BLOCKS", 8)
+  coarse = grid.grid_error(merged, box, refine_gap=0.0)
+  assert coarse.blocks == 8 and one_cell.blocks == 125
+  assert coarse.upper == pytest.approx(one_cell.upper, rel=1e-9)
+
+
+def test_grid_stopped_after_its_first_pass_keeps_a_proven_bound(monkeypatch):
+  # Stopped once every cell has its first bound: a bound over the whole box, above every error.
+  monkeypatch.setattr(grid, "MAX_BLOCKS", 8)
+  f, fq = _rounded_mlp(jax.random.key(1))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  chunks = []
+  chunk = grid._chunk  # noqa: SLF001
+  monkeypatch.setattr(grid, "_chunk", lambda *a, **k: chunks.append(1) or chunk(*a, **k))
+  stopped = grid.grid_error(merged, box, refine_gap=0.0, stop=lambda: bool(chunks))
+  full = grid.grid_error(merged, box, refine_gap=0.0)
+  assert stopped is not None and np.isfinite(stopped.upper) and stopped.refined < full.refined
+  assert full.upper <= stopped.upper
+  edges = cells.input_cells(merged.fq_graph, box)
+  assert _sampled_max(merged, box, edges) <= full.upper
+
+
+def test_grid_starts_from_the_inputs_it_is_given():
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))
+  merged = qb.merge(f, fq, box)
+  res = grid.grid_error(merged, box)
+  # Given its own witness, the reached error is at least the error there; the bound is unchanged.
+  again = grid.grid_error(merged, box, reached=res.witness[None])
+  assert again.lower >= res.lower and again.upper <= (1 + 0.02) * again.lower + 1e-9
 
 
 def test_grid_error_declines_networks_it_cannot_enumerate():

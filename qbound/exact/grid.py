@@ -14,24 +14,29 @@ So :func:`grid_error` enumerates the cells, in blocks of a few cells per entry:
 * f_q at one point of each cell, evaluated in float32 with a-priori rounding-error bounds
   (:func:`qbound.exact.cells.error_bounds`: the standard model of Higham 2002, as :mod:`qbound.bounds.fp`, on the
   magnitudes of the interval bounds over the whole box). A rounding whose input lies within its
-  error bound of a tie could round either way in real arithmetic: such a cell gets f_q's interval
-  bounds over the cell instead (rare: float32's error is ~1e-5 steps);
+  error bound of a tie could round either way in real arithmetic: such a cell is evaluated again in
+  float64, and where that is unsure too, gets f_q's interval bounds at the point (both sides);
 * f by forward symbolic intervals over each block (:mod:`qbound.exact.forms`; Wang et al. 2018):
   linear lower and upper bounds valid on the block, minimised over each of its cells in closed form;
 * the cell's bound is f's bound minus f_q's value; the maximum over cells is the proven bound;
-* cells whose bound exceeds the error reached by more than ``refine_gap`` are bounded again with
-  f's linear bounds over the cell itself (exact where f is affine on the cell).
+* then best first, as branch and bound does (Bunel et al., "Branch and Bound for Piecewise Linear
+  Neural Network Verification", JMLR 2020): the cells with the largest bounds, while they exceed
+  ``(1 + refine_gap)`` times the error reached, are bounded again with f's linear bounds over the
+  next smaller box around them (half a block per entry, ..., the cell itself: exact where f is
+  affine on it). A deadline after the first pass returns the bound proven so far.
 
 Every input point lies in a closed cell whose representative rounds the same way (cells are
 widened by a relative 1e-9 past their computed ties), so the bound covers the box, ties included.
 The cells with the largest bounds give the reached error: points just inside their corners,
-evaluated in float64 on the merged graph.
+evaluated in float64 on the merged graph (and the inputs passed as ``reached``).
 
-Cost: one float32 pass of f_q per cell, the linear bounds per block, and the linear bounds again
-per refined cell (about 60 us each on a loaded CPU, the dominant cost). AQT's int8 input grid on
-``[-1, 1]^4`` has 65^4 = 1.8e7 cells: minutes, not the 10 s of ``certify``'s default budget (see
-docs/models.md); ``certify(method="auto")`` enumerates grids of at most :data:`AUTO_MAX_CELLS` cells
-(local boxes). :data:`MAX_CELLS` caps it; :func:`grid_error` returns None past its deadline.
+Cost: one float32 pass of f_q per cell (about 0.2 us per cell warm on an idle core for AQT's
+4-16-16-2 MLP), f's float64 linear bounds per block (about 15 us each) and again per box refined.
+AQT's int8 input grid on ``[-1, 1]^4`` has 65^4 = 1.8e7 cells: a first pass of about 7 s warm on a
+quiet machine (30 s at load 6), more than ``certify``'s default 10 s leaves it on a first call.
+``certify(method="auto")`` enumerates grids of at most :data:`AUTO_MAX_CELLS` cells, or
+:data:`AUTO_CELLS_PER_SECOND` per second of its share of the time; :func:`grid_error` gives up
+after two chunks when its first pass would end past the deadline. :data:`MAX_CELLS` caps it.
 
 Example:
   >>> import jax, jax.numpy as jnp, qbound as qb
@@ -68,13 +73,14 @@ from qbound.exact.forms import supported as forms_supported
 # At most this many cells (f_q's forward passes): about 4 s of float32 passes on one core for
 # AQT's 4-16-16-2 MLP at 65^4 = 1.8e7 cells.
 MAX_CELLS = 1 << 25
-# certify(method='auto') enumerates grids of at most this many cells (about a second warm on
-# AQT's 4-16-16-2 MLP; 1.8e7 cells take minutes, see docs/models.md).
+# certify(method='auto') enumerates grids of at most this many cells whatever its time (about a
+# second warm on AQT's 4-16-16-2 MLP).
 AUTO_MAX_CELLS = 1 << 15
-# With more time, certify allows this many cells per second of its deadline (measured: AQT's
-# 1.8e7 cells in 169 s warm at load 10, refine_gap 0.2: about 1e5 per second alone; inside
-# certify, beside its search thread at load 8.5, not within 200 s: 4e4 leaves room).
-AUTO_CELLS_PER_SECOND = 40_000
+# With more time, certify allows this many cells per second of the grid's deadline: the first pass's
+# throughput on a quiet machine (AQT's 1.8e7 cells in about 7 s warm at load 2, 30 s at load 6:
+# measured on branch aqtbox); grid_error itself gives up after two chunks when the rest of its first
+# pass would end past the deadline.
+AUTO_CELLS_PER_SECOND = 2_000_000
 # Blocks (the first pass's boxes) per call at most (1.8e7 cells: 4^4 cells each; with 5^4 the first
 # pass refines 3.5x more cells, measured at a threshold of 0.09), and cells per chunk.
 MAX_BLOCKS = 1 << 17
@@ -83,6 +89,8 @@ CHUNK_CELLS = 1 << 20
 WITNESS_CELLS = 32
 # Cells refined per batch (the reached error, and with it the threshold, is updated between them).
 REFINE_BATCH = 1 << 14
+# The first batch (they double up to REFINE_BATCH).
+FIRST_REFINE_BATCH = 1 << 10
 
 # f_q's a-priori rounding-error bounds, once per grid.
 _error_bounds = jax.jit(error_bounds)
@@ -162,8 +170,9 @@ def _cells_of(ids, tables, counts, per, blocks_per, offsets, in_shape):
 
 @functools.partial(jax.jit, static_argnames=("k", "counts", "per", "blocks_per"))
 def _chunk(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, *, k, counts, per, blocks_per):
-  """One chunk of ``k`` blocks from block ``first``: every cell's bound on ``|f - f_q|`` (flat,
-  ``(k * cells per block,)``; ``inf`` where a rounding met a possible tie, so it is refined)."""
+  """One chunk of ``k`` blocks from block ``first``, with f's linear bounds over those blocks
+  (``value``, ``lam``, ``blk_lo``, ``blk_hi``: ``k`` rows each): every cell's bound on ``|f - f_q|``
+  (flat, ``(k * cells per block,)``; ``inf`` where a rounding met a possible tie, so it is refined)."""
   n_blocks = math.prod(blocks_per)
   ids = jnp.minimum(first + jnp.arange(k), n_blocks - 1)
   offsets = jnp.stack(jnp.meshgrid(*[jnp.arange(b) for b in per], indexing="ij"), -1).reshape(-1, len(per))
@@ -173,7 +182,7 @@ def _chunk(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, *, k, 
   vq, flagged = jax.vmap(lambda x: evaluate(qg, q_err, x))(reps.reshape(k * c, *in_shape))
   vq = vq.reshape(k, c, -1)
   err = q_err[qg.output].reshape(-1)
-  f_lo, f_hi = _f_on_cells(value[ids], lam[ids], blk_lo[ids], blk_hi[ids], cell_lo, cell_hi)
+  f_lo, f_hi = _f_on_cells(value, lam, blk_lo, blk_hi, cell_lo, cell_hi)
   d_lo, d_hi = _differences(f_lo, f_hi, fp.round_down(vq - err), fp.round_up(vq + err))
   worst = jnp.max(jnp.maximum(-d_lo, d_hi), axis=-1).reshape(-1)
   return jnp.where(flagged, jnp.inf, worst)
@@ -232,6 +241,7 @@ class _Grid:
     # roundoff (2^-53 against 2^-24); a factor 2 to spare.
     self.q_err64 = [np.asarray(e, np.float64) * 2.0 ** -28 for e in self.q_err]
     self.n_out = int(np.prod(fg.output_shape))
+    self.refined = 0  # cells bounded again after the first pass
 
   def block_boxes(self, n: int):
     """The boxes of blocks ``0..n-1`` (past the last block: the last one), ``(n, *in)`` each."""
@@ -246,15 +256,28 @@ class _Grid:
     hi = np.stack([his[i][multi[i]] for i in range(len(multi))], -1).reshape(n, *self.in_shape)
     return lo, hi
 
+  def indices(self, positions):
+    """The per-entry indices ``(n, d)`` of the cells at flat ``positions`` (block-major order)."""
+    blocks = np.minimum(positions // self.cells_per_block, self.n_blocks - 1)
+    multi = np.stack(np.unravel_index(blocks, self.blocks_per), -1) * np.asarray(self.per)
+    inner = np.stack(np.unravel_index(positions % self.cells_per_block, self.per), -1)
+    return np.minimum(multi + inner, np.asarray(self.counts) - 1)
+
+  def boxes(self, idx, size: int):
+    """The boxes of ``size`` cells per entry (aligned to multiples of ``size``) holding the cells
+    ``idx``: widened float32 ends, ``(n, *in)`` each."""
+    first = (idx // size) * size
+    last = np.minimum(first + size, np.asarray(self.counts)) - 1
+    lo = np.stack([self.tables_np[i][0][first[:, i]] for i in range(idx.shape[1])], -1)
+    hi = np.stack([self.tables_np[i][1][last[:, i]] for i in range(idx.shape[1])], -1)
+    return lo.reshape(-1, *self.in_shape), hi.reshape(-1, *self.in_shape)
+
   def cells(self, positions):
     """Widened ends, representatives and indices ``(d,)`` of the cells at flat ``positions``."""
-    ids = jnp.asarray(np.minimum(positions // self.cells_per_block, self.n_blocks - 1))
-    idx, lo, hi, rep = _cells_of(ids, self.tables, self.counts, self.per, self.blocks_per, self.offsets,
-                                 self.in_shape)
-    pick = jnp.asarray(positions % self.cells_per_block)
-    rows = jnp.arange(pick.shape[0])
-    return (np.asarray(lo[rows, pick]), np.asarray(hi[rows, pick]), np.asarray(rep[rows, pick]),
-            np.asarray(idx[rows, pick]))
+    idx = self.indices(positions)
+    lo, hi = self.boxes(idx, 1)
+    rep = np.stack([self.tables_np[i][2][idx[:, i]] for i in range(idx.shape[1])], -1).reshape(lo.shape)
+    return lo, hi, rep, idx
 
   def f_q(self, reps):
     """Proven ``(lower, upper)`` of f_q at the representatives (float32, then float64 where a
@@ -285,41 +308,73 @@ class _Grid:
         hi[ties] = np.asarray(q_hi, np.float64).reshape(ties.size, -1)
     return lo, hi
 
-  def refine(self, positions):
-    """Bounds of ``|f - f_q|`` on single cells: f's linear bounds over the cell itself."""
+  def refine(self, positions, size: int = 1, forms=None):
+    """Bounds of ``|f - f_q|`` on the cells at ``positions``, with f's linear bounds over the boxes
+    of ``size`` cells per entry holding them (``size=1``: over each cell itself, exact where f is
+    affine on it), or with ``forms = (value, lam, lower, upper)`` already computed over each cell's
+    block. Returns the bounds and the cells' indices ``(n, d)``."""
+    self.refined += len(positions)
     lo, hi, rep, idx = self.cells(positions)
-    value, _ = _batched(lambda a, b: linear_bounds(self.fg, a, b), lo, hi)
-    value = value.astype(np.float64)
-    f_lo, f_hi = value[:, : self.n_out], -value[:, self.n_out:]
+    if forms is None:
+      b_lo, b_hi = self.boxes(idx, size)
+      _, first, inverse = np.unique(idx // size, axis=0, return_index=True, return_inverse=True)
+      value, lam = _batched(lambda a, b: linear_bounds(self.fg, a, b), b_lo[first], b_hi[first])
+      inverse = inverse.reshape(-1)
+      forms = (value[inverse], lam[inverse], b_lo[first][inverse], b_hi[first][inverse])
+    f_lo, f_hi = _f_on_cells_np(*forms, lo, hi)
     q_lo, q_hi = self.f_q(rep)
-    d = np.maximum(np.max(q_hi - f_lo, axis=1), np.max(f_hi - q_lo, axis=1))
+    d = np.maximum(np.max(q_hi - f_lo + 2.0 ** -52 * (np.abs(q_hi) + np.abs(f_lo)), axis=1),
+                   np.max(f_hi - q_lo + 2.0 ** -52 * (np.abs(f_hi) + np.abs(q_lo)), axis=1))
     return d * (1 + 2.0 ** -50), idx
 
 
+def _f_on_cells_np(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
+  """:func:`_f_on_cells` for one cell per box, in float64 (products of float32 numbers are exact
+  there; the sums get ``1e-14`` of their magnitude). Returns ``(f_lo, f_hi)``, each ``(k, n)``."""
+  k = lam.shape[0]
+  lam = np.asarray(lam, np.float64).reshape(k, lam.shape[1], -1)
+  shape = (k, 1, -1)
+  c_lo, c_hi = (np.asarray(a, np.float64).reshape(shape) for a in (cell_lo, cell_hi))
+  b_lo, b_hi = (np.asarray(a, np.float64).reshape(shape) for a in (blk_lo, blk_hi))
+  value = np.asarray(value, np.float64)
+  at_cell = np.minimum(lam * c_lo, lam * c_hi).sum(-1)
+  at_block = np.minimum(lam * b_lo, lam * b_hi).sum(-1)
+  mag = (np.abs(lam) * np.maximum(np.maximum(np.abs(c_lo), np.abs(c_hi)),
+                                  np.maximum(np.abs(b_lo), np.abs(b_hi)))).sum(-1) + np.abs(value)
+  rows = value + at_cell - at_block - 1e-14 * mag
+  n = rows.shape[-1] // 2
+  return rows[:, :n], -rows[:, n:]
+
+
 def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int = MAX_CELLS, sound: bool = True,
-               stop=None, refine_gap: float = 0.02, large_refine_gap: Optional[float] = None) -> Optional[GridResult]:
+               stop=None, refine_gap: float = 0.02, large_refine_gap: Optional[float] = None,
+               reached=None) -> Optional[GridResult]:
   """The maximal error of a merged network whose f_q rounds its input first, cell by cell.
 
-  Two passes: f's linear bounds over blocks of cells bound every cell; the cells whose bound
-  exceeds ``(1 + refine_gap)`` times the error reached are bounded again with f's linear bounds
-  over the cell itself (exact where f is affine on it).
+  A first pass bounds every cell with f's linear bounds over blocks of cells. Then the cells whose
+  bound exceeds ``(1 + refine_gap)`` times the error reached, largest first, are bounded again with
+  f's linear bounds over ever smaller boxes around them: half a block per entry, and so on down to
+  the cell itself (exact where f is affine on it). A cell within the gap keeps its bound: the result
+  is within ``1 + refine_gap`` of the error reached, or the largest bound of a cell bounded on its own.
 
   Args:
     merged: a :class:`~qbound.merge.MergedNetwork` of f and f_q.
     box: the input box.
-    deadline: a ``time.perf_counter()`` time; past it the enumeration stops and returns None.
+    deadline: a ``time.perf_counter()`` time. Past it the enumeration returns None during the first
+      pass, and afterwards the bound proven so far (every cell has one by then).
     max_cells: return None without work when the grid has more cells.
     sound: interval bounds with floating-point margins (the a-priori error bounds need them).
-    stop: optional callable; when it returns True the enumeration stops and returns None.
-    refine_gap: cells within this relative gap of the reached error keep their block bound.
+    stop: optional callable; when it returns True the enumeration stops as at the deadline.
+    refine_gap: cells within this relative gap of the reached error keep their bound.
     large_refine_gap: the gap instead for grids of more than :data:`AUTO_MAX_CELLS` cells (None:
-      ``refine_gap``): refining to 2% there takes most of the time (on AQT's whole box, 0.2
-      refines 468,000 of 1.8e7 cells).
+      ``refine_gap``).
+    reached: optional inputs (``(k, *in)``) where the error is already known to be large (a
+      search's best): evaluated first, so that the refinement starts from their error.
 
   Returns:
     A :class:`GridResult`, or None when f_q does not round its input first (see the module
     docstring), f has other nodes than affine maps, ReLUs and clips, the grid has more than
-    ``max_cells`` cells, or the deadline (or ``stop``) came first.
+    ``max_cells`` cells, or the deadline (or ``stop``) came before every cell had a bound.
   """
   start = time.perf_counter()
   late = lambda: time.perf_counter() > deadline or (stop is not None and stop())  # noqa: E731
@@ -345,52 +400,104 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     return None
   k = max(1, min(grid.n_blocks, CHUNK_CELLS // grid.cells_per_block))
   n_chunks = math.ceil(grid.n_blocks / k)
-  # Every block's box, and f's linear bounds over it, in one batch.
+  # Chunk by chunk: f's linear bounds over its blocks, then every cell's bound. The time of the
+  # chunks after the first (which compiles) tells whether the rest ends before the deadline: if not,
+  # give up at once and leave the time to the caller's other methods.
   blk_lo, blk_hi = grid.block_boxes(n_chunks * k)
-  value, lam = _batched(lambda a, b: linear_bounds(fg, a, b), blk_lo, blk_hi)
-  value, lam, blk_lo, blk_hi = jnp.asarray(value), jnp.asarray(lam), jnp.asarray(blk_lo), jnp.asarray(blk_hi)
-  worst = []
+  forms_np, worst = [], []
+  timed_from = None
   for chunk in range(n_chunks):
-    if late():
+    now = time.perf_counter()
+    if late() or (timed_from is not None and now + (now - timed_from) / (chunk - 1) * (n_chunks - chunk) > deadline):
       return None
-    worst.append(np.asarray(_chunk(qg, grid.q_err, grid.tables, chunk * k, value, lam, blk_lo, blk_hi, k=k,
-                                   counts=grid.counts, per=grid.per, blocks_per=grid.blocks_per)))
-  worst = np.concatenate(worst)
-  # The reached error first, from the cells with the largest block bounds, refined.
-  order = np.argpartition(-worst, min(WITNESS_CELLS, worst.size - 1))[:WITNESS_CELLS]
-  refined, idx = grid.refine(order)
-  lower, witness = _reached(merged, box, grid.tables_np, idx[np.argsort(-refined)])
-  bound = refined.max()
-  # Largest first bounds first: the reached error rises early, and the cells whose first bound is
-  # within refine_gap of it by then keep that bound.
-  candidates = np.flatnonzero(worst > (1 + refine_gap) * lower)
-  candidates = candidates[np.argsort(-worst[candidates], kind="stable")]
-  candidates = candidates[~np.isin(candidates, order)]
-  done = np.zeros(worst.size, bool)
-  done[order] = True
-  first = 0
-  while first < candidates.size and worst[candidates[first]] > (1 + refine_gap) * lower:
+    if chunk == 1:
+      timed_from = now
+    rows = slice(chunk * k, (chunk + 1) * k)
+    value, lam = _batched(lambda a, b: linear_bounds(fg, a, b), blk_lo[rows], blk_hi[rows])
+    forms_np.append((value, lam))
+    worst.append(np.asarray(_chunk(qg, grid.q_err, grid.tables, chunk * k, jnp.asarray(value), jnp.asarray(lam),
+                                   jnp.asarray(blk_lo[rows]), jnp.asarray(blk_hi[rows]), k=k, counts=grid.counts,
+                                   per=grid.per, blocks_per=grid.blocks_per), np.float64))
+  block_forms = (np.concatenate([v for v, _ in forms_np]), np.concatenate([m for _, m in forms_np]), blk_lo, blk_hi)
+  # Every cell has a bound now (inf where f_q's float32 value met a possible tie): from here on a
+  # deadline returns the bound proven so far.
+  bounds = np.concatenate(worst)
+  lower, witness = 0.0, None
+  if reached is not None and len(reached):
+    xs = np.asarray(reached, grid.dtype).reshape(-1, *grid.in_shape)
+    errs = np.abs(attack.exact_errors(merged.graph, xs)).reshape(xs.shape[0], -1).max(axis=1)
+    lower, witness = float(errs.max()), xs[int(np.argmax(errs))]
+  # A reached error from the cells with the largest finite first bounds, refined on their own.
+  finite = np.flatnonzero(np.isfinite(bounds))
+  order = finite[np.argpartition(-bounds[finite], min(WITNESS_CELLS, finite.size - 1))[:WITNESS_CELLS]]
+  if order.size:
+    d, idx = grid.refine(order)
+    bounds[order] = np.minimum(bounds[order], d)
+    more, x = _reached(merged, box, grid.tables_np, idx[np.argsort(-d)])
+    if more > lower or witness is None:
+      lower, witness = more, x
+  threshold = lambda: (1 + refine_gap) * lower  # noqa: E731
+  # Cells whose float32 value met a possible tie: f_q in float64 there, f from its block's bounds
+  # (cheap: no new linear bounds; done even past the deadline, as the bound is infinite without it).
+  flagged = np.flatnonzero(np.isinf(bounds))
+  for first in range(0, flagged.size, REFINE_BATCH):
+    part = flagged[first: first + REFINE_BATCH]
+    blocks = np.minimum(part // grid.cells_per_block, grid.n_blocks - 1)
+    d, _ = grid.refine(part, forms=tuple(a[blocks] for a in block_forms))
+    bounds[part] = d
+  # Then best first: the cells with the largest bounds, in batches, each bounded again over the next
+  # smaller box around it (half a block per entry, a quarter, ..., the cell itself) while it stays
+  # above the threshold and above every bound outside the batch, so the largest bound falls as fast
+  # as it can and a deadline leaves the best bound for the time spent. The corners of the cells
+  # bounded highest raise the reached error, and with it the threshold, between batches (small
+  # batches first, while it rises fastest).
+  sizes = []
+  size = max(grid.per)
+  while size > 1:
+    size = max(1, size // 2)
+    sizes.append(size)
+  level = np.zeros(bounds.size, np.int8)  # sizes[level]: the next box a cell is bounded over
+  level[order] = len(sizes)  # bounded on their own: nothing left to refine
+  batch = FIRST_REFINE_BATCH
+  while True:
+    above = np.flatnonzero((bounds > threshold()) & (level < len(sizes)))
+    if not above.size:
+      break
     if late():
-      return None
-    part = candidates[first: first + REFINE_BATCH]
-    part = part[worst[part] > (1 + refine_gap) * lower]
-    first += REFINE_BATCH
-    d, idx = grid.refine(part)
-    done[part] = True
-    bound = max(bound, d.max())
-    if d.max() > lower:  # more corners to try
-      more, x = _reached(merged, box, grid.tables_np, idx[np.argsort(-d)[:WITNESS_CELLS]])
+      return _result(grid, bounds, lower, witness, start)
+    if above.size > batch:
+      ranked = np.argpartition(-bounds[above], batch)
+      part, rest = above[ranked[:batch]], bounds[above[ranked[batch]]]
+    else:
+      part, rest = above, -np.inf
+    batch = min(2 * batch, REFINE_BATCH)
+    tried = None
+    for step, size in enumerate(sizes):
+      # (>= rest: the batch's largest bound always qualifies, ties included, so every batch progresses)
+      now = part[(level[part] == step) & (bounds[part] > threshold()) & (bounds[part] >= rest)]
+      if not now.size:
+        continue
+      d, idx = grid.refine(now, size)
+      bounds[now] = np.minimum(bounds[now], d)
+      level[now] = step + 1
+      tried = (bounds[now], idx)
+    if tried is not None and tried[0].max() > lower:  # more corners to try, in the cells bounded highest
+      more, x = _reached(merged, box, grid.tables_np, tried[1][np.argsort(-tried[0])[:WITNESS_CELLS]])
       if more > lower:
         lower, witness = more, x
-  rest = worst[~done]
-  upper = float(max(bound, rest.max() if rest.size else 0.0, 0.0))
+  return _result(grid, bounds, lower, witness, start)
+
+
+def _result(grid, bounds, lower, witness, start) -> GridResult:
+  """The result from every cell's bound (the largest is the proven one)."""
+  upper = float(max(bounds.max(initial=0.0), 0.0))
   if lower > upper:
     raise SoundnessError(f"grid: the error {lower!r} reached at {witness.reshape(-1).tolist()} exceeds the bound "
                          f"{upper!r}: a bug in qbound; please report it with this network and box.")
   n_out = grid.n_out
   return GridResult(lower=lower, upper=upper, diff_lower=np.full(n_out, -upper), diff_upper=np.full(n_out, upper),
                     witness=witness, cells=math.prod(grid.counts), blocks=grid.n_blocks,
-                    refined=int(done.sum()), seconds=time.perf_counter() - start)
+                    refined=grid.refined, seconds=time.perf_counter() - start)
 
 
 def _reached(merged, box: Box, tables, cells) -> tuple:
