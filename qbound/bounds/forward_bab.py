@@ -93,6 +93,9 @@ DOMAIN = "forward"
 # either proves (docs/results.md); four random MLPs of bench_forward_bab.py --small: 51-16,079
 # pieces against 61-40,581 (one net 39 against 37).
 SPLIT_RULE = "auto"
+# NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass (forward.py's
+# ``fresh``); 0: none.
+FRESH_VARS = 0
 
 
 class _State(NamedTuple):
@@ -130,7 +133,7 @@ def supported(merged) -> bool:
 
 
 def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="node", split_rule="bound",
-                    output_backward=None):
+                    output_backward=None, fresh_vars=0, fresh_form=None):
   """Bounds of a batch of pieces: ``(dlo, dhi, up, worst output, sens, kept bounds)``.
 
   ``domain``: ``"forward"``: every node's bounds from the forward symbolic pass
@@ -156,9 +159,10 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="n
         known.append(full)
     n_in = l.size
     if domain in ("forward", "both"):
-      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules)
-      L = out.d_out.L.reshape(n_in, -1)[:, outputs]
-      U = out.d_out.U.reshape(n_in, -1)[:, outputs]
+      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules,
+                                fresh=fresh_vars, fresh_form=fresh_form)
+      L = out.d_out.L[:n_in].reshape(n_in, -1)[:, outputs]  # the inputs' coefficients (not the fresh variables')
+      U = out.d_out.U[:n_in].reshape(n_in, -1)[:, outputs]
       z, zq, d, sens = out.z, out.zq, out.d, jnp.abs(L) + jnp.abs(U)
       known = (z, zq, d)
     if domain in ("zonotope", "both"):
@@ -207,7 +211,7 @@ def _finished_below(state: _State, epsilon, target_gap):
 
 
 def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state: _State, relu_rules="node",
-          split_rule="bound", output_backward=None) -> _State:
+          split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None) -> _State:
   """One iteration: split the ``batch`` worst open pieces, bound the children, keep the open ones."""
   capacity, n = state.lo.shape
   shape = tuple(fg.input_shape)
@@ -232,7 +236,7 @@ def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state:
   c_valid = jnp.concatenate([active & (splittable | fresh), active & splittable & split])
   dlo, dhi, up, worst, sens, keep = _bound_children(
       fg, qg, c_lo.reshape((2 * batch, *shape)), c_hi.reshape((2 * batch, *shape)), c_prior, outputs, sound, domain,
-      relu_rules, split_rule, output_backward)
+      relu_rules, split_rule, output_backward, fresh_vars, fresh_form)
   # A child lies inside its parent, so the parent's output bounds hold on it too (the prior covers
   # the nodes activations read, not the output).
   inherit = jnp.concatenate([~fresh, ~fresh])[:, None]
@@ -296,11 +300,11 @@ def _running(state: _State, batch, epsilon, target_gap):
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "batch", "sound", "domain", "relu_rules", "split_rule",
-                                    "output_backward"),
+                                    "output_backward", "fresh_vars", "fresh_form"),
                    donate_argnames=("state",),
                    compiler_options=None)
 def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs, batch, sound, domain,
-         relu_rules="node", split_rule="bound", output_backward=None):
+         relu_rules="node", split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None):
   """Up to ``iterations`` steps, fewer if the search ends; returns the state and the steps taken."""
   outs = jnp.asarray(outputs)
 
@@ -311,7 +315,7 @@ def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs,
   def body(carry):
     s, i = carry
     return _step(fg, qg, mg, outs, batch, sound, domain, epsilon, target_gap, s, relu_rules, split_rule,
-                 output_backward), i + 1
+                 output_backward, fresh_vars, fresh_form), i + 1
 
   return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
@@ -351,7 +355,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                              max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                              sound: bool = True, report=None, report_every: float = 0.1,
                              domain: Optional[str] = None, relu_rules: Optional[str] = None,
-                             split_rule: Optional[str] = None, output_backward: Optional[bool] = None):
+                             split_rule: Optional[str] = None, output_backward: Optional[bool] = None,
+                             fresh_vars: Optional[int] = None, fresh_form: Optional[str] = None):
   """Input-splitting branch and bound with forward symbolic bounds, run on the device.
 
   The same contract as :func:`qbound.bounds.branch_and_bound` (and the same
@@ -381,6 +386,9 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
       coefficients) or ``"auto"`` (default ``SPLIT_RULE``: ``"gradient"`` where it applies).
     output_backward: bound the selected outputs again by one backward pass (default
       ``OUTPUT_BACKWARD``).
+    fresh_vars: NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass
+      (``fresh`` of :func:`qbound.bounds.forward.forward_diff_bounds`; default ``FRESH_VARS``; 0: none).
+    fresh_form: how they name a neuron (``fresh_form`` there; default its ``FRESH_FORM``).
 
   Returns:
     A :class:`~qbound.bounds.bab.BabResult`.
@@ -406,6 +414,13 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   domain = DOMAIN if domain is None else domain
   relu_rules = "node" if relu_rules is None else relu_rules
   output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
+  fresh_vars = FRESH_VARS if fresh_vars is None else int(fresh_vars)
+  if fresh_vars < 0:
+    raise ValueError(f"fresh_vars must be a count of variables per ReLU layer, at least 0; got {fresh_vars}.")
+  from qbound.bounds.forward import FRESH_FORM, FRESH_FORMS
+  fresh_form = FRESH_FORM if fresh_form is None else fresh_form
+  if fresh_form not in FRESH_FORMS:
+    raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
   from qbound.bounds.forward import RELU_RULES
   if relu_rules not in RELU_RULES:
     raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
@@ -438,7 +453,7 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     t = time.perf_counter()
     state, _ = _run(fg, qg, mg, state, np.int32(iterations), eps, gap, outputs=outputs, batch=batch,
                         sound=sound, domain=domain, relu_rules=relu_rules, split_rule=split_rule,
-                        output_backward=output_backward)
+                        output_backward=output_backward, fresh_vars=fresh_vars, fresh_form=fresh_form)
     up, closed_up, lower, violation, free = jax.device_get(
         (jnp.max(state.up), state.closed_up, state.lower, state.violation, jnp.sum(state.up == -jnp.inf)))
     if violation > 0:  # in float32: look again in float64 before calling it a bug
