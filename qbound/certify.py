@@ -40,9 +40,10 @@ LOW_DIMENSIONAL_INPUTS = 8
 # Opt-in (issue 19): "bab" and auto's branch and bound on paired chains of affine layers and ReLUs
 # (or clips) with low-dimensional inputs run on the device (qbound.bounds.forward_bab) with this many
 # of NeuroDiff's intermediate variables per ReLU layer; None: the host loop (bab.branch_and_bound).
-# ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0, warm: a median 0.80 s against
-# 1.42 s at load 7.5 (docs/results.md), but its program compiles for 1-2 minutes on a first call
-# (against 10-30 s), which is why it is not the default.
+# ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0, warm, through certify: a median
+# 0.94 s against 1.76 s at load 6-8, faster on 7 of 9 nets, 2-4x slower on 1_3 and 1_4
+# (docs/results.md); but its one program compiles for 1.5-2 minutes on a first call, which is why it
+# is not the default.
 BAB_DEVICE_FRESH_VARS = None
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 

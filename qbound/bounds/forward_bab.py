@@ -31,9 +31,13 @@ interval gradient weighs each input by how much it moves the unstable neurons, w
 where the bound's width comes from. On ACAS Xu 1_1..1_9 vs float16 (output 0, epsilon 0.05) the
 gradient split needs 1.3-4.6x fewer pieces than the coefficient split wherever either proves, 1_1 in
 563 pieces and 0.23 s warm (load 5-8; NeuroDiff 0.23-0.26 s idle); 1_3 and 1_4 stay undecided in
-10 s, where NeuroDiff relies on intermediate symbolic variables. Their nearest kin here,
-``domain="zonotope"`` (fresh generators per layer), proves all nine with the gradient split in
-0.41-0.79 s warm, about as fast as :func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
+10 s, where NeuroDiff relies on intermediate symbolic variables. Those are here too
+(``fresh_vars=k``, :func:`qbound.bounds.symbolic._fresh_variables`): with 2 a layer the pieces drop
+1.3-4.3x on every net, 1_3 and 1_4 are proved, and the median over the nine falls from 0.98 to 0.80 s
+at load 7.5 (``certify(method="bab")`` 1.44 s in the same run), at 20% more per piece and a program
+that compiles for 1.5-2 minutes. ``domain="zonotope"`` (fresh generators per layer for all three
+values) proves all nine with the gradient split in 0.41-0.79 s warm, about as fast as
+:func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
 
 The gradient split is the default where it applies (``SPLIT_RULE = "auto"``). Measured before it,
 with the coefficient split (``benchmarks/bench_forward_bab.py``, docs/results.md): this does **not** beat
