@@ -145,6 +145,12 @@ FRESH_VARIANTS = {
     "fresh 4": dict(fresh_vars=4),
     "certify bab": "certify",
 }
+# --fresh-scope: variables for d only against variables for z, z_q and d (fresh_scope="all").
+SCOPE_VARIANTS = {
+    "fresh 2, d": dict(fresh_vars=2),
+    "fresh 2, all": dict(fresh_vars=2, fresh_scope="all"),
+    "fresh 4, all": dict(fresh_vars=4, fresh_scope="all"),
+}
 
 
 def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10), variants=None):
@@ -178,13 +184,14 @@ def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10), variants
                         "load": round(os.getloadavg()[0], 1)}), flush=True)
 
 
-def bench_certify(reps: int, fresh_counts, nets=range(1, 10), outputs=(0,)):
+def bench_certify(reps: int, fresh_counts, nets=range(1, 10), outputs=(0,), scope=None):
   """``qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=...)`` with the host loop (the
   default) and with ``certify.BAB_DEVICE_FRESH_VARS = k`` (the device loop with k fresh variables per
   layer), interleaved call by call in one process after two warm-up calls of each."""
   from bench_tight import _pairs
   C = importlib.import_module("qbound.certify")  # the module: qbound.certify is the function
 
+  C.BAB_DEVICE_FRESH_SCOPE = scope
   variants = {"host": None, **{f"device, fresh {k}": k for k in fresh_counts}}
   outs = None if outputs is None else list(outputs)
   for k in nets:
@@ -209,7 +216,7 @@ def bench_certify(reps: int, fresh_counts, nets=range(1, 10), outputs=(0,)):
                       "load": round(os.getloadavg()[0], 1)}), flush=True)
 
 
-def bench_first_calls(fresh, net=1, calls=8):
+def bench_first_calls(fresh, net=1, calls=8, scope=None):
   """In this (fresh) process: ``certify(method="bab", epsilon=0.05, outputs=[0])`` on ACAS Xu 1_net
   vs float16 called until one proves (at most ``calls``), with the host loop (``fresh`` None) or the
   device loop; each call's seconds, and the seconds from the first call's start to the proof. Run it
@@ -218,6 +225,7 @@ def bench_first_calls(fresh, net=1, calls=8):
   C = importlib.import_module("qbound.certify")
 
   C.BAB_DEVICE_FRESH_VARS = fresh
+  C.BAB_DEVICE_FRESH_SCOPE = scope
   pair = _pairs(f"ACASXU_run2a_1_{net}_batch_2000")
   start, seconds, proved = time.perf_counter(), [], False
   for _ in range(calls):
@@ -239,12 +247,14 @@ def main(argv=None):
   parser.add_argument("--differing", action="store_true")
   parser.add_argument("--neurodiff", action="store_true")
   parser.add_argument("--fresh", action="store_true", help="NeuroDiff's intermediate variables (FRESH_VARIANTS)")
+  parser.add_argument("--fresh-scope", action="store_true", help="variables for d only or all three (SCOPE_VARIANTS)")
   parser.add_argument("--acas-nets", type=int, nargs="+", default=list(range(1, 10)))
   parser.add_argument("--certify", type=int, nargs="*", default=None,
                       help="certify(method='bab'): the host loop against the device loop with these fresh counts")
   parser.add_argument("--first-calls", choices=["host", "device"], default=None,
                       help="in this process, certify until it proves (run in fresh processes; see bench_first_calls)")
   parser.add_argument("--fresh-count", type=int, default=2)
+  parser.add_argument("--scope", default=None, help="certify.BAB_DEVICE_FRESH_SCOPE for --certify and --first-calls")
   parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--nets", type=int, nargs="+", default=[1, 5])
   args = parser.parse_args(argv)
@@ -258,10 +268,12 @@ def main(argv=None):
     bench_neurodiff(args.reps, nets=args.acas_nets)
   if args.fresh:
     bench_neurodiff(args.reps, nets=args.acas_nets, variants=FRESH_VARIANTS)
+  if args.fresh_scope:
+    bench_neurodiff(args.reps, nets=args.acas_nets, variants=SCOPE_VARIANTS)
   if args.first_calls:
-    bench_first_calls(None if args.first_calls == "host" else args.fresh_count)
+    bench_first_calls(None if args.first_calls == "host" else args.fresh_count, scope=args.scope)
   if args.certify is not None:
-    bench_certify(args.reps, args.certify or [2], nets=args.acas_nets)
+    bench_certify(args.reps, args.certify or [2], nets=args.acas_nets, scope=args.scope)
 
 
 if __name__ == "__main__":

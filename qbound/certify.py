@@ -45,6 +45,8 @@ LOW_DIMENSIONAL_INPUTS = 8
 # (docs/results.md); but its one program compiles for 1.5-2 minutes on a first call, which is why it
 # is not the default.
 BAB_DEVICE_FRESH_VARS = None
+# Whose neurons get them there ("d" or "all", qbound.bounds.forward.FRESH_SCOPES; None: its default).
+BAB_DEVICE_FRESH_SCOPE = None
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 
 
@@ -550,7 +552,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
           res = forward_branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
                                          epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
-                                         sound=sound, report=report, fresh_vars=BAB_DEVICE_FRESH_VARS)
+                                         sound=sound, report=report, fresh_vars=BAB_DEVICE_FRESH_VARS,
+                                         fresh_scope=BAB_DEVICE_FRESH_SCOPE)
         else:
           res = branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
                                  epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,

@@ -48,35 +48,35 @@ def _check_all_nodes(merged, box, out, n=2000, seed=0):
       assert np.all(vals >= lo - 1e-9) and np.all(vals <= hi + 1e-9), (name, i, vals.min(0) - lo, hi - vals.max(0))
 
 
-def _bounds(merged, box, fresh, form):
+def _bounds(merged, box, fresh, form, scope):
   out = F.forward_diff_batch(merged.f_graph, merged.fq_graph, box.lower[None], box.upper[None], sound=True,
-                             fresh=fresh, fresh_form=form)
+                             fresh=fresh, fresh_form=form, fresh_scope=scope)
   return jax.tree_util.tree_map(lambda a: a[0], out)
 
 
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 1000), bits=st.sampled_from([2, 3, 4, 8]), box_seed=st.integers(0, 1000))
 def test_bounds_with_fresh_variables_hold_at_samples(seed, bits, box_seed):
-  """Sound mode, two variables per layer (one compiled pass for every example): every node's
-  bounds (z, z_q and d) hold at float64 samples."""
+  """Sound mode, two variables per layer for each of z, z_q and d (one compiled pass for every
+  example): every node's bounds (z, z_q and d) hold at float64 samples."""
   f, fq, _, _ = H.random_pair(seed, SHAPE, bits=bits)
   box = H.random_box(box_seed, SHAPE[0])
   merged = qb.merge(f, fq, box)
-  out = _bounds(merged, box, 2, "midline")
+  out = _bounds(merged, box, 2, "midline", "all")
   _check_all_nodes(merged, box, out, seed=seed)
-  assert out.d_out.L.shape[0] == SHAPE[0] + 3 * 2
+  assert out.d_out.L.shape[0] == SHAPE[0] + 3 * 3 * 2  # inputs, then 2 a layer for d, z and z_q
 
 
 @pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 1000), bits=st.sampled_from([2, 3, 4, 8]), box_seed=st.integers(0, 1000),
-       fresh=st.sampled_from([1, 6]), form=st.sampled_from(F.FRESH_FORMS))
-def test_bounds_with_any_count_and_form_hold_at_samples(seed, bits, box_seed, fresh, form):
-  """The same for both forms and for 1 and 6 variables per layer (6: every neuron of a layer)."""
+       fresh=st.sampled_from([1, 6]), form=st.sampled_from(F.FRESH_FORMS), scope=st.sampled_from(F.FRESH_SCOPES))
+def test_bounds_with_any_count_and_form_hold_at_samples(seed, bits, box_seed, fresh, form, scope):
+  """The same for both forms, both scopes and 1 and 6 variables per layer (6: every neuron)."""
   f, fq, _, _ = H.random_pair(seed, SHAPE, bits=bits)
   box = H.random_box(box_seed, SHAPE[0])
   merged = qb.merge(f, fq, box)
-  _check_all_nodes(merged, box, _bounds(merged, box, fresh, form), seed=seed)
+  _check_all_nodes(merged, box, _bounds(merged, box, fresh, form, scope), seed=seed)
 
 
 @pytest.mark.slow  # two passes op by op and a scan compiled: 15-40 s on 2 loaded cores
@@ -128,20 +128,22 @@ def test_refuses_a_negative_count():
     F.forward_diff_bounds(merged.f_graph, merged.fq_graph, box, fresh=-1)
   with pytest.raises(ValueError, match="fresh_form"):
     F.forward_diff_bounds(merged.f_graph, merged.fq_graph, box, fresh=1, fresh_form="box")
+  with pytest.raises(ValueError, match="fresh_scope"):
+    F.forward_diff_bounds(merged.f_graph, merged.fq_graph, box, fresh=1, fresh_scope="zq")
   with pytest.raises(ValueError, match="fresh_vars"):
     forward_branch_and_bound(merged, box, fresh_vars=-1)
 
 
 @pytest.mark.slow  # compiles the device loop once more (10-30 s)
-@pytest.mark.parametrize("seed, bits", [(0, 3), (1, 6)])
-def test_device_loop_with_fresh_variables_reaches_the_exact_value(seed, bits):
+@pytest.mark.parametrize("seed, bits, scope", [(0, 3, "d"), (1, 6, "all")])
+def test_device_loop_with_fresh_variables_reaches_the_exact_value(seed, bits, scope):
   f, fq, _, _ = H.random_pair(seed, H.SHAPES[2], bits=bits)
   box = qb.Box(-jnp.ones(H.SHAPES[2][0]), jnp.ones(H.SHAPES[2][0]))
   merged = qb.merge(f, fq, box)
   exact = qb.exact.milp(f, fq, box, time_limit=60)
   assert exact.optimal
   res = forward_branch_and_bound(merged, box, time_budget=60, target_gap=0.01, batch_size=8, max_pieces=2048,
-                                 fresh_vars=2)
+                                 fresh_vars=2, fresh_scope=scope)
   tol = exact.tolerance
   assert res.lower <= exact.upper + tol and res.upper >= exact.value - tol
   assert res.stopped in ("gap", "exhausted"), res

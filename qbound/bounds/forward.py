@@ -203,7 +203,8 @@ def _input_symbolic(box: Box) -> Symbolic:
 
 
 def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, prior=None,
-                        relu_rules: str = "node", fresh: int = 0, fresh_form: Optional[str] = None) -> ForwardBounds:
+                        relu_rules: str = "node", fresh: int = 0, fresh_form: Optional[str] = None,
+                        fresh_scope: Optional[str] = None) -> ForwardBounds:
   """Symbolic differential intervals of two paired graphs over one box (see the module docstring).
 
   A pure function of the graphs (whose structure is static) and the box: ``jax.jit`` it, and
@@ -230,6 +231,9 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
     fresh_form: how a fresh variable names a neuron, one of ``FRESH_FORMS`` (default ``FRESH_FORM``):
       ``"midline"``, the midline of its two functions plus the variable; ``"range"``, the variable
       alone over the neuron's proven range (NeuroDiff's).
+    fresh_scope: whose neurons get variables, one of ``FRESH_SCOPES`` (default ``FRESH_SCOPE``):
+      ``"d"`` (NeuroDiff's), or ``"all"``: ``z``'s and ``z_q``'s too, each from slots of its own, so
+      their functions also run over the inputs and every variable.
 
   Returns:
     A :class:`ForwardBounds`.
@@ -247,14 +251,25 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
   fresh_form = FRESH_FORM if fresh_form is None else fresh_form
   if fresh_form not in FRESH_FORMS:
     raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
+  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
+  if fresh_scope not in FRESH_SCOPES:
+    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
+  every = fresh_scope == "all"
+  per_net = 0
   if fresh:  # d runs over the inputs and every layer's fresh variables from the start (fixed shapes)
     extra = sum(min(fresh, n.size) for n in fg.nodes if n.kind == G.RELU)
+    per_net = extra
+    if every:  # slots: d's, then z's, then z_q's
+      extra = 3 * extra
+      x_pad = _pad(x, n_in + extra)
     zero = _pad(zero, n_in + extra)
     pad = jnp.zeros(extra, ctx.center.dtype)
     ctx = ctx._replace(center=jnp.concatenate([ctx.center, pad]), radius=jnp.concatenate([ctx.radius, pad]),
                        xmax=jnp.concatenate([ctx.xmax, pad]))
   slot = n_in  # the next fresh variable's index
   zs, qs, ds = [x], [x], [zero]
+  if fresh and every:
+    zs, qs = [x_pad], [x_pad]
   z = [(box.lower, box.upper)]
   zq = [(box.lower, box.upper)]
   d = [(jnp.zeros_like(box.lower), jnp.zeros_like(box.lower))]
@@ -265,7 +280,7 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
     if run is not None and i == run[0]:
       first, period, repeats = run
       ctx, slot = _scan_run(fg, qg, first, period, repeats, known_of, ctx, n_in, sound, (zs, qs, ds, z, zq, d),
-                            fresh, slot, fresh_form)
+                            fresh, slot, fresh_form, per_net if every else 0)
       i = first + period * repeats
       continue
     nf, nq = fg.nodes[i], qg.nodes[i]
@@ -277,6 +292,10 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
       k = min(fresh, nf.size)
       s_d, ctx = _fresh_variables(symbolic[2], concrete[2], ctx, slot, k, fresh_form)
       symbolic = symbolic[:2] + (s_d,)
+      if every:
+        s_z, ctx = _fresh_variables(symbolic[0], concrete[0], ctx, slot + per_net, k, fresh_form)
+        s_q, ctx = _fresh_variables(symbolic[1], concrete[1], ctx, slot + 2 * per_net, k, fresh_form)
+        symbolic = (s_z, s_q, s_d)
       slot += k
     for lst, v in zip((zs, qs, ds, z, zq, d), symbolic + concrete):
       lst.append(v)
@@ -287,6 +306,9 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
 # How a fresh variable names a neuron by default (one of FRESH_FORMS; see
 # qbound.bounds.symbolic._fresh_variables).
 FRESH_FORM = "midline"
+# Whose neurons get fresh variables by default: "d" only (NeuroDiff's) or "all" (z, z_q and d).
+FRESH_SCOPE = "d"
+FRESH_SCOPES = ("d", "all")
 
 
 def _node_bounds(nf, nq, zs_in, qs_in, ds_in, zb, qb, db, known, ctx: _Context, n_in: int, sound: bool):
@@ -360,10 +382,11 @@ def _stacked(graph: G.Graph, first: int, period: int, repeats: int, k: int):
 
 
 def _scan_run(fg, qg, first, period, repeats, known_of, ctx, n_in, sound, lists, fresh=0, slot=0,
-              fresh_form="midline"):
+              fresh_form="midline", per_net=0):
   """Bounds of the nodes of a repeated run by ``lax.scan`` over its blocks; appended to ``lists``
   (``zs, qs, ds, z, zq, d``; the run's inner symbolic intervals are not kept, nothing reads them).
-  Returns the context and the next fresh variable's index (:func:`_fresh_variables`)."""
+  Returns the context and the next fresh variable's index (:func:`_fresh_variables`; with
+  ``per_net``, z's and z_q's variables take the slots ``per_net`` and ``2 * per_net`` after d's)."""
   import dataclasses
 
   zs, qs, ds, z, zq, d = lists
@@ -393,6 +416,10 @@ def _scan_run(fg, qg, first, period, repeats, known_of, ctx, n_in, sound, lists,
         n_fresh = min(fresh, nf.size)
         s_d, c = _fresh_variables(s_prev[2], c_prev[2], c, at, n_fresh, fresh_form)
         s_prev = s_prev[:2] + (s_d,)
+        if per_net:
+          s_z, c = _fresh_variables(s_prev[0], c_prev[0], c, at + per_net, n_fresh, fresh_form)
+          s_q, c = _fresh_variables(s_prev[1], c_prev[1], c, at + 2 * per_net, n_fresh, fresh_form)
+          s_prev = (s_z, s_q, s_d)
         at = at + n_fresh
       out.append(c_prev)
     return (s_prev, c_prev, (c.center, c.radius, c.xmax, at)), tuple(out)
@@ -419,13 +446,14 @@ def _local(node: G.Node) -> G.Node:
   return dataclasses.replace(node, inputs=tuple(range(len(node.inputs))))
 
 
-@functools.partial(jax.jit, static_argnames=("sound", "relu_rules", "fresh", "fresh_form"))
+@functools.partial(jax.jit, static_argnames=("sound", "relu_rules", "fresh", "fresh_form", "fresh_scope"))
 def forward_diff_batch(fg: G.Graph, qg: G.Graph, lower, upper, prior=None, *, sound: bool = True,
-                       relu_rules: str = "node", fresh: int = 0, fresh_form: Optional[str] = None) -> ForwardBounds:
+                       relu_rules: str = "node", fresh: int = 0, fresh_form: Optional[str] = None,
+                       fresh_scope: Optional[str] = None) -> ForwardBounds:
   """:func:`forward_diff_bounds` for a batch of boxes (leading axis of ``lower``, ``upper`` and of
   every array of ``prior``), one compiled program per graph structure and batch size."""
   one = lambda lo, hi, p: forward_diff_bounds(fg, qg, Box(lo, hi), sound=sound, prior=p, relu_rules=relu_rules,
-                                              fresh=fresh, fresh_form=fresh_form)
+                                              fresh=fresh, fresh_form=fresh_form, fresh_scope=fresh_scope)
   return jax.vmap(one)(lower, upper, prior)
 
 

@@ -35,7 +35,8 @@ gradient split needs 1.3-4.6x fewer pieces than the coefficient split wherever e
 (``fresh_vars=k``, :func:`qbound.bounds.symbolic._fresh_variables`): with 2 a layer the pieces drop
 1.3-4.3x on every net, 1_3 and 1_4 are proved, and the median over the nine falls from 0.98 to 0.80 s
 at load 7.5 (``certify(method="bab")`` 1.44 s in the same run), at 20% more per piece and a program
-that compiles for 1.5-2 minutes. ``domain="zonotope"`` (fresh generators per layer for all three
+that compiles for 1.5-2 minutes (``fresh_scope="all"``, variables for ``z`` and ``z_q`` too: 1_3
+and 1_4 in half the time, every easy net slower). ``domain="zonotope"`` (fresh generators per layer for all three
 values) proves all nine with the gradient split in 0.41-0.79 s warm, about as fast as
 :func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
 
@@ -137,7 +138,7 @@ def supported(merged) -> bool:
 
 
 def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="node", split_rule="bound",
-                    output_backward=None, fresh_vars=0, fresh_form=None):
+                    output_backward=None, fresh_vars=0, fresh_form=None, fresh_scope=None):
   """Bounds of a batch of pieces: ``(dlo, dhi, up, worst output, sens, kept bounds)``.
 
   ``domain``: ``"forward"``: every node's bounds from the forward symbolic pass
@@ -164,7 +165,7 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="n
     n_in = l.size
     if domain in ("forward", "both"):
       out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules,
-                                fresh=fresh_vars, fresh_form=fresh_form)
+                                fresh=fresh_vars, fresh_form=fresh_form, fresh_scope=fresh_scope)
       L = out.d_out.L[:n_in].reshape(n_in, -1)[:, outputs]  # the inputs' coefficients (not the fresh variables')
       U = out.d_out.U[:n_in].reshape(n_in, -1)[:, outputs]
       z, zq, d, sens = out.z, out.zq, out.d, jnp.abs(L) + jnp.abs(U)
@@ -215,7 +216,7 @@ def _finished_below(state: _State, epsilon, target_gap):
 
 
 def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state: _State, relu_rules="node",
-          split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None) -> _State:
+          split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None, fresh_scope=None) -> _State:
   """One iteration: split the ``batch`` worst open pieces, bound the children, keep the open ones."""
   capacity, n = state.lo.shape
   shape = tuple(fg.input_shape)
@@ -240,7 +241,7 @@ def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state:
   c_valid = jnp.concatenate([active & (splittable | fresh), active & splittable & split])
   dlo, dhi, up, worst, sens, keep = _bound_children(
       fg, qg, c_lo.reshape((2 * batch, *shape)), c_hi.reshape((2 * batch, *shape)), c_prior, outputs, sound, domain,
-      relu_rules, split_rule, output_backward, fresh_vars, fresh_form)
+      relu_rules, split_rule, output_backward, fresh_vars, fresh_form, fresh_scope)
   # A child lies inside its parent, so the parent's output bounds hold on it too (the prior covers
   # the nodes activations read, not the output).
   inherit = jnp.concatenate([~fresh, ~fresh])[:, None]
@@ -304,11 +305,13 @@ def _running(state: _State, batch, epsilon, target_gap):
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "batch", "sound", "domain", "relu_rules", "split_rule",
-                                    "output_backward", "fresh_vars", "fresh_form"),
+                                    "output_backward", "fresh_vars", "fresh_form",
+                                    "fresh_scope"),
                    donate_argnames=("state",),
                    compiler_options=None)
 def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs, batch, sound, domain,
-         relu_rules="node", split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None):
+         relu_rules="node", split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None,
+         fresh_scope=None):
   """Up to ``iterations`` steps, fewer if the search ends; returns the state and the steps taken."""
   outs = jnp.asarray(outputs)
 
@@ -319,7 +322,7 @@ def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs,
   def body(carry):
     s, i = carry
     return _step(fg, qg, mg, outs, batch, sound, domain, epsilon, target_gap, s, relu_rules, split_rule,
-                 output_backward, fresh_vars, fresh_form), i + 1
+                 output_backward, fresh_vars, fresh_form, fresh_scope), i + 1
 
   return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
@@ -360,7 +363,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                              sound: bool = True, report=None, report_every: float = 0.1,
                              domain: Optional[str] = None, relu_rules: Optional[str] = None,
                              split_rule: Optional[str] = None, output_backward: Optional[bool] = None,
-                             fresh_vars: Optional[int] = None, fresh_form: Optional[str] = None):
+                             fresh_vars: Optional[int] = None, fresh_form: Optional[str] = None,
+                             fresh_scope: Optional[str] = None):
   """Input-splitting branch and bound with forward symbolic bounds, run on the device.
 
   The same contract as :func:`qbound.bounds.branch_and_bound` (and the same
@@ -393,6 +397,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     fresh_vars: NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass
       (``fresh`` of :func:`qbound.bounds.forward.forward_diff_bounds`; default ``FRESH_VARS``; 0: none).
     fresh_form: how they name a neuron (``fresh_form`` there; default its ``FRESH_FORM``).
+    fresh_scope: whose neurons get them (``fresh_scope`` there: ``"d"`` or ``"all"``; default its
+      ``FRESH_SCOPE``).
 
   Returns:
     A :class:`~qbound.bounds.bab.BabResult`.
@@ -421,10 +427,13 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   fresh_vars = FRESH_VARS if fresh_vars is None else int(fresh_vars)
   if fresh_vars < 0:
     raise ValueError(f"fresh_vars must be a count of variables per ReLU layer, at least 0; got {fresh_vars}.")
-  from qbound.bounds.forward import FRESH_FORM, FRESH_FORMS
+  from qbound.bounds.forward import FRESH_FORM, FRESH_FORMS, FRESH_SCOPE, FRESH_SCOPES
   fresh_form = FRESH_FORM if fresh_form is None else fresh_form
   if fresh_form not in FRESH_FORMS:
     raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
+  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
+  if fresh_scope not in FRESH_SCOPES:
+    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
   from qbound.bounds.forward import RELU_RULES
   if relu_rules not in RELU_RULES:
     raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
@@ -457,7 +466,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     t = time.perf_counter()
     state, _ = _run(fg, qg, mg, state, np.int32(iterations), eps, gap, outputs=outputs, batch=batch,
                         sound=sound, domain=domain, relu_rules=relu_rules, split_rule=split_rule,
-                        output_backward=output_backward, fresh_vars=fresh_vars, fresh_form=fresh_form)
+                        output_backward=output_backward, fresh_vars=fresh_vars, fresh_form=fresh_form,
+                        fresh_scope=fresh_scope)
     up, closed_up, lower, violation, free = jax.device_get(
         (jnp.max(state.up), state.closed_up, state.lower, state.violation, jnp.sum(state.up == -jnp.inf)))
     if violation > 0:  # in float32: look again in float64 before calling it a bug
