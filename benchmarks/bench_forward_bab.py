@@ -151,6 +151,12 @@ SCOPE_VARIANTS = {
     "fresh 2, all": dict(fresh_vars=2, fresh_scope="all"),
     "fresh 4, all": dict(fresh_vars=4, fresh_scope="all"),
 }
+# --fresh-tune: counts between those.
+TUNE_VARIANTS = {
+    "fresh 2, d": dict(fresh_vars=2),
+    "fresh 3, d": dict(fresh_vars=3),
+    "fresh 1, all": dict(fresh_vars=1, fresh_scope="all"),
+}
 
 
 def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10), variants=None):
@@ -248,6 +254,7 @@ def main(argv=None):
   parser.add_argument("--neurodiff", action="store_true")
   parser.add_argument("--fresh", action="store_true", help="NeuroDiff's intermediate variables (FRESH_VARIANTS)")
   parser.add_argument("--fresh-scope", action="store_true", help="variables for d only or all three (SCOPE_VARIANTS)")
+  parser.add_argument("--fresh-tune", action="store_true", help="other counts (TUNE_VARIANTS)")
   parser.add_argument("--acas-nets", type=int, nargs="+", default=list(range(1, 10)))
   parser.add_argument("--certify", type=int, nargs="*", default=None,
                       help="certify(method='bab'): the host loop against the device loop with these fresh counts")
@@ -270,6 +277,8 @@ def main(argv=None):
     bench_neurodiff(args.reps, nets=args.acas_nets, variants=FRESH_VARIANTS)
   if args.fresh_scope:
     bench_neurodiff(args.reps, nets=args.acas_nets, variants=SCOPE_VARIANTS)
+  if args.fresh_tune:
+    bench_neurodiff(args.reps, nets=args.acas_nets, variants=TUNE_VARIANTS)
   if args.first_calls:
     bench_first_calls(None if args.first_calls == "host" else args.fresh_count, scope=args.scope)
   if args.certify is not None:
