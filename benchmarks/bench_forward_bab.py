@@ -14,6 +14,14 @@ the default branch and bound (``qb.bounds.branch_and_bound``), in the same proce
   the backward pass at the output, and on differential zonotopes) against the coefficient split and
   ``branch_and_bound``, interleaved in one process (a first call of each, which compiles, then
   ``--reps`` warm calls of each; median).
+* ``--fresh``: the same nets and property with NeuroDiff's intermediate variables
+  (``forward_branch_and_bound(fresh_vars=2 / 4)``) against the device loop's default and
+  ``qb.certify(method="bab")``, interleaved (``FRESH_VARIANTS``).
+* ``--certify 2 3``: ``qb.certify(method="bab")`` with the host loop (the default) against
+  ``certify.BAB_DEVICE_FRESH_VARS = 2, 3`` (the device loop), each warmed until a call proves, then
+  ``--reps`` calls of each interleaved; median seconds.
+* ``--first-calls host|device``: in this process, certify on 1_1 until a call proves: run it in
+  new processes with ``QBOUND_JAX_CACHE=0`` (cold) and without (persistent cache).
 
 Run: ``python benchmarks/bench_forward_bab.py --acas --small --differing`` (about 15 minutes on 2
 shared cores). Prints one JSON line per row.
@@ -23,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
+import os
 import time
 
 import jax
@@ -127,26 +137,113 @@ NEURODIFF_VARIANTS = {
 }
 
 
-def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10)):
+# --fresh: NeuroDiff's intermediate symbolic variables (forward_branch_and_bound(fresh_vars=k)),
+# against the device loop's default and certify(method="bab") (the default path).
+FRESH_VARIANTS = {
+    "device loop": dict(),
+    "fresh 2": dict(fresh_vars=2),
+    "fresh 4": dict(fresh_vars=4),
+    "certify bab": "certify",
+}
+# --fresh-scope: variables for d only against variables for z, z_q and d (fresh_scope="all").
+SCOPE_VARIANTS = {
+    "fresh 2, d": dict(fresh_vars=2),
+    "fresh 2, all": dict(fresh_vars=2, fresh_scope="all"),
+    "fresh 4, all": dict(fresh_vars=4, fresh_scope="all"),
+}
+# --fresh-tune: counts between those.
+TUNE_VARIANTS = {
+    "fresh 2, d": dict(fresh_vars=2),
+    "fresh 3, d": dict(fresh_vars=3),
+    "fresh 1, all": dict(fresh_vars=1, fresh_scope="all"),
+}
+
+
+def bench_neurodiff(reps: int, budget: float = 10.0, nets=range(1, 10), variants=None):
   from bench_tight import _pairs
 
+  variants = NEURODIFF_VARIANTS if variants is None else variants
   for k in nets:
-    merged = qb.merge(*_pairs(f"ACASXU_run2a_1_{k}_batch_2000"), PROPERTY_1)
+    pair = _pairs(f"ACASXU_run2a_1_{k}_batch_2000")
+    merged = qb.merge(*pair, PROPERTY_1)
+
     def run(kw):
       if kw is None:
         return branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget)
+      if kw == "certify":  # the whole default path, as a user calls it
+        return qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=[0])  # its own budget
       return forward_branch_and_bound(merged, PROPERTY_1, outputs=[0], epsilon=0.05, time_budget=budget, **kw)
-    first = {name: _timed(lambda: run(kw))[0] for name, kw in NEURODIFF_VARIANTS.items()}
-    times = {name: [] for name in NEURODIFF_VARIANTS}
+
+    first = {name: _timed(lambda: run(kw))[0] for name, kw in variants.items()}
+    times = {name: [] for name in variants}
     last = {}
     for _ in range(reps):
-      for name, kw in NEURODIFF_VARIANTS.items():
+      for name, kw in variants.items():
         seconds, last[name] = _timed(lambda: run(kw))
         times[name].append(seconds)
-    for name in NEURODIFF_VARIANTS:
+    for name in variants:
+      res = last[name]
       print(json.dumps({"net": f"1_{k}", "variant": name, "first_s": round(first[name], 2),
-                        "warm_s": round(float(np.median(times[name])), 3), "pieces": last[name].pieces_bounded,
-                        "stopped": last[name].stopped}), flush=True)
+                        "warm_s": round(float(np.median(times[name])), 3),
+                        "pieces": getattr(res, "pieces_bounded", None),
+                        "stopped": getattr(res, "stopped", None), "upper": round(float(res.upper), 4),
+                        "load": round(os.getloadavg()[0], 1)}), flush=True)
+
+
+def bench_certify(reps: int, fresh_counts, nets=range(1, 10), outputs=(0,), scope=None):
+  """``qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=...)`` with the host loop (the
+  default) and with ``certify.BAB_DEVICE_FRESH_VARS = k`` (the device loop with k fresh variables per
+  layer), interleaved call by call in one process after two warm-up calls of each."""
+  from bench_tight import _pairs
+  C = importlib.import_module("qbound.certify")  # the module: qbound.certify is the function
+
+  C.BAB_DEVICE_FRESH_SCOPE = scope
+  variants = {"host": None, **{f"device, fresh {k}": k for k in fresh_counts}}
+  outs = None if outputs is None else list(outputs)
+  for k in nets:
+    pair = _pairs(f"ACASXU_run2a_1_{k}_batch_2000")
+    times = {name: [] for name in variants}
+    uppers = {}
+    for name, count in variants.items():  # warm: until a call proves (a first call returns at its
+      C.BAB_DEVICE_FRESH_VARS = count     # budget while its thread compiles on), at most 8 calls
+      for _ in range(8):
+        if qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=outs).upper <= 0.05:
+          break
+    for rep in range(reps):
+      for name, count in variants.items():
+        C.BAB_DEVICE_FRESH_VARS = count
+        seconds, cert = _timed(lambda: qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=outs))
+        times[name].append(seconds)
+        uppers[name] = float(cert.upper)
+    C.BAB_DEVICE_FRESH_VARS = None
+    print(json.dumps({"net": f"1_{k}", "outputs": "all" if outputs is None else list(outputs),
+                      **{name: round(float(np.median(t)), 3) for name, t in times.items()},
+                      **{f"{name} upper": round(u, 4) for name, u in uppers.items()},
+                      "load": round(os.getloadavg()[0], 1)}), flush=True)
+
+
+def bench_first_calls(fresh, net=1, calls=8, scope=None):
+  """In this (fresh) process: ``certify(method="bab", epsilon=0.05, outputs=[0])`` on ACAS Xu 1_net
+  vs float16 called until one proves (at most ``calls``), with the host loop (``fresh`` None) or the
+  device loop; each call's seconds, and the seconds from the first call's start to the proof. Run it
+  in new processes, with ``QBOUND_JAX_CACHE=0`` (cold) and without (JAX's persistent cache)."""
+  from bench_tight import _pairs
+  C = importlib.import_module("qbound.certify")
+
+  C.BAB_DEVICE_FRESH_VARS = fresh
+  C.BAB_DEVICE_FRESH_SCOPE = scope
+  pair = _pairs(f"ACASXU_run2a_1_{net}_batch_2000")
+  start, seconds, proved = time.perf_counter(), [], False
+  for _ in range(calls):
+    t, cert = _timed(lambda: qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=[0]))
+    seconds.append(round(t, 2))
+    if cert.upper <= 0.05:
+      proved = True
+      break
+  print(json.dumps({"net": f"1_{net}", "variant": "host" if fresh is None else f"device, fresh {fresh}",
+                    "cache": os.environ.get("QBOUND_JAX_CACHE", "default"), "calls_s": seconds, "proved": proved,
+                    "to_proof_s": round(time.perf_counter() - start, 1), "load": round(os.getloadavg()[0], 1)}),
+        flush=True)
 
 
 def main(argv=None):
@@ -155,6 +252,16 @@ def main(argv=None):
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--differing", action="store_true")
   parser.add_argument("--neurodiff", action="store_true")
+  parser.add_argument("--fresh", action="store_true", help="NeuroDiff's intermediate variables (FRESH_VARIANTS)")
+  parser.add_argument("--fresh-scope", action="store_true", help="variables for d only or all three (SCOPE_VARIANTS)")
+  parser.add_argument("--fresh-tune", action="store_true", help="other counts (TUNE_VARIANTS)")
+  parser.add_argument("--acas-nets", type=int, nargs="+", default=list(range(1, 10)))
+  parser.add_argument("--certify", type=int, nargs="*", default=None,
+                      help="certify(method='bab'): the host loop against the device loop with these fresh counts")
+  parser.add_argument("--first-calls", choices=["host", "device"], default=None,
+                      help="in this process, certify until it proves (run in fresh processes; see bench_first_calls)")
+  parser.add_argument("--fresh-count", type=int, default=2)
+  parser.add_argument("--scope", default=None, help="certify.BAB_DEVICE_FRESH_SCOPE for --certify and --first-calls")
   parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--nets", type=int, nargs="+", default=[1, 5])
   args = parser.parse_args(argv)
@@ -165,7 +272,17 @@ def main(argv=None):
   if args.differing:
     bench_differing(args.nets, budget=20.0)
   if args.neurodiff:
-    bench_neurodiff(args.reps)
+    bench_neurodiff(args.reps, nets=args.acas_nets)
+  if args.fresh:
+    bench_neurodiff(args.reps, nets=args.acas_nets, variants=FRESH_VARIANTS)
+  if args.fresh_scope:
+    bench_neurodiff(args.reps, nets=args.acas_nets, variants=SCOPE_VARIANTS)
+  if args.fresh_tune:
+    bench_neurodiff(args.reps, nets=args.acas_nets, variants=TUNE_VARIANTS)
+  if args.first_calls:
+    bench_first_calls(None if args.first_calls == "host" else args.fresh_count, scope=args.scope)
+  if args.certify is not None:
+    bench_certify(args.reps, args.certify or [2], nets=args.acas_nets, scope=args.scope)
 
 
 if __name__ == "__main__":

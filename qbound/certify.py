@@ -37,6 +37,16 @@ from qbound.merge import MergedNetwork, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
 LOW_DIMENSIONAL_INPUTS = 8
+# Opt-in (issue 19): "bab" and auto's branch and bound on paired chains of affine layers and ReLUs
+# (or clips) with low-dimensional inputs run on the device (qbound.bounds.forward_bab) with this many
+# of NeuroDiff's intermediate variables per ReLU layer; None: the host loop (bab.branch_and_bound).
+# ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0, warm, through certify: a median
+# 0.94 s against 1.76 s at load 6-8, faster on 7 of 9 nets, 2-4x slower on 1_3 and 1_4
+# (docs/results.md); but its one program compiles for 1.5-2 minutes on a first call, which is why it
+# is not the default.
+BAB_DEVICE_FRESH_VARS = None
+# Whose neurons get them there ("d" or "all", qbound.bounds.forward.FRESH_SCOPES; None: its default).
+BAB_DEVICE_FRESH_SCOPE = None
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 
 
@@ -271,6 +281,16 @@ def _first_probes(box: Box, key) -> np.ndarray:
   bits = np.random.default_rng(seed).random((FIRST_RANDOM_CORNERS, *lower.shape)) < 0.5
   corners = np.where(bits, upper, lower)
   return np.concatenate([((lower + upper) / 2)[None], lower[None], upper[None], corners]).astype(lower.dtype)
+
+
+def _device_loop(merged: MergedNetwork, box: Box) -> bool:
+  """Whether branch and bound runs on the device (``BAB_DEVICE_FRESH_VARS`` set, a paired chain of
+  affine layers and ReLUs or clips, low-dimensional inputs)."""
+  if BAB_DEVICE_FRESH_VARS is None or not merged.paired or int(np.prod(box.shape)) > LOW_DIMENSIONAL_INPUTS:
+    return False
+  from qbound.bounds.splitting import gradient_supported
+
+  return gradient_supported(merged.f_graph, merged.fq_graph)
 
 
 def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "auto", key=None, sound: bool = True,
@@ -532,9 +552,18 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
             track.add_witness(graph, witness)
 
         # Its last batch ends after its budget: a small share of the time is left for it.
-        res = branch_and_bound(merged, box, outputs=outputs, time_budget=max(0.95 * budget - 0.05, 1e-6),
-                               target_gap=target_gap, epsilon=epsilon, initial_lower=track.lower,
-                               initial_witness=track.witness, sound=sound, progress=progress, report=report)
+        bab_budget = max(0.95 * budget - 0.05, 1e-6)
+        if _device_loop(merged, box):
+          from qbound.bounds.forward_bab import forward_branch_and_bound
+
+          res = forward_branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
+                                         epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
+                                         sound=sound, report=report, fresh_vars=BAB_DEVICE_FRESH_VARS,
+                                         fresh_scope=BAB_DEVICE_FRESH_SCOPE)
+        else:
+          res = branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
+                                 epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
+                                 sound=sound, progress=progress, report=report)
         if branch_first:
           track.add_bounds("diff", res.root_lower, res.root_upper)
         track.add_witness(graph, res.witness)

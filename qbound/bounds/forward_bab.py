@@ -31,9 +31,14 @@ interval gradient weighs each input by how much it moves the unstable neurons, w
 where the bound's width comes from. On ACAS Xu 1_1..1_9 vs float16 (output 0, epsilon 0.05) the
 gradient split needs 1.3-4.6x fewer pieces than the coefficient split wherever either proves, 1_1 in
 563 pieces and 0.23 s warm (load 5-8; NeuroDiff 0.23-0.26 s idle); 1_3 and 1_4 stay undecided in
-10 s, where NeuroDiff relies on intermediate symbolic variables. Their nearest kin here,
-``domain="zonotope"`` (fresh generators per layer), proves all nine with the gradient split in
-0.41-0.79 s warm, about as fast as :func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
+10 s, where NeuroDiff relies on intermediate symbolic variables. Those are here too
+(``fresh_vars=k``, :func:`qbound.bounds.symbolic._fresh_variables`): with 2 a layer the pieces drop
+1.3-4.3x on every net, 1_3 and 1_4 are proved, and the median over the nine falls from 0.98 to 0.80 s
+at load 7.5 (``certify(method="bab")`` 1.44 s in the same run), at 20% more per piece and a program
+that compiles for 1.5-2 minutes (``fresh_scope="all"``, variables for ``z`` and ``z_q`` too: 1_3
+and 1_4 in half the time, every easy net slower). ``domain="zonotope"`` (fresh generators per layer for all three
+values) proves all nine with the gradient split in 0.41-0.79 s warm, about as fast as
+:func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
 
 The gradient split is the default where it applies (``SPLIT_RULE = "auto"``). Measured before it,
 with the coefficient split (``benchmarks/bench_forward_bab.py``, docs/results.md): this does **not** beat
@@ -93,6 +98,9 @@ DOMAIN = "forward"
 # either proves (docs/results.md); four random MLPs of bench_forward_bab.py --small: 51-16,079
 # pieces against 61-40,581 (one net 39 against 37).
 SPLIT_RULE = "auto"
+# NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass (forward.py's
+# ``fresh``); 0: none.
+FRESH_VARS = 0
 
 
 class _State(NamedTuple):
@@ -130,7 +138,7 @@ def supported(merged) -> bool:
 
 
 def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="node", split_rule="bound",
-                    output_backward=None):
+                    output_backward=None, fresh_vars=0, fresh_form=None, fresh_scope=None):
   """Bounds of a batch of pieces: ``(dlo, dhi, up, worst output, sens, kept bounds)``.
 
   ``domain``: ``"forward"``: every node's bounds from the forward symbolic pass
@@ -156,9 +164,10 @@ def _bound_children(fg, qg, lo, hi, prior, outputs, sound, domain, relu_rules="n
         known.append(full)
     n_in = l.size
     if domain in ("forward", "both"):
-      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules)
-      L = out.d_out.L.reshape(n_in, -1)[:, outputs]
-      U = out.d_out.U.reshape(n_in, -1)[:, outputs]
+      out = forward_diff_bounds(fg, qg, Box(l, h), sound=sound, prior=known, relu_rules=relu_rules,
+                                fresh=fresh_vars, fresh_form=fresh_form, fresh_scope=fresh_scope)
+      L = out.d_out.L[:n_in].reshape(n_in, -1)[:, outputs]  # the inputs' coefficients (not the fresh variables')
+      U = out.d_out.U[:n_in].reshape(n_in, -1)[:, outputs]
       z, zq, d, sens = out.z, out.zq, out.d, jnp.abs(L) + jnp.abs(U)
       known = (z, zq, d)
     if domain in ("zonotope", "both"):
@@ -207,7 +216,7 @@ def _finished_below(state: _State, epsilon, target_gap):
 
 
 def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state: _State, relu_rules="node",
-          split_rule="bound", output_backward=None) -> _State:
+          split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None, fresh_scope=None) -> _State:
   """One iteration: split the ``batch`` worst open pieces, bound the children, keep the open ones."""
   capacity, n = state.lo.shape
   shape = tuple(fg.input_shape)
@@ -232,7 +241,7 @@ def _step(fg, qg, mg, outputs, batch, sound, domain, epsilon, target_gap, state:
   c_valid = jnp.concatenate([active & (splittable | fresh), active & splittable & split])
   dlo, dhi, up, worst, sens, keep = _bound_children(
       fg, qg, c_lo.reshape((2 * batch, *shape)), c_hi.reshape((2 * batch, *shape)), c_prior, outputs, sound, domain,
-      relu_rules, split_rule, output_backward)
+      relu_rules, split_rule, output_backward, fresh_vars, fresh_form, fresh_scope)
   # A child lies inside its parent, so the parent's output bounds hold on it too (the prior covers
   # the nodes activations read, not the output).
   inherit = jnp.concatenate([~fresh, ~fresh])[:, None]
@@ -296,11 +305,13 @@ def _running(state: _State, batch, epsilon, target_gap):
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "batch", "sound", "domain", "relu_rules", "split_rule",
-                                    "output_backward"),
+                                    "output_backward", "fresh_vars", "fresh_form",
+                                    "fresh_scope"),
                    donate_argnames=("state",),
                    compiler_options=None)
 def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs, batch, sound, domain,
-         relu_rules="node", split_rule="bound", output_backward=None):
+         relu_rules="node", split_rule="bound", output_backward=None, fresh_vars=0, fresh_form=None,
+         fresh_scope=None):
   """Up to ``iterations`` steps, fewer if the search ends; returns the state and the steps taken."""
   outs = jnp.asarray(outputs)
 
@@ -311,7 +322,7 @@ def _run(fg, qg, mg, state: _State, iterations, epsilon, target_gap, *, outputs,
   def body(carry):
     s, i = carry
     return _step(fg, qg, mg, outs, batch, sound, domain, epsilon, target_gap, s, relu_rules, split_rule,
-                 output_backward), i + 1
+                 output_backward, fresh_vars, fresh_form, fresh_scope), i + 1
 
   return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
 
@@ -351,7 +362,9 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
                              max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
                              sound: bool = True, report=None, report_every: float = 0.1,
                              domain: Optional[str] = None, relu_rules: Optional[str] = None,
-                             split_rule: Optional[str] = None, output_backward: Optional[bool] = None):
+                             split_rule: Optional[str] = None, output_backward: Optional[bool] = None,
+                             fresh_vars: Optional[int] = None, fresh_form: Optional[str] = None,
+                             fresh_scope: Optional[str] = None):
   """Input-splitting branch and bound with forward symbolic bounds, run on the device.
 
   The same contract as :func:`qbound.bounds.branch_and_bound` (and the same
@@ -381,6 +394,11 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
       coefficients) or ``"auto"`` (default ``SPLIT_RULE``: ``"gradient"`` where it applies).
     output_backward: bound the selected outputs again by one backward pass (default
       ``OUTPUT_BACKWARD``).
+    fresh_vars: NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass
+      (``fresh`` of :func:`qbound.bounds.forward.forward_diff_bounds`; default ``FRESH_VARS``; 0: none).
+    fresh_form: how they name a neuron (``fresh_form`` there; default its ``FRESH_FORM``).
+    fresh_scope: whose neurons get them (``fresh_scope`` there: ``"d"`` or ``"all"``; default its
+      ``FRESH_SCOPE``).
 
   Returns:
     A :class:`~qbound.bounds.bab.BabResult`.
@@ -406,6 +424,16 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   domain = DOMAIN if domain is None else domain
   relu_rules = "node" if relu_rules is None else relu_rules
   output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
+  fresh_vars = FRESH_VARS if fresh_vars is None else int(fresh_vars)
+  if fresh_vars < 0:
+    raise ValueError(f"fresh_vars must be a count of variables per ReLU layer, at least 0; got {fresh_vars}.")
+  from qbound.bounds.forward import FRESH_FORM, FRESH_FORMS, FRESH_SCOPE, FRESH_SCOPES
+  fresh_form = FRESH_FORM if fresh_form is None else fresh_form
+  if fresh_form not in FRESH_FORMS:
+    raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
+  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
+  if fresh_scope not in FRESH_SCOPES:
+    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
   from qbound.bounds.forward import RELU_RULES
   if relu_rules not in RELU_RULES:
     raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
@@ -438,7 +466,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
     t = time.perf_counter()
     state, _ = _run(fg, qg, mg, state, np.int32(iterations), eps, gap, outputs=outputs, batch=batch,
                         sound=sound, domain=domain, relu_rules=relu_rules, split_rule=split_rule,
-                        output_backward=output_backward)
+                        output_backward=output_backward, fresh_vars=fresh_vars, fresh_form=fresh_form,
+                        fresh_scope=fresh_scope)
     up, closed_up, lower, violation, free = jax.device_get(
         (jnp.max(state.up), state.closed_up, state.lower, state.violation, jnp.sum(state.up == -jnp.inf)))
     if violation > 0:  # in float32: look again in float64 before calling it a bug
