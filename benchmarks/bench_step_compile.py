@@ -63,7 +63,7 @@ def _timed(fn):
   return out, time.perf_counter() - wall, time.process_time() - cpu, _compile["seconds"], _compile["programs"]
 
 
-def _pass_row(name, fg, qg, pieces, f_crown):
+def _pass_row(fg, qg, pieces, f_crown):
   run = lambda: jax.block_until_ready(sparse.diff_bounds_sparse(fg, qg, pieces, f_crown=f_crown,
                                                                   coefficients=True).d)
   _, wall, cpu, xla, programs = _timed(run)
@@ -73,15 +73,15 @@ def _pass_row(name, fg, qg, pieces, f_crown):
     for _ in range(10):
       run()
     warm.append((time.process_time() - start) / 10 * 1e3)
-  return f"{name:<34}{wall:>8.2f}{cpu:>8.2f}{xla:>8.2f}{programs:>6}{min(warm):>12.1f}"
+  return f"{wall:>8.2f}{cpu:>8.2f}{xla:>8.2f}{programs:>6}{min(warm):>12.1f}"
 
 
-def _bab_row(name, merged, box):
+def _bab_row(merged, box):
   res, wall, cpu, xla, programs = _timed(lambda: branch_and_bound(merged, box, time_budget=120, target_gap=0.02))
   start = time.process_time()
   warm = branch_and_bound(merged, box, time_budget=2.0, target_gap=0.0, search=False)
   rate = warm.pieces_bounded / (time.process_time() - start)
-  return (f"{name:<34}{wall:>8.2f}{cpu:>8.2f}{xla:>8.2f}{programs:>6}{rate:>12.0f}"
+  return (f"{wall:>8.2f}{cpu:>8.2f}{xla:>8.2f}{programs:>6}{rate:>12.0f}"
           f"   ({res.pieces_bounded} pieces, upper/lower {res.upper / res.lower:.4f})")
 
 
@@ -93,17 +93,17 @@ def main(argv=None):
   monitoring.register_event_duration_secs_listener(_listen)
   f, fq, box, widths, bits = exact_net(0)
   mlp = qb.merge(f, fq, box)
-  cases = [("MLP " + "-".join(map(str, widths)), lambda: _pass_row("", mlp.f_graph, mlp.fq_graph,
+  cases = [("MLP " + "-".join(map(str, widths)), lambda: _pass_row(mlp.f_graph, mlp.fq_graph,
                                                                     _pieces(box, 256, 0.25), True))]
   if BENCH.exists():
     acas_box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]),
                       jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
     af, afq = _pairs("ACASXU_run2a_1_1_batch_2000")
     acas = qb.merge(af, afq, acas_box)
-    cases.append(("ACAS Xu 1_1 vs 16-bit", lambda: _pass_row("", acas.f_graph, acas.fq_graph,
+    cases.append(("ACAS Xu 1_1 vs 16-bit", lambda: _pass_row(acas.f_graph, acas.fq_graph,
                                                              _pieces(acas_box, 32, 1 / 8), False)))
   if args.bab:
-    cases.append(("MLP branch and bound to 1.02", lambda: _bab_row("", mlp, box)))
+    cases.append(("MLP branch and bound to 1.02", lambda: _bab_row(mlp, box)))
   print(f"{'case / options':<34}{'wall s':>8}{'cpu s':>8}{'xla s':>8}{'progs':>6}{'warm':>12}")
   print("(first call: wall, CPU and XLA compile seconds, XLA programs; warm: CPU ms per pass, or pieces per CPU s)")
   for rep in range(args.reps):
@@ -112,7 +112,7 @@ def main(argv=None):
         common.STEP_COMPILE = options
         jax.clear_caches()
         line = row()
-        print(f"{case + ', ' + variant:<34}{line[34:]}  load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"{case + ', ' + variant:<34}{line}  load {os.getloadavg()[0]:.1f}", flush=True)
   common.STEP_COMPILE = VARIANTS["STEP_COMPILE"]
 
 
