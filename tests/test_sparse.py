@@ -65,3 +65,31 @@ def test_shared_relaxation_lines_give_the_same_bounds(monkeypatch):
     out[share] = [np.asarray(a) for b in (res.zq, res.d) for pair in b for a in pair] + [np.asarray(res.coefficients)]
   for a, b in zip(out[True], out[False]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_step_compile_options_give_the_same_bounds(monkeypatch):
+  """The per-node steps compiled with STEP_COMPILE (one LLVM module: faster to compile), also at
+  optimisation level 1, compute the same arithmetic as with XLA's defaults: the bounds agree bit
+  for bit."""
+  import helpers as H
+  import qbound as qb
+  from qbound.bounds import common, sparse
+
+  f, fq, _, _ = H.random_pair(5, (3, (8, 8), 2), noise=0.2)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  rng = np.random.default_rng(1)
+  lo = rng.uniform(-1, 0.4, (4, 3)).astype(np.float32)
+  pieces = qb.Box(jnp.asarray(lo), jnp.asarray(lo + 0.6))
+  out = {}
+  variants = (("defaults", {}), ("step", dict(common.STEP_COMPILE)),
+              ("level 1", {**common.STEP_COMPILE, "xla_backend_optimization_level": 1}))
+  for name, options in variants:
+    monkeypatch.setattr(common, "STEP_COMPILE", options)
+    res = sparse.diff_bounds_sparse(merged.f_graph, merged.fq_graph, pieces, f_crown=True, coefficients=True)
+    out[name] = [np.asarray(a) for b in (res.z, res.zq, res.d) for pair in b for a in pair] + [
+        np.asarray(res.coefficients)]
+  assert common.STEP_COMPILE  # the default is not XLA's (else this compares nothing)
+  for name in ("step", "level 1"):
+    for a, b in zip(out["defaults"], out[name]):
+      np.testing.assert_array_equal(a, b)

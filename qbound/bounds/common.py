@@ -74,28 +74,56 @@ def plus(total, value):
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+# XLA options for the per-node steps of bound propagation (jit_step's default, on CPU). A first
+# branch and bound compiles dozens of them (41 on the 5-12-8-8-2 MLP of bench_tight.py's exactness
+# table), each a chain of small elementwise operations that XLA's CPU backend splits into several
+# LLVM modules compiled apart: as one module they compile in 10-20% less CPU time and run as fast
+# (benchmarks/bench_step_compile.py, docs/results.md). Optimisation level 1 as well saved more
+# compile time but cost up to 20% of ACAS Xu's warm time per batch: not taken.
+STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1}
+
+
+@functools.cache
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
 def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = None) -> Callable:
   """``fn`` jit-compiled twice: as is, and mapped over a leading batch axis of the arguments whose
   ``in_axes`` entry is 0 (None: shared, e.g. the node). Call as ``step(*args, sound=..., batched=...)``.
 
   Branch and bound and batched certification bound many boxes at once; mapping inside each compiled
   step keeps the Python walk between steps as cheap as for one box (``jax.vmap`` around the walk
-  would re-batch every step on every call). ``compiler_options``: XLA's, e.g. :data:`FAST_COMPILE`.
+  would re-batch every step on every call). ``compiler_options``: XLA's, e.g. :data:`FAST_COMPILE`;
+  None: :data:`STEP_COMPILE` on CPU (read at each call, so it can be changed at run time).
   """
-  single = jax.jit(fn, static_argnames=("sound",), compiler_options=compiler_options)
 
   def mapped(*args, sound):
     return jax.vmap(functools.partial(fn, sound=sound), in_axes=in_axes)(*args)
 
-  batch = jax.jit(mapped, static_argnames=("sound",), compiler_options=compiler_options)
+  mapped.__name__ = mapped.__qualname__ = f"{fn.__name__}_batched"  # names the step in JAX's compile logs
   # JAX takes compiler options on the outermost jit only: inside another program (batched
   # certification jits whole passes) a step with options is traced into it as plain code.
-  plain = None
-  if compiler_options:
-    plain = (jax.jit(fn, static_argnames=("sound",)), jax.jit(mapped, static_argnames=("sound",)))
+  plain = (jax.jit(fn, static_argnames=("sound",)), jax.jit(mapped, static_argnames=("sound",)))
+  # {id(options): (options, (single, batched))}; the options are kept, so their id is not reused.
+  programs: dict = {}
+
+  def compiled(options):
+    if not options:
+      return plain
+    entry = programs.get(id(options))
+    if entry is None:
+      entry = programs[id(options)] = (options, (
+          jax.jit(fn, static_argnames=("sound",), compiler_options=options),
+          jax.jit(mapped, static_argnames=("sound",), compiler_options=options)))
+    return entry[1]
 
   def step(*args, sound: bool, batched: bool = False):
-    one, many = plain if plain is not None and tracing(args) else (single, batch)
+    if tracing(args):
+      one, many = plain
+    else:
+      options = compiler_options if compiler_options is not None else STEP_COMPILE if _on_cpu() else None
+      one, many = compiled(options)
     return (many if batched else one)(*args, sound=sound)
 
   step.__doc__ = fn.__doc__
