@@ -27,8 +27,6 @@ import time
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 import scipy.sparse
