@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from qbound import graph as G
 from qbound.box import Box
+from qbound.trace.state import inside_transformation
 
 
 def as_graph(fn, box: Box) -> G.Graph:
@@ -119,7 +120,9 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
     return entry[1]
 
   def step(*args, sound: bool, batched: bool = False):
-    if tracing(args):
+    # Inside another transformation (a jit, or a lax.map over row blocks whose arguments are all
+    # concrete) XLA options are refused: trace the plain steps into the outer program.
+    if tracing(args) or inside_transformation():
       one, many = plain
     else:
       options = compiler_options if compiler_options is not None else STEP_COMPILE if _on_cpu() else None
