@@ -221,6 +221,8 @@ def reached_differences(f, fq, box, *, uniform, lattice, seed, outputs=None):
   return errors64(f, fq, np.concatenate(parts))
 
 
+# ~33 s of the default run's 15 minutes (200k samples and a 30 s certify): runs with -m slow.
+@pytest.mark.slow
 def test_random_8_16_3_reproducer():
   """The reproducer of the clip fix: the differential bound of every output encloses what
   200k uniform samples, lattice points, corners and gradient ascent reach, and certify() (branch
