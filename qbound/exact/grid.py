@@ -78,7 +78,7 @@ MAX_CELLS = 1 << 25
 AUTO_MAX_CELLS = 1 << 15
 # With more time, certify allows this many cells per second of the grid's deadline: the first pass's
 # throughput on a quiet machine (AQT's 1.8e7 cells in about 7 s warm at load 2, 30 s at load 6:
-# measured on branch aqtbox); grid_error itself gives up after two chunks when the rest of its first
+# measured 2026-12-05); grid_error itself gives up after two chunks when the rest of its first
 # pass would end past the deadline.
 AUTO_CELLS_PER_SECOND = 2_000_000
 # Blocks (the first pass's boxes) per call at most (1.8e7 cells: 4^4 cells each; with 5^4 the first
