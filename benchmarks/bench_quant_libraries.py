@@ -68,10 +68,10 @@ CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "qwix dy
 # asymmetric minmax scales with zero points, qwix's scale per token on a batch of 3 tokens (the box
 # is 3 x 4, f and f_q take the batch), and AQT's dynamic calibration (int8 weights and activations).
 DYNAMIC_CONFIGS = ("qwix dynamic minmax int8", "qwix dynamic per-token int8", "aqt dynamic int8")
-# qwix's rms calibration (issue 16; branch rmscal): s = 3 sqrt(mean(x^2)) / 127.5, the entries past
+# qwix's rms calibration (issue 16): s = 3 sqrt(mean(x^2)) / 127.5, the entries past
 # 127.5 s saturate (qbound.rms_rounding); with static scales it is a constant scale like any other.
 RMS_CONFIGS = ("qwix dynamic rms int8", "qwix static rms int8")
-# A scale per tile of 2 entries along the contracted axis (qwix's tile_size; branch rmscal): qwix
+# A scale per tile of 2 entries along the contracted axis (qwix's tile_size): qwix
 # dequantizes before the product, and f gets the same reshapes so the layers pair.
 RMS_CONFIGS = RMS_CONFIGS + ("qwix dynamic tiled int8",)
 CONFIGS = CONFIGS + DYNAMIC_CONFIGS + RMS_CONFIGS
