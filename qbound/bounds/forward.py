@@ -245,15 +245,7 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
   n_in = int(box.lower.size)
   x = _input_symbolic(box)
   zero = Symbolic(jnp.zeros_like(x.L), x.l, jnp.zeros_like(x.U), x.u)
-  fresh = int(fresh)
-  if fresh < 0:
-    raise ValueError(f"fresh must be a count of variables per ReLU layer, at least 0; got {fresh}.")
-  fresh_form = FRESH_FORM if fresh_form is None else fresh_form
-  if fresh_form not in FRESH_FORMS:
-    raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
-  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
-  if fresh_scope not in FRESH_SCOPES:
-    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
+  fresh, fresh_form, fresh_scope = resolve_fresh(fresh, fresh_form, fresh_scope)
   every = fresh_scope == "all"
   per_net = 0
   if fresh:  # d runs over the inputs and every layer's fresh variables from the start (fixed shapes)
@@ -290,12 +282,7 @@ def forward_diff_bounds(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = Tru
                                       ctx, n_in, sound)
     if fresh and nf.kind == G.RELU:
       k = min(fresh, nf.size)
-      s_d, ctx = _fresh_variables(symbolic[2], concrete[2], ctx, slot, k, fresh_form)
-      symbolic = symbolic[:2] + (s_d,)
-      if every:
-        s_z, ctx = _fresh_variables(symbolic[0], concrete[0], ctx, slot + per_net, k, fresh_form)
-        s_q, ctx = _fresh_variables(symbolic[1], concrete[1], ctx, slot + 2 * per_net, k, fresh_form)
-        symbolic = (s_z, s_q, s_d)
+      symbolic, ctx = _name_fresh(symbolic, concrete, ctx, slot, k, fresh_form, per_net if every else 0)
       slot += k
     for lst, v in zip((zs, qs, ds, z, zq, d), symbolic + concrete):
       lst.append(v)
@@ -309,6 +296,33 @@ FRESH_FORM = "midline"
 # Whose neurons get fresh variables by default: "d" only (NeuroDiff's) or "all" (z, z_q and d).
 FRESH_SCOPE = "d"
 FRESH_SCOPES = ("d", "all")
+
+
+def resolve_fresh(fresh, fresh_form, fresh_scope, name: str = "fresh"):
+  """``(count, form, scope)`` of fresh variables with the defaults filled in, or a ValueError naming
+  the argument (``name``: the count's, as the caller calls it)."""
+  fresh = int(fresh)
+  if fresh < 0:
+    raise ValueError(f"{name} must be a count of variables per ReLU layer, at least 0; got {fresh}.")
+  fresh_form = FRESH_FORM if fresh_form is None else fresh_form
+  if fresh_form not in FRESH_FORMS:
+    raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
+  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
+  if fresh_scope not in FRESH_SCOPES:
+    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
+  return fresh, fresh_form, fresh_scope
+
+
+def _name_fresh(symbolic, concrete, ctx, slot: int, k: int, fresh_form: str, per_net: int):
+  """A ReLU node's ``(z, z_q, d)`` functions with ``k`` of d's neurons named by fresh variables from
+  ``slot`` on, and z's and z_q's too from ``slot + per_net`` and ``slot + 2 * per_net`` when
+  ``per_net`` (``fresh_scope="all"``). Returns the functions and the context."""
+  s_d, ctx = _fresh_variables(symbolic[2], concrete[2], ctx, slot, k, fresh_form)
+  if not per_net:
+    return symbolic[:2] + (s_d,), ctx
+  s_z, ctx = _fresh_variables(symbolic[0], concrete[0], ctx, slot + per_net, k, fresh_form)
+  s_q, ctx = _fresh_variables(symbolic[1], concrete[1], ctx, slot + 2 * per_net, k, fresh_form)
+  return (s_z, s_q, s_d), ctx
 
 
 def _node_bounds(nf, nq, zs_in, qs_in, ds_in, zb, qb, db, known, ctx: _Context, n_in: int, sound: bool):
@@ -414,12 +428,7 @@ def _scan_run(fg, qg, first, period, repeats, known_of, ctx, n_in, sound, lists,
                                     [c_prev[2]], known[k], c, n_in, sound)
       if fresh and nf.kind == G.RELU:
         n_fresh = min(fresh, nf.size)
-        s_d, c = _fresh_variables(s_prev[2], c_prev[2], c, at, n_fresh, fresh_form)
-        s_prev = s_prev[:2] + (s_d,)
-        if per_net:
-          s_z, c = _fresh_variables(s_prev[0], c_prev[0], c, at + per_net, n_fresh, fresh_form)
-          s_q, c = _fresh_variables(s_prev[1], c_prev[1], c, at + 2 * per_net, n_fresh, fresh_form)
-          s_prev = (s_z, s_q, s_d)
+        s_prev, c = _name_fresh(s_prev, c_prev, c, at, n_fresh, fresh_form, per_net)
         at = at + n_fresh
       out.append(c_prev)
     return (s_prev, c_prev, (c.center, c.radius, c.xmax, at)), tuple(out)

@@ -424,16 +424,9 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   domain = DOMAIN if domain is None else domain
   relu_rules = "node" if relu_rules is None else relu_rules
   output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
-  fresh_vars = FRESH_VARS if fresh_vars is None else int(fresh_vars)
-  if fresh_vars < 0:
-    raise ValueError(f"fresh_vars must be a count of variables per ReLU layer, at least 0; got {fresh_vars}.")
-  from qbound.bounds.forward import FRESH_FORM, FRESH_FORMS, FRESH_SCOPE, FRESH_SCOPES
-  fresh_form = FRESH_FORM if fresh_form is None else fresh_form
-  if fresh_form not in FRESH_FORMS:
-    raise ValueError(f"fresh_form must be one of {FRESH_FORMS}; got {fresh_form!r}.")
-  fresh_scope = FRESH_SCOPE if fresh_scope is None else fresh_scope
-  if fresh_scope not in FRESH_SCOPES:
-    raise ValueError(f"fresh_scope must be one of {FRESH_SCOPES}; got {fresh_scope!r}.")
+  from qbound.bounds.forward import resolve_fresh
+  fresh_vars, fresh_form, fresh_scope = resolve_fresh(FRESH_VARS if fresh_vars is None else fresh_vars, fresh_form,
+                                                      fresh_scope, name="fresh_vars")
   from qbound.bounds.forward import RELU_RULES
   if relu_rules not in RELU_RULES:
     raise ValueError(f"relu_rules must be one of {RELU_RULES}; got {relu_rules!r}.")
