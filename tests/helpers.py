@@ -173,6 +173,17 @@ class Attention(nn.Module):
     return nn.Dense(2)(nn.gelu(nn.Dense(8)(x)).mean(0))
 
 
+class TinyAttention(nn.Module):
+  """Two tokens of width 2: layer norm, softmax attention, a sum (few node steps to compile)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    q, k, v = nn.Dense(2)(h), nn.Dense(2)(h), nn.Dense(2)(h)
+    a = jax.nn.softmax(q @ k.T, axis=-1)
+    return (x + a @ v).sum(0)
+
+
 def quantized_pair(model: nn.Module, shape=(3, 4), bits: int = 4):
   """``(f, fq, x0)``: ``model`` at fixed random weights, its ``bits``-bit copy, and an input ``x0``."""
   x0 = jax.random.normal(jax.random.key(3), shape)

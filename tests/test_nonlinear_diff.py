@@ -187,20 +187,9 @@ def _sampled_errors(f, fq, box, seed):
   return jax.vmap(f)(xs) - jax.vmap(fq)(xs)
 
 
-class _TinyAttention(nn.Module):
-  """Two tokens of width 2: layer norm, softmax attention, a sum (few node steps to compile)."""
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm()(x)
-    q, k, v = nn.Dense(2)(h), nn.Dense(2)(h), nn.Dense(2)(h)
-    a = jax.nn.softmax(q @ k.T, axis=-1)
-    return (x + a @ v).sum(0)
-
-
 @pytest.mark.slow  # 30 s on two cores, mostly compiling; each rule has its own fast test above
 def test_certify_diff_on_a_tiny_attention_block_is_sound():
-  f, fq, x0 = H.quantized_pair(_TinyAttention(), shape=(2, 2))
+  f, fq, x0 = H.quantized_pair(H.TinyAttention(), shape=(2, 2))
   box = qb.Box(x0 - 0.02, x0 + 0.02)
   cert = qb.certify(f, fq, box, method="diff")
   err = float(jnp.max(jnp.abs(_sampled_errors(f, fq, box, 6))))
