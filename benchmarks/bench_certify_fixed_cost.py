@@ -11,7 +11,8 @@ one process, interleaved call by call after warm-up calls of each (until a call 
 * ``bab first``: the default now;
 * ``--device``: the same two with ``certify.BAB_DEVICE_FRESH_VARS = 2`` (the device loop).
 
-Prints one JSON line per net (median seconds of ``--reps`` calls, the load average), then the
+Prints one JSON line per net (median seconds of ``--reps`` calls, and of the same calls less the
+time inside branch and bound, whose search swings with the load; the load average), then the
 medians over the nets. Run: ``PYTHONPATH=. python benchmarks/bench_certify_fixed_cost.py --reps 3``.
 """
 
@@ -39,6 +40,28 @@ def _variants(device: bool):
     out[f"stages first{tag}"] = dict(BAB_BRANCH_FIRST=False, _HOST64_KEPT=0, BAB_DEVICE_FRESH_VARS=count)
     out[f"bab first{tag}"] = dict(BAB_BRANCH_FIRST=True, _HOST64_KEPT=2, BAB_DEVICE_FRESH_VARS=count)
   return out
+
+
+_BAB_SECONDS: list = []
+
+
+def _timing_branch_and_bound():
+  """Records each branch and bound's own seconds (host loop and device loop), so that a call's time
+  outside it (what this change is about) is measured apart from its search, whose time swings with
+  the load."""
+  import qbound.bounds.bab as bab
+  import qbound.bounds.forward_bab as forward_bab
+
+  for module, name in ((bab, "branch_and_bound"), (forward_bab, "forward_branch_and_bound")):
+    real = getattr(module, name)
+
+    def timed(*args, _real=real, **kwargs):
+      start = time.perf_counter()
+      res = _real(*args, **kwargs)
+      _BAB_SECONDS.append(time.perf_counter() - start)
+      return res
+
+    setattr(module, name, timed)
 
 
 def _set(settings):
@@ -97,6 +120,8 @@ def main(argv=None):
     return
   variants = _variants(args.device)
   medians = {name: [] for name in variants}
+  outside_medians = {name: [] for name in variants}
+  _timing_branch_and_bound()
   for k in args.nets:
     pair = _pairs(f"ACASXU_run2a_1_{k}_batch_2000")
     call = lambda: qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=[0])
@@ -106,23 +131,29 @@ def main(argv=None):
         if call().upper <= 0.05:
           break
     times = {name: [] for name in variants}
+    outside = {name: [] for name in variants}
     unproved = {name: 0 for name in variants}
     loads = []
     for _ in range(args.reps):
       for name, settings in variants.items():
         _set(settings)
+        _BAB_SECONDS.clear()
         start = time.perf_counter()
         cert = call()
         times[name].append(time.perf_counter() - start)
+        outside[name].append(times[name][-1] - sum(_BAB_SECONDS))
         unproved[name] += int(cert.upper > 0.05)  # timed as it is, and counted
         loads.append(os.getloadavg()[0])
     for name, t in times.items():
       medians[name].append(float(np.median(t)))
+      outside_medians[name].append(float(np.median(outside[name])))
     print(json.dumps({"net": f"1_{k}", **{name: round(float(np.median(t)), 3) for name, t in times.items()},
+                      **{f"{name}: outside bab": round(float(np.median(t)), 3) for name, t in outside.items()},
                       "unproved calls": {n: u for n, u in unproved.items() if u},
                       "load": f"{min(loads):.1f}-{max(loads):.1f}"}), flush=True)
   _set(dict(BAB_BRANCH_FIRST=True, _HOST64_KEPT=2, BAB_DEVICE_FRESH_VARS=None))
-  print(json.dumps({"net": "median", **{name: round(float(np.median(m)), 3) for name, m in medians.items()}}))
+  print(json.dumps({"net": "median", **{name: round(float(np.median(m)), 3) for name, m in medians.items()},
+                    **{f"{name}: outside bab": round(float(np.median(m)), 3) for name, m in outside_medians.items()}}))
 
 
 if __name__ == "__main__":
