@@ -11,6 +11,8 @@ one process, interleaved call by call after warm-up calls of each (until a call 
 * ``bab first``: the default now;
 * ``--device``: the same two with ``certify.BAB_DEVICE_FRESH_VARS = 2`` (the device loop).
 
+``--all-outputs``: all five outputs in one call (``outputs=None``) instead of output 0.
+
 Prints one JSON line per net (median seconds of ``--reps`` calls, and of the same calls less the
 time inside branch and bound, whose search swings with the load; the load average), then the
 medians over the nets. Run: ``PYTHONPATH=. python benchmarks/bench_certify_fixed_cost.py --reps 3``.
@@ -114,7 +116,9 @@ def main(argv=None):
   parser.add_argument("--nets", type=int, nargs="*", default=list(range(1, 10)))
   parser.add_argument("--device", action="store_true", help="also the device loop with 2 fresh variables")
   parser.add_argument("--trace", action="store_true", help="only qb.merge, with and without shared fractions")
+  parser.add_argument("--all-outputs", action="store_true", help="all five outputs in one call instead of output 0")
   args = parser.parse_args(argv)
+  outputs = None if args.all_outputs else [0]
   if args.trace:
     bench_trace(max(args.reps, 10))
     return
@@ -124,7 +128,7 @@ def main(argv=None):
   _timing_branch_and_bound()
   for k in args.nets:
     pair = _pairs(f"ACASXU_run2a_1_{k}_batch_2000")
-    call = lambda: qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=[0])
+    call = lambda: qb.certify(*pair, PROPERTY_1, method="bab", epsilon=0.05, outputs=outputs)
     for settings in variants.values():  # warm: a first call returns at its budget while it compiles
       _set(settings)
       for _ in range(8):

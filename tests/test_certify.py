@@ -260,10 +260,12 @@ def test_bab_on_few_inputs_goes_to_branch_and_bound_first(seed, monkeypatch):
   assert cert.lower <= exact.upper + 1e-6 and exact.value <= cert.upper + 1e-6
 
 
-def test_bab_on_many_inputs_still_runs_the_stages_before_it(monkeypatch):
-  """Above LOW_DIMENSIONAL_INPUTS inputs bab keeps CROWN, the differential pass and the search first."""
+@pytest.mark.parametrize("setting, value", [("LOW_DIMENSIONAL_INPUTS", 1), ("BAB_BRANCH_FIRST", False)])
+def test_bab_on_many_inputs_still_runs_the_stages_before_it(setting, value, monkeypatch):
+  """Above LOW_DIMENSIONAL_INPUTS inputs (or with BAB_BRANCH_FIRST off) bab keeps CROWN, the
+  differential pass and the search first."""
   C = importlib.import_module("qbound.certify")
-  monkeypatch.setattr(C, "LOW_DIMENSIONAL_INPUTS", 1)
+  monkeypatch.setattr(C, setting, value)
   called = []
   real = C.crown_bounds
   monkeypatch.setattr(C, "crown_bounds", lambda *a, **k: called.append(1) or real(*a, **k))
