@@ -31,6 +31,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Optional
 
 import jax
@@ -331,17 +332,34 @@ def _check_no_nan(values: np.ndarray, xs: np.ndarray) -> None:
         "The inputs or weights are too large; scale them down.")
 
 
+# The float64 copy of each live graph (_host64), dropped with the graph: a certify call evaluates its
+# witnesses 5-10 times, and each copy cost ~13 ms on ACAS Xu (about a tenth of a warm proof's fixed
+# cost). _HOST64_KEEP = False: a new copy every time (as before; benchmarks compare the two).
+_HOST64_KEEP = True
+_host64_copies: dict = {}  # id(graph) -> its float64 copy, while the graph lives
+
+
 def _host64(graph: G.Graph) -> G.Graph:
   """The graph's weights copied to the host and cast to float64 (call under ``jax.enable_x64``).
 
   Cast by NumPy: a cast by JAX compiles one small program per weight shape, a noticeable part of
-  a first call's time.
+  a first call's time. The copy is kept while the graph lives (graphs are frozen; a finalizer drops
+  it with the graph, before its id can be reused).
   """
+  key = id(graph)
+  copy = _host64_copies.get(key) if _HOST64_KEEP else None
+  if copy is not None:
+    return copy
+
   def to64(a):
     a = np.asarray(a)
     return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
 
-  return G.astype(jax.tree_util.tree_map(to64, graph), jnp.float64)
+  copy = G.astype(jax.tree_util.tree_map(to64, graph), jnp.float64)
+  if _HOST64_KEEP and key not in _host64_copies:
+    _host64_copies[key] = copy
+    weakref.finalize(graph, _host64_copies.pop, key, None)
+  return copy
 
 
 # One evaluation per witness or probe batch: compiled for a short compile (see FAST_COMPILE).

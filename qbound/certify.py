@@ -47,6 +47,10 @@ LOW_DIMENSIONAL_INPUTS = 8
 BAB_DEVICE_FRESH_VARS = None
 # Whose neurons get them there ("d" or "all", qbound.bounds.forward.FRESH_SCOPES; None: its default).
 BAB_DEVICE_FRESH_SCOPE = None
+# "bab" on paired networks with at most LOW_DIMENSIONAL_INPUTS inputs goes to branch and bound first,
+# as auto does (interval bounds, then its first batch; no CROWN, differential pass or search before
+# it). False: the stages first, as before (benchmarks/bench_certify_fixed_cost.py compares them).
+BAB_BRANCH_FIRST = True
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
 
 
@@ -307,7 +311,9 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     box: the input set (a :class:`~qbound.box.Box`).
     method: ``"interval"`` (IBP), ``"crown"`` (CROWN on the merged network), ``"alpha"``
       (optimised slopes), ``"diff"`` / ``"diff-interval"`` (differential bounds, symbolic or
-      interval), ``"bab"`` (branch and bound on the input), ``"milp"`` (exact, for piecewise-linear
+      interval), ``"bab"`` (branch and bound on the input; after CROWN, differential bounds and the search,
+      except on paired networks with at most ``LOW_DIMENSIONAL_INPUTS`` inputs, where its first
+      batch is the differential bound and its probes the search), ``"milp"`` (exact, for piecewise-linear
       nets: ReLU, clip, rounding), or ``"auto"``: interval bounds first. Then, for inputs of at
       most ``LOW_DIMENSIONAL_INPUTS`` (8) entries, branch and bound on the input with all the
       time left (for paired networks straight away: its first batch is the differential bound
@@ -460,11 +466,14 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   def bound_stages():
     # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
     # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
-    # So auto on paired networks goes to branch and bound directly: its first batch is the
-    # differential bound on the whole box, its probes find the reached errors, and the MILP gets
-    # what time is left. Skipping the separate passes saves their compilation (seconds, cold).
+    # So auto and bab on paired networks go to branch and bound directly: its first batch is the
+    # differential bound on the whole box, its probes find the reached errors, and (auto) the MILP
+    # gets what time is left. Skipping the separate passes saves their compilation (seconds, cold)
+    # and, warm, CROWN, the differential pass and the search before it: 0.2-0.3 s of a bab proof
+    # of 0.5-0.9 s on ACAS Xu vs float16 (docs/results.md, "certify's fixed cost").
     few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
-    branch_first = method == "auto" and few_inputs and diff_ok and not transformer
+    branch_first = (method == "auto" or (method == "bab" and BAB_BRANCH_FIRST)) and few_inputs and diff_ok \
+        and not transformer
 
     # A first reached error before anything else: the centre, the two extreme corners and a few random
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
@@ -476,7 +485,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # Cheap proven bounds.
     if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-    elif method == "auto":
+    elif method == "auto" or branch_first:  # bab on few inputs: a bound at once (2 ms warm on ACAS Xu)
       try:
         track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
       except (UnboundedLayerError, BoundOverflowError):

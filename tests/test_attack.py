@@ -182,3 +182,27 @@ def test_certify_with_a_budget_searches_a_staircase_beside_the_bounds():
   grid = jnp.stack(jnp.meshgrid(*[jnp.linspace(-1, 1, 500)] * 2), -1).reshape(-1, 2)
   grid_max = float(jnp.max(jnp.abs(jax.vmap(f)(grid) - jax.vmap(fq)(grid))))
   assert cert.lower <= cert.upper and grid_max <= cert.upper
+
+
+def test_float64_copies_are_kept_while_their_graph_lives():
+  """certify evaluates its witnesses several times on one graph: one float64 copy serves them all,
+  and it goes with its graph."""
+  import gc
+
+  from qbound import attack
+
+  f, fq, _, _ = H.random_pair(0, H.SHAPES[0], bits=4)
+  box = H.random_box(0, 2)
+  graph = qb.merge(f, fq, box).graph
+  other = qb.merge(fq, f, box).graph
+  with jax.enable_x64(True):
+    copy = attack._host64(graph)
+    assert attack._host64(graph) is copy and attack._host64(other) is not copy
+    xs = H.sample_points(box, 50)
+    np.testing.assert_array_equal(attack.exact_errors(graph, xs), H.eval64(graph, xs))
+    np.testing.assert_array_equal(attack.exact_errors(other, xs), -H.eval64(graph, xs))
+  key = id(graph)
+  assert key in attack._host64_copies
+  del graph, copy
+  gc.collect()
+  assert key not in attack._host64_copies

@@ -1,6 +1,7 @@
 """Tests of qbound.certify: the one call most users make, and its error messages."""
 
 import functools
+import importlib
 import json
 
 import flax.linen as nn
@@ -229,3 +230,45 @@ def test_lower_is_not_zero_when_a_corner_differs(method):
   assert corner > 0
   cert = qb.certify(f, fq, box, method=method, time_budget=0.1)
   assert cert.lower >= corner * (1 - 1e-5) and cert.lower > 0
+
+
+# --- method="bab" on few inputs: branch and bound first --------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [8, 10])
+def test_bab_on_few_inputs_goes_to_branch_and_bound_first(seed, monkeypatch):
+  """On a paired net with few inputs, bab's first batch is the differential bound and its probes the
+  search: certify runs neither CROWN, the differential pass nor the gradient search before it (they
+  cost 0.2-0.3 s of a warm ACAS Xu proof), and the certificate is as sound as before, against
+  sampling and the exact MILP value."""
+  C = importlib.import_module("qbound.certify")
+  f, fq, _, _ = H.random_pair(seed, H.SHAPES[0], bits=4)
+  box = H.random_box(seed, 2)
+
+  def not_here(*args, **kwargs):
+    raise AssertionError("a stage before branch and bound ran")
+
+  monkeypatch.setattr(C, "crown_bounds", not_here)
+  monkeypatch.setattr(C, "diff_bounds", not_here)
+  monkeypatch.setattr(C.attack, "maximize_error", not_here)
+  cert = qb.certify(f, fq, box, method="bab", target_gap=0.05, time_budget=60, search=H.search())
+  assert cert.method == "bab" and set(cert.bounds) == {"bab"}
+  merged = qb.merge(f, fq, box)
+  values = H.eval64(merged, H.sample_points(box, 1000))
+  assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
+  exact = qb.exact.milp(merged, None, box, time_limit=10)
+  assert cert.lower <= exact.upper + 1e-6 and exact.value <= cert.upper + 1e-6
+
+
+@pytest.mark.parametrize("setting, value", [("LOW_DIMENSIONAL_INPUTS", 1), ("BAB_BRANCH_FIRST", False)])
+def test_bab_on_many_inputs_still_runs_the_stages_before_it(setting, value, monkeypatch):
+  """Above LOW_DIMENSIONAL_INPUTS inputs (or with BAB_BRANCH_FIRST off) bab keeps CROWN, the
+  differential pass and the search first."""
+  C = importlib.import_module("qbound.certify")
+  monkeypatch.setattr(C, setting, value)
+  called = []
+  real = C.crown_bounds
+  monkeypatch.setattr(C, "crown_bounds", lambda *a, **k: called.append(1) or real(*a, **k))
+  f, fq, _, _ = H.random_pair(8, H.SHAPES[0], bits=4)
+  cert = qb.certify(f, fq, H.random_box(8, 2), method="bab", target_gap=0.5, time_budget=60, search=H.search())
+  assert called and set(cert.bounds) == {"bab"} and cert.lower <= cert.upper

@@ -98,8 +98,9 @@ def test_infinite_budget_runs_in_the_calling_thread(pair, monkeypatch):
 
 
 def test_a_named_method_still_gets_its_first_bound(pair, monkeypatch):
-  """method='bab' computes no interval bounds: at a deadline before its first bound (CROWN), the
-  call waits for it rather than returning without one."""
+  """At a deadline before method='bab' has its first bound (interval bounds on few inputs, where it
+  goes to branch and bound first; CROWN otherwise), the call waits for it rather than returning
+  without one."""
   f, fq, box = pair
   qb.certify(f, fq, box, method="bab", time_budget=5.0)
   real = C._first_probes

@@ -74,3 +74,23 @@ def test_pooling_taps_reproduce_max_pooling(window, strides, padding, dilation):
 def test_docstring_examples():
   result = doctest.testmod(PW, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+
+@pytest.mark.parametrize("values, shape", [(0.0, (4,)), (-0.0, (2, 3)), (np.float32(0.1), (3,)),
+                                           (np.full((2, 2), 1e-30), (2, 2)), ([0.5, 0.25, 0.5], (3,)),
+                                           (np.zeros(0), (0,))])
+def test_exact_is_each_value_as_a_fraction(values, shape):
+  """A uniform array shares one Fraction (the fast path); any array equals its entries exactly."""
+  from fractions import Fraction
+
+  out = PW.exact(values, shape)
+  assert out.shape == shape and out.dtype == object
+  want = np.broadcast_to(np.asarray(values, np.float64), shape).ravel()
+  assert all(isinstance(got, Fraction) and got == Fraction(float(v)) for got, v in zip(out.ravel(), want))
+
+
+@pytest.mark.parametrize("values", [np.full(3, np.nan), np.array([1.0, np.nan])])
+def test_exact_refuses_nan(values):
+  with pytest.raises(ValueError):
+    PW.exact(values, (values.size,))
