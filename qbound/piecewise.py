@@ -85,7 +85,7 @@ def exact(values, shape) -> np.ndarray:
   arr = np.asarray(values)
   if arr.dtype != object:
     arr = arr.astype(np.float64)
-    if arr.size and np.all(arr == arr.flat[0]):
+    if arr.size and np.all(arr == arr.flat[0]) and np.broadcast_shapes(arr.shape, shape) == tuple(shape):
       # One value (a ReLU's 0 and 1): one Fraction shared by every entry (Fractions are immutable).
       # Tracing ACAS Xu's 12 ReLUs built ~2,500 of them, 30-50 ms of every warm certify call.
       out = np.empty(shape, dtype=object)
