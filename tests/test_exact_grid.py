@@ -248,6 +248,14 @@ def test_linear_forms_hold_on_random_boxes():
   assert n == 2
 
 
+def test_auto_max_cells_scales_with_time_and_the_share_of_a_core():
+  rate = grid.AUTO_CELLS_PER_SECOND
+  assert grid.auto_max_cells(0.0, 1.0) == grid.auto_max_cells(-1.0, 1.0) == grid.AUTO_MAX_CELLS
+  assert grid.auto_max_cells(10.0, 1.0) == 10 * rate
+  assert grid.auto_max_cells(10.0, 0.25) == int(2.5 * rate)  # a busy machine: fewer cells
+  assert 0.0 < grid.core_share() <= 1.0
+
+
 def test_certify_auto_enumerates_small_grids():
   f, fq = _rounded_mlp(jax.random.key(0))
   box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))

@@ -30,12 +30,14 @@ widened by a relative 1e-9 past their computed ties), so the bound covers the bo
 The cells with the largest bounds give the reached error: points just inside their corners,
 evaluated in float64 on the merged graph (and the inputs passed as ``reached``).
 
-Cost: one float32 pass of f_q per cell (about 0.2 us per cell warm on an idle core for AQT's
-4-16-16-2 MLP), f's float64 linear bounds per block (about 15 us each) and again per box refined.
-AQT's int8 input grid on ``[-1, 1]^4`` has 65^4 = 1.8e7 cells: a first pass of about 7 s warm on a
-quiet machine (30 s at load 6), more than ``certify``'s default 10 s leaves it on a first call.
-``certify(method="auto")`` enumerates grids of at most :data:`AUTO_MAX_CELLS` cells, or
-:data:`AUTO_CELLS_PER_SECOND` per second of its share of the time; :func:`grid_error` gives up
+Cost: one float32 pass of f_q per cell and f's float64 linear bounds per block, in compiled chunks
+(:mod:`qbound.exact.cell_bounds`; CPU time about 0.15 us per cell and 9 us per block for AQT's
+4-16-16-2 MLP), and again linear bounds per box refined. AQT's int8 input grid on ``[-1, 1]^4`` has
+65^4 = 1.8e7 cells: a first pass of about 4.4 s of CPU time warm (with the refinement to 1.5x the
+reached error, 18-27 s of wall time at load 10-14, against 67-73 s with one batch per chunk), more
+than ``certify``'s default 10 s leaves it on a first call unless the machine is quiet. ``certify(method="auto")`` enumerates grids of at most
+:data:`AUTO_MAX_CELLS` cells, or :data:`AUTO_CELLS_PER_SECOND` per second of its share of the time
+and of a core (:func:`core_share`); :func:`grid_error` gives up
 after two chunks when its first pass would end past the deadline. :data:`MAX_CELLS` caps it.
 
 Example:
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Optional
 
@@ -75,11 +78,13 @@ MAX_CELLS = 1 << 25
 # certify(method='auto') enumerates grids of at most this many cells whatever its time (about a
 # second warm on AQT's 4-16-16-2 MLP).
 AUTO_MAX_CELLS = 1 << 15
-# With more time, certify allows this many cells per second of the grid's deadline: the first pass's
-# throughput on a quiet machine (AQT's 1.8e7 cells in about 7 s warm at load 2, 30 s at load 6:
-# measured 2026-12-05); grid_error itself gives up after two chunks when the rest of its first
-# pass would end past the deadline.
-AUTO_CELLS_PER_SECOND = 5_000_000
+# With more time, certify allows this many cells per second of the grid's deadline, scaled by the
+# share of a core the load average leaves (auto_max_cells): the first pass's throughput (AQT's 1.8e7
+# cells, linear bounds of its blocks and the cells' bounds, in about 7.5 s at load 9.3, a share of
+# 0.22: 1.1e7 a second per share; measured 2026-12-05), with a margin as the load average lags. On a
+# busy machine the time goes to branch and bound instead, and grid_error itself gives up after two
+# chunks when the rest of its first pass would end past the deadline.
+AUTO_CELLS_PER_SECOND = 8_000_000
 # Blocks (the first pass's boxes) per call at most (1.8e7 cells: 4^4 cells each; with 5^4 the first
 # pass refines 3.5x more cells, measured at a threshold of 0.09), and cells per chunk.
 MAX_BLOCKS = 1 << 17
@@ -120,9 +125,21 @@ class GridResult:
   seconds: float
 
 
-def auto_max_cells(seconds: float) -> int:
-  """The most cells ``certify(method="auto")`` enumerates with ``seconds`` for it."""
-  return max(AUTO_MAX_CELLS, int(AUTO_CELLS_PER_SECOND * max(seconds, 0.0)))
+def core_share() -> float:
+  """The share of a core this process can expect: cores over the 1-minute load average, at most 1
+  (1 where the load average is unknown)."""
+  try:
+    load = os.getloadavg()[0]
+  except (AttributeError, OSError):  # not on this platform
+    return 1.0
+  return min(1.0, (os.cpu_count() or 1) / max(load, 1e-3))
+
+
+def auto_max_cells(seconds: float, share: Optional[float] = None) -> int:
+  """The most cells ``certify(method="auto")`` enumerates with ``seconds`` for it and ``share`` of a
+  core (None: :func:`core_share`)."""
+  share = core_share() if share is None else share
+  return max(AUTO_MAX_CELLS, int(AUTO_CELLS_PER_SECOND * share * max(seconds, 0.0)))
 
 
 def _block_layout(counts, max_blocks: int):
