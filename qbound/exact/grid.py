@@ -79,12 +79,14 @@ MAX_CELLS = 1 << 25
 # second warm on AQT's 4-16-16-2 MLP).
 AUTO_MAX_CELLS = 1 << 15
 # With more time, certify allows this many cells per second of the grid's deadline, scaled by the
-# share of a core the load average leaves (auto_max_cells): the first pass's throughput (AQT's 1.8e7
-# cells, linear bounds of its blocks and the cells' bounds, in about 7.5 s at load 9.3, a share of
-# 0.22: 1.1e7 a second per share; measured 2026-12-05), with a margin as the load average lags. On a
-# busy machine the time goes to branch and bound instead, and grid_error itself gives up after two
+# share of a core the load average leaves (auto_max_cells). The first pass's own throughput is about
+# 1.1e7 a second per share (AQT's 1.8e7 cells in about 7.5 s at load 9.3, a share of 0.22); the
+# first call's compilations and the refinement need the rest. Measured 2026-12-05 at load 11-12 on
+# AQT's whole box: 8e6 let a 20 s certify try a first pass that gave up after two chunks (interval
+# bounds on the first call); 4e6 would allow 1.4e7 cells to a 30 s one, where the grid gets 1.46
+# (branch and bound: 6.0). On a busy machine the time goes to branch and bound instead; grid_error itself gives up after two
 # chunks when the rest of its first pass would end past the deadline.
-AUTO_CELLS_PER_SECOND = 8_000_000
+AUTO_CELLS_PER_SECOND = 6_000_000
 # Blocks (the first pass's boxes) per call at most (1.8e7 cells: 4^4 cells each; with 5^4 the first
 # pass refines 3.5x more cells, measured at a threshold of 0.09), and cells per chunk.
 MAX_BLOCKS = 1 << 17
