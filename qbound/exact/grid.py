@@ -285,8 +285,10 @@ class _Grid:
 
 
 def _f_on_cells_np(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
-  """:func:`_f_on_cells` for one cell per box, in float64 (products of float32 numbers are exact
-  there; the sums get ``1e-14`` of their magnitude). Returns ``(f_lo, f_hi)``, each ``(k, n)``."""
+  """Bounds of f on one cell per box from f's linear bounds over the box (as
+  :mod:`qbound.exact.cell_bounds` does on the device for a block's cells), in float64 (products of
+  float32 numbers are exact there; the sums get ``1e-14`` of their magnitude). Returns
+  ``(f_lo, f_hi)``, each ``(k, n)``."""
   k = lam.shape[0]
   lam = np.asarray(lam, np.float64).reshape(k, lam.shape[1], -1)
   shape = (k, 1, -1)
