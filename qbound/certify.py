@@ -100,8 +100,9 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
   """Where f_q rounds its input first: the error cell by cell, if its first pass ends in time."""
   from qbound.exact.grid import auto_max_cells, grid_error
 
-  # Grids past 2^15 cells only when their first pass can end in time (AUTO_CELLS_PER_SECOND;
-  # grid_error gives up after two chunks if the rest would end past the deadline). Past its first
+  # Grids past 2^15 cells only when their first pass can end in time (AUTO_CELLS_PER_SECOND times
+  # the share of a core the load average leaves; grid_error gives up after two chunks if the rest
+  # would end past the deadline). Past its first
   # pass it refines the largest bounds first, towards target_gap, and returns at the deadline.
   witness = track.snapshot()["witness"]
   res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),

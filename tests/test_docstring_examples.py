@@ -16,7 +16,7 @@ import qbound
 TESTED_ELSEWHERE = {"qbound.certified_training", "qbound.compression", "qbound.models", "qbound.piecewise",
                     "qbound.serialize", "qbound.bounds.smooth", "qbound.validate", "qbound.quantize.activations",
                     "qbound.quantize.qat", "qbound.io.onnx_export", "qbound.io.vnnlib_reader", "qbound.exact.grid",
-                    "qbound.exact.forms"}
+                    "qbound.exact.forms", "qbound.exact.cell_bounds"}
 
 
 def _modules():

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qbound as qb
-from qbound.exact import cells, forms, grid
+from qbound.bounds.interval import interval_bounds
+from qbound.exact import cell_bounds, cells, forms, grid
 import helpers as H
 
 
@@ -106,6 +107,58 @@ def _check_refined_grid(seed, block, gap):
   assert res.lower == pytest.approx(float(np.max(np.abs(H.eval64(merged, res.witness[None])))), rel=1e-9)
 
 
+def test_first_pass_bounds_every_cell_against_brute_force():
+  # The first pass alone (no refinement to hide a bound too small): each cell's bound must cover
+  # the float64 error at points inside that cell (a 3^3 lattice from its corners inset by 1e-6),
+  # with blocks cut short at the grid's end (7 and 6 cells a side in blocks of 4) and chunks padded
+  # to whole groups of blocks (8 blocks in groups of 3). Seed 1 has a cell 1e-4 wide.
+  _check_first_pass(seed=1, max_blocks=8, group=3)
+
+
+@pytest.mark.slow  # 25 s at load 10 (a compilation per example)
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), max_blocks=st.sampled_from([1, 8, 27]), group=st.sampled_from([1, 2, 3]))
+def test_first_pass_bounds_every_cell_on_random_grids(seed, max_blocks, group):
+  _check_first_pass(seed, max_blocks, group)
+
+
+def _check_first_pass(seed, max_blocks, group):
+  rng = np.random.default_rng(seed)
+  f, fq = _rounded_mlp(jax.random.key(seed))
+  lo = rng.uniform(-1, 0.3, 3).astype(np.float32)
+  box = qb.Box(jnp.asarray(lo), jnp.asarray(lo + np.float32(rng.uniform(0.3, 0.7))))
+  merged = qb.merge(f, fq, box)
+  edges = cells.input_cells(merged.fq_graph, box)
+  q_bounds = interval_bounds(merged.fq_graph, box, True)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(grid, "MAX_BLOCKS", max_blocks)
+    layout = grid._Grid(merged.f_graph, merged.fq_graph, box, edges, True, q_bounds)  # noqa: SLF001
+  k = layout.n_blocks
+  b_lo, b_hi = layout.block_boxes(k)
+  value, lam = forms.linear_bounds(merged.f_graph, b_lo, b_hi)
+  got = np.asarray(cell_bounds.chunk_bounds(
+      merged.fq_graph, layout.q_err, layout.tables, 0, value, lam, b_lo, b_hi, k=k, counts=layout.counts,
+      per=layout.per, blocks_per=layout.blocks_per, group_cells=group * layout.cells_per_block), np.float64)
+  assert got.shape == (k * layout.cells_per_block,)
+  positions = np.arange(got.size)
+  idx = layout.indices(positions)
+  t = np.linspace(0, 1, 3)
+  corners = np.stack(np.meshgrid(t, t, t, indexing="ij"), -1).reshape(-1, 3)  # 27 points per cell
+  c_lo = np.stack([edges[i][idx[:, i]] for i in range(3)], -1)
+  c_hi = np.stack([edges[i][idx[:, i] + 1] for i in range(3)], -1)
+  inset = 1e-6 * (c_hi - c_lo)
+  pts = ((c_lo + inset)[:, None] + corners[None] * (c_hi - c_lo - 2 * inset)[:, None]).astype(np.float32)
+  # A point of a narrow cell may round onto a tie or past it in float32 (then a neighbour's f_q
+  # holds there): only the points strictly inside count.
+  inside = np.all((pts > c_lo[:, None]) & (pts < c_hi[:, None]), axis=-1)
+  errs = np.abs(H.eval64(merged, pts.reshape(-1, 3))).reshape(*inside.shape, -1).max(axis=-1)
+  errs = np.where(inside, errs, 0.0).max(axis=1)
+  assert inside.any(axis=1).mean() > 0.8 and np.all(errs <= got), (errs - got).max()
+  # Tight where f_q's value is sure (f is nearly linear on a block of a few cells).
+  finite = np.isfinite(got)
+  assert finite.mean() > 0.9 and np.median(got[finite] - errs[finite]) < 0.2
+
+
 def test_grid_refinement_gets_the_one_cell_bounds(monkeypatch):
   # With refine_gap 0 every cell above the reached error ends bounded on its own: the bound is the
   # one of 5^3 single-cell refinements, whatever the blocks.
@@ -126,8 +179,8 @@ def test_grid_stopped_after_its_first_pass_keeps_a_proven_bound(monkeypatch):
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   merged = qb.merge(f, fq, box)
   chunks = []
-  chunk = grid._chunk  # noqa: SLF001
-  monkeypatch.setattr(grid, "_chunk", lambda *a, **k: chunks.append(1) or chunk(*a, **k))
+  chunk = grid.chunk_bounds
+  monkeypatch.setattr(grid, "chunk_bounds", lambda *a, **k: chunks.append(1) or chunk(*a, **k))
   stopped = grid.grid_error(merged, box, refine_gap=0.0, stop=lambda: bool(chunks))
   full = grid.grid_error(merged, box, refine_gap=0.0)
   assert stopped is not None and np.isfinite(stopped.upper) and stopped.refined < full.refined
@@ -195,6 +248,14 @@ def test_linear_forms_hold_on_random_boxes():
   assert n == 2
 
 
+def test_auto_max_cells_scales_with_time_and_the_share_of_a_core():
+  rate = grid.AUTO_CELLS_PER_SECOND
+  assert grid.auto_max_cells(0.0, 1.0) == grid.auto_max_cells(-1.0, 1.0) == grid.AUTO_MAX_CELLS
+  assert grid.auto_max_cells(10.0, 1.0) == 10 * rate
+  assert grid.auto_max_cells(10.0, 0.25) == int(2.5 * rate)  # a busy machine: fewer cells
+  assert 0.0 < grid.core_share() <= 1.0
+
+
 def test_certify_auto_enumerates_small_grids():
   f, fq = _rounded_mlp(jax.random.key(0))
   box = qb.Box(jnp.array([-0.3, 0.1, -0.5]), jnp.array([0.2, 0.6, 0.0]))
@@ -203,7 +264,7 @@ def test_certify_auto_enumerates_small_grids():
   assert cert.lower <= cert.upper <= 1.1 * cert.lower
 
 
-@pytest.mark.parametrize("module", [grid, forms])
+@pytest.mark.parametrize("module", [grid, forms, cell_bounds])
 def test_docstring_examples_run(module):
   import doctest
 

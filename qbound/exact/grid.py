@@ -30,12 +30,14 @@ widened by a relative 1e-9 past their computed ties), so the bound covers the bo
 The cells with the largest bounds give the reached error: points just inside their corners,
 evaluated in float64 on the merged graph (and the inputs passed as ``reached``).
 
-Cost: one float32 pass of f_q per cell (about 0.2 us per cell warm on an idle core for AQT's
-4-16-16-2 MLP), f's float64 linear bounds per block (about 15 us each) and again per box refined.
-AQT's int8 input grid on ``[-1, 1]^4`` has 65^4 = 1.8e7 cells: a first pass of about 7 s warm on a
-quiet machine (30 s at load 6), more than ``certify``'s default 10 s leaves it on a first call.
-``certify(method="auto")`` enumerates grids of at most :data:`AUTO_MAX_CELLS` cells, or
-:data:`AUTO_CELLS_PER_SECOND` per second of its share of the time; :func:`grid_error` gives up
+Cost: one float32 pass of f_q per cell and f's float64 linear bounds per block, in compiled chunks
+(:mod:`qbound.exact.cell_bounds`; CPU time about 0.15 us per cell and 9 us per block for AQT's
+4-16-16-2 MLP), and again linear bounds per box refined. AQT's int8 input grid on ``[-1, 1]^4`` has
+65^4 = 1.8e7 cells: a first pass of about 4.4 s of CPU time warm (with the refinement to 1.5x the
+reached error, 18-27 s of wall time at load 10-14, against 67-73 s with one batch per chunk), more
+than ``certify``'s default 10 s leaves it on a first call unless the machine is quiet. ``certify(method="auto")`` enumerates grids of at most
+:data:`AUTO_MAX_CELLS` cells, or :data:`AUTO_CELLS_PER_SECOND` per second of its share of the time
+and of a core (:func:`core_share`); :func:`grid_error` gives up
 after two chunks when its first pass would end past the deadline. :data:`MAX_CELLS` caps it.
 
 Example:
@@ -51,8 +53,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import os
 import time
 from typing import Optional
 
@@ -62,10 +64,10 @@ import numpy as np
 
 from qbound import attack
 from qbound import graph as G
-from qbound.bounds import fp
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box
 from qbound.errors import SoundnessError
+from qbound.exact.cell_bounds import chunk_bounds
 from qbound.exact.cells import cell_tables, cells_at_most, error_bounds, evaluate, input_cells, pre_rounding
 from qbound.exact.forms import linear_bounds
 from qbound.exact.forms import supported as forms_supported
@@ -76,11 +78,15 @@ MAX_CELLS = 1 << 25
 # certify(method='auto') enumerates grids of at most this many cells whatever its time (about a
 # second warm on AQT's 4-16-16-2 MLP).
 AUTO_MAX_CELLS = 1 << 15
-# With more time, certify allows this many cells per second of the grid's deadline: the first pass's
-# throughput on a quiet machine (AQT's 1.8e7 cells in about 7 s warm at load 2, 30 s at load 6:
-# measured 2026-12-05); grid_error itself gives up after two chunks when the rest of its first
-# pass would end past the deadline.
-AUTO_CELLS_PER_SECOND = 2_000_000
+# With more time, certify allows this many cells per second of the grid's deadline, scaled by the
+# share of a core the load average leaves (auto_max_cells). The first pass's own throughput is about
+# 1.1e7 a second per share (AQT's 1.8e7 cells in about 7.5 s at load 9.3, a share of 0.22); the
+# first call's compilations and the refinement need the rest. Measured 2026-12-05 at load 11-12 on
+# AQT's whole box: 8e6 let a 20 s certify try a first pass that gave up after two chunks (interval
+# bounds on the first call); 4e6 would allow 1.4e7 cells to a 30 s one, where the grid gets 1.46
+# (branch and bound: 6.0). On a busy machine the time goes to branch and bound instead; grid_error itself gives up after two
+# chunks when the rest of its first pass would end past the deadline.
+AUTO_CELLS_PER_SECOND = 6_000_000
 # Blocks (the first pass's boxes) per call at most (1.8e7 cells: 4^4 cells each; with 5^4 the first
 # pass refines 3.5x more cells, measured at a threshold of 0.09), and cells per chunk.
 MAX_BLOCKS = 1 << 17
@@ -121,71 +127,21 @@ class GridResult:
   seconds: float
 
 
-def auto_max_cells(seconds: float) -> int:
-  """The most cells ``certify(method="auto")`` enumerates with ``seconds`` for it."""
-  return max(AUTO_MAX_CELLS, int(AUTO_CELLS_PER_SECOND * max(seconds, 0.0)))
+def core_share() -> float:
+  """The share of a core this process can expect: cores over the 1-minute load average, at most 1
+  (1 where the load average is unknown)."""
+  try:
+    load = os.getloadavg()[0]
+  except (AttributeError, OSError):  # not on this platform
+    return 1.0
+  return min(1.0, (os.cpu_count() or 1) / max(load, 1e-3))
 
 
-def _f_on_cells(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
-  """Bounds of f on cells from the linear bounds (qbound.exact.forms) over their blocks.
-
-  ``value``, ``lam`` (``(k, rows)``, ``(k, rows, *in)``): lower bounds of the rows ``[+e_j; -e_j]``
-  of f over the blocks ``[blk_lo, blk_hi]`` and their coefficients on the input, so that
-  ``row . f(x) >= value + lam . x - min_block lam . y`` on a block; minimised over each of its cells
-  (``(k, c, *in)``) in closed form. Returns ``(f_lo, f_hi)``, each ``(k, c, n)``.
-  """
-  axes = tuple(range(2, lam.ndim))
-  cell_axes = tuple(a + 1 for a in axes)
-  lam_b = lam[:, None]  # (k, 1, rows, *in)
-  lo_b, hi_b = cell_lo[:, :, None], cell_hi[:, :, None]
-  at_cell = jnp.sum(jnp.minimum(lam_b * lo_b, lam_b * hi_b), axis=cell_axes)  # (k, c, rows)
-  at_block = jnp.sum(jnp.minimum(lam * blk_lo[:, None], lam * blk_hi[:, None]), axis=axes)  # (k, rows)
-  mag = (jnp.sum(jnp.abs(lam_b) * jnp.maximum(jnp.abs(lo_b), jnp.abs(hi_b)), axis=cell_axes)
-         + (jnp.sum(jnp.abs(lam) * jnp.maximum(jnp.abs(blk_lo[:, None]), jnp.abs(blk_hi[:, None])), axis=axes)
-            + jnp.abs(value))[:, None])
-  size = int(np.prod(lam.shape[2:]))
-  rows = value[:, None] + at_cell - at_block[:, None]
-  rows = fp.round_down(rows - fp.dot_margin(2 * size + 4, mag, rows.dtype))
-  n = rows.shape[-1] // 2
-  return rows[..., :n], -rows[..., n:]
-
-
-def _differences(f_lo, f_hi, q_lo, q_hi):
-  """Proven ``(lower, upper)`` of ``f - f_q`` from bounds of each (float margins included)."""
-  d_lo = f_lo - q_hi
-  d_hi = f_hi - q_lo
-  return (fp.round_down(d_lo - fp.dot_margin(1, jnp.abs(f_lo) + jnp.abs(q_hi), d_lo.dtype)),
-          fp.round_up(d_hi + fp.dot_margin(1, jnp.abs(f_hi) + jnp.abs(q_lo), d_hi.dtype)))
-
-
-def _cells_of(ids, tables, counts, per, blocks_per, offsets, in_shape):
-  """The cells of blocks ``ids``: their indices ``(k, c, d)``, widened ends and representatives."""
-  lo32, hi32, rep = tables
-  multi = jnp.stack(jnp.unravel_index(ids, blocks_per), -1) * jnp.asarray(per)  # (k, d)
-  idx = jnp.minimum(multi[:, None, :] + offsets[None], jnp.asarray(counts) - 1)  # (k, c, d)
-  entries = jnp.arange(len(counts))
-  gather = lambda t: t[entries, idx].reshape(*idx.shape[:2], *in_shape)  # noqa: E731
-  return idx, gather(lo32), gather(hi32), gather(rep)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "counts", "per", "blocks_per"))
-def _chunk(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, *, k, counts, per, blocks_per):
-  """One chunk of ``k`` blocks from block ``first``, with f's linear bounds over those blocks
-  (``value``, ``lam``, ``blk_lo``, ``blk_hi``: ``k`` rows each): every cell's bound on ``|f - f_q|``
-  (flat, ``(k * cells per block,)``; ``inf`` where a rounding met a possible tie, so it is refined)."""
-  n_blocks = math.prod(blocks_per)
-  ids = jnp.minimum(first + jnp.arange(k), n_blocks - 1)
-  offsets = jnp.stack(jnp.meshgrid(*[jnp.arange(b) for b in per], indexing="ij"), -1).reshape(-1, len(per))
-  in_shape = qg.input_shape
-  _, cell_lo, cell_hi, reps = _cells_of(ids, tables, counts, per, blocks_per, offsets, in_shape)
-  c = reps.shape[1]
-  vq, flagged = jax.vmap(lambda x: evaluate(qg, q_err, x))(reps.reshape(k * c, *in_shape))
-  vq = vq.reshape(k, c, -1)
-  err = q_err[qg.output].reshape(-1)
-  f_lo, f_hi = _f_on_cells(value, lam, blk_lo, blk_hi, cell_lo, cell_hi)
-  d_lo, d_hi = _differences(f_lo, f_hi, fp.round_down(vq - err), fp.round_up(vq + err))
-  worst = jnp.max(jnp.maximum(-d_lo, d_hi), axis=-1).reshape(-1)
-  return jnp.where(flagged, jnp.inf, worst)
+def auto_max_cells(seconds: float, share: Optional[float] = None) -> int:
+  """The most cells ``certify(method="auto")`` enumerates with ``seconds`` for it and ``share`` of a
+  core (None: :func:`core_share`)."""
+  share = core_share() if share is None else share
+  return max(AUTO_MAX_CELLS, int(AUTO_CELLS_PER_SECOND * share * max(seconds, 0.0)))
 
 
 def _block_layout(counts, max_blocks: int):
@@ -234,8 +190,6 @@ class _Grid:
     self.blocks_per = tuple(math.ceil(m / b) for m, b in zip(self.counts, self.per))
     self.n_blocks = math.prod(self.blocks_per)
     self.cells_per_block = math.prod(self.per)
-    self.offsets = jnp.stack(jnp.meshgrid(*[jnp.arange(b) for b in self.per], indexing="ij"), -1).reshape(
-        -1, len(self.per))
     self.q_err = _error_bounds(qg, q_bounds)
     # The same bounds for a float64 evaluation: the standard model's terms scale with the unit
     # roundoff (2^-53 against 2^-24); a factor 2 to spare.
@@ -317,8 +271,10 @@ class _Grid:
     lo, hi, rep, idx = self.cells(positions)
     if forms is None:
       b_lo, b_hi = self.boxes(idx, size)
-      _, first, inverse = np.unique(idx // size, axis=0, return_index=True, return_inverse=True)
-      value, lam = _batched(lambda a, b: linear_bounds(self.fg, a, b), b_lo[first], b_hi[first])
+      # The boxes by one integer key each (np.unique over rows sorts lexicographically: slower).
+      key = np.ravel_multi_index(tuple((idx // size).T), tuple(-(-np.asarray(self.counts) // size)))
+      _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+      value, lam = linear_bounds(self.fg, b_lo[first], b_hi[first])
       inverse = inverse.reshape(-1)
       forms = (value[inverse], lam[inverse], b_lo[first][inverse], b_hi[first][inverse])
     f_lo, f_hi = _f_on_cells_np(*forms, lo, hi)
@@ -329,8 +285,10 @@ class _Grid:
 
 
 def _f_on_cells_np(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
-  """:func:`_f_on_cells` for one cell per box, in float64 (products of float32 numbers are exact
-  there; the sums get ``1e-14`` of their magnitude). Returns ``(f_lo, f_hi)``, each ``(k, n)``."""
+  """Bounds of f on one cell per box from f's linear bounds over the box (as
+  :mod:`qbound.exact.cell_bounds` does on the device for a block's cells), in float64 (products of
+  float32 numbers are exact there; the sums get ``1e-14`` of their magnitude). Returns
+  ``(f_lo, f_hi)``, each ``(k, n)``."""
   k = lam.shape[0]
   lam = np.asarray(lam, np.float64).reshape(k, lam.shape[1], -1)
   shape = (k, 1, -1)
@@ -413,11 +371,11 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     if chunk == 1:
       timed_from = now
     rows = slice(chunk * k, (chunk + 1) * k)
-    value, lam = _batched(lambda a, b: linear_bounds(fg, a, b), blk_lo[rows], blk_hi[rows])
+    value, lam = linear_bounds(fg, blk_lo[rows], blk_hi[rows])
     forms_np.append((value, lam))
-    worst.append(np.asarray(_chunk(qg, grid.q_err, grid.tables, chunk * k, jnp.asarray(value), jnp.asarray(lam),
-                                   jnp.asarray(blk_lo[rows]), jnp.asarray(blk_hi[rows]), k=k, counts=grid.counts,
-                                   per=grid.per, blocks_per=grid.blocks_per), np.float64))
+    worst.append(np.asarray(chunk_bounds(qg, grid.q_err, grid.tables, chunk * k, value, lam, blk_lo[rows],
+                                         blk_hi[rows], k=k, counts=grid.counts, per=grid.per,
+                                         blocks_per=grid.blocks_per), np.float64))
   block_forms = (np.concatenate([v for v, _ in forms_np]), np.concatenate([m for _, m in forms_np]), blk_lo, blk_hi)
   # Every cell has a bound now (inf where f_q's float32 value met a possible tie): from here on a
   # deadline returns the bound proven so far.
@@ -459,8 +417,11 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   level = np.zeros(bounds.size, np.int8)  # sizes[level]: the next box a cell is bounded over
   level[order] = len(sizes)  # bounded on their own: nothing left to refine
   batch = FIRST_REFINE_BATCH
+  # The threshold only rises and bounds only fall: the cells above it are among those above it now
+  # (scanned once: the first pass's bounds are one per cell, 1.8e7 on AQT's whole box).
+  above = np.flatnonzero(bounds > threshold())
   while True:
-    above = np.flatnonzero((bounds > threshold()) & (level < len(sizes)))
+    above = above[(bounds[above] > threshold()) & (level[above] < len(sizes))]
     if not above.size:
       break
     if late():
