@@ -52,6 +52,12 @@ BAB_DEVICE_FRESH_SCOPE = None
 # it). False: the stages first, as before (benchmarks/bench_certify_fixed_cost.py compares them).
 BAB_BRANCH_FIRST = True
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
+# auto on small paired ReLU chains with few inputs (qbound.bounds.host_bab.chain_of) starts branch
+# and bound in NumPy first, which compiles nothing, and gives it this share of the time left alone
+# before the compiled branch and bound starts beside it: on bench_tight.py's exactness nets it
+# closes 9 of 12 on its own, 7 of them in under 0.25 CPU seconds, where the compiled one's first
+# call spends 5-12 CPU seconds compiling (docs/results.md). None: no host branch and bound.
+HOST_HEAD_START = 0.25
 
 
 def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
@@ -202,7 +208,8 @@ def _closing_reserve(time_budget: float) -> float:
   return min(0.1, 0.1 * time_budget)
 
 
-def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threading.Event, deadline: float) -> None:
+def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threading.Event, deadline: float,
+                        closed: Optional[threading.Event] = None) -> None:
   """Runs ``stages`` in a worker thread and returns at ``deadline``, or when they finish.
 
   A stage cannot be interrupted while it compiles (seconds on a first call), so waiting for the
@@ -210,7 +217,8 @@ def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threa
   ``stop``, and the worker skips every later stage once its current one ends (what that one
   compiled is cached for the next call). A certificate needs one proven bound: if none is there at
   the deadline, it waits for the first (interval bounds, a fraction of a second). An exception from
-  the stages is raised here if it comes before the call returns, else logged.
+  the stages is raised here if it comes before the call returns, else logged. ``closed``, when
+  set by a stage, returns at once too (the gap is closed; a stage still compiling is left to end).
   """
   if deadline == float("inf"):
     stages()
@@ -232,7 +240,11 @@ def _run_until_deadline(stages: Callable[[], None], track: _Tracker, stop: threa
   # daemon thread still inside XLA would abort the process.
   worker = threading.Thread(target=work, name="qbound-certify", daemon=False)
   worker.start()
-  worker.join(timeout=max(deadline - time.perf_counter(), 0.0))
+  if closed is None:
+    worker.join(timeout=max(deadline - time.perf_counter(), 0.0))
+  else:
+    while worker.is_alive() and not closed.is_set() and time.perf_counter() < deadline:
+      worker.join(timeout=min(0.01, max(deadline - time.perf_counter(), 0.0)))
   if worker.is_alive():
     stop.set()
     while worker.is_alive() and not track.snapshot()["per_method"]:
@@ -318,7 +330,9 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       nets: ReLU, clip, rounding), or ``"auto"``: interval bounds first. Then, for inputs of at
       most ``LOW_DIMENSIONAL_INPUTS`` (8) entries, branch and bound on the input with all the
       time left (for paired networks straight away: its first batch is the differential bound
-      and its probes replace the search; otherwise after CROWN and the search), and the exact
+      and its probes replace the search; otherwise after CROWN and the search; for small paired
+      ReLU chains, :mod:`qbound.bounds.host_bab`'s branch and bound in NumPy, which compiles
+      nothing, runs first alone for ``HOST_HEAD_START`` of the time, then beside it), and the exact
       MILP on small piecewise-linear nets (at most 128 ReLU, clip and rounding neurons in all)
       only if branch and bound stops early. For larger inputs: CROWN, differential bounds and
       the search, the MILP with half the time left (small piecewise-linear nets), optimised
@@ -454,12 +468,48 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     else:
       _staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
 
+  # Branch and bound in NumPy (qbound.bounds.host_bab) in a thread of its own, beside the stages.
+  host_chain = None
+  if (method == "auto" and HOST_HEAD_START is not None and merged.paired and not transformer
+      and int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS):
+    from qbound.bounds import host_bab
+
+    host_chain = host_bab.chain_of(merged)
+  hosts: list = []
+  host_closed = threading.Event()  # set when the host search closed the gap: the call returns
+
+  def run_host():
+    from qbound.bounds.host_bab import host_branch_and_bound
+
+    try:
+      reached = [track.lower]
+
+      def report(upper, lower, witness):
+        track.add_upper("host-bab", upper)
+        if lower > reached[0]:
+          reached[0] = lower
+          track.add_witness(graph, witness.reshape(box.shape))
+
+      res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=max(left(), 0.0), target_gap=target_gap,
+                                  epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
+                                  stop=finished, report=report, chain=host_chain)
+      track.add_bounds("host-bab", res.diff_lower, res.diff_upper)
+      if track.done(target_gap, epsilon):
+        host_closed.set()
+    except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
+      search_failure.append(err)
+
+  def start_host_search():
+    host = threading.Thread(target=run_host, name="qbound-host-bab", daemon=False)
+    host.start()
+    hosts.append(host)
+
   def run_stages():
     try:
       bound_stages()
       start_staircase_search()  # if no stage started it (a method without branch and bound)
     finally:
-      for searcher in searchers:
+      for searcher in searchers + hosts:
         searcher.join()
     if search_failure:
       raise search_failure[0]
@@ -542,6 +592,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
     if halted():
       return
+    if host_chain is not None and not finished():
+      start_host_search()
+      # Alone first: on the nets it closes quickly nothing is compiled at all.
+      hosts[0].join(timeout=max(HOST_HEAD_START * left(), 0.0))
+      if finished():
+        return
     if method == "bab" or branch_first or (method == "auto" and not finished()):
       from qbound.bounds.bab import branch_and_bound
 
@@ -573,7 +629,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         else:
           res = branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
                                  epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
-                                 sound=sound, progress=progress, report=report)
+                                 sound=sound, progress=progress, report=report,
+                                 stop=None if host_chain is None else finished)
         if branch_first:
           track.add_bounds("diff", res.root_lower, res.root_upper)
         track.add_witness(graph, res.witness)
@@ -583,7 +640,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       _run_milp(track, merged, box, outputs, max(left(), 1.0))
 
   if method in TIMED_METHODS:
-    _run_until_deadline(run_stages, track, stop, deadline=stages_end)
+    _run_until_deadline(run_stages, track, stop, deadline=stages_end, closed=host_closed)
   else:  # one bound propagation, run to its end whatever the budget
     run_stages()
   final = track.snapshot()

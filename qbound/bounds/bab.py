@@ -72,8 +72,8 @@ class BabResult:
     diff_lower, diff_upper: per-output proven bounds on ``f - f_q`` (over all remaining pieces).
     pieces_bounded: how many pieces were bounded.
     pieces_left: pieces still open when it stopped.
-    stopped: why it stopped: ``"gap"``, ``"time"``, ``"proved"``, ``"refuted"``, ``"exhausted"``
-      or ``"max_pieces"``.
+    stopped: why it stopped: ``"gap"``, ``"time"``, ``"proved"``, ``"refuted"``, ``"exhausted"``,
+      ``"max_pieces"`` or ``"stop"``.
     seconds: wall-clock time.
     layout: ``{device id: pieces}`` of one bounded batch: how the frontier was split over the
       devices (see :mod:`qbound.sharding`).
@@ -332,7 +332,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
                      progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None,
                      search: Optional[bool] = None, relu_split: Optional[bool] = None,
-                     split_rule: Optional[str] = None) -> BabResult:
+                     split_rule: Optional[str] = None, stop=None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
   Args:
@@ -373,6 +373,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       coefficients times the width), ``"gradient"`` (an interval gradient of ``f_j - f_q,j`` over
       the piece times the width, as NeuroDiff splits; paired chains of affine layers, ReLUs and
       clips only) or ``"auto"`` (``"gradient"`` where it applies); None: ``SPLIT_RULE``.
+    stop: polled between batches; when it returns True the search stops (``stopped == "stop"``),
+      e.g. because another method running beside it closed the gap.
 
   Returns:
     A :class:`BabResult`.
@@ -577,6 +579,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       break
     if time.perf_counter() - start > time_budget:
       stopped = "time"
+      break
+    if stop is not None and stop():
+      stopped = "stop"
       break
     if len(heap) > max_pieces:
       stopped = "max_pieces"

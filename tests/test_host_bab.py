@@ -1,0 +1,166 @@
+"""Branch and bound in NumPy (qbound.bounds.host_bab): sound bounds on every piece, in float64
+against sampling and the exact MILP, and certify(method="auto") using it on small ReLU pairs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import helpers as H
+import qbound as qb
+from qbound.bounds import host_bab
+from qbound.exact.encoding import _matrices
+
+
+def pair(seed, shape, bits=None, noise=None):
+  f, fq, _, _ = H.random_pair(seed, shape, bits=bits, noise=noise)
+  return f, fq
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3] + H.SHAPES[4:]),
+       kind=st.sampled_from(["2", "3", "6", "noise 0.3", "noise 2.0"]), width=st.floats(0.01, 1.0))
+def test_piece_bounds_hold_at_sampled_points(seed, shape, kind, width):
+  """Every piece's bounds on f - f_q hold at points sampled in it, for close copies and for pairs
+  whose weights differ by more than the weights themselves (noise 2.0)."""
+  bits, noise = (None, float(kind.split()[1])) if kind.startswith("noise") else (int(kind), None)
+  f, fq = pair(seed, shape, bits, noise)
+  box = H.random_box(seed, shape[0])
+  chain = host_bab.chain_of(qb.merge(f, fq, box))
+  assert chain is not None
+  rng = np.random.default_rng(seed)
+  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  pieces = 4  # (a fixed count: the float64 reference compiles once per shape)
+  a, b = rng.uniform(lo0, hi0, (2, pieces, lo0.size))
+  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
+  graph = qb.merge(f, fq, box).graph
+  dl, du, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
+  # And their halves along the first input, starting from the whole pieces' bounds (a parent's).
+  half_hi = hi.copy()
+  half_hi[:, 0] = (lo[:, 0] + hi[:, 0]) / 2
+  hdl, hdu, _, _, _ = host_bab.bound_pieces(chain, lo, half_hi, kept)
+  for dl, du, top in ((dl, du, hi), (hdl, hdu, half_hi)):
+    xs = lo[:, None] + rng.uniform(size=(pieces, 300, lo0.size)) * (top - lo)[:, None]
+    xs[:, 0], xs[:, 1] = lo, top  # the corners too
+    values = H.eval64(graph, xs.reshape(-1, lo0.size)).reshape(pieces, 300, -1)
+    assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
+
+
+def test_evaluate_is_the_networks_difference():
+  f, fq = pair(4, H.SHAPES[2], bits=3)
+  box = qb.Box(-jnp.ones(5), jnp.ones(5))
+  merged = qb.merge(f, fq, box)
+  xs = H.sample_points(box, 50)
+  np.testing.assert_allclose(host_bab.evaluate(host_bab.chain_of(merged), xs), H.eval64(merged.graph, xs),
+                             rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (5, H.SHAPES[1], 4)])
+def test_converges_to_the_exact_value(seed, shape, bits):
+  f, fq = pair(seed, shape, bits)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  # The MILP's proven interval [value, upper] (optimal or not) and the search's must overlap; the
+  # search closes its own gap to 1%.
+  exact = qb.exact.milp(f, fq, box, time_limit=5)
+  res = host_bab.host_branch_and_bound(qb.merge(f, fq, box), box, time_budget=30, target_gap=0.01)
+  tol = exact.tolerance
+  assert res.stopped == "gap" and res.upper <= 1.01 * res.lower
+  assert res.lower <= exact.upper + tol and exact.value - tol <= res.upper
+  # The reached error is reached (float64).
+  assert np.abs(H.eval64(qb.merge(f, fq, box).graph, res.witness[None])).max() == pytest.approx(res.lower, rel=1e-12)
+
+
+def test_sound_when_stopped_early():
+  f, fq = pair(3, H.SHAPES[2], bits=6)
+  box = qb.Box(-jnp.ones(5), jnp.ones(5))
+  merged = qb.merge(f, fq, box)
+  res = host_bab.host_branch_and_bound(merged, box, time_budget=0.05, target_gap=0.0)
+  values = H.eval64(merged.graph, H.sample_points(box, 4000))
+  assert np.all(values >= res.diff_lower - 1e-12) and np.all(values <= res.diff_upper + 1e-12)
+  assert np.abs(values).max() <= res.upper and res.lower <= res.upper
+
+
+def test_selected_outputs_and_epsilon():
+  f, fq = pair(1, H.SHAPES[0], bits=3)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  one = host_bab.host_branch_and_bound(merged, box, outputs=[1], time_budget=10, target_gap=0.01)
+  values = H.eval64(merged.graph, H.sample_points(box, 2000))
+  assert np.abs(values[:, 1]).max() <= one.upper <= 1.01 * one.lower + 1e-12
+  res = host_bab.host_branch_and_bound(merged, box, time_budget=10, epsilon=10.0)
+  assert res.stopped == "epsilon" and res.upper <= 10.0
+
+
+def test_dense_matrices_read_off_the_weights():
+  """The NumPy path equals the generic one (a basis through JAX) for x @ W, W @ x and flax Dense."""
+  w = np.asarray(jax.random.normal(jax.random.key(0), (3, 4)), np.float32)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  for fn in (lambda x: jax.nn.relu(x @ w) @ w.T, lambda x: jax.nn.relu(w.T @ x) @ w.T):
+    graph = qb.trace(fn, jnp.zeros(3))
+    ref = _matrices(graph)
+    for i, node in enumerate(graph.nodes):
+      if node.kind == "affine":
+        np.testing.assert_array_equal(host_bab._dense_matrix(node), ref[i])
+  f, fq = pair(0, H.SHAPES[1], bits=4)
+  graph = qb.merge(f, fq, box).f_graph
+  ref = _matrices(graph)
+  for i, node in enumerate(graph.nodes):
+    if node.kind == "affine":
+      np.testing.assert_array_equal(host_bab._dense_matrix(node), ref[i])
+
+
+def test_only_small_paired_relu_chains():
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  w = jnp.ones((3, 3)) / 3
+  tanh = qb.merge(lambda x: jnp.tanh(x @ w), lambda x: jnp.tanh(x @ (w * 0.9)), box)
+  residual = qb.merge(lambda x: x + jax.nn.relu(x @ w), lambda x: x + jax.nn.relu(x @ (w * 0.9)), box)
+  assert host_bab.chain_of(tanh) is None and host_bab.chain_of(residual) is None
+  wide = jnp.ones((3, 100)) / 3
+  big = qb.merge(lambda x: jax.nn.relu(x @ wide).sum(), lambda x: jax.nn.relu(x @ (wide * 0.9)).sum(), box)
+  assert host_bab.chain_of(big) is None  # 200 ReLUs > MAX_NEURONS
+  with pytest.raises(ValueError, match="host_branch_and_bound needs"):
+    host_bab.host_branch_and_bound(tanh, box)
+
+
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (2, H.SHAPES[1], 6)])
+def test_certify_auto_matches_the_exact_value(seed, shape, bits):
+  """certify(auto) on a small ReLU pair: sound against sampling, within the gap of the MILP's value."""
+  f, fq = pair(seed, shape, bits)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  exact = qb.exact.milp(f, fq, box, time_limit=5)
+  cert = qb.certify(f, fq, box, method="auto", time_budget=30, target_gap=0.02)
+  tol = exact.tolerance
+  assert "host-bab" in cert.bounds
+  values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= cert.upper
+  assert cert.lower <= exact.upper + tol and exact.value - tol <= cert.upper <= 1.02 * cert.lower
+
+
+def test_certify_auto_budget_expiring_during_the_host_search():
+  """A budget far too short for the gap: the call returns on time with a sound interval."""
+  f, fq = pair(3, H.SHAPES[2], bits=8)
+  box = qb.Box(-jnp.ones(5), jnp.ones(5))
+  cert = qb.certify(f, fq, box, method="auto", time_budget=0.5, target_gap=0.0)
+  values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
+  assert np.all(values >= cert.diff_lower - 1e-12) and np.all(values <= cert.diff_upper + 1e-12)
+
+
+@pytest.mark.slow  # (compiles branch and bound's steps: ~5 s)
+def test_certify_auto_without_host_search(monkeypatch):
+  """HOST_HEAD_START = None: auto's compiled branch and bound alone, as before."""
+  import importlib
+
+  certify_module = importlib.import_module("qbound.certify")
+
+  monkeypatch.setattr(certify_module, "HOST_HEAD_START", None)
+  f, fq = pair(0, H.SHAPES[0], 3)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  cert = qb.certify(f, fq, box, method="auto", time_budget=30, target_gap=0.02)
+  assert "host-bab" not in cert.bounds and cert.upper <= 1.02 * cert.lower + 1e-12
