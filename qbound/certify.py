@@ -478,22 +478,35 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   hosts: list = []
   host_closed = threading.Event()  # set when the host search closed the gap: the call returns
 
+  # Set once the first probes have compiled the float64 evaluation of the witnesses: the host search
+  # re-evaluates its inputs with it only then (compiling it in two threads at once costs twice).
+  evaluator_ready = threading.Event()
+  stages_failed = threading.Event()
+
   def run_host():
     from qbound.bounds.host_bab import host_branch_and_bound
 
     try:
-      reached = [track.lower]
+      pending = [0.0, None]  # the host's best input not yet handed to the tracker
+
+      def flush():
+        if pending[1] is not None:
+          track.add_witness(graph, pending[1].reshape(box.shape))  # evaluated again, in float64
+          pending[1] = None
 
       def report(upper, lower, witness):
         track.add_upper("host-bab", upper)
-        if lower > reached[0]:
-          reached[0] = lower
-          track.add_witness(graph, witness.reshape(box.shape))
+        if lower > pending[0]:
+          pending[:] = [lower, witness]
+        if evaluator_ready.is_set():
+          flush()
 
       res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=max(left(), 0.0), target_gap=target_gap,
-                                  epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
-                                  stop=finished, report=report, chain=host_chain)
+                                  epsilon=epsilon, stop=lambda: finished() or stages_failed.is_set(), report=report,
+                                  chain=host_chain)
       track.add_bounds("host-bab", res.diff_lower, res.diff_upper)
+      evaluator_ready.wait(timeout=max(left(), 0.0))
+      flush()
       if track.done(target_gap, epsilon):
         host_closed.set()
     except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
@@ -508,7 +521,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     try:
       bound_stages()
       start_staircase_search()  # if no stage started it (a method without branch and bound)
+    except BaseException:
+      stages_failed.set()  # the host search stops too, and the error is raised at once
+      raise
     finally:
+      evaluator_ready.set()
       for searcher in searchers + hosts:
         searcher.join()
     if search_failure:
@@ -529,10 +546,13 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # A first reached error before anything else: the centre, the two extreme corners and a few random
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
     # of these inputs already differs, however the time budget is spent.
+    if host_chain is not None:  # NumPy only: it starts at once, beside the compilations below
+      start_host_search()
     track.add_witnesses(graph, _first_probes(box, key))
     # What the certificate itself evaluates at its witness, done once now: its compilations are then
     # behind it when the call ends at its deadline.
     closing_values(track.snapshot()["witness"])
+    evaluator_ready.set()
     # Cheap proven bounds.
     if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
@@ -593,9 +613,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if halted():
       return
     if host_chain is not None and not finished():
-      start_host_search()
-      # Alone first: on the nets it closes quickly nothing is compiled at all.
-      hosts[0].join(timeout=max(HOST_HEAD_START * left(), 0.0))
+      # Alone first: on the nets it closes quickly nothing more is compiled.
+      hosts[0].join(timeout=None if left() == float("inf") else max(HOST_HEAD_START * left(), 0.0))
       if finished():
         return
     if method == "bab" or branch_first or (method == "auto" and not finished()):

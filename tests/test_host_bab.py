@@ -39,7 +39,6 @@ def test_piece_bounds_hold_at_sampled_points(seed, shape, kind, width):
   pieces = 4  # (a fixed count: the float64 reference compiles once per shape)
   a, b = rng.uniform(lo0, hi0, (2, pieces, lo0.size))
   lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
-  graph = qb.merge(f, fq, box).graph
   dl, du, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
   # And their halves along the first input, starting from the whole pieces' bounds (a parent's).
   half_hi = hi.copy()
@@ -48,7 +47,8 @@ def test_piece_bounds_hold_at_sampled_points(seed, shape, kind, width):
   for dl, du, top in ((dl, du, hi), (hdl, hdu, half_hi)):
     xs = lo[:, None] + rng.uniform(size=(pieces, 300, lo0.size)) * (top - lo)[:, None]
     xs[:, 0], xs[:, 1] = lo, top  # the corners too
-    values = H.eval64(graph, xs.reshape(-1, lo0.size)).reshape(pieces, 300, -1)
+    # (host_bab.evaluate is checked against the merged graph in float64 below.)
+    values = host_bab.evaluate(chain, xs.reshape(-1, lo0.size)).reshape(pieces, 300, -1)
     assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
 
 
@@ -61,7 +61,8 @@ def test_evaluate_is_the_networks_difference():
                              rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (5, H.SHAPES[1], 4)])
+@pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3),
+                                              pytest.param(5, H.SHAPES[1], 4, marks=pytest.mark.slow)])
 def test_converges_to_the_exact_value(seed, shape, bits):
   f, fq = pair(seed, shape, bits)
   box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
@@ -126,6 +127,11 @@ def test_only_small_paired_relu_chains():
   assert host_bab.chain_of(big) is None  # 200 ReLUs > MAX_NEURONS
   with pytest.raises(ValueError, match="host_branch_and_bound needs"):
     host_bab.host_branch_and_bound(tanh, box)
+  small = qb.merge(lambda x: jax.nn.relu(x @ w), lambda x: jax.nn.relu(x @ (w * 0.9)), box)
+  with pytest.raises(ValueError, match="outputs must be flat indices"):
+    host_bab.host_branch_and_bound(small, box, outputs=[3])
+  with pytest.raises(ValueError, match="time_budget"):
+    host_bab.host_branch_and_bound(small, box, time_budget=-1.0)
 
 
 @pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3), (2, H.SHAPES[1], 6)])

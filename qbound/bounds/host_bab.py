@@ -3,29 +3,37 @@
 :mod:`qbound.bounds.bab` bounds its pieces with jit-compiled steps: about 80 XLA programs, 5-12 CPU
 seconds on a first call (docs/results.md), where a warm call on a small net closes the gap in well
 under a second. On a net of a few dozen ReLUs and a handful of inputs, the same search runs fast
-enough in NumPy, whose operations need no compilation: :func:`host_branch_and_bound` bounds a
-batch of pieces with forward symbolic intervals in float64 (Wang, Pei, Whitehouse, Yang, Jana,
-"Formal Security Analysis of Neural Networks using Symbolic Intervals", USENIX Security 2018), kept
-for f, for f_q and for their difference ``d = z - z_q`` layer by layer, NeuroDiff's differential
-idea (Paulsen, Wang, Wang, ASE 2020):
+enough in NumPy, whose operations need no compilation. :func:`host_branch_and_bound` bounds a
+batch of pieces in float64 by
 
-* an affine layer maps ``d`` exactly, ``W z + b - (W_q z_q + b_q) = W_q d + (W - W_q) z + (b - b_q)``;
-* through a ReLU pair whose phases are both known, ``d`` keeps a linear form (``d``, ``0``, ``z``
-  or ``-z_q``); otherwise it takes the narrower of two bounds: the difference of the two ReLUs'
-  own linear bounds (DeepPoly's lines, Singh et al., POPL 2019), or the interval
-  ``[min(d_lo, 0), max(d_hi, 0)]`` (``relu`` is monotone and 1-Lipschitz).
+* forward symbolic intervals (Wang, Pei, Whitehouse, Yang, Jana, "Formal Security Analysis of
+  Neural Networks using Symbolic Intervals", USENIX Security 2018) for f's ``z``, f_q's ``z_q`` and
+  their difference ``d = z - z_q`` (NeuroDiff, Paulsen, Wang, Wang, Wang, ASE 2020): an affine
+  layer maps ``d`` exactly, ``W z + b - (W_q z_q + b_q) = W_q d + (W - W_q) z + (b - b_q)``; through a
+  ReLU pair whose phases are both known ``d`` keeps a linear form (``d``, ``0``, ``z`` or ``-z_q``),
+  otherwise the narrower of the two ReLUs' own lines' difference (DeepPoly's lines, Singh et al.,
+  POPL 2019) and the chords of ``min(d, 0)`` and ``max(d, 0)`` in ``d`` (ReluDiff, Paulsen, Wang,
+  Wang, ICSE 2020);
+* a backward pass in ``d`` and ``z_q`` (CROWN, Zhang et al., NeurIPS 2018, with the differential
+  lines of :func:`qbound.bounds.relax.relu_diff`) for the ``d`` of every neuron that some piece
+  cannot tell active from inactive, and for the outputs;
+* each piece's bounds met with its parent's, neuron by neuron (``z_q = z - d`` tightens the third
+  of any two).
 
-Every concrete bound is met with the others (``z_q = z - d``). On a piece where every ReLU of f and
-f_q is stable, the forms are the networks' own affine pieces, so the bounds become exact as pieces
-shrink. Pieces with the largest bound are split first, in half along the input dimension whose
-halves' bounds are lowest (strong branching over every dimension, both halves of all of them in
-one batch), and every new piece's centre and the corner its bound points to are evaluated, so the
-reached error rises too.
+On a piece where every ReLU of f and f_q is stable the bounds are the networks' own affine pieces,
+so they become exact as pieces shrink. The pieces with the largest bounds are split first: along
+the two inputs whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
+``split_rule="gradient"``), both halves of both bounded in the same batch, the split whose halves'
+gains have the largest product kept (:mod:`qbound.bounds.bab`'s strong branching). Every new
+piece's centre and the corner its bound points to are evaluated, and a few steps of sign-gradient
+ascent run from the best of them, so the reached error rises too.
 
 Soundness in float64: every form is widened by :data:`RELATIVE_SLACK` of its magnitude over the
-piece at each layer (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of
-their magnitude, Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the weights are
-float32 values, exact in float64. The bounds hold for the real-arithmetic networks.
+piece at each layer, and every backward step by the same fraction of the magnitude of every term it
+sums (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of their magnitude,
+Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the lines' offsets are checked at
+their ends with a few ulps to spare. The weights are float32 values, exact in float64. The bounds
+hold for the real-arithmetic networks.
 
 Example:
   >>> import functools, jax, jax.numpy as jnp, qbound as qb
@@ -53,15 +61,18 @@ from qbound import graph as G
 
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
-# Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries:
-# above, a batch's NumPy work grows past what compiled steps cost, and strong branching over every
-# input dimension multiplies it.
+# Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries
+# (as certify's MILP and LOW_DIMENSIONAL_INPUTS): above, a batch's NumPy work grows past what the
+# compiled steps cost, and input splitting needs far more pieces.
 MAX_NEURONS = 128
 MAX_INPUTS = 8
-# Pieces split per round (each into two halves along every input dimension, for strong branching).
+# Pieces split per round, each into two halves along CANDIDATES input dimensions (strong branching);
+# 8 steps of sign-gradient ascent from the ASCENT best new points (and the best so far) per round.
 BATCH = 64
 CANDIDATES = 2
 ASCENT = 8
+# Open pieces kept at most (``stopped == "max_pieces"`` past it; a few hundred bytes each).
+MAX_PIECES = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +95,7 @@ class HostBabResult:
     diff_lower, diff_upper: per-output proven bounds on ``f - f_q`` (all outputs).
     root_lower, root_upper: the same over the whole box, before any split.
     pieces_bounded: how many pieces were bounded.
-    stopped: ``"gap"``, ``"time"``, ``"stop"`` or ``"epsilon"``.
+    stopped: ``"gap"``, ``"time"``, ``"stop"``, ``"epsilon"`` or ``"max_pieces"``.
     seconds: wall-clock time.
   """
 
@@ -275,6 +286,15 @@ def _delta_forms(ld, ud, dl, du, lo, hi):
   return l_out, u_out
 
 
+def _sum_forms(a, b, upper: bool, lo, hi):
+  """``a + b`` widened by :data:`RELATIVE_SLACK` of both terms' magnitudes (not the sum's, which
+  may be far smaller: f's and f_q's forms nearly cancel on close copies)."""
+  out = a + b
+  slack = RELATIVE_SLACK * (_magnitude(a, lo, hi) + _magnitude(b, lo, hi))
+  out[:, -1] += slack if upper else -slack
+  return out
+
+
 def _down(x):
   return np.nextafter(x, -np.inf)
 
@@ -453,10 +473,10 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       dw, db = w - wq, b - bq
       ld_z, ud_z = _affine(lz, uz, dw, db, lo, hi)
       ld_d, ud_d = _affine(ld, ud, wq, np.zeros_like(bq), lo, hi)
-      ld, ud = ld_z + ld_d, ud_z + ud_d
+      # The sums' rounding, relative to the terms (f's and f_q's parts may nearly cancel).
+      ld, ud = _sum_forms(ld_z, ld_d, False, lo, hi), _sum_forms(ud_z, ud_d, True, lo, hi)
       lz, uz = _affine(lz, uz, w, b, lo, hi)
       lq, uq = _affine(lq, uq, wq, bq, lo, hi)
-      # The sums above add two widened forms: their own rounding is covered by the next concrete slack.
       zl, zu = _concrete(lz, lo, hi, False), _concrete(uz, lo, hi, True)
       ql, qu = _concrete(lq, lo, hi, False), _concrete(uq, lo, hi, True)
       dl, du = _concrete(ld, lo, hi, False), _concrete(ud, lo, hi, True)
@@ -490,7 +510,7 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       only_z = (zl >= 0) & (qu <= 0)
       only_q = (zu <= 0) & (ql >= 0)
       # Neither phase pair known: the two lines' difference, or the chords in d, the narrower.
-      diff_l, diff_u = rz_l - rq_u, rz_u - rq_l
+      diff_l, diff_u = _sum_forms(rz_l, -rq_u, False, lo, hi), _sum_forms(rz_u, -rq_l, True, lo, hi)
       width_forms = _concrete(diff_u, lo, hi, True) - _concrete(diff_l, lo, hi, False)
       iv_l, iv_u = np.minimum(dl, 0.0), np.maximum(du, 0.0)
       dt_l, dt_u = _delta_forms(ld, ud, dl, du, lo, hi)
@@ -588,8 +608,19 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
     A :class:`HostBabResult`.
 
   Raises:
-    ValueError: the network is not a small paired chain of affine layers and ReLUs.
+    ValueError: the network is not a small paired chain of affine layers and ReLUs, an output
+      index is out of range, or a negative or NaN budget, gap, epsilon or lower bound.
   """
+  from qbound import validate
+  from qbound.box import validate_box
+
+  time_budget = validate.seconds("time_budget", time_budget)
+  target_gap = validate.non_negative("target_gap", target_gap)
+  epsilon = validate.optional_non_negative("epsilon", epsilon)
+  initial_lower = validate.non_negative("initial_lower", initial_lower)
+  if outputs is not None:
+    validate.output_indices("outputs", outputs)
+  box = validate_box(box)
   with _one_blas_thread():
     return _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lower, initial_witness, stop,
                    report, chain)
@@ -603,6 +634,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     raise ValueError(f"host_branch_and_bound needs a paired chain of affine layers and ReLUs with at most "
                      f"{MAX_NEURONS} ReLUs and {MAX_INPUTS} inputs; use qbound.bounds.branch_and_bound instead.")
   outputs = np.arange(chain.n_out) if outputs is None else np.asarray(outputs, np.int64).reshape(-1)
+  if outputs.size == 0 or outputs.min() < 0 or outputs.max() >= chain.n_out:
+    raise ValueError(f"outputs must be flat indices in [0, {chain.n_out}), got {outputs.tolist()}.")
   n = chain.n_in
   box_lo = np.asarray(box.lower, np.float64).reshape(1, n)
   box_hi = np.asarray(box.upper, np.float64).reshape(1, n)
@@ -659,6 +692,9 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       stopped = "stop"
       break
     if time.perf_counter() - start >= time_budget:
+      break
+    if len(bounds) > MAX_PIECES:
+      stopped = "max_pieces"
       break
     # The worst pieces; each is split in half along the candidate dimension whose halves gain most.
     take = np.argsort(-bounds)[:BATCH]
