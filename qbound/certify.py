@@ -52,11 +52,11 @@ BAB_DEVICE_FRESH_SCOPE = None
 # it). False: the stages first, as before (benchmarks/bench_certify_fixed_cost.py compares them).
 BAB_BRANCH_FIRST = True
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
-# auto on small paired ReLU chains with few inputs (qbound.bounds.host_bab.chain_of) starts branch
-# and bound in NumPy first, which compiles nothing, and gives it this share of the time left alone
-# before the compiled branch and bound starts beside it: on bench_tight.py's exactness nets it
-# closes 9 of 12 on its own, 7 of them in under 0.25 CPU seconds, where the compiled one's first
-# call spends 5-12 CPU seconds compiling (docs/results.md). None: no host branch and bound.
+# auto on small paired ReLU chains with few inputs (qbound.bounds.host_bab.chain_of) starts a branch
+# and bound in NumPy with the stages, which compiles nothing, and gives it this share of the time
+# left alone before the compiled branch and bound starts beside it: on bench_tight.py's exactness
+# nets it closes 10 of 12 on its own in 0.03-2.5 CPU seconds, seven of them in under 0.25, where
+# the compiled one's first call spends 5-12 CPU seconds compiling (docs/results.md). None: off.
 HOST_HEAD_START = 0.25
 
 
