@@ -55,7 +55,7 @@ METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab",
 # auto on small paired ReLU chains with few inputs (qbound.bounds.host_bab.chain_of) starts a branch
 # and bound in NumPy with the stages, which compiles nothing, and gives it this share of the time
 # left alone before the compiled branch and bound starts beside it: on bench_tight.py's exactness
-# nets it closes 10 of 12 on its own in 0.03-2.5 CPU seconds, seven of them in under 0.25, where
+# nets it closes 11 of 12 on its own in 0.06-4.8 CPU seconds, seven of them in under 0.2, where
 # the compiled one's first call spends 5-12 CPU seconds compiling (docs/results.md). None: off.
 HOST_HEAD_START = 0.25
 
