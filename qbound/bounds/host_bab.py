@@ -131,10 +131,9 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
 
 
 def chain_of(merged) -> Optional[Chain]:
-  """The merged network as a :class:`Chain`, or None when it is not a small paired chain of affine
-  layers and ReLUs (identity roundings skipped) with few inputs (see ``MAX_NEURONS``, ``MAX_INPUTS``)."""
-  from qbound.exact.encoding import _matrices
-
+  """The merged network as a :class:`Chain`, or None when it is not a small paired chain of dense
+  layers (``x @ W + b``) and ReLUs (identity roundings skipped) with few inputs (see
+  ``MAX_NEURONS``, ``MAX_INPUTS``)."""
   if not merged.paired:
     return None
   fg, qg = merged.f_graph, merged.fq_graph
@@ -158,7 +157,9 @@ def chain_of(merged) -> Optional[Chain]:
   fm = {i: _dense_matrix(n) for i, n in enumerate(fg.nodes) if n.kind == G.AFFINE}
   qm = {i: _dense_matrix(n) for i, n in enumerate(qg.nodes) if n.kind == G.AFFINE}
   if any(m is None for m in (*fm.values(), *qm.values())):
-    fm, qm = _matrices(fg), _matrices(qg)
+    # Other linear maps (scaled, convolutions) would be read through JAX, compiling on a first
+    # call what this search exists to avoid: left to the compiled search.
+    return None
   layers = []
   for i, kind in enumerate(kinds, start=1):
     if kind == G.RELU:
