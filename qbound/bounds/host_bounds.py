@@ -1,0 +1,363 @@
+"""Bounds on ``f - f_q`` over many small boxes at once, in NumPy float64: the bounding step of
+:mod:`qbound.bounds.host_bab`.
+
+For a paired chain of dense layers and ReLUs (:class:`Chain`), :func:`bound_pieces` bounds a batch
+of pieces by forward symbolic intervals (Wang, Pei, Whitehouse, Yang, Jana, USENIX Security 2018)
+for f's ``z``, f_q's ``z_q`` and their difference ``d = z - z_q`` (NeuroDiff, Paulsen, Wang, Wang,
+Wang, ASE 2020), tightened by a backward (CROWN, Zhang et al., NeurIPS 2018) pass in ``d`` and
+``z_q`` for the neurons some piece leaves unstable, and by a parent piece's bounds. NumPy's
+operations compile nothing: this is what lets a first call skip XLA's compilations.
+
+Soundness in float64: every form is widened by :data:`RELATIVE_SLACK` of its magnitude over the
+piece at each layer, and every backward step by the same fraction of the magnitude of every term it
+sums (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of their magnitude,
+Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the lines' offsets are checked at
+their ends with a few ulps to spare. The weights are float32 values, exact in float64.
+
+Example:
+  >>> import numpy as np
+  >>> from qbound.bounds.host_bounds import Chain, bound_pieces
+  >>> w = np.array([[1.0, -1.0]])                       # f = relu(x0 - x1), f_q = relu(x0 - x1 - 0.25)
+  >>> chain = Chain((("affine", w, np.zeros(1), w, np.array([-0.25])), ("relu",),
+  ...                ("affine", np.eye(1), np.zeros(1), np.eye(1), np.zeros(1))), n_in=2, n_out=1)
+  >>> dl, du, *_ = bound_pieces(chain, np.array([[0.5, 0.0]]), np.array([[1.0, 0.25]]))
+  >>> dl.round(6).tolist(), du.round(6).tolist()        # both active there: d = 0.25 exactly
+  ([[0.25]], [[0.25]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+# float64 forms are widened by this fraction of their magnitude over the piece, per layer.
+RELATIVE_SLACK = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``."""
+
+  layers: tuple
+  n_in: int
+  n_out: int
+
+
+# Forms: (k, n_in + 1, m) arrays, a linear function of the input per neuron, constant last.
+
+
+def _concrete(form, lo, hi, upper: bool):
+  """The maximum (``upper``) or minimum of every form over its piece, widened outward."""
+  coeff = form[:, :-1]
+  a, b = coeff * lo[:, :, None], coeff * hi[:, :, None]
+  value = (np.maximum(a, b) if upper else np.minimum(a, b)).sum(axis=1) + form[:, -1]
+  slack = RELATIVE_SLACK * _magnitude(form, lo, hi)
+  return value + slack if upper else value - slack
+
+
+def _magnitude(form, lo, hi):
+  """``max |form|`` over the piece, bounded above (``(k, m)``)."""
+  xmax = np.maximum(np.abs(lo), np.abs(hi))
+  return (np.abs(form[:, :-1]) * xmax[:, :, None]).sum(axis=1) + np.abs(form[:, -1])
+
+
+def _affine(lower, upper, w, b, lo, hi):
+  """Forms of ``w z + b`` from forms of ``z``, the constant widened by the rounding's bound."""
+  pos, neg = np.maximum(w, 0.0).T, np.minimum(w, 0.0).T
+  l_out = lower @ pos + upper @ neg
+  u_out = upper @ pos + lower @ neg
+  l_out[:, -1] += b
+  u_out[:, -1] += b
+  big = np.maximum(_magnitude(lower, lo, hi), _magnitude(upper, lo, hi))
+  slack = RELATIVE_SLACK * (big @ np.abs(w).T + np.abs(b))
+  l_out[:, -1] -= slack
+  u_out[:, -1] += slack
+  return l_out, u_out
+
+
+def _relu_forms(lower, upper, zl, zu, lo, hi):
+  """DeepPoly's lines of ``relu(z)`` from forms of ``z`` and its bounds ``[zl, zu]``."""
+  k, p, _ = lower.shape
+  active, inactive = zl >= 0, zu <= 0
+  unstable = ~active & ~inactive
+  slope = np.where(unstable, zu / np.where(unstable, zu - zl, 1.0), 0.0) * (1 + 1e-12)
+  chord = slope[:, None] * upper
+  chord[:, -1] -= slope * zl
+  chord[:, -1] += 2 * RELATIVE_SLACK * (_magnitude(chord, lo, hi) + slope * np.abs(zl))
+  zero = np.zeros_like(lower)
+  u_out = np.where(active[:, None], upper, np.where(unstable[:, None], chord, zero))
+  keep_identity = active | (unstable & (zu > -zl))
+  l_out = np.where(keep_identity[:, None], lower, zero)
+  return l_out, u_out
+
+
+def _delta_forms(ld, ud, dl, du, lo, hi):
+  """Lines of ``h = relu(z_q + d) - relu(z_q)`` in ``d`` alone, as forms: ``h`` lies between
+  ``min(d, 0)`` and ``max(d, 0)``, so between their chords over ``[dl, du]`` (ReluDiff, Paulsen,
+  Wang, Wang, ICSE 2020; :func:`qbound.bounds.relax.delta_lines`), whose slopes are in [0, 1]."""
+  straddle = (dl < 0) & (du > 0)
+  width = np.where(straddle, du - dl, 1.0)
+  lo_s = np.where(straddle, -dl / width, np.where(du <= 0, 1.0, 0.0))
+  up_s = np.where(straddle, du / width, np.where(dl >= 0, 1.0, 0.0))
+  lo_o = np.minimum((1 - lo_s) * dl, -lo_s * du)
+  up_o = np.maximum(-up_s * dl, (1 - up_s) * du)
+  # The offsets are checked at the two ends in float64: widened by a few roundings of |dl| + |du|.
+  slack = 4 * np.finfo(np.float64).eps * (np.abs(dl) + np.abs(du)) + np.finfo(np.float64).tiny
+  l_out = lo_s[:, None] * ld
+  u_out = up_s[:, None] * ud
+  l_out[:, -1] += lo_o - slack
+  u_out[:, -1] += up_o + slack
+  # The products' own rounding: a relative RELATIVE_SLACK of the forms' magnitude.
+  l_out[:, -1] -= RELATIVE_SLACK * _magnitude(l_out, lo, hi)
+  u_out[:, -1] += RELATIVE_SLACK * _magnitude(u_out, lo, hi)
+  return l_out, u_out
+
+
+def _sum_forms(a, b, upper: bool, lo, hi):
+  """``a + b`` widened by :data:`RELATIVE_SLACK` of both terms' magnitudes (not the sum's, which
+  may be far smaller: f's and f_q's forms nearly cancel on close copies)."""
+  out = a + b
+  slack = RELATIVE_SLACK * (_magnitude(a, lo, hi) + _magnitude(b, lo, hi))
+  out[:, -1] += slack if upper else -slack
+  return out
+
+
+def _down(x):
+  return np.nextafter(x, -np.inf)
+
+
+def _up(x):
+  return np.nextafter(x, np.inf)
+
+
+EPS = np.finfo(np.float64).eps
+TINY = np.finfo(np.float64).tiny
+
+
+class _PairLines(NamedTuple):
+  """One ReLU layer's lines, per neuron: ``h = relu(z) - relu(z_q)`` between ``p d + q z_q + r``
+  (lower and upper), and ``relu(z_q)`` between ``a z_q`` and ``s z_q + t``; with the magnitudes of
+  ``d`` and ``z_q`` at the layer's input (for the rounding of the backward pass)."""
+
+  p_l: np.ndarray
+  q_l: np.ndarray
+  r_l: np.ndarray
+  p_u: np.ndarray
+  q_u: np.ndarray
+  r_u: np.ndarray
+  a: np.ndarray
+  s: np.ndarray
+  t: np.ndarray
+  d_max: np.ndarray
+  q_max: np.ndarray
+
+
+def _relu_lines(lo, hi):
+  """The triangle relaxation ``a z <= relu(z) <= s z + t`` on ``[lo, hi]``, CROWN's adaptive ``a``,
+  the chord's offset raised to hold at both ends in float64."""
+  active, inactive = lo >= 0, hi <= 0
+  unstable = ~(active | inactive)
+  s = np.where(active, 1.0, np.where(unstable, hi / np.where(unstable, hi - lo, 1.0), 0.0))
+  t = np.where(unstable, np.maximum(-s * lo, hi - s * hi), 0.0)
+  t = np.where(unstable, t + 2 * EPS * (np.abs(s * lo) + np.abs(hi) + np.abs(s * hi)) + TINY, 0.0)
+  a = np.where(active, 1.0, np.where(unstable, (hi >= -lo).astype(np.float64), 0.0))
+  return a, s, t
+
+
+def _pair_lines(zl, zu, ql, qu, dl, du) -> _PairLines:
+  """Lines of ``relu(z_q + d) - relu(z_q)`` in ``d`` and ``z_q``: per neuron the tighter of the two
+  ReLUs' own lines (``z = z_q + d``) and the chords of ``min(d, 0)``, ``max(d, 0)`` (as
+  :func:`qbound.bounds.relax.relu_diff`)."""
+  az, sz, tz = _relu_lines(zl, zu)
+  aq, sq, tq = _relu_lines(ql, qu)
+  q_mag = np.maximum(np.abs(ql), np.abs(qu))
+  # relu(z) - relu(zq) >= az (zq + d) - (sq zq + tq); <= sz (zq + d) + tz - aq zq; the slope
+  # differences rounded: widened by their rounding times |zq|.
+  pair_l = (az, az - sq, -tq - 2 * EPS * (tq + np.abs(az - sq) * q_mag) - TINY)
+  pair_u = (sz, sz - aq, tz + 2 * EPS * (tz + np.abs(sz - aq) * q_mag) + TINY)
+  straddle = (dl < 0) & (du > 0)
+  width = np.where(straddle, du - dl, 1.0)
+  lo_s = np.where(straddle, -dl / width, np.where(du <= 0, 1.0, 0.0))
+  up_s = np.where(straddle, du / width, np.where(dl >= 0, 1.0, 0.0))
+  slack = 4 * EPS * (np.abs(dl) + np.abs(du)) + TINY
+  lo_o = np.minimum((1 - lo_s) * dl, -lo_s * du) - slack
+  up_o = np.maximum(-up_s * dl, (1 - up_s) * du) + slack
+  both_active = (zl >= 0) & (ql >= 0)
+  both_inactive = (zu <= 0) & (qu <= 0)
+  zero = np.zeros_like(zl)
+  one = np.ones_like(zl)
+  lo_s = np.where(both_active, one, np.where(both_inactive, zero, lo_s))
+  up_s = np.where(both_active, one, np.where(both_inactive, zero, up_s))
+  lo_o = np.where(both_active | both_inactive, zero, lo_o)
+  up_o = np.where(both_active | both_inactive, zero, up_o)
+  gap = lambda lo, hi: np.where((lo >= 0) | (hi <= 0), 0.0, np.minimum(hi, -lo))  # noqa: E731
+  gap_pair = gap(zl, zu) + gap(ql, qu)
+  gap_chords = np.where(both_active | both_inactive, 0.0, np.maximum(np.abs(dl), np.abs(du)))
+  use_pair = (gap_pair < gap_chords) & ~(both_active | both_inactive)
+  pick = lambda a, b: np.where(use_pair, a, b)  # noqa: E731
+  return _PairLines(pick(pair_l[0], lo_s), pick(pair_l[1], zero), pick(pair_l[2], lo_o),
+                    pick(pair_u[0], up_s), pick(pair_u[1], zero), pick(pair_u[2], up_o), aq, sq, tq,
+                    np.maximum(np.abs(dl), np.abs(du)), q_mag)
+
+
+def _backward(chain: Chain, upto: int, lam_d, lam_q, lines: dict, mags: list, lo, hi):
+  """Lower bounds of ``lam_d . d + lam_q . z_q`` at the output of layer ``upto - 1``, over each piece:
+  CROWN's backward pass (Zhang et al., NeurIPS 2018) on the pair in the variables ``d`` and ``z_q``
+  (NeuroDiff's differential form, Paulsen et al., ASE 2020). ``lam_*``: ``(k, R, m)`` rows;
+  ``lines[j]``: :class:`_PairLines` of ReLU layer ``j``; ``mags[j]``: ``(d_max, q_max)`` at layer
+  ``j``'s input. Returns ``(k, R)`` bounds, widened by the float64 rounding of every step."""
+  k, rows = lam_d.shape[:2]
+  const = np.zeros((k, rows))
+  err = np.zeros((k, rows))
+  for j in range(upto - 1, -1, -1):
+    layer = chain.layers[j]
+    d_in, q_in = mags[j]
+    if layer[0] == "affine":
+      _, w, b, wq, bq = layer
+      m_out, m_in = w.shape
+      flat_d, flat_q = lam_d.reshape(-1, m_out), lam_q.reshape(-1, m_out)
+      const += (flat_d @ (b - bq) + flat_q @ bq).reshape(k, rows)
+      # Every term's magnitude, summed: |lam_d| (|W| d_in + |W - W_q| q_in + |b - b_q|) + |lam_q| (|W_q| q_in + |b_q|).
+      mag_d = d_in @ np.abs(w).T + q_in @ np.abs(w - wq).T + np.abs(b - bq)
+      mag_q = q_in @ np.abs(wq).T + np.abs(bq)
+      err += np.einsum("krm,km->kr", np.abs(lam_d), mag_d) + np.einsum("krm,km->kr", np.abs(lam_q), mag_q)
+      lam_d, lam_q = (flat_d @ w).reshape(k, rows, m_in), (flat_d @ (w - wq) + flat_q @ wq).reshape(k, rows, m_in)
+    else:
+      ln = lines[j]
+      pos_d, pos_q = lam_d >= 0, lam_q >= 0
+      p = np.where(pos_d, ln.p_l[:, None], ln.p_u[:, None])
+      q = np.where(pos_d, ln.q_l[:, None], ln.q_u[:, None])
+      r = np.where(pos_d, ln.r_l[:, None], ln.r_u[:, None])
+      slope = np.where(pos_q, ln.a[:, None], ln.s[:, None])
+      offset = np.where(pos_q, 0.0, ln.t[:, None])
+      const += (lam_d * r + lam_q * offset).sum(-1)
+      new_d, new_q = lam_d * p, lam_d * q + lam_q * slope
+      # |new_d| d_max + |new_q| q_max + |step| <= |lam_d| mag_d + |lam_q| mag_q (either line).
+      mag_d = (np.maximum(np.abs(ln.p_l), np.abs(ln.p_u)) * ln.d_max + np.maximum(np.abs(ln.q_l), np.abs(ln.q_u))
+               * ln.q_max + np.maximum(np.abs(ln.r_l), np.abs(ln.r_u)))
+      mag_q = np.maximum(ln.a, ln.s) * ln.q_max + ln.t
+      err += np.einsum("krm,km->kr", np.abs(lam_d), mag_d) + np.einsum("krm,km->kr", np.abs(lam_q), mag_q)
+      lam_d, lam_q = new_d, new_q
+  # At the input d = 0 and z_q = x.
+  a, b = lam_q * lo[:, None], lam_q * hi[:, None]
+  value = const + np.minimum(a, b).sum(-1)
+  xmax = np.maximum(np.abs(lo), np.abs(hi))
+  err += (np.abs(lam_q) * xmax[:, None]).sum(-1) + np.abs(const)
+  return value - RELATIVE_SLACK * err
+
+
+def _meet(zl, zu, ql, qu, dl, du):
+  """``z = z_q + d``: each pair of bounds tightens the third (rounded outward)."""
+  zl, zu = np.maximum(zl, _down(ql + dl)), np.minimum(zu, _up(qu + du))
+  ql, qu = np.maximum(ql, _down(zl - du)), np.minimum(qu, _up(zu - dl))
+  dl, du = np.maximum(dl, _down(zl - qu)), np.minimum(du, _up(zu - ql))
+  return zl, zu, ql, qu, dl, du
+
+
+def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns):
+  """Bounds of ``d`` at the output of layer ``upto - 1`` by the backward pass (rows +-e on d, for
+  the neurons ``columns`` only), met with ``bounds`` and ``z = z_q + d``. (Rows on z_q as well cost
+  40% more CPU for 8% fewer pieces on 5-12-8-8-2: docs/results.md.)"""
+  k = lo.shape[0]
+  m = bounds[0].shape[1]
+  c = len(columns)
+  unit = np.zeros((c, m))
+  unit[np.arange(c), columns] = 1.0
+  lam_d = np.broadcast_to(np.concatenate([unit, -unit]), (k, 2 * c, m))
+  v = _backward(chain, upto, lam_d, np.zeros_like(lam_d), lines, mags, lo, hi)
+  zl, zu, ql, qu, dl, du = (b.copy() for b in bounds)
+  dl[:, columns], du[:, columns] = np.maximum(dl[:, columns], v[:, :c]), np.minimum(du[:, columns], -v[:, c:])
+  return _meet(zl, zu, ql, qu, dl, du)
+
+
+def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[np.ndarray] = None):
+  """Proven bounds on ``f - f_q`` over each piece ``[lo_i, hi_i]`` (``(k, n_in)`` each).
+
+  ``prior``: bounds of every affine layer's ``z``, ``z_q`` and ``d`` proven on a larger box holding
+  each piece (its parent's ``kept``, ``(k, 6 * neurons)``), met with the new ones: tighter lines.
+
+  Returns:
+    ``(d_lower, d_upper, d_lower_form, d_upper_form, kept)``: ``(k, n_out)`` bounds, the output's
+    forms ``(k, n_in + 1, n_out)`` whose coefficients say which corner each bound points to, and
+    every affine layer's bounds for the pieces' children (``prior``).
+  """
+  k, n = lo.shape
+  eye = np.zeros((k, n + 1, n))
+  eye[:, np.arange(n), np.arange(n)] = 1.0
+  lz = uz = lq = uq = eye
+  ld = ud = np.zeros_like(eye)
+  zl = ql = lo
+  zu = qu = hi
+  dl = du = np.zeros_like(lo)
+  lines: dict = {}
+  mags: list = []
+  kept: list = []
+  offset = 0
+  for j, layer in enumerate(chain.layers):
+    mags.append((np.maximum(np.abs(dl), np.abs(du)), np.maximum(np.abs(ql), np.abs(qu))))
+    if layer[0] == "affine":
+      _, w, b, wq, bq = layer
+      dw, db = w - wq, b - bq
+      ld_z, ud_z = _affine(lz, uz, dw, db, lo, hi)
+      ld_d, ud_d = _affine(ld, ud, wq, np.zeros_like(bq), lo, hi)
+      # The sums' rounding, relative to the terms (f's and f_q's parts may nearly cancel).
+      ld, ud = _sum_forms(ld_z, ld_d, False, lo, hi), _sum_forms(ud_z, ud_d, True, lo, hi)
+      lz, uz = _affine(lz, uz, w, b, lo, hi)
+      lq, uq = _affine(lq, uq, wq, bq, lo, hi)
+      zl, zu = _concrete(lz, lo, hi, False), _concrete(uz, lo, hi, True)
+      ql, qu = _concrete(lq, lo, hi, False), _concrete(uq, lo, hi, True)
+      dl, du = _concrete(ld, lo, hi, False), _concrete(ud, lo, hi, True)
+      dl = _down(dl - RELATIVE_SLACK * np.abs(dl))
+      du = _up(du + RELATIVE_SLACK * np.abs(du))
+      zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
+      m = w.shape[0]
+      if prior is not None:
+        old = prior[:, offset:offset + 6 * m].reshape(k, 6, m)
+        zl, ql, dl = np.maximum(zl, old[:, 0]), np.maximum(ql, old[:, 2]), np.maximum(dl, old[:, 4])
+        zu, qu, du = np.minimum(zu, old[:, 1]), np.minimum(qu, old[:, 3]), np.minimum(du, old[:, 5])
+      last = j == len(chain.layers) - 1
+      if (last or chain.layers[j + 1][0] == "relu") and j > 0:
+        # Rows only where they can change something: the outputs, and the neurons some piece
+        # cannot tell active from inactive in f or f_q (stable pairs' lines are exact).
+        if last:
+          columns = np.arange(w.shape[0])
+        else:
+          columns = np.flatnonzero((((zl < 0) & (zu > 0)) | ((ql < 0) & (qu > 0))).any(axis=0))
+        if len(columns):
+          zl, zu, ql, qu, dl, du = _backward_node(chain, j + 1, lines, mags, lo, hi, (zl, zu, ql, qu, dl, du),
+                                                  columns)
+      kept.append(np.stack([zl, zu, ql, qu, dl, du], axis=1).reshape(k, 6 * m))
+      offset += 6 * m
+    else:
+      lines[j] = _pair_lines(zl, zu, ql, qu, dl, du)
+      rz_l, rz_u = _relu_forms(lz, uz, zl, zu, lo, hi)
+      rq_l, rq_u = _relu_forms(lq, uq, ql, qu, lo, hi)
+      both_active = (zl >= 0) & (ql >= 0)
+      both_inactive = (zu <= 0) & (qu <= 0)
+      only_z = (zl >= 0) & (qu <= 0)
+      only_q = (zu <= 0) & (ql >= 0)
+      # Neither phase pair known: the two lines' difference, or the chords in d, the narrower.
+      diff_l, diff_u = _sum_forms(rz_l, -rq_u, False, lo, hi), _sum_forms(rz_u, -rq_l, True, lo, hi)
+      width_forms = _concrete(diff_u, lo, hi, True) - _concrete(diff_l, lo, hi, False)
+      iv_l, iv_u = np.minimum(dl, 0.0), np.maximum(du, 0.0)
+      dt_l, dt_u = _delta_forms(ld, ud, dl, du, lo, hi)
+      width_delta = _concrete(dt_u, lo, hi, True) - _concrete(dt_l, lo, hi, False)
+      use_delta = width_delta < width_forms
+      new_ld = np.where(use_delta[:, None], dt_l, diff_l)
+      new_ud = np.where(use_delta[:, None], dt_u, diff_u)
+      zero = np.zeros_like(ld)
+      cases = [(both_active, ld, ud), (both_inactive, zero, zero), (only_z, lz, uz), (only_q, -uq, -lq)]
+      for mask, l_case, u_case in cases:
+        new_ld = np.where(mask[:, None], l_case, new_ld)
+        new_ud = np.where(mask[:, None], u_case, new_ud)
+      ld, ud = new_ld, new_ud
+      lz, uz, lq, uq = rz_l, rz_u, rq_l, rq_u
+      relu_zl, relu_zu = np.maximum(zl, 0.0), np.maximum(zu, 0.0)
+      relu_ql, relu_qu = np.maximum(ql, 0.0), np.maximum(qu, 0.0)
+      zl, zu, ql, qu = relu_zl, relu_zu, relu_ql, relu_qu
+      dl = np.maximum(_concrete(ld, lo, hi, False), np.maximum(iv_l, _down(relu_zl - relu_qu)))
+      du = np.minimum(_concrete(ud, lo, hi, True), np.minimum(iv_u, _up(relu_zu - relu_ql)))
+      zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
+  return dl, du, ld, ud, np.concatenate(kept, axis=1)
