@@ -10,6 +10,7 @@ from qbound.bounds.crown import crown, crown_bounds
 from qbound.bounds.diff import diff, diff_bounds
 from qbound.bounds.forward import forward_diff, forward_diff_batch, forward_diff_bounds
 from qbound.bounds.forward_bab import forward_branch_and_bound
+from qbound.bounds.host_bab import HostBabResult, host_branch_and_bound
 from qbound.bounds.interval import interval, interval_bounds
 from qbound.bounds.zonotope import diff_zonotope, diff_zonotope_batch, diff_zonotope_bounds
 
@@ -30,6 +31,8 @@ __all__ = [
     "forward_diff",
     "forward_diff_batch",
     "forward_diff_bounds",
+    "HostBabResult",
+    "host_branch_and_bound",
     "interval",
     "interval_bounds",
 ]
