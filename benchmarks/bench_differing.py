@@ -148,9 +148,10 @@ def bench_certify(nets, props, epsilons, budget: float, out: pathlib.Path, warm_
   """``variants``: ``(label, {name: value})`` settings of :mod:`qbound.bounds.bab`'s module constants
   each instance runs with in turn (old and new in the same run, interleaved); ``only``: the set of
   ``(net, prop, eps)`` to run (e.g. the undecided ones of an earlier run), None for all."""
-  from qbound.bounds import bab, refute
-  # A setting names a constant of bab, or of refute as "refute.NAME".
-  owner = lambda name: (refute, name[len("refute."):]) if name.startswith("refute.") else (bab, name)
+  from qbound.bounds import bab, bab_batch, refute
+  # A setting names a constant of bab or of its batch bounding (bab_batch), or of refute as "refute.NAME".
+  owner = lambda name: ((refute, name[len("refute."):]) if name.startswith("refute.")  # noqa: E731
+                        else (bab if hasattr(bab, name) else bab_batch, name))
   defaults = {name: getattr(*owner(name)) for _, setting in variants for name in setting}
 
   def use(setting):
@@ -233,8 +234,8 @@ class _OpenPieces:
 
 def _prior_lists(fg, items):
   """The kept bounds of heap items as :func:`qbound.bounds.sparse.diff_bounds_sparse`'s ``prior``."""
-  from qbound.bounds import bab
-  nodes = bab._kept_nodes(fg, True)
+  from qbound.bounds import bab_batch
+  nodes = bab_batch.kept_nodes(fg, True)
   k = len(nodes)
   prior = tuple([None] * len(fg.nodes) for _ in range(3))
   for j in range(3):

@@ -11,7 +11,7 @@ hit all of them alike):
   a counterexample looks unlikely);
 * ``no search``: without the rounds.
 
-Per net and schedule, the call of median time, split into the batches' bounds (``bab._batch_bounds``)
+Per net and schedule, the call of median time, split into the batches' bounds (``bab.batch_bounds``)
 and the search rounds (``WorstPieceSearch.run``), and the median over the calls. Whether the rounds
 still refute what they refuted is measured separately, on the pruned pairs
 (``benchmarks/bench_differing.py --search-schedule both``).
@@ -60,7 +60,7 @@ def main(argv=None):
   defaults = {k: getattr(refute, k) for s in SCHEDULES.values() for k in s}
   use = lambda s: [setattr(refute, k, v) for k, v in {**defaults, **s}.items()]
   spent = dict(search=0.0, rounds=0, bounds=0.0, batches=0)
-  run, batch = refute.WorstPieceSearch.run, bab._batch_bounds
+  run, batch = refute.WorstPieceSearch.run, bab.batch_bounds
 
   def timed_run(self, *a, **k):
     t = time.perf_counter()
@@ -76,7 +76,7 @@ def main(argv=None):
     spent["batches"] += 1
     return out
 
-  refute.WorstPieceSearch.run, bab._batch_bounds = timed_run, timed_batch
+  refute.WorstPieceSearch.run, bab.batch_bounds = timed_run, timed_batch
   rows = []
   print(f"{'net':<5}{'schedule':>10}{'s':>7}{'median s':>9}{'bounds s':>9}{'search s':>9}{'rounds':>7}{'batches':>8}",
         flush=True)
@@ -105,7 +105,7 @@ def main(argv=None):
                          search_s=search, rounds=rounds, batches=batches))
         print(f"1_{i:<3}{name:>10}{total:>7.2f}{med:>9.2f}{bounds:>9.2f}{search:>9.2f}{rounds:>7}{batches:>8}", flush=True)
   finally:
-    refute.WorstPieceSearch.run, bab._batch_bounds = run, batch
+    refute.WorstPieceSearch.run, bab.batch_bounds = run, batch
     use({})
   for name in SCHEDULES:
     mine = [r for r in rows if r["schedule"] == name]

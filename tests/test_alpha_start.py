@@ -12,7 +12,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import bab
+from qbound.bounds import bab_batch
 from qbound.bounds.alpha import diff_alpha_bounds, diff_alpha_pieces
 from qbound.bounds.diff import diff_bounds
 from qbound.bounds.sparse import diff_bounds_sparse
@@ -65,7 +65,7 @@ def test_optimised_slopes_on_pieces_keep_the_pieces_bounds(sound):
   mid = (lo + hi) / 2
   # The parent: the whole box; its children: its halves along the first input.
   parent = diff_bounds_sparse(fg, qg, qb.Box(jnp.asarray(lo[None]), jnp.asarray(hi[None])), sound=sound)
-  nodes = bab._kept_nodes(fg, True)
+  nodes = bab_batch.kept_nodes(fg, True)
   prior = tuple([None] * len(fg.nodes) for _ in range(3))
   for j, bounds in enumerate((parent.z, parent.zq, parent.d)):
     for i in nodes:

@@ -9,7 +9,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import bab, splitting
+from qbound.bounds import bab, bab_batch, splitting
 from qbound.bounds.diff import diff_bounds
 
 
@@ -101,8 +101,8 @@ def test_f_crown_is_skipped_only_for_close_copies():
     box = qb.Box(-jnp.ones(3), jnp.ones(3))
     merged = qb.merge(f, fq, box)
     z, zq, d = diff_bounds(merged.f_graph, merged.fq_graph, box, None, True, True)
-    widening[name] = bab._widening(merged.f_graph, z, zq, d)
-  assert widening["close"] <= bab.F_CROWN_WIDENING < widening["coarse"]
+    widening[name] = bab_batch.widening_of(merged.f_graph, z, zq, d)
+  assert widening["close"] <= bab_batch.F_CROWN_WIDENING < widening["coarse"]
 
 
 def test_strong_branching_prefers_splits_that_help_both_children():
@@ -153,9 +153,9 @@ def test_sparse_bounds_on_every_neuron_measure_the_dense_widening():
   f, fq, box, merged = small_case(seed=1, shape=H.SHAPES[1], bits=4)
   boxes = qb.Box(box.lower[None], box.upper[None])
   fg, qg = merged.f_graph, merged.fq_graph
-  dense = bab._widening(fg, *diff_bounds(fg, qg, boxes, None, True, True, batched=True))
+  dense = bab_batch.widening_of(fg, *diff_bounds(fg, qg, boxes, None, True, True, batched=True))
   full = diff_bounds_sparse(fg, qg, boxes, every_neuron=True)
-  assert bab._widening(fg, full.z, full.zq, full.d) == pytest.approx(dense, rel=0.1)
+  assert bab_batch.widening_of(fg, full.z, full.zq, full.d) == pytest.approx(dense, rel=0.1)
   xs = np.random.default_rng(0).uniform(np.asarray(box.lower), np.asarray(box.upper), (64, box.lower.size))
   values = np.stack([np.asarray(f(jnp.asarray(x)) - fq(jnp.asarray(x)), np.float64).reshape(-1) for x in xs])
   lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in full.d[fg.output])
@@ -206,7 +206,7 @@ def test_zonotope_option_is_sound_and_converges():
 def test_influence_coefficients_are_per_unit_width_for_both_rows():
   influence = jnp.asarray([[[2.0, 4.0, 0.0], [1.0, 0.0, 3.0]]])  # (pieces, inputs, outputs)
   lo, hi = jnp.asarray([[0.0, -1.0]]), jnp.asarray([[2.0, -1.0]])  # half-widths 1 and 0
-  rows = np.asarray(bab._influence_coefficients(influence, lo, hi, np.asarray([0, 2])))
+  rows = np.asarray(bab_batch.influence_coefficients(influence, lo, hi, np.asarray([0, 2])))
   assert rows.shape == (1, 4, 2)
   np.testing.assert_allclose(rows[0], [[2.0, 1.0], [0.0, 3.0], [2.0, 1.0], [0.0, 3.0]])
 
@@ -241,8 +241,8 @@ def test_gradient_split_rule_is_sound_against_sampling(monkeypatch):
   are refused by name."""
   f, fq, box, merged = small_case(3, H.SHAPES[2], 4)
   calls = []
-  real = bab.gradient_coefficients
-  monkeypatch.setattr(bab, "gradient_coefficients", lambda *a: calls.append(1) or real(*a))
+  real = bab_batch.gradient_coefficients
+  monkeypatch.setattr(bab_batch, "gradient_coefficients", lambda *a: calls.append(1) or real(*a))
   res = bab.branch_and_bound(merged, box, time_budget=0.5, target_gap=0.0, split_rule="gradient")
   assert calls and res.pieces_bounded > 1
   values = H.eval64(merged, H.sample_points(box, 2000))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import helpers as H
 import qbound as qb
 from qbound import graph as G
-from qbound.bounds import bab, relusplit
+from qbound.bounds import bab, bab_batch, relusplit
 
 
 def test_candidates_are_the_unstable_neurons_with_the_largest_gap():
@@ -63,7 +63,7 @@ def root_keep(merged, box, sound):
   fg, qg, mg = merged.f_graph, merged.fq_graph, merged.graph
   lo, hi = box.lower[None], box.upper[None]
   outputs = np.arange(fg.nodes[fg.output].size)
-  _, _, keep = bab._batch_bounds(fg, qg, mg, lo, hi, True, sound, outputs)
+  _, _, keep = bab_batch.batch_bounds(fg, qg, mg, lo, hi, True, sound, outputs)
   return tuple((np.asarray(a)[0], np.asarray(b)[0]) for a, b in keep)
 
 
@@ -77,7 +77,7 @@ def test_sub_problem_bounds_hold_on_their_part_of_the_piece(seed, sound):
   box = H.random_box(seed, shape[0], radius=(0.3, 1.0))
   merged = qb.merge(f, fq, box)
   fg, qg, mg = merged.f_graph, merged.fq_graph, merged.graph
-  nodes = bab._kept_nodes(fg, True)
+  nodes = bab_batch.kept_nodes(fg, True)
   kept = root_keep(merged, box, sound)
   xs = H.sample_points(box, 4000, seed)
   zf, zq = node_values64(fg, xs), node_values64(qg, xs)
@@ -91,7 +91,7 @@ def test_sub_problem_bounds_hold_on_their_part_of_the_piece(seed, sound):
     neuron_values = values[entry].reshape(len(xs), -1)[:, neuron]
     for active, part in zip((True, False), relusplit.split(kept, entry, neuron)):
       prior = tuple((jnp.asarray(a)[None], jnp.asarray(b)[None]) for a, b in part)
-      (dlo, dhi), _, keep = bab._batch_bounds(fg, qg, mg, box.lower[None], box.upper[None], True, sound, outputs,
+      (dlo, dhi), _, keep = bab_batch.batch_bounds(fg, qg, mg, box.lower[None], box.upper[None], True, sound, outputs,
                                               prior=prior, check=False)
       inside = neuron_values >= 0 if active else neuron_values <= 0
       if sound and relusplit.infeasible([(np.asarray(a)[0], np.asarray(b)[0]) for a, b in keep]):
@@ -119,7 +119,7 @@ def test_a_split_on_a_stable_side_is_found_empty():
   part = relusplit.clamp(kept, 0, int(negative[0]), True)
   prior = tuple((jnp.asarray(a)[None], jnp.asarray(b)[None]) for a, b in part)
   fg = merged.f_graph
-  _, _, keep = bab._batch_bounds(fg, merged.fq_graph, merged.graph, box.lower[None], box.upper[None], True, True,
+  _, _, keep = bab_batch.batch_bounds(fg, merged.fq_graph, merged.graph, box.lower[None], box.upper[None], True, True,
                                  np.arange(fg.nodes[fg.output].size), prior=prior, check=False)
   assert relusplit.infeasible([(np.asarray(a)[0], np.asarray(b)[0]) for a, b in keep])
 
