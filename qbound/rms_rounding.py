@@ -26,7 +26,11 @@ step. What is known of ``q`` over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
 * a step, as for ``max|x|`` (:mod:`qbound.dynamic_rounding`): where ``u_i`` stays strictly inside one
   rounding step (or past a clip) over the bounds, ``q_i = k m / D`` between ``k`` times the bounds
   of ``m / D``;
-* the guard: where it may fire (``m <= D g``), ``q = 0`` with an error below ``min(m, D g)``.
+* the guard: where it may fire (``m <= D g``), ``q = 0`` with an error below ``min(m, D g)``;
+* jointly (:func:`parts`, :func:`saturating_count`): an entry past a clip has ``|u_i| > 126.5`` and
+  ``sum u_i^2 = D^2``, so fewer than ``D^2 / 126.5^2`` of a group's entries saturate at once; the
+  error is every entry's half step plus a saturation part that at most that many entries carry
+  (:mod:`qbound.bounds.saturation` bounds a sum over the next layer with it).
 
 Every quantity is computed relative to the group's largest magnitude (so squares of small entries
 do not underflow), and covered for float32's rounding of the library's sum of ``n`` squares, mean,
