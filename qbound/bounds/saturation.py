@@ -45,10 +45,9 @@ from qbound import graph as G
 from qbound.bounds import fp
 
 
-# Whether the relaxations carry the saturation widths and the backward passes use them. Read while
-# tracing (set it before the first call; the compiled steps keep what they saw). Counting the clips
-# jointly costs compilation: the batched root of branch and bound on the 4-16-16-2 rms,3 MLP took
-# 17.4 against 13.9 CPU s (load 2.7, no persistent cache), for bounds 5x tighter on the whole box.
+# Whether the relaxations carry the saturation widths and the backward passes use them (to compare
+# with every entry's own clip). Read while tracing: set it before the first call, or clear JAX's
+# caches, since the compiled steps keep what they saw.
 ENABLED = True
 
 
