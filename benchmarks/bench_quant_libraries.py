@@ -17,7 +17,8 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
   calibration of int8 activations): dynamic scales beyond per-tensor absmax (not the CNN);
 * ``qwix dynamic rms int8`` / ``qwix static rms int8``: qwix's ``rms,3`` calibration of the int8
   activations, ``s = 3 sqrt(mean(x^2)) / 127.5`` from each input (the largest entries saturate,
-  ``qbound.rms_rounding``) or calibrated on the 64 inputs (a constant scale);
+  ``qbound.rms_rounding``) or calibrated on the 64 inputs (a constant scale); ``qwix qt rms int8``:
+  the dynamic one as qwix's QT provider runs it (float parameters quantized on the fly; MLPs only);
 * ``qwix dynamic tiled int8``: ``tile_size=2``, one dynamic ``max|x|`` scale per tile of 2 entries
   along the contracted axis (MLPs only);
 * ``aqt int8``: AQT int8 weights through ``AqtDotGeneral`` (float activations);
@@ -70,7 +71,7 @@ CONFIGS = ("qbound int8", "qwix int8", "qwix int4", "qwix static int8", "qwix dy
 DYNAMIC_CONFIGS = ("qwix dynamic minmax int8", "qwix dynamic per-token int8", "aqt dynamic int8")
 # qwix's rms calibration (issue 16): s = 3 sqrt(mean(x^2)) / 127.5, the entries past
 # 127.5 s saturate (qbound.rms_rounding); with static scales it is a constant scale like any other.
-RMS_CONFIGS = ("qwix dynamic rms int8", "qwix static rms int8")
+RMS_CONFIGS = ("qwix dynamic rms int8", "qwix qt rms int8", "qwix static rms int8")
 # A scale per tile of 2 entries along the contracted axis (qwix's tile_size): qwix
 # dequantizes before the product, and f gets the same reshapes so the layers pair.
 RMS_CONFIGS = RMS_CONFIGS + ("qwix dynamic tiled int8",)
@@ -120,7 +121,7 @@ def _qwix_rules(config):
                                   act_calibration_method=RMS)]
   if config == "qwix dynamic tiled int8":
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", tile_size=2)]
-  if config == "qwix dynamic rms int8":
+  if config in ("qwix dynamic rms int8", "qwix qt rms int8"):
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8", act_calibration_method=RMS)]
   if config in ("qwix dynamic int8", "qwix dynamic per-token int8"):  # scales from each input at run time
     return [qwix.QuantizationRule(module_path=".*", weight_qtype="int8", act_qtype="int8")]
@@ -135,6 +136,9 @@ def _qwix_linen(model, params, config, calibration):
   import qwix
 
   rules = _qwix_rules(config)
+  if config == "qwix qt rms int8":  # QT: the float parameters, quantized as the model runs
+    qt = qwix.quantize_model(model, qwix.QtProvider(rules))
+    return lambda xs: qt.apply(params, xs)
   stats = {}
   if config.startswith("qwix static"):
     _, collected = qwix.quantize_model(model, qwix.QtProvider(rules)).apply(params, calibration,
@@ -212,7 +216,8 @@ def _build_nnx(config):
 
     calibration = jax.random.uniform(jax.random.key(5), (64, INPUTS), minval=-1, maxval=1)
     # nnx: the static scales come from the example batch given to quantize_model.
-    qmodel = qwix.quantize_model(model, qwix.PtqProvider(_qwix_rules(config)), calibration)
+    provider = qwix.QtProvider if config == "qwix qt rms int8" else qwix.PtqProvider
+    qmodel = qwix.quantize_model(model, provider(_qwix_rules(config)), calibration)
     q_graphdef, q_state = nnx.split(qmodel)
   if config == "qwix dynamic per-token int8":  # the input is a batch of tokens, one scale each
     box = qb.Box(-jnp.ones((TOKENS, INPUTS)), jnp.ones((TOKENS, INPUTS)))
@@ -232,6 +237,8 @@ def _build_cnn(config):
     raise NotApplicable("the CNN takes one image")
   if config == "qwix dynamic tiled int8":
     raise NotApplicable("the MLP rows show tiles")
+  if config == "qwix qt rms int8":
+    raise NotApplicable("the MLP rows show QT")
   from qbound.demo import load_digits_images
 
   images, _ = load_digits_images()

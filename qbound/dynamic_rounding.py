@@ -176,6 +176,28 @@ def reciprocal_is_finite(guard) -> bool:
 _REL = 2.0 ** -18
 
 
+def joint_saturation(spec: DynamicScale, shape) -> Optional[tuple[int, tuple]]:
+  """``(count, axes)`` where a node's saturation errors are limited jointly: at most ``count`` entries
+  of each group (``axes`` of a value of ``shape``, non-negative) past a clip at once, fewer than the
+  group's entries (qwix's ``rms,c``, :func:`qbound.rms_rounding.saturating_count`); else None."""
+  if spec.norm != "rms" or spec.zero_point is not None:
+    return None
+  axes = tuple(range(len(shape))) if spec.axes is None else tuple(len(shape) + a for a in spec.axes)
+  terms = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+  t = min(float(spec.high), -float(spec.low)) - 0.5
+  if float(spec.divisor) <= t:  # |x / s| <= D: no entry reaches past a clip
+    return None
+  count = rms_rounding.saturating_count(spec, terms)
+  return (count, axes) if count < terms else None
+
+
+def saturation_parts(spec: DynamicScale, lo, hi, ndim: int) -> rms_rounding.Parts:
+  """The error of an ``rms`` node split into every entry's band and what saturation adds
+  (:class:`qbound.rms_rounding.Parts`; :func:`joint_saturation` says how many saturate at once)."""
+  axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
+  return rms_rounding.parts(spec, lo, hi, axes)
+
+
 def bounds(spec: DynamicScale, lo, hi, ndim: int):
   """What is known of the node's value ``v = q(t)`` for ``t`` in ``[lo, hi]`` (one box, or
   a batch of boxes along leading axes; the node's own ``ndim`` trailing axes are the tensor).

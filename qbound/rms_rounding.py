@@ -26,7 +26,11 @@ step. What is known of ``q`` over bounds ``[lo, hi]`` of ``x`` (:func:`bounds`):
 * a step, as for ``max|x|`` (:mod:`qbound.dynamic_rounding`): where ``u_i`` stays strictly inside one
   rounding step (or past a clip) over the bounds, ``q_i = k m / D`` between ``k`` times the bounds
   of ``m / D``;
-* the guard: where it may fire (``m <= D g``), ``q = 0`` with an error below ``min(m, D g)``.
+* the guard: where it may fire (``m <= D g``), ``q = 0`` with an error below ``min(m, D g)``;
+* jointly (:func:`parts`, :func:`saturating_count`): an entry past a clip has ``|u_i| > 126.5`` and
+  ``sum u_i^2 = D^2``, so fewer than ``D^2 / 126.5^2`` of a group's entries saturate at once; the
+  error is every entry's half step plus a saturation part that at most that many entries carry
+  (:mod:`qbound.bounds.saturation` bounds a sum over the next layer with it).
 
 Every quantity is computed relative to the group's largest magnitude (so squares of small entries
 do not underflow), and covered for float32's rounding of the library's sum of ``n`` squares, mean,
@@ -51,6 +55,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,19 +71,39 @@ def slack(terms: int) -> float:
   return _REL + (terms + 8) * _ULP
 
 
-def bounds(spec, lo, hi, axes: tuple):
-  """``(half, flat, v_lo, v_hi)`` of an ``rms`` dynamic rounding node for inputs in ``[lo, hi]``, as
-  :func:`qbound.dynamic_rounding.bounds` returns them (``axes``: the axes of ``lo`` each scale is
-  taken over, leading axes being a batch of boxes).
+class Parts(NamedTuple):
+  """The error ``e = q(t) - t`` of an ``rms`` node over bounds of ``t``, split (:func:`parts`).
 
-  Args:
-    spec: the node's :class:`~qbound.dynamic_rounding.DynamicScale` (``norm == "rms"``).
-    lo, hi: bounds of the node's input.
-    axes: the reduced axes of ``lo`` (non-negative).
-
-  Returns:
-    ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
+  Every entry has ``-base <= e_i <= base``, except entries that saturate: one past the top has
+  ``-(base + over_top_i) <= e_i <= base``, one past the bottom ``-base <= e_i <= base + over_bottom_i``,
+  and at most :func:`saturating_count` entries of a group saturate at once. ``flat``, ``v_lo``,
+  ``v_hi`` as :func:`bounds` returns them.
   """
+
+  base: jnp.ndarray
+  over_top: jnp.ndarray
+  over_bottom: jnp.ndarray
+  flat: jnp.ndarray
+  v_lo: jnp.ndarray
+  v_hi: jnp.ndarray
+
+
+def saturating_count(spec, terms: int) -> int:
+  """How many of a group's ``terms`` entries can be past a clip at once (by more than half a step).
+
+  Such an entry has ``|u_i| = D |x_i| / m > t`` with ``t = min(high, -low) - 1/2`` (a whole step of
+  room below the clip, far more than float32's rounding of ``u``), and ``sum u_i^2 = D^2``: so fewer
+  than ``D^2 / t^2`` of them at once (one for ``rms,3`` on 16 entries: ``D = 170``, ``t = 126.5``).
+  """
+  t = min(float(spec.high), -float(spec.low)) - 0.5
+  if t <= 0:
+    return terms
+  return int(min(terms, np.floor(float(spec.divisor) ** 2 / t ** 2)))
+
+
+def parts(spec, lo, hi, axes: tuple) -> Parts:
+  """The node's error split into a band every entry keeps and what saturation adds (:class:`Parts`),
+  for inputs in ``[lo, hi]`` (``axes``: the reduced axes of ``lo``, leading axes a batch of boxes)."""
   d, top, bottom = float(spec.divisor), float(spec.high), float(spec.low)
   terms = int(np.prod([lo.shape[a] for a in axes], dtype=np.int64))
   rel = slack(terms)
@@ -105,27 +131,26 @@ def bounds(spec, lo, hi, axes: tuple):
   u_hi = u_hi + (jnp.abs(u_hi) + 1e-30) * 2 * rel
   u_lo = u_lo - (jnp.abs(u_lo) + 1e-30) * 2 * rel
   s_hi = m_hi / d
-  half = 0.5 * s_hi
+  # the library's scale is s (1 +- rel): a value k s moves by k s rel <= m rel
+  base = 0.5 * s_hi * (1 + rel) + m_hi * 2 * rel
   # saturation past the top: x_i - (top / D) sqrt(x_i^2 + r_i^2) <= its value at hi_i, rest_i (top < D)
   if top < d:
     root = jnp.sqrt(hn * hn + rest2) * (1 - rel)
     past = jnp.maximum(hn - (top / d) * root, 0.0) * unit
   else:  # u <= D <= top: only float32's slack can reach past it
     past = s_hi * jnp.maximum(u_hi - top, 0.0)
-  half = jnp.maximum(half, jnp.where(u_hi > top + 0.5, past, 0.0))
+  over_top = jnp.where(u_hi > top + 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
   if -bottom < d:
     root = jnp.sqrt(ln * ln + rest2) * (1 - rel)
     past = jnp.maximum(-ln + (bottom / d) * root, 0.0) * unit
   else:
     past = s_hi * jnp.maximum(bottom - u_lo, 0.0)
-  half = jnp.maximum(half, jnp.where(u_lo < bottom - 0.5, past, 0.0))
-  # the library's scale is s (1 +- rel): a saturated entry's value k s moves by k s rel <= m rel
-  half = half * (1 + rel) + m_hi * 2 * rel
+  over_bottom = jnp.where(u_lo < bottom - 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
   guard_may_fire = jnp.zeros_like(m_lo, bool)
   if spec.guard is not None and spec.guard[0] != "eq":
     cut = spec.guard[1]
     guard_may_fire = m_lo <= d * cut * (1 + rel)  # where it fires, q = 0 and |t| <= m < D cut
-    half = jnp.maximum(half, jnp.minimum(m_hi, d * cut * (1 + rel)))
+    base = jnp.maximum(base, jnp.minimum(m_hi, d * cut * (1 + rel)))
   elif spec.guard is not None:
     guard_may_fire = m_lo <= 0
   k = jnp.clip(jnp.round(u_lo), bottom, top)
@@ -138,4 +163,22 @@ def bounds(spec, lo, hi, axes: tuple):
   v_lo = jnp.where(k >= 0, ends[0], ends[1])
   v_hi = jnp.where(k >= 0, ends[1], ends[0])
   shape = jnp.shape(lo)
-  return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
+  return Parts(jnp.broadcast_to(base, shape), over_top, over_bottom, flat, jnp.where(flat, v_lo, 0.0),
+               jnp.where(flat, v_hi, 0.0))
+
+
+def bounds(spec, lo, hi, axes: tuple):
+  """``(half, flat, v_lo, v_hi)`` of an ``rms`` dynamic rounding node for inputs in ``[lo, hi]``, as
+  :func:`qbound.dynamic_rounding.bounds` returns them (``axes``: the axes of ``lo`` each scale is
+  taken over, leading axes being a batch of boxes): every entry's worst case, saturation included.
+
+  Args:
+    spec: the node's :class:`~qbound.dynamic_rounding.DynamicScale` (``norm == "rms"``).
+    lo, hi: bounds of the node's input.
+    axes: the reduced axes of ``lo`` (non-negative).
+
+  Returns:
+    ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
+  """
+  p = parts(spec, lo, hi, axes)
+  return p.base + jnp.maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi

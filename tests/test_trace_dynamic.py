@@ -206,7 +206,8 @@ def test_a_scale_along_the_contracted_axis_is_refused_naming_the_line():
 RMS = [(1.0, 127.5, -128, 127, _GUARD, None),  # rms,1: the largest entries saturate
        (0.5, 127.5, -128, 127, None, (-1,)),  # a scale per row, most of it saturates
        (3.0, 127.5, -128, 127, _GUARD, None),  # rms,3: for n <= 9, |x / s| <= D <= 127.5: no saturation
-       (2.0, 7.5, -8, 7, _GUARD, None)]  # int4
+       (2.0, 7.5, -8, 7, _GUARD, None),  # int4
+       (1.5, 127.5, -128, 127, _GUARD, (-1,))]  # a scale per row, a few of its entries saturate at once
 
 
 def _rms_spec(case, shape):
@@ -237,7 +238,23 @@ def _check_rms(case, lo, hi, rng, samples=100):
   assert np.all((q >= v_lo[:, None]) & (q <= v_hi[:, None]) | ~flat[:, None])
   graph_q = np.asarray(jax.vmap(jax.vmap(lambda x: DR.quantize(spec, x)))(jnp.asarray(xs)))
   np.testing.assert_allclose(graph_q, q, atol=1e-5 * np.abs(xs).max())  # the node computes what qwix does
+  _check_saturation(spec, lo, hi, xs, q)
   return half, flat
+
+
+def _check_saturation(spec, lo, hi, xs, q):
+  """The error split (qbound.rms_rounding.parts): every entry within its band, those past it within
+  their saturation's, and no more of them in a group at once than joint_saturation's count."""
+  shape = lo.shape[1:]
+  p = DR.saturation_parts(spec, jnp.asarray(lo), jnp.asarray(hi), len(shape))
+  base, top, bottom = (np.asarray(a, np.float64)[:, None] for a in (p.base, p.over_top, p.over_bottom))
+  e = q.astype(np.float64) - xs
+  assert np.all(e >= -(base + top) * (1 + 1e-6)) and np.all(e <= (base + bottom) * (1 + 1e-6))
+  joint = DR.joint_saturation(spec, shape)
+  if joint is not None:
+    count, axes = joint
+    past = np.abs(e) > base * (1 + 1e-6)
+    assert np.all(np.sum(past, axis=tuple(a + 2 for a in axes)) <= count)
 
 
 def _dominated_boxes(rng, n, shape):
@@ -278,6 +295,58 @@ def test_rms_band_is_the_saturation_error_on_a_point():
   assert np.all(half[0, 1:] <= s / 2 * (1 + 1e-2))  # and float32 slack (m 2^-17)
 
 
+def test_rms_saturation_count_is_reached_and_joint():
+  """rms,3 on 16 entries (D = 170): one entry at a time can saturate (qwix's 4-16-16-2 MLP rows), and
+  the joint bound counts one clip where the box relaxation counts sixteen."""
+  case = (3.0, 127.5, -128, 127, _GUARD, None)
+  spec = _rms_spec(case, (16,))
+  assert DR.joint_saturation(spec, (16,)) == (1, (0,))
+  x = np.full((1, 16), 0.05, np.float32)
+  x[0, 3] = 2.0  # u = 170 * 2 / sqrt(4 + 15 * 0.0025) = 169 > 127.5: saturates, error 0.49
+  lo, hi = np.zeros((1, 16), np.float32), np.full((1, 16), 2.0, np.float32)
+  rng = np.random.default_rng(0)
+  _check_rms(case, lo, hi, rng)
+  q = np.asarray(_rms_library(case, jnp.asarray(x[0])))
+  e = q - x[0]
+  p = DR.saturation_parts(spec, jnp.asarray(lo), jnp.asarray(hi), 1)
+  assert e[3] < -0.4 and -e[3] <= float(p.base[0, 3] + p.over_top[0, 3])
+  assert np.all(np.abs(np.delete(e, 3)) <= np.asarray(p.base[0, :15]))
+  node = qb.graph.Node(kind="round", inputs=(0,), shape=(16,), attrs=(DR.DYNAMIC, spec))
+  from qbound.bounds import saturation
+  rows = jnp.ones((1, 16))
+  saved, _ = saturation.saving(node, rows, p.over_top[0], p.over_bottom[0], sound=True)
+  # positive rows read the lower offsets' clips past the top: all but the largest are saved
+  np.testing.assert_allclose(float(saved[0]), float(jnp.sum(p.over_top) - jnp.max(p.over_top)), rtol=1e-5)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([c for c in RMS if c[0] > 1]), st.sampled_from([(2, 3), (16,), (2, 8)]))
+def test_rms_rows_bound_the_error_jointly(seed, case, shape):
+  """A backward pass's rows meet the node's lines: ``rows . q(x)`` stays above what the relaxation
+  and the joint saving give, at sampled and dominated inputs (sound and float mode)."""
+  from qbound.bounds import relax, saturation
+  rng = np.random.default_rng(seed)
+  lo, hi = _dominated_boxes(rng, 1, shape)
+  lo, hi = lo[0], hi[0]
+  spec = _rms_spec(case, shape)
+  node = qb.graph.Node(kind="round", inputs=(0,), shape=shape, attrs=(DR.DYNAMIC, spec))
+  xs = lo + rng.uniform(size=(300, *shape)).astype(np.float32) * (hi - lo)
+  corners = np.where(rng.uniform(size=(100, *shape)) < 0.5, lo, hi)
+  xs = np.concatenate([xs, corners]).astype(np.float32)
+  q = np.asarray(jax.vmap(lambda x: _rms_library(case, x))(jnp.asarray(xs)), np.float64)
+  rows = jnp.asarray(rng.normal(size=(8, *shape)), jnp.float32)
+  for sound in (True, False):
+    r = relax.rounding(jnp.asarray(lo), jnp.asarray(hi), "dynamic", sound=sound, node=node)
+    pos, neg = jnp.maximum(rows, 0), jnp.minimum(rows, 0)
+    slope = np.asarray(pos * r.lower_slope + neg * r.upper_slope, np.float64).reshape(8, -1)
+    offset = np.asarray(jnp.sum((pos * r.lower_offset + neg * r.upper_offset).reshape(8, -1), axis=1), np.float64)
+    if saturation.applies(node):
+      saved, margin = saturation.saving(node, rows, r.sat_lower, r.sat_upper, sound=sound)
+      offset = offset + np.asarray(saved, np.float64) - np.asarray(margin, np.float64)
+    value = q.reshape(len(xs), -1) @ np.asarray(rows, np.float64).reshape(8, -1).T
+    bound = xs.reshape(len(xs), -1).astype(np.float64) @ slope.T + offset
+    assert np.all(value >= bound - 1e-6 * np.abs(value).max())
+
+
 def test_rms_guard_near_zero_is_covered():
   lo, hi = np.full((1, 4), -1e-21, np.float32), np.full((1, 4), 1e-21, np.float32)
   half, flat = _check_rms(RMS[0], lo, hi, np.random.default_rng(0))
@@ -310,6 +379,74 @@ def test_an_rms_scale_per_row_pairs_and_is_sound(sound):
     assert errors.max() <= cert.upper * (1 + 1e-5)
     assert np.max(np.abs(H.eval64(merged, np.asarray(xs, np.float64)))) <= cert.upper
     assert 0 < cert.lower <= cert.upper
+
+
+def _rms_mlp(c=3.0):
+  """A 3-16-2 ReLU net and its copy with qwix's rms,c on the 16 hidden entries (one may saturate)."""
+  keys = jax.random.split(jax.random.key(11), 3)
+  w1, b1 = jax.random.normal(keys[0], (3, 16)), 0.3 * jax.random.normal(keys[1], (16,))
+  w2 = jax.random.normal(keys[2], (16, 2)) / 4
+
+  def f(x):
+    return jax.nn.relu(x @ w1 + b1) @ w2
+
+  def fq(x):
+    h = jax.nn.relu(x @ w1 + b1)
+    s = jnp.sqrt(jnp.mean(jnp.square(h))) * c / 127.5
+    s = jnp.where(s < 1e-19, 1.0, s)
+    return (jnp.round(h / s).astype(jnp.int8).astype(jnp.float32) @ w2) * s
+  return f, fq
+
+
+_RMS_BOX = qb.Box(jnp.array([-1.0, -1.0, 0.5]), jnp.array([1.0, -0.5, 1.0]))
+
+
+def _joint_bounds_are_sound(f, fq, box, methods, sound):
+  from qbound.bounds import saturation
+  merged = qb.merge(f, fq, box)
+  (node,) = [n for n in merged.fq_graph.nodes if n.kind == "round"]
+  assert saturation.applies(node)
+  xs = jnp.asarray(H.sample_points(box, 4000), jnp.float32)
+  errors = np.abs(np.asarray(jax.vmap(f)(xs) - jax.vmap(fq)(xs)))
+  exact = np.max(np.abs(H.eval64(merged, np.asarray(xs, np.float64))))
+  bounds = {}
+  for method in methods:
+    cert = qb.certify(f, fq, box, method=method, sound=sound)
+    assert max(errors.max(), exact) <= cert.upper * (1 + 1e-6) and 0 < cert.lower <= cert.upper
+    bounds[method] = cert.upper
+  return bounds
+
+
+def test_joint_saturation_diff_bound_is_sound():
+  """rms,3 on 16 hidden entries (one may saturate at a time): the differential bound, which counts
+  one clip, stays above the errors sampled, at vertices and in float64."""
+  f, fq = _rms_mlp()
+  merged = qb.merge(f, fq, _RMS_BOX)
+  bound = qb.bounds.diff(merged, None, _RMS_BOX)
+  xs = H.sample_points(_RMS_BOX, 4000)
+  errors = np.asarray(jax.vmap(f)(jnp.asarray(xs, jnp.float32)) - jax.vmap(fq)(jnp.asarray(xs, jnp.float32)))
+  for e in (errors, H.eval64(merged, xs)):
+    assert np.all((np.asarray(bound.lower) <= e) & (e <= np.asarray(bound.upper)))
+  assert np.max(np.abs(errors)) > 0.05  # saturation reached (a half step alone is below 0.02 here)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sound", [True, False])
+def test_joint_saturation_bounds_are_sound_and_tighter(sound):
+  """CROWN and the differential bounds with the joint count, in both float modes, sound and below
+  what every entry's own clip would give (~90 s at load 10: four compilations of each pass)."""
+  from qbound.bounds import saturation
+  f, fq = _rms_mlp()
+  box = _RMS_BOX
+  joint = _joint_bounds_are_sound(f, fq, box, ("crown", "diff"), sound)
+  try:  # the same bounds with every entry's clip counted
+    saturation.ENABLED = False
+    jax.clear_caches()
+    alone = {m: qb.certify(f, fq, box, method=m, sound=sound).upper for m in joint}
+  finally:
+    saturation.ENABLED = True
+    jax.clear_caches()
+  assert all(joint[m] < alone[m] for m in joint), (joint, alone)
 
 
 def _tiled(w, back):

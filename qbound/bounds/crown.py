@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, rules
+from qbound.bounds import fp, nonlinear, rules, saturation
 from qbound.bounds.common import LINEAR_KINDS, as_graph, first_half, jit_step, local, mirror_rows
 from qbound.bounds.interval import ROUTING_ONLY, _node_interval, center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
@@ -108,6 +108,9 @@ def _backward_rule(node: G.Node, lam, src_bounds, alpha, sound: bool, lines=None
       spread = (fp.unit_roundoff(dtype) * fp.SLACK * slope * _magnitude(src_bounds, 0)
                 + fp.margin_coefficient(fp.pairwise_terms(node.size), dtype) * offset)
       err = fp.margin_sum(jnp.abs(lam) * spread) + fp.margin_floor(fp.pairwise_terms(node.size), dtype)
+    if isinstance(r, saturation.SaturatingRelaxation):  # at most K clips of a group at once
+      saved, margin = saturation.saving(node, lam, r.sat_lower, r.sat_upper, sound=sound)
+      beta, err = beta + saved, err + margin
     return (pos * r.lower_slope + neg * r.upper_slope,), beta, err
   if node.kind in G.NONLINEAR:
     return nonlinear.backward_rule(node, lam, src_bounds, sound, alpha)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, nonlinear_diff, relax, rules, smooth
+from qbound.bounds import fp, nonlinear, nonlinear_diff, relax, rules, saturation, smooth
 from qbound.bounds.common import LINEAR_KINDS, first_half, jit_step, local, mirror_rows, plus
 from qbound.bounds.crown import (ACTIVATIONS, _routing_only, _row_sum, batch_of, crown_bounds, intersect, relu_inputs,
                                  split_rows, unit_rows)
@@ -314,6 +314,11 @@ def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=N
                   + fp.margin_coefficient(fp.pairwise_terms(nf.size), dtype) * so)
         margins = jnp.abs(lv) * spread
         err = err + fp.margin_floor(fp.pairwise_terms(nf.size), dtype)
+      # At most K clips of a group at once. (Not on f_q's rows, mv, which carry only the weights'
+      # difference: there it changed the rms,3 MLPs' bounds by under 1%, for one more compiled sum.)
+      if isinstance(r, saturation.SaturatingDiffRelaxation):
+        saved, margin = saturation.saving(nq, lv, r.sat_lower, r.sat_upper, sound=sound)
+        beta, err = beta + saved, err + margin
     if mv is not None:
       pos, neg = jnp.maximum(mv, 0), jnp.minimum(mv, 0)
       from_mu = pos * rq.lower_slope + neg * rq.upper_slope

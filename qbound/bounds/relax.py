@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from qbound import dynamic_rounding
 from qbound import graph as G
-from qbound.bounds import fp
+from qbound.bounds import fp, saturation
 
 
 class Relaxation(NamedTuple):
@@ -344,8 +344,8 @@ def rounding_range(node: G.Node, lo, hi, *, sound: bool = True):
   if is_staircase(mode):
     fn = G.ROUNDING[mode]
     return fn(lo), fn(hi)
-  half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
-  low, high = lo - half, hi + half
+  below, above, flat, v_lo, v_hi = dynamic_error(node, lo, hi)[:5]
+  low, high = lo + below, hi + above
   if sound:
     low, high = fp.round_down(low), fp.round_up(high)
   return jnp.where(flat, jnp.maximum(low, v_lo), low), jnp.where(flat, jnp.minimum(high, v_hi), high)
@@ -356,8 +356,21 @@ def offsets(node: G.Node, lo, hi):
   mode = node.attrs[0]
   if is_staircase(mode):
     return ROUNDING_ERROR[mode]
-  half = dynamic_bounds(node, lo, hi)[0]
-  return -half, half
+  return dynamic_error(node, lo, hi)[:2]
+
+
+def dynamic_error(node: G.Node, lo, hi):
+  """``(below, above, flat, v_lo, v_hi, over_top, over_bottom)`` of a dynamic rounding node: its value
+  lies in ``[x + below, x + above]``, and in ``[v_lo, v_hi]`` where ``flat``. ``over_top`` and
+  ``over_bottom`` are the parts of ``-below`` and ``above`` that only saturating entries reach, at most
+  :func:`qbound.dynamic_rounding.joint_saturation`'s count of a group at once (0 for other scales)."""
+  spec = node.attrs[1]
+  if spec.norm == "rms":
+    p = dynamic_rounding.saturation_parts(spec, lo, hi, len(node.shape))
+    return -(p.base + p.over_top), p.base + p.over_bottom, p.flat, p.v_lo, p.v_hi, p.over_top, p.over_bottom
+  half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
+  zero = jnp.zeros_like(half)
+  return -half, half, flat, v_lo, v_hi, zero, zero
 
 
 # Without floating-point margins (sound=False) a bound may sit a few ulps on the wrong side of the
@@ -387,9 +400,12 @@ def rounding(lo, hi, mode: str, *, sound: bool = True, node: G.Node = None) -> R
   lo, hi = step_input(lo, hi, sound)
   one = jnp.ones_like(lo)
   if not is_staircase(mode):
-    half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
+    below, above, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(node, lo, hi)
     slope = jnp.where(flat, 0, one)
-    return Relaxation(slope, jnp.where(flat, v_lo, -half), slope, jnp.where(flat, v_hi, half))
+    lines = (slope, jnp.where(flat, v_lo, below), slope, jnp.where(flat, v_hi, above))
+    if saturation.applies(node):  # q = x + e: the lower offset holds the clips past the top
+      return saturation.SaturatingRelaxation(*lines, jnp.where(flat, 0, over_top), jnp.where(flat, 0, over_bottom))
+    return Relaxation(*lines)
   fn = G.ROUNDING[mode]
   below, above = ROUNDING_ERROR[mode]
   flat = fn(lo) == fn(hi)
@@ -419,7 +435,10 @@ def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = Tru
   if sound:
     low, high = fp.round_down(low), fp.round_up(high)
   if mode_f == "none":  # f's identity beside f_q's dynamic rounding: d + zq - q, q on its step
-    _, flat, v_lo, v_hi = dynamic_bounds(nq, ql, qu)
+    _, _, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(nq, ql, qu)
     slope_q = jnp.where(flat, one, zero)
-    return DiffRelaxation(one, slope_q, jnp.where(flat, -v_hi, low), one, slope_q, jnp.where(flat, -v_lo, high))
+    lines = (one, slope_q, jnp.where(flat, -v_hi, low), one, slope_q, jnp.where(flat, -v_lo, high))
+    if saturation.applies(nq):  # d - e: the lower offset holds the clips past the bottom
+      return saturation.SaturatingDiffRelaxation(*lines, jnp.where(flat, 0, over_bottom), jnp.where(flat, 0, over_top))
+    return DiffRelaxation(*lines)
   return DiffRelaxation(one, zero, low, one, zero, high)
