@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbound import attack
 from qbound import graph as G
 
 # float64 forms are widened by this fraction of their magnitude over the box, per node.
@@ -154,21 +155,6 @@ def _clip_lines(lf, uf, zl, zu, c_lo, c_hi, relu: bool, xmax):
 SMALL_CALL = 256
 LARGE_CALL = 4096
 GROUP = 32
-# The float64 copies of the last few graphs (casting one costs ~10 ms, a refinement calls often).
-_GRAPHS64: dict = {}
-
-
-def _graph64(graph: G.Graph) -> G.Graph:
-  hit = _GRAPHS64.get(id(graph))
-  if hit is not None and hit[0] is graph:
-    return hit[1]
-  g64 = G.astype(jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.float64)
-                                        if np.issubdtype(np.asarray(a).dtype, np.floating) else a, graph),
-                 jnp.float64)
-  if len(_GRAPHS64) >= 4:
-    _GRAPHS64.pop(next(iter(_GRAPHS64)))
-  _GRAPHS64[id(graph)] = (graph, g64)
-  return g64
 
 
 @functools.partial(jax.jit, static_argnames=("group",))
@@ -216,7 +202,7 @@ def linear_bounds(graph: G.Graph, lower, upper):
   n = int(np.prod(graph.output_shape))
   values, lams = [], []
   with jax.enable_x64(True):
-    g64 = _graph64(graph)
+    g64 = attack._host64(graph)  # noqa: SLF001 - the float64 copy cells.py and the witness checks use
     for first in range(0, k, call):
       lo, hi = lower[first: first + call], upper[first: first + call]
       m = lo.shape[0]
