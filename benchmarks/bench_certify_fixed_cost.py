@@ -6,7 +6,7 @@ one process, interleaved call by call after warm-up calls of each (until a call 
 
 * ``stages first``: the path before this change, CROWN, the differential pass and the gradient
   search before branch and bound, and a float64 copy of the graph made at every witness evaluation
-  (``certify.BAB_BRANCH_FIRST = False``, ``attack._HOST64_KEEP = False``); both variants trace with
+  (``certify.BAB_BRANCH_FIRST = False``, ``graph.KEEP_FLOAT64_COPIES = False``); both variants trace with
   ``piecewise.exact``'s shared fractions (measured apart, ``--trace``);
 * ``bab first``: the default now;
 * ``--device``: the same two with ``certify.BAB_DEVICE_FRESH_VARS = 2`` (the device loop).
@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 import qbound as qb
+from qbound import graph as G
 
 C = importlib.import_module("qbound.certify")  # the module: qbound.certify is the function
-A = importlib.import_module("qbound.attack")
 
 
 def _variants(device: bool):
@@ -39,8 +39,8 @@ def _variants(device: bool):
   out = {}
   for count in counts:
     tag = "" if count is None else f", device {count}"
-    out[f"stages first{tag}"] = dict(BAB_BRANCH_FIRST=False, _HOST64_KEEP=False, BAB_DEVICE_FRESH_VARS=count)
-    out[f"bab first{tag}"] = dict(BAB_BRANCH_FIRST=True, _HOST64_KEEP=True, BAB_DEVICE_FRESH_VARS=count)
+    out[f"stages first{tag}"] = dict(BAB_BRANCH_FIRST=False, KEEP_FLOAT64_COPIES=False, BAB_DEVICE_FRESH_VARS=count)
+    out[f"bab first{tag}"] = dict(BAB_BRANCH_FIRST=True, KEEP_FLOAT64_COPIES=True, BAB_DEVICE_FRESH_VARS=count)
   return out
 
 
@@ -68,7 +68,7 @@ def _timing_branch_and_bound():
 
 def _set(settings):
   for name, value in settings.items():
-    setattr(A if name.startswith("_HOST64") else C, name, value)
+    setattr(G if name == "KEEP_FLOAT64_COPIES" else C, name, value)
 
 
 def _exact_one_by_one(values, shape):
@@ -155,7 +155,7 @@ def main(argv=None):
                       **{f"{name}: outside bab": round(float(np.median(t)), 3) for name, t in outside.items()},
                       "unproved calls": {n: u for n, u in unproved.items() if u},
                       "load": f"{min(loads):.1f}-{max(loads):.1f}"}), flush=True)
-  _set(dict(BAB_BRANCH_FIRST=True, _HOST64_KEEP=True, BAB_DEVICE_FRESH_VARS=None))
+  _set(dict(BAB_BRANCH_FIRST=True, KEEP_FLOAT64_COPIES=True, BAB_DEVICE_FRESH_VARS=None))
   print(json.dumps({"net": "median", **{name: round(float(np.median(m)), 3) for name, m in medians.items()},
                     **{f"{name}: outside bab": round(float(np.median(m)), 3) for name, m in outside_medians.items()}}))
 

@@ -31,7 +31,6 @@ import functools
 import os
 import threading
 import time
-import weakref
 from typing import Callable, Optional
 
 import jax
@@ -238,7 +237,7 @@ def _search_exact(graph: G.Graph, box: Box, key, search: Search):
     else:
       key = jnp.asarray(np.asarray(key))
     search_fn = _search_graph_fast if fast else _search_graph
-    value, x = search_fn(_host64(graph), box64, key, search, None, input_dtype.type)
+    value, x = search_fn(G.float64_copy(graph), box64, key, search, None, input_dtype.type)
     return float(value), np.asarray(x).astype(input_dtype)
 
 
@@ -313,7 +312,7 @@ def exact_errors(graph: G.Graph, xs) -> np.ndarray:
   bucket = max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
   padded = np.concatenate([xs, np.broadcast_to(xs[:1], (bucket - n, *xs.shape[1:]))]) if 0 < n < bucket else xs
   with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
-    out = _vmapped(_host64(graph), jnp.asarray(padded, jnp.float64))
+    out = _vmapped(G.float64_copy(graph), jnp.asarray(padded, jnp.float64))
     out = np.asarray(out, np.float64)[:n]
   _check_no_nan(out, xs)
   return out
@@ -330,36 +329,6 @@ def _check_no_nan(values: np.ndarray, xs: np.ndarray) -> None:
     raise BoundOverflowError(
         f"evaluating the networks in float64 at x = {shown} gave NaN: a value overflowed even float64. "
         "The inputs or weights are too large; scale them down.")
-
-
-# The float64 copy of each live graph (_host64), dropped with the graph: a certify call evaluates its
-# witnesses 5-10 times, and each copy cost ~13 ms on ACAS Xu (about a tenth of a warm proof's fixed
-# cost). _HOST64_KEEP = False: a new copy every time (as before; benchmarks compare the two).
-_HOST64_KEEP = True
-_host64_copies: dict = {}  # id(graph) -> its float64 copy, while the graph lives
-
-
-def _host64(graph: G.Graph) -> G.Graph:
-  """The graph's weights copied to the host and cast to float64 (call under ``jax.enable_x64``).
-
-  Cast by NumPy: a cast by JAX compiles one small program per weight shape, a noticeable part of
-  a first call's time. The copy is kept while the graph lives (graphs are frozen; a finalizer drops
-  it with the graph, before its id can be reused).
-  """
-  key = id(graph)
-  copy = _host64_copies.get(key) if _HOST64_KEEP else None
-  if copy is not None:
-    return copy
-
-  def to64(a):
-    a = np.asarray(a)
-    return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
-
-  copy = G.astype(jax.tree_util.tree_map(to64, graph), jnp.float64)
-  if _HOST64_KEEP and key not in _host64_copies:
-    _host64_copies[key] = copy
-    weakref.finalize(graph, _host64_copies.pop, key, None)
-  return copy
 
 
 # One evaluation per witness or probe batch: compiled for a short compile (see FAST_COMPILE).

@@ -190,19 +190,20 @@ def test_float64_copies_are_kept_while_their_graph_lives():
   import gc
 
   from qbound import attack
+  from qbound import graph as G
 
   f, fq, _, _ = H.random_pair(0, H.SHAPES[0], bits=4)
   box = H.random_box(0, 2)
   graph = qb.merge(f, fq, box).graph
   other = qb.merge(fq, f, box).graph
   with jax.enable_x64(True):
-    copy = attack._host64(graph)
-    assert attack._host64(graph) is copy and attack._host64(other) is not copy
+    copy = G.float64_copy(graph)
+    assert G.float64_copy(graph) is copy and G.float64_copy(other) is not copy
     xs = H.sample_points(box, 50)
     np.testing.assert_array_equal(attack.exact_errors(graph, xs), H.eval64(graph, xs))
     np.testing.assert_array_equal(attack.exact_errors(other, xs), -H.eval64(graph, xs))
   key = id(graph)
-  assert key in attack._host64_copies
+  assert key in G._float64_copies
   del graph, copy
   gc.collect()
-  assert key not in attack._host64_copies
+  assert key not in G._float64_copies

@@ -24,11 +24,21 @@ cert = qb.certify(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)), method="crown")
 print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "upper": cert.upper, "hits": len(hits)}))
 """
 
+# Where the cache goes is decided at import (qbound creates its directory there): a process that
+# compiles one small program is enough to see it.
+ONE_PROGRAM = """
+import json
+import jax
+import qbound
+jax.jit(lambda x: x * 2.0 + 1.0)(1.0).block_until_ready()
+print(json.dumps({"dir": jax.config.jax_compilation_cache_dir}))
+"""
 
-def run(environ):
+
+def run(environ, script=CERTIFY):
   env = {k: v for k, v in os.environ.items() if k not in ("QBOUND_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR")}
   env.update(environ)
-  out = subprocess.run([sys.executable, "-c", CERTIFY], env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -42,7 +52,7 @@ def test_directory_choices(tmp_path):
 
 @pytest.mark.parametrize("opt_out", ["0", ""])
 def test_opt_out(tmp_path, opt_out):
-  assert run({"XDG_CACHE_HOME": str(tmp_path), "QBOUND_JAX_CACHE": opt_out})["dir"] is None
+  assert run({"XDG_CACHE_HOME": str(tmp_path), "QBOUND_JAX_CACHE": opt_out}, ONE_PROGRAM)["dir"] is None
   assert not (tmp_path / "qbound").exists()
 
 
@@ -61,5 +71,5 @@ def test_on_by_default_and_reused_by_the_next_process(tmp_path):
 
 def test_users_own_cache_directory_wins(tmp_path):
   mine = tmp_path / "mine"
-  assert run({"XDG_CACHE_HOME": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": str(mine)})["dir"] == str(mine)
+  assert run({"XDG_CACHE_HOME": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": str(mine)}, ONE_PROGRAM)["dir"] == str(mine)
   assert not (tmp_path / "qbound").exists()

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack
 from qbound import graph as G
 from qbound.bounds import fp
 from qbound.box import Box
@@ -64,7 +63,7 @@ def _entrywise_affine(graph: G.Graph, gate: int):
     clips.append(graph.nodes[src])
     src = graph.nodes[src].inputs[0]
   with jax.enable_x64(True):
-    g64 = attack._host64(graph)  # noqa: SLF001 - the same float64 copy the witness evaluations use
+    g64 = G.float64_copy(graph)
     def value(x):
       vals = [x]
       for node in g64.nodes[1:src + 1]:

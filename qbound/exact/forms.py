@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack
 from qbound import graph as G
 
 # float64 forms are widened by this fraction of their magnitude over the box, per node.
@@ -202,7 +201,7 @@ def linear_bounds(graph: G.Graph, lower, upper):
   n = int(np.prod(graph.output_shape))
   values, lams = [], []
   with jax.enable_x64(True):
-    g64 = attack._host64(graph)  # noqa: SLF001 - the float64 copy cells.py and the witness checks use
+    g64 = G.float64_copy(graph)
     for first in range(0, k, call):
       lo, hi = lower[first: first + call], upper[first: first + call]
       m = lo.shape[0]

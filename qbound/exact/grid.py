@@ -246,7 +246,7 @@ class _Grid:
     if flagged.any():
       rows = np.flatnonzero(flagged)
       with jax.enable_x64(True):
-        qg64 = attack._host64(self.qg)  # noqa: SLF001
+        qg64 = G.float64_copy(self.qg)
         err64 = [jnp.asarray(e) for e in self.q_err64]
         v64, flagged64 = _batched(lambda xs: _evaluate_batch(qg64, err64, jnp.asarray(xs, jnp.float64)),
                                   reps[rows].astype(np.float64))
