@@ -34,15 +34,25 @@ import numpy as np
 
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
+# The backward pass for the unstable neurons of hidden layers too (the outputs always get it).
+# False: 4-5x cheaper per piece at ACAS Xu's size (6 x 50 ReLUs) but looser, so more pieces:
+# benchmarks/bench_host_acas.py, docs/results.md.
+HIDDEN_BACKWARD = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``."""
+  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``.
+
+  ``prefix``: elementwise monotone maps that f and f_q share before their first layer (an input
+  normalisation, as ACAS Xu's ``.nnet`` files: ``("clip", lo, hi)``, ``("shift", b)`` for ``x + b``,
+  ``("div", r)`` for ``x / r``, ``("mul", r)`` for ``x * r``); ``layers`` read their result. The
+  bounds here take the pieces after it (:func:`qbound.bounds.host_bab.map_box`)."""
 
   layers: tuple
   n_in: int
   n_out: int
+  prefix: tuple = ()
 
 
 # Forms: (k, n_in + 1, m) arrays, a linear function of the input per neuron, constant last.
@@ -283,6 +293,9 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
     forms ``(k, n_in + 1, n_out)`` whose coefficients say which corner each bound points to, and
     every affine layer's bounds for the pieces' children (``prior``).
   """
+  if chain.prefix:
+    raise ValueError("bound_pieces takes pieces after the chain's input normalisation (chain.prefix): map them "
+                     "with qbound.bounds.host_bab.map_box and pass dataclasses.replace(chain, prefix=()).")
   k, n = lo.shape
   eye = np.zeros((k, n + 1, n))
   eye[:, np.arange(n), np.arange(n)] = 1.0
@@ -325,6 +338,8 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
           columns = np.arange(w.shape[0])
         else:
           columns = np.flatnonzero((((zl < 0) & (zu > 0)) | ((ql < 0) & (qu > 0))).any(axis=0))
+          if not HIDDEN_BACKWARD:
+            columns = columns[:0]
         if len(columns):
           zl, zu, ql, qu, dl, du = _backward_node(chain, j + 1, lines, mags, lo, hi, (zl, zu, ql, qu, dl, du),
                                                   columns)
