@@ -95,3 +95,32 @@ def test_certify_auto_uses_it():
   assert "host-bab" in cert.bounds and cert.upper <= 1.01 * cert.lower + 1e-12
   values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
   assert np.abs(values).max() <= cert.upper
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3]), kind=st.sampled_from(["3", "noise 1.0"]))
+def test_without_hidden_backward_rows_still_sound(seed, shape, kind):
+  """``host_bounds.HIDDEN_BACKWARD = False`` (the backward pass for the outputs only): the bounds
+  hold at sampled points, for a close copy and for weights that differ by as much as themselves."""
+  from qbound.bounds import host_bounds
+
+  bits, noise = (None, float(kind.split()[1])) if kind.startswith("noise") else (int(kind), None)
+  f, fq = pair(seed, shape, bits, noise)
+  box = H.random_box(seed, shape[0])
+  merged = qb.merge(f, fq, box)
+  chain = host_bab.chain_of(merged)
+  lo, hi = np.asarray(box.lower, np.float64)[None], np.asarray(box.upper, np.float64)[None]
+  saved = host_bounds.HIDDEN_BACKWARD
+  host_bounds.HIDDEN_BACKWARD = False
+  try:
+    dl, du, *_ = host_bounds.bound_pieces(chain, lo, hi)
+  finally:
+    host_bounds.HIDDEN_BACKWARD = saved
+  values = host_bab.evaluate(chain, H.sample_points(box, 2000, seed))
+  assert np.all(values >= dl[0] - 1e-12) and np.all(values <= du[0] + 1e-12)
+
+
+def test_a_normalisation_alone_is_not_a_chain():
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(lambda x: jnp.clip(x, -0.5, 0.5) / 2.0, lambda x: jnp.clip(x, -0.5, 0.5) / 2.0, box)
+  assert host_bab.chain_of(merged) is None

@@ -160,6 +160,8 @@ def chain_of(merged) -> Optional[Chain]:
       bias = lambda n: np.zeros(n.size) if n.bias is None else np.broadcast_to(  # noqa: E731
           np.asarray(n.bias, np.float64), n.shape).reshape(-1)
       layers.append(("affine", fm[i], bias(a), qm[i], bias(b)))
+  if not any(layer[0] == "affine" for layer in layers):  # the normalisation alone: nothing to search
+    return None
   return Chain(tuple(layers), n_in, fg.nodes[-1].size, prefix)
 
 
