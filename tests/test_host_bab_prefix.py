@@ -97,11 +97,13 @@ def test_certify_auto_uses_it():
   assert np.abs(values).max() <= cert.upper
 
 
-@settings(max_examples=4, deadline=None)
-@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3]), kind=st.sampled_from(["3", "noise 1.0"]))
-def test_without_hidden_backward_rows_still_sound(seed, shape, kind):
-  """``host_bounds.HIDDEN_BACKWARD = False`` (the backward pass for the outputs only): the bounds
-  hold at sampled points, for a close copy and for weights that differ by as much as themselves."""
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3]), kind=st.sampled_from(["3", "noise 1.0"]),
+       variant=st.sampled_from([("HIDDEN_BACKWARD", False), ("BACKWARD_ROWS", "all")]))
+def test_backward_row_variants_are_sound(seed, shape, kind, variant):
+  """``host_bounds.HIDDEN_BACKWARD = False`` (the backward pass for the outputs only) and
+  ``BACKWARD_ROWS = "all"`` (rows on z_q and z too): the bounds hold at sampled points, for a close
+  copy and for weights that differ by as much as themselves."""
   from qbound.bounds import host_bounds
 
   bits, noise = (None, float(kind.split()[1])) if kind.startswith("noise") else (int(kind), None)
@@ -110,14 +112,22 @@ def test_without_hidden_backward_rows_still_sound(seed, shape, kind):
   merged = qb.merge(f, fq, box)
   chain = host_bab.chain_of(merged)
   lo, hi = np.asarray(box.lower, np.float64)[None], np.asarray(box.upper, np.float64)[None]
-  saved = host_bounds.HIDDEN_BACKWARD
-  host_bounds.HIDDEN_BACKWARD = False
+  name, value = variant
+  saved = getattr(host_bounds, name)
+  setattr(host_bounds, name, value)
   try:
-    dl, du, *_ = host_bounds.bound_pieces(chain, lo, hi)
+    dl, du, _, _, kept = host_bounds.bound_pieces(chain, lo, hi)
+    # And a half of the box from the whole box's bounds (a parent's).
+    half_hi = hi.copy()
+    half_hi[:, 0] = (lo[:, 0] + hi[:, 0]) / 2
+    hdl, hdu, *_ = host_bounds.bound_pieces(chain, lo, half_hi, kept)
   finally:
-    host_bounds.HIDDEN_BACKWARD = saved
-  values = host_bab.evaluate(chain, H.sample_points(box, 2000, seed))
+    setattr(host_bounds, name, saved)
+  xs = H.sample_points(box, 2000, seed)
+  values = host_bab.evaluate(chain, xs)
   assert np.all(values >= dl[0] - 1e-12) and np.all(values <= du[0] + 1e-12)
+  half = values[xs[:, 0] <= half_hi[0, 0]]
+  assert np.all(half >= hdl[0] - 1e-12) and np.all(half <= hdu[0] + 1e-12)
 
 
 def test_a_normalisation_alone_is_not_a_chain():
