@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import helpers as H
 import qbound as qb
 from qbound.bounds import host_bab
-from test_host_bab import _mlp, pair
+from test_host_bab import pair
 
 
 def _normalised(seed, shape, bits, op="div"):

@@ -294,7 +294,8 @@ def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str
   zl, zu, ql, qu, dl, du = (b.copy() for b in bounds)
   pairs = [(dl, du)] + ([(ql, qu), (zl, zu)] if which == "all" else [])
   for i, (low, up) in enumerate(pairs):
-    low[:, columns], up[:, columns] = np.maximum(low[:, columns], v[:, 2 * i]), np.minimum(up[:, columns], -v[:, 2 * i + 1])
+    low[:, columns] = np.maximum(low[:, columns], v[:, 2 * i])
+    up[:, columns] = np.minimum(up[:, columns], -v[:, 2 * i + 1])
   return _meet(zl, zu, ql, qu, dl, du)
 
 
