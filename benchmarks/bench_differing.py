@@ -373,9 +373,27 @@ def _diff_alpha(f, fq, box, everywhere=False):
   return qb.Box(*d[m.f_graph.output])
 
 
+def _host(f, fq, box, hidden=True):
+  """The NumPy search's bound on one piece (qbound.bounds.host_bounds; its size gate lifted, and
+  with or without the backward pass for hidden layers)."""
+  import dataclasses
+
+  from qbound.bounds import host_bab, host_bounds
+  saved = host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD
+  host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = 10**6, hidden
+  try:
+    chain = host_bab.chain_of(merged(f, fq))
+    lo, hi = host_bab.map_box(chain, np.asarray(box.lower, np.float64)[None], np.asarray(box.upper, np.float64)[None])
+    dl, du, *_ = host_bounds.bound_pieces(dataclasses.replace(chain, prefix=()), lo, hi)
+  finally:
+    host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = saved
+  return qb.Box(dl[0], du[0])
+
+
 PIECE_METHODS: dict[str, Callable] = {"crown (merged)": _crown_merged, "diff": _diff, "forward": _forward,
                                       "diff alpha": _diff_alpha,
-                                      "diff alpha everywhere": functools.partial(_diff_alpha, everywhere=True)}
+                                      "diff alpha everywhere": functools.partial(_diff_alpha, everywhere=True),
+                                      "host": _host, "host forward": functools.partial(_host, hidden=False)}
 DEFAULT_PIECE_METHODS = ("crown (merged)", "diff", "forward")
 
 

@@ -373,7 +373,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         if evaluator_ready.is_set():
           flush()
 
-      res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=max(left(), 0.0), target_gap=target_gap,
+      budget = left()
+      if budget <= 0:  # the call's time ran out before this thread started (a short budget, a loaded machine)
+        return
+      res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
                                   epsilon=epsilon, stop=lambda: finished() or stages_failed.is_set(), report=report,
                                   chain=host_chain)
       track.add_bounds("host-bab", res.diff_lower, res.diff_upper)

@@ -185,6 +185,17 @@ def test_certify_auto_budget_expiring_during_the_host_search():
   assert np.all(values >= cert.diff_lower - 1e-12) and np.all(values <= cert.diff_upper + 1e-12)
 
 
+def test_certify_auto_budget_spent_before_the_host_search_starts():
+  """A budget already spent when the NumPy search's thread starts (1 ms; under load, 0.1 s did it):
+  the call returns its interval bound, where it raised host_branch_and_bound's ValueError for a
+  time_budget of 0."""
+  f, fq = pair(2, H.SHAPES[0], bits=3)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  cert = qb.certify(f, fq, box, method="auto", time_budget=1e-3, target_gap=0.0)
+  values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
+
+
 @pytest.mark.slow  # (compiles branch and bound's steps: ~5 s)
 def test_certify_auto_without_host_search(monkeypatch):
   """HOST_HEAD_START = None: auto's compiled branch and bound alone, as before."""

@@ -29,7 +29,9 @@ piece's centre and the corner its bound points to are evaluated, and a few steps
 ascent run from the best of them, so the reached error rises too.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
-by a relative slack, and hold for the real-arithmetic networks.
+by a relative slack, and hold for the real-arithmetic networks. An input normalisation the two
+networks share (``.nnet`` files' clip, shift and divide) is applied to the box once, rounded
+outward (:func:`map_box`), and the search runs on its image; witnesses are mapped back into the box.
 
 Example:
   >>> import functools, jax, jax.numpy as jnp, qbound as qb
@@ -54,7 +56,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds.host_bounds import Chain, bound_pieces
+from qbound.bounds.host_bounds import Chain, _down, _up, bound_pieces
 
 # Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries
 # (as certify's MILP and LOW_DIMENSIONAL_INPUTS): above, a batch's NumPy work grows past what the
@@ -119,7 +121,9 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
 def chain_of(merged) -> Optional[Chain]:
   """The merged network as a :class:`Chain`, or None when it is not a small paired chain of dense
   layers (``x @ W + b``) and ReLUs (identity roundings skipped) with few inputs (see
-  ``MAX_NEURONS``, ``MAX_INPUTS``)."""
+  ``MAX_NEURONS``, ``MAX_INPUTS``). An input normalisation that f and f_q share exactly (clip,
+  shift, divide or multiply entry by entry, as :func:`qbound.io.load_nnet` builds) becomes the
+  chain's ``prefix``."""
   if not merged.paired:
     return None
   fg, qg = merged.f_graph, merged.fq_graph
@@ -128,8 +132,9 @@ def chain_of(merged) -> Optional[Chain]:
   n_in = int(np.prod(fg.input_shape))
   if n_in > MAX_INPUTS:
     return None
+  prefix, first = _prefix(fg, qg, n_in)
   neurons, kinds = 0, []
-  for i, (a, b) in enumerate(zip(fg.nodes[1:], qg.nodes[1:]), start=1):
+  for i, (a, b) in enumerate(zip(fg.nodes[first:], qg.nodes[first:]), start=first):
     identity = lambda n: n.kind == G.ROUND and n.attrs[0] == "none"  # noqa: E731
     if a.kind != b.kind or a.inputs != (i - 1,) or b.inputs != (i - 1,):
       return None
@@ -140,14 +145,14 @@ def chain_of(merged) -> Optional[Chain]:
     kinds.append(a.kind)
   if neurons > MAX_NEURONS:
     return None
-  fm = {i: _dense_matrix(n) for i, n in enumerate(fg.nodes) if n.kind == G.AFFINE}
-  qm = {i: _dense_matrix(n) for i, n in enumerate(qg.nodes) if n.kind == G.AFFINE}
+  fm = {i: _dense_matrix(n) for i, n in enumerate(fg.nodes) if n.kind == G.AFFINE and i >= first}
+  qm = {i: _dense_matrix(n) for i, n in enumerate(qg.nodes) if n.kind == G.AFFINE and i >= first}
   if any(m is None for m in (*fm.values(), *qm.values())):
     # Other linear maps (scaled, convolutions) would be read through JAX, compiling on a first
     # call what this search exists to avoid: left to the compiled search.
     return None
   layers = []
-  for i, kind in enumerate(kinds, start=1):
+  for i, kind in enumerate(kinds, start=first):
     if kind == G.RELU:
       layers.append(("relu",))
     elif kind == G.AFFINE:
@@ -155,12 +160,95 @@ def chain_of(merged) -> Optional[Chain]:
       bias = lambda n: np.zeros(n.size) if n.bias is None else np.broadcast_to(  # noqa: E731
           np.asarray(n.bias, np.float64), n.shape).reshape(-1)
       layers.append(("affine", fm[i], bias(a), qm[i], bias(b)))
-  return Chain(tuple(layers), n_in, fg.nodes[-1].size)
+  if not any(layer[0] == "affine" for layer in layers):  # the normalisation alone: nothing to search
+    return None
+  return Chain(tuple(layers), n_in, fg.nodes[-1].size, prefix)
+
+
+def _prefix(fg: G.Graph, qg: G.Graph, n_in: int):
+  """The elementwise maps f and f_q share, identically, before their first dense layer (an input
+  normalisation: clip, ``x + b``, ``x / r``, ``x * r``), as :class:`Chain`'s ``prefix``; and the
+  index of the first node after them."""
+  steps, i = [], 1
+  while i < len(fg.nodes):
+    a, b = fg.nodes[i], qg.nodes[i]
+    if a.inputs != (i - 1,) or b.inputs != (i - 1,) or a.shape != (n_in,) or a.kind != b.kind:
+      break
+    same = lambda u, v: np.array_equal(np.asarray(u, np.float64), np.asarray(v, np.float64))  # noqa: E731
+    vector = lambda v: np.broadcast_to(np.asarray(v, np.float64), (n_in,)).copy()  # noqa: E731
+    if a.kind == G.CLIP and len(a.weights) == 2 and all(map(same, a.weights, b.weights)):
+      step = [("clip", vector(a.weights[0]), vector(a.weights[1]))]
+    elif a.kind == G.AFFINE and a.op is None and b.op is None:
+      step = []
+    elif (a.kind == G.AFFINE and a.op is not None and a.op == b.op and len(a.weights) == 1
+          and getattr(a.op, "name", None) in ("div", "mul") and np.asarray(a.weights[0]).size in (1, n_in)
+          and (a.op.name == "mul" or a.op.var_pos == 0) and same(a.weights[0], b.weights[0])
+          and np.all(np.asarray(a.weights[0]) != 0)):
+      step = [(a.op.name, vector(a.weights[0]))]
+    else:
+      break
+    if a.kind == G.AFFINE:
+      if (a.bias is None) != (b.bias is None) or (a.bias is not None and not same(a.bias, b.bias)):
+        break
+      if a.bias is not None:
+        step.append(("shift", vector(a.bias)))
+    steps += step
+    i += 1
+  return tuple(steps), i
+
+
+def map_box(chain: Chain, lo: np.ndarray, hi: np.ndarray):
+  """The box ``[lo, hi]`` (``(k, n_in)``) through ``chain.prefix``, rounded outward: each map acts
+  on each entry alone and is monotone, so the image of a box is the box of its corners' images
+  (as ReluVal's input intervals, Wang et al., USENIX Security 2018).
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound.bounds.host_bab import Chain, map_box
+    >>> chain = Chain((), n_in=1, n_out=1, prefix=(("shift", np.array([-1.0])), ("div", np.array([-2.0]))))
+    >>> lo, hi = map_box(chain, np.array([[0.0]]), np.array([[4.0]]))  # (x - 1) / -2 over [0, 4]
+    >>> lo.round(9).tolist(), hi.round(9).tolist(), bool(lo[0, 0] < -1.5 and hi[0, 0] > 0.5)
+    ([[-1.5]], [[0.5]], True)
+  """
+  lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+  for step in chain.prefix:
+    if step[0] == "clip":
+      lo, hi = np.clip(lo, step[1], step[2]), np.clip(hi, step[1], step[2])
+      continue
+    r = step[1]
+    if step[0] == "shift":
+      a, b = lo + r, hi + r
+    else:
+      a, b = (lo / r, hi / r) if step[0] == "div" else (lo * r, hi * r)
+    lo, hi = _down(np.minimum(a, b)), _up(np.maximum(a, b))
+  return lo, hi
+
+
+def _unmap(chain: Chain, ys: np.ndarray, box_lo, box_hi) -> np.ndarray:
+  """Inputs in the box whose images under ``chain.prefix`` are (about) ``ys``: the witnesses."""
+  xs = np.asarray(ys, np.float64)
+  for step in reversed(chain.prefix):
+    if step[0] == "shift":
+      xs = xs - step[1]
+    elif step[0] == "div":
+      xs = xs * step[1]
+    elif step[0] == "mul":
+      xs = xs / step[1]
+  # A clipped entry pinned at a clip's end is reached by the box's end beyond it.
+  return np.clip(xs, box_lo, box_hi)
 
 
 def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
-  z = zq = np.asarray(xs, np.float64)
+  z = np.asarray(xs, np.float64)
+  for step in chain.prefix:
+    if step[0] == "clip":
+      z = np.clip(z, step[1], step[2])
+    elif step[0] == "shift":
+      z = z + step[1]
+    else:
+      z = z / step[1] if step[0] == "div" else z * step[1]
+  zq = z
   for layer in chain.layers:
     if layer[0] == "relu":
       z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
@@ -307,10 +395,19 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   if outputs.size == 0 or outputs.min() < 0 or outputs.max() >= chain.n_out:
     raise ValueError(f"outputs must be flat indices in [0, {chain.n_out}), got {outputs.tolist()}.")
   n = chain.n_in
-  box_lo = np.asarray(box.lower, np.float64).reshape(1, n)
-  box_hi = np.asarray(box.upper, np.float64).reshape(1, n)
+  # The search runs on the box's image under the shared input normalisation (chain.prefix), its
+  # witnesses mapped back into the box for its caller.
+  x_lo = np.asarray(box.lower, np.float64).reshape(1, n)
+  x_hi = np.asarray(box.upper, np.float64).reshape(1, n)
+  box_lo, box_hi = map_box(chain, x_lo, x_hi)
+  x_chain, chain = chain, dataclasses.replace(chain, prefix=())
   lower = float(initial_lower)
-  witness = ((box_lo + box_hi) / 2)[0] if initial_witness is None else np.asarray(initial_witness, np.float64).reshape(n)
+  if initial_witness is None:
+    witness = ((box_lo + box_hi) / 2)[0]
+  else:
+    witness = np.clip(map_box(x_chain, *[np.asarray(initial_witness, np.float64).reshape(1, n)] * 2)[0][0],
+                      box_lo[0], box_hi[0])
+  to_input = lambda y: _unmap(x_chain, y, x_lo[0], x_hi[0])  # noqa: E731
 
   def probe(los, his, dls, lds, uds):
     """The pieces' centres and, for each, the corner its worst bound's form points to."""
@@ -351,7 +448,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       keeps = keeps[~done]
     upper = max(closed_bound, float(bounds.max(initial=-np.inf)), lower)
     if report is not None:
-      report(upper, lower, witness)
+      report(upper, lower, to_input(witness))
     if not len(bounds):
       stopped = "gap"
       break
@@ -405,6 +502,9 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   diff_lower = np.minimum(closed_lower, dls.min(axis=0, initial=np.inf))
   diff_upper = np.maximum(closed_upper, dus.max(axis=0, initial=-np.inf))
   upper = max(closed_bound, float(_error_bound(dls, dus, outputs).max(initial=-np.inf)))
+  witness = to_input(witness)
+  if x_chain.prefix:  # the error at the witness itself (the normalisation's float64 rounding aside, the same)
+    lower = float(np.abs(evaluate(x_chain, witness[None]))[0, outputs].max())
   return HostBabResult(upper=max(upper, 0.0), lower=lower, witness=witness, diff_lower=diff_lower,
                        diff_upper=diff_upper, root_lower=root_lower, root_upper=root_upper,
                        pieces_bounded=bounded, stopped=stopped, seconds=time.perf_counter() - start)

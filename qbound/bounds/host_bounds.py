@@ -34,15 +34,31 @@ import numpy as np
 
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
+# The backward pass for the unstable neurons of hidden layers too (the outputs always get it).
+# False: 4-5x cheaper per piece at ACAS Xu's size (6 x 50 ReLUs) but looser, so more pieces:
+# benchmarks/bench_host_acas.py, docs/results.md.
+HIDDEN_BACKWARD = True
+# Which values of a hidden layer's unstable neurons the backward pass bounds: "d" (rows +-e on d),
+# or "all" (on d, z_q and z = z_q + d, as the compiled differential pass): about as tight as it on
+# pieces of ACAS Xu 1_1 (where "d" alone is 1.4-2,500x looser), at 1.1-3x the cost of a piece, and
+# still 5-8x slower there than the compiled search (docs/results.md, "The NumPy search at ACAS Xu's
+# size"; benchmarks/bench_host_acas.py).
+BACKWARD_ROWS = "d"
 
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``."""
+  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``.
+
+  ``prefix``: elementwise monotone maps that f and f_q share before their first layer (an input
+  normalisation, as ACAS Xu's ``.nnet`` files: ``("clip", lo, hi)``, ``("shift", b)`` for ``x + b``,
+  ``("div", r)`` for ``x / r``, ``("mul", r)`` for ``x * r``); ``layers`` read their result. The
+  bounds here take the pieces after it (:func:`qbound.bounds.host_bab.map_box`)."""
 
   layers: tuple
   n_in: int
   n_out: int
+  prefix: tuple = ()
 
 
 # Forms: (k, n_in + 1, m) arrays, a linear function of the input per neuron, constant last.
@@ -256,19 +272,30 @@ def _meet(zl, zu, ql, qu, dl, du):
   return zl, zu, ql, qu, dl, du
 
 
-def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns):
+def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str = "d"):
   """Bounds of ``d`` at the output of layer ``upto - 1`` by the backward pass (rows +-e on d, for
-  the neurons ``columns`` only), met with ``bounds`` and ``z = z_q + d``. (Rows on z_q as well cost
-  40% more CPU for 8% fewer pieces on 5-12-8-8-2: docs/results.md.)"""
+  the neurons ``columns`` only; with ``which == "all"`` on z_q and z too), met with
+  ``bounds`` and ``z = z_q + d``. (Rows on z_q as well cost 40% more CPU for 8% fewer pieces on
+  5-12-8-8-2: docs/results.md.)"""
   k = lo.shape[0]
   m = bounds[0].shape[1]
   c = len(columns)
   unit = np.zeros((c, m))
   unit[np.arange(c), columns] = 1.0
-  lam_d = np.broadcast_to(np.concatenate([unit, -unit]), (k, 2 * c, m))
-  v = _backward(chain, upto, lam_d, np.zeros_like(lam_d), lines, mags, lo, hi)
+  zero = np.zeros_like(unit)
+  # Row blocks: +d, -d, then (all) +z_q, -z_q, +z, -z; z = z_q + d in the pass's variables.
+  on_d, on_q = [unit, -unit], [zero, zero]
+  if which == "all":
+    on_d, on_q = on_d + [zero, zero, unit, -unit], on_q + [unit, -unit, unit, -unit]
+  rows = len(on_d) * c
+  lam_d = np.broadcast_to(np.concatenate(on_d), (k, rows, m))
+  lam_q = np.broadcast_to(np.concatenate(on_q), (k, rows, m))
+  v = _backward(chain, upto, lam_d, lam_q, lines, mags, lo, hi).reshape(k, len(on_d), c)
   zl, zu, ql, qu, dl, du = (b.copy() for b in bounds)
-  dl[:, columns], du[:, columns] = np.maximum(dl[:, columns], v[:, :c]), np.minimum(du[:, columns], -v[:, c:])
+  pairs = [(dl, du)] + ([(ql, qu), (zl, zu)] if which == "all" else [])
+  for i, (low, up) in enumerate(pairs):
+    low[:, columns] = np.maximum(low[:, columns], v[:, 2 * i])
+    up[:, columns] = np.minimum(up[:, columns], -v[:, 2 * i + 1])
   return _meet(zl, zu, ql, qu, dl, du)
 
 
@@ -283,6 +310,9 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
     forms ``(k, n_in + 1, n_out)`` whose coefficients say which corner each bound points to, and
     every affine layer's bounds for the pieces' children (``prior``).
   """
+  if chain.prefix:
+    raise ValueError("bound_pieces takes pieces after the chain's input normalisation (chain.prefix): map them "
+                     "with qbound.bounds.host_bab.map_box and pass dataclasses.replace(chain, prefix=()).")
   k, n = lo.shape
   eye = np.zeros((k, n + 1, n))
   eye[:, np.arange(n), np.arange(n)] = 1.0
@@ -325,9 +355,11 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
           columns = np.arange(w.shape[0])
         else:
           columns = np.flatnonzero((((zl < 0) & (zu > 0)) | ((ql < 0) & (qu > 0))).any(axis=0))
+          if not HIDDEN_BACKWARD:
+            columns = columns[:0]
         if len(columns):
           zl, zu, ql, qu, dl, du = _backward_node(chain, j + 1, lines, mags, lo, hi, (zl, zu, ql, qu, dl, du),
-                                                  columns)
+                                                  columns, "d" if last else BACKWARD_ROWS)
       kept.append(np.stack([zl, zu, ql, qu, dl, du], axis=1).reshape(k, 6 * m))
       offset += 6 * m
     else:
