@@ -28,7 +28,9 @@ def run_devices(counts, *args, timeout=900):
   """``{count: json output}`` of multidevice_check.py, one subprocess per device count, concurrently."""
   procs = {}
   for count in counts:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+    # The suite's own XLA flags (tests/conftest.py) kept, the device count added.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags,
                PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     procs[count] = subprocess.Popen([sys.executable, str(HERE / "multidevice_check.py"), *args], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
