@@ -589,7 +589,7 @@ def require_none(graph: G.Graph, method: str) -> None:
   node = graph.nodes[idx]
   raise UnsupportedLayerError(
       f"{method}: no rule for the {node.kind!r} layer (node {idx}, {node.where or 'unknown source'}); "
-      "products of two input-dependent values, exp, 1/x, rsqrt, sqrt, erfc and SiLU (softmax, layer norm, "
+      "products of two input-dependent values, exp, 1/x, rsqrt, sqrt, erfc, SiLU and GELU (softmax, layer norm, "
       "attention, GELU) are bounded by interval bounds and CROWN on the merged network: "
       "qb.certify(..., method='crown') or method='auto'.")
 
