@@ -129,7 +129,8 @@ def _gelu_second64(x, h=1e-6):
 
 _GELU_INFLECTION = _bisect(lambda x: -_gelu_second64(x), 0.5, 3.0)
 _GELU_ARGMIN = _bisect(_gelu_deriv64, -3.0, 0.0)
-_GELU_MIN = _gelu64(_GELU_ARGMIN) - 1e-9  # float64 value to ~1e-16, rounded down generously
+# float64 value to ~1e-16; 1e-7 below it, so that it stays below when cast to float32 (ulp 1.5e-8).
+_GELU_MIN = _gelu64(_GELU_ARGMIN) - 1e-7
 
 
 def _gelu(x):
