@@ -12,7 +12,8 @@ Two families of node (:data:`qbound.graph.NONLINEAR`):
   (``a = (yl + yu) / 2``, ``b = (xl + xu) / 2``), whose two planes are each at most ``rx ry``
   from ``x y`` (``rx``, ``ry`` the half-widths), where a McCormick plane can be ``4 rx ry`` away.
 * **Curves** ``y = f(x)`` (:data:`CURVES`): ``exp``, ``x^2``, ``1/x``, ``1/sqrt(x)``, ``sqrt``,
-  ``erfc``, SiLU and GELU (tanh form). Each is convex or concave between known inflection points. For a slope ``k``,
+  ``erfc``, SiLU and GELU (tanh form, :mod:`qbound.bounds.gelu`). Each is convex or concave
+  between known inflection points. For a slope ``k``,
   ``g(x) = f(x) - k x`` has the same curvature, so on a convex piece ``[a, b]`` its maximum is at
   ``a`` or ``b`` and its minimum is above the tangent at any point ``p`` of the piece (a convex
   function lies above its tangents); concave pieces the reverse. The lines ``k x + min g`` and
@@ -39,6 +40,8 @@ import numpy as np
 
 from qbound import graph as G
 from qbound.bounds import fp
+from qbound.bounds.gelu import (GELU_ARGMIN, GELU_INFLECTION, GELU_MIN, gelu, gelu_deriv, gelu_deriv_error,
+                                 gelu_value_error)
 from qbound.bounds.relax import Relaxation
 from qbound.errors import UnboundedLayerError, UnsupportedLayerError
 
@@ -105,52 +108,6 @@ _SILU_ARGMIN = _bisect(lambda x: 1 + x * (1 - _sig64(x)), -3.0, 0.0)
 _SILU_MIN = _SILU_ARGMIN * _sig64(_SILU_ARGMIN) - 1e-9  # float64 value to ~1e-16, rounded down generously
 
 
-# GELU, tanh form (jax.nn.gelu's default): f(x) = x s(x), s = (1 + tanh(v)) / 2 = sigmoid(2 v),
-# v = C (x + A x^3). f'' changes sign only at +-1.4185 (concave outside, convex between; checked on
-# a float64 grid of [-40, 40] with the stable form below); f' = s + 2 x s (1 - s) v' vanishes only
-# at -0.75247, the minimum -0.17004 (Hendrycks & Gimpel, "Gaussian Error Linear Units", 2016).
-_GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
-
-
-def _gelu64(x):
-  v = _GELU_C * (x + _GELU_A * x ** 3)
-  return x / (1 + math.exp(-2 * v))
-
-
-def _gelu_deriv64(x):
-  v = _GELU_C * (x + _GELU_A * x ** 3)
-  s = 1 / (1 + math.exp(-2 * v))
-  return s + 2 * x * s * (1 - s) * _GELU_C * (1 + 3 * _GELU_A * x * x)
-
-
-def _gelu_second64(x, h=1e-6):
-  return (_gelu_deriv64(x + h) - _gelu_deriv64(x - h)) / (2 * h)
-
-
-_GELU_INFLECTION = _bisect(lambda x: -_gelu_second64(x), 0.5, 3.0)
-_GELU_ARGMIN = _bisect(_gelu_deriv64, -3.0, 0.0)
-# float64 value to ~1e-16; 1e-7 below it, so that it stays below when cast to float32 (ulp 1.5e-8).
-_GELU_MIN = _gelu64(_GELU_ARGMIN) - 1e-7
-
-
-def _gelu(x):
-  return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_deriv(x):
-  # Beyond |x| = 20 the float slope is exactly 0 or 1 (tanh is +-1), as at +-20: clipping keeps
-  # x^3 from overflowing into 0 * inf.
-  x = jnp.clip(x, -20, 20)
-  t = jnp.tanh(_GELU_C * (x + _GELU_A * x ** 3))
-  return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_GELU_C * (1 + 3 * _GELU_A * x * x))
-
-
-def _gelu_deriv_error(x, d):
-  # Measured: at most 3.4 u (1 + |x| (1 + 3 A x^2)) (1 - t^2 loses its digits as t nears +-1).
-  x = jnp.minimum(jnp.abs(x), 20)
-  return 16 * _u(d) * (1 + x * (1 + 3 * _GELU_A * x * x)) + 64 * _tiny(d)
-
-
 def _relative(c):
   """The error model ``c u |y| + c tiny``."""
   return lambda x, y: c * (_u(y) * jnp.abs(y) + _tiny(y))
@@ -194,9 +151,8 @@ CURVES: dict[str, Curve] = {
                   lambda x, d: 8 * fp.TRANSCENDENTAL_ULPS * _u(d) * (1 + jnp.abs(x)) + 64 * _tiny(d),
                   (-_SILU_INFLECTION, _SILU_INFLECTION), (False, True, False), 0,
                   argmin=_SILU_ARGMIN, min_value=_SILU_MIN, low=_SILU_MIN),
-    G.GELU: Curve(_gelu, lambda x, y: 16 * _u(y) * (jnp.abs(x) + jnp.abs(y)) + 16 * _tiny(y), _gelu_deriv,
-                  _gelu_deriv_error, (-_GELU_INFLECTION, _GELU_INFLECTION), (False, True, False), 0,
-                  argmin=_GELU_ARGMIN, min_value=_GELU_MIN, low=_GELU_MIN),
+    G.GELU: Curve(gelu, gelu_value_error, gelu_deriv, gelu_deriv_error, (-GELU_INFLECTION, GELU_INFLECTION),
+                  (False, True, False), 0, argmin=GELU_ARGMIN, min_value=GELU_MIN, low=GELU_MIN),
 }
 
 
