@@ -29,9 +29,11 @@ kind           value
 ``sqrt``       ``sqrt(x)`` on ``x >= 0``
 ``erfc``       the complementary error function (exact GELU is ``x / 2 * erfc(-x / sqrt 2)``)
 ``silu``       ``x * sigmoid(x)`` (``jax.nn.silu``)
+``gelu``       ``x / 2 * (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` (``jax.nn.gelu``'s default
+               tanh form, one curve rather than a cube, a tanh and a product)
 =============  ==============================================================================
 
-The last eight are bounded by :mod:`qbound.bounds.nonlinear` (interval and CROWN) and
+The last nine are bounded by :mod:`qbound.bounds.nonlinear` (interval and CROWN) and
 :mod:`qbound.bounds.nonlinear_diff` (differential bounds); the other methods name them in an
 :class:`~qbound.errors.UnsupportedLayerError`. Softmax, layer norm and
 RMS norm are written with them when traced.
@@ -64,11 +66,12 @@ ROUNDING = {"nearest": jnp.round, "away": lambda x: jax.lax.round(x, jax.lax.Rou
             "floor": jnp.floor, "ceil": jnp.ceil, "none": lambda x: x}
 # S-shaped activations (increasing, convex below 0 and concave above): their functions.
 SMOOTH = {TANH: jnp.tanh, SIGMOID: jax.nn.sigmoid}
-MUL, SQUARE, EXP, RECIPROCAL, RSQRT, SQRT, ERFC, SILU = (
-    "mul", "square", "exp", "reciprocal", "rsqrt", "sqrt", "erfc", "silu")
+MUL, SQUARE, EXP, RECIPROCAL, RSQRT, SQRT, ERFC, SILU, GELU = (
+    "mul", "square", "exp", "reciprocal", "rsqrt", "sqrt", "erfc", "silu", "gelu")
 # Smooth functions of one input bounded by qbound.bounds.nonlinear: their functions.
 CURVES = {SQUARE: jnp.square, EXP: jnp.exp, RECIPROCAL: lambda x: 1 / x, RSQRT: jax.lax.rsqrt, SQRT: jnp.sqrt,
-          ERFC: jax.lax.erfc, SILU: lambda x: x * jax.nn.sigmoid(x)}
+          ERFC: jax.lax.erfc, SILU: lambda x: x * jax.nn.sigmoid(x),
+          GELU: lambda x: jax.nn.gelu(x, approximate=True)}
 # The kinds only interval bounds, CROWN and differential bounds support (products of two values, and CURVES).
 NONLINEAR = (MUL, *CURVES)
 

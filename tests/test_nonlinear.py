@@ -28,10 +28,11 @@ N = 64  # intervals per example (one compilation per kind)
 REFERENCE = {  # float64 values
     G.SQUARE: np.square, G.EXP: np.exp, G.RECIPROCAL: lambda x: 1 / x, G.RSQRT: lambda x: 1 / np.sqrt(x),
     G.SQRT: np.sqrt, G.ERFC: scipy.special.erfc, G.SILU: lambda x: x / (1 + np.exp(-x)),
+    G.GELU: lambda x: x * scipy.special.expit(2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)),
 }
 # Where each kind's random intervals live: (lowest, highest) of the interval ends.
 RANGES = {G.SQUARE: (-30, 30), G.EXP: (-30, 30), G.RECIPROCAL: (0.01, 50), G.RSQRT: (1e-4, 50), G.SQRT: (0, 50),
-          G.ERFC: (-6, 6), G.SILU: (-30, 30)}
+          G.ERFC: (-6, 6), G.SILU: (-30, 30), G.GELU: (-30, 30)}
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "sound"))
@@ -153,7 +154,7 @@ LAYERS = {
     "softmax": (lambda x: jax.nn.softmax(x, axis=-1), {G.EXP, G.RECIPROCAL}),
     "layer norm": (lambda x: _LN.apply(_LN_P, x), {G.SQUARE, G.RSQRT, G.MUL}),
     "rms norm": (lambda x: _RN.apply(_RN_P, x), {G.SQUARE, G.RSQRT, G.MUL}),
-    "gelu (tanh)": (jax.nn.gelu, {G.SQUARE, G.MUL, G.TANH}),
+    "gelu (tanh)": (jax.nn.gelu, {G.GELU}),
     "gelu (erf)": (lambda x: jax.nn.gelu(x, approximate=False), {G.ERFC, G.MUL}),
     "silu": (jax.nn.silu, {G.SILU}),
     "attention": (lambda x: jax.nn.softmax(x @ x.T / 3, axis=-1) @ x, {G.EXP, G.RECIPROCAL, G.MUL}),
@@ -216,3 +217,28 @@ def test_differential_functions_name_the_layer(attention_pair):
   for fn in (qb.bounds.forward_diff,):  # qb.bounds.diff has rules for them (qbound.bounds.nonlinear_diff)
     with pytest.raises(UnsupportedLayerError, match="helpers.py|normalization"):
       fn(f, fq, box)
+
+
+def test_gelu_is_one_curve_only_for_its_own_constants():
+  kinds = lambda fn, x=jnp.zeros(3): [n.kind for n in qb.trace(fn, x).nodes]
+  assert kinds(jax.nn.gelu) == ["input", G.GELU]
+  assert kinds(jax.jit(lambda x: 2 * jax.nn.gelu(x - 1)))[-2] == G.GELU
+  # Another cube coefficient is another function: the pieces stay.
+  assert G.GELU not in kinds(lambda x: x * (0.5 * (1 + jnp.tanh(0.7978846 * (x + 0.05 * x ** 3)))))
+  assert G.GELU not in kinds(lambda x: jax.nn.gelu(x, approximate=False))
+  with jax.enable_x64(True):
+    assert kinds(jax.nn.gelu, jnp.zeros(3, jnp.float64)) == ["input", G.GELU]
+  x = jnp.linspace(-12, 12, 2001)
+  assert bool(jnp.all(qb.trace(jax.nn.gelu, x)(x) == jax.nn.gelu(x)))
+
+
+def test_gelu_curve_is_tighter_than_its_pieces():
+  w1, w2 = jax.random.normal(jax.random.key(0), (4, 16)), jax.random.normal(jax.random.key(1), (16, 3))
+  pieces = lambda x: x * (0.5 * (1 + jnp.tanh(0.7978846 * (x + 0.0447149 * x ** 3))))
+  box = qb.Box(-0.3 * jnp.ones(4), 0.3 * jnp.ones(4))
+  one = qb.bounds.crown(lambda x: jax.nn.gelu(x @ w1) @ w2, box)
+  split = qb.bounds.crown(lambda x: pieces(x @ w1) @ w2, box)
+  xs = jax.random.uniform(jax.random.key(2), (2000, 4), minval=-0.3, maxval=0.3)
+  ys = jax.nn.gelu(xs @ w1) @ w2
+  assert bool(jnp.all((one.lower <= ys) & (ys <= one.upper)))
+  assert float(jnp.sum(one.upper - one.lower)) < 0.8 * float(jnp.sum(split.upper - split.lower))

@@ -27,10 +27,11 @@ POINTS = 40
 REFERENCE = {  # float64 values
     G.SQUARE: np.square, G.EXP: np.exp, G.RECIPROCAL: lambda x: 1 / x, G.RSQRT: lambda x: 1 / np.sqrt(x),
     G.SQRT: np.sqrt, G.ERFC: scipy.special.erfc, G.SILU: lambda x: x / (1 + np.exp(-x)),
+    G.GELU: lambda x: x * scipy.special.expit(2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)),
 }
 # Where z_q's intervals live, and the largest |d| (z = z_q + d must stay in the domain).
 RANGES = {G.SQUARE: (-20, 20), G.EXP: (-20, 20), G.RECIPROCAL: (0.05, 40), G.RSQRT: (1e-3, 40), G.SQRT: (0, 40),
-          G.ERFC: (-6, 6), G.SILU: (-20, 20)}
+          G.ERFC: (-6, 6), G.SILU: (-20, 20), G.GELU: (-20, 20)}
 
 
 # XLA on CPU reads subnormal float32 inputs as zero, so a box end rounded outward to a subnormal is

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, rules, saturation
+from qbound.bounds import fp, nonlinear, rules, saturation, variance
 from qbound.bounds.common import LINEAR_KINDS, as_graph, first_half, jit_step, local, mirror_rows
 from qbound.bounds.interval import ROUTING_ONLY, _node_interval, center_radius, interval_bounds
 from qbound.bounds.rows import node_bounds_by_rows
@@ -290,6 +290,9 @@ def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sou
     # need their inputs' CROWN bounds to stay away from 0), and routing maps (broadcasts of a
     # statistic) take their input's bound instead of a backward pass of their own.
     bounds = [(box.lower, box.upper)]
+    # Means of squares (layer and RMS norms' variances): a lower bound by Cauchy-Schwarz, one
+    # backward row each, that keeps rsqrt(var + eps) finite where the entries' intervals are wide.
+    variances = variance.find(graph)
     for idx in range(1, len(graph.nodes)):
       node = graph.nodes[idx]
       bounds.append(_node_interval(local(node), tuple(bounds[i] for i in node.inputs), sound=sound,
@@ -297,6 +300,9 @@ def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sou
       if idx in targets and not (_routing_only(node) and idx != graph.output):
         bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
                                                         row_chunk=row_chunk, batched=batched), sound=sound)
+      if idx in variances:
+        low = variance.lower_bound(graph, idx, variances[idx], bounds, box, sound=sound, batched=batched)
+        bounds[idx] = intersect(bounds[idx], (low, jnp.full_like(low, jnp.inf)), sound=sound)
     if check:
       check_bounds([("CROWN bounds", graph, bounds)], sound=sound)
     return bounds

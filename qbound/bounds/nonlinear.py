@@ -12,7 +12,8 @@ Two families of node (:data:`qbound.graph.NONLINEAR`):
   (``a = (yl + yu) / 2``, ``b = (xl + xu) / 2``), whose two planes are each at most ``rx ry``
   from ``x y`` (``rx``, ``ry`` the half-widths), where a McCormick plane can be ``4 rx ry`` away.
 * **Curves** ``y = f(x)`` (:data:`CURVES`): ``exp``, ``x^2``, ``1/x``, ``1/sqrt(x)``, ``sqrt``,
-  ``erfc`` and SiLU. Each is convex or concave between known inflection points. For a slope ``k``,
+  ``erfc``, SiLU and GELU (tanh form, :mod:`qbound.bounds.gelu`). Each is convex or concave
+  between known inflection points. For a slope ``k``,
   ``g(x) = f(x) - k x`` has the same curvature, so on a convex piece ``[a, b]`` its maximum is at
   ``a`` or ``b`` and its minimum is above the tangent at any point ``p`` of the piece (a convex
   function lies above its tangents); concave pieces the reverse. The lines ``k x + min g`` and
@@ -39,6 +40,8 @@ import numpy as np
 
 from qbound import graph as G
 from qbound.bounds import fp
+from qbound.bounds.gelu import (GELU_ARGMIN, GELU_INFLECTION, GELU_MIN, gelu, gelu_deriv, gelu_deriv_error,
+                                 gelu_value_error)
 from qbound.bounds.relax import Relaxation
 from qbound.errors import UnboundedLayerError, UnsupportedLayerError
 
@@ -125,7 +128,8 @@ def _erfc_deriv(x):
 
 # Error models (measured maxima against float64 on 2-4 million float32 points, jax 0.10.2 CPU):
 # exp 4.7 ulps, rsqrt 1.2, sqrt and 1/x 1.0 (correctly rounded), erfc 67 ulps relative in its tail
-# and 2.7 u absolute. The models below are 4-60 times those; derivatives computed from several
+# and 2.7 u absolute, GELU 2.5 u (|x| + |y|) (relative error is unbounded in its left tail, where
+# 1 + tanh cancels). The models below are 4-60 times those; derivatives computed from several
 # operations get a sum of their parts' errors.
 CURVES: dict[str, Curve] = {
     G.SQUARE: Curve(jnp.square, _relative(2), lambda x: 2 * x, lambda x, d: _tiny(d) * jnp.ones_like(d),
@@ -147,6 +151,8 @@ CURVES: dict[str, Curve] = {
                   lambda x, d: 8 * fp.TRANSCENDENTAL_ULPS * _u(d) * (1 + jnp.abs(x)) + 64 * _tiny(d),
                   (-_SILU_INFLECTION, _SILU_INFLECTION), (False, True, False), 0,
                   argmin=_SILU_ARGMIN, min_value=_SILU_MIN, low=_SILU_MIN),
+    G.GELU: Curve(gelu, gelu_value_error, gelu_deriv, gelu_deriv_error, (-GELU_INFLECTION, GELU_INFLECTION),
+                  (False, True, False), 0, argmin=GELU_ARGMIN, min_value=GELU_MIN, low=GELU_MIN),
 }
 
 
@@ -540,7 +546,7 @@ def require_none(graph: G.Graph, method: str) -> None:
   node = graph.nodes[idx]
   raise UnsupportedLayerError(
       f"{method}: no rule for the {node.kind!r} layer (node {idx}, {node.where or 'unknown source'}); "
-      "products of two input-dependent values, exp, 1/x, rsqrt, sqrt, erfc and SiLU (softmax, layer norm, "
+      "products of two input-dependent values, exp, 1/x, rsqrt, sqrt, erfc, SiLU and GELU (softmax, layer norm, "
       "attention, GELU) are bounded by interval bounds and CROWN on the merged network: "
       "qb.certify(..., method='crown') or method='auto'.")
 

@@ -6,7 +6,7 @@ interval of the output's ``d`` from its inputs' bounds (ReluDiff's forward rules
 Wang, ICSE 2020), and lines in ``d`` and ``z_q`` (NeuroDiff's symbolic differences, Paulsen, Wang,
 Wang, Wang, ASE 2020) for the backward pass.
 
-* **Curves** ``h`` (exp, 1/x, rsqrt, sqrt, erfc, SiLU, x^2): by the mean value theorem
+* **Curves** ``h`` (exp, 1/x, rsqrt, sqrt, erfc, SiLU, GELU, x^2): by the mean value theorem
   ``h(z) - h(z_q) = h'(xi) d`` for some ``xi`` between ``z`` and ``z_q``, so ``s d`` with ``s`` in
   the range of ``h'`` over the hull of both inputs' bounds (for ``x^2`` exactly ``(z + z_q) d``).
   ``h'`` is monotone on each convex or concave piece, so its range is spanned by its values at the

@@ -54,6 +54,59 @@ def _where(eqn, outer: str = "") -> str:
   return here or outer or "<unknown source>"
 
 
+# jax.nn.gelu(x) (approximate=True): x * (0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))).
+_GELU_CUBE, _GELU_SCALE = 0.044715, float(np.sqrt(2 / np.pi))
+
+
+def _gelu_input(eqn, producers, read):
+  """The variable ``x`` when ``eqn`` ends jax.nn.gelu's tanh form of ``x`` (matched equation by
+  equation from the last product back to ``x ** 3``, constants within float32 rounding), else None."""
+  def const(v, value):
+    if isinstance(v, jcore.Literal):
+      val = v.val
+    else:
+      got = read(v)  # every operand of the matched equations was read before the last one
+      if got[0] != "const":
+        return False
+      val = got[1]
+    val = np.asarray(val, np.float64)
+    return val.size > 0 and bool(np.all(np.abs(val - value) <= 1e-6 * abs(value)))
+
+  def op(v, name):
+    e = None if isinstance(v, jcore.Literal) else producers.get(v)
+    return e if e is not None and e.primitive.name == name else None
+
+  def split(e, value):
+    """The non-constant operand of a binary ``e`` whose other operand is ``value``."""
+    a, b = e.invars
+    if const(a, value):
+      return b
+    return a if const(b, value) else None
+
+  if eqn.primitive.name != "mul" or len(eqn.invars) != 2:
+    return None
+  for x, h in (eqn.invars, eqn.invars[::-1]):
+    half = op(h, "mul")
+    g = half and split(half, 0.5)
+    one = g is not None and op(g, "add")
+    t = one and split(one, 1.0)
+    tanh = t is not None and op(t, "tanh")
+    scaled = tanh and op(tanh.invars[0], "mul")
+    inner = scaled and split(scaled, _GELU_SCALE)
+    total = inner is not None and op(inner, "add")
+    if not total:
+      continue
+    cube_term = [v for v in total.invars if v is not x]
+    if len(cube_term) != 1 or x not in total.invars:
+      continue
+    term = op(cube_term[0], "mul")
+    cube_var = term and split(term, _GELU_CUBE)
+    cube = cube_var is not None and op(cube_var, "integer_pow")
+    if cube and cube.params.get("y") == 3 and cube.invars[0] is x:
+      return x
+  return None
+
+
 class _Builder:
   """Walks jaxpr equations and emits graph nodes."""
 
@@ -84,9 +137,17 @@ class _Builder:
       env[var] = ("const", val)
     for var, val in zip(jaxpr.invars, args):
       env[var] = val
+    producers = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      outs = self.equation(eqn, ins, outer_where)
+      gelu = _gelu_input(eqn, producers, read)
+      if gelu is not None and read(gelu)[0] == "node":
+        # jax.nn.gelu's tanh form: one curve node (its cube, tanh and product above stay unused).
+        where = self.user_where(eqn, _where(eqn, outer_where))
+        outs = [self.emit(G.Node(kind=G.GELU, inputs=(read(gelu)[1],), shape=tuple(eqn.outvars[0].aval.shape),
+                                 where=where))]
+      else:
+        outs = self.equation(eqn, ins, outer_where)
       for var, val in zip(eqn.outvars, outs):
         env[var] = val
     return [read(v) for v in jaxpr.outvars]
