@@ -46,6 +46,8 @@ def child(variant: str, nets: list[int], budget: float) -> None:
   certify_module = importlib.import_module("qbound.certify")  # the module: qbound.certify is the function
   if variant == "compiled":
     certify_module.HOST_HEAD_START = None
+  elif variant.startswith("host:"):  # another head start, e.g. host:0.6
+    certify_module.HOST_HEAD_START = float(variant.split(":")[1])
   for i in nets:
     f, fq, box, widths, bits = exact_net(i)
     for call in ("first", "again"):
@@ -61,16 +63,19 @@ def main():
   parser.add_argument("--rounds", type=int, default=1, help="pairs of processes (compiled, host), alternating")
   parser.add_argument("--nets", default=",".join(map(str, range(12))))
   parser.add_argument("--budget", type=float, default=4.5)
+  parser.add_argument("--variants", default="compiled,host",
+                      help="comma-separated: compiled, host (the default head start) or host:SHARE")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   nets = [int(n) for n in args.nets.split(",")]
   if args.child:
     child(args.child, nets, args.budget)
     return
+  variants = args.variants.split(",")
   env = dict(os.environ, QBOUND_JAX_CACHE="0")
   results: dict = {}
   for r in range(args.rounds):
-    for variant in ("compiled", "host"):
+    for variant in variants:
       load = os.getloadavg()[0]
       out = subprocess.run([sys.executable, __file__, "--child", variant, "--nets", args.nets, "--budget",
                             str(args.budget)], env=env, capture_output=True, text=True, check=True).stdout
@@ -80,13 +85,13 @@ def main():
       print(f"round {r} {variant}: done (load average {load:.1f} at its start, {os.getloadavg()[0]:.1f} at its end)",
             flush=True)
   print(f"\n{'net':<14}{'bits':>5}  " + "  ".join(f"{v + ' r' + str(r):>34}" for r in range(args.rounds)
-                                              for v in ("compiled", "host")))
-  print(f"{'':<19}  " + "  ".join(f"{'upper/exact, s first | s again':>34}" for _ in range(2 * args.rounds)))
+                                              for v in variants))
+  print(f"{'':<19}  " + "  ".join(f"{'upper/exact, s first | s again':>34}" for _ in range(len(variants) * args.rounds)))
   ok = {key: 0 for key in results}
   for k, i in enumerate(nets):
     cells = []
     for r in range(args.rounds):
-      for variant in ("compiled", "host"):
+      for variant in variants:
         first, again = results[(variant, r)][2 * k], results[(variant, r)][2 * k + 1]
         lo, hi = EXACT[i]
         ratio = first["upper"] / lo

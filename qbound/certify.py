@@ -56,8 +56,12 @@ METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab",
 # and bound in NumPy with the stages, which compiles nothing, and gives it this share of the time
 # left alone before the compiled branch and bound starts beside it: on bench_tight.py's exactness
 # nets it closes 11 of 12 on its own in 0.06-4.8 CPU seconds, seven of them in under 0.2, where
-# the compiled one's first call spends 5-12 CPU seconds compiling (docs/results.md). None: off.
-HOST_HEAD_START = 0.25
+# the compiled one's first call spends 5-12 CPU seconds compiling (docs/results.md). The whole
+# time (1.0): a compiled search started beside it only took CPU from it (first calls on the three
+# hardest nets 1.05-1.78x exact against 1.46-3.5x with a quarter, and no worse warm; on gated
+# nets it cannot close, 8-32-32-2 to 8-64-2, the same). If it stops early, the compiled branch and
+# bound gets the time left. None: off.
+HOST_HEAD_START = 1.0
 
 
 def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_steps: int = 0):
@@ -204,7 +208,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       time left (for paired networks straight away: its first batch is the differential bound
       and its probes replace the search; otherwise after CROWN and the search; for small paired
       ReLU chains, :mod:`qbound.bounds.host_bab`'s branch and bound in NumPy, which compiles
-      nothing, runs first alone for ``HOST_HEAD_START`` of the time, then beside it), and the exact
+      nothing, runs first alone for ``HOST_HEAD_START`` of the time (all of it by default; the
+      compiled one gets what it leaves), and the exact
       MILP on small piecewise-linear nets (at most 128 ReLU, clip and rounding neurons in all)
       only if branch and bound stops early. For larger inputs: CROWN, differential bounds and
       the search, the MILP with half the time left (small piecewise-linear nets), optimised
