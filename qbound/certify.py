@@ -106,25 +106,42 @@ def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
   track.add_upper(name, res.upper)
 
 
-def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float) -> None:
+def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float,
+              refine_deadline: Optional[float] = None) -> None:
   """Where f_q rounds its input first: the error cell by cell, if its first pass ends in time."""
   from qbound.exact.grid import auto_max_cells, grid_error
 
   # Grids past 2^15 cells only when their first pass can end in time (AUTO_CELLS_PER_SECOND times
   # the share of a core the load average leaves; grid_error gives up after two chunks if the rest
-  # would end past the deadline). Past its first
-  # pass it refines the largest bounds first, towards target_gap, and returns at the deadline.
+  # would end past the deadline). Past its first pass it refines the largest bounds first, towards
+  # target_gap, and returns at refine_deadline. The inputs it reaches go to the tracker as it finds
+  # them, so they count even if it gives up.
   witness = track.snapshot()["witness"]
   res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
-                   sound=sound, stop=stop, refine_gap=target_gap, reached=None if witness is None else witness[None])
+                   sound=sound, stop=stop, refine_gap=target_gap, reached=None if witness is None else witness[None],
+                   refine_deadline=refine_deadline, report=lambda x: track.add_witness(merged.graph, x),
+                   report_upper=lambda upper: track.add_upper("grid", upper))
   if res is not None:
     track.add_bounds("grid", res.diff_lower, res.diff_upper)
     track.add_witness(merged.graph, res.witness)
 
 
+# Opt-in: auto on staircases (f_q rounds its activations) with few inputs runs the plain
+# differential pass in a thread of its own beside branch and bound. Its program compiles in 2-3 s
+# where branch and bound's first batch takes 8-11 s on a first call (qwix rms,3 nnx MLP, load 6-7,
+# persistent cache warm), and such first calls end with interval bounds. With it, first calls of the
+# rms MLPs ended at 25-59x instead of 255-535x, but once at 25.6 where main's got 4.39 (branch and
+# bound compiled sooner without it): a trade, not a gain, so off (docs/results.md).
+PLAIN_DIFF_BESIDE_BAB = False
+
 FIRST_RANDOM_CORNERS = 13
-# The share of the time left that certify(method='auto') gives the input-grid enumeration.
+# The share of the time left that certify(method='auto') gives the input-grid enumeration's first
+# pass. Once every cell has a bound, its refinement (best first, anytime) keeps the rest of the time
+# when GRID_KEEPS_REST: on AQT's whole box branch and bound's bound after 30 s (0.33) is above the
+# grid's after its first pass alone (0.24), and the refinement's 20% more time lowers it most
+# (docs/results.md).
 GRID_SHARE = 0.8
+GRID_KEEPS_REST = True
 
 # The methods ``time_budget`` holds (the others are one bound propagation each, run to the end).
 TIMED_METHODS = ("auto", "bab", "milp")
@@ -397,6 +414,14 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     host.start()
     hosts.append(host)
 
+  def plain_diff():
+    """The differential pass on the whole box (see PLAIN_DIFF_BESIDE_BAB), into the tracker."""
+    try:
+      if not halted():
+        track.add_bounds("diff", *_diff_output(merged, box, sound, True))
+    except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
+      search_failure.append(err)
+
   def run_stages():
     try:
       bound_stages()
@@ -446,7 +471,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # Input-grid enumeration (qbound.exact.grid), in GRID_SHARE of the time left at most: where f_q
     # rounds its input first, bound propagation stalls at 3-6x the error (docs/methods/grid.md).
     if method == "auto" and staircase and not halted():
-      _run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap)
+      _run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap,
+                refine_deadline=stages_end if GRID_KEEPS_REST else None)
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
     if not branch_first:
@@ -500,6 +526,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if method == "bab" or branch_first or (method == "auto" and not finished()):
       from qbound.bounds.bab import branch_and_bound
 
+      if method == "auto" and branch_first and staircase and PLAIN_DIFF_BESIDE_BAB and not finished():
+        beside = threading.Thread(target=plain_diff, name="qbound-plain-diff", daemon=False)
+        beside.start()
+        searchers.append(beside)  # joined (and its failure raised) when the stages end
+
       # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
       # it keeps the time, and the MILP runs only if it stops early).
       budget = left() * (0.4 if method == "auto" and milp_ok and not few_inputs else 1.0)
@@ -526,10 +557,13 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
                                          sound=sound, report=report, fresh_vars=BAB_DEVICE_FRESH_VARS,
                                          fresh_scope=BAB_DEVICE_FRESH_SCOPE)
         else:
+          # stop: once the call has returned at its deadline (or the gap is closed), a branch and
+          # bound that was still compiling its first batch ends there instead of running out its
+          # budget beside the caller's next call.
           res = branch_and_bound(merged, box, outputs=outputs, time_budget=bab_budget, target_gap=target_gap,
                                  epsilon=epsilon, initial_lower=track.lower, initial_witness=track.witness,
                                  sound=sound, progress=progress, report=report,
-                                 stop=None if host_chain is None else finished)
+                                 stop=finished)
         if branch_first:
           track.add_bounds("diff", res.root_lower, res.root_upper)
         track.add_witness(graph, res.witness)

@@ -272,3 +272,24 @@ def test_bab_on_many_inputs_still_runs_the_stages_before_it(setting, value, monk
   f, fq, _, _ = H.random_pair(8, H.SHAPES[0], bits=4)
   cert = qb.certify(f, fq, H.random_box(8, 2), method="bab", target_gap=0.5, time_budget=60, search=H.search())
   assert called and set(cert.bounds) == {"bab"} and cert.lower <= cert.upper
+
+
+def test_plain_differential_pass_beside_branch_and_bound_is_sound(monkeypatch):
+  """Opt-in (certify.PLAIN_DIFF_BESIDE_BAB): on a staircase with few inputs, auto also runs the
+  plain differential pass in a thread beside branch and bound; its bound holds against sampling."""
+  C = importlib.import_module("qbound.certify")
+  monkeypatch.setattr(C, "PLAIN_DIFF_BESIDE_BAB", True)
+  monkeypatch.setattr(C, "GRID_SHARE", 0.0)  # no grid: the staircase goes to branch and bound
+  rng = np.random.default_rng(0)
+  w1, w2 = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(8, 2)).astype(np.float32)
+  f = lambda x: jax.nn.relu(x @ w1) @ w2  # noqa: E731
+  fq = lambda x: (jnp.round(jax.nn.relu(x @ w1) * 4) / 4) @ w2  # noqa: E731  (activations rounded)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  ran = []
+  plain = C._diff_output  # noqa: SLF001
+  monkeypatch.setattr(C, "_diff_output", lambda *a, **k: ran.append(1) or plain(*a, **k))
+  cert = qb.certify(f, fq, box, time_budget=20, target_gap=0.05)
+  assert ran and "diff" in cert.bounds
+  values = H.eval64(qb.merge(f, fq, box), H.sample_points(box, 2000))
+  assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
+  assert np.max(np.abs(values)) <= cert.upper and cert.lower <= cert.upper

@@ -270,3 +270,68 @@ def test_docstring_examples_run(module):
 
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_first_pass_candidates_leave_the_bounds_unchanged():
+  # candidates=True adds one cell per group (where the error looks largest) and changes no bound.
+  f, fq = _rounded_mlp(jax.random.key(3))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  edges = cells.input_cells(merged.fq_graph, box)
+  layout = grid._Grid(merged.f_graph, merged.fq_graph, box, edges, True,  # noqa: SLF001
+                      interval_bounds(merged.fq_graph, box, True))
+  k = layout.n_blocks
+  b_lo, b_hi = layout.block_boxes(k)
+  value, lam = forms.linear_bounds(merged.f_graph, b_lo, b_hi)
+  args = (merged.fq_graph, layout.q_err, layout.tables, 0, value, lam, b_lo, b_hi)
+  kw = dict(k=k, counts=layout.counts, per=layout.per, blocks_per=layout.blocks_per,
+            group_cells=3 * layout.cells_per_block)
+  plain = np.asarray(cell_bounds.chunk_bounds(*args, **kw))
+  bounds, positions, guesses = (np.asarray(a) for a in cell_bounds.chunk_bounds(*args, **kw, candidates=True))
+  np.testing.assert_array_equal(bounds, plain)
+  groups = -(-k // 3)
+  assert positions.shape == guesses.shape == (groups,)
+  assert np.all((positions >= 0) & (positions < plain.size)) and np.all(np.isfinite(guesses))
+  # Each group's candidate lies in that group's cells.
+  np.testing.assert_array_equal(positions // (3 * layout.cells_per_block), np.arange(groups))
+
+
+def test_grid_reports_reached_inputs_during_its_first_pass(monkeypatch):
+  # Several chunks; stopped after the second: no bound, but the inputs reached so far were reported,
+  # each in the box, and their errors (float64) stay below the full enumeration's bound.
+  monkeypatch.setattr(grid, "CHUNK_CELLS", 512)
+  f, fq = _rounded_mlp(jax.random.key(1))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  chunks, seen = [], []
+  chunk = grid.chunk_bounds
+  monkeypatch.setattr(grid, "chunk_bounds", lambda *a, **k: chunks.append(1) or chunk(*a, **k))
+  assert grid.grid_error(merged, box, stop=lambda: len(chunks) >= 2, report=seen.append) is None
+  assert seen and all(x.shape == (3,) for x in seen)
+  xs = np.stack(seen)
+  assert np.all((xs >= np.asarray(box.lower)) & (xs <= np.asarray(box.upper)))
+  errs = np.abs(H.eval64(merged, xs)).max(axis=1)
+  assert np.all(np.diff(errs) > 0)  # reported only when the reached error rose
+  full_seen, uppers = [], []
+  full = grid.grid_error(merged, box, report=full_seen.append, report_upper=uppers.append)
+  assert errs.max() <= full.upper
+  # The full call's last report is its witness; every bound reported on the way holds.
+  np.testing.assert_array_equal(full_seen[-1], full.witness.reshape(3))
+  assert all(u >= full.upper for u in uppers)
+  edges = cells.input_cells(merged.fq_graph, box)
+  assert _sampled_max(merged, box, edges) <= min(uppers + [full.upper])
+
+
+def test_grid_refines_until_its_own_deadline(monkeypatch):
+  # The first pass may run past a refine_deadline: a proven bound, refined no further than the
+  # cells whose corners give the reached error.
+  monkeypatch.setattr(grid, "MAX_BLOCKS", 8)
+  f, fq = _rounded_mlp(jax.random.key(0))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  early = grid.grid_error(merged, box, refine_gap=0.0, refine_deadline=0.0)
+  full = grid.grid_error(merged, box, refine_gap=0.0)
+  assert early is not None and early.refined <= grid.WITNESS_CELLS < full.refined
+  assert full.upper <= early.upper
+  edges = cells.input_cells(merged.fq_graph, box)
+  assert _sampled_max(merged, box, edges) <= full.upper

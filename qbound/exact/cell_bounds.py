@@ -103,9 +103,9 @@ def _differences(f_lo, f_hi, q_lo, q_hi):
           fp.round_up(d_hi + fp.dot_margin(1, jnp.abs(f_hi) + jnp.abs(q_lo), d_hi.dtype)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "counts", "per", "blocks_per", "group_cells"))
+@functools.partial(jax.jit, static_argnames=("k", "counts", "per", "blocks_per", "group_cells", "candidates"))
 def chunk_bounds(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, *, k, counts, per, blocks_per,
-                 group_cells: int = GROUP_CELLS):
+                 group_cells: int = GROUP_CELLS, candidates: bool = False):
   """Every cell's bound on ``|f - f_q|`` in the ``k`` blocks from block ``first``.
 
   Args:
@@ -119,10 +119,14 @@ def chunk_bounds(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, 
     k, counts, per, blocks_per: blocks in the chunk; cells per entry; cells per block per entry;
       blocks per entry.
     group_cells: cells per group at most (whole blocks, at least one).
+    candidates: also return, per group, the cell whose error looks largest (f's linear bounds'
+      midpoint at the cell less f_q's value): where a reached error is worth looking for.
 
   Returns:
     ``(k * prod(per),)`` bounds, block by block, cells in C order of ``per``; ``inf`` where a rounding
-    of f_q met a possible tie.
+    of f_q met a possible tie. With ``candidates``, also ``(positions, estimates)``, one per group:
+    positions (in the chunk's cell order, below ``k * prod(per)``) and their estimated errors (no
+    bound either way: an input there must be evaluated before its error counts).
   """
   d = len(counts)
   n_blocks = math.prod(blocks_per)
@@ -146,11 +150,21 @@ def chunk_bounds(qg: G.Graph, q_err, tables, first, value, lam, blk_lo, blk_hi, 
     f_lo, f_hi = _f_on_cells(value, lam.reshape(group, lam.shape[1], d), blk_lo.reshape(group, d),
                              blk_hi.reshape(group, d), ends_lo, ends_hi, per)
     d_lo, d_hi = _differences(f_lo, f_hi, fp.round_down(vq - err), fp.round_up(vq + err))
-    worst = jnp.max(jnp.maximum(-d_lo, d_hi), axis=1).reshape(-1)
-    return jnp.where(flagged, jnp.inf, worst)
+    worst = jnp.where(flagged, jnp.inf, jnp.max(jnp.maximum(-d_lo, d_hi), axis=1).reshape(-1))
+    if not candidates:
+      return worst
+    # An estimate only (where to look), so neither margins nor ties matter: past the chunk's last
+    # block (padding) it is -inf.
+    guess = jnp.max(jnp.abs((f_lo + f_hi) / 2 - vq), axis=1).reshape(-1)
+    guess = jnp.where(j * group * c + jnp.arange(group * c) < k * c, guess, -jnp.inf)
+    best = jnp.argmax(guess)
+    return worst, j * group * c + best, guess[best]
 
   n = -(-k // group)
   pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[-1:], (n * group - k, *a.shape[1:]))])  # noqa: E731
   split = lambda a: pad(jnp.asarray(a)).reshape(n, group, *a.shape[1:])  # noqa: E731
   out = jax.lax.map(one_group, (jnp.arange(n), split(value), split(lam), split(blk_lo), split(blk_hi)))
+  if candidates:
+    out, positions, guesses = out
+    return out.reshape(-1)[:k * math.prod(per)], positions, guesses
   return out.reshape(-1)[:k * math.prod(per)]

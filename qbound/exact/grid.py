@@ -97,6 +97,8 @@ WITNESS_CELLS = 32
 REFINE_BATCH = 1 << 14
 # The first batch (they double up to REFINE_BATCH).
 FIRST_REFINE_BATCH = 1 << 10
+# grid_error's report_upper is called at most this often (seconds).
+REPORT_SECONDS = 0.25
 
 # f_q's a-priori rounding-error bounds, once per grid.
 _error_bounds = jax.jit(error_bounds)
@@ -306,7 +308,8 @@ def _f_on_cells_np(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
 
 def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int = MAX_CELLS, sound: bool = True,
                stop=None, refine_gap: float = 0.02, large_refine_gap: Optional[float] = None,
-               reached=None) -> Optional[GridResult]:
+               reached=None, refine_deadline: Optional[float] = None, report=None,
+               report_upper=None) -> Optional[GridResult]:
   """The maximal error of a merged network whose f_q rounds its input first, cell by cell.
 
   A first pass bounds every cell with f's linear bounds over blocks of cells. Then the cells whose
@@ -328,6 +331,14 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
       ``refine_gap``).
     reached: optional inputs (``(k, *in)``) where the error is already known to be large (a
       search's best): evaluated first, so that the refinement starts from their error.
+    refine_deadline: a ``time.perf_counter()`` time for the refinement after the first pass (None:
+      ``deadline``): the first pass must end by ``deadline``, its refinement returns the bound
+      proven so far at ``refine_deadline``.
+    report: optional callable, given each input (``(*in)``) where the reached error rose, as soon
+      as it is found: during the first pass too, so a caller keeps them if the grid gives up.
+    report_upper: optional callable, given the bound proven so far (a float) during the refinement,
+      every :data:`REPORT_SECONDS` at most: a caller that must answer at a deadline keeps it even if
+      this call returns a moment after.
 
   Returns:
     A :class:`GridResult`, or None when f_q does not round its input first (see the module
@@ -336,6 +347,8 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   """
   start = time.perf_counter()
   late = lambda: time.perf_counter() > deadline or (stop is not None and stop())  # noqa: E731
+  refine_end = deadline if refine_deadline is None else refine_deadline
+  late_refining = lambda: time.perf_counter() > refine_end or (stop is not None and stop())  # noqa: E731
   fg, qg = merged.f_graph, merged.fq_graph
   if late() or not forms_supported(fg):
     return None
@@ -363,6 +376,20 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   # give up at once and leave the time to the caller's other methods.
   blk_lo, blk_hi = grid.block_boxes(n_chunks * k)
   forms_np, worst = [], []
+  lower, witness = 0.0, None
+
+  def reach(more, x):
+    """A reached error found: kept if larger, and reported at once."""
+    nonlocal lower, witness
+    if more > lower or witness is None:
+      lower, witness = more, x
+      if report is not None and more > 0:
+        report(x.reshape(grid.in_shape))
+
+  if reached is not None and len(reached):
+    xs = np.asarray(reached, grid.dtype).reshape(-1, *grid.in_shape)
+    errs = np.abs(attack.exact_errors(merged.graph, xs)).reshape(xs.shape[0], -1).max(axis=1)
+    lower, witness = float(errs.max()), xs[int(np.argmax(errs))]
   timed_from = None
   for chunk in range(n_chunks):
     now = time.perf_counter()
@@ -373,27 +400,32 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     rows = slice(chunk * k, (chunk + 1) * k)
     value, lam = linear_bounds(fg, blk_lo[rows], blk_hi[rows])
     forms_np.append((value, lam))
-    worst.append(np.asarray(chunk_bounds(qg, grid.q_err, grid.tables, chunk * k, value, lam, blk_lo[rows],
-                                         blk_hi[rows], k=k, counts=grid.counts, per=grid.per,
-                                         blocks_per=grid.blocks_per), np.float64))
+    out, positions, guesses = chunk_bounds(qg, grid.q_err, grid.tables, chunk * k, value, lam, blk_lo[rows],
+                                           blk_hi[rows], k=k, counts=grid.counts, per=grid.per,
+                                           blocks_per=grid.blocks_per, candidates=True)
+    worst.append(np.asarray(out, np.float64))
+    # The chunk's cells whose error looks largest (one per group of cells): their corners are
+    # evaluated now, so the reached error rises during the pass, not only after it (on AQT's whole
+    # box the first pass's largest bounds sit where f's block bounds are loose, not where the error
+    # is: their corners reached 0.049 against 0.069 here).
+    guesses = np.asarray(guesses)
+    top = np.argsort(-guesses)[:WITNESS_CELLS]
+    top = top[np.isfinite(guesses[top])]
+    if top.size:
+      reach(*_reached(merged, box, grid.tables_np, grid.indices(chunk * k * grid.cells_per_block
+                                                                + np.asarray(positions)[top])))
   block_forms = (np.concatenate([v for v, _ in forms_np]), np.concatenate([m for _, m in forms_np]), blk_lo, blk_hi)
   # Every cell has a bound now (inf where f_q's float32 value met a possible tie): from here on a
   # deadline returns the bound proven so far.
   bounds = np.concatenate(worst)
-  lower, witness = 0.0, None
-  if reached is not None and len(reached):
-    xs = np.asarray(reached, grid.dtype).reshape(-1, *grid.in_shape)
-    errs = np.abs(attack.exact_errors(merged.graph, xs)).reshape(xs.shape[0], -1).max(axis=1)
-    lower, witness = float(errs.max()), xs[int(np.argmax(errs))]
+  late = late_refining
   # A reached error from the cells with the largest finite first bounds, refined on their own.
   finite = np.flatnonzero(np.isfinite(bounds))
   order = finite[np.argpartition(-bounds[finite], min(WITNESS_CELLS, finite.size - 1))[:WITNESS_CELLS]]
   if order.size:
     d, idx = grid.refine(order)
     bounds[order] = np.minimum(bounds[order], d)
-    more, x = _reached(merged, box, grid.tables_np, idx[np.argsort(-d)])
-    if more > lower or witness is None:
-      lower, witness = more, x
+    reach(*_reached(merged, box, grid.tables_np, idx[np.argsort(-d)]))
   threshold = lambda: (1 + refine_gap) * lower  # noqa: E731
   # Cells whose float32 value met a possible tie: f_q in float64 there, f from its block's bounds
   # (cheap: no new linear bounds; done even past the deadline, as the bound is infinite without it).
@@ -420,12 +452,17 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   # The threshold only rises and bounds only fall: the cells above it are among those above it now
   # (scanned once: the first pass's bounds are one per cell, 1.8e7 on AQT's whole box).
   above = np.flatnonzero(bounds > threshold())
+  reported = -math.inf  # when the bound proven so far was last reported
   while True:
     above = above[(bounds[above] > threshold()) & (level[above] < len(sizes))]
     if not above.size:
       break
     if late():
       return _result(grid, bounds, lower, witness, start)
+    if report_upper is not None and time.perf_counter() > reported + REPORT_SECONDS:
+      # (a scan of every cell's bound: 10-20 ms on AQT's whole box, so not after every batch)
+      report_upper(float(max(bounds.max(initial=0.0), 0.0)))
+      reported = time.perf_counter()
     if above.size > batch:
       ranked = np.argpartition(-bounds[above], batch)
       part, rest = above[ranked[:batch]], bounds[above[ranked[batch]]]
@@ -443,9 +480,7 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
       level[now] = step + 1
       tried = (bounds[now], idx)
     if tried is not None and tried[0].max() > lower:  # more corners to try, in the cells bounded highest
-      more, x = _reached(merged, box, grid.tables_np, tried[1][np.argsort(-tried[0])[:WITNESS_CELLS]])
-      if more > lower:
-        lower, witness = more, x
+      reach(*_reached(merged, box, grid.tables_np, tried[1][np.argsort(-tried[0])[:WITNESS_CELLS]]))
   return _result(grid, bounds, lower, witness, start)
 
 
