@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import qbound as qb
 from qbound.bounds import variance
-from qbound.bounds.crown import crown_bounds
+from qbound.bounds.crown import backward_lower, crown_bounds
 
 D_IN, WIDTH = 3, 6
 
@@ -77,7 +77,7 @@ def _check(stat, seed, center, radius, sound, gelu=False):
   patterns = variance.find(graph)
   assert len(patterns) == 1
   (idx, pattern), = patterns.items()
-  low = variance.lower_bound(graph, idx, pattern, bounds, box, sound=sound)
+  low = variance.lower_bound(graph, idx, pattern, bounds, box, backward_lower, sound=sound)
   xs = jax.random.uniform(jax.random.key(seed), (4000, D_IN), minval=box.lower, maxval=box.upper)
   xs = jnp.concatenate([xs, box.lower[None], box.upper[None], ((box.lower + box.upper) / 2)[None]])
   ys = np.asarray(jax.vmap(fn)(xs), np.float64)
@@ -115,7 +115,7 @@ def test_negative_weights_get_no_bound():
   (idx, pattern), = found.items()
   box = qb.Box(jnp.ones(4), 1.1 * jnp.ones(4))
   bounds = crown_bounds(graph, box, None, True)
-  assert float(variance.lower_bound(graph, idx, pattern, bounds, box)) == -np.inf
+  assert float(variance.lower_bound(graph, idx, pattern, bounds, box, backward_lower)) == -np.inf
   assert float(bounds[graph.output][0]) <= 2.5 * 1.0  # the sampled minimum is 1 + 1 + 1 - 0.5 * 1.21
 
 

@@ -301,7 +301,8 @@ def crown_bounds(graph: G.Graph, box: Box, alphas: Optional[Mapping] = None, sou
         bounds[idx] = intersect(bounds[idx], bound_node(graph, idx, bounds, box, alphas=alphas, sound=sound,
                                                         row_chunk=row_chunk, batched=batched), sound=sound)
       if idx in variances:
-        low = variance.lower_bound(graph, idx, variances[idx], bounds, box, sound=sound, batched=batched)
+        low = variance.lower_bound(graph, idx, variances[idx], bounds, box, backward_lower, sound=sound,
+                                   batched=batched)
         bounds[idx] = intersect(bounds[idx], (low, jnp.full_like(low, jnp.inf)), sound=sound)
     if check:
       check_bounds([("CROWN bounds", graph, bounds)], sound=sound)

@@ -210,11 +210,15 @@ def _center_value(graph: G.Graph, lower, upper, idx: int, batched: bool):
   return jax.vmap(value)(lower, upper) if batched else value(lower, upper)
 
 
-def lower_bound(graph: G.Graph, idx: int, pattern: Pattern, bounds, box, *, sound: bool = True,
+def lower_bound(graph: G.Graph, idx: int, pattern: Pattern, bounds, box, backward_lower, *, sound: bool = True,
                 batched: bool = False):
   """A proven lower bound of node ``idx`` (its shape; ``-inf`` where none is found), from
-  :func:`find`'s ``pattern`` and proven ``bounds`` of the nodes before it."""
-  from qbound.bounds.crown import backward_lower  # crown calls this module: import at use
+  :func:`find`'s ``pattern`` and proven ``bounds`` of the nodes before it.
+
+  ``backward_lower(graph, node, rows, bounds, box, sound=, batched=)`` is a sound lower bound of
+  ``rows . node`` over the box (CROWN's, :func:`qbound.bounds.crown.backward_lower`, which calls
+  this function: passed in, so that imports run one way).
+  """
 
   nodes = tuple(graph.nodes[i] for i in pattern.chain)
   mean_nodes = None if pattern.centred is None else tuple(graph.nodes[i] for i in pattern.centred[0])
