@@ -85,14 +85,20 @@ def test_evaluate_is_the_networks_difference():
                              rtol=1e-12, atol=1e-12)
 
 
+@functools.cache
+def exact_case(seed, shape, bits):
+  """``(f, fq, box, MILP result)`` on the box [-1, 1]^n: solved once for the tests that share it."""
+  f, fq = pair(seed, shape, bits)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  return f, fq, box, qb.exact.milp(f, fq, box, time_limit=5)
+
+
 @pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3),
                                               pytest.param(5, H.SHAPES[1], 4, marks=pytest.mark.slow)])
 def test_converges_to_the_exact_value(seed, shape, bits):
-  f, fq = pair(seed, shape, bits)
-  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  f, fq, box, exact = exact_case(seed, shape, bits)
   # The MILP's proven interval [value, upper] (optimal or not) and the search's must overlap; the
   # search closes its own gap to 1%.
-  exact = qb.exact.milp(f, fq, box, time_limit=5)
   res = host_bab.host_branch_and_bound(qb.merge(f, fq, box), box, time_budget=30, target_gap=0.01)
   tol = exact.tolerance
   assert res.stopped == "gap" and res.upper <= 1.01 * res.lower
@@ -162,9 +168,7 @@ def test_only_small_paired_relu_chains():
                                               pytest.param(2, H.SHAPES[1], 6, marks=pytest.mark.slow)])
 def test_certify_auto_matches_the_exact_value(seed, shape, bits):
   """certify(auto) on a small ReLU pair: sound against sampling, within the gap of the MILP's value."""
-  f, fq = pair(seed, shape, bits)
-  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
-  exact = qb.exact.milp(f, fq, box, time_limit=5)
+  f, fq, box, exact = exact_case(seed, shape, bits)
   cert = qb.certify(f, fq, box, method="auto", time_budget=30, target_gap=0.02)
   tol = exact.tolerance
   assert "host-bab" in cert.bounds
@@ -179,7 +183,9 @@ def test_certify_auto_budget_expiring_during_the_host_search():
   box = qb.Box(-jnp.ones(5), jnp.ones(5))
   start = time.perf_counter()
   cert = qb.certify(f, fq, box, method="auto", time_budget=0.5, target_gap=0.0)
-  assert time.perf_counter() - start < 3.0  # the budget, and slack for a loaded machine
+  # The budget, and slack for a loaded machine (without the deadline the search would run on to its
+  # piece limit, MAX_PIECES).
+  assert time.perf_counter() - start < 15.0
   values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
   assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
   assert np.all(values >= cert.diff_lower - 1e-12) and np.all(values <= cert.diff_upper + 1e-12)
