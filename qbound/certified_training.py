@@ -190,8 +190,11 @@ def certified_retrain(apply: Callable, params, quantizer: Transform, data: tuple
       points: its straight-through gradient pushes each shadow weight towards the rounding boundary
       on f's side, across it, and back, so without dampening the weights end rounded either way at
       random and the certified bound ends about as often above the start as below (measured in
-      docs/results.md). A ``dampen`` of the order of ``weight`` keeps the weights at their grid
-      points unless the bound's gradient is strong enough to move them.
+      docs/results.md). ``dampen`` = 10 x ``weight`` (at least 10) kept the weights at their grid
+      points unless the bound's gradient carried them over, and lowered the bound below dampened
+      distillation. With max-abs scales keep the learning rate small (1e-3) or fix the grid with
+      ``uniform_quantizer(..., calibrate_on=params)``: the straight-through gradient does not see
+      the largest weight moving every other weight's grid point through the scale.
 
   Returns:
     The retrained float shadow parameters; ``quantizer(result)`` is the network to certify.
