@@ -143,6 +143,23 @@ def test_retrain_mse_distils_float_network(params, data):
   assert distance(shadow) < 0.7 * distance(params)
 
 
+def test_retrain_dampening_pulls_shadow_weights_to_their_grid_points(params, data):
+  """Nagel et al. 2022: dampen x |w - q(w)|^2 keeps the shadow weights near their grid points, where
+  distillation alone pulls them towards f's weights (between grid points, at the rounding boundaries)."""
+  x, _ = data
+  teacher = jax.vmap(MODEL.apply, in_axes=(None, 0))(params, x)
+  quantizer = QUANTIZERS['uniform2']
+
+  def off_grid(p):
+    return sum(float(jnp.sum(jnp.square(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p),
+                                                                  jax.tree_util.tree_leaves(quantizer(p))))
+
+  kwargs = dict(optimizer=optax.adam(1e-2), steps=30, key=jax.random.key(7), loss='mse')
+  plain = qat.retrain(MODEL.apply, params, quantizer, (x, teacher), **kwargs)
+  dampened = qat.retrain(MODEL.apply, params, quantizer, (x, teacher), dampen=100.0, **kwargs)
+  assert off_grid(dampened) < 0.5 * min(off_grid(params), off_grid(plain))
+
+
 def test_retrain_bad_arguments(params, data):
   kwargs = dict(optimizer=optax.adam(1e-2), steps=5, key=jax.random.key(0))
   with pytest.raises(ValueError, match='unknown loss'):
@@ -157,6 +174,8 @@ def test_retrain_bad_arguments(params, data):
     qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], data, **{**kwargs, 'optimizer': 0.1})
   with pytest.raises(ValueError, match='steps'):
     qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], data, **{**kwargs, 'steps': 0})
+  with pytest.raises(ValueError, match='dampen must be a finite number >= 0'):
+    qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], data, dampen=-1.0, **kwargs)
 
 
 def test_ttq_gradients_follow_the_paper():

@@ -105,6 +105,41 @@ def test_per_channel_scales_each_output_channel():
   np.testing.assert_array_equal(out, np.array([[1.0, 0.0], [-1.0, 0.02]], np.float32))
 
 
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 6), per_channel=st.booleans(), factor=st.floats(0.3, 3.0))
+def test_calibrate_on_fixes_the_grid(seed, bits, per_channel, factor):
+  """A grid calibrated once: the same as recalibrating on the reference itself, and for moved weights
+  the reference's grid points, clipped to its range (codes within +-qmax)."""
+  params = mlp_params(seed)
+  fixed = qz.uniform_quantizer(bits, per_channel=per_channel, calibrate_on=params)
+  recalibrated = qz.uniform(params, bits, per_channel=per_channel)
+  for a, b in zip(jax.tree_util.tree_leaves(fixed(params)), jax.tree_util.tree_leaves(recalibrated)):
+    np.testing.assert_array_equal(a, b)
+  moved = jax.tree_util.tree_map(lambda w: w * factor, params)
+  out = fixed(moved)
+  qmax = 2 ** (bits - 1) - 1
+  for path, x in leaves_by_path(params).items():
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1)) if per_channel and x.ndim >= 2 else None
+    s = np.max(np.abs(x), axis=axes, keepdims=True) / qmax
+    s = np.where(s > 0, s, 1.0)
+    y, m = np.asarray(leaves_by_path(out)[path], np.float64), np.asarray(leaves_by_path(moved)[path], np.float64)
+    codes = y / s
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4, err_msg=path)
+    assert np.abs(np.round(codes)).max() <= qmax
+    s = np.broadcast_to(s, m.shape)
+    inside = np.abs(m) <= qmax * s
+    assert np.all(np.abs(m - y)[inside] <= s[inside] / 2 * (1 + 1e-5) + 1e-7), path
+    np.testing.assert_allclose(y[~inside], np.sign(m[~inside]) * qmax * s[~inside], rtol=1e-5, err_msg=path)
+
+
+def test_calibrate_on_must_match_the_parameters():
+  with pytest.raises(ValueError, match="calibrate_on has no parameter 'kernel'"):
+    qz.uniform_quantizer(3, calibrate_on={'bias': jnp.ones(2)})({'kernel': jnp.ones((2, 2))})
+  with pytest.raises(ValueError, match="calibrate_on has no parameter 'kernel' of shape"):
+    qz.uniform_quantizer(3, calibrate_on={'kernel': jnp.ones(3)})({'kernel': jnp.ones((2, 2))})
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
 def test_asymmetric_codes_and_error(seed, bits):

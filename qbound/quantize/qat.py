@@ -163,6 +163,7 @@ def retrain(
     loss: Loss = 'cross_entropy',
     where: Where = None,
     penalty: Callable | None = None,
+    dampen: float = 0.0,
 ) -> PyTree:
   """Retrains float shadow weights through a quantized forward pass; returns the shadow weights.
 
@@ -195,6 +196,12 @@ def retrain(
       minibatch (``quantized_params`` carry the straight-through gradient), e.g. a differentiable
       bound on the error of the quantized network over boxes around the inputs
       (:func:`qbound.compression.certified_retrain`).
+    dampen: lambda of the oscillation dampening of Nagel et al. (ICML 2022, "Overcoming
+      Oscillations in Quantization-Aware Training"): adds ``dampen * sum((w - stop_gradient(q(w)))**2)``
+      over the trained leaves, which pulls each shadow weight towards its grid point. Without it, a
+      loss whose optimum lies between grid points (distillation towards f, a bound on |f - f_q|)
+      drives the shadow weights to the rounding boundaries, where they flip back and forth and end
+      on either side (see :func:`qbound.compression.certified_retrain`). 0 (the default) is plain QAT.
 
   Returns:
     The retrained float shadow parameters, with the structure of `params`;
@@ -219,13 +226,23 @@ def retrain(
     raise ValueError('no float parameter is selected for training; check `where`.')
   if penalty is not None and not callable(penalty):
     raise ValueError(f'penalty must be a function (quantized_params, inputs) -> scalar, got {penalty!r}.')
+  if (isinstance(dampen, bool) or not isinstance(dampen, (int, float, np.floating, np.integer))
+      or not 0 <= dampen < np.inf):
+    raise ValueError(f'dampen must be a finite number >= 0 (the weight of the oscillation dampening), got {dampen!r}.')
   quantize = straight_through(quantizer)
   loss_fn = _loss_fn(loss)
 
   def objective(trainable, xb, yb):
     full = quantize(sel.rebuild(trainable))
     value = loss_fn(jax.vmap(apply_fn, in_axes=(None, 0))(full, xb), yb)
-    return value if penalty is None else value + penalty(full, xb)
+    if penalty is not None:
+      value = value + penalty(full, xb)
+    if dampen > 0:
+      # Nagel et al. 2022, eq. 5: the distance of each shadow weight to its (fixed) grid point.
+      grid = jax.tree_util.tree_leaves(jax.lax.stop_gradient(quantizer(sel.rebuild(trainable))))
+      value = value + dampen * sum(jnp.sum(jnp.square(w - grid[i].astype(w.dtype)))
+                                   for w, i in zip(trainable, sel.indices))
+    return value
 
   trained, _ = _fit(objective, [x for _, x in sel.selected], data, optimizer=optimizer, steps=steps, key=key,
                     batch_size=batch_size)

@@ -32,6 +32,7 @@ from qbound.quantize.policy import (
     as_predicate,
     leaf_key,
     map_selected,
+    path_of,
     path_str,
 )
 
@@ -51,6 +52,7 @@ def uniform_quantizer(
     rounding: str = 'nearest',
     key: jax.Array | None = None,
     where: Where = None,
+    calibrate_on: PyTree | None = None,
 ) -> Transform:
   """Uniform integer quantization with max-abs (or min-max) calibration.
 
@@ -76,11 +78,18 @@ def uniform_quantizer(
     key: PRNG key for stochastic rounding; each parameter draws from a key
       folded in from its path.
     where: which parameters to quantize (see `qbound.quantize.policy`).
+    calibrate_on: parameters (with the same paths) whose ranges fix the grid once, instead of
+      recalibrating on every call; values outside the range are clipped to its ends. For
+      retraining: with a recalibrated scale the largest weight moves every other weight's grid,
+      which the straight-through gradient does not see.
 
   Returns:
     A transform ``params -> params``.
 
   >>> import jax.numpy as jnp
+  >>> fixed = uniform_quantizer(bits=3, calibrate_on={'w': jnp.array([1.5, 0.3])})  # s = 1.5 / 3
+  >>> fixed({'w': jnp.array([0.2, 3.0])})['w'].tolist()
+  [0.0, 1.5]
   >>> q3 = uniform_quantizer(bits=3)
   >>> q3({'kernel': jnp.array([[0.6, -1.5], [0.2, 0.9]])})['kernel'].tolist()
   [[0.5, -1.5], [0.0, 1.0]]
@@ -89,9 +98,17 @@ def uniform_quantizer(
   numerics.check_rounding(rounding, key)
   qmin, qmax = numerics.int_range(bits, symmetric)
   predicate = as_predicate(where)
+  reference = None
+  if calibrate_on is not None:
+    reference = {path_of(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(calibrate_on)[0]}
 
   def quantize_leaf(path, x):
     xf = x.astype(numerics.compute_dtype(x.dtype))
+    if reference is not None:
+      if path not in reference or jnp.shape(reference[path]) != jnp.shape(x):
+        raise ValueError(f'calibrate_on has no parameter {path_str(path)!r} of shape {jnp.shape(x)}; pass '
+                         'parameters with the tree structure of the ones quantized.')
+      xf = jnp.asarray(reference[path]).astype(xf.dtype)
     axes = _calibration_axes(xf, per_channel)
     if symmetric:
       scale = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / qmax
