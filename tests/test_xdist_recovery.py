@@ -27,9 +27,23 @@ def test_passes(): pass
 """
 
 
-def run(tmp_path, *args, crash_always=True):
+# The crash also adds a test file, as when a test file is edited while the suite runs: the
+# replacement worker collects a different set of tests, which xdist refuses to schedule on.
+CRASH_AND_EDIT = """
+import ctypes, pathlib
+def test_before(): pass
+def test_crashes_and_adds_a_file():
+  added = pathlib.Path(__file__).with_name('test_added.py')
+  if not added.exists():
+    added.write_text('def test_new(): pass')
+    ctypes.string_at(0)
+def test_after(): pass
+"""
+
+
+def run(tmp_path, *args, crash_always=True, once=CRASH_ONCE):
   for i in range(3):
-    (tmp_path / f"test_once_{i}.py").write_text(textwrap.dedent(CRASH_ONCE))
+    (tmp_path / f"test_once_{i}.py").write_text(textwrap.dedent(once))
   if crash_always:
     (tmp_path / "test_zz_always.py").write_text(textwrap.dedent(CRASH_ALWAYS))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -57,3 +71,9 @@ def test_tests_left_by_exhausted_restarts_fail_the_run(tmp_path):
   assert "failed" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-3000:]
   assert "some tests never ran" in proc.stdout, proc.stdout[-3000:]
   assert proc.returncode == 1
+
+
+def test_a_replacement_that_collects_other_tests_ends_the_run(tmp_path):
+  # Before: the replacement waited for work forever and the run hung (the subprocess timed out).
+  proc = run(tmp_path, crash_always=False, once=CRASH_AND_EDIT)
+  assert proc.returncode != 0, proc.stdout[-3000:]

@@ -35,6 +35,14 @@ class CrashSafeLoadFileScheduling(LoadFileScheduling):
     # the replacement worker's arrival reschedules every worker (LoadScopeScheduling.schedule).
     return crashitem
 
+  def add_node_collection(self, node, collection):
+    super().add_node_collection(node, collection)
+    if node not in self.registered_collections:
+      # xdist rejected a replacement whose collection differs from the run's (a test file edited
+      # while the suite runs): it would wait for work forever, so the run ends instead, and
+      # pytest_sessionfinish reports the tests it never ran.
+      node.shutdown()
+
   def mark_test_pending(self, item):
     scope = self._split_scope(item)
     if scope not in self.workqueue:
