@@ -70,7 +70,9 @@ def _gelu_input(eqn, producers, read):
         return False
       val = got[1]
     val = np.asarray(val, np.float64)
-    return val.size > 0 and bool(np.all(np.abs(val - value) <= 1e-6 * abs(value)))
+    # Within float32's rounding of the constant (2 ulps): the curve's bounds are for these values,
+    # so a function with other constants keeps its own equations.
+    return val.size > 0 and bool(np.all(np.abs(val - value) <= 2.4e-7 * abs(value)))
 
   def op(v, name):
     e = None if isinstance(v, jcore.Literal) else producers.get(v)
