@@ -10,7 +10,8 @@ import sys
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 # For the same reason the suite compiles with fewer of LLVM's optimisations (XLA's backend level 1,
-# not the default 2): most of its programs run once or twice on tiny nets. Level 0 took 45% off
+# not the default 2): most of its programs run once or twice on tiny nets (a fresh-clone .ci/run:
+# 12:32 of tests against 15:34 at level 2, load 2.5-3, one crashed worker's test re-run). Level 0 took 45% off
 # (sum of test durations 4,128 s against 7,830 s at load 9-13) but miscompiled the differential
 # GELU relaxation: its six output fields, each a select fused with its own copy of the choice
 # between candidate lines, took different candidates (a lower line -0.035 where the function is
