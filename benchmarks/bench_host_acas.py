@@ -19,10 +19,8 @@ Run: ``python benchmarks/bench_host_acas.py [--nets 1,2,...] [--budget 10] [--pi
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,14 +29,9 @@ import qbound as qb
 from qbound.bounds import host_bab, host_bounds
 from qbound.bounds.bab import branch_and_bound
 
-BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench"
+from bench_tight import _pairs  # ACAS Xu 1_k and its float16 copy, as the other ACAS benchmarks load them
+
 BOX = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
-
-
-def _pairs(name):
-  f_app, fp = qb.io.load_nnet(BENCH / "nnet" / f"{name}.nnet")
-  q_app, qp = qb.io.load_nnet(BENCH / "nnet_16bit" / f"{name}_16bit.nnet")
-  return functools.partial(f_app, fp), functools.partial(q_app, qp)
 
 
 # The NumPy search's variants, in the table's order: (host_bounds.HIDDEN_BACKWARD, host_bounds.BACKWARD_ROWS).

@@ -88,11 +88,15 @@ def _check(stat, seed, center, radius, sound, gelu=False):
   assert np.all(final <= reach + tol)
 
 
+# A network's seed and a box around a random centre, for the random-box tests below.
+RANDOM_BOXES = dict(seed=st.integers(0, 3), radius=st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0]),
+                    center=st.lists(st.floats(-2, 2), min_size=D_IN, max_size=D_IN))
+
+
 @pytest.mark.parametrize("stat", ["fast", "centred", "rms"])
 @pytest.mark.parametrize("sound", [True, False])
 @settings(max_examples=4, deadline=None)
-@given(seed=st.integers(0, 3), radius=st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0]),
-       center=st.lists(st.floats(-2, 2), min_size=D_IN, max_size=D_IN))
+@given(**RANDOM_BOXES)
 def test_bound_holds_on_random_boxes(stat, sound, seed, radius, center):
   _check(stat, seed, np.asarray(center), radius, sound)
 
@@ -102,8 +106,7 @@ def test_bound_holds_on_random_boxes(stat, sound, seed, radius, center):
 @pytest.mark.parametrize("stat", ["fast", "centred", "rms"])
 @pytest.mark.parametrize("sound", [True, False])
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 3), radius=st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0]),
-       center=st.lists(st.floats(-2, 2), min_size=D_IN, max_size=D_IN))
+@given(**RANDOM_BOXES)
 def test_bound_holds_after_a_gelu_layer(stat, sound, seed, radius, center):
   _check(stat, seed, np.asarray(center), radius, sound, gelu=True)
 

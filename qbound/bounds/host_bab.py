@@ -212,16 +212,21 @@ def map_box(chain: Chain, lo: np.ndarray, hi: np.ndarray):
   """
   lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
   for step in chain.prefix:
-    if step[0] == "clip":
-      lo, hi = np.clip(lo, step[1], step[2]), np.clip(hi, step[1], step[2])
-      continue
-    r = step[1]
-    if step[0] == "shift":
-      a, b = lo + r, hi + r
+    a, b = _prefix_step(step, lo), _prefix_step(step, hi)
+    if step[0] == "clip":  # exact, and increasing
+      lo, hi = a, b
     else:
-      a, b = (lo / r, hi / r) if step[0] == "div" else (lo * r, hi * r)
-    lo, hi = _down(np.minimum(a, b)), _up(np.maximum(a, b))
+      lo, hi = _down(np.minimum(a, b)), _up(np.maximum(a, b))
   return lo, hi
+
+
+def _prefix_step(step, x):
+  """One map of ``chain.prefix`` applied to ``x`` in float64."""
+  if step[0] == "clip":
+    return np.clip(x, step[1], step[2])
+  if step[0] == "shift":
+    return x + step[1]
+  return x / step[1] if step[0] == "div" else x * step[1]
 
 
 def _unmap(chain: Chain, ys: np.ndarray, box_lo, box_hi) -> np.ndarray:
@@ -242,12 +247,7 @@ def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
   z = np.asarray(xs, np.float64)
   for step in chain.prefix:
-    if step[0] == "clip":
-      z = np.clip(z, step[1], step[2])
-    elif step[0] == "shift":
-      z = z + step[1]
-    else:
-      z = z / step[1] if step[0] == "div" else z * step[1]
+    z = _prefix_step(step, z)
   zq = z
   for layer in chain.layers:
     if layer[0] == "relu":
