@@ -12,10 +12,10 @@ if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
 # For the same reason the suite compiles with fewer of LLVM's optimisations (XLA's backend level 1,
 # not the default 2): most of its programs run once or twice on tiny nets (a fresh-clone .ci/run:
 # 12:32 of tests against 15:34 at level 2, load 2.5-3, one crashed worker's test re-run). Level 0 took 45% off
-# (sum of test durations 4,128 s against 7,830 s at load 9-13) but miscompiled the differential
-# GELU relaxation: its six output fields, each a select fused with its own copy of the choice
-# between candidate lines, took different candidates (a lower line -0.035 where the function is
-# -0.116; tests/test_nonlinear_diff.py, point boxes), which levels 1 and 2 compute consistently.
+# (sum of test durations 4,128 s against 7,830 s at load 9-13; a fresh-clone run 10:01) and showed
+# that a choice between candidate lines written field by field could mix candidates (each field's
+# select fused with its own copy of the comparison): qbound.bounds.choice now makes one choice per
+# entry, and test_nonlinear_diff checks it at level 0.
 # Users and the benchmarks get XLA's default. Set XLA_FLAGS with an xla_backend_optimization_level
 # of your own to test at another level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

@@ -7,6 +7,10 @@ attention block hold against sampling."""
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -119,6 +123,41 @@ def test_curve_differences_hold_on_random_pairs(kind, sound, data):
   assert np.all(h <= upper + upper_tol), (kind, float(np.max(h - upper - upper_tol)))
   if d_scale == 0.0:
     assert np.all(ilo == 0) and np.all(ihi == 0)
+
+
+# Point boxes of z_q and d, at XLA's backend optimisation level 0: there a choice made field by field
+# took a line's slopes from one candidate and its offset from another (before the choice became one
+# index per entry, 36 of these 256 entries broke a line, the first by 0.02).
+_ONE_CHOICE_PER_ENTRY = """
+import functools, json, numpy as np, jax, jax.numpy as jnp, scipy.special
+from qbound import graph as G
+from qbound.bounds import nonlinear_diff
+reference = {"gelu": lambda x: x * scipy.special.expit(2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)),
+             "silu": lambda x: x * scipy.special.expit(x)}
+rng = np.random.default_rng(0)
+xq = np.concatenate([[-0.8785201763296824], rng.uniform(-3, 3, 255)]).astype(np.float32)
+d = np.concatenate([[0.9174738268165619], rng.uniform(-1, 1, 255)]).astype(np.float32)
+x = xq + d
+point = lambda v: (jnp.asarray(v), jnp.asarray(v))
+broken = {}
+for kind in ("gelu", "silu"):
+  r = jax.jit(functools.partial(nonlinear_diff.curve_diff_relaxation, kind, sound=False))(point(x), point(xq), point(d))
+  r = [np.asarray(v, np.float64) for v in r]
+  a, b, c = (np.asarray(v, np.float64) for v in (xq, d, x))
+  h = reference[kind](c) - reference[kind](a)
+  tol = 1e-5 * (1 + np.abs(reference[kind](c)) + np.abs(r[0] * b) + np.abs(r[1] * a) + np.abs(r[3] * b) + np.abs(r[4] * a))
+  broken[kind] = int(np.sum(r[0] * b + r[1] * a + r[2] > h + tol) + np.sum(h > r[3] * b + r[4] * a + r[5] + tol))
+print(json.dumps(broken))
+"""
+
+
+def test_every_field_of_a_line_comes_from_one_candidate():
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f]
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags + ["--xla_backend_optimization_level=0"]), QBOUND_JAX_CACHE="0")
+  out = subprocess.run([sys.executable, "-c", _ONE_CHOICE_PER_ENTRY], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {"gelu": 0, "silu": 0}
 
 
 def test_curve_difference_is_tight_for_close_pairs():

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, smooth
+from qbound.bounds import choice, fp, nonlinear, smooth
 from qbound.bounds.common import plus
 from qbound.bounds.relax import DiffRelaxation
 
@@ -113,28 +112,9 @@ def _line_gap(r: DiffRelaxation, q, d):
   return at(r.upper_d - r.lower_d, *d) + at(r.upper_q - r.lower_q, *q) + r.upper_r - r.lower_r
 
 
-def _finite(r) -> jnp.ndarray:
-  out = None
-  for v in r:
-    ok = jnp.isfinite(v)
-    out = ok if out is None else out & ok
-  return out
-
-
 def _flat(lo, hi) -> DiffRelaxation:
   zero = jnp.zeros_like(lo)
   return DiffRelaxation(zero, zero, lo, zero, zero, hi)
-
-
-def _pick(candidates, gaps, dtype):
-  """Per entry, the candidate (a NamedTuple of arrays) of least gap; non-finite ones never win."""
-  best, best_gap = candidates[0], jnp.where(_finite(candidates[0]), gaps[0], jnp.inf)
-  for cand, g in zip(candidates[1:], gaps[1:]):
-    g = jnp.where(_finite(cand), g, jnp.inf)
-    take = jax.lax.stop_gradient(g < best_gap)
-    best = type(best)(*[jnp.where(take, a, b) for a, b in zip(cand, best)])
-    best_gap = jnp.where(take, g, best_gap)
-  return type(best)(*[v.astype(dtype) for v in best])
 
 
 def curve_diff_relaxation(kind: str, z, zq, d, *, sound: bool = True) -> DiffRelaxation:
@@ -176,7 +156,7 @@ def curve_diff_relaxation(kind: str, z, zq, d, *, sound: bool = True) -> DiffRel
                                         + jnp.abs(pair.upper_q) * qmag) + _tiny(dl))
   flat = _flat(*curve_diff_interval(kind, z, zq, d, sound=sound))
   candidates = (flat, mvt, pair)
-  out = _pick(candidates, [_line_gap(c, zq, d) for c in candidates], dtype)
+  out = choice.least_gap(candidates, [_line_gap(c, zq, d) for c in candidates])
   exact = (dl == 0) & (du == 0)
   return DiffRelaxation(*[jnp.where(exact, 0, v).astype(dtype) for v in out])
 
@@ -255,7 +235,7 @@ def product_diff_relaxation(x, xq, dx, y, yq, dy, *, sound: bool = True) -> Prod
   zero = jnp.zeros_like(lo)
   flat = ProductDiffRelaxation(zero, zero, zero, zero, lo, hi)
   candidates = (flat, split, pair)
-  out = _pick(candidates, [c.upper - c.lower for c in candidates], dtype)
+  out = choice.least_gap(candidates, [c.upper - c.lower for c in candidates])
   exact = (dx[0] == 0) & (dx[1] == 0) & (dy[0] == 0) & (dy[1] == 0)
   return ProductDiffRelaxation(*[jnp.where(exact, 0, v).astype(dtype) for v in out])
 

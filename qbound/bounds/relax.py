@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from qbound import dynamic_rounding
 from qbound import graph as G
-from qbound.bounds import fp, saturation
+from qbound.bounds import choice, fp, saturation
 
 
 class Relaxation(NamedTuple):
@@ -149,7 +148,6 @@ def relu_diff(zl, zu, ql, qu, dl, du, params=None, *, sound: bool = True) -> Dif
   chords = DiffRelaxation(lower_d=lo_s, lower_q=zero, lower_r=lo_o, upper_d=up_s, upper_q=zero, upper_r=up_o)
   gap_pair = relu_gap(zl, zu) + relu_gap(ql, qu)
   gap_chords = jnp.where(both_active | both_inactive, 0, jnp.maximum(jnp.abs(dl), jnp.abs(du)))
-  use_pair = (gap_pair < gap_chords) & ~(both_active | both_inactive)
   if sound:
     # The pair family subtracts slopes and offsets in float: widen by those roundings times |zq|.
     u = fp.unit_roundoff(zl.dtype)
@@ -159,7 +157,9 @@ def relu_diff(zl, zu, ql, qu, dl, du, params=None, *, sound: bool = True) -> Dif
                                         + jnp.abs(pair.lower_q) * qmag) - fp.tiny(zl.dtype),
         upper_r=pair.upper_r + 2 * u * (jnp.abs(rz.upper_offset) + jnp.abs(rq.lower_offset)
                                         + jnp.abs(pair.upper_q) * qmag) + fp.tiny(zl.dtype))
-  return DiffRelaxation(*[jnp.where(use_pair, a, b) for a, b in zip(pair, chords)])
+  # The pair's lines only where some ReLU's phase is open; one choice for all six fields.
+  gap_pair = jnp.where(both_active | both_inactive, jnp.inf, gap_pair)
+  return choice.least_gap((chords, pair), (gap_chords, gap_pair))
 
 
 def clip(lo, hi, low_cut, high_cut, *, sound: bool = True) -> Relaxation:
@@ -290,8 +290,8 @@ def clip_diff(zl, zu, ql, qu, dl, du, cuts_f, cuts_q, params=None, *, sound: boo
     width = jnp.maximum((up_s - lo_s) * dl, (up_s - lo_s) * du) + up_o - lo_o + e_hi - e_lo
     families.append((relaxation, width))
   (first, width_first), (second, width_second) = families
-  use_first = jax.lax.stop_gradient(width_first <= width_second)
-  return DiffRelaxation(*[jnp.where(use_first, a, b).astype(dtype) for a, b in zip(first, second)])
+  out = choice.least_gap((first, second), (width_first, width_second))
+  return DiffRelaxation(*[v.astype(dtype) for v in out])
 
 
 def clip_diff_interval(z, zq, d, cuts_f, cuts_q, *, sound: bool = True):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from qbound import graph as G
-from qbound.bounds import fp
+from qbound.bounds import choice, fp
 from qbound.bounds.relax import DiffRelaxation, Relaxation
 
 
@@ -361,8 +361,7 @@ def diff_relaxation(kind, zl, zu, ql, qu, dl, du, params=None, *, sound: bool = 
   gap_mvt = jnp.maximum((up_s - lo_s) * dl, (up_s - lo_s) * du) + up_o - lo_o
   gap_pair = gap(rz, zl, zu) + gap(rq, ql, qu)
   exact = (dl == 0) & (du == 0)
-  use_pair = jax.lax.stop_gradient((gap_pair < gap_mvt) & ~exact)
-  out = [jnp.where(use_pair, a, b) for a, b in zip(pair, mvt)]
+  out = choice.least_gap((mvt, pair), (gap_mvt, jnp.where(exact, jnp.inf, gap_pair)))
   return DiffRelaxation(*[jnp.where(exact, 0, v).astype(dl.dtype) for v in out])
 
 
