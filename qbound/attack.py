@@ -308,6 +308,8 @@ _MIN_BUCKET = 16
 def exact_errors(graph: G.Graph, xs) -> np.ndarray:
   """:func:`exact_error` for a batch of inputs ``xs`` (leading axis), in one compiled call."""
   xs = np.asarray(xs)
+  if xs.dtype == object or xs.ndim == 0:  # None, or a list of arrays of different shapes
+    raise TypeError(f"exact_errors takes a batch of inputs as one numeric array, got {xs.dtype} of shape {xs.shape}")
   n = xs.shape[0]
   bucket = max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
   padded = np.concatenate([xs, np.broadcast_to(xs[:1], (bucket - n, *xs.shape[1:]))]) if 0 < n < bucket else xs

@@ -577,6 +577,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   else:  # one bound propagation, run to its end whatever the budget
     run_stages()
   final = track.snapshot()
+  if final["witness"] is None:
+    # The deadline came while the first probes were still being evaluated (their float64 program
+    # compiling on a loaded machine) but after another thread's first bound (the NumPy search's):
+    # a certificate still needs an input whose error it reports.
+    track.add_witnesses(graph, _first_probes(box, key))
+    final = track.snapshot()
 
   lower, upper, witness = final["lower"], final["upper"], final["witness"]
   witness_diff, lower_float32 = closing_values(witness)

@@ -202,6 +202,32 @@ def test_certify_auto_budget_spent_before_the_host_search_starts():
   assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
 
 
+def test_certify_auto_deadline_before_the_first_probes_are_evaluated(monkeypatch):
+  """The NumPy search's bounds arrive while the first probes' float64 evaluation still compiles (a
+  short budget on a loaded machine), and the deadline comes: the certificate evaluates the probes
+  itself. It had no witness at all (None, read as NaN: a TypeError inside the float64 evaluation)."""
+  import importlib
+  import threading
+
+  certify_module = importlib.import_module("qbound.certify")
+  f, fq = pair(3, H.SHAPES[2], bits=8)
+  box = qb.Box(-jnp.ones(5), jnp.ones(5))
+  release, real = threading.Event(), certify_module._first_probes
+
+  def slow_probes(*args, **kwargs):
+    release.wait(10)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(certify_module, "_first_probes", slow_probes)
+  try:
+    cert = qb.certify(f, fq, box, method="auto", time_budget=0.5, target_gap=0.0)
+  finally:
+    release.set()
+  assert cert.witness.shape == box.shape and np.all(np.isfinite(cert.witness))
+  values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
+  assert cert.lower <= cert.upper and np.abs(values).max() <= cert.upper
+
+
 @pytest.mark.slow  # (compiles branch and bound's steps: ~5 s)
 def test_certify_auto_without_host_search(monkeypatch):
   """HOST_HEAD_START = None: auto's compiled branch and bound alone, as before."""
