@@ -16,17 +16,18 @@ batch of pieces in float64 by
   Wang, ICSE 2020);
 * a backward pass in ``d`` and ``z_q`` (CROWN, Zhang et al., NeurIPS 2018, with the differential
   lines of :func:`qbound.bounds.relax.relu_diff`) for the ``d`` of every neuron that some piece
-  cannot tell active from inactive, and for the outputs;
+  cannot tell active from inactive (from the third dense layer on), and for the outputs;
 * each piece's bounds met with its parent's, neuron by neuron (``z_q = z - d`` tightens the third
   of any two).
 
 On a piece where every ReLU of f and f_q is stable the bounds are the networks' own affine pieces,
-so they become exact as pieces shrink. The pieces with the largest bounds are split first: along
-the two inputs whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
-``split_rule="gradient"``), both halves of both bounded in the same batch, the split whose halves'
-gains have the largest product kept (:mod:`qbound.bounds.bab`'s strong branching). Every new
-piece's centre and the corner its bound points to are evaluated, and a few steps of sign-gradient
-ascent run from the best of them, so the reached error rises too.
+so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
+along the input whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
+``split_rule="gradient"``; with ``CANDIDATES > 1``, :mod:`qbound.bounds.bab`'s strong branching).
+Every new piece's centre and the corner its bound points to are evaluated, a few steps of
+sign-gradient ascent run from the best of them, and linear programs over linear regions
+(:mod:`qbound.bounds.region_ascent`) climb from the round's best point to a local maximum, so the
+reached error rises too. Open pieces are kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
 by a relative slack, and hold for the real-arithmetic networks. An input normalisation the two
