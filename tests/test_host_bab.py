@@ -233,3 +233,12 @@ def test_piece_bounds_hold_whichever_layers_get_backward_rows(depth, monkeypatch
   xs = lo[:, None] + rng.uniform(size=(4, 500, 3)) * (hi - lo)[:, None]
   values = host_bab.evaluate(chain, xs.reshape(-1, 3)).reshape(4, 500, -1)
   assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(x=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=20))
+def test_outward_rounding_steps_past_the_neighbouring_floats(x):
+  x = np.asarray(x, np.float64)
+  with np.errstate(over="ignore"):  # at +-max the step overflows to +-inf: still outward
+    assert np.all(host_bounds._down(x) <= np.nextafter(x, -np.inf))
+    assert np.all(host_bounds._up(x) >= np.nextafter(x, np.inf))
