@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import host_bab
+from qbound.bounds import host_bab, host_bounds
 from qbound.exact.encoding import _matrices
 
 
@@ -240,3 +240,31 @@ def test_certify_auto_without_host_search(monkeypatch):
   box = qb.Box(-jnp.ones(2), jnp.ones(2))
   cert = qb.certify(f, fq, box, method="auto", time_budget=30, target_gap=0.02)
   assert "host-bab" not in cert.bounds and cert.upper <= 1.02 * cert.lower + 1e-12
+
+
+@pytest.mark.parametrize("depth", [2, 3, 99])
+def test_piece_bounds_hold_whichever_layers_get_backward_rows(depth, monkeypatch):
+  """The backward pass from every hidden layer (2), from the third dense layer on (3, the default)
+  or for the outputs only (99): sound at sampled points either way, on a pair with three hidden
+  layers whose copy differs by more than its weights."""
+  monkeypatch.setattr(host_bounds, "BACKWARD_FROM_DEPTH", depth)
+  f, fq = pair(7, H.SHAPES[1], noise=1.0)
+  box = H.random_box(7, 3)
+  chain = host_bab.chain_of(qb.merge(f, fq, box))
+  rng = np.random.default_rng(7)
+  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  a, b = rng.uniform(lo0, hi0, (2, 4, 3))
+  lo, hi = np.minimum(a, b), np.maximum(a, b)
+  dl, du, *_ = host_bab.bound_pieces(chain, lo, hi)
+  xs = lo[:, None] + rng.uniform(size=(4, 500, 3)) * (hi - lo)[:, None]
+  values = host_bab.evaluate(chain, xs.reshape(-1, 3)).reshape(4, 500, -1)
+  assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(x=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=20))
+def test_outward_rounding_steps_past_the_neighbouring_floats(x):
+  x = np.asarray(x, np.float64)
+  with np.errstate(over="ignore"):  # at +-max the step overflows to +-inf: still outward
+    assert np.all(host_bounds._down(x) <= np.nextafter(x, -np.inf))
+    assert np.all(host_bounds._up(x) >= np.nextafter(x, np.inf))

@@ -16,17 +16,18 @@ batch of pieces in float64 by
   Wang, ICSE 2020);
 * a backward pass in ``d`` and ``z_q`` (CROWN, Zhang et al., NeurIPS 2018, with the differential
   lines of :func:`qbound.bounds.relax.relu_diff`) for the ``d`` of every neuron that some piece
-  cannot tell active from inactive, and for the outputs;
+  cannot tell active from inactive (from the third dense layer on), and for the outputs;
 * each piece's bounds met with its parent's, neuron by neuron (``z_q = z - d`` tightens the third
   of any two).
 
 On a piece where every ReLU of f and f_q is stable the bounds are the networks' own affine pieces,
-so they become exact as pieces shrink. The pieces with the largest bounds are split first: along
-the two inputs whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
-``split_rule="gradient"``), both halves of both bounded in the same batch, the split whose halves'
-gains have the largest product kept (:mod:`qbound.bounds.bab`'s strong branching). Every new
-piece's centre and the corner its bound points to are evaluated, and a few steps of sign-gradient
-ascent run from the best of them, so the reached error rises too.
+so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
+along the input whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
+``split_rule="gradient"``; with ``CANDIDATES > 1``, :mod:`qbound.bounds.bab`'s strong branching).
+Every new piece's centre and the corner its bound points to are evaluated, a few steps of
+sign-gradient ascent run from the best of them, and linear programs over linear regions
+(:mod:`qbound.bounds.region_ascent`) climb from the round's best point to a local maximum, so the
+reached error rises too. Open pieces are kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
 by a relative slack, and hold for the real-arithmetic networks. An input normalisation the two
@@ -57,17 +58,26 @@ import numpy as np
 
 from qbound import graph as G
 from qbound.bounds.host_bounds import Chain, _down, _up, bound_pieces
+from qbound.bounds.host_pool import PiecePool
+from qbound.bounds.region_ascent import region_ascent
 
 # Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries
 # (as certify's MILP and LOW_DIMENSIONAL_INPUTS): above, a batch's NumPy work grows past what the
 # compiled steps cost, and input splitting needs far more pieces.
 MAX_NEURONS = 128
 MAX_INPUTS = 8
-# Pieces split per round, each into two halves along CANDIDATES input dimensions (strong branching);
-# 8 steps of sign-gradient ascent from the ASCENT best new points (and the best so far) per round.
-BATCH = 64
-CANDIDATES = 2
+# Pieces split per round, each into two halves along CANDIDATES input dimensions (strong branching
+# when more than one); 8 steps of sign-gradient ascent from the ASCENT best new points (and the best
+# so far) per round. One candidate: strong branching's second candidate saved about 5% of the pieces
+# kept for twice the pieces bounded (on the exactness table's nets 3,769 against 7,193 pieces
+# bounded to the gap on 5-12-8-8-2, 34,385 against 61,225 on 5-12-16-16-2; docs/results.md).
+BATCH = 128
+CANDIDATES = 1
 ASCENT = 8
+# Linear programs over linear regions (qbound.bounds.region_ascent) from the round's best new point,
+# at most REGION_PROGRAMS per round and REGION_SHARE of the time so far.
+REGION_PROGRAMS = 12
+REGION_SHARE = 0.15
 # Open pieces kept at most (``stopped == "max_pieces"`` past it; each keeps 6 float64 bounds per
 # neuron, 1.4 kB on a 5-12-8-8-2 pair).
 MAX_PIECES = 200_000
@@ -409,6 +419,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
                       box_lo[0], box_hi[0])
   to_input = lambda y: _unmap(x_chain, y, x_lo[0], x_hi[0])  # noqa: E731
 
+  region_time, seen = [0.0], set()
+
   def probe(los, his, dls, lds, uds):
     """The pieces' centres and, for each, the corner its worst bound's form points to."""
     nonlocal lower, witness
@@ -423,6 +435,12 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       xs = np.concatenate([xs, _ascent(chain, starts, box_lo[0], box_hi[0], outputs, 8, 0.05)])
     errs = np.abs(evaluate(chain, xs))[:, outputs].max(axis=1)
     best = int(np.argmax(errs))
+    if REGION_PROGRAMS and region_time[0] <= REGION_SHARE * (time.perf_counter() - start):
+      t = time.perf_counter()
+      y, value = region_ascent(chain, xs[best], box_lo[0], box_hi[0], outputs, REGION_PROGRAMS, seen)
+      region_time[0] += time.perf_counter() - t
+      if value > errs[best]:
+        errs[best], xs[best] = value, y
     if errs[best] > lower:
       lower, witness = float(errs[best]), xs[best]
 
@@ -430,26 +448,25 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   root_lower, root_upper = dl[0].copy(), du[0].copy()
   probe(box_lo, box_hi, (dl, du), ld, ud)
   bounded = 1
-  # Open pieces (bound above the target) in arrays; the others are folded into closed_*.
-  los, his, dls, dus, keeps = box_lo, box_hi, dl, du, kept
+  # Open pieces (bound above the target) in a pool; the others are folded into closed_*.
+  pool = PiecePool(dict(lo=box_lo, hi=box_hi, dl=dl, du=du, kept=kept), _error_bound(dl, du, outputs))
+  piece = pool.fields  # (the pool may grow: read its arrays through this dict)
   closed_lower = np.full(chain.n_out, np.inf)
   closed_upper = np.full(chain.n_out, -np.inf)
   closed_bound = -np.inf
   stopped = "time"
   while True:
     target = (1 + target_gap) * lower
-    bounds = _error_bound(dls, dus, outputs)
-    done = bounds <= target
-    if done.any():
-      closed_lower = np.minimum(closed_lower, dls[done].min(axis=0))
-      closed_upper = np.maximum(closed_upper, dus[done].max(axis=0))
-      closed_bound = max(closed_bound, float(bounds[done].max()))
-      los, his, dls, dus, bounds = los[~done], his[~done], dls[~done], dus[~done], bounds[~done]
-      keeps = keeps[~done]
-    upper = max(closed_bound, float(bounds.max(initial=-np.inf)), lower)
+    done = np.flatnonzero(pool.open[:pool.used] & (pool.bound[:pool.used] <= target))
+    if len(done):
+      closed_lower = np.minimum(closed_lower, piece["dl"][done].min(axis=0))
+      closed_upper = np.maximum(closed_upper, piece["du"][done].max(axis=0))
+      closed_bound = max(closed_bound, float(pool.bound[done].max()))
+      pool.remove(done)
+    upper = max(closed_bound, float(pool.bound[:pool.used].max(initial=-np.inf)), lower)
     if report is not None:
       report(upper, lower, to_input(witness))
-    if not len(bounds):
+    if not pool.count:
       stopped = "gap"
       break
     if epsilon is not None and (upper <= epsilon or lower > epsilon):
@@ -460,18 +477,16 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       break
     if time.perf_counter() - start >= time_budget:
       break
-    if len(bounds) > MAX_PIECES:
+    if pool.count > MAX_PIECES:
       stopped = "max_pieces"
       break
     # The worst pieces; each is split in half along the candidate dimension whose halves gain most.
-    take = np.argsort(-bounds)[:BATCH]
-    rest = np.ones(len(bounds), bool)
-    rest[take] = False
-    p_lo, p_hi = los[take], his[take]
+    m = min(BATCH, pool.count)
+    take = np.argpartition(-pool.bound[:pool.used], m - 1)[:m]
+    p_lo, p_hi, p_dl, p_du, p_kept = (piece[name][take] for name in ("lo", "hi", "dl", "du", "kept"))
     mid = (p_lo + p_hi) / 2
-    m = len(take)
     # ReluVal's smear with an interval gradient (as bab.py's split rule "gradient").
-    weight = _gradient_weight(chain, keeps[take], dls[take], dus[take], outputs) * (p_hi - p_lo)
+    weight = _gradient_weight(chain, p_kept, p_dl, p_du, outputs) * (p_hi - p_lo)
     cands = min(CANDIDATES, n)
     axes = np.argsort(-weight, axis=1)[:, :cands]  # (m, c)
     rows = np.arange(m)[:, None]
@@ -481,27 +496,30 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     c_lo[rows, cands + np.arange(cands)[None], axes] = mid[rows, axes]
     c_lo, c_hi = c_lo.reshape(-1, n), c_hi.reshape(-1, n)
     reps = 2 * cands
-    cdl, cdu, cld, cud, ckept = bound_pieces(chain, c_lo, c_hi, np.repeat(keeps[take], reps, axis=0))
+    cdl, cdu, cld, cud, ckept = bound_pieces(chain, c_lo, c_hi, np.repeat(p_kept, reps, axis=0))
     bounded += len(c_lo)
     probe(c_lo, c_hi, (cdl, cdu), cld, cud)
     # Meet with the parent's bounds (the children lie inside it).
-    cdl = np.maximum(cdl, np.repeat(dls[take], reps, axis=0))
-    cdu = np.minimum(cdu, np.repeat(dus[take], reps, axis=0))
-    child = _error_bound(cdl, cdu, outputs).reshape(m, 2, cands)
+    cdl = np.maximum(cdl, np.repeat(p_dl, reps, axis=0))
+    cdu = np.minimum(cdu, np.repeat(p_du, reps, axis=0))
+    child_bound = _error_bound(cdl, cdu, outputs)
+    child = child_bound.reshape(m, 2, cands)
     # Ranked by the product of both halves' gains, as bab.py's strong branching: the worse half
     # alone keeps slicing one narrow dimension.
-    gain = np.maximum(bounds[take][:, None, None] - child, 0.0)
+    gain = np.maximum(pool.bound[take][:, None, None] - child, 0.0)
     score = -(gain[:, 0] * gain[:, 1]) - 1e-9 * (gain[:, 0] + gain[:, 1])
     best = np.argmin(score, axis=1)
-    pick = np.concatenate([np.arange(m) * reps + best, np.arange(m) * reps + cands + best])
-    keeps = np.concatenate([keeps[rest], ckept[pick]])
-    los = np.concatenate([los[rest], c_lo[pick]])
-    his = np.concatenate([his[rest], c_hi[pick]])
-    dls = np.concatenate([dls[rest], cdl[pick]])
-    dus = np.concatenate([dus[rest], cdu[pick]])
-  diff_lower = np.minimum(closed_lower, dls.min(axis=0, initial=np.inf))
-  diff_upper = np.maximum(closed_upper, dus.max(axis=0, initial=-np.inf))
-  upper = max(closed_bound, float(_error_bound(dls, dus, outputs).max(initial=-np.inf)))
+    for half in (0, 1):  # the lower halves take their parents' slots, the upper halves new ones
+      pick = np.arange(m) * reps + half * cands + best
+      rows_new = dict(lo=c_lo[pick], hi=c_hi[pick], dl=cdl[pick], du=cdu[pick], kept=ckept[pick])
+      if half == 0:
+        pool.put(take, rows_new, child_bound[pick])
+      else:
+        pool.add(rows_new, child_bound[pick])
+  slots = pool.open_slots()
+  diff_lower = np.minimum(closed_lower, piece["dl"][slots].min(axis=0, initial=np.inf))
+  diff_upper = np.maximum(closed_upper, piece["du"][slots].max(axis=0, initial=-np.inf))
+  upper = max(closed_bound, float(pool.bound[slots].max(initial=-np.inf)))
   witness = to_input(witness)
   if x_chain.prefix:  # the error at the witness itself (the normalisation's float64 rounding aside, the same)
     lower = float(np.abs(evaluate(x_chain, witness[None]))[0, outputs].max())
