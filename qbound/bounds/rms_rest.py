@@ -19,7 +19,8 @@ Both have bounds that do not go through the intervals. For a row ``w`` with ``|w
 
 both linear in ``x``: three CROWN rows per entry (Zhang et al., NeurIPS 2018), walked back through
 the whole network to the input, bound the others' norm from below and the saturation errors at
-the top and bottom (``c = 127 / D`` or ``128 / D``, less float32's slack) from above, jointly.
+the top and bottom (``c = 127 / D`` or ``128 / D``, less float32's slack) from above, jointly (two
+rows where the input is a ReLU's output, which never reaches the bottom clip).
 ``w`` is ``x`` at the box's centre with entry ``i`` (and every entry of other groups) set to 0,
 normalised, and ``(alpha, beta)`` the direction of ``(x_i, r_i)`` there: tight where the network
 is close to linear over the box. The same idea bounds means of squares in
@@ -91,10 +92,10 @@ def _others(shape: tuple, axes) -> np.ndarray:
   return (group[:, None] == group[None, :]) & ~np.eye(n, dtype=bool)
 
 
-def _rows(center, others, c_top, c_bottom, sound: bool):
-  """The rows ``[w; -t; -b]`` (``(3n, *shape)``): ``w`` per entry, and the negated saturation rows
-  ``t = (1 - c_top alpha) e_i - c_top beta w``, ``b = -(1 + c_bottom alpha) e_i - c_bottom beta w``."""
-  del sound
+def _rows(center, others, c_top, c_bottom, bottom: bool):
+  """The rows ``[w; -t; -b]`` (``(3n, *shape)``; without ``-b`` unless ``bottom``): ``w`` per entry,
+  and the negated saturation rows ``t = (1 - c_top alpha) e_i - c_top beta w`` and
+  ``b = -(1 + c_bottom alpha) e_i - c_bottom beta w``."""
   flat = center.reshape(-1)
   n = flat.size
   u = fp.unit_roundoff(flat.dtype)
@@ -106,25 +107,40 @@ def _rows(center, others, c_top, c_bottom, sound: bool):
   beta = jnp.where(whole > 0, norm / jnp.where(whole > 0, whole, 1), 0) * (1 - 8 * u)
   eye = jnp.eye(n, dtype=flat.dtype)
   top = (1 - c_top * alpha)[:, None] * eye - (c_top * beta)[:, None] * w
-  bottom = -(1 + c_bottom * alpha)[:, None] * eye - (c_bottom * beta)[:, None] * w
-  return jnp.concatenate([w, -top, -bottom]).reshape((3 * n, *center.shape))
+  parts = [w, -top]
+  if bottom:
+    parts.append((1 + c_bottom * alpha)[:, None] * eye + (c_bottom * beta)[:, None] * w)
+  return jnp.concatenate(parts).reshape((len(parts) * n, *center.shape))
 
 
 def _finish(low, rows, mag, sound: bool):
-  """:class:`qbound.rms_rounding.Joint` from the rows' lower bounds (flat, per entry)."""
-  n = low.shape[0] // 3
+  """:class:`qbound.rms_rounding.Joint` from the rows' lower bounds (flat, per entry; ``+inf`` for
+  the bottom without its rows)."""
+  n = mag.size
   u = fp.unit_roundoff(low.dtype)
   # the rows' coefficients carry their own rounding: 4 u of |row| . max|x|
-  slack = 4 * u * jnp.sum(jnp.abs(rows.reshape(3 * n, -1)) * mag.reshape(1, -1), axis=1) + 16 * fp.tiny(low.dtype)
+  slack = 4 * u * jnp.sum(jnp.abs(rows.reshape(rows.shape[0], -1)) * mag.reshape(1, -1), axis=1) + 16 * fp.tiny(low.dtype)
   rest = jnp.maximum(low[:n] - slack[:n], 0)
-  top, bottom = -low[n:2 * n] + slack[n:2 * n], -low[2 * n:] + slack[2 * n:]
+  top = -low[n:2 * n] + slack[n:2 * n]
+  bottom = -low[2 * n:] + slack[2 * n:] if low.shape[0] > 2 * n else jnp.full_like(top, jnp.inf)
   if sound:
     rest, top, bottom = jnp.maximum(fp.round_down(rest), 0), fp.round_up(top), fp.round_up(bottom)
   finite = lambda v, fallback: jnp.where(jnp.isfinite(v), v, fallback)  # noqa: E731
   return rms_rounding.Joint(finite(rest, 0.0), finite(top, jnp.inf), finite(bottom, jnp.inf))
 
 
-_rows = jit_step(_rows, (0, None, None, None))
+def _rows_top(center, others, c_top, c_bottom, sound: bool):
+  del sound
+  return _rows(center, others, c_top, c_bottom, False)
+
+
+def _rows_both(center, others, c_top, c_bottom, sound: bool):
+  del sound
+  return _rows(center, others, c_top, c_bottom, True)
+
+
+_rows_top = jit_step(_rows_top, (0, None, None, None))
+_rows_both = jit_step(_rows_both, (0, None, None, None))
 _finish = jit_step(_finish, (0, 0, 0))
 
 
@@ -160,7 +176,10 @@ def joint_bounds(graph: G.Graph, idx: int, bounds, box, backward_lower, *, sound
   c_top, c_bottom = float(spec.high) / d * (1 - rel), -float(spec.low) / d * (1 - rel)
   others = jnp.asarray(_others(shape, spec.axes))
   center = _center_value(graph, box.lower, box.upper, y, batched)
-  rows = _rows(center, others, c_top, c_bottom, sound=sound, batched=batched)
+  # A ReLU's outputs never reach the bottom clip: 2n rows, as many as a node's own bounds take, so
+  # the backward steps compiled for those serve these too (a first call compiles no more of them).
+  rows_fn = _rows_top if graph.nodes[y].kind == G.RELU else _rows_both
+  rows = rows_fn(center, others, c_top, c_bottom, sound=sound, batched=batched)
   low = backward_lower(graph, y, rows, bounds, box, sound=sound, batched=batched, lines=lines)
   lo, hi = bounds[y]
   joint = _finish(low, rows, jnp.maximum(jnp.abs(lo), jnp.abs(hi)), sound=sound, batched=batched)
