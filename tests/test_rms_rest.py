@@ -156,3 +156,49 @@ def test_sparse_bounds_with_joint_saturation_are_sound_and_tighter(sound):
     rms_rest.ENABLED = True
   assert np.all(widths[True] <= widths[False] * (1 + 1e-5)), (widths[True], widths[False])
   assert np.any(widths[True] < 0.9 * widths[False])
+
+
+def _deep_rms_mlp(c=3.0, seed=11):
+  """3-16-16-2 ReLU net and its copy with qwix's rms,c on the first hidden layer's outputs."""
+  k = jax.random.split(jax.random.key(seed), 5)
+  w1, b1 = jax.random.normal(k[0], (3, WIDTH)), 0.3 * jax.random.normal(k[1], (WIDTH,))
+  w2, b2 = jax.random.normal(k[2], (WIDTH, WIDTH)) / 4, 0.3 * jax.random.normal(k[3], (WIDTH,))
+  w3 = jax.random.normal(k[4], (WIDTH, 2)) / 4
+
+  def f(x):
+    return jax.nn.relu(jax.nn.relu(x @ w1 + b1) @ w2 + b2) @ w3
+
+  def fq(x):
+    h = jax.nn.relu(x @ w1 + b1)
+    s = jnp.sqrt(jnp.mean(jnp.square(h))) * c / 127.5
+    s = jnp.where(s < 1e-19, 1.0, s)
+    return jax.nn.relu((jnp.round(h / s).astype(jnp.int8).astype(jnp.float32) @ w2) * s + b2) @ w3
+
+  return f, fq
+
+
+def test_widening_measured_at_the_batch_shape_is_the_same(monkeypatch):
+  """bab_batch.WIDENING_AT_BATCH_SHAPE: the widening measured again on every neuron, on the root box
+  repeated over the batch, equals the one measured on a batch of one (it only reuses programs)."""
+  from qbound.bounds import bab_batch, sparse
+  f, fq = _deep_rms_mlp()
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  pieces = _pieces(np.random.default_rng(1), 4)
+  lo = jnp.concatenate([box.lower[None], pieces.lower])
+  hi = jnp.concatenate([box.upper[None], pieces.upper])
+  calls = []
+  full = sparse.diff_bounds_sparse
+
+  def counted(*args, **kwargs):
+    calls.append(kwargs.get("every_neuron", False))
+    return full(*args, **kwargs)
+
+  monkeypatch.setattr(bab_batch, "diff_bounds_sparse", counted)
+  spreads = {}
+  for on in (True, False):
+    monkeypatch.setattr(bab_batch, "WIDENING_AT_BATCH_SHAPE", on)
+    _, spreads[on] = bab_batch.batch_bounds(merged.f_graph, merged.fq_graph, merged.graph, lo, hi, True, True,
+                                            jnp.arange(2), True, True)
+  assert calls.count(True) == 2  # measured again, both ways
+  np.testing.assert_allclose(spreads[True], spreads[False], rtol=1e-6)
