@@ -191,14 +191,15 @@ def joint_saturation(spec: DynamicScale, shape) -> Optional[tuple[int, tuple]]:
   return (count, axes) if count < terms else None
 
 
-def saturation_parts(spec: DynamicScale, lo, hi, ndim: int) -> rms_rounding.Parts:
+def saturation_parts(spec: DynamicScale, lo, hi, ndim: int, rest=None) -> rms_rounding.Parts:
   """The error of an ``rms`` node split into every entry's band and what saturation adds
-  (:class:`qbound.rms_rounding.Parts`; :func:`joint_saturation` says how many saturate at once)."""
+  (:class:`qbound.rms_rounding.Parts`; :func:`joint_saturation` says how many saturate at once).
+  ``rest``: an optional :class:`qbound.rms_rounding.Joint` (:func:`qbound.rms_rounding.parts`)."""
   axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
-  return rms_rounding.parts(spec, lo, hi, axes)
+  return rms_rounding.parts(spec, lo, hi, axes, rest)
 
 
-def bounds(spec: DynamicScale, lo, hi, ndim: int):
+def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   """What is known of the node's value ``v = q(t)`` for ``t`` in ``[lo, hi]`` (one box, or
   a batch of boxes along leading axes; the node's own ``ndim`` trailing axes are the tensor).
 
@@ -206,10 +207,11 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int):
   largest ``|t|`` over these bounds, so it shrinks with the box: ``half = band * max|t| / Q``),
   and where ``flat``, ``v = k max|t| / Q`` for one integer ``k`` (the quotient ``x / s`` stays
   inside one rounding step), so ``v_lo <= v <= v_hi``. All in float32 with slack ``_REL``.
+  ``rest`` (``rms`` only): an optional :class:`qbound.rms_rounding.Joint` (:func:`qbound.rms_rounding.parts`).
   """
   axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
   if spec.norm == "rms":
-    return rms_rounding.bounds(spec, lo, hi, axes)
+    return rms_rounding.bounds(spec, lo, hi, axes, rest)
   q = spec.divisor
   if spec.zero_point is None:
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))

@@ -71,6 +71,22 @@ def slack(terms: int) -> float:
   return _REL + (terms + 8) * _ULP
 
 
+class Joint(NamedTuple):
+  """What the network around an ``rms`` node proves beyond its input's intervals
+  (:func:`qbound.bounds.rms_rest.joint_bounds`), each of the input's shape, in real arithmetic:
+
+  Attributes:
+    rest: lower bounds of each entry's others' norm, ``r_i = sqrt(sum_{j != i} x_j^2)`` over its group.
+    top: upper bounds of ``x_i - (high / D) (1 - rel) m`` (``m`` the group's norm, ``rel`` the
+      :func:`slack`): the error of entry ``i`` wherever it saturates at the top.
+    bottom: upper bounds of ``-x_i + (low / D) (1 - rel) m``, alike at the bottom.
+  """
+
+  rest: jnp.ndarray
+  top: jnp.ndarray
+  bottom: jnp.ndarray
+
+
 class Parts(NamedTuple):
   """The error ``e = q(t) - t`` of an ``rms`` node over bounds of ``t``, split (:func:`parts`).
 
@@ -101,9 +117,12 @@ def saturating_count(spec, terms: int) -> int:
   return int(min(terms, np.floor(float(spec.divisor) ** 2 / t ** 2)))
 
 
-def parts(spec, lo, hi, axes: tuple) -> Parts:
+def parts(spec, lo, hi, axes: tuple, rest=None) -> Parts:
   """The node's error split into a band every entry keeps and what saturation adds (:class:`Parts`),
-  for inputs in ``[lo, hi]`` (``axes``: the reduced axes of ``lo``, leading axes a batch of boxes)."""
+  for inputs in ``[lo, hi]`` (``axes``: the reduced axes of ``lo``, leading axes a batch of boxes).
+  ``rest``: an optional :class:`Joint` (from :func:`qbound.bounds.rms_rest.joint_bounds`): each
+  entry's others' norm bounded below, met with the bound from their intervals, and its saturation
+  errors bounded above, met with the bounds from the intervals."""
   d, top, bottom = float(spec.divisor), float(spec.high), float(spec.low)
   terms = int(np.prod([lo.shape[a] for a in axes], dtype=np.int64))
   rel = slack(terms)
@@ -118,6 +137,11 @@ def parts(spec, lo, hi, axes: tuple) -> Parts:
   m_lo = jnp.sqrt(sq_lo) * unit * (1 - rel)
   # each entry's others: r_i^2 = m^2 - x_i^2 >= rest_i^2 (the sum rounded down, the entry's part up)
   rest2 = jnp.maximum((sq_lo - mig_n * mig_n * (1 + rel)) * (1 - rel) - 1e-30, 0.0)
+  if rest is not None:  # r_i >= rest_i, and so m^2 >= rest_i^2 + mig_i^2 for every i
+    rest_n = rest.rest / unit
+    rest2 = jnp.maximum(rest2, rest_n * rest_n * (1 - rel) - 1e-30)
+    sq_lo = jnp.maximum(sq_lo, jnp.max(rest2 + mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30)
+    m_lo = jnp.sqrt(sq_lo) * unit * (1 - rel)
 
   def ratio(t):  # t / sqrt(t^2 + rest^2), in [-1, 1]; where the denominator underflows, +-1 bounds it
     den = jnp.sqrt(t * t + rest2)
@@ -137,12 +161,16 @@ def parts(spec, lo, hi, axes: tuple) -> Parts:
   if top < d:
     root = jnp.sqrt(hn * hn + rest2) * (1 - rel)
     past = jnp.maximum(hn - (top / d) * root, 0.0) * unit
+    if rest is not None:  # x_i - top s <= x_i - (top / D) (1 - rel) m, bounded on the network
+      past = jnp.minimum(past, jnp.maximum(rest.top, 0.0))
   else:  # u <= D <= top: only float32's slack can reach past it
     past = s_hi * jnp.maximum(u_hi - top, 0.0)
   over_top = jnp.where(u_hi > top + 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
   if -bottom < d:
     root = jnp.sqrt(ln * ln + rest2) * (1 - rel)
     past = jnp.maximum(-ln + (bottom / d) * root, 0.0) * unit
+    if rest is not None:
+      past = jnp.minimum(past, jnp.maximum(rest.bottom, 0.0))
   else:
     past = s_hi * jnp.maximum(bottom - u_lo, 0.0)
   over_bottom = jnp.where(u_lo < bottom - 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
@@ -167,7 +195,7 @@ def parts(spec, lo, hi, axes: tuple) -> Parts:
                jnp.where(flat, v_hi, 0.0))
 
 
-def bounds(spec, lo, hi, axes: tuple):
+def bounds(spec, lo, hi, axes: tuple, rest=None):
   """``(half, flat, v_lo, v_hi)`` of an ``rms`` dynamic rounding node for inputs in ``[lo, hi]``, as
   :func:`qbound.dynamic_rounding.bounds` returns them (``axes``: the axes of ``lo`` each scale is
   taken over, leading axes being a batch of boxes): every entry's worst case, saturation included.
@@ -176,9 +204,10 @@ def bounds(spec, lo, hi, axes: tuple):
     spec: the node's :class:`~qbound.dynamic_rounding.DynamicScale` (``norm == "rms"``).
     lo, hi: bounds of the node's input.
     axes: the reduced axes of ``lo`` (non-negative).
+    rest: an optional :class:`Joint` (see :func:`parts`).
 
   Returns:
     ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
   """
-  p = parts(spec, lo, hi, axes)
+  p = parts(spec, lo, hi, axes, rest)
   return p.base + jnp.maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi

@@ -224,7 +224,7 @@ def _activation_lines(nf: G.Node, nq: G.Node, z, zq, d, a, sound: bool):
             nonlinear.curve_relaxation(nf.kind, *zq[0], sound=sound))
   a = a or {}
   return (rules.diff_for_nodes(nf, nq, z[0], zq[0], d[0], a, sound=sound),
-          rules.for_node(nq, *zq[0], a.get("mu"), sound=sound))
+          rules.for_node(nq, *zq[0], a.get("rest" if nq.kind == G.ROUND else "mu"), sound=sound))
 
 
 def _diff_rule(nf: G.Node, nq: G.Node, lv, mv, z, zq, d, a, sound: bool, lines=None):

@@ -351,22 +351,24 @@ def rounding_range(node: G.Node, lo, hi, *, sound: bool = True):
   return jnp.where(flat, jnp.maximum(low, v_lo), low), jnp.where(flat, jnp.minimum(high, v_hi), high)
 
 
-def offsets(node: G.Node, lo, hi):
+def offsets(node: G.Node, lo, hi, rest=None):
   """``(below, above)``: the rounding's value lies in ``[x + below, x + above]`` (arrays for a dynamic one)."""
   mode = node.attrs[0]
   if is_staircase(mode):
     return ROUNDING_ERROR[mode]
-  return dynamic_error(node, lo, hi)[:2]
+  return dynamic_error(node, lo, hi, rest)[:2]
 
 
-def dynamic_error(node: G.Node, lo, hi):
+def dynamic_error(node: G.Node, lo, hi, rest=None):
   """``(below, above, flat, v_lo, v_hi, over_top, over_bottom)`` of a dynamic rounding node: its value
   lies in ``[x + below, x + above]``, and in ``[v_lo, v_hi]`` where ``flat``. ``over_top`` and
   ``over_bottom`` are the parts of ``-below`` and ``above`` that only saturating entries reach, at most
-  :func:`qbound.dynamic_rounding.joint_saturation`'s count of a group at once (0 for other scales)."""
+  :func:`qbound.dynamic_rounding.joint_saturation`'s count of a group at once (0 for other scales).
+  ``rest`` (``rms`` scales): an optional :class:`qbound.rms_rounding.Joint`, what the network proves of
+  its saturations (:mod:`qbound.bounds.rms_rest`)."""
   spec = node.attrs[1]
   if spec.norm == "rms":
-    p = dynamic_rounding.saturation_parts(spec, lo, hi, len(node.shape))
+    p = dynamic_rounding.saturation_parts(spec, lo, hi, len(node.shape), rest)
     return -(p.base + p.over_top), p.base + p.over_bottom, p.flat, p.v_lo, p.v_hi, p.over_top, p.over_bottom
   half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
   zero = jnp.zeros_like(half)
@@ -393,14 +395,15 @@ def step_input(lo, hi, sound: bool):
   return lo - slack, hi + slack
 
 
-def rounding(lo, hi, mode: str, *, sound: bool = True, node: G.Node = None) -> Relaxation:
+def rounding(lo, hi, mode: str, *, sound: bool = True, node: G.Node = None, rest=None) -> Relaxation:
   """Lines around a rounding staircase on ``[lo, hi]``: ``x + e_min <= round(x) <= x + e_max``,
   or the exact constant where the interval stays on one step. (The offsets are exact floats.)
-  A dynamic rounding (``node`` given): its band ``x -+ half``, or its step's constant bounds."""
+  A dynamic rounding (``node`` given): its band ``x -+ half``, or its step's constant bounds
+  (``rest``: see :func:`dynamic_error`)."""
   lo, hi = step_input(lo, hi, sound)
   one = jnp.ones_like(lo)
   if not is_staircase(mode):
-    below, above, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(node, lo, hi)
+    below, above, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(node, lo, hi, rest)
     slope = jnp.where(flat, 0, one)
     lines = (slope, jnp.where(flat, v_lo, below), slope, jnp.where(flat, v_hi, above))
     if saturation.applies(node):  # q = x + e: the lower offset holds the clips past the top
@@ -413,11 +416,13 @@ def rounding(lo, hi, mode: str, *, sound: bool = True, node: G.Node = None) -> R
   return Relaxation(slope, jnp.where(flat, fn(lo), below), slope, jnp.where(flat, fn(lo), above))
 
 
-def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = True, nodes=None) -> DiffRelaxation:
+def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = True, nodes=None,
+                  rest=None) -> DiffRelaxation:
   """Lines around ``round_f(z) - round_q(zq)``: ``d`` plus the difference of the two rounding
   errors, exactly 0 where both round the same way and stay on the same step. A dynamic rounding
   (``nodes = (nf, nq)`` given) beside the identity: ``d + zq - q`` with ``q`` between its
-  step's constant bounds where it has one, else ``d`` plus its band."""
+  step's constant bounds where it has one, else ``d`` plus its band (``rest``: f_q's, see
+  :func:`dynamic_error`)."""
   zl, zu = step_input(zl, zu, sound)
   ql, qu = step_input(ql, qu, sound)
   one, zero = jnp.ones_like(zl), jnp.zeros_like(zl)
@@ -430,12 +435,12 @@ def rounding_diff(zl, zu, ql, qu, mode_f: str, mode_q: str, *, sound: bool = Tru
     return DiffRelaxation(slope, zero, jnp.where(same, zero, lo_f - hi_q), slope, zero, jnp.where(same, zero, hi_f - lo_q))
   nf, nq = nodes
   lo_f, hi_f = offsets(nf, zl, zu)
-  lo_q, hi_q = offsets(nq, ql, qu)
+  lo_q, hi_q = offsets(nq, ql, qu, rest)
   low, high = lo_f - hi_q + zero, hi_f - lo_q + zero
   if sound:
     low, high = fp.round_down(low), fp.round_up(high)
   if mode_f == "none":  # f's identity beside f_q's dynamic rounding: d + zq - q, q on its step
-    _, _, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(nq, ql, qu)
+    _, _, flat, v_lo, v_hi, over_top, over_bottom = dynamic_error(nq, ql, qu, rest)
     slope_q = jnp.where(flat, one, zero)
     lines = (one, slope_q, jnp.where(flat, -v_hi, low), one, slope_q, jnp.where(flat, -v_lo, high))
     if saturation.applies(nq):  # d - e: the lower offset holds the clips past the bottom

@@ -12,14 +12,15 @@ def for_node(node: G.Node, lo, hi, params=None, *, sound: bool = True) -> Relaxa
   """The relaxation of an activation node (relu, clip, round, tanh, sigmoid) on ``[lo, hi]``.
 
   ``params`` are the optimisable slopes: ReLU's lower slope, or the ``{"lower", "upper"}``
-  fractions of :func:`qbound.bounds.smooth.relaxation`; None gives the defaults.
+  fractions of :func:`qbound.bounds.smooth.relaxation`; None gives the defaults. For a dynamic
+  ``rms`` rounding: a :class:`qbound.rms_rounding.Joint` (:mod:`qbound.bounds.rms_rest`), or None.
   """
   if node.kind == G.RELU:
     return relax.relu(lo, hi, params, sound=sound)
   if node.kind == G.CLIP:
     return relax.clip(lo, hi, *node.weights, sound=sound)
   if node.kind == G.ROUND:
-    return relax.rounding(lo, hi, node.attrs[0], sound=sound, node=node)
+    return relax.rounding(lo, hi, node.attrs[0], sound=sound, node=node, rest=params)
   if node.kind in G.SMOOTH:
     return smooth.relaxation(node.kind, lo, hi, params, sound=sound)
   raise ValueError(f"no linear relaxation for node kind {node.kind!r}")
@@ -28,7 +29,8 @@ def for_node(node: G.Node, lo, hi, params=None, *, sound: bool = True) -> Relaxa
 def diff_for_nodes(nf: G.Node, nq: G.Node, z, zq, d, params=None, *, sound: bool = True) -> DiffRelaxation:
   """Lines bounding ``act_f(z) - act_q(zq)`` in ``d = z - zq`` and ``zq`` for a pair of activation
   nodes of the same kind (whose clips' cuts or rounding modes may differ), given the bounds
-  ``z``, ``zq``, ``d`` of their inputs as ``(lower, upper)`` pairs."""
+  ``z``, ``zq``, ``d`` of their inputs as ``(lower, upper)`` pairs. ``params``: a ReLU's, clip's or
+  curve's slopes; for a dynamic ``rms`` rounding ``{"rest": ...}`` (:mod:`qbound.bounds.rms_rest`)."""
   if nf.kind == G.RELU:
     return relax.relu_diff(*z, *zq, *d, params, sound=sound)
   if nf.kind == G.CLIP:
@@ -36,7 +38,8 @@ def diff_for_nodes(nf: G.Node, nq: G.Node, z, zq, d, params=None, *, sound: bool
   if nf.kind in G.SMOOTH:
     return smooth.diff_relaxation(nf.kind, *z, *zq, *d, params, sound=sound)
   if nf.kind == G.ROUND:
-    return relax.rounding_diff(*z, *zq, nf.attrs[0], nq.attrs[0], sound=sound, nodes=(nf, nq))
+    rest = params.get("rest") if isinstance(params, dict) else None
+    return relax.rounding_diff(*z, *zq, nf.attrs[0], nq.attrs[0], sound=sound, nodes=(nf, nq), rest=rest)
   raise ValueError(f"no differential relaxation for node kind {nf.kind!r}")
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds import fp, nonlinear, rules
+from qbound.bounds import fp, nonlinear, rms_rest, rules
 from qbound.bounds.common import local
 from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
 from qbound.bounds.diff import _activation_lines as _diff_lines
@@ -228,8 +228,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     di = _diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                              tuple(d[j] for j in ins), sound=sound, batched=True)
     if nf.kind in ACTIVATIONS and SHARE_LINES:
+      extra = None
+      if rms_rest.applies(nq):  # which entries of an rms quantization can saturate: three rows per entry
+        extra = {"rest": rms_rest.joint_bounds(qg, i, zq, box, backward_lower, sound=sound, batched=True,
+                                               lines={k: v[1] for k, v in lines.items()})}
       lines[i] = _diff_lines(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
-                             tuple(d[j] for j in ins), None, sound=sound, batched=True)
+                             tuple(d[j] for j in ins), extra, sound=sound, batched=True)
     if prior is not None:
       zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i], sound=sound)
                     for b, p in zip((zi, qi, di), prior))
