@@ -3,7 +3,7 @@
 ``certify(f, fq, box, outputs=[0], time_budget=60)`` with no epsilon certifies the maximal error
 itself; the goal is ``upper / lower <= 1.1`` within 60 s. Prints, in one run, with the settings
 before this work ("before": a parent's bounds met before a piece's rows, no whole-box search in
-the rounds, which take 5% of the time) and now ("now") interleaved:
+the rounds, which take 5% of the time, batches of 32) and now ("now") interleaved:
 
   1. branch and bound (``qb.bounds.branch_and_bound``, warm) on output 0: upper, lower and their
      ratio after 5, 10, 20, 30, 45 and 60 s (its ``report`` hook);
@@ -33,22 +33,22 @@ from bench_tight import _pairs
 
 BOX = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
 MARKS = (5, 10, 20, 30, 45, 60, 90, 120, 180, 300)
-SETTINGS = {"before": dict(PRIOR_AFTER_ROWS=False, GLOBAL_SEARCH=None, GAP_SHARE=refute.SHARE),
-            "now": dict(PRIOR_AFTER_ROWS=sparse.PRIOR_AFTER_ROWS, GLOBAL_SEARCH=refute.GLOBAL_SEARCH,
-                        GAP_SHARE=refute.GAP_SHARE)}
+# (module, setting): main's value before this work, and the value now.
+KNOBS = {(sparse, "PRIOR_AFTER_ROWS"): False, (refute, "GLOBAL_SEARCH"): None, (refute, "GAP_SHARE"): refute.SHARE,
+         (bab, "GAP_BATCH_SIZE"): 32}
+SETTINGS = {"before": dict(KNOBS), "now": {knob: getattr(*knob) for knob in KNOBS}}
 
 
 @contextlib.contextmanager
 def setting(name: str):
-  saved = {"PRIOR_AFTER_ROWS": sparse.PRIOR_AFTER_ROWS, "GLOBAL_SEARCH": refute.GLOBAL_SEARCH,
-           "GAP_SHARE": refute.GAP_SHARE}
-  for key, value in SETTINGS[name].items():
-    setattr(sparse if key == "PRIOR_AFTER_ROWS" else refute, key, value)
+  saved = {knob: getattr(*knob) for knob in KNOBS}
+  for (module, key), value in SETTINGS[name].items():
+    setattr(module, key, value)
   try:
     yield
   finally:
-    for key, value in saved.items():
-      setattr(sparse if key == "PRIOR_AFTER_ROWS" else refute, key, value)
+    for (module, key), value in saved.items():
+      setattr(module, key, value)
 
 
 def load() -> str:
