@@ -107,19 +107,21 @@ STAIRCASE = Search(samples=16384, restarts=0, steps=0, refine_rounds=40, refine_
                    refine_radius=0.1)
 
 
-def _abs_max(fn, x):
-  return jnp.max(jnp.abs(fn(x)))
+def _abs_max(fn, x, outputs=None):
+  y = fn(x)
+  return jnp.max(jnp.abs(y if outputs is None else y.reshape(-1)[jnp.asarray(outputs)]))
 
 
 def _nan_last(values):
   return jnp.where(jnp.isnan(values), -jnp.inf, values)
 
 
-def _search(fn: Callable, box: Box, key, search: Search, mesh=None, input_dtype=None):
+def _search(fn: Callable, box: Box, key, search: Search, mesh=None, input_dtype=None, outputs=None):
   """Best ``(value, x)`` of ``|fn(x)|_inf`` found over the box (samples and restarts split over
   ``mesh``'s devices when given). With ``input_dtype``, every input tried is first rounded to that
   dtype (a float32 model searched in float64: its witnesses stay float32 inputs, inside the box
-  since the box's corners are float32 too)."""
+  since the box's corners are float32 too). ``outputs``: a tuple of flat output indices, the only
+  ones whose error counts (None: all)."""
   def representable(x):
     return x if input_dtype is None else x.astype(input_dtype).astype(x.dtype)
 
@@ -128,7 +130,7 @@ def _search(fn: Callable, box: Box, key, search: Search, mesh=None, input_dtype=
                                       sample_vertices(k_vertex, box, max(search.samples // 4, 1)),
                                       box.center[None]]))
   xs = sharding.constrain_batch(xs, mesh)
-  objective = functools.partial(_abs_max, fn)
+  objective = functools.partial(_abs_max, fn, outputs=outputs)
   # NaN marks an input where the float32 evaluation overflowed (inf - inf): no error is known there,
   # and NaN would win argmax and top_k (NaN sorts above everything), so such samples rank last.
   values = _nan_last(jax.vmap(objective)(xs))
@@ -203,9 +205,9 @@ def _refine(objective, to_x, values, xs, ts, key, search: Search, mesh=None):
   return kept_v, kept_x
 
 
-@functools.partial(jax.jit, static_argnames=("search", "mesh", "input_dtype"))
-def _search_graph(graph: G.Graph, box: Box, key, search: Search, mesh=None, input_dtype=None):
-  return _search(graph, box, key, search, mesh, input_dtype)
+@functools.partial(jax.jit, static_argnames=("search", "mesh", "input_dtype", "outputs"))
+def _search_graph(graph: G.Graph, box: Box, key, search: Search, mesh=None, input_dtype=None, outputs=None):
+  return _search(graph, box, key, search, mesh, input_dtype, outputs)
 
 
 # The search compiled without XLA's backend optimisations (FAST_COMPILE), for small networks: there
@@ -215,7 +217,7 @@ def _search_graph(graph: G.Graph, box: Box, key, search: Search, mesh=None, inpu
 # MNIST 3x100 1.2 s / 0.12 s -> 0.62 s / 0.20 s, so convolutions and larger networks keep the
 # optimised program.
 FAST_SEARCH_PRODUCTS = 1 << 15
-_search_graph_fast = functools.partial(jax.jit, static_argnames=("search", "mesh", "input_dtype"),
+_search_graph_fast = functools.partial(jax.jit, static_argnames=("search", "mesh", "input_dtype", "outputs"),
                                        compiler_options=FAST_COMPILE)(_search_graph.__wrapped__)
 
 
@@ -225,7 +227,7 @@ def has_rounding(graph: G.Graph) -> bool:
   return any(node.kind == G.ROUND and node.attrs[0] != "none" for node in graph.nodes)
 
 
-def _search_exact(graph: G.Graph, box: Box, key, search: Search):
+def _search_exact(graph: G.Graph, box: Box, key, search: Search, outputs=None):
   """:func:`_search` on the graph cast to float64, on the host CPU (see :func:`exact_error`); the
   inputs tried are rounded to the graph's own input dtype. Returns ``(value, x)`` as NumPy values."""
   input_dtype = np.dtype(jnp.result_type(box.lower))
@@ -237,7 +239,7 @@ def _search_exact(graph: G.Graph, box: Box, key, search: Search):
     else:
       key = jnp.asarray(np.asarray(key))
     search_fn = _search_graph_fast if fast else _search_graph
-    value, x = search_fn(G.float64_copy(graph), box64, key, search, None, input_dtype.type)
+    value, x = search_fn(G.float64_copy(graph), box64, key, search, None, input_dtype.type, outputs)
     return float(value), np.asarray(x).astype(input_dtype)
 
 
@@ -339,7 +341,8 @@ def _vmapped(graph: G.Graph, xs):
   return jax.vmap(graph)(xs)
 
 
-def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, mesh=None, exact: bool = False):
+def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, mesh=None, exact: bool = False,
+                   outputs=None):
   """The largest ``|fn(x)|_inf`` found over ``box`` and the input reaching it.
 
   Args:
@@ -355,6 +358,7 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
       graph cast to float64 on the host CPU, the inputs tried rounded to the box's dtype. The value
       is then what :func:`exact_error` gives at the witness, as a certificate's ``lower``. Worth
       it where f_q rounds its activations (see the module's docstring); ``mesh`` is not used.
+    outputs: flat output indices whose error counts (default: all), as ``certify``'s ``outputs``.
 
   Returns:
     ``(value, witness)`` with ``value == |fn(witness)|_inf`` (as computed in the function's dtype,
@@ -389,18 +393,24 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
   search = search or Search()
   if isinstance(fn, MergedNetwork):
     fn = fn.graph
+  if outputs is not None:
+    outputs = tuple(int(o) for o in np.asarray(outputs, np.int64).reshape(-1))
+    n_out = int(np.prod(jax.eval_shape(fn, jax.ShapeDtypeStruct(box.lower.shape, box.lower.dtype)).shape))
+    if not outputs or min(outputs) < 0 or max(outputs) >= n_out:
+      raise ValueError(f"maximize_error(outputs={list(outputs)}): needs flat output indices in [0, {n_out}) "
+                       "(at least one); pass None for all outputs.")
   if validate.boolean("exact", exact):
     if not isinstance(fn, G.Graph):
       raise TypeError("maximize_error(exact=True) needs a traced Graph or a MergedNetwork (qb.merge(f, fq, box)): "
                       f"a plain function cannot be evaluated in float64; got {type(fn).__name__}.")
-    return _search_exact(fn, box, key, search)
+    return _search_exact(fn, box, key, search, outputs)
   mesh = sharding.resolve_mesh(mesh)
   if isinstance(fn, G.Graph):
     fast = _compiles_fast(fn) and not tracing((fn, box, key))  # options only on an outermost jit
     search_fn = _search_graph_fast if fast else _search_graph
-    value, x = search_fn(fn, box, key, search, mesh)
+    value, x = search_fn(fn, box, key, search, mesh, outputs=outputs)
   else:
-    value, x = jax.jit(_search, static_argnums=(0, 3, 4))(fn, box, key, search, mesh)
+    value, x = jax.jit(_search, static_argnums=(0, 3, 4, 5, 6))(fn, box, key, search, mesh, None, outputs)
   return float(value), np.asarray(x)
 
 

@@ -50,6 +50,21 @@ def test_largest_output_counts():
   check_witness(fn, box, value, witness)
 
 
+def test_only_the_selected_outputs_count():
+  # The second output dominates everywhere, but only the first counts: its maximum is 0.1 at x = 1
+  # (a function, a traced graph, and the graph searched in float64 alike).
+  fn = lambda x: jnp.concatenate([0.1 * x, 5 * x])
+  box = qb.Box(-0.5 * jnp.ones(1), jnp.ones(1))
+  graph = qb.trace(fn, jnp.zeros(1))
+  for target, exact in ((fn, False), (graph, False), (graph, True)):
+    value, witness = qb.maximize_error(target, box, search=FAST, outputs=[0], exact=exact)
+    assert value == pytest.approx(0.1, rel=1e-6)
+    assert abs(0.1 * float(witness[0])) == pytest.approx(value, rel=1e-6)
+  for bad in ([], [2], [-1]):
+    with pytest.raises(ValueError, match="flat output indices"):
+      qb.maximize_error(fn, box, search=FAST, outputs=bad)
+
+
 def test_flat_coordinates_and_degenerate_box():
   fn = lambda x: (x[0] - x[1])[None]
   box = qb.Box(jnp.array([0.0, 0.25]), jnp.array([1.0, 0.25]))  # x[1] is fixed

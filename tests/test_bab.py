@@ -251,3 +251,28 @@ def test_gradient_split_rule_is_sound_against_sampling(monkeypatch):
   assert np.abs(values).max() <= res.upper + 1e-9
   with pytest.raises(ValueError, match="split_rule"):
     bab.branch_and_bound(merged, box, time_budget=0.1, split_rule="smear")
+
+
+def test_batch_size_without_epsilon_on_few_inputs():
+  f, fq, _, _ = H.random_pair(7, (2, (150, 150), 1), bits=8)
+  large = qb.merge(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)))
+  small = qb.merge(*H.random_pair(0, H.SHAPES[0])[:2], qb.Box(-jnp.ones(2), jnp.ones(2)))
+  assert bab.gap_batch_size(large, 2, None) == bab.GAP_BATCH_SIZE > 32
+  assert bab.gap_batch_size(large, 2, 0.05) == bab.gap_batch_size(large, 9, None) == 32
+  assert bab.gap_batch_size(small, 2, None) == bab.gap_batch_size(small, 2, 0.05) == 256
+
+
+@pytest.mark.slow
+def test_closing_the_gap_on_few_inputs_takes_larger_batches():
+  """Without an epsilon, on few inputs, a net above SMALL_NET_NEURONS bounds GAP_BATCH_SIZE pieces a
+  batch (32 with an epsilon); its bound still holds on samples and its lower bound is reached."""
+  f, fq, _, _ = H.random_pair(7, (2, (150, 150), 1), bits=8)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  gap = bab.branch_and_bound(merged, box, time_budget=0.5, target_gap=0.0)
+  decide = bab.branch_and_bound(merged, box, time_budget=0.5, epsilon=1e-9)
+  assert sum(gap.layout.values()) == bab.GAP_BATCH_SIZE and sum(decide.layout.values()) == 32
+  values = np.abs(H.eval64(merged, H.sample_points(box, 500)))
+  assert values.max() <= gap.upper + 1e-9
+  reached = np.abs(H.eval64(merged, gap.witness[None])).max()
+  assert reached == pytest.approx(gap.lower, rel=1e-4, abs=1e-7)

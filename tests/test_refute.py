@@ -134,3 +134,32 @@ def test_branch_and_bound_with_search_is_sound_and_its_witness_is_real():
   assert np.abs(H.eval64(merged, res.witness[None])).max() == pytest.approx(res.lower, rel=1e-4, abs=1e-6)
   assert box.contains(res.witness)
   assert res.lower <= res.upper
+
+
+def test_without_epsilon_rounds_also_search_the_whole_box_for_the_selected_outputs(monkeypatch):
+  """Closing the gap (no epsilon), a round past ``global_after`` also runs ``maximize_error`` on the
+  whole box, on the selected outputs only (here the output of smaller error): what it returns is
+  that output's error at its input; with an epsilon, or before ``global_after``, it does not run."""
+  f, fq, _, _ = H.random_pair(4, H.SHAPES[0], bits=3)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  sampled = np.abs(H.eval64(merged, H.grid(box, 60))).max(axis=0)
+  small = int(np.argmin(sampled))
+  assert sampled[1 - small] > 1.5 * sampled[small]  # counting the other output would show
+  calls = []
+  real = refute.maximize_error
+  monkeypatch.setattr(refute, "maximize_error", lambda *a, **k: calls.append(k["outputs"]) or real(*a, **k))
+  make = lambda: refute.WorstPieceSearch(merged.graph, np.array([small]), np.asarray(box.lower),
+                                         np.asarray(box.upper), (2,), search=SMALL, first_after=0.0,
+                                         global_after=0.5, global_search=H.search())
+  for epsilon, elapsed, runs in ((None, 0.2, False), (None, 1.0, True), (0.5, 1.0, False)):
+    s = make()
+    s.due(0.0, epsilon=epsilon)  # the root's end
+    assert s.due(elapsed, epsilon=epsilon)
+    calls.clear()
+    value, x = s.run([], np.zeros(2, np.float32))
+    assert bool(calls) == runs and all(list(c) == [small] for c in calls)
+    assert box.contains(x)
+    reached = float(np.abs(H.eval64(merged, x[None])[0, small]))
+    assert reached == pytest.approx(value, rel=1e-4, abs=1e-6)
+    assert reached >= 0.9 * sampled[small]

@@ -93,3 +93,52 @@ def test_step_compile_options_give_the_same_bounds(monkeypatch):
   for name in ("step", "level 1"):
     for a, b in zip(out["defaults"], out[name]):
       np.testing.assert_array_equal(a, b)
+
+
+def _node_values64(graph, xs):
+  """Every node's value at each input, in float64 (``Graph.values``)."""
+  import jax
+  from qbound import graph as G
+
+  with jax.enable_x64(True):
+    g64 = G.astype(graph, jnp.float64)
+    values = [g64.values(jnp.asarray(x, jnp.float64)) for x in xs]
+    return [np.stack([np.asarray(v[i]) for v in values]) for i in range(len(graph.nodes))]
+
+
+@pytest.mark.parametrize("after", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_parents_bounds_met_after_the_rows_stay_sound(monkeypatch, after, seed):
+  """A piece's differential bounds from its parent's (``prior``), met before or after its own rows
+  (``PRIOR_AFTER_ROWS``): every node's bounds hold at samples of the piece, in float64, and are no
+  looser than the parent's where the parent's were passed on."""
+  import helpers as H
+  import qbound as qb
+  from qbound.bounds import sparse
+  from qbound.bounds.bab_batch import kept_nodes, node_list
+
+  monkeypatch.setattr(sparse, "PRIOR_AFTER_ROWS", after)
+  f, fq, _, _ = H.random_pair(seed, (3, (8, 8), 2), bits=4, init_scale=2.0)
+  rng = np.random.default_rng(seed)
+  parent_lo = rng.uniform(-1, 0, 3).astype(np.float32)
+  parent = qb.Box(jnp.asarray(parent_lo), jnp.asarray(parent_lo + 1))
+  merged = qb.merge(f, fq, parent)
+  fg, qg = merged.f_graph, merged.fq_graph
+  one = lambda b: qb.Box(b.lower[None], b.upper[None])
+  top = sparse.diff_bounds_sparse(fg, qg, one(parent), f_crown=False)
+  nodes = kept_nodes(fg, True)
+  prior = tuple(node_list(len(fg.nodes), nodes, [b[i] for i in nodes]) for b in (top.z, top.zq, top.d))
+  child_lo = parent_lo + rng.uniform(0, 0.5, 3).astype(np.float32)
+  child = qb.Box(jnp.asarray(child_lo), jnp.asarray(child_lo + 0.5))
+  for f_crown in (False, True):
+    res = sparse.diff_bounds_sparse(fg, qg, one(child), f_crown=f_crown, prior=prior, outputs=[0])
+    xs = H.sample_points(child, 300, seed)
+    zf, zq = _node_values64(fg, xs), _node_values64(qg, xs)
+    for i in range(1, len(fg.nodes)):
+      for (lo, hi), value in ((res.z[i], zf[i]), (res.zq[i], zq[i]), (res.d[i], zf[i] - zq[i])):
+        lo, hi = np.asarray(lo, np.float64)[0], np.asarray(hi, np.float64)[0]
+        assert np.all(lo <= value) and np.all(value <= hi), (i, f_crown)
+    for i in nodes:
+      for mine, theirs in ((res.z[i], top.z[i]), (res.zq[i], top.zq[i]), (res.d[i], top.d[i])):
+        assert np.all(np.asarray(mine[0]) >= np.asarray(theirs[0]))
+        assert np.all(np.asarray(mine[1]) <= np.asarray(theirs[1]))

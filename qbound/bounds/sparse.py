@@ -5,12 +5,13 @@ of an activation's input only matter where its relaxation is not exact (:func:`r
 ReLU whose input changes sign, a clip crossing a cut...). On the small pieces branch and bound
 spends its time on, few neurons are such: on ACAS Xu pieces of 1/16 of property 1's box, about 4
 of each layer's 50 under CROWN. So the node's bounds are first taken from interval arithmetic on
-its inputs' (already tightened) bounds, intersected with any bounds known to hold (a parent
-piece's, in branch and bound); then only the ``(box, neuron)`` pairs still loose get backward
-rows: every box as many as the box with the most loose neurons, padded to a power of two so that
-few row counts are compiled. The bounds are those of the dense passes
-(:func:`qbound.bounds.crown.crown_bounds`, :func:`qbound.bounds.diff.diff_bounds`) wherever they
-could change anything, at a fraction of the work.
+its inputs' (already tightened) bounds; then only the ``(box, neuron)`` pairs loose there get
+backward rows (every box as many as the box with the most loose neurons, padded to a power of two
+so that few row counts are compiled), and the result is intersected with any bounds known to hold
+(a parent piece's, in branch and bound; see ``PRIOR_AFTER_ROWS`` for why after the rows). The
+bounds are those of the dense passes (:func:`qbound.bounds.crown.crown_bounds`,
+:func:`qbound.bounds.diff.diff_bounds`) wherever they could change anything, at a fraction of the
+work.
 
 Runs eagerly (it reads on the host which rows to compute); under ``jax.jit`` use the dense passes.
 """
@@ -136,6 +137,18 @@ def _diff_loose_any(pairs, z, zq, d):
   return out
 
 
+# Whether a parent piece's bounds (``prior``) meet an activation input's bounds only after that
+# node's CROWN rows, which then go wherever the piece's own interval bounds are loose (False: met
+# before, and rows only where the met bounds are still loose). Met before, a neuron the parent's
+# bounds call stable got no row, so it kept the parent's wider interval: the intervals of later
+# layers widened with it, z = z_q + d with them, and a neuron a fresh pass proves inactive became
+# unstable. On ACAS Xu 1_1 vs float16 a child's bound on f - f_q came out up to 3x its own fresh
+# bound (2.76e-5 against 9.4e-6 on the open pieces after 30 s; a third of the 256 worst were
+# looser by 2x or more). After: branch and bound certifying the maximal error of output 0 on
+# property 1 went from upper/lower 1.89 to 1.13 in 30 s (load 6-7); epsilon 0.05 on 1_1..1_9 took
+# the same pieces (fewer for all five outputs) and no longer (docs/results.md).
+PRIOR_AFTER_ROWS = True
+
 # Whether the walks of diff_bounds_sparse share each activation's relaxation lines (see there).
 SHARE_LINES = True
 
@@ -234,9 +247,11 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
                                                lines={k: v[1] for k, v in lines.items()})}
       lines[i] = _diff_lines(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                              tuple(d[j] for j in ins), extra, sound=sound, batched=True)
-    if prior is not None:
-      zi, qi, di = (b if _known(p, i) is None else intersect(b, p[i], sound=sound)
-                    for b, p in zip((zi, qi, di), prior))
+    meet = lambda bounds: tuple(b if _known(p, i) is None else intersect(b, p[i], sound=sound)
+                                for b, p in zip(bounds, prior))
+    late = PRIOR_AFTER_ROWS and i in targets
+    if prior is not None and not late:
+      zi, qi, di = meet((zi, qi, di))
     if i in targets:
       state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
       qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
@@ -247,6 +262,8 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
                            lambda r, g, i=i: backward_lower(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
                                                             batched=True), state_f, sound=sound)
+      if prior is not None and late:
+        zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
       pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
       mask = loose(_diff_loose_any(pairs, zi, qi, di))
