@@ -214,8 +214,8 @@ def test_certify_auto_deadline_before_the_first_probes_are_evaluated(monkeypatch
   box = qb.Box(-jnp.ones(5), jnp.ones(5))
   release, real = threading.Event(), certify_module._first_probes
 
-  def slow_probes(*args, **kwargs):
-    release.wait(10)
+  def slow_probes(*args, **kwargs):  # past the deadline (the certificate's own call waits too)
+    release.wait(1.5)
     return real(*args, **kwargs)
 
   monkeypatch.setattr(certify_module, "_first_probes", slow_probes)
