@@ -78,15 +78,16 @@ def _concrete(form, lo, hi, upper: bool):
   magnitude = np.abs(coeff)
   spread = np.einsum("knm,kn->km", magnitude, (hi - lo) / 2)
   value = np.einsum("knm,kn->km", coeff, (lo + hi) / 2) + form[:, -1]
-  slack = RELATIVE_SLACK * (np.einsum("knm,kn->km", magnitude, np.maximum(np.abs(lo), np.abs(hi)))
-                            + np.abs(form[:, -1]))
+  slack = RELATIVE_SLACK * _magnitude(form, lo, hi, magnitude)
   return value + (spread + slack) if upper else value - (spread + slack)
 
 
-def _magnitude(form, lo, hi):
-  """``max |form|`` over the piece, bounded above (``(k, m)``)."""
+def _magnitude(form, lo, hi, abs_coeff=None):
+  """``max |form|`` over the piece, bounded above (``(k, m)``); ``abs_coeff``: ``|form[:, :-1]|`` if
+  the caller has it already."""
   xmax = np.maximum(np.abs(lo), np.abs(hi))
-  return np.einsum("knm,kn->km", np.abs(form[:, :-1]), xmax) + np.abs(form[:, -1])
+  abs_coeff = np.abs(form[:, :-1]) if abs_coeff is None else abs_coeff
+  return np.einsum("knm,kn->km", abs_coeff, xmax) + np.abs(form[:, -1])
 
 
 def _affine(lower, upper, w, b, lo, hi):
