@@ -256,7 +256,7 @@ def bench_acas_profile(calls: int = 3):
       run()  # compile (and warm the caches) first
       measured, plain = [], []
       for _ in range(calls):
-        watch = _Stopwatch([(bab, "_batch_bounds", "bounds", True), (refute.WorstPieceSearch, "run", "search", False),
+        watch = _Stopwatch([(bab, "batch_bounds", "bounds", True), (refute.WorstPieceSearch, "run", "search", False),
                             (bab, "branch_and_bound", "bab", False)])
         with watch:
           t0 = time.perf_counter()
