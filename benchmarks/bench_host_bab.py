@@ -11,7 +11,7 @@ processes, alternating two variants so that both see the same load:
 
 JAX's persistent cache is off in both (``QBOUND_JAX_CACHE=0``): every process compiles what it
 uses. ``upper/exact <=`` divides by the lower end of the exact value's bracket (HiGHS and a long
-branch and bound, 30 s each, docs/results.md), raised to the largest error reached in the run (the
+branch and bound, 30 s each, docs/results/exactness.md), raised to the largest error reached in the run (the
 exact value is at least that), so it overstates the ratio, if anything; a certificate whose upper
 bound fell below an error reached, or below the bracket's lower end minus its width, would be a
 soundness bug, and is flagged.
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-# The exact value's bracket per net (docs/results.md, "Exact values on small nets").
+# The exact value's bracket per net (docs/results/exactness.md, "Exact values on small nets").
 EXACT = [(0.571615, 0.571630), (0.039330, 0.039340), (0.065047, 0.065100), (0.055712, 0.055728),
          (0.461997, 0.462034), (0.010876, 0.010884), (0.092368, 0.092401), (0.515338, 0.515370),
          (0.032059, 0.032090), (0.010961, 0.010970), (0.058134, 0.058170), (0.059969, 0.060004)]

@@ -190,7 +190,7 @@ def certified_retrain(apply: Callable, params, quantizer: Transform, data: tuple
       points: its straight-through gradient pushes each shadow weight towards the rounding boundary
       on f's side, across it, and back, so without dampening the weights end rounded either way at
       random and the certified bound ends about as often above the start as below (measured in
-      docs/results.md). ``dampen`` = 10 x ``weight`` (at least 10) kept the weights at their grid
+      docs/results/compression.md). ``dampen`` = 10 x ``weight`` (at least 10) kept the weights at their grid
       points unless the bound's gradient carried them over, and lowered the bound below dampened
       distillation. With max-abs scales keep the learning rate small (1e-3) or fix the grid with
       ``uniform_quantizer(..., calibrate_on=params)``: the straight-through gradient does not see

@@ -42,7 +42,7 @@ LOW_DIMENSIONAL_INPUTS = 8
 # of NeuroDiff's intermediate variables per ReLU layer; None: the host loop (bab.branch_and_bound).
 # ACAS Xu 1_1..1_9 vs float16, property 1, epsilon 0.05, output 0, warm, through certify: a median
 # 0.94 s against 1.76 s at load 6-8, faster on 7 of 9 nets, 2-4x slower on 1_3 and 1_4
-# (docs/results.md); but its one program compiles for 1.5-2 minutes on a first call, which is why it
+# (docs/results/acas-search.md); but its one program compiles for 1.5-2 minutes on a first call, which is why it
 # is not the default.
 BAB_DEVICE_FRESH_VARS = None
 # Whose neurons get them there ("d" or "all", qbound.bounds.forward.FRESH_SCOPES; None: its default).
@@ -56,7 +56,7 @@ METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab",
 # and bound in NumPy with the stages, which compiles nothing, and gives it this share of the time
 # left alone before the compiled branch and bound starts beside it: on bench_tight.py's exactness
 # nets it closes 11 of 12 on its own in 0.06-4.8 CPU seconds, seven of them in under 0.2, where
-# the compiled one's first call spends 5-12 CPU seconds compiling (docs/results.md). The whole
+# the compiled one's first call spends 5-12 CPU seconds compiling (docs/results/exactness.md). The whole
 # time (1.0): a compiled search started beside it only took CPU from it (first calls on the three
 # hardest nets 1.05-1.78x exact against 1.46-3.5x with a quarter, and no worse warm; on gated
 # nets it cannot close, 8-32-32-2 to 8-64-2, the same). If it stops early, the compiled branch and
@@ -131,7 +131,7 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
 # where branch and bound's first batch takes 8-11 s on a first call (qwix rms,3 nnx MLP, load 6-7,
 # persistent cache warm), and such first calls end with interval bounds. With it, first calls of the
 # rms MLPs ended at 25-59x instead of 255-535x, but once at 25.6 where main's got 4.39 (branch and
-# bound compiled sooner without it): a trade, not a gain, so off (docs/results.md).
+# bound compiled sooner without it): a trade, not a gain, so off (docs/results/qwix-rms.md).
 PLAIN_DIFF_BESIDE_BAB = False
 
 FIRST_RANDOM_CORNERS = 13
@@ -139,7 +139,7 @@ FIRST_RANDOM_CORNERS = 13
 # pass. Once every cell has a bound, its refinement (best first, anytime) keeps the rest of the time
 # when GRID_KEEPS_REST: on AQT's whole box branch and bound's bound after 30 s (0.33) is above the
 # grid's after its first pass alone (0.24), and the refinement's 20% more time lowers it most
-# (docs/results.md).
+# (docs/results/grid.md).
 GRID_SHARE = 0.8
 GRID_KEEPS_REST = True
 
@@ -443,7 +443,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # differential bound on the whole box, its probes find the reached errors, and (auto) the MILP
     # gets what time is left. Skipping the separate passes saves their compilation (seconds, cold)
     # and, warm, CROWN, the differential pass and the search before it: 0.2-0.3 s of a bab proof
-    # of 0.5-0.9 s on ACAS Xu vs float16 (docs/results.md, "certify's fixed cost").
+    # of 0.5-0.9 s on ACAS Xu vs float16 (docs/results/acas-search.md, "certify's fixed cost").
     few_inputs = int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS
     branch_first = (method == "auto" or (method == "bab" and BAB_BRANCH_FIRST)) and few_inputs and diff_ok \
         and not transformer

@@ -5,10 +5,10 @@
 * the figures and tables of ``results/`` (``*.png``, ``*.csv``, not the smoke runs) are published
   under ``results/``.
 
-Pages link to both as the repository lays them out (``../results/scaling/scaling.png`` from
-``docs/results.md``), so the links also work when the Markdown is read on GitHub; this hook drops
-the one ``../`` that leaves ``docs/`` before MkDocs checks and renders them. ``on_files`` runs before
-mkdocs-jupyter's own, which must see the notebooks to render them.
+Pages link to both as the repository lays them out (``../../results/bench_differing/pieces.csv``
+from ``docs/results/pruned-pairs.md``), so the links also work when the Markdown is read on GitHub;
+this hook drops the one ``../`` that leaves ``docs/`` before MkDocs checks and renders them.
+``on_files`` runs before mkdocs-jupyter's own, which must see the notebooks to render them.
 """
 
 from __future__ import annotations

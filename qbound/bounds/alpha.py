@@ -181,7 +181,7 @@ def diff_alpha_pieces(fg: G.Graph, qg: G.Graph, lo, hi, *, prior=None, outputs=N
   then get optimised slopes, started at the default ones, and the result is intersected with the
   sparse bound. So it is never looser than the piece's own bound: the bounds of the ancestors'
   pieces are what made optimised slopes on the piece's box alone (:func:`diff_alpha_bounds`)
-  measure looser on ACAS Xu pieces (0.37-0.58 against 0.30-0.31, docs/results.md).
+  measure looser on ACAS Xu pieces (0.37-0.58 against 0.30-0.31, docs/results/pruned-pairs.md).
 
   Returns:
     ``(lower, upper)`` of the output's ``d``, ``(pieces, *output shape)``, and the default bound's

@@ -153,7 +153,7 @@ LARGE_NET_CANDIDATES = 2
 DIFFERING_CANDIDATES = 1
 # While few pieces are open, each tries as many dimensions as fill half the batch (its padding
 # costs as much as pieces): with ROOT_CHILDREN, ACAS Xu's batches fill one batch sooner (1 + 10,
-# 20, 32 pieces instead of 1, 4, 8, 16, 32), about 10% less CPU time per proof (docs/results.md).
+# 20, 32 pieces instead of 1, 4, 8, 16, 32), about 10% less CPU time per proof (docs/results/acas-speed.md).
 FILL_CANDIDATES = True
 
 
@@ -189,7 +189,7 @@ RELU_SPLIT_DEPTH = 8
 # f_j - f_q,j over the piece (gradient_coefficients, NeuroDiff's rule); "auto": "gradient" for
 # paired chains of affine layers, ReLUs and clips, else "bound". Strong branching still chooses
 # among the top candidates of either score. certify(method="bab"), warm, interleaved, loaded 2
-# cores (benchmarks/bench_split_rule.py, docs/results.md): ACAS Xu 1_1..1_9 vs float16, property 1,
+# cores (benchmarks/bench_split_rule.py, docs/results/acas-search.md): ACAS Xu 1_1..1_9 vs float16, property 1,
 # eps 0.05: never more pieces (0.89-1.0x), median 0.69 -> 0.69 s (output 0), 0.83 -> 0.78 s (all);
 # vs the 10%-pruned copies, all outputs: 1.25-4.3x fewer pieces at eps 0.5 (median 1.69 -> 0.93 s),
 # 1.4-12.7x at eps 0.05 (all nine proved in 10 s, median 8.49 -> 2.82 s; "bound" left three open).

@@ -59,7 +59,7 @@ SPARSE_WIDENING_DOUBT = 2.0
 # Whether that measurement runs on the root box repeated over the whole batch rather than on a batch
 # of one: the same bounds, but through the programs compiled for the batch's shape, where a batch
 # of one traced and compiled its own (137 of the 298 programs of the first batch on qwix's rms,3
-# linen MLP; see docs/results.md).
+# linen MLP; see docs/results/qwix-rms.md).
 WIDENING_AT_BATCH_SHAPE = True
 
 

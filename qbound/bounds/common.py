@@ -79,7 +79,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # branch and bound compiles dozens of them (41 on the 5-12-8-8-2 MLP of bench_tight.py's exactness
 # table), each a chain of small elementwise operations that XLA's CPU backend splits into several
 # LLVM modules compiled apart: as one module they compile in 10-20% less CPU time and run as fast
-# (benchmarks/bench_step_compile.py, docs/results.md). Optimisation level 1 as well saved more
+# (benchmarks/bench_step_compile.py, docs/results/exactness.md). Optimisation level 1 as well saved more
 # compile time but cost up to 20% of ACAS Xu's warm time per batch: not taken.
 STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1}
 

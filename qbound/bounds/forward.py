@@ -41,7 +41,7 @@ per-piece bound is not why NeuroDiff proves ACAS Xu in few splits; its split rul
 ReLU the ``k`` neurons of ``d`` whose bounding functions lie farthest apart are named by a fresh
 variable, which later layers carry exactly instead of adding up the relaxation gap. On ACAS Xu 1_2
 vs float16, output 0, pieces of 1/16 of property 1's box: median bound 0.0071 without, 0.0017 with 2
-a layer; in the device loop 1.3-4.3x fewer pieces (docs/results.md).
+a layer; in the device loop 1.3-4.3x fewer pieces (docs/results/acas-search.md).
 
 Every node's concrete range (the functions' extremes over the box) is intersected with interval
 arithmetic on its inputs' ranges, with optional ``prior`` bounds (a parent piece's, in branch and

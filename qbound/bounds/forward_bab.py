@@ -23,7 +23,7 @@ ASE 2020) does on the CPU. Here the whole loop runs inside one compiled program
   decide nothing any more; the largest bound of finished pieces is kept, so the answer whenever it
   stops is the same valid interval as :func:`qbound.bounds.branch_and_bound`'s.
 
-Why NeuroDiff needs few splits (docs/results.md, "Why NeuroDiff's forward analysis needs few
+Why NeuroDiff needs few splits (docs/results/acas-search.md, "Why NeuroDiff's forward analysis needs few
 splits"): not its per-piece bound, which qbound's forward pass matches (its rules are
 ``relu_rules="equation"``, within 10% either way), but its split rule. The output bound's
 coefficients say how ``d`` moves with each input, which for a float16 copy is hardly at all; the
@@ -41,7 +41,7 @@ values) proves all nine with the gradient split in 0.41-0.79 s warm, about as fa
 :func:`qbound.bounds.branch_and_bound` (0.36-1.09 s, same run).
 
 The gradient split is the default where it applies (``SPLIT_RULE = "auto"``). Measured before it,
-with the coefficient split (``benchmarks/bench_forward_bab.py``, docs/results.md): this does **not** beat
+with the coefficient split (``benchmarks/bench_forward_bab.py``, docs/results/acas-speed.md): this does **not** beat
 :func:`qbound.bounds.branch_and_bound` on ACAS Xu, where the forward bounds need 6-100x its pieces
 (the six layers' relaxation errors add up; 1_3-1_5 vs float16 undecided at epsilon 0.05 within
 10 s), and the one program compiles for 15-60 s, so ``auto`` and ``bab`` do not use it. Its second
@@ -95,7 +95,7 @@ DOMAIN = "forward"
 # f - f_q over the piece (ReluVal's smear, as NeuroDiff splits); "auto": "gradient" where
 # interval_gradient walks the graphs (chains of affine layers, ReLUs and clips), else "bound".
 # ACAS Xu 1_1..1_9 vs float16, output 0, eps 0.05: 1.3-4.6x fewer pieces with "gradient" wherever
-# either proves (docs/results.md); four random MLPs of bench_forward_bab.py --small: 51-16,079
+# either proves (docs/results/acas-search.md); four random MLPs of bench_forward_bab.py --small: 51-16,079
 # pieces against 61-40,581 (one net 39 against 37).
 SPLIT_RULE = "auto"
 # NeuroDiff's intermediate symbolic variables per ReLU layer in the forward pass (forward.py's

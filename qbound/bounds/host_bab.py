@@ -1,7 +1,7 @@
 """Branch and bound in NumPy on small paired ReLU chains: a first call that compiles nothing.
 
 :mod:`qbound.bounds.bab` bounds its pieces with jit-compiled steps: about 80 XLA programs, 5-12 CPU
-seconds on a first call (docs/results.md), where a warm call on a small net closes the gap in well
+seconds on a first call (docs/results/exactness.md), where a warm call on a small net closes the gap in well
 under a second. On a net of a few dozen ReLUs and a handful of inputs, the same search runs fast
 enough in NumPy, whose operations need no compilation. :func:`host_branch_and_bound` bounds a
 batch of pieces in float64 by
@@ -70,7 +70,7 @@ MAX_INPUTS = 8
 # when more than one); 8 steps of sign-gradient ascent from the ASCENT best new points (and the best
 # so far) per round. One candidate: strong branching's second candidate saved about 5% of the pieces
 # kept for twice the pieces bounded (on the exactness table's nets 3,769 against 7,193 pieces
-# bounded to the gap on 5-12-8-8-2, 34,385 against 61,225 on 5-12-16-16-2; docs/results.md).
+# bounded to the gap on 5-12-8-8-2, 34,385 against 61,225 on 5-12-16-16-2; docs/results/exactness.md).
 BATCH = 128
 CANDIDATES = 1
 ASCENT = 8

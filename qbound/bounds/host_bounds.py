@@ -36,17 +36,17 @@ import numpy as np
 RELATIVE_SLACK = 1e-10
 # The backward pass for the unstable neurons of hidden layers too (the outputs always get it).
 # False: 4-5x cheaper per piece at ACAS Xu's size (6 x 50 ReLUs) but looser, so more pieces:
-# benchmarks/bench_host_acas.py, docs/results.md.
+# benchmarks/bench_host_acas.py, docs/results/acas-search.md.
 HIDDEN_BACKWARD = True
 # ... from the hidden layer of this depth on (dense layers counted from 1). Behind one ReLU layer
 # (depth 2) the forward symbolic intervals relax the same ReLUs with the same kind of lines as the
 # backward pass would, so its rows bought nothing there: on the exactness table's nets 0-2.6% more
-# pieces without them, at a quarter less time per piece on 5-12-16-16-2 (docs/results.md).
+# pieces without them, at a quarter less time per piece on 5-12-16-16-2 (docs/results/exactness.md).
 BACKWARD_FROM_DEPTH = 3
 # Which values of a hidden layer's unstable neurons the backward pass bounds: "d" (rows +-e on d),
 # or "all" (on d, z_q and z = z_q + d, as the compiled differential pass): about as tight as it on
 # pieces of ACAS Xu 1_1 (where "d" alone is 1.4-2,500x looser), at 1.1-3x the cost of a piece, and
-# still 5-8x slower there than the compiled search (docs/results.md, "The NumPy search at ACAS Xu's
+# still 5-8x slower there than the compiled search (docs/results/acas-search.md, "The NumPy search at ACAS Xu's
 # size"; benchmarks/bench_host_acas.py).
 BACKWARD_ROWS = "d"
 
@@ -73,7 +73,7 @@ def _concrete(form, lo, hi, upper: bool):
   """The maximum (``upper``) or minimum of every form over its piece, widened outward: from the
   piece's centre and radius, ``c . mid +- |c| . rad`` (the rounding of ``mid`` and ``rad``, a few
   ulps of ``max(|lo|, |hi|)``, is inside the slack). NumPy's ``einsum`` contracts the input axis
-  3x faster than a product summed over that middle axis (docs/results.md)."""
+  3x faster than a product summed over that middle axis (docs/results/exactness.md)."""
   coeff = form[:, :-1]
   magnitude = np.abs(coeff)
   spread = np.einsum("knm,kn->km", magnitude, (hi - lo) / 2)
@@ -305,7 +305,7 @@ def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str
   """Bounds of ``d`` at the output of layer ``upto - 1`` by the backward pass (rows +-e on d, for
   the neurons ``columns`` only; with ``which == "all"`` on z_q and z too), met with
   ``bounds`` and ``z = z_q + d``. (Rows on z_q as well cost 40% more CPU for 8% fewer pieces on
-  5-12-8-8-2: docs/results.md.)"""
+  5-12-8-8-2: docs/results/exactness.md.)"""
   k = lo.shape[0]
   m = bounds[0].shape[1]
   c = len(columns)

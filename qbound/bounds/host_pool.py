@@ -4,7 +4,7 @@ Branch and bound keeps every open piece's box, bounds and inherited neuron bound
 piece on a 5-12-16-16-2 pair) and, each round, replaces a batch of them by their children and drops
 the pieces the target closed. Rebuilding the arrays each round (``np.concatenate`` of the pieces
 kept) copies all of them: with 20,000 open pieces that was 14% of the search's time on the
-exactness table's 5-12-16-16-2 (docs/results.md). Here a parent's slot takes its first child, a
+exactness table's 5-12-16-16-2 (docs/results/exactness.md). Here a parent's slot takes its first child, a
 closed piece's slot goes on a free list, and only the new rows are written.
 
 Example:

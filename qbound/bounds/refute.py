@@ -101,7 +101,7 @@ SEARCH = PieceSearch(starts=4, steps=100)
 # the nearest peak, but a close copy's error has many peaks of nearly equal height. On ACAS Xu 1_1
 # vs float16, property 1, output 0 (3 s of search each, load 4-6): best 1.636e-5 with these
 # settings (6 runs), 1.624e-5 with 20 refinement rounds of the default (28 runs), 1.556e-5 with 15
-# rounds of the rows above on the whole box (docs/results.md). None: no such search.
+# rounds of the rows above on the whole box (docs/results/acas-f16-gap.md). None: no such search.
 GLOBAL_SEARCH: Optional[Search] = Search(samples=16384, restarts=64, steps=200, refine_rounds=30, refine_points=64)
 GLOBAL_AFTER = 1.0
 # ... on inputs of at most this many entries (where it was measured, and where 16,384 samples cost

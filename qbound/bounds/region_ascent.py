@@ -14,7 +14,7 @@ shared facets as GeoCert, Jordan, Lewis, Dimakis, NeurIPS 2019).
 Gradient steps stop short of those vertices, where the largest errors of ReLU pairs sit (several
 neurons' kinks meet there): on the exactness table's 5-12-16-16-2 pair a point at 0.9927 of the
 exact value went to the exact value (1.00003 of the MILP bracket's lower end) in one program
-(docs/results.md). The value returned is the chain's float64 error at a point of the box, an
+(docs/results/exactness.md). The value returned is the chain's float64 error at a point of the box, an
 error reached, never a bound.
 
 Example:

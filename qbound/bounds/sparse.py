@@ -146,7 +146,7 @@ def _diff_loose_any(pairs, z, zq, d):
 # bound (2.76e-5 against 9.4e-6 on the open pieces after 30 s; a third of the 256 worst were
 # looser by 2x or more). After: branch and bound certifying the maximal error of output 0 on
 # property 1 went from upper/lower 1.89 to 1.13 in 30 s (load 6-7); epsilon 0.05 on 1_1..1_9 took
-# the same pieces (fewer for all five outputs) and no longer (docs/results.md).
+# the same pieces (fewer for all five outputs) and no longer (docs/results/acas-f16-gap.md).
 PRIOR_AFTER_ROWS = True
 
 # Whether the walks of diff_bounds_sparse share each activation's relaxation lines (see there).
