@@ -142,3 +142,39 @@ def test_a_parents_bounds_met_after_the_rows_stay_sound(monkeypatch, after, seed
       for mine, theirs in ((res.z[i], top.z[i]), (res.zq[i], top.zq[i]), (res.d[i], top.d[i])):
         assert np.all(np.asarray(mine[0]) >= np.asarray(theirs[0]))
         assert np.all(np.asarray(mine[1]) <= np.asarray(theirs[1]))
+
+
+
+@pytest.mark.parametrize("after", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_crown_sparse_known_bounds_met_after_the_rows_stay_sound(monkeypatch, after, seed):
+  """CROWN on the merged network with known bounds (``prior``; here the union of the piece's eight
+  octants' bounds, tighter than the piece's own), met before or after the piece's own rows
+  (``CROWN_PRIOR_AFTER_ROWS``): every node's bounds hold at samples of the piece, in float64, and
+  are no looser than the known ones where those were passed on."""
+  import itertools
+
+  import helpers as H
+  import qbound as qb
+  from qbound.bounds import sparse
+  from qbound.bounds.bab_batch import kept_nodes, node_list
+
+  monkeypatch.setattr(sparse, "CROWN_PRIOR_AFTER_ROWS", after)
+  f, fq, _, _ = H.random_pair(seed, (3, (8, 8), 2), bits=4, init_scale=2.0)
+  lo = np.random.default_rng(seed).uniform(-1, 0, 3).astype(np.float32)
+  piece = qb.Box(jnp.asarray(lo), jnp.asarray(lo + 1))
+  graph = qb.merge(f, fq, piece).graph
+  corners = np.array(list(itertools.product((0.0, 0.5), repeat=3)), np.float32)
+  octants = qb.Box(jnp.asarray(lo + corners), jnp.asarray(lo + corners + 0.5))
+  parts = sparse.crown_bounds_sparse(graph, octants)
+  nodes = kept_nodes(graph, False)
+  known = node_list(len(graph.nodes), nodes, [(parts[i][0].min(0, keepdims=True), parts[i][1].max(0, keepdims=True))
+                                              for i in nodes])
+  res = sparse.crown_bounds_sparse(graph, qb.Box(piece.lower[None], piece.upper[None]), prior=known, outputs=[0])
+  values = _node_values64(graph, H.sample_points(piece, 300, seed))
+  for i in range(1, len(graph.nodes)):
+    low, high = (np.asarray(b, np.float64)[0] for b in res[i])
+    assert np.all(low <= values[i]) and np.all(values[i] <= high), i
+  for i in nodes:
+    assert np.all(np.asarray(res[i][0]) >= np.asarray(known[i][0]))
+    assert np.all(np.asarray(res[i][1]) <= np.asarray(known[i][1]))

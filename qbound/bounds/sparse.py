@@ -148,6 +148,11 @@ def _diff_loose_any(pairs, z, zq, d):
 # property 1 went from upper/lower 1.89 to 1.13 in 30 s (load 6-7); epsilon 0.05 on 1_1..1_9 took
 # the same pieces (fewer for all five outputs) and no longer (docs/results/acas-f16-gap.md).
 PRIOR_AFTER_ROWS = True
+# The same for crown_bounds_sparse (CROWN on the merged network: pairs whose layers do not pair, or
+# without a differential rule). ACAS Xu 1_1 against its float16 and its 10%-pruned copies bounded that
+# way (maximal error of output 0 on property 1's box, equal pieces; benchmarks/bench_crown_prior.py):
+# upper/lower 70-127 against 175-183, and 1.02 against 2.25 (docs/results/acas-f16-gap.md).
+CROWN_PRIOR_AFTER_ROWS = True
 
 # Whether the walks of diff_bounds_sparse share each activation's relaxation lines (see there).
 SHARE_LINES = True
@@ -309,13 +314,16 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
   for i in range(1, len(graph.nodes)):
     node = graph.nodes[i]
     b = _node_interval(local(node), tuple(bounds[j] for j in node.inputs), sound=sound, batched=True)
-    if _known(prior, i) is not None:
+    late = CROWN_PRIOR_AFTER_ROWS and i in targets
+    if _known(prior, i) is not None and not late:
       b = intersect(b, prior[i], sound=sound)
     if i in targets:
       b = tighten_where(b, _loose_any(tuple(graph.nodes[c] for c in cons[i]), b),
                         lambda r, g, i=i: backward_lower(graph, i, r, g["bounds"], Box(*g["box"]), sound=sound,
                                                          batched=True), {"box": boxes, "bounds": bounds + [b]},
                         sound=sound)
+      if _known(prior, i) is not None and late:
+        b = intersect(b, prior[i], sound=sound)
     elif i == out_idx:
       out_rows = output_rows(node.size, outputs, tuple(node.shape), box.lower.dtype, box.lower.shape[0])
       low = backward_lower(graph, i, out_rows, bounds + [b], box, sound=sound, batched=True,
