@@ -400,7 +400,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         return
       res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
                                   epsilon=epsilon, stop=lambda: finished() or stages_failed.is_set(), report=report,
-                                  chain=host_chain)
+                                  chain=host_chain, report_root=lambda lo, up: track.add_bounds("host-bab", lo, up))
       track.add_bounds("host-bab", res.diff_lower, res.diff_upper)
       evaluator_ready.wait(timeout=max(left(), 0.0))
       flush()
@@ -436,6 +436,14 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if search_failure:
       raise search_failure[0]
 
+  def interval_stage():
+    try:
+      track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
+    except (UnboundedLayerError, BoundOverflowError):
+      # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
+      if nonlinear.first_nonlinear(graph) is None:
+        raise
+
   def bound_stages():
     # Few inputs: splitting the input box converges fast (its pieces' bounds become exact as they
     # shrink), faster than the MILP or optimised slopes on the nets measured (benchmarks/bench_tight.py).
@@ -461,13 +469,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # Cheap proven bounds.
     if method == "interval":
       track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-    elif method == "auto" or branch_first:  # bab on few inputs: a bound at once (2 ms warm on ACAS Xu)
-      try:
-        track.add_bounds("interval", *interval_bounds(graph, box, sound)[graph.output])
-      except (UnboundedLayerError, BoundOverflowError):
-        # exp overflowing, or 1/x and rsqrt near 0, by intervals: CROWN's tighter inputs may avoid it.
-        if nonlinear.first_nonlinear(graph) is None:
-          raise
+    elif (method == "auto" or branch_first) and host_chain is None:
+      interval_stage()  # bab on few inputs: a bound at once (2 ms warm on ACAS Xu)
     # Input-grid enumeration (qbound.exact.grid), in GRID_SHARE of the time left at most: where f_q
     # rounds its input first, bound propagation stalls at 3-6x the error (docs/methods/grid.md).
     if method == "auto" and staircase and not halted():
@@ -518,9 +521,15 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
     if halted():
       return
-    if host_chain is not None and not finished():
-      # Alone first: on the nets it closes quickly nothing more is compiled.
-      hosts[0].join(timeout=None if left() == float("inf") else max(HOST_HEAD_START * left(), 0.0))
+    if host_chain is not None:
+      if not finished():
+        # Alone first: on the nets it closes quickly nothing more is compiled.
+        hosts[0].join(timeout=None if left() == float("inf") else max(HOST_HEAD_START * left(), 0.0))
+      # The interval bound only now, if the NumPy search has proven nothing (its budget ran out
+      # before it started) or stopped short of the gap: compiled beside it on a first call, its
+      # tracing took the search's interpreter lock for 0.4 of 4.4 s (docs/results/exact12d.md).
+      if not halted() and not track.done(target_gap, epsilon):
+        interval_stage()
       if finished():
         return
     if method == "bab" or branch_first or (method == "auto" and not finished()):

@@ -357,7 +357,8 @@ def _one_blas_thread():
 def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                           target_gap: float = 0.02, epsilon: Optional[float] = None, initial_lower: float = 0.0,
                           initial_witness=None, stop: Optional[Callable[[], bool]] = None,
-                          report: Optional[Callable] = None, chain: Optional[Chain] = None) -> HostBabResult:
+                          report: Optional[Callable] = None, chain: Optional[Chain] = None,
+                          report_root: Optional[Callable] = None) -> HostBabResult:
   """Input-splitting branch and bound on ``max |f - f_q|`` in NumPy (see the module docstring).
 
   Args:
@@ -371,6 +372,8 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
     stop: polled between batches; True stops it (e.g. another method closed the gap).
     report: called as ``report(upper, lower, witness)`` after every batch.
     chain: :func:`chain_of` ``(merged)``, if already computed.
+    report_root: called as ``report_root(diff_lower, diff_upper)`` with the whole box's proven
+      bounds on every output of ``f - f_q``, once, before any split.
 
   Returns:
     A :class:`HostBabResult`.
@@ -391,11 +394,11 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
   box = validate_box(box)
   with _one_blas_thread():
     return _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lower, initial_witness, stop,
-                   report, chain)
+                   report, chain, report_root)
 
 
 def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lower, initial_witness, stop, report,
-            chain) -> HostBabResult:
+            chain, report_root=None) -> HostBabResult:
   start = time.perf_counter()
   chain = chain_of(merged) if chain is None else chain
   if chain is None:
@@ -446,6 +449,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
 
   dl, du, ld, ud, kept = bound_pieces(chain, box_lo, box_hi)
   root_lower, root_upper = dl[0].copy(), du[0].copy()
+  if report_root is not None:
+    report_root(root_lower, root_upper)
   probe(box_lo, box_hi, (dl, du), ld, ud)
   bounded = 1
   # Open pieces (bound above the target) in a pool; the others are folded into closed_*.
