@@ -299,11 +299,12 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       new += up * (lower - upper)
       new[..., m:] += lam[..., :m] * ln.q_u[:, None]
       new[..., m:] += up[..., :m] * (ln.q_l - ln.q_u)[:, None]
-      if lam.ndim == 2:
-        lam, up = np.broadcast_to(lam, new.shape), np.broadcast_to(up, new.shape)
-        const = np.broadcast_to(const, new.shape[:2])
-      const = const + np.einsum("krm,km->kr", lam, np.concatenate([ln.r_u, ln.t], axis=1)) \
-          + np.einsum("krm,km->kr", up, np.concatenate([ln.r_l - ln.r_u, -ln.t], axis=1))
+      offset_u = np.concatenate([ln.r_u, ln.t], axis=1)
+      offset_gap = np.concatenate([ln.r_l - ln.r_u, -ln.t], axis=1)
+      if lam.ndim == 2:  # the rows are still every piece's: two (k, 2m) by (2m, R) products
+        const = const + offset_u @ lam.T + offset_gap @ up.T
+      else:
+        const = const + np.einsum("krm,km->kr", lam, offset_u) + np.einsum("krm,km->kr", up, offset_gap)
       # |new_d| d_max + |new_q| q_max + |step| <= |lam_d| mag_d + |lam_q| mag_q (either line).
       p_max = np.maximum(np.abs(ln.p_l), np.abs(ln.p_u))
       q_max = np.maximum(np.abs(ln.q_l), np.abs(ln.q_u))
