@@ -268,3 +268,72 @@ def test_outward_rounding_steps_past_the_neighbouring_floats(x):
   with np.errstate(over="ignore"):  # at +-max the step overflows to +-inf: still outward
     assert np.all(host_bounds._down(x) <= np.nextafter(x, -np.inf))
     assert np.all(host_bounds._up(x) >= np.nextafter(x, np.inf))
+
+
+def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):
+  """The backward pass of host_bounds._backward written out plainly (np.where on each entry's sign,
+  the rows copied for every piece, no rounding slack)."""
+  k = lo.shape[0]
+  lam_d = np.broadcast_to(rows_d, (k,) + rows_d.shape).copy()
+  lam_q = np.broadcast_to(rows_q, (k,) + rows_q.shape).copy()
+  const = np.zeros(lam_d.shape[:2])
+  for j in range(upto - 1, -1, -1):
+    layer = chain.layers[j]
+    if layer[0] == "affine":
+      _, w, b, wq, bq = layer
+      const += lam_d @ (b - bq) + lam_q @ bq
+      lam_d, lam_q = lam_d @ w, lam_d @ (w - wq) + lam_q @ wq
+    else:
+      ln = lines[j]
+      pick = lambda lam, low, up: np.where(lam >= 0, low[:, None], up[:, None])  # noqa: E731
+      const += (lam_d * pick(lam_d, ln.r_l, ln.r_u)).sum(-1) + (lam_q * pick(lam_q, 0 * ln.t, ln.t)).sum(-1)
+      lam_d, lam_q = (lam_d * pick(lam_d, ln.p_l, ln.p_u),
+                      lam_q * pick(lam_q, ln.a, ln.s) + lam_d * pick(lam_d, ln.q_l, ln.q_u))
+  return const + np.minimum(lam_q * lo[:, None], lam_q * hi[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("seed, shape, noise", [(1, H.SHAPES[1], 1.0), (4, H.SHAPES[2], None)])
+def test_backward_pass_matches_a_plain_reference(seed, shape, noise, monkeypatch):
+  """host_bounds._backward (rows shared by the pieces until the first ReLU layer, lines picked by
+  sign as products, the rounding's slack from a bound on |rows| over the whole batch) gives the
+  plain pass's values, lowered by no more than a small slack, on every backward pass of a batch."""
+  f, fq = pair(seed, shape, bits=None if noise else 4, noise=noise)
+  box = H.random_box(seed, shape[0])
+  chain = host_bab.chain_of(qb.merge(f, fq, box))
+  calls, real = [], host_bounds._backward
+
+  def spy(*args):
+    calls.append((args, real(*args)))
+    return calls[-1][1]
+
+  monkeypatch.setattr(host_bounds, "_backward", spy)
+  monkeypatch.setattr(host_bounds, "BACKWARD_FROM_DEPTH", 2)
+  rng = np.random.default_rng(seed)
+  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  a, b = rng.uniform(lo0, hi0, (2, 16, lo0.size))
+  host_bab.bound_pieces(chain, np.minimum(a, b), np.maximum(a, b))
+  assert len(calls) >= 2  # a hidden layer's rows and the outputs'
+  for (chain_, upto, rows_d, rows_q, lines, _, lo, hi), value in calls:
+    reference = _reference_backward(chain_, upto, rows_d, rows_q, lines, lo, hi)
+    scale = 1.0 + np.abs(reference)
+    assert np.all(value <= reference + 1e-12 * scale)
+    assert np.all(value >= reference - 1e-6 * scale)  # (RELATIVE_SLACK of magnitudes up to ~1e3 here)
+
+
+def test_root_bounds_reported_before_any_split():
+  """report_root gets the whole box's bounds on every output once, before the search splits (what
+  certify shows at once, with the interval bound now computed only after the search), and they
+  hold at sampled points."""
+  f, fq = pair(5, H.SHAPES[2], bits=4)
+  box = H.random_box(5, H.SHAPES[2][0])
+  merged = qb.merge(f, fq, box)
+  seen, batches = [], []
+  res = host_bab.host_branch_and_bound(merged, box, time_budget=5.0, target_gap=0.02,
+                                       report_root=lambda lo, up: seen.append((lo, up, len(batches))),
+                                       report=lambda *args: batches.append(args))
+  assert len(seen) == 1 and seen[0][2] == 0
+  lo, up, _ = seen[0]
+  np.testing.assert_array_equal(lo, res.root_lower)
+  np.testing.assert_array_equal(up, res.root_upper)
+  values = H.eval64(merged.graph, H.sample_points(box, 2000))
+  assert np.all(values >= lo - 1e-12) and np.all(values <= up + 1e-12)
