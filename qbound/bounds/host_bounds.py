@@ -121,17 +121,16 @@ def _relu_forms(lower, upper, mag_l, mag_u, zl, zu):
   active, inactive = zl >= 0, zu <= 0
   unstable = ~active & ~inactive
   slope = np.where(unstable, zu / np.where(unstable, zu - zl, 1.0), 0.0) * (1 + 1e-12)
-  chord = slope[:, None] * upper
-  chord[:, -1] -= slope * zl
   # The chord's terms: slope times the upper form's, and slope |zl|.
   chord_terms = slope * (mag_u + np.abs(zl))
   chord_slack = 2 * RELATIVE_SLACK * (chord_terms + slope * np.abs(zl))
-  chord[:, -1] += chord_slack
-  zero = np.zeros_like(lower)
-  u_out = np.where(active[:, None], upper, np.where(unstable[:, None], chord, zero))
+  # The upper form times 1 (active), the chord's slope (unstable) or 0: products by 1 and 0 are
+  # exact, and 6x faster than np.where over the forms (docs/results/exact12d.md).
+  u_out = np.where(active, 1.0, slope)[:, None] * upper
+  u_out[:, -1] += np.where(unstable, chord_slack - slope * zl, 0.0)
   mag_uo = np.where(active, mag_u, np.where(unstable, chord_terms + chord_slack, 0.0))
   keep_identity = active | (unstable & (zu > -zl))
-  l_out = np.where(keep_identity[:, None], lower, zero)
+  l_out = keep_identity[:, None] * lower
   return l_out, u_out, np.where(keep_identity, mag_l, 0.0), mag_uo
 
 
