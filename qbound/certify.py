@@ -226,7 +226,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       and its probes replace the search; otherwise after CROWN and the search; for small paired
       ReLU chains, :mod:`qbound.bounds.host_bab`'s branch and bound in NumPy, which compiles
       nothing, runs first alone for ``HOST_HEAD_START`` of the time (all of it by default; the
-      compiled one gets what it leaves; the interval bound only after it, if it stops short), and the exact
+      compiled one gets what it leaves; the interval bound only after it, if it stops early), and the exact
       MILP on small piecewise-linear nets (at most 128 ReLU, clip and rounding neurons in all)
       only if branch and bound stops early. For larger inputs: CROWN, differential bounds and
       the search, the MILP with half the time left (small piecewise-linear nets), optimised
