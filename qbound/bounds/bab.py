@@ -154,9 +154,10 @@ LARGE_NET_CANDIDATES = 2
 # bounded on the network, qbound.bounds.rms_rest), so trying more dimensions buys little. qwix's
 # rms,3 MLPs of benchmarks/bench_quant_libraries.py, warm, after 40 batches of 256 pieces (no
 # search rounds): 0.148 against 0.179 (nnx) and 0.131 against 0.141 (linen) at the same CPU time;
-# certify's default 10 s, warm, interleaved (load 7-8): 1.39-1.53x against 1.70-1.84x (nnx), 1.35-1.38x
-# against 1.48-1.56x (linen). On qwix's absmax (dynamic int8) MLPs it was neutral to worse (0.065
-# against 0.066, 0.058 against 0.055 after 40 batches): they keep STRONG_BRANCHING_CANDIDATES.
+# certify's default 10 s, warm, by turns in one process: 1.39-1.53x against 1.70-1.84x (nnx, load
+# 7-8; an earlier run at load 5-7: 1.40, 1.49 against 1.40, 1.43), 1.35-1.38x against 1.48-1.56x
+# (linen). On qwix's absmax (dynamic int8) MLPs it was neutral to worse (0.065 against 0.066, 0.058
+# against 0.055 after 40 batches): they keep STRONG_BRANCHING_CANDIDATES. (docs/results/rms16b.md)
 SATURATING_CANDIDATES = 1
 # On nets above SMALL_NET_NEURONS paired with a copy that really differs (f's own CROWN bounds kept,
 # see bab_batch.F_CROWN_WIDENING), one: the split is the dimension that weighs most, and a batch bounds twice
@@ -214,8 +215,8 @@ SPLIT_RULE = "auto"
 # parent's, so both hold on it). A child's own bound can be looser than its parent's: the output's
 # bounds are not among those a piece passes on (bab_batch.kept_nodes), and its passes choose rows
 # and relaxations afresh. Without it branch and bound's upper could rise from one batch to the next:
-# on qwix's rms,3 nnx MLP (benchmarks/bench_quant_libraries.py) 0.148 after 40 batches, 0.159
-# after 60 (docs/results/rms16b.md).
+# on qwix's rms,3 MLPs (benchmarks/bench_quant_libraries.py), linen 0.142 after 40 batches, 0.149
+# after 60; nnx with one dimension per piece 0.148, 0.159 (docs/results/rms16b.md).
 WITHIN_PARENT = True
 
 # Seconds between two calls of branch_and_bound's ``report``.
