@@ -202,3 +202,96 @@ def test_widening_measured_at_the_batch_shape_is_the_same(monkeypatch):
                                             jnp.arange(2), True, True)
   assert calls.count(True) == 2  # measured again, both ways
   np.testing.assert_allclose(spreads[True], spreads[False], rtol=1e-6)
+
+
+def _saturating_bab(box, sound, batches, seed=0):
+  """bab.SATURATING_CANDIDATES on the deep rms,3 net over ``box``: the candidate counts strong
+  branching used, and whether the bound holds against float32 and float64 sampling."""
+  from qbound.bounds import bab, splitting
+
+  f, fq = _deep_rms_mlp()
+  merged = qb.merge(f, fq, box)
+  assert bab._saturating(merged)
+  counts = []
+  original = splitting.candidate_axes
+
+  def recorded(width, coefficients, count):
+    counts.append(count)
+    return original(width, coefficients, count)
+
+  bab.candidate_axes = recorded
+  try:
+    # A fixed number of batches whatever the time (a first call compiles for seconds).
+    res = bab.branch_and_bound(merged, box, time_budget=float("inf"), target_gap=0.0, batch_size=16, sound=sound,
+                               search=False, stop=lambda: len(counts) >= batches)
+  finally:
+    bab.candidate_axes = original
+  rng = np.random.default_rng(seed)
+  xs = _samples(rng, np.asarray(box.lower)[None], np.asarray(box.upper)[None], 2000)[0]
+  err32 = np.abs(np.asarray(jax.vmap(f)(jnp.asarray(xs)) - jax.vmap(fq)(jnp.asarray(xs)), np.float64)).max()
+  err64 = np.abs(H.eval64(merged, xs.astype(np.float64))).max()
+  assert max(err64, res.lower) <= res.upper
+  assert err32 <= res.upper * (1 + 1e-5) + 1e-6
+  return counts
+
+
+def test_branch_and_bound_on_saturating_nets_splits_one_dimension():
+  """Once the open pieces fill the batch, a net whose f_q may saturate under rms,c is branched on one
+  dimension per piece (bab.SATURATING_CANDIDATES), and its bound holds against sampling."""
+  from qbound.bounds import bab
+
+  counts = _saturating_bab(qb.Box(-jnp.ones(3), jnp.ones(3)), True, 12)
+  assert counts[0] > 1 and min(counts) == bab.SATURATING_CANDIDATES  # (more while few pieces are open)
+
+
+@pytest.mark.slow  # ~10 s an example at load 10, mostly compiling
+@settings(max_examples=4, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.05, 0.3, 1.0]), st.booleans())
+def test_branch_and_bound_on_saturating_nets_is_sound(seed, radius, sound):
+  """The same on random and dominated boxes (a small radius: one entry dominates the norm), in both
+  float modes."""
+  rng = np.random.default_rng(seed)
+  center = rng.uniform(-1 + radius, 1 - radius, size=3).astype(np.float32)
+  _saturating_bab(qb.Box(jnp.asarray(center - radius), jnp.asarray(center + radius)), sound, 30, seed)
+
+
+def test_nets_without_saturating_rms_keep_strong_branching():
+  """Absmax scales never saturate, and rms,c whose entries cannot reach the clip (c > sqrt(n) 127.5 / 126.5):
+  both keep STRONG_BRANCHING_CANDIDATES."""
+  from qbound.bounds import bab
+
+  k = jax.random.split(jax.random.key(3), 2)
+  w1, w2 = jax.random.normal(k[0], (3, WIDTH)), jax.random.normal(k[1], (WIDTH, 2)) / 4
+
+  def quantized(c, norm):
+    def fq(x):
+      h = jax.nn.relu(x @ w1)
+      m = jnp.sqrt(jnp.mean(jnp.square(h))) * c if norm == "rms" else jnp.max(jnp.abs(h))
+      s = jnp.where(m / 127.5 < 1e-19, 1.0, m / 127.5)
+      return (jnp.round(h / s).astype(jnp.int8).astype(jnp.float32) @ w2) * s
+    return fq
+
+  f = lambda x: jax.nn.relu(x @ w1) @ w2  # noqa: E731
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  assert bab._saturating(qb.merge(f, quantized(3.0, "rms"), box))
+  assert not bab._saturating(qb.merge(f, quantized(5.0, "rms"), box))  # sqrt(16) 127.5 / 5 < 126.5: no clip
+  assert not bab._saturating(qb.merge(f, quantized(1.0, "absmax"), box))
+
+
+def test_branch_and_bound_upper_never_rises_between_batches(monkeypatch):
+  """bab.WITHIN_PARENT: a child's bounds are met with its parent's, so the largest open bound never
+  rises from one batch to the next (a child's own passes may bound it more loosely than its parent,
+  as on the rms,3 MLPs, where the upper rose by 7% between batches without it)."""
+  from qbound.bounds import bab
+
+  f, fq = _deep_rms_mlp()
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  monkeypatch.setattr(bab, "REPORT_EVERY", 0.0)
+  uppers = []
+  res = bab.branch_and_bound(merged, box, time_budget=float("inf"), target_gap=0.0, batch_size=16, search=False,
+                             report=lambda rl, ru, upper, lower, x: uppers.append(upper),
+                             stop=lambda: len(uppers) >= 12)
+  assert len(uppers) >= 12
+  assert all(b <= a for a, b in zip(uppers, uppers[1:])), uppers
+  assert res.upper <= uppers[-1]

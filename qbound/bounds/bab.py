@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards, nonlinear, refute, relusplit
+from qbound.bounds import guards, nonlinear, refute, relusplit, rms_rest
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import (candidate_axes, resolve_split_rule, split_at, split_scores,
                                      strong_branching_axis)
@@ -110,6 +110,11 @@ def _activation_neurons(merged) -> int:
   return sum(n.size for n in merged.f_graph.nodes if n.kind not in (G.INPUT, G.AFFINE, G.ADD, G.CONCAT))
 
 
+def _saturating(merged) -> bool:
+  """Whether f_q has a dynamic ``rms`` rounding whose entries may saturate (see SATURATING_CANDIDATES)."""
+  return any(rms_rest.applies(node) for node in merged.fq_graph.nodes)
+
+
 def _dense_for_close_copies(merged) -> bool:
   """Whether close copies are bounded by the dense differential passes rather than the sparse ones.
 
@@ -143,6 +148,17 @@ def gap_batch_size(merged, inputs: int, epsilon: Optional[float], strong_branchi
 # against 1.06 s for all five; 9 pruned pairs at eps 0.05 in 37 s against 40 s in all (1: 60 s).
 STRONG_BRANCHING_CANDIDATES = 3
 LARGE_NET_CANDIDATES = 2
+# Small nets whose f_q has a dynamic `rms` rounding that may saturate (qbound.rms_rounding): one,
+# the dimension that weighs most, and a batch splits three times the parents. Their pieces' bounds
+# fall slowly and about alike along every dimension (each entry's half step and the saturations
+# bounded on the network, qbound.bounds.rms_rest), so trying more dimensions buys little. qwix's
+# rms,3 MLPs of benchmarks/bench_quant_libraries.py, warm, after 40 batches of 256 pieces (no
+# search rounds): 0.148 against 0.179 (nnx) and 0.131 against 0.141 (linen) at the same CPU time;
+# certify's default 10 s, warm, by turns in one process: 1.39-1.53x against 1.70-1.84x (nnx, load
+# 7-8; an earlier run at load 5-7: 1.40, 1.49 against 1.40, 1.43), 1.35-1.38x against 1.48-1.56x
+# (linen). On qwix's absmax (dynamic int8) MLPs it was neutral to worse (0.065 against 0.066, 0.058
+# against 0.055 after 40 batches): they keep STRONG_BRANCHING_CANDIDATES. (docs/results/rms16b.md)
+SATURATING_CANDIDATES = 1
 # On nets above SMALL_NET_NEURONS paired with a copy that really differs (f's own CROWN bounds kept,
 # see bab_batch.F_CROWN_WIDENING), one: the split is the dimension that weighs most, and a batch bounds twice
 # the parents (strong branching only while few pieces are open, see FILL_CANDIDATES). ACAS Xu
@@ -194,6 +210,14 @@ RELU_SPLIT_DEPTH = 8
 # vs the 10%-pruned copies, all outputs: 1.25-4.3x fewer pieces at eps 0.5 (median 1.69 -> 0.93 s),
 # 1.4-12.7x at eps 0.05 (all nine proved in 10 s, median 8.49 -> 2.82 s; "bound" left three open).
 SPLIT_RULE = "auto"
+
+# Whether a child piece's bounds on f - f_q are met with its parent's (the child's box lies in the
+# parent's, so both hold on it). A child's own bound can be looser than its parent's: the output's
+# bounds are not among those a piece passes on (bab_batch.kept_nodes), and its passes choose rows
+# and relaxations afresh. Without it branch and bound's upper could rise from one batch to the next:
+# on qwix's rms,3 MLPs (benchmarks/bench_quant_libraries.py), linen 0.142 after 40 batches, 0.149
+# after 60; nnx with one dimension per piece 0.148, 0.159 (docs/results/rms16b.md).
+WITHIN_PARENT = True
 
 # Seconds between two calls of branch_and_bound's ``report``.
 REPORT_EVERY = 0.1
@@ -375,6 +399,16 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     return [(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
              tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
 
+  def within(child, parent):
+    """``child`` (an item of bound_batch) with its bounds met with those of ``parent`` (a heap item)."""
+    up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count = child
+    if not WITHIN_PARENT or (split_count and np.all(dlo == np.inf)):  # (an empty sub-problem stays empty)
+      return child
+    dlo, dhi = np.maximum(dlo, parent[5]), np.minimum(dhi, parent[6])
+    sel = np.maximum(-dlo[outputs], dhi[outputs])
+    worst = int(np.argmax(sel))
+    return (float(sel[worst]), lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count)
+
   def push(items):
     for up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count in items:
       if split_count and np.all(dlo == np.inf):  # an empty sub-problem (see bound_batch)
@@ -414,7 +448,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   else:
     push(root)
   # (f_crown is known now: paired nets keep f's own CROWN bounds when f_q really differs.)
-  candidate_count = (STRONG_BRANCHING_CANDIDATES if small
+  candidate_count = (SATURATING_CANDIDATES if small and _saturating(merged)
+                     else STRONG_BRANCHING_CANDIDATES if small
                      else DIFFERING_CANDIDATES if paired and f_crown else LARGE_NET_CANDIDATES)
   stopped = "exhausted"
   last_report = -np.inf
@@ -506,7 +541,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
         children += bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part])
       offset = 0
       for t, candidates in zip(take, axes):
-        options = children[offset:offset + 2 * len(candidates)]
+        options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
         offset += len(options)
         best = strong_branching_axis(-t[0], [(options[2 * a][0], options[2 * a + 1][0])
                                               for a in range(len(candidates))])
@@ -514,6 +549,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       continue
     take = [heapq.heappop(heap) for _ in range(min(max(batch_size // 2, 1), len(heap)))]
     los, his, priors, depths, splits = [], [], [], [], []
+    parents = []
     for t in take:
       lo, hi = t[2], t[3]
       width = hi - lo
@@ -521,6 +557,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       if width[axis] <= 0:  # a single point: nothing left to split
         close(t)
         continue
+      parents += [t, t]
       left_hi, right_lo = split_at(lo, hi, axis)
       los += [lo, right_lo]
       his += [left_hi, hi]
@@ -529,7 +566,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       splits += [t[10]] * 2
     for chunk in range(0, len(los), batch_size):
       part = slice(chunk, chunk + batch_size)
-      push(bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part]))
+      children = bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part])
+      push([within(c, t) for c, t in zip(children, parents[part])])
 
   bar.close()
   for item in heap:
