@@ -142,7 +142,7 @@ def gap_batch_size(merged, inputs: int, epsilon: Optional[float], strong_branchi
 # float16, property 1, eps 0.05, 1_1..1_9, median 0.77 s against 0.89 s for output 0 and 0.87 s
 # against 1.06 s for all five; 9 pruned pairs at eps 0.05 in 37 s against 40 s in all (1: 60 s).
 STRONG_BRANCHING_CANDIDATES = 3
-LARGE_NET_CANDIDATES = 2
+LARGE_NET_CANDIDATES = 1
 # On nets above SMALL_NET_NEURONS paired with a copy that really differs (f's own CROWN bounds kept,
 # see bab_batch.F_CROWN_WIDENING), one: the split is the dimension that weighs most, and a batch bounds twice
 # the parents (strong branching only while few pieces are open, see FILL_CANDIDATES). ACAS Xu
