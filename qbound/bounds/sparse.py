@@ -3,8 +3,9 @@
 Bounding a node of ``n`` neurons backward costs ``2n`` rows carried to the input, and the bounds
 of an activation's input only matter where its relaxation is not exact (:func:`rules.loose`: a
 ReLU whose input changes sign, a clip crossing a cut...). On the small pieces branch and bound
-spends its time on, few neurons are such: on ACAS Xu pieces of 1/16 of property 1's box, about 4
-of each layer's 50 under CROWN. So the node's bounds are first taken from interval arithmetic on
+spends its time on, few neurons are such at the first layers: on ACAS Xu pieces of 1/16 of property
+1's box, about 4 of each layer's 50 under CROWN (the last three hidden layers still take 33-50 rows a
+piece once padded, docs/results/acas19.md). So the node's bounds are first taken from interval arithmetic on
 its inputs' (already tightened) bounds; then only the ``(box, neuron)`` pairs loose there get
 backward rows (every box as many as the box with the most loose neurons, padded to a power of two
 so that few row counts are compiled), and the result is intersected with any bounds known to hold
