@@ -1,4 +1,4 @@
-"""Where a branch-and-bound batch's time goes on ACAS Xu vs float16 (issue 19; docs/results/acas19.md).
+"""Where a branch-and-bound batch's time goes on ACAS Xu vs float16 (issue 19; docs/results/acas-batch.md).
 
 Captures the batches of a warm ``qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=[0])``
 on ACAS Xu 1_1 vs its float16 copy (property 1), then, in the same process:

@@ -528,7 +528,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       # The interval bound only now, if the NumPy search has proven nothing (its budget ran out
       # before it started) or stopped short of the gap with time left: compiled beside it on a
       # first call, its tracing took the search's interpreter lock for 0.4 of 4.4 s; and compiled
-      # at the deadline, it ran beside the next call's search (docs/results/exact12d.md).
+      # at the deadline, it ran beside the next call's search (docs/results/host-search.md).
       stopped_early = not hosts[0].is_alive() and left() > 0 and not track.done(target_gap, epsilon)
       if not track.snapshot()["per_method"] or stopped_early:
         interval_stage()

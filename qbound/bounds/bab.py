@@ -149,7 +149,7 @@ def gap_batch_size(merged, inputs: int, epsilon: Optional[float], strong_branchi
 # those take DIFFERING_CANDIDATES now). That was with the bound split; with the gradient split
 # (SPLIT_RULE) 1 does better on close copies: ACAS Xu vs float16, 1,903 pieces against 2,263 over
 # the nine nets for output 0 (fewer on three nets, 32 more on two), 2,359 against 2,775 for all
-# five outputs (never more on a net; docs/results/acas19.md). While few pieces are open,
+# five outputs (never more on a net; docs/results/acas-batch.md). While few pieces are open,
 # FILL_CANDIDATES still tries more.
 STRONG_BRANCHING_CANDIDATES = 3
 LARGE_NET_CANDIDATES = 1
@@ -162,7 +162,7 @@ LARGE_NET_CANDIDATES = 1
 # certify's default 10 s, warm, by turns in one process: 1.39-1.53x against 1.70-1.84x (nnx, load
 # 7-8; an earlier run at load 5-7: 1.40, 1.49 against 1.40, 1.43), 1.35-1.38x against 1.48-1.56x
 # (linen). On qwix's absmax (dynamic int8) MLPs it was neutral to worse (0.065 against 0.066, 0.058
-# against 0.055 after 40 batches): they keep STRONG_BRANCHING_CANDIDATES. (docs/results/rms16b.md)
+# against 0.055 after 40 batches): they keep STRONG_BRANCHING_CANDIDATES. (docs/results/qwix-first-calls.md)
 SATURATING_CANDIDATES = 1
 # On nets above SMALL_NET_NEURONS paired with a copy that really differs (f's own CROWN bounds kept,
 # see bab_batch.F_CROWN_WIDENING), one: the split is the dimension that weighs most, and a batch bounds twice
@@ -221,7 +221,7 @@ SPLIT_RULE = "auto"
 # bounds are not among those a piece passes on (bab_batch.kept_nodes), and its passes choose rows
 # and relaxations afresh. Without it branch and bound's upper could rise from one batch to the next:
 # on qwix's rms,3 MLPs (benchmarks/bench_quant_libraries.py), linen 0.142 after 40 batches, 0.149
-# after 60; nnx with one dimension per piece 0.148, 0.159 (docs/results/rms16b.md).
+# after 60; nnx with one dimension per piece 0.148, 0.159 (docs/results/qwix-first-calls.md).
 WITHIN_PARENT = True
 
 # Seconds between two calls of branch_and_bound's ``report``.

@@ -90,7 +90,7 @@ def pairwise_sum(x):
   tree of the row padded with zeros to a power of two (``x + 0`` is exact), without the pad.
   Interleaved halves (``x[:, 0::2] + x[:, 1::2]``) after a pad, as before, cost 13-26% more CPU
   per branch-and-bound batch on ACAS Xu, where these sums of 50 terms are a third of the work
-  (docs/results/acas19.md).
+  (docs/results/acas-batch.md).
   """
   x = x.reshape(x.shape[0], -1)
   n = x.shape[1]

@@ -89,7 +89,7 @@ def _concrete(form, mag, lo, hi, upper: bool):
 def _times(forms, matrix):
   """``forms @ matrix`` over the last axis, as one 2-D product: NumPy's stacked ``matmul`` on
   ``(256, 6, 16)`` forms took 2.3x as long as one BLAS product of the ``(1536, 16)`` rows with one
-  BLAS thread, 14x with several (docs/results/exact12d.md)."""
+  BLAS thread, 14x with several (docs/results/host-search.md)."""
   return (forms.reshape(-1, forms.shape[-1]) @ matrix).reshape(forms.shape[:-1] + matrix.shape[1:])
 
 
@@ -118,7 +118,7 @@ def _relu_forms(lower, upper, mag_l, mag_u, zl, zu):
   chord_terms = slope * (mag_u + np.abs(zl))
   chord_slack = 2 * RELATIVE_SLACK * (chord_terms + slope * np.abs(zl))
   # The upper form times 1 (active), the chord's slope (unstable) or 0: products by 1 and 0 are
-  # exact, and 6x faster than np.where over the forms (docs/results/exact12d.md).
+  # exact, and 6x faster than np.where over the forms (docs/results/host-search.md).
   u_out = np.where(active, 1.0, slope)[:, None] * upper
   u_out[:, -1] += np.where(unstable, chord_slack - slope * zl, 0.0)
   mag_uo = np.where(active, mag_u, np.where(unstable, chord_terms + chord_slack, 0.0))
@@ -258,7 +258,7 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
   its sign as ``lam * upper + max(lam, 0) * (lower - upper)``. The rounding's slack is summed
   against ``A >= |lam|``, a bound that is the same for every piece (``|W|`` products, and the lines'
   largest slopes over the batch): a ``(k, 2m)`` by ``(2m, R)`` product per layer instead of ``|lam|``
-  over ``(k, R, 2m)`` (docs/results/exact12d.md)."""
+  over ``(k, R, 2m)`` (docs/results/host-search.md)."""
   k = lo.shape[0]
   lam = np.concatenate([rows_d, rows_q], axis=-1)  # (R, 2m) until the first ReLU layer, then (k, R, 2m)
   bound = np.abs(lam)  # A >= |lam|, for every piece

@@ -5,7 +5,7 @@ of an activation's input only matter where its relaxation is not exact (:func:`r
 ReLU whose input changes sign, a clip crossing a cut...). On the small pieces branch and bound
 spends its time on, few neurons are such at the first layers: on ACAS Xu pieces of 1/16 of property
 1's box, about 4 of each layer's 50 under CROWN (the last three hidden layers still take 33-50 rows a
-piece once padded, docs/results/acas19.md). So the node's bounds are first taken from interval arithmetic on
+piece once padded, docs/results/acas-batch.md). So the node's bounds are first taken from interval arithmetic on
 its inputs' (already tightened) bounds; then only the ``(box, neuron)`` pairs loose there get
 backward rows (every box as many as the box with the most loose neurons, padded to a power of two
 so that few row counts are compiled), and the result is intersected with any bounds known to hold
@@ -198,7 +198,7 @@ def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[set, set]:
   proves (up to rounding). ``diff`` (paired graphs): those of ``own`` where f and f_q read the
   same values (every node before the target equal in both), so that ``d = (W - W_q) x + (b - b_q)``
   is linear over the same box. On ACAS Xu these are the first dense layer's rows: 18 of each
-  network's 50 neurons a piece, padded to 32, through four steps (see docs/results/acas19.md).
+  network's 50 neurons a piece, padded to 32, through four steps (see docs/results/acas-batch.md).
   """
   graphs = [fg] if qg is None else [fg, qg]
   boxlike = [[False] * len(g.nodes) for g in graphs]
