@@ -35,9 +35,8 @@ import qbound as qb
 from qbound.bounds import bab, fp, sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_f16_gap import BOX  # noqa: E402
 from bench_tight import _pairs  # noqa: E402
-
-BOX = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
 
 
 def interleaved_pairwise_sum(x):

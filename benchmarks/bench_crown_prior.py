@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import os
 import time
-from pathlib import Path
-
-import jax.numpy as jnp
 
 import qbound as qb
 from qbound.bounds import sparse
 from qbound.bounds.bab import branch_and_bound
 from qbound.merge import MergedNetwork
 
-from bench_tight import BENCH
-
-DATA = Path(__file__).resolve().parent / "data" / "acas_pruned"
-BOX = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
+from bench_differing import BENCH, acas_pair
+from bench_f16_gap import BOX
 
 
 class Unpaired(MergedNetwork):
@@ -47,16 +42,9 @@ def unpaired(merged: MergedNetwork) -> Unpaired:
 
 
 def pairs():
-  f_app, fp = qb.io.load_nnet(BENCH / "nnet" / "ACASXU_run2a_1_1_batch_2000.nnet")
-  copies = {"float16": BENCH / "nnet_16bit" / "ACASXU_run2a_1_1_batch_2000_16bit.nnet",
-            "10%-pruned": DATA / "ACASXU_run2a_1_1_batch_2000_pruned10.nnet"}
-  for name, path in copies.items():
-    q_app, qp = qb.io.load_nnet(path)
-    yield name, qb.merge(functools.partial(f_app, fp), functools.partial(q_app, qp), BOX)
-
-
-def load() -> str:
-  return open("/proc/loadavg").read().split()[0]
+  for name, copy in (("float16", "16bit"), ("10%-pruned", "pruned10")):
+    f, fq = acas_pair(1, copy)
+    yield name, qb.merge(f, fq, BOX)
 
 
 def main(argv=None):
@@ -80,7 +68,7 @@ def main(argv=None):
           t0 = time.perf_counter()
           r = branch_and_bound(m, BOX, time_budget=600, outputs=[0], target_gap=0.02, max_pieces=cap)
           print(f"{name:<12}{cap:>6}  {label:<28}{r.upper:>11.4g}{r.lower:>11.4g}{r.upper / r.lower:>10.4g}"
-                f"{r.pieces_bounded:>8}{time.perf_counter() - t0:>7.1f}{load():>6}", flush=True)
+                f"{r.pieces_bounded:>8}{time.perf_counter() - t0:>7.1f}{os.getloadavg()[0]:>6.1f}", flush=True)
     finally:
       sparse.CROWN_PRIOR_AFTER_ROWS = saved
 
