@@ -37,6 +37,16 @@ class BiasedMLP(nn.Module):
     return x
 
 
+def relu_mlp(layers: Sequence, x):
+  """``x`` through dense layers ``layers`` (``(kernel, bias)`` pairs), a ReLU between each two: a
+  net built from plain arrays, which compiles nothing to make (flax's init does, per shape)."""
+  for i, (kernel, bias) in enumerate(layers):
+    x = x @ kernel + bias
+    if i < len(layers) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
 def biased_mlp_params(seed=0, sizes=(8, 8, 3), dtype=jnp.float32):
   """Parameters of a :class:`BiasedMLP` on 5 inputs, the quantizer tests' standard pytree."""
   params = BiasedMLP(tuple(sizes)).init(jax.random.key(seed), jnp.ones(5))

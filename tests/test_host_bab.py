@@ -19,14 +19,6 @@ from qbound.bounds import host_bab, host_bounds
 from qbound.exact.encoding import _matrices
 
 
-def _mlp(layers, x):
-  for i, (w, b) in enumerate(layers):
-    x = x @ w + b
-    if i < len(layers) - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
 def pair(seed, shape, bits=None, noise=None):
   """A random MLP of ``shape`` (as helpers.SHAPES) and its copy with weights and biases rounded to
   ``bits`` (per layer, symmetric) or perturbed by ``noise`` times N(0, 1). Built in NumPy: flax's
@@ -44,7 +36,7 @@ def pair(seed, shape, bits=None, noise=None):
       wq, bq = w + noise * rng.normal(size=w.shape), bias + noise * rng.normal(size=b)
     layers.append((w.astype(np.float32), bias.astype(np.float32)))
     copies.append((wq.astype(np.float32), bq.astype(np.float32)))
-  return functools.partial(_mlp, tuple(layers)), functools.partial(_mlp, tuple(copies))
+  return functools.partial(H.relu_mlp, tuple(layers)), functools.partial(H.relu_mlp, tuple(copies))
 
 
 @settings(max_examples=6, deadline=None)

@@ -21,11 +21,7 @@ def _normalised_mlp(params, x, shift, scale, clip=(-2.0, 2.0)):
   x = jnp.clip(x, *clip)
   x = (x + shift) / scale
   layers = params["params"]
-  for i in range(len(layers)):
-    x = x @ layers[f"dense_{i}"]["kernel"] + layers[f"dense_{i}"]["bias"]
-    if i < len(layers) - 1:
-      x = jax.nn.relu(x)
-  return x
+  return H.relu_mlp([(layers[f"dense_{i}"]["kernel"], layers[f"dense_{i}"]["bias"]) for i in range(len(layers))], x)
 
 
 def _pair(seed, n_in=3, widths=(8, 8, 2), q_shift=None, mixing_prefix=False):
