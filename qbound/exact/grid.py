@@ -7,7 +7,7 @@ box: a product of intervals, one per input entry, between consecutive rounding t
 ``f - f_q`` is f minus a constant, and a linear bound of f is nearly exact there. Bound propagation
 cannot see this: it bounds every rounding of f_q's hidden layers by a full step, independently of
 the others, although in a few input dimensions only a few of their sign patterns are realisable
-(for AQT's int8 MLP on ``[-1, 1]^4``, 4x the error reached; see docs/models.md).
+(for AQT's int8 MLP on ``[-1, 1]^4``, 4x the error reached; see docs/results/quant-libraries.md).
 
 So :func:`grid_error` enumerates the cells, in blocks of a few cells per entry:
 
