@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh_process import child_rows
 
 # The exact value's bracket per net (docs/results/exactness.md, "Exact values on small nets").
 EXACT = [(0.571615, 0.571630), (0.039330, 0.039340), (0.065047, 0.065100), (0.055712, 0.055728),
@@ -83,12 +84,8 @@ def main():
     for variant in variants:
       load = os.getloadavg()[0]
       name, _, checkout = variant.partition("@")
-      child_env = dict(env, PYTHONPATH=checkout) if checkout else env
-      out = subprocess.run([sys.executable, __file__, "--child", name, "--nets", args.nets, "--budget",
-                            str(args.budget)], env=child_env, capture_output=True, text=True, check=True).stdout
-      for line in out.splitlines():
-        row = json.loads(line)
-        results.setdefault((variant, r), []).append(row)
+      results[(variant, r)] = child_rows(__file__, [name, "--nets", args.nets, "--budget", str(args.budget)],
+                                         checkout=checkout, env=env)
       print(f"round {r} {variant}: done (load average {load:.1f} at its start, {os.getloadavg()[0]:.1f} at its end)",
             flush=True)
   print(f"\n{'net':<14}{'bits':>5}  " + "  ".join(f"{v + ' r' + str(r):>41}" for r in range(args.rounds)

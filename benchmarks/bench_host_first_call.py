@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh_process import child_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,10 +66,8 @@ def main():
     for c in args.checkouts.split(","):
       c = str(Path(c).resolve())
       load = os.getloadavg()[0]
-      out = subprocess.run([sys.executable, __file__, "--child", "--net", str(args.net)], capture_output=True,
-                           text=True, check=True, env=dict(os.environ, PYTHONPATH=c, QBOUND_JAX_CACHE="0")).stdout
-      for line in out.splitlines():
-        row = json.loads(line)
+      for row in child_rows(__file__, ["--net", str(args.net)], checkout=c,
+                            env=dict(os.environ, QBOUND_JAX_CACHE="0")):
         print(f"| {Path(c).name} | {r} | {load:.1f} | {row['call']} | {row['ratio']:.4f} | {row['seconds']:.2f} | "
               f"{row['cpu']:.2f} | {row.get('search_cpu', float('nan')):.2f} | {row.get('pieces', 0):,} |", flush=True)
 

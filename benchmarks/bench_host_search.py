@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh_process import child_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,9 +56,7 @@ def main():
   for r in range(args.rounds):
     for c in checkouts:
       load = os.getloadavg()[0]
-      out = subprocess.run([sys.executable, __file__, "--child", "--nets", args.nets, "--budget", str(args.budget)],
-                           env=dict(os.environ, PYTHONPATH=c), capture_output=True, text=True, check=True).stdout
-      runs[(c, r)] = [json.loads(line) for line in out.splitlines()]
+      runs[(c, r)] = child_rows(__file__, ["--nets", args.nets, "--budget", str(args.budget)], checkout=c)
       print(f"round {r} {c}: load average {load:.1f} at its start, {os.getloadavg()[0]:.1f} at its end", flush=True)
   keys = list(runs)
   print("\n| net | bits | " + " | ".join(f"{Path(c).name} r{r}: pieces, CPU s" for c, r in keys) + " |")
