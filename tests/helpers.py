@@ -136,6 +136,21 @@ def eval64(graph: G.Graph, xs) -> np.ndarray:
     return np.asarray(fn(g64, jnp.asarray(np.asarray(xs, np.float64))), np.float64)
 
 
+@functools.lru_cache(maxsize=None)
+def _values64(structure):
+  del structure  # one compiled function per graph structure (weights are arguments)
+  return jax.jit(jax.vmap(lambda graph, x: graph.values(x), in_axes=(None, 0)))
+
+
+def node_values64(graph: G.Graph, xs) -> list[np.ndarray]:
+  """Every node's float64 value at each of the inputs ``xs``: one ``(len(xs), *node.shape)``
+  array per node (``Graph.values``)."""
+  with jax.enable_x64(True):
+    g64 = G.astype(graph, jnp.float64)
+    fn = _values64(jax.tree_util.tree_structure(g64))
+    return [np.asarray(v, np.float64) for v in fn(g64, jnp.asarray(np.asarray(xs, np.float64)))]
+
+
 def sample_points(box: qb.Box, num: int, seed: int = 0) -> np.ndarray:
   """Uniform samples, random vertices, all vertices when few, and the centre of the box (float64)."""
   rng = np.random.default_rng(seed)

@@ -23,18 +23,9 @@ from qbound.bounds.forward_bab import forward_branch_and_bound
 SHAPE = H.SHAPES[1]  # 3 inputs, three hidden layers of 6 (the last two a scanned run), 2 outputs
 
 
-@functools.lru_cache(maxsize=None)
-def _values64(structure):
-  del structure  # one compilation per graph structure; the weights are arguments
-  return jax.jit(jax.vmap(lambda graph, x: graph.values(x), in_axes=(None, 0)))
-
-
 def _node_values(graph: G.Graph, xs):
-  """Every node's value at the points ``xs`` in float64 (one row per point)."""
-  with jax.enable_x64(True):
-    g64 = G.astype(graph, jnp.float64)
-    values = _values64(jax.tree_util.tree_structure(g64))(g64, jnp.asarray(np.asarray(xs, np.float64)))
-    return [np.asarray(v, np.float64).reshape(len(xs), -1) for v in values]
+  """Every node's value at the points ``xs`` in float64, one flat row per point."""
+  return [v.reshape(len(xs), -1) for v in H.node_values64(graph, xs)]
 
 
 def _check_all_nodes(merged, box, out, n=2000, seed=0):

@@ -4,9 +4,6 @@ and bound with ReLU splits stays sound and reaches the exact maximal error (MILP
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +12,6 @@ from hypothesis import strategies as st
 
 import helpers as H
 import qbound as qb
-from qbound import graph as G
 from qbound.bounds import bab, bab_batch, relusplit
 
 
@@ -45,20 +41,6 @@ def test_infeasible_reads_empty_intervals_anywhere():
   assert relusplit.infeasible(((np.array([0.1, 0.0]), np.array([0.0, 1.0])),))
 
 
-@functools.lru_cache(maxsize=None)
-def _values64(structure):
-  del structure
-  return jax.jit(jax.vmap(lambda graph, x: graph.values(x), in_axes=(None, 0)))
-
-
-def node_values64(graph: G.Graph, xs) -> list[np.ndarray]:
-  """Every node's float64 value at each of ``xs``."""
-  with jax.enable_x64(True):
-    g64 = G.astype(graph, jnp.float64)
-    fn = _values64(jax.tree_util.tree_structure(g64))
-    return [np.asarray(v, np.float64) for v in fn(g64, jnp.asarray(np.asarray(xs, np.float64)))]
-
-
 def root_keep(merged, box, sound):
   fg, qg, mg = merged.f_graph, merged.fq_graph, merged.graph
   lo, hi = box.lower[None], box.upper[None]
@@ -80,7 +62,7 @@ def test_sub_problem_bounds_hold_on_their_part_of_the_piece(seed, sound):
   nodes = bab_batch.kept_nodes(fg, True)
   kept = root_keep(merged, box, sound)
   xs = H.sample_points(box, 4000, seed)
-  zf, zq = node_values64(fg, xs), node_values64(qg, xs)
+  zf, zq = H.node_values64(fg, xs), H.node_values64(qg, xs)
   values = [zf[i] for i in nodes] + [zq[i] for i in nodes] + [zf[i] - zq[i] for i in nodes]
   out = fg.output
   outputs = np.arange(fg.nodes[out].size)

@@ -98,17 +98,6 @@ def test_step_compile_options_give_the_same_bounds(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _node_values64(graph, xs):
-  """Every node's value at each input, in float64 (``Graph.values``)."""
-  import jax
-  from qbound import graph as G
-
-  with jax.enable_x64(True):
-    g64 = G.astype(graph, jnp.float64)
-    values = [g64.values(jnp.asarray(x, jnp.float64)) for x in xs]
-    return [np.stack([np.asarray(v[i]) for v in values]) for i in range(len(graph.nodes))]
-
-
 @pytest.mark.parametrize("after", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_parents_bounds_met_after_the_rows_stay_sound(monkeypatch, after, seed):
@@ -136,7 +125,7 @@ def test_a_parents_bounds_met_after_the_rows_stay_sound(monkeypatch, after, seed
   for f_crown in (False, True):
     res = sparse.diff_bounds_sparse(fg, qg, one(child), f_crown=f_crown, prior=prior, outputs=[0])
     xs = H.sample_points(child, 300, seed)
-    zf, zq = _node_values64(fg, xs), _node_values64(qg, xs)
+    zf, zq = H.node_values64(fg, xs), H.node_values64(qg, xs)
     for i in range(1, len(fg.nodes)):
       for (lo, hi), value in ((res.z[i], zf[i]), (res.zq[i], zq[i]), (res.d[i], zf[i] - zq[i])):
         lo, hi = np.asarray(lo, np.float64)[0], np.asarray(hi, np.float64)[0]
@@ -174,7 +163,7 @@ def test_crown_sparse_known_bounds_met_after_the_rows_stay_sound(monkeypatch, af
   known = node_list(len(graph.nodes), nodes, [(parts[i][0].min(0, keepdims=True), parts[i][1].max(0, keepdims=True))
                                               for i in nodes])
   res = sparse.crown_bounds_sparse(graph, qb.Box(piece.lower[None], piece.upper[None]), prior=known, outputs=[0])
-  values = _node_values64(graph, H.sample_points(piece, 300, seed))
+  values = H.node_values64(graph, H.sample_points(piece, 300, seed))
   for i in range(1, len(graph.nodes)):
     low, high = (np.asarray(b, np.float64)[0] for b in res[i])
     assert np.all(low <= values[i]) and np.all(values[i] <= high), i

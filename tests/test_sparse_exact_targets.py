@@ -4,7 +4,6 @@ tight as with the rows."""
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,15 +75,6 @@ def test_a_prefix_that_differs_or_mixes_is_not_exact():
   assert dense[1] not in own and dense[1] not in diff
 
 
-def _node_values64(graph, xs):
-  from qbound import graph as G
-
-  with jax.enable_x64(True):
-    g64 = G.astype(graph, jnp.float64)
-    values = [g64.values(jnp.asarray(x, jnp.float64)) for x in xs]
-    return [np.stack([np.asarray(v[i]) for v in values]) for i in range(len(graph.nodes))]
-
-
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10_000), differ=st.booleans(), f_crown=st.booleans())
 def test_skipping_exact_targets_is_sound_and_as_tight(seed, differ, f_crown):
@@ -109,7 +99,7 @@ def test_skipping_exact_targets_is_sound_and_as_tight(seed, differ, f_crown):
   res = results[True]
   for b in range(3):
     xs = H.sample_points(qb.Box(pieces.lower[b], pieces.upper[b]), 200, seed + b)
-    zf, zq = _node_values64(fg, xs), _node_values64(qg, xs)
+    zf, zq = H.node_values64(fg, xs), H.node_values64(qg, xs)
     for i in range(1, len(fg.nodes)):
       for (l, h), value in ((res.z[i], zf[i]), (res.zq[i], zq[i]), (res.d[i], zf[i] - zq[i])):
         l, h = np.asarray(l, np.float64)[b], np.asarray(h, np.float64)[b]
@@ -134,7 +124,7 @@ def test_crown_sparse_skips_exact_targets_soundly(seed):
   bounds = crown_bounds_sparse(m.f_graph, pieces)
   for b in range(2):
     xs = H.sample_points(qb.Box(pieces.lower[b], pieces.upper[b]), 200, seed)
-    values = _node_values64(m.f_graph, xs)
+    values = H.node_values64(m.f_graph, xs)
     for i in range(1, len(m.f_graph.nodes)):
       l, h = (np.asarray(x, np.float64)[b] for x in bounds[i])
       assert np.all(l <= values[i]) and np.all(values[i] <= h), i

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 import helpers
 import qbound as qb
-from qbound import graph as G
 from qbound.bounds import zonotope
 from qbound.errors import UnsupportedLayerError
 from qbound.exact import milp
@@ -42,20 +41,12 @@ def pair(seed: int, shape=SHAPE, *, noise=None, bits=None, independent=False, in
   return qb.merge(f, fq, box), box
 
 
-def node_values64(graph: G.Graph, xs) -> list:
-  """Every node's float64 values at the points ``xs``."""
-  with jax.enable_x64(True):
-    g64 = G.astype(graph, jnp.float64)
-    values = jax.vmap(g64.values)(jnp.asarray(np.asarray(xs, np.float64)))
-    return [np.asarray(v, np.float64) for v in values]
-
-
 def violations(merged, box, out, sound: bool, points: int = 4000) -> list:
   """Where a node's bounds leave its float64 values at samples of the box (none for sound ones;
   ``sound=False``: beyond 1e-4 of the values' scale)."""
   xs = helpers.sample_points(box, points)
-  vz = node_values64(merged.f_graph, xs)
-  vq = node_values64(merged.fq_graph, xs)
+  vz = helpers.node_values64(merged.f_graph, xs)
+  vq = helpers.node_values64(merged.fq_graph, xs)
   found = []
   for name, bounds, values in (("z", out.z, vz), ("zq", out.zq, vq), ("d", out.d, [a - b for a, b in zip(vz, vq)])):
     for i, ((lo, hi), v) in enumerate(zip(bounds, values)):
