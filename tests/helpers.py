@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pathlib
+import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -215,3 +217,9 @@ def quantized_pair(model: nn.Module, shape=(3, 4), bits: int = 4):
   params = model.init(jax.random.key(4), x0)
   return (functools.partial(model.apply, params),
           functools.partial(model.apply, qb.quantize.uniform(params, bits=bits)), x0)
+
+
+def python_blocks(path: pathlib.Path) -> list[str]:
+  """The ```python blocks of a markdown file, dedented (fenced blocks inside list items are indented)."""
+  found = re.finditer(r"^( *)```python\n(.*?)^\1```", pathlib.Path(path).read_text(), flags=re.S | re.M)
+  return ["\n".join(line[len(m.group(1)):] for line in m.group(2).splitlines()) for m in found]

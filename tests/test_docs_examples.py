@@ -10,10 +10,10 @@ bounds themselves are checked elsewhere. docs/quant-libraries.md has its own tes
 
 import functools
 import pathlib
-import re
 
 import pytest
 
+import helpers as H
 import qbound as qb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,9 +28,7 @@ SHORTER = {"docs/compression.md": [("steps=1000", "steps=2")]}
 
 
 def blocks(page: str) -> list[str]:
-  """The page's ```python blocks, dedented (fenced blocks inside list items are indented)."""
-  found = re.finditer(r"^( *)```python\n(.*?)^\1```", (ROOT / page).read_text(), flags=re.S | re.M)
-  return ["\n".join(line[len(m.group(1)):] for line in m.group(2).splitlines()) for m in found]
+  return H.python_blocks(ROOT / page)
 
 
 def test_every_page_with_code_is_run_here():

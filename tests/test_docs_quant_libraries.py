@@ -11,19 +11,19 @@ in ``test_quant_libraries.py``; this file catches the page drifting from the lib
 
 import functools
 import pathlib
-import re
 import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+import helpers as H
 import qbound as qb
 
 flax_linen = pytest.importorskip("flax.linen")
 
 GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "quant-libraries.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+BLOCKS = H.python_blocks(GUIDE)
 
 
 class MLP(flax_linen.Module):
