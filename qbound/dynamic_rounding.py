@@ -270,3 +270,46 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   v_hi = jnp.where(k >= 0, ends[1], ends[0])
   shape = jnp.shape(lo)
   return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
+
+
+def value_range(spec: DynamicScale, lo, hi, ndim: int, value):
+  """Bounds on the node's value ``v`` on a sub-problem known to have ``v`` in ``value = (lower,
+  upper)`` (a branch-and-bound piece split on it, :mod:`qbound.bounds.tiesplit`), input in
+  ``[lo, hi]``: ``value`` itself, narrowed to one step's ``k [m_lo, m_hi] / Q`` where it admits a
+  single integer ``k`` (``v = k s``, ``k = c - z`` with a zero point). Where it admits none, the
+  result is empty (lower above upper by more than ``hi - lo``): no input of the piece gives such a
+  value.
+  """
+  value_lo, value_hi = value
+  axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
+  q = spec.divisor
+  if spec.zero_point is None:
+    m_hi = jnp.max(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), axis=axes, keepdims=True) * (1 + _REL)
+    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+    m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
+  else:
+    m_lo = (jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)
+            + jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)) * (1 - _REL)
+    m_hi = (jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
+            + jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)) * (1 + _REL)
+  guard_may_fire = jnp.zeros_like(m_lo, bool)
+  if spec.guard is not None:  # where it fires, v = 0 with another scale: no step to read
+    guard_may_fire = m_lo <= (q * spec.guard[1] * (1 + _REL) if spec.guard[0] != "eq" else 0.0)
+  # k = v / s with s in [m_lo, m_hi] / Q (float32's rounding of s and of k s inside the slack)
+  safe = jnp.where(m_lo > 0, m_lo, 1.0)
+  k_lo = jnp.minimum(value_lo * q / safe, value_lo * q / m_hi)
+  k_hi = jnp.maximum(value_hi * q / safe, value_hi * q / m_hi)
+  k_lo = jnp.ceil(k_lo - jnp.abs(k_lo) * 4 * _REL - _REL)
+  k_hi = jnp.floor(k_hi + jnp.abs(k_hi) * 4 * _REL + _REL)
+  known = (m_lo > 0) & ~guard_may_fire & jnp.isfinite(k_lo) & jnp.isfinite(k_hi)
+  ends = (k_lo * (m_lo / q) * (1 - _REL), k_lo * (m_hi / q) * (1 + _REL))
+  step_lo = jnp.where(k_lo >= 0, ends[0], ends[1])
+  step_hi = jnp.where(k_lo >= 0, ends[1], ends[0])
+  one = known & (k_lo == k_hi)
+  none = known & (k_lo > k_hi)
+  out_lo = jnp.where(one, jnp.maximum(value_lo, step_lo), value_lo)
+  out_hi = jnp.where(one, jnp.minimum(value_hi, step_hi), value_hi)
+  # Empty, kept finite (an infinity would turn into NaN in the rows that read it): a lower end
+  # above the upper one by more than the input's width, so the error's bounds cross as well.
+  return jnp.where(none, value_hi + 2 * (hi - lo) + 1, out_lo), out_hi
+

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards, nonlinear, refute, relusplit, rms_rest
+from qbound.bounds import guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import (candidate_axes, resolve_split_rule, split_at, split_scores,
                                      strong_branching_axis)
@@ -234,6 +234,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                      sound: bool = True, strong_branching_dims: int = 8, mesh=None,
                      progress: Optional[bool] = False, report=None, zonotope: Optional[bool] = None,
                      search: Optional[bool] = None, relu_split: Optional[bool] = None,
+                     tie_split: Optional[bool] = None,
                      split_rule: Optional[str] = None, stop=None) -> BabResult:
   """Input-splitting branch and bound on the maximal error of a merged network.
 
@@ -272,6 +273,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     relu_split: with strong branching, let splits on the sign of an unstable ReLU's input compete
       with the input splits once a piece has been split ``RELU_SPLIT_DEPTH`` times
       (:mod:`qbound.bounds.relusplit`; float-sound or not); None: ``RELU_SPLIT``.
+    tie_split: with strong branching, let splits on a dynamic rounding's step compete with the input
+      splits once a piece has been split ``tiesplit.DEPTH`` times (:mod:`qbound.bounds.tiesplit`);
+      None: ``tiesplit.ENABLED``.
     split_rule: which inputs a piece's split tries: ``"bound"`` (the worst output's bound
       coefficients times the width), ``"gradient"`` (an interval gradient of ``f_j - f_q,j`` over
       the piece times the width, as NeuroDiff splits; paired chains of affine layers, ReLUs and
@@ -318,6 +322,12 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
+  # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
+  # dynamic roundings' values (bab_batch.kept_nodes lists them after the activations' inputs).
+  tie_entries = []
+  if (tiesplit.ENABLED if tie_split is None else bool(tie_split)) and paired:
+    kept_at = bab_batch.kept_nodes(merged.f_graph, paired, merged.fq_graph)
+    tie_entries = [len(kept_at) + p for p, i in enumerate(kept_at) if tiesplit.applies(merged.fq_graph.nodes[i])]
   split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
@@ -519,14 +529,18 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
           kept = heap[0][8]
           neurons = relusplit.neuron_candidates(kept, 2 * len(kept) // 3 if paired else len(kept),
                                                 RELU_SPLIT_CANDIDATES)
-        if take and len(los) + 2 * (len(candidates) + len(neurons)) > batch_size:  # the batch is full
+        # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py) likewise.
+        ties = []
+        if tie_entries and heap[0][9] >= tiesplit.DEPTH:
+          ties = tiesplit.tie_candidates(heap[0][8], tie_entries, tiesplit.CANDIDATES)
+        if take and len(los) + 2 * (len(candidates) + len(neurons) + len(ties)) > batch_size:  # the batch is full
           break
         t = heapq.heappop(heap)
-        if not candidates and not neurons:  # a single point, every ReLU stable: nothing left to split
+        if not candidates and not neurons and not ties:  # a single point, nothing loose left to split
           close(t)
           continue
         take.append(t)
-        axes.append(candidates + neurons)
+        axes.append(candidates + neurons + ties)
         for axis in candidates:
           left_hi, right_lo = split_at(t[2], t[3], axis)
           los += [t[2], right_lo]
@@ -538,6 +552,12 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
           los += [t[2], t[2]]
           his += [t[3], t[3]]
           priors += list(relusplit.split(t[8], entry, neuron))
+          depths += [t[9]] * 2
+          splits += [t[10] + 1] * 2
+        for entry, index, threshold in ties:
+          los += [t[2], t[2]]
+          his += [t[3], t[3]]
+          priors += list(tiesplit.split(t[8], entry, index, threshold))
           depths += [t[9]] * 2
           splits += [t[10] + 1] * 2
       children = []

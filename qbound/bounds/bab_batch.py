@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qbound import graph as G
+from qbound.bounds import tiesplit
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
 from qbound.bounds.sparse import crown_bounds_sparse, diff_bounds_sparse, output_rows, output_scatter
@@ -99,14 +100,14 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
     rows = output_rows(fg.nodes[out].size, outputs, tuple(fg.nodes[out].shape), lo.dtype, lo.shape[0])
     low, coefficients = diff_backward_lower(fg, qg, out, rows, z, zq, d, box, sound=sound, batched=True,
                                             with_coefficients=True)
-    nodes = kept_nodes(fg, paired)
+    nodes = kept_nodes(fg, paired, qg)
     keep = tuple(b[i] for b in (z, zq, d) for i in nodes)
     if split_rule == "gradient":
       coefficients = gradient_coefficients(fg, qg, lo, hi, z, zq, outputs)
     result = (output_scatter(d[out], jnp.asarray(outputs), low), coefficients, keep)
     return (result, widening_of(fg, z, zq, d)) if widening else result
   if paired:
-    nodes = kept_nodes(fg, paired)
+    nodes = kept_nodes(fg, paired, qg)
     known = None
     if prior is not None:
       k = len(nodes)
@@ -161,9 +162,14 @@ def influence_coefficients(influence, lo, hi, outputs):
   return jnp.concatenate([rows, rows], axis=1)
 
 
-def kept_nodes(graph: G.Graph, paired: bool) -> list[int]:
-  """The nodes whose bounds a piece passes on to its children: those activations read."""
-  return relu_inputs(graph)
+def kept_nodes(graph: G.Graph, paired: bool, qg: G.Graph = None) -> list[int]:
+  """The nodes whose bounds a piece passes on to its children: those activations read, and (paired,
+  ``qg`` given) f_q's dynamic roundings, whose value bounds a tie split clamps
+  (:mod:`qbound.bounds.tiesplit`)."""
+  nodes = relu_inputs(graph)
+  if not (paired and qg is not None and tiesplit.ENABLED):
+    return nodes
+  return sorted(set(nodes) | {i for i, node in enumerate(qg.nodes) if tiesplit.applies(node)})
 
 
 def node_list(n: int, nodes, values) -> list:

@@ -365,14 +365,22 @@ def dynamic_error(node: G.Node, lo, hi, rest=None):
   ``over_bottom`` are the parts of ``-below`` and ``above`` that only saturating entries reach, at most
   :func:`qbound.dynamic_rounding.joint_saturation`'s count of a group at once (0 for other scales).
   ``rest`` (``rms`` scales): an optional :class:`qbound.rms_rounding.Joint`, what the network proves of
-  its saturations (:mod:`qbound.bounds.rms_rest`)."""
+  its saturations (:mod:`qbound.bounds.rms_rest`); other scales: optional bounds known to hold on the
+  node's value, ``(lower, upper)`` (a sub-problem split on it, :mod:`qbound.bounds.tiesplit`)."""
   spec = node.attrs[1]
   if spec.norm == "rms":
     p = dynamic_rounding.saturation_parts(spec, lo, hi, len(node.shape), rest)
     return -(p.base + p.over_top), p.base + p.over_bottom, p.flat, p.v_lo, p.v_hi, p.over_top, p.over_bottom
   half, flat, v_lo, v_hi = dynamic_bounds(node, lo, hi)
   zero = jnp.zeros_like(half)
-  return -half, half, flat, v_lo, v_hi, zero, zero
+  if rest is None:
+    return -half, half, flat, v_lo, v_hi, zero, zero
+  # A sub-problem with the value in known bounds (a tie split): with v = x + e, e lies within
+  # [value_lo - hi, value_hi - lo] as well as the band (rounded outward: these are offsets).
+  value_lo, value_hi = dynamic_rounding.value_range(spec, lo, hi, len(node.shape), rest)
+  below = jnp.maximum(-half, fp.round_down(value_lo - hi))
+  above = jnp.minimum(half, fp.round_up(value_hi - lo))
+  return below, above, flat, jnp.maximum(v_lo, value_lo), jnp.minimum(v_hi, value_hi), zero, zero
 
 
 # Without floating-point margins (sound=False) a bound may sit a few ulps on the wrong side of the
