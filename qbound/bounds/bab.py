@@ -274,8 +274,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       with the input splits once a piece has been split ``RELU_SPLIT_DEPTH`` times
       (:mod:`qbound.bounds.relusplit`; float-sound or not); None: ``RELU_SPLIT``.
     tie_split: with strong branching, let splits on a dynamic rounding's step compete with the input
-      splits once a piece has been split ``tiesplit.DEPTH`` times (:mod:`qbound.bounds.tiesplit`);
-      None: ``tiesplit.ENABLED``.
+      splits once a piece has been split ``tiesplit.DEPTH`` times (:mod:`qbound.bounds.tiesplit`;
+      float-sound only); None: ``tiesplit.ENABLED``.
     split_rule: which inputs a piece's split tries: ``"bound"`` (the worst output's bound
       coefficients times the width), ``"gradient"`` (an interval gradient of ``f_j - f_q,j`` over
       the piece times the width, as NeuroDiff splits; paired chains of affine layers, ReLUs and
@@ -325,7 +325,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
   # dynamic roundings' values (bab_batch.kept_nodes lists them after the activations' inputs).
   tie_entries = []
-  if (tiesplit.ENABLED if tie_split is None else bool(tie_split)) and paired:
+  if (tiesplit.ENABLED if tie_split is None else bool(tie_split)) and paired and sound:
     kept_at = bab_batch.kept_nodes(merged.f_graph, paired, merged.fq_graph)
     tie_entries = [len(kept_at) + p for p, i in enumerate(kept_at) if tiesplit.applies(merged.fq_graph.nodes[i])]
   split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)

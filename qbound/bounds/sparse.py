@@ -309,8 +309,10 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       if rms_rest.applies(nq):  # which entries of an rms quantization can saturate: three rows per entry
         extra = {"rest": rms_rest.joint_bounds(qg, i, zq, box, backward_lower, sound=sound, batched=True,
                                                lines={k: v[1] for k, v in lines.items()})}
-      elif tiesplit.applies(nq) and prior is not None and _known(prior[1], i) is not None:
-        extra = {"rest": _known(prior[1], i)}  # a sub-problem's bounds on the value may pin its step
+      elif sound and tiesplit.applies(nq) and prior is not None and _known(prior[1], i) is not None:
+        # A sub-problem's bounds on the value may pin its step (float-sound bounds only: an
+        # unsound prior may miss the value by more than the slack and pin a step that is not there).
+        extra = {"rest": _known(prior[1], i)}
       lines[i] = _diff_lines(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
                              tuple(d[j] for j in ins), extra, sound=sound, batched=True)
     meet = lambda bounds: tuple(b if _known(p, i) is None else intersect(b, p[i], sound=sound)
