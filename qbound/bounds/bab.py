@@ -323,7 +323,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
-  # dynamic roundings' values (bab_batch.kept_nodes lists them after the activations' inputs).
+  # dynamic roundings' values (the second of the three groups z, z_q, d of bab_batch.kept_nodes).
   tie_entries = []
   if (tiesplit.ENABLED if tie_split is None else bool(tie_split)) and paired and sound:
     kept_at = bab_batch.kept_nodes(merged.f_graph, paired, merged.fq_graph)

@@ -11,10 +11,13 @@ branch and bound stalls along the surface (the nnx MLP with qwix's ``minmax``,
 The value of such an entry is ``v = k s`` for an integer ``k``. Splitting the piece at a threshold
 ``theta`` of ``v`` gives two sub-problems on the same box, ``v <= theta`` and ``v >= theta``,
 which cover it (as a ReLU split covers a piece with ``z >= 0`` and ``z <= 0``,
-:mod:`qbound.bounds.relusplit`). Each carries its clamped bounds on ``v`` as a prior; where they
-admit a single integer ``k``, :func:`qbound.dynamic_rounding.bounds` takes the entry as flat on
-that step, and where they admit none the sub-problem's bounds come out empty and it is dropped.
-With ``theta`` between two steps' values, each sub-problem holds one step.
+:mod:`qbound.bounds.relusplit`). Each carries its clamped bounds on ``v`` as a prior, which the
+sparse passes hand to the node's relaxation: there ``v`` is narrowed to one step's values where
+the bounds admit a single integer ``k`` (:func:`qbound.dynamic_rounding.value_range`), and the
+entry's error ``v - x`` is read from them as well as from its band
+(:func:`qbound.bounds.relax.dynamic_error`); where they admit none, the sub-problem's bounds come
+out empty and it is dropped. With ``theta`` between two steps' values, each sub-problem holds one
+step. Float-sound bounds only: without margins a prior may miss the value by more than the slack.
 
 Example:
   >>> import numpy as np
