@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qbound as qb
 from qbound import dynamic_rounding as DR
@@ -28,36 +30,52 @@ SPECS = [DR.DynamicScale(255.0, -128, 127, guard=_GUARD, zero_point=(-128.0, 255
          DR.DynamicScale(255.0, -128, 127, guard=_GUARD, axes=(-1,), zero_point=(-128.0, 255.0))]  # per row
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["minmax", "absmax", "minmax-int4", "minmax-per-row"])
-def test_value_bounds_of_a_sub_problem_hold_at_sampled_inputs(spec):
-  rng = np.random.default_rng(0)
-  node = G.Node(kind=G.ROUND, inputs=(0,), shape=(2, 4), attrs=(DR.DYNAMIC, spec))
-  n, samples = 24, 400
-  centre = rng.normal(size=(n, 2, 4)).astype(np.float32)
-  radius = (rng.choice([1e-4, 1e-2, 0.2], size=(n, 1, 1)) * np.abs(rng.normal(size=(n, 2, 4)))).astype(np.float32)
+def _check_sub_problems(spec, seed, n=24, samples=400, shape=(2, 4)):
+  """Random boxes, each with a random sub-problem (the value below or above a threshold inside what
+  the samples reach): every sample in it lies within ``value_range`` and its error within the
+  offsets ``relax.dynamic_error`` reads from it; none lies in a sub-problem called empty. Returns
+  how many entries had their offsets narrowed below the band."""
+  rng = np.random.default_rng(seed)
+  node = G.Node(kind=G.ROUND, inputs=(0,), shape=shape, attrs=(DR.DYNAMIC, spec))
+  centre = (rng.normal(size=(n, *shape)) * rng.choice([1e-3, 1.0, 30.0], size=(n,) + (1,) * len(shape)))
+  centre = np.where(rng.uniform(size=(n,) + (1,) * len(shape)) < 0.3, np.abs(centre), centre).astype(np.float32)
+  spread = rng.choice([1e-4, 1e-2, 0.2], size=(n,) + (1,) * len(shape)) * np.abs(centre).max(
+      axis=tuple(range(1, centre.ndim)), keepdims=True)
+  radius = (spread * np.abs(rng.normal(size=(n, *shape)))).astype(np.float32)
   lo, hi = centre - radius, centre + radius
-  xs = (lo[:, None] + rng.uniform(size=(n, samples, 2, 4)).astype(np.float32) * (hi - lo)[:, None]).astype(np.float32)
+  xs = (lo[:, None] + rng.uniform(size=(n, samples, *shape)).astype(np.float32) * (hi - lo)[:, None]).astype(np.float32)
   v = np.asarray(jax.vmap(jax.vmap(lambda x: DR.quantize(spec, x)))(jnp.asarray(xs)), np.float64)
-  # each box's sub-problem: the value below or above a threshold inside what the samples reach
-  theta = v.min(axis=1) + rng.uniform(size=(n, 2, 4)) * (v.max(axis=1) - v.min(axis=1))
-  below = rng.uniform(size=(n, 2, 4)) < 0.5
-  big = np.float32(1e3)
+  theta = v.min(axis=1) + rng.uniform(size=(n, *shape)) * (v.max(axis=1) - v.min(axis=1))
+  below = rng.uniform(size=(n, *shape)) < 0.5
+  big = np.float32(1e6)
   prior = (np.where(below, -big, theta).astype(np.float32), np.where(below, theta, big).astype(np.float32))
-  v_lo, v_hi = (np.asarray(a, np.float64) for a in DR.value_range(spec, jnp.asarray(lo), jnp.asarray(hi), 2,
+  ndim = len(shape)
+  v_lo, v_hi = (np.asarray(a, np.float64) for a in DR.value_range(spec, jnp.asarray(lo), jnp.asarray(hi), ndim,
                                                                    tuple(map(jnp.asarray, prior))))
   low, high = (np.asarray(a, np.float64) for a in relax.dynamic_error(node, jnp.asarray(lo), jnp.asarray(hi),
                                                                       tuple(map(jnp.asarray, prior)))[:2])
   held = (v >= prior[0][:, None]) & (v <= prior[1][:, None])  # the samples in the sub-problem, entry by entry
-  assert held.any()
   error = v - xs
   assert np.all(~held | ((v >= v_lo[:, None]) & (v <= v_hi[:, None])))
   assert np.all(~held | ((error >= low[:, None]) & (error <= high[:, None])))
   empty = v_lo > v_hi
   assert not np.any(held & empty[:, None])
-  # the band is never widened, and somewhere a single step was read
-  half = np.asarray(DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), 2)[0], np.float64)
-  assert np.all((low >= -half) & (high <= half) | empty)
-  assert np.any((high - low < 2 * half * 0.9) & ~empty)
+  half = np.asarray(DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), ndim)[0], np.float64)
+  assert np.all(((low >= -half) & (high <= half)) | empty)  # the band is never widened
+  return int(np.sum((high - low < 2 * half * 0.9) & ~empty))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["minmax", "absmax", "minmax-int4", "minmax-per-row"])
+def test_value_bounds_of_a_sub_problem_hold_at_sampled_inputs(spec):
+  assert _check_sub_problems(spec, seed=0) > 0  # somewhere the value's bounds narrowed the error's
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(SPECS), st.sampled_from([(4,), (2, 3), (3, 1, 2)]))
+def test_value_bounds_hold_in_random_boxes(seed, spec, shape):
+  if spec.axes is not None:  # a scale per group of the last axis, whatever the shape
+    spec = DR.DynamicScale(spec.divisor, spec.low, spec.high, spec.rounding, spec.guard, (-1,), spec.zero_point)
+  _check_sub_problems(spec, seed, n=12, samples=100, shape=shape)
 
 
 def test_the_two_halves_of_a_split_cover_the_value():
