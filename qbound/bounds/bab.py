@@ -275,7 +275,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       (:mod:`qbound.bounds.relusplit`; float-sound or not); None: ``RELU_SPLIT``.
     tie_split: with strong branching, let splits on a dynamic rounding's step compete with the input
       splits once a piece has been split ``tiesplit.DEPTH`` times (:mod:`qbound.bounds.tiesplit`;
-      float-sound only); None: ``tiesplit.ENABLED``.
+      float-sound only); None: ``tiesplit.ENABLED`` with a ``time_budget`` of at least
+      ``tiesplit.MIN_BUDGET`` seconds.
     split_rule: which inputs a piece's split tries: ``"bound"`` (the worst output's bound
       coefficients times the width), ``"gradient"`` (an interval gradient of ``f_j - f_q,j`` over
       the piece times the width, as NeuroDiff splits; paired chains of affine layers, ReLUs and
@@ -324,8 +325,11 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
   # dynamic roundings' values (the second of the three groups z, z_q, d of bab_batch.kept_nodes).
+  # By default only in runs of at least tiesplit.MIN_BUDGET seconds (see there).
+  ties = (tiesplit.ENABLED and time_budget >= tiesplit.MIN_BUDGET) if tie_split is None else bool(tie_split)
+  ties = ties and paired and sound and any(tiesplit.applies(node) for node in merged.fq_graph.nodes)
   tie_entries = []
-  if (tiesplit.ENABLED if tie_split is None else bool(tie_split)) and paired and sound:
+  if ties:
     kept_at = bab_batch.kept_nodes(merged.f_graph, paired, merged.fq_graph)
     tie_entries = [len(kept_at) + p for p, i in enumerate(kept_at) if tiesplit.applies(merged.fq_graph.nodes[i])]
   split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
@@ -336,13 +340,13 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     layout.update(sharding.layout(lo))
     if root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
-                                       zonotope=zonotope, split_rule=split_rule)
+                                       zonotope=zonotope, split_rule=split_rule, ties=ties)
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
     # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.
     return sharding.gather(batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
                                          dense=dense and not constrained, zonotope=zonotope,
-                                         check=not constrained, split_rule=split_rule))
+                                         check=not constrained, split_rule=split_rule, ties=ties))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
@@ -530,17 +534,17 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
           neurons = relusplit.neuron_candidates(kept, 2 * len(kept) // 3 if paired else len(kept),
                                                 RELU_SPLIT_CANDIDATES)
         # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py) likewise.
-        ties = []
+        tie_splits = []
         if tie_entries and heap[0][9] >= tiesplit.DEPTH:
-          ties = tiesplit.tie_candidates(heap[0][8], tie_entries, tiesplit.CANDIDATES)
-        if take and len(los) + 2 * (len(candidates) + len(neurons) + len(ties)) > batch_size:  # the batch is full
+          tie_splits = tiesplit.tie_candidates(heap[0][8], tie_entries, tiesplit.CANDIDATES)
+        if take and len(los) + 2 * (len(candidates) + len(neurons) + len(tie_splits)) > batch_size:  # the batch is full
           break
         t = heapq.heappop(heap)
-        if not candidates and not neurons and not ties:  # a single point, nothing loose left to split
+        if not candidates and not neurons and not tie_splits:  # a single point, nothing loose left to split
           close(t)
           continue
         take.append(t)
-        axes.append(candidates + neurons + ties)
+        axes.append(candidates + neurons + tie_splits)
         for axis in candidates:
           left_hi, right_lo = split_at(t[2], t[3], axis)
           los += [t[2], right_lo]
@@ -554,7 +558,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
           priors += list(relusplit.split(t[8], entry, neuron))
           depths += [t[9]] * 2
           splits += [t[10] + 1] * 2
-        for entry, index, threshold in ties:
+        for entry, index, threshold in tie_splits:
           los += [t[2], t[2]]
           his += [t[3], t[3]]
           priors += list(tiesplit.split(t[8], entry, index, threshold))

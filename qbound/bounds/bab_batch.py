@@ -66,7 +66,7 @@ WIDENING_AT_BATCH_SHAPE = True
 
 def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
-                  zonotope: bool = False, check: bool = True, split_rule: str = "bound"):
+                  zonotope: bool = False, check: bool = True, split_rule: str = "bound", ties: bool = False):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -90,6 +90,9 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
   ``split_rule="gradient"`` (paired chains, :func:`qbound.bounds.splitting.gradient_supported`):
   the coefficients returned are an interval gradient's largest magnitude instead
   (:func:`qbound.bounds.splitting.gradient_coefficients`).
+
+  ``ties`` (paired nets): the bounds passed on include f_q's dynamic roundings' values, which tie
+  splits clamp (:mod:`qbound.bounds.tiesplit`).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -100,14 +103,14 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
     rows = output_rows(fg.nodes[out].size, outputs, tuple(fg.nodes[out].shape), lo.dtype, lo.shape[0])
     low, coefficients = diff_backward_lower(fg, qg, out, rows, z, zq, d, box, sound=sound, batched=True,
                                             with_coefficients=True)
-    nodes = kept_nodes(fg, paired, qg)
+    nodes = kept_nodes(fg, paired, qg if ties else None)
     keep = tuple(b[i] for b in (z, zq, d) for i in nodes)
     if split_rule == "gradient":
       coefficients = gradient_coefficients(fg, qg, lo, hi, z, zq, outputs)
     result = (output_scatter(d[out], jnp.asarray(outputs), low), coefficients, keep)
     return (result, widening_of(fg, z, zq, d)) if widening else result
   if paired:
-    nodes = kept_nodes(fg, paired, qg)
+    nodes = kept_nodes(fg, paired, qg if ties else None)
     known = None
     if prior is not None:
       k = len(nodes)
@@ -167,7 +170,7 @@ def kept_nodes(graph: G.Graph, paired: bool, qg: G.Graph = None) -> list[int]:
   ``qg`` given) f_q's dynamic roundings, whose value bounds a tie split clamps
   (:mod:`qbound.bounds.tiesplit`)."""
   nodes = relu_inputs(graph)
-  if not (paired and qg is not None and tiesplit.ENABLED):
+  if not (paired and qg is not None):
     return nodes
   return sorted(set(nodes) | {i for i, node in enumerate(qg.nodes) if tiesplit.applies(node)})
 
