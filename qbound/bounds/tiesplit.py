@@ -45,9 +45,9 @@ ENABLED = True
 CANDIDATES = 2
 DEPTH = 24
 # By default only in branch and bound runs of at least this many seconds: on the qwix MLPs with
-# dynamic scales, tie splits lowered the nnx minmax row's bound after 30 and 60 s (0.03647 and
-# 0.03631 against 0.03696 and 0.03690) and changed nothing in the default 10 s, where the first
-# call's bound came out 1-3% looser on the dynamic rows (their sub-problems' programs compile
+# dynamic scales, tie splits lowered the nnx minmax row's bound after 30 and 60 s (0.03649 and
+# 0.03632 against 0.03696 and 0.03690) and changed nothing in the default 10 s, where the first
+# call's bound came out 1-3.5% looser on the dynamic rows (their sub-problems' programs compile
 # during the call): docs/results/quant-libraries.md.
 MIN_BUDGET = 20.0
 # A node's step is taken as ``max|v| / MIN_STEPS`` (int8: 127 steps a side at most), and an entry's
