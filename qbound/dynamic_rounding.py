@@ -199,6 +199,32 @@ def saturation_parts(spec: DynamicScale, lo, hi, ndim: int, rest=None) -> rms_ro
   return rms_rounding.parts(spec, lo, hi, axes, rest)
 
 
+def _span(spec: DynamicScale, lo, hi, axes):
+  """``(m_lo, m_hi, parts)``: bounds of the range ``m`` a ``max`` scale spans for inputs in
+  ``[lo, hi]``, per group of ``axes`` (``max|t|``; with a zero point ``max(max t, 0) - min(min t, 0)``),
+  widened by ``_REL``; ``parts`` with a zero point, the bounds ``(top_lo, top_hi, neg_lo, neg_hi)``
+  of ``max(max t, 0)`` and ``-min(min t, 0)``, else None."""
+  if spec.zero_point is None:
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+    return (jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL), jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL),
+            None)
+  top_lo = jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)
+  top_hi = jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
+  neg_lo = jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)
+  neg_hi = jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)
+  return (top_lo + neg_lo) * (1 - _REL), (top_hi + neg_hi) * (1 + _REL), (top_lo, top_hi, neg_lo, neg_hi)
+
+
+def _guard_may_fire(spec: DynamicScale, m_lo):
+  """Where the scale's guard may replace it (a range of at most ``m_lo`` below its cut)."""
+  if spec.guard is None:
+    return jnp.zeros_like(m_lo, bool)
+  if spec.guard[0] == "eq":
+    return m_lo <= 0
+  return m_lo <= spec.divisor * spec.guard[1] * (1 + _REL)
+
+
 def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   """What is known of the node's value ``v = q(t)`` for ``t`` in ``[lo, hi]`` (one box, or
   a batch of boxes along leading axes; the node's own ``ndim`` trailing axes are the tensor).
@@ -213,21 +239,14 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   if spec.norm == "rms":
     return rms_rounding.bounds(spec, lo, hi, axes, rest)
   q = spec.divisor
+  m_lo, m_hi, parts = _span(spec, lo, hi, axes)
   if spec.zero_point is None:
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
-    m_hi = jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL)  # bounds of max|t|
-    m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
     zero, zero_known, zero_steps = 0.0, True, 0.0
   else:
-    # m = max(max t, 0) - min(min t, 0), the range the scale spans; the zero point is
-    # z = round(offset - span min(min t, 0) / m), constant where its argument stays inside one step.
+    # The zero point is z = round(offset - span min(min t, 0) / m), constant where its argument
+    # stays inside one step.
     offset, span = spec.zero_point
-    top_lo = jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)  # bounds of max(max t, 0)
-    top_hi = jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
-    neg_lo = jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)  # bounds of -min(min t, 0)
-    neg_hi = jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)
-    m_lo, m_hi = (top_lo + neg_lo) * (1 - _REL), (top_hi + neg_hi) * (1 + _REL)
+    top_lo, top_hi, neg_lo, neg_hi = parts
     share_lo = jnp.where(neg_lo > 0, neg_lo / jnp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
     share_hi = jnp.where(top_lo > 0, neg_hi / jnp.where(top_lo > 0, top_lo + neg_hi, 1.0), 1.0)
     arg_slack = (abs(offset) + span + 1) * _REL
@@ -251,14 +270,10 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
     band = jnp.where(zero_known, jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo)), 0.5 + zero_steps)
     band = jnp.minimum(band, 0.5 + zero_steps) + (abs(spec.zero_point[0]) + q + spec.zero_point[1] + 1) * _REL
   half = m_hi * ((band / q) * (1 + _REL) + _REL)
-  guard_may_fire = jnp.zeros_like(m_lo, bool)
+  guard_may_fire = _guard_may_fire(spec, m_lo)
   if spec.guard is not None and spec.guard[0] != "eq":
-    _, cut, _ = spec.guard
     # where the guard fires, q = 0 and the error is |t| <= m < Q cut
-    guard_may_fire = m_lo <= q * cut * (1 + _REL)
-    half = jnp.maximum(half, jnp.minimum(m_hi, q * cut * (1 + _REL)))
-  elif spec.guard is not None:
-    guard_may_fire = m_lo <= 0
+    half = jnp.maximum(half, jnp.minimum(m_hi, q * spec.guard[1] * (1 + _REL)))
   k = jnp.clip(jnp.round(u_lo), spec.low, spec.high)
   one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
   at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
@@ -283,18 +298,8 @@ def value_range(spec: DynamicScale, lo, hi, ndim: int, value):
   value_lo, value_hi = value
   axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
   q = spec.divisor
-  if spec.zero_point is None:
-    m_hi = jnp.max(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), axis=axes, keepdims=True) * (1 + _REL)
-    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
-    m_lo = jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL)
-  else:
-    m_lo = (jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)
-            + jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)) * (1 - _REL)
-    m_hi = (jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
-            + jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)) * (1 + _REL)
-  guard_may_fire = jnp.zeros_like(m_lo, bool)
-  if spec.guard is not None:  # where it fires, v = 0 with another scale: no step to read
-    guard_may_fire = m_lo <= (q * spec.guard[1] * (1 + _REL) if spec.guard[0] != "eq" else 0.0)
+  m_lo, m_hi, _ = _span(spec, lo, hi, axes)
+  guard_may_fire = _guard_may_fire(spec, m_lo)  # where it fires, v = 0 with another scale: no step to read
   # k = v / s with s in [m_lo, m_hi] / Q (float32's rounding of s and of k s inside the slack)
   safe = jnp.where(m_lo > 0, m_lo, 1.0)
   k_lo = jnp.minimum(value_lo * q / safe, value_lo * q / m_hi)
