@@ -74,17 +74,17 @@ def neuron_candidates(kept: Sequence, splittable: int, count: int) -> list[tuple
   return [(entry, k) for _, entry, k in scored[:count]]
 
 
-def clamp(kept: Sequence, entry: int, neuron: int, active: bool) -> tuple:
-  """``kept`` with one neuron's bounds restricted to one sign: ``[max(l, 0), u]`` if ``active``,
-  else ``[l, min(u, 0)]``. Copies only the entry it changes."""
+def clamp(kept: Sequence, entry: int, neuron: int, active: bool, threshold: float = 0.0) -> tuple:
+  """``kept`` with one neuron's bounds restricted to one side of ``threshold`` (0: its sign):
+  ``[max(l, t), u]`` if ``active``, else ``[l, min(u, t)]``. Copies only the entry it changes."""
   lower, upper = kept[entry]
   shape = np.shape(lower)
   lower = np.array(lower, copy=True).reshape(-1)
   upper = np.array(upper, copy=True).reshape(-1)
   if active:
-    lower[neuron] = max(lower[neuron], 0)
+    lower[neuron] = max(lower[neuron], threshold)
   else:
-    upper[neuron] = min(upper[neuron], 0)
+    upper[neuron] = min(upper[neuron], threshold)
   out = list(kept)
   out[entry] = (lower.reshape(shape), upper.reshape(shape))
   return tuple(out)

@@ -37,6 +37,7 @@ import numpy as np
 
 from qbound import dynamic_rounding
 from qbound import graph as G
+from qbound.bounds import relusplit
 
 # Whether branch_and_bound's strong branching also tries splits on dynamic roundings' steps
 # (branch_and_bound's ``tie_split=None``), how many entries per piece, and after how many input
@@ -95,15 +96,9 @@ def tie_candidates(kept: Sequence, entries: Sequence[int], count: int) -> list[t
 
 def split(kept: Sequence, entry: int, index: int, threshold: float) -> tuple[tuple, tuple]:
   """The two sub-problems' bounds: ``v <= threshold`` and ``v >= threshold`` at ``kept[entry]``'s
-  entry ``index`` (flat). Copies only the entry it changes."""
-  lower, upper = kept[entry]
-  below_upper = np.array(upper, copy=True)
-  above_lower = np.array(lower, copy=True)
-  dtype = below_upper.dtype
-  # The threshold as a float of the bounds' dtype, rounded so both sides still cover it.
+  entry ``index`` (flat), clamped as a ReLU split clamps (:func:`qbound.bounds.relusplit.clamp`)."""
+  dtype = np.asarray(kept[entry][0]).dtype
+  # The threshold as a float of the bounds' dtype, a step outward on each side so both cover it.
   theta = np.asarray(threshold, dtype)
-  below_upper.reshape(-1)[index] = min(below_upper.reshape(-1)[index], np.nextafter(theta, np.inf, dtype=dtype))
-  above_lower.reshape(-1)[index] = max(above_lower.reshape(-1)[index], np.nextafter(theta, -np.inf, dtype=dtype))
-  below = tuple(kept[:entry]) + ((lower, below_upper),) + tuple(kept[entry + 1:])
-  above = tuple(kept[:entry]) + ((above_lower, upper),) + tuple(kept[entry + 1:])
-  return below, above
+  return (relusplit.clamp(kept, entry, index, False, np.nextafter(theta, np.inf, dtype=dtype)),
+          relusplit.clamp(kept, entry, index, True, np.nextafter(theta, -np.inf, dtype=dtype)))
