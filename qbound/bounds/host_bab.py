@@ -130,7 +130,7 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
 
 def chain_of(merged) -> Optional[Chain]:
   """The merged network as a :class:`Chain`, or None when it is not a small paired chain of dense
-  layers (``x @ W + b``) and ReLUs (identity roundings skipped) with few inputs (see
+  layers (``x @ W + b``) and ReLUs (roundings that are identities in both nets skipped) with few inputs (see
   ``MAX_NEURONS``, ``MAX_INPUTS``). An input normalisation that f and f_q share exactly (clip,
   shift, divide or multiply entry by entry, as :func:`qbound.io.load_nnet` builds) becomes the
   chain's ``prefix``."""
@@ -150,7 +150,8 @@ def chain_of(merged) -> Optional[Chain]:
       return None
     if a.kind == G.RELU:
       neurons += 2 * a.size
-    elif not (a.kind == G.AFFINE or identity(a)):
+    elif not (a.kind == G.AFFINE or (identity(a) and identity(b))):
+      # (f's identity beside f_q's own rounding, static or dynamic, is not skipped: f_q rounds there.)
       return None
     kinds.append(a.kind)
   if neurons > MAX_NEURONS:
