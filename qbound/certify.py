@@ -422,9 +422,13 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
       search_failure.append(err)
 
+  from qbound.bounds.bab import small_net_steps
+  from qbound.bounds.common import step_compile
+
   def run_stages():
     try:
-      bound_stages()
+      with step_compile(small_net_steps(merged)):  # (in the thread that runs the stages)
+        bound_stages()
       start_staircase_search()  # if no stage started it (a method without branch and bound)
     except BaseException:
       stages_failed.set()  # the host search stops too, and the error is raised at once

@@ -37,6 +37,7 @@ alpha-beta-CROWN (Wang et al., NeurIPS 2021).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import time
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from qbound import graph as G
 from qbound import sharding, validate
-from qbound.bounds import guards, nonlinear, refute, relusplit, rms_rest, tiesplit
+from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import (candidate_axes, resolve_split_rule, split_at, split_scores,
                                      strong_branching_axis)
@@ -228,6 +229,25 @@ WITHIN_PARENT = True
 REPORT_EVERY = 0.1
 
 
+def small_net_steps(merged) -> Optional[dict]:
+  """The XLA options of the steps compiled for ``merged``'s bounds: ``common.SMALL_NET_STEP_COMPILE``
+  on nets of at most :data:`SMALL_NET_NEURONS` activation neurons, None (the default) otherwise or
+  for anything that is not a merged network (validated later, with its own error)."""
+  if not hasattr(merged, "f_graph"):
+    return None
+  return common.SMALL_NET_STEP_COMPILE if _activation_neurons(merged) <= SMALL_NET_NEURONS else None
+
+
+def _with_small_net_steps(search):
+  """``search(merged, box, **kwargs)`` run with its steps compiled as :func:`small_net_steps` says."""
+  @functools.wraps(search)
+  def run(merged, box, **kwargs):
+    with common.step_compile(small_net_steps(merged)):
+      return search(merged, box, **kwargs)
+  return run
+
+
+@_with_small_net_steps
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,

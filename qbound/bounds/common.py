@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Callable
 
@@ -83,6 +85,44 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # compile time but cost up to 20% of ACAS Xu's warm time per batch: not taken.
 STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1}
 
+# XLA options for the steps of small nets (branch_and_bound's and certify's, at most
+# bab.SMALL_NET_NEURONS activation neurons): optimisation level 1 as well. There a step's arrays are
+# small, a first call is mostly compilation, and without the persistent cache (a machine's first
+# call ever) the first batch of branch and bound on qwix's dynamic int8 nnx MLP took 12.1 s to
+# compile at the default level against 7.2 s at level 1, while warm calls bounded as many pieces
+# (35,785 and 35,281 at level 1 against 37,801 and 30,997 in 10 s; docs/results/quant-libraries.md).
+SMALL_NET_STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1, "xla_backend_optimization_level": 1}
+
+# The XLA options of the steps compiled in this context (None: STEP_COMPILE); see step_compile.
+_STEP_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("qbound_step_options", default=None)
+
+
+@contextlib.contextmanager
+def step_compile(options: dict | None):
+  """Steps dispatched inside the ``with`` block (in this thread) compile with XLA ``options``
+  instead of :data:`STEP_COMPILE` (None: no change). Used for small nets, see
+  :data:`SMALL_NET_STEP_COMPILE`.
+
+  Example:
+    >>> from qbound.bounds import common
+    >>> with common.step_compile(common.SMALL_NET_STEP_COMPILE):
+    ...   common.current_step_compile() is common.SMALL_NET_STEP_COMPILE
+    True
+    >>> common.current_step_compile() is common.STEP_COMPILE
+    True
+  """
+  token = _STEP_OPTIONS.set(options) if options is not None else None
+  try:
+    yield
+  finally:
+    if token is not None:
+      _STEP_OPTIONS.reset(token)
+
+
+def current_step_compile() -> dict:
+  """The XLA options steps compile with here (see :func:`step_compile`)."""
+  return _STEP_OPTIONS.get() or STEP_COMPILE
+
 
 @functools.cache
 def _on_cpu() -> bool:
@@ -96,7 +136,7 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
   Branch and bound and batched certification bound many boxes at once; mapping inside each compiled
   step keeps the Python walk between steps as cheap as for one box (``jax.vmap`` around the walk
   would re-batch every step on every call). ``compiler_options``: XLA's, e.g. :data:`FAST_COMPILE`;
-  None: :data:`STEP_COMPILE` on CPU (read at each call, so it can be changed at run time).
+  None: :func:`current_step_compile` on CPU (:data:`STEP_COMPILE` unless :func:`step_compile` says otherwise; read at each call).
   """
 
   def mapped(*args, sound):
@@ -125,7 +165,7 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
     if tracing(args) or inside_transformation():
       one, many = plain
     else:
-      options = compiler_options if compiler_options is not None else STEP_COMPILE if _on_cpu() else None
+      options = compiler_options if compiler_options is not None else current_step_compile() if _on_cpu() else None
       one, many = compiled(options)
     return (many if batched else one)(*args, sound=sound)
 
