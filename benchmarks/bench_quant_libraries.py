@@ -27,16 +27,19 @@ weights) on the L-inf ball of radius 0.05 around a bundled 8x8 digits test image
 
 the table gives ``qb.certify``'s proven bound (default method ``auto`` and time budget), the error
 reached (at its witness) and their ratio on the first call, the ratio on a second call, whether f
-and f_q pair (differential bounds), the time of the first call (each row runs in a fresh process,
-so this includes every compilation, as a user's first call would) and of a second, warm call, both
-with the same time budget. Every bound is also checked
+and f_q pair (differential bounds), the time of the first call (each row runs in a fresh process
+with an empty persistent compilation cache of its own, so this includes every compilation, as a
+machine's first call on a model does; ``--cache user`` keeps the user's cache instead, where the
+programs of earlier runs make a new process's first call nearly warm) and of a second, warm call,
+both with the same time budget. Every bound is also checked
 against an independent search on the libraries' own functions in float32 (5000 uniform samples and
 vertices plus ``qb.maximize_error`` with another key, gradient ascent and 40 rounds of refinement):
 ``independent`` is what it reached, which must not exceed ``bound``.
 
 Run from the repository root (needs the ``qwix`` and ``aqt`` extras)::
 
-    python benchmarks/bench_quant_libraries.py              # all rows, about 6 minutes on 2 cores
+    python benchmarks/bench_quant_libraries.py              # all rows, cold, about 12 minutes on 2 cores
+    python benchmarks/bench_quant_libraries.py --cache user # the user's compilation cache (later processes)
     python benchmarks/bench_quant_libraries.py --models linen-mlp --configs "aqt int8"
     python benchmarks/bench_quant_libraries.py --models linen-mlp --configs "aqt static int8 po2" \
         --radius 0.0625 --center 0.26 -0.34 0.16 -0.04     # a local box (5^4 cells of AQT's input grid)
@@ -50,9 +53,11 @@ import argparse
 import csv
 import functools
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -336,6 +341,10 @@ def main(argv=None):
   parser.add_argument("--radius", type=float, default=None,
                       help="certify on the L-inf ball of this radius around --center instead (MLPs)")
   parser.add_argument("--center", type=float, nargs="*", default=[0.0], help="the ball's centre (one value or one per input)")
+  parser.add_argument("--cache", choices=("cold", "user"), default="cold",
+                      help="cold (default): each row's process starts from an empty persistent compilation cache of "
+                           "its own, as a machine's first call on a model does; user: the environment's cache "
+                           "(QBOUND_JAX_CACHE or ~/.cache/qbound/jax), where earlier runs left the programs")
   parser.add_argument("--one", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)  # one row, as JSON
   args = parser.parse_args(argv)
   if args.one:
@@ -344,10 +353,14 @@ def main(argv=None):
   rows = []
   for model_name in args.models:
     for config in args.configs:
-      # A fresh process per row: its first call pays every compilation, as a user's first call does.
+      # A fresh process per row, with an empty compilation cache of its own (--cache cold): its first
+      # call pays every compilation, as a machine's first call on a model does. (With the user's
+      # cache, programs compiled by earlier runs of the same models are read from disk instead.)
       local = [] if args.radius is None else ["--radius", str(args.radius), "--center", *map(str, args.center)]
-      done = subprocess.run([sys.executable, __file__, "--one", model_name, config, "--time-budget",
-                             str(args.time_budget), *local], capture_output=True, text=True, check=False)
+      with tempfile.TemporaryDirectory(prefix="qbound-cold-cache-") as empty:
+        env = dict(os.environ, QBOUND_JAX_CACHE=empty) if args.cache == "cold" else None
+        done = subprocess.run([sys.executable, __file__, "--one", model_name, config, "--time-budget",
+                               str(args.time_budget), *local], capture_output=True, text=True, check=False, env=env)
       if done.returncode != 0:
         raise RuntimeError(f"{model_name} {config} failed:\n{done.stderr[-3000:]}")
       rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
