@@ -133,6 +133,26 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
 # rms MLPs ended at 25-59x instead of 255-535x, but once at 25.6 where main's got 4.39 (branch and
 # bound compiled sooner without it): a trade, not a gain, so off (docs/results/qwix-rms.md).
 PLAIN_DIFF_BESIDE_BAB = False
+# On by default: on staircases whose f_q computes its scales from the input (dynamic roundings), the
+# differential *interval* pass (certify(method="diff-interval"), no backward rows) in a thread of its
+# own beside branch and bound. Where the persistent cache does not hold the programs (a machine's
+# first call on a model), its steps compile in 1-2 s while branch and bound's first batch takes 5-12
+# s, and it bounds these errors 3-30x tighter than intervals: first calls of qwix's dynamic MLPs
+# (fresh processes, cache off) ended at 28-35x the reached error instead of 660-1060x (dynamic int8,
+# minmax), 84-201x instead of 255-535x (rms,3), with their second calls unchanged (1.67-1.82 against
+# 1.65-1.80 for dynamic int8). Not on static scales: there its steps took 5.5 s to compile and the
+# second calls ended with its bound (6.4, 8.1) where without it branch and bound's gave 5.4, 5.8
+# (qwix static int8, linen and nnx; docs/results/quant-libraries.md).
+DIFF_INTERVAL_BESIDE_BAB = True
+
+
+def _dynamic_scales(merged: MergedNetwork) -> bool:
+  """Whether f_q rounds with scales computed from its input (qbound.dynamic_rounding)."""
+  from qbound import dynamic_rounding
+  from qbound import graph as G
+
+  return any(node.kind == G.ROUND and node.attrs[0] == dynamic_rounding.DYNAMIC for node in merged.fq_graph.nodes)
+
 
 FIRST_RANDOM_CORNERS = 13
 # The share of the time left that certify(method='auto') gives the input-grid enumeration's first
@@ -425,6 +445,15 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   from qbound.bounds.bab import small_net_steps
   from qbound.bounds.common import step_compile
 
+  def diff_interval():
+    """The differential interval pass on the whole box (see DIFF_INTERVAL_BESIDE_BAB), into the tracker."""
+    try:
+      with step_compile(small_net_steps(merged)):
+        if not halted() and not finished():
+          track.add_bounds("diff-interval", *_diff_output(merged, box, sound, False))
+    except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
+      search_failure.append(err)
+
   def run_stages():
     try:
       with step_compile(small_net_steps(merged)):  # (in the thread that runs the stages)
@@ -545,6 +574,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         beside = threading.Thread(target=plain_diff, name="qbound-plain-diff", daemon=False)
         beside.start()
         searchers.append(beside)  # joined (and its failure raised) when the stages end
+      if (method == "auto" and branch_first and staircase and DIFF_INTERVAL_BESIDE_BAB and _dynamic_scales(merged)
+          and not finished()):
+        beside = threading.Thread(target=diff_interval, name="qbound-diff-interval", daemon=False)
+        beside.start()
+        searchers.append(beside)
 
       # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
       # it keeps the time, and the MILP runs only if it stops early).
