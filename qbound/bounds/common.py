@@ -136,7 +136,8 @@ def jit_step(fn: Callable, in_axes: tuple, *, compiler_options: dict | None = No
   Branch and bound and batched certification bound many boxes at once; mapping inside each compiled
   step keeps the Python walk between steps as cheap as for one box (``jax.vmap`` around the walk
   would re-batch every step on every call). ``compiler_options``: XLA's, e.g. :data:`FAST_COMPILE`;
-  None: :func:`current_step_compile` on CPU (:data:`STEP_COMPILE` unless :func:`step_compile` says otherwise; read at each call).
+  None: :func:`current_step_compile` on CPU (:data:`STEP_COMPILE` unless :func:`step_compile` says
+  otherwise; read at each call).
   """
 
   def mapped(*args, sound):
