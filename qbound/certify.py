@@ -133,17 +133,20 @@ def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap
 # rms MLPs ended at 25-59x instead of 255-535x, but once at 25.6 where main's got 4.39 (branch and
 # bound compiled sooner without it): a trade, not a gain, so off (docs/results/qwix-rms.md).
 PLAIN_DIFF_BESIDE_BAB = False
-# On by default: on staircases whose f_q computes its scales from the input (dynamic roundings), the
+# Opt-in: on staircases whose f_q computes its scales from the input (dynamic roundings), the
 # differential *interval* pass (certify(method="diff-interval"), no backward rows) in a thread of its
 # own beside branch and bound. Where the persistent cache does not hold the programs (a machine's
 # first call on a model), its steps compile in 1-2 s while branch and bound's first batch takes 5-12
 # s, and it bounds these errors 3-30x tighter than intervals: first calls of qwix's dynamic MLPs
-# (fresh processes, cache off) ended at 28-35x the reached error instead of 660-1060x (dynamic int8,
-# minmax), 84-201x instead of 255-535x (rms,3), with their second calls unchanged (1.67-1.82 against
-# 1.65-1.80 for dynamic int8). Not on static scales: there its steps took 5.5 s to compile and the
-# second calls ended with its bound (6.4, 8.1) where without it branch and bound's gave 5.4, 5.8
-# (qwix static int8, linen and nnx; docs/results/quant-libraries.md).
-DIFF_INTERVAL_BESIDE_BAB = True
+# (fresh processes, cache off) ended at 17-35x the reached error instead of 475-1,060x, 85-201x
+# instead of 255-535x (rms,3). But with the programs cached (the common case: every later process)
+# it took the interpreter from branch and bound's first batch: first calls of the linen minmax row
+# ended at 14.1 and 2.5 against 1.5 and 1.6 without it, the tiled row at 1.7 and 4.0 against 1.5 and
+# 1.3; started only if branch and bound had no bound after 40% of the time, still 3.1 and 6.2, and a
+# cold minmax call then ended with the interval bound. So off, a trade as PLAIN_DIFF_BESIDE_BAB is.
+# Not on static scales either way: there its steps compiled for 5.5 s and the second calls ended
+# with its bound (6.4, 8.1) where branch and bound's gave 5.4, 5.8 (docs/results/quant-libraries.md).
+DIFF_INTERVAL_BESIDE_BAB = False
 
 
 def _dynamic_scales(merged: MergedNetwork) -> bool:

@@ -1,6 +1,6 @@
-"""certify(auto) on staircases with dynamic scales also runs the differential interval pass beside
-branch and bound (``certify.DIFF_INTERVAL_BESIDE_BAB``): its bound is among the certificate's, sound,
-and it is not run where f_q's scales are static."""
+"""certify(auto) on staircases with dynamic scales, with ``certify.DIFF_INTERVAL_BESIDE_BAB`` (opt-in),
+also runs the differential interval pass beside branch and bound: its bound is among the
+certificate's and sound, and it is not run where f_q's scales are static, nor when off (the default)."""
 
 import importlib
 
@@ -49,6 +49,7 @@ def _stages_run(monkeypatch, f, fq, box):
 
 
 def test_dynamic_scales_get_the_differential_interval_bound_and_it_is_sound(monkeypatch):
+  monkeypatch.setattr(certify_module, "DIFF_INTERVAL_BESIDE_BAB", True)
   f, fq = _pair(dynamic=True)
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   alone = qb.certify(f, fq, box, method="diff-interval")  # (compiles its steps: the short call below has them)
