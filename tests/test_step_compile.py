@@ -1,5 +1,6 @@
-"""XLA options of the per-node steps: small nets' steps compile at optimisation level 1
-(``common.SMALL_NET_STEP_COMPILE``), chosen per thread by ``common.step_compile``."""
+"""XLA options of the per-node steps: with ``common.SMALL_NETS_AT_LEVEL_1`` (opt-in), small nets'
+steps compile at optimisation level 1 (``common.SMALL_NET_STEP_COMPILE``), chosen per thread by
+``common.step_compile``."""
 
 import threading
 
@@ -50,11 +51,14 @@ def test_step_compile_is_scoped_to_its_block_and_thread():
 
 
 def test_small_nets_compile_their_steps_at_level_1_and_larger_ones_at_the_default(monkeypatch):
-  """branch_and_bound and certify on a small net dispatch their steps with SMALL_NET_STEP_COMPILE;
-  with the small-net threshold below the net's size, with STEP_COMPILE."""
+  """With SMALL_NETS_AT_LEVEL_1, branch_and_bound and certify on a small net dispatch their steps
+  with SMALL_NET_STEP_COMPILE; with the small-net threshold below the net's size, or without it (the
+  default), with STEP_COMPILE."""
   f, fq, _, _ = H.random_pair(0, (3, (8, 8), 2), bits=4)
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   merged = qb.merge(f, fq, box)
+  assert bab.small_net_steps(merged) is None  # opt-in
+  monkeypatch.setattr(common, "SMALL_NETS_AT_LEVEL_1", True)
   assert bab.small_net_steps(merged) is common.SMALL_NET_STEP_COMPILE
   assert bab.small_net_steps("not a merged network") is None  # validated later, with its own error
   run_bab = lambda: bab.branch_and_bound(merged, box, time_budget=0.5)  # noqa: E731
@@ -68,10 +72,11 @@ def test_small_nets_compile_their_steps_at_level_1_and_larger_ones_at_the_defaul
   assert seen and all(options is common.STEP_COMPILE for options in seen)
 
 
-def test_small_net_steps_stay_sound_against_samples():
+def test_small_net_steps_stay_sound_against_samples(monkeypatch):
   """Bounds computed by the level-1 steps (branch and bound on a small net, float-sound mode) hold at
   sampled inputs evaluated in float64: level 1 may contract a product into an addition (one rounding
   fewer), which the proven margins cover."""
+  monkeypatch.setattr(common, "SMALL_NETS_AT_LEVEL_1", True)
   f, fq, _, _ = H.random_pair(3, (4, (12, 12), 3), bits=3, init_scale=2.0)
   box = qb.Box(-jnp.ones(4), jnp.ones(4))
   merged = qb.merge(f, fq, box)

@@ -231,9 +231,10 @@ REPORT_EVERY = 0.1
 
 def small_net_steps(merged) -> Optional[dict]:
   """The XLA options of the steps compiled for ``merged``'s bounds: ``common.SMALL_NET_STEP_COMPILE``
-  on nets of at most :data:`SMALL_NET_NEURONS` activation neurons, None (the default) otherwise or
-  for anything that is not a merged network (validated later, with its own error)."""
-  if not hasattr(merged, "f_graph"):
+  on nets of at most :data:`SMALL_NET_NEURONS` activation neurons when ``common.SMALL_NETS_AT_LEVEL_1``
+  (opt-in), None (the default) otherwise or for anything that is not a merged network (validated
+  later, with its own error)."""
+  if not common.SMALL_NETS_AT_LEVEL_1 or not hasattr(merged, "f_graph"):
     return None
   return common.SMALL_NET_STEP_COMPILE if _activation_neurons(merged) <= SMALL_NET_NEURONS else None
 

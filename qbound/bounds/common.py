@@ -86,12 +86,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1}
 
 # XLA options for the steps of small nets (branch_and_bound's and certify's, at most
-# bab.SMALL_NET_NEURONS activation neurons): optimisation level 1 as well. There a step's arrays are
+# bab.SMALL_NET_NEURONS activation neurons) when SMALL_NETS_AT_LEVEL_1: optimisation level 1 as well. There a step's arrays are
 # small, a first call is mostly compilation, and without the persistent cache (a machine's first
 # call ever) the first batch of branch and bound on qwix's dynamic int8 nnx MLP took 12.1 s to
 # compile at the default level against 7.2 s at level 1, while warm calls bounded as many pieces
 # (35,785 and 35,281 at level 1 against 37,801 and 30,997 in 10 s; docs/results/quant-libraries.md).
 SMALL_NET_STEP_COMPILE = {"xla_cpu_parallel_codegen_split_count": 1, "xla_backend_optimization_level": 1}
+# Opt-in (bab.small_net_steps reads it): a process that also calls the passes directly (at
+# STEP_COMPILE) compiles those steps twice; the test suite, which does, ran 11% longer on three of
+# its heaviest files (108.7 against 97.8 s), and its whole run went over CI's 15 minutes.
+SMALL_NETS_AT_LEVEL_1 = False
 
 # The XLA options of the steps compiled in this context (None: STEP_COMPILE); see step_compile.
 _STEP_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("qbound_step_options", default=None)
