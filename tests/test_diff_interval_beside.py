@@ -48,6 +48,7 @@ def _stages_run(monkeypatch, f, fq, box):
   return cert, seen
 
 
+@pytest.mark.slow  # an opt-in (certify.DIFF_INTERVAL_BESIDE_BAB): 15 s, with the slow tests
 def test_dynamic_scales_get_the_differential_interval_bound_and_it_is_sound(monkeypatch):
   monkeypatch.setattr(certify_module, "DIFF_INTERVAL_BESIDE_BAB", True)
   f, fq = _pair(dynamic=True)
@@ -63,6 +64,7 @@ def test_dynamic_scales_get_the_differential_interval_bound_and_it_is_sound(monk
   assert errors <= cert.upper
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [True, False])
 def test_not_on_static_scales_nor_when_turned_off(monkeypatch, flag):
   monkeypatch.setattr(certify_module, "DIFF_INTERVAL_BESIDE_BAB", flag)

@@ -7,6 +7,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import helpers as H
 import qbound as qb
@@ -50,6 +51,7 @@ def test_step_compile_is_scoped_to_its_block_and_thread():
   assert common.current_step_compile() is common.STEP_COMPILE
 
 
+@pytest.mark.slow  # an opt-in (common.SMALL_NETS_AT_LEVEL_1): its branch and bound runs, 10 s, with the slow tests
 def test_small_nets_compile_their_steps_at_level_1_and_larger_ones_at_the_default(monkeypatch):
   """With SMALL_NETS_AT_LEVEL_1, branch_and_bound and certify on a small net dispatch their steps
   with SMALL_NET_STEP_COMPILE; with the small-net threshold below the net's size, or without it (the
@@ -72,6 +74,7 @@ def test_small_nets_compile_their_steps_at_level_1_and_larger_ones_at_the_defaul
   assert seen and all(options is common.STEP_COMPILE for options in seen)
 
 
+@pytest.mark.slow  # (as above)
 def test_small_net_steps_stay_sound_against_samples(monkeypatch):
   """Bounds computed by the level-1 steps (branch and bound on a small net, float-sound mode) hold at
   sampled inputs evaluated in float64: level 1 may contract a product into an addition (one rounding
