@@ -151,10 +151,9 @@ DIFF_INTERVAL_BESIDE_BAB = False
 
 def _dynamic_scales(merged: MergedNetwork) -> bool:
   """Whether f_q rounds with scales computed from its input (qbound.dynamic_rounding)."""
-  from qbound import dynamic_rounding
   from qbound import graph as G
 
-  return any(node.kind == G.ROUND and node.attrs[0] == dynamic_rounding.DYNAMIC for node in merged.fq_graph.nodes)
+  return any(G.is_dynamic_rounding(node) for node in merged.fq_graph.nodes)
 
 
 FIRST_RANDOM_CORNERS = 13
@@ -437,25 +436,23 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     host.start()
     hosts.append(host)
 
-  def plain_diff():
-    """The differential pass on the whole box (see PLAIN_DIFF_BESIDE_BAB), into the tracker."""
-    try:
-      if not halted():
-        track.add_bounds("diff", *_diff_output(merged, box, sound, True))
-    except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
-      search_failure.append(err)
-
   from qbound.bounds.bab import small_net_steps
   from qbound.bounds.common import step_compile
 
-  def diff_interval():
-    """The differential interval pass on the whole box (see DIFF_INTERVAL_BESIDE_BAB), into the tracker."""
+  def whole_box_diff(name: str, symbolic: bool):
+    """A differential pass on the whole box in a thread beside branch and bound, into the tracker:
+    symbolic (PLAIN_DIFF_BESIDE_BAB) or the interval one (DIFF_INTERVAL_BESIDE_BAB)."""
     try:
-      with step_compile(small_net_steps(merged)):
+      with step_compile(small_net_steps(merged)):  # (a new thread does not inherit the context)
         if not halted() and not finished():
-          track.add_bounds("diff-interval", *_diff_output(merged, box, sound, False))
+          track.add_bounds(name, *_diff_output(merged, box, sound, symbolic))
     except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
       search_failure.append(err)
+
+  def start_beside(name: str, symbolic: bool):
+    beside = threading.Thread(target=whole_box_diff, args=(name, symbolic), name=f"qbound-{name}", daemon=False)
+    beside.start()
+    searchers.append(beside)  # joined (and its failure raised) when the stages end
 
   def run_stages():
     try:
@@ -574,14 +571,10 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       from qbound.bounds.bab import branch_and_bound
 
       if method == "auto" and branch_first and staircase and PLAIN_DIFF_BESIDE_BAB and not finished():
-        beside = threading.Thread(target=plain_diff, name="qbound-plain-diff", daemon=False)
-        beside.start()
-        searchers.append(beside)  # joined (and its failure raised) when the stages end
+        start_beside("diff", True)
       if (method == "auto" and branch_first and staircase and DIFF_INTERVAL_BESIDE_BAB and _dynamic_scales(merged)
           and not finished()):
-        beside = threading.Thread(target=diff_interval, name="qbound-diff-interval", daemon=False)
-        beside.start()
-        searchers.append(beside)
+        start_beside("diff-interval", False)
 
       # Leave the exact MILP a share of the time where it applies (on few inputs splitting is faster:
       # it keeps the time, and the MILP runs only if it stops early).

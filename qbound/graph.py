@@ -154,6 +154,11 @@ class Node:
     return 1 if self.op is None else self.op.terms
 
 
+def is_dynamic_rounding(node: Node) -> bool:
+  """Whether ``node`` rounds with scales computed from its own input (:mod:`qbound.dynamic_rounding`)."""
+  return node.kind == ROUND and node.attrs[0] == dynamic_rounding.DYNAMIC
+
+
 def _apply_node(node: Node, args):
   if node.kind == AFFINE:
     y = node.linear(args[0])
@@ -171,7 +176,7 @@ def _apply_node(node: Node, args):
   if node.kind == CLIP:
     return node.apply_clip(args[0])
   if node.kind == ROUND:
-    if node.attrs[0] == dynamic_rounding.DYNAMIC:  # attrs[1]: its DynamicScale
+    if is_dynamic_rounding(node):  # attrs[1]: its DynamicScale
       return dynamic_rounding.quantize(node.attrs[1], args[0])
     return ROUNDING[node.attrs[0]](args[0])
   if node.kind in SMOOTH:

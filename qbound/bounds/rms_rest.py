@@ -60,7 +60,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import dynamic_rounding
 from qbound import rms_rounding
 from qbound import graph as G
 from qbound.bounds import fp
@@ -73,7 +72,7 @@ ENABLED = True
 
 def applies(node: G.Node) -> bool:
   """Whether ``node`` is an ``rms`` dynamic rounding whose entries may saturate (``D`` above the clip)."""
-  if not ENABLED or node.kind != G.ROUND or node.attrs[0] != dynamic_rounding.DYNAMIC:
+  if not ENABLED or not G.is_dynamic_rounding(node):
     return False
   spec = node.attrs[1]
   return (spec.norm == "rms" and spec.zero_point is None

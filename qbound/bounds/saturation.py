@@ -79,7 +79,7 @@ class SaturatingDiffRelaxation(NamedTuple):
 
 def applies(node: G.Node) -> bool:
   """Whether ``node`` is a dynamic rounding whose saturations are limited jointly."""
-  return (ENABLED and node.kind == G.ROUND and node.attrs[0] == dynamic_rounding.DYNAMIC
+  return (ENABLED and G.is_dynamic_rounding(node)
           and dynamic_rounding.joint_saturation(node.attrs[1], node.shape) is not None)
 
 

@@ -35,7 +35,6 @@ from typing import Sequence
 
 import numpy as np
 
-from qbound import dynamic_rounding
 from qbound import graph as G
 from qbound.bounds import relusplit
 
@@ -60,8 +59,7 @@ MIN_SPAN = 0.25
 def applies(node: G.Node) -> bool:
   """Whether ``node`` is a dynamic rounding whose value bounds can pin its step (not ``rms``: its
   relaxation reads other joint bounds)."""
-  return (node.kind == G.ROUND and node.attrs[0] == dynamic_rounding.DYNAMIC
-          and node.attrs[1].norm != "rms")
+  return (G.is_dynamic_rounding(node) and node.attrs[1].norm != "rms")
 
 
 def tie_candidates(kept: Sequence, entries: Sequence[int], count: int) -> list[tuple[int, int, float]]:
