@@ -138,6 +138,52 @@ def test_dense_matrices_read_off_the_weights():
       np.testing.assert_array_equal(host_bab._dense_matrix(node), ref[i])
 
 
+def _int_scaled_mlp(layers, x, factors=("mul",)):
+  """``layers`` as an integer-weight library computes them: ``(x @ W_int) * s + b`` per layer, the
+  scale ``s`` per output channel (AQT's weight-only int8 layer); with ``factors=("mul", "div")``,
+  ``(x @ W_int) * s / t`` (two factors)."""
+  for i, (w_int, scale, bias) in enumerate(layers):
+    x = x @ w_int * scale
+    if "div" in factors:
+      x = x / jnp.float32(3.0)
+    x = x + bias
+    if i < len(layers) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def _int_layers(seed, shape, bits=4):
+  f, _ = pair(seed, shape, noise=0.0)
+  layers = []
+  for w, b in f.args[0]:
+    step = (np.abs(w).max(axis=0) / (2 ** (bits - 1) - 1)).astype(np.float32)
+    layers.append((np.round(w / step).astype(np.float32), step, b))
+  return f, tuple(layers)
+
+
+def test_batched_calls_and_rescaled_products_are_chains():
+  """``model.apply(p, x[None])[0]`` (a batch axis added and removed) and products rescaled per
+  output channel (``(x @ W_int) * s``: AQT's weight-only layers) are chains too, whose NumPy
+  evaluation is the networks' difference and whose bounds hold; a product with a second factor is
+  left to the compiled search."""
+  shape = H.SHAPES[2]
+  f, layers = _int_layers(6, shape)
+  box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
+  batched = lambda fn: (lambda x: fn(x[None])[0])  # noqa: E731
+  xs = H.sample_points(box, 400)
+  fq = functools.partial(_int_scaled_mlp, layers)
+  for first, second in ((f, fq), (batched(f), batched(fq))):
+    merged = qb.merge(first, second, box)
+    chain = host_bab.chain_of(merged)
+    assert chain is not None
+    reference = H.eval64(merged.graph, xs).reshape(len(xs), -1)
+    np.testing.assert_allclose(host_bab.evaluate(chain, xs), reference, rtol=1e-12, atol=1e-12)
+    res = host_bab.host_branch_and_bound(merged, box, time_budget=2.0, target_gap=0.0)
+    assert np.abs(reference).max() <= res.upper
+  two_factors = functools.partial(_int_scaled_mlp, layers, factors=("mul", "div"))
+  assert host_bab.chain_of(qb.merge(f, two_factors, box)) is None
+
+
 def test_only_small_paired_relu_chains():
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   w = jnp.ones((3, 3)) / 3

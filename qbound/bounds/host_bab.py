@@ -111,27 +111,68 @@ class HostBabResult:
 
 
 def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
-  """A dense layer's ``(n_out, n_in)`` matrix read off its weights (``x @ W``, ``W @ x``), or None
-  for other linear maps. NumPy only: the generic path applies the map to a basis with JAX, whose
-  eager operations compile one by one (2.4 s on a first call of a 5-12-8-8-2 pair)."""
-  op = node.op
-  if getattr(op, "name", None) != "dot_general" or len(node.weights) != 1 or len(op.in_shape) != 1:
+  """A dense layer's ``(n_out, n_in)`` matrix read off its weights (``x @ W``, ``W @ x``, also on an
+  input with leading axes of length 1, as ``model.apply(params, x[None])`` traces), or None for
+  other linear maps. A product rescaled per output channel by one constant factor
+  (:class:`~qbound.trace.scaled.ScaledOp`: AQT's ``(x @ W_int) * s``) folds into the matrix, exactly:
+  the product of two float32 numbers is a float64 number. NumPy only: the generic path applies the
+  map to a basis with JAX, whose eager operations compile one by one (2.4 s on a first call of a
+  5-12-8-8-2 pair)."""
+  op, weights, scale = node.op, node.weights, None
+  if getattr(op, "factors", None) == ("mul",) and getattr(op, "per_channel", False) and len(weights) == 2:
+    scale = np.asarray(weights[1])
+    if scale.dtype.itemsize > 4 or scale.size != node.size:  # (a float64 scale would not fold exactly)
+      return None
+    op, weights = op.base, weights[:1]
+  if getattr(op, "name", None) != "dot_general" or len(weights) != 1:
     return None
-  w = np.asarray(node.weights[0], np.float64)
+  in_shape = tuple(op.in_shape)
+  if len(in_shape) < 1 or any(n != 1 for n in in_shape[:-1]):
+    return None
+  last = len(in_shape) - 1
+  w32 = np.asarray(weights[0])
+  w = w32.astype(np.float64)
   numbers = dict(op.params).get("dimension_numbers")
-  if w.ndim != 2 or node.shape != (w.shape[1 - op.var_pos],):
+  if w.ndim != 2 or node.size != w.shape[1 - op.var_pos] or node.shape[-1] != node.size:
     return None
-  if op.var_pos == 0 and numbers == (((0,), (0,)), ((), ())):
-    return w.T
-  if op.var_pos == 1 and numbers == (((1,), (0,)), ((), ())):
-    return w
-  return None
+  if op.var_pos == 0 and numbers == (((last,), (0,)), ((), ())):
+    matrix = w.T
+  elif op.var_pos == 1 and last == 0 and numbers == (((1,), (0,)), ((), ())):
+    matrix = w
+  else:
+    return None
+  if scale is None:
+    return matrix
+  if w32.dtype.itemsize > 4:
+    return None
+  return matrix * scale.astype(np.float64).reshape(-1, 1)
+
+
+_REORDERING = ("reshape", "squeeze", "expand_dims")
+
+
+def _moves_nothing(node: G.Node) -> bool:
+  """Whether an affine node only reshapes: it keeps every entry, in row-major order (``x[None]``,
+  a squeeze of unit axes), so the chain, on flat vectors, can skip it."""
+  op = node.op
+  if node.kind != G.AFFINE or node.bias is not None or node.weights or op is None:
+    return False
+  name = getattr(op, "name", None)
+  if int(np.prod(op.in_shape, dtype=np.int64)) != node.size:
+    return False
+  if name in _REORDERING:
+    return True
+  if name == "broadcast_in_dim":  # only unit axes added: its dimensions keep their order
+    dims = tuple(dict(op.params).get("broadcast_dimensions", ()))
+    return list(dims) == sorted(dims)
+  return False
 
 
 def chain_of(merged) -> Optional[Chain]:
   """The merged network as a :class:`Chain`, or None when it is not a small paired chain of dense
-  layers (``x @ W + b``) and ReLUs (roundings that are identities in both nets skipped) with few inputs (see
-  ``MAX_NEURONS``, ``MAX_INPUTS``). An input normalisation that f and f_q share exactly (clip,
+  layers (``x @ W + b``, see :func:`_dense_matrix`) and ReLUs with few inputs (see ``MAX_NEURONS``,
+  ``MAX_INPUTS``); roundings that are identities in both nets, and nodes that only reshape in both
+  (:func:`_moves_nothing`), are skipped. An input normalisation that f and f_q share exactly (clip,
   shift, divide or multiply entry by entry, as :func:`qbound.io.load_nnet` builds) becomes the
   chain's ``prefix``."""
   if not merged.paired:
@@ -143,30 +184,32 @@ def chain_of(merged) -> Optional[Chain]:
   if n_in > MAX_INPUTS:
     return None
   prefix, first = _prefix(fg, qg, n_in)
-  neurons, kinds = 0, []
+  neurons, kinds = 0, {}
   for i, (a, b) in enumerate(zip(fg.nodes[first:], qg.nodes[first:]), start=first):
     identity = lambda n: n.kind == G.ROUND and n.attrs[0] == "none"  # noqa: E731
     if a.kind != b.kind or a.inputs != (i - 1,) or b.inputs != (i - 1,):
       return None
+    if (identity(a) and identity(b)) or (_moves_nothing(a) and _moves_nothing(b)):
+      # (f's identity beside f_q's own rounding, static or dynamic, is not skipped: f_q rounds there.)
+      continue
     if a.kind == G.RELU:
       neurons += 2 * a.size
-    elif not (a.kind == G.AFFINE or (identity(a) and identity(b))):
-      # (f's identity beside f_q's own rounding, static or dynamic, is not skipped: f_q rounds there.)
+    elif a.kind != G.AFFINE:
       return None
-    kinds.append(a.kind)
+    kinds[i] = a.kind
   if neurons > MAX_NEURONS:
     return None
-  fm = {i: _dense_matrix(n) for i, n in enumerate(fg.nodes) if n.kind == G.AFFINE and i >= first}
-  qm = {i: _dense_matrix(n) for i, n in enumerate(qg.nodes) if n.kind == G.AFFINE and i >= first}
+  fm = {i: _dense_matrix(fg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
+  qm = {i: _dense_matrix(qg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
   if any(m is None for m in (*fm.values(), *qm.values())):
-    # Other linear maps (scaled, convolutions) would be read through JAX, compiling on a first
-    # call what this search exists to avoid: left to the compiled search.
+    # Other linear maps (convolutions, other scalings) would be read through JAX, compiling on a
+    # first call what this search exists to avoid: left to the compiled search.
     return None
   layers = []
-  for i, kind in enumerate(kinds, start=first):
+  for i, kind in kinds.items():
     if kind == G.RELU:
       layers.append(("relu",))
-    elif kind == G.AFFINE:
+    else:
       a, b = fg.nodes[i], qg.nodes[i]
       bias = lambda n: np.zeros(n.size) if n.bias is None else np.broadcast_to(  # noqa: E731
           np.asarray(n.bias, np.float64), n.shape).reshape(-1)
