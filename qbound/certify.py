@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack, validate
+from qbound import attack, certify_stages as stages, validate
 from qbound.anytime import Tracker, closing_reserve, run_until_deadline
 from qbound.bounds import nonlinear
 from qbound.bounds.crown import crown_bounds
@@ -74,58 +74,6 @@ def _diff_output(merged: MergedNetwork, box, sound: bool, symbolic: bool, alpha_
   return d[merged.f_graph.output]
 
 
-def _crown_alpha_output(merged: MergedNetwork, box, sound: bool, steps: int):
-  from qbound.bounds.alpha import crown_alpha_node
-
-  graph = merged.graph
-  bounds = crown_bounds(graph, box, None, sound)
-  return crown_alpha_node(graph, graph.output, bounds, box, steps=steps, sound=sound)
-
-
-def _small_piecewise_linear_net(merged: MergedNetwork, max_neurons: int = 128) -> bool:
-  """Whether the exact MILP is worth trying: few piecewise-linear neurons (ReLU, clip and rounding
-  steps; the identities merge puts beside a rounding cost nothing), only MILP-encodable nodes."""
-  from qbound import graph as G
-  from qbound.exact.encoding import SUPPORTED_KINDS
-
-  nodes = merged.graph.nodes
-  if not {n.kind for n in nodes} <= set(SUPPORTED_KINDS):
-    return False
-  if any(n.kind == G.ROUND and n.attrs[0] not in ("none", "nearest", "away", "floor", "ceil") for n in nodes):
-    return False  # dynamic fake quantizations are no staircase the MILP can encode
-  neurons = [n for n in nodes if n.kind in (G.RELU, G.CLIP) or (n.kind == G.ROUND and n.attrs[0] != "none")]
-  return sum(n.size for n in neurons) <= max_neurons
-
-
-def _run_milp(track, merged, box, outputs, time_limit: float) -> None:
-  from qbound.exact import milp as solve_milp
-
-  res = solve_milp(merged, None, box, time_limit=time_limit, output=outputs)
-  track.add_witness(merged.graph, res.maximizer)
-  name = "milp" if "milp" not in track.per_method else "milp-2"
-  track.add_upper(name, res.upper)
-
-
-def _run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float,
-              refine_deadline: Optional[float] = None) -> None:
-  """Where f_q rounds its input first: the error cell by cell, if its first pass ends in time."""
-  from qbound.exact.grid import auto_max_cells, grid_error
-
-  # Grids past 2^15 cells only when their first pass can end in time (AUTO_CELLS_PER_SECOND times
-  # the share of a core the load average leaves; grid_error gives up after two chunks if the rest
-  # would end past the deadline). Past its first pass it refines the largest bounds first, towards
-  # target_gap, and returns at refine_deadline. The inputs it reaches go to the tracker as it finds
-  # them, so they count even if it gives up.
-  witness = track.snapshot()["witness"]
-  res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
-                   sound=sound, stop=stop, refine_gap=target_gap, reached=None if witness is None else witness[None],
-                   refine_deadline=refine_deadline, report=lambda x: track.add_witness(merged.graph, x),
-                   report_upper=lambda upper: track.add_upper("grid", upper))
-  if res is not None:
-    track.add_bounds("grid", res.diff_lower, res.diff_upper)
-    track.add_witness(merged.graph, res.witness)
-
-
 # Opt-in: auto on staircases (f_q rounds its activations) with few inputs runs the plain
 # differential pass in a thread of its own beside branch and bound. Its program compiles in 2-3 s
 # where branch and bound's first batch takes 8-11 s on a first call (qwix rms,3 nnx MLP, load 6-7,
@@ -147,13 +95,6 @@ PLAIN_DIFF_BESIDE_BAB = False
 # Not on static scales either way: there its steps compiled for 5.5 s and the second calls ended
 # with its bound (6.4, 8.1) where branch and bound's gave 5.4, 5.8 (docs/results/quant-libraries.md).
 DIFF_INTERVAL_BESIDE_BAB = False
-
-
-def _dynamic_scales(merged: MergedNetwork) -> bool:
-  """Whether f_q rounds with scales computed from its input (qbound.dynamic_rounding)."""
-  from qbound import graph as G
-
-  return any(G.is_dynamic_rounding(node) for node in merged.fq_graph.nodes)
 
 
 FIRST_RANDOM_CORNERS = 13
@@ -187,19 +128,6 @@ def _hashable(*objects) -> bool:
   except TypeError:
     return False
   return True
-
-
-def _staircase_search(track: Tracker, graph, box: Box, key, search, until: float, runs: int,
-                      finished: Callable[[], bool], failure: list, background: bool = False) -> None:
-  """:func:`qbound.attack.search_until` with every witness going to ``track`` and an exception to
-  ``failure``. ``background``: in a thread of its own, whose priority it lowers."""
-  try:
-    if background:  # never the caller's thread: its priority would stay lowered
-      attack.lower_thread_priority()
-    attack.search_until(graph, box, key=key, search=search, until=until, runs=runs, stop=finished,
-                        report=lambda x: track.add_witness(graph, x))
-  except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
-    failure.append(err)
 
 
 def _first_probes(box: Box, key) -> np.ndarray:
@@ -376,13 +304,13 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     staircase_started.set()
     if method in TIMED_METHODS and time_budget != float("inf"):
       until = time.perf_counter() + attack.STAIRCASE_SHARE * time_budget
-      searcher = threading.Thread(target=_staircase_search, name="qbound-staircase-search", daemon=False,
+      searcher = threading.Thread(target=stages.staircase_search, name="qbound-staircase-search", daemon=False,
                                   args=(track, graph, box, key, search, until, attack.STAIRCASE_RUNS, finished,
                                         search_failure, True))
       searcher.start()
       searchers.append(searcher)
     else:
-      _staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
+      stages.staircase_search(track, graph, box, key, search, 0.0, 1, finished, search_failure)
 
   # Branch and bound in NumPy (qbound.bounds.host_bab) in a thread of its own, beside the stages.
   host_chain = None
@@ -507,7 +435,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # Input-grid enumeration (qbound.exact.grid), in GRID_SHARE of the time left at most: where f_q
     # rounds its input first, bound propagation stalls at 3-6x the error (docs/methods/grid.md).
     if method == "auto" and staircase and not halted():
-      _run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap,
+      stages.run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap,
                 refine_deadline=stages_end if GRID_KEEPS_REST else None)
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
@@ -540,17 +468,17 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
     if halted():  # the call has returned: no stage starts after it
       return
-    milp_ok = method == "milp" or (method == "auto" and _small_piecewise_linear_net(merged))
+    milp_ok = method == "milp" or (method == "auto" and stages.small_piecewise_linear_net(merged))
     if milp_ok and method == "auto" and not few_inputs and not finished():
       # On small piecewise-linear nets the exact MILP often closes the gap in well under a second: try it
       # first with half the time left, and fall back to the incomplete methods only if it stops.
-      _run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
+      stages.run_milp(track, merged, box, outputs, max(left() / 2, 0.5))
 
     if method == "alpha" or (method == "auto" and not few_inputs and not finished() and not halted()):
       if diff_ok and (not transformer or track.per_method.get("diff", np.inf) <= track.per_method.get("crown", np.inf)):
         track.add_bounds("diff-alpha", *_diff_output(merged, box, sound, True, alpha_steps))
       else:
-        track.add_bounds("crown-alpha", *_crown_alpha_output(merged, box, sound, alpha_steps))
+        track.add_bounds("crown-alpha", *stages.crown_alpha_output(merged, box, sound, alpha_steps))
 
     if halted():
       return
@@ -572,7 +500,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
       if method == "auto" and branch_first and staircase and PLAIN_DIFF_BESIDE_BAB and not finished():
         start_beside("diff", True)
-      if (method == "auto" and branch_first and staircase and DIFF_INTERVAL_BESIDE_BAB and _dynamic_scales(merged)
+      if (method == "auto" and branch_first and staircase and DIFF_INTERVAL_BESIDE_BAB and stages.dynamic_scales(merged)
           and not finished()):
         start_beside("diff-interval", False)
 
@@ -615,7 +543,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         track.add_bounds("bab", res.diff_lower, res.diff_upper)
 
     if milp_ok and not halted() and (method == "milp" or not finished()):
-      _run_milp(track, merged, box, outputs, max(left(), 1.0))
+      stages.run_milp(track, merged, box, outputs, max(left(), 1.0))
 
   if method in TIMED_METHODS:
     run_until_deadline(run_stages, track, stop, deadline=stages_end, closed=host_closed)

@@ -182,6 +182,16 @@ def test_batched_calls_and_rescaled_products_are_chains():
     assert np.abs(reference).max() <= res.upper
   two_factors = functools.partial(_int_scaled_mlp, layers, factors=("mul", "div"))
   assert host_bab.chain_of(qb.merge(f, two_factors, box)) is None
+  # A reshape that reorders the entries is no chain (its order would be lost on flat vectors).
+  square = qb.Box(-jnp.ones((2, 2)), jnp.ones((2, 2)))
+  reordered = lambda fn: (lambda x: fn(jax.lax.reshape(x, (4,), dimensions=(1, 0))))  # noqa: E731
+  in_order = lambda fn: (lambda x: fn(x.reshape(4)))  # noqa: E731
+  f4, fq4 = pair(7, (4, (8,), 2), bits=3)
+  assert host_bab.chain_of(qb.merge(reordered(f4), reordered(fq4), square)) is None
+  merged = qb.merge(in_order(f4), in_order(fq4), square)
+  xs = H.sample_points(square, 50)
+  np.testing.assert_allclose(host_bab.evaluate(host_bab.chain_of(merged), xs.reshape(len(xs), 4)),
+                             H.eval64(merged.graph, xs).reshape(len(xs), -1), rtol=1e-12, atol=1e-12)
 
 
 def test_only_small_paired_relu_chains():

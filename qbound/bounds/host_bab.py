@@ -148,7 +148,7 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
   return matrix * scale.astype(np.float64).reshape(-1, 1)
 
 
-_REORDERING = ("reshape", "squeeze", "expand_dims")
+_RESHAPES = ("reshape", "squeeze", "expand_dims")
 
 
 def _moves_nothing(node: G.Node) -> bool:
@@ -160,8 +160,8 @@ def _moves_nothing(node: G.Node) -> bool:
   name = getattr(op, "name", None)
   if int(np.prod(op.in_shape, dtype=np.int64)) != node.size:
     return False
-  if name in _REORDERING:
-    return True
+  if name in _RESHAPES:  # (a reshape with ``dimensions`` transposes first; a squeeze's name the axes)
+    return name != "reshape" or dict(op.params).get("dimensions") is None
   if name == "broadcast_in_dim":  # only unit axes added: its dimensions keep their order
     dims = tuple(dict(op.params).get("broadcast_dimensions", ()))
     return list(dims) == sorted(dims)
