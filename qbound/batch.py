@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qbound import attack, memory, serialize, sharding, validate
+from qbound import _map_limit, attack, memory, serialize, sharding, validate
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds import guards
@@ -355,6 +355,7 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       raise ValueError(f"method {method!r} is not batched: it adapts to each box as it goes. certify_batch takes "
                        f"{', '.join(BATCH_METHODS)}; for {method!r} call qbound.certify once per box.")
     raise ValueError(f"unknown method {method!r}; certify_batch takes one of {', '.join(BATCH_METHODS)}.")
+  _map_limit.release_if_near_limit()  # (before this call compiles anything)
   # Every other argument is checked before tracing or compiling anything (qbound.validate).
   validate.networks(f, fq)
   validate.mesh_or_devices(mesh, devices)

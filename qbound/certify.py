@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qbound import attack, certify_stages as stages, validate
+from qbound import _map_limit, attack, certify_stages as stages, validate
 from qbound.anytime import Tracker, closing_reserve, run_until_deadline
 from qbound.bounds import nonlinear
 from qbound.bounds.crown import crown_bounds
@@ -238,6 +238,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   alpha_steps = validate.integer("alpha_steps", alpha_steps, minimum=0)
   outputs = validate.output_indices("outputs", outputs)
   box = validate_box(box)
+  _map_limit.release_if_near_limit()  # (before this call compiles anything, or starts threads)
   if isinstance(f, MergedNetwork):
     if fq is not None:
       raise ValueError("pass either a MergedNetwork with fq=None, or two functions f and fq.")
