@@ -180,8 +180,10 @@ def test_batched_calls_and_rescaled_products_are_chains():
     np.testing.assert_allclose(host_bab.evaluate(chain, xs), reference, rtol=1e-12, atol=1e-12)
     res = host_bab.host_branch_and_bound(merged, box, time_budget=2.0, target_gap=0.0)
     assert np.abs(reference).max() <= res.upper
-  two_factors = functools.partial(_int_scaled_mlp, layers, factors=("mul", "div"))
-  assert host_bab.chain_of(qb.merge(f, two_factors, box)) is None
+  # Two factors fold too, each entry rounded once more in float64 (inside the bounds' slack).
+  merged = qb.merge(f, functools.partial(_int_scaled_mlp, layers, factors=("mul", "div")), box)
+  np.testing.assert_allclose(host_bab.evaluate(host_bab.chain_of(merged), xs), H.eval64(merged.graph, xs),
+                             rtol=1e-12, atol=1e-12)
   # A reshape that reorders the entries is no chain (its order would be lost on flat vectors).
   square = qb.Box(-jnp.ones((2, 2)), jnp.ones((2, 2)))
   reordered = lambda fn: (lambda x: fn(jax.lax.reshape(x, (4,), dimensions=(1, 0))))  # noqa: E731
@@ -205,7 +207,9 @@ def test_only_small_paired_relu_chains():
   assert host_bab.chain_of(big) is None  # 200 ReLUs > MAX_NEURONS
   with pytest.raises(ValueError, match="host_branch_and_bound needs"):
     host_bab.host_branch_and_bound(tanh, box)
-  small = qb.merge(lambda x: jax.nn.relu(x @ w), lambda x: jax.nn.relu(x @ (w * 0.9)), box)
+  # A ReLU at the output is left to the compiled search (the search once crashed on it).
+  assert host_bab.chain_of(qb.merge(lambda x: jax.nn.relu(x @ w), lambda x: jax.nn.relu(x @ (w * 0.9)), box)) is None
+  small = qb.merge(lambda x: jax.nn.relu(x @ w) @ w, lambda x: jax.nn.relu(x @ (w * 0.9)) @ w, box)
   with pytest.raises(ValueError, match="outputs must be flat indices"):
     host_bab.host_branch_and_bound(small, box, outputs=[3])
   with pytest.raises(ValueError, match="time_budget"):
@@ -234,9 +238,10 @@ def _rounding_pairs():
 
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_a_rounding_in_f_q_alone_is_not_skipped(kind):
-  """f's identity beside f_q's own rounding is not a chain's skipped identity: the NumPy search does
-  not model roundings, so such pairs go to the compiled search. (It once skipped them and proved
-  bounds near 0 on errors of 0.076, which certify's final check caught as a SoundnessError.)"""
+  """f's identity beside f_q's own rounding is not a chain's skipped identity (it once was, and the
+  search proved bounds near 0 on errors of 0.076, which certify's final check caught as a
+  SoundnessError). A rounding of the input (static) goes to the input grid, one with scales from
+  the input (dynamic) to the compiled search; a static one behind a dense layer is modelled (below)."""
   f, fqs = _rounding_pairs()
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   merged = qb.merge(f, fqs[kind], box)
@@ -422,3 +427,79 @@ def test_root_bounds_reported_before_any_split():
   np.testing.assert_array_equal(up, res.root_upper)
   values = H.eval64(merged.graph, H.sample_points(box, 2000))
   assert np.all(values >= lo - 1e-12) and np.all(values <= up + 1e-12)
+
+
+def static_quant_pair(seed, shape, bits, span=1.0):
+  """A random ReLU MLP of ``shape`` and its copy whose hidden activations are fake-quantized to
+  ``bits`` on the static range ``[-span, span]`` (qbound.quantize.fake_quant: divide by the scale,
+  round, clip, multiply back), values beyond it saturating."""
+  f, _ = pair(seed, shape, noise=0.0)
+  layers = f.args[0]
+  grid = qb.quantize.ActivationRange(jnp.float32(-span), jnp.float32(span))
+
+  def fq(x):
+    for i, (w, b) in enumerate(layers):
+      x = x @ w + b
+      if i < len(layers) - 1:
+        x = qb.quantize.fake_quant(jax.nn.relu(x), grid, bits)
+    return x
+
+  return f, fq
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3]), bits=st.sampled_from([2, 3, 5]),
+       span=st.sampled_from([0.3, 1.0, 3.0]), width=st.floats(0.01, 1.0))
+def test_piece_bounds_hold_with_quantized_activations(seed, shape, bits, span, width):
+  """f_q's static roundings and clips (behind dense layers) are chain layers whose bounds hold at
+  points sampled in each piece and its halves, in float64 against the merged graph; ranges that
+  saturate (span 0.3) and coarse grids included."""
+  f, fq = static_quant_pair(seed, shape, bits, span)
+  box = H.random_box(seed, shape[0])
+  merged = qb.merge(f, fq, box)
+  chain = host_bab.chain_of(merged)
+  assert chain is not None and {"round", "clip"} <= {layer[0] for layer in chain.layers}
+  rng = np.random.default_rng(seed)
+  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  pieces = 4
+  a, b = rng.uniform(lo0, hi0, (2, pieces, lo0.size))
+  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
+  dl, du, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
+  half_hi = hi.copy()
+  half_hi[:, 0] = (lo[:, 0] + hi[:, 0]) / 2
+  hdl, hdu, _, _, _ = host_bab.bound_pieces(chain, lo, half_hi, kept)
+  for dl, du, top in ((dl, du, hi), (hdl, hdu, half_hi)):
+    xs = lo[:, None] + rng.uniform(size=(pieces, 300, lo0.size)) * (top - lo)[:, None]
+    xs[:, 0], xs[:, 1] = lo, top
+    flat = xs.reshape(-1, lo0.size)
+    values = H.eval64(merged.graph, flat).reshape(pieces, 300, -1)
+    np.testing.assert_allclose(host_bab.evaluate(chain, flat).reshape(values.shape), values, rtol=0, atol=1e-12)
+    assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
+
+
+def test_quantized_activations_converge_to_the_exact_value():
+  """With f_q's roundings and clips modelled, the search closes its gap on a small pair and its
+  interval meets the exact MILP's; certify(auto) takes it and is sound against sampling."""
+  f, fq = static_quant_pair(3, H.SHAPES[0], 3, span=0.6)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  merged = qb.merge(f, fq, box)
+  exact = qb.exact.milp(f, fq, box, time_limit=10)
+  res = host_bab.host_branch_and_bound(merged, box, time_budget=20, target_gap=0.01)
+  assert res.stopped == "gap" and res.upper <= 1.01 * res.lower
+  assert res.lower <= exact.upper + exact.tolerance and exact.value - exact.tolerance <= res.upper
+  cert = qb.certify(f, fq, box, time_budget=5.0)
+  assert "host-bab" in cert.bounds
+  values = H.eval64(merged.graph, H.sample_points(box, 4000))
+  assert np.abs(values).max() <= cert.upper <= 1.02 * cert.lower + 1e-12
+
+
+def test_certify_auto_on_a_relu_output():
+  """A small net whose output is a ReLU: certify(auto) used to crash in the NumPy search
+  (TypeError in its gradient ascent); such nets go to the compiled search, soundly."""
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  w = np.asarray(jax.random.normal(jax.random.key(3), (3, 4)), np.float32)
+  f = lambda x: jax.nn.relu(x @ w)  # noqa: E731
+  fq = lambda x: jax.nn.relu(x @ (w * 0.9) + 0.05)  # noqa: E731
+  cert = qb.certify(f, fq, box, time_budget=3.0)
+  values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper

@@ -20,8 +20,16 @@ batch of pieces in float64 by
 * each piece's bounds met with its parent's, neuron by neuron (``z_q = z - d`` tightens the third
   of any two).
 
-On a piece where every ReLU of f and f_q is stable the bounds are the networks' own affine pieces,
-so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
+Where f_q alone rounds its activations with a static scale, or clips them (a fake quantization
+behind a dense layer: ``clip(round(h / s), lo, hi) * s``, as qwix's and AQT's static activation
+quantization and :func:`qbound.quantize.fake_quant` compute it), the chain has a layer for that step:
+``z_q' = z_q + e`` with ``e`` bounded per piece (within half a step, and by where the piece's bounds
+put the rounding and the clip), so ``d' = d - e``; where a piece's bounds pin the step to one value
+``c``, ``z_q' = c`` and ``d' = z - c`` exactly. A rounding of the input itself is left to the
+input-grid enumeration, scales computed from the input to the compiled search.
+
+On a piece where every ReLU of f and f_q is stable (and every rounding pinned) the bounds are the
+networks' own affine pieces, so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
 along the input whose interval-gradient smear is largest (ReluVal's, as :mod:`qbound.bounds.bab`'s
 ``split_rule="gradient"``; with ``CANDIDATES > 1``, :mod:`qbound.bounds.bab`'s strong branching).
 Every new piece's centre and the corner its bound points to are evaluated, a few steps of
@@ -57,7 +65,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds.host_bounds import Chain, _down, _up, bound_pieces
+from qbound.bounds.host_bounds import ROUND_ERRORS, Chain, _down, _step_values, _up, bound_pieces
 from qbound.bounds.host_pool import PiecePool
 from qbound.bounds.region_ascent import region_ascent
 
@@ -111,27 +119,39 @@ class HostBabResult:
 
 
 def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
-  """A dense layer's ``(n_out, n_in)`` matrix read off its weights (``x @ W``, ``W @ x``, also on an
-  input with leading axes of length 1, as ``model.apply(params, x[None])`` traces), or None for
-  other linear maps. A product rescaled per output channel by one constant factor
-  (:class:`~qbound.trace.scaled.ScaledOp`: AQT's ``(x @ W_int) * s``) folds into the matrix, exactly:
-  the product of two float32 numbers is a float64 number. NumPy only: the generic path applies the
-  map to a basis with JAX, whose eager operations compile one by one (2.4 s on a first call of a
-  5-12-8-8-2 pair)."""
-  op, weights, scale = node.op, node.weights, None
-  if getattr(op, "factors", None) == ("mul",) and getattr(op, "per_channel", False) and len(weights) == 2:
-    scale = np.asarray(weights[1])
-    if scale.dtype.itemsize > 4 or scale.size != node.size:  # (a float64 scale would not fold exactly)
+  """A linear layer's ``(n_out, n_in)`` matrix read off its weights, or None for other linear maps:
+  ``x @ W``, ``W @ x`` (also on an input with leading axes of length 1, as ``model.apply(params,
+  x[None])`` traces), ``x * c`` and ``x / c`` by a constant entry by entry (a quantizer's scale), and
+  a product rescaled entry by entry by constant factors (:class:`~qbound.trace.scaled.ScaledOp`:
+  AQT's ``(x @ W_int) * s``, qwix's ``(q @ W_int) * s_a * s_w``), the factors folded into the rows.
+  NumPy only: the generic path applies the map to a basis with JAX, whose eager operations compile
+  one by one (2.4 s on a first call of a 5-12-8-8-2 pair).
+
+  The folds are computed in float64: a float32 times a float32 is exact, a second factor or a
+  division rounds each entry by at most 2^-53 of itself, which the bounds' slack covers (every layer
+  widens its forms by ``host_bounds.RELATIVE_SLACK``, 1e-10, of the magnitude of every product).
+  """
+  op, weights, factors = node.op, node.weights, ()
+  if op is None:  # x + b alone (a quantizer's zero point or shift)
+    return np.eye(node.size)
+  if getattr(op, "factors", None) is not None:
+    factors = tuple(zip(op.factors, weights[len(weights) - len(op.factors):]))
+    op, weights = op.base, weights[:len(weights) - len(op.factors)]
+  name = getattr(op, "name", None)
+  if name in ("mul", "div") and len(weights) == 1 and not factors and tuple(op.in_shape) == tuple(node.shape):
+    if name == "div" and op.var_pos != 0:  # c / x is not linear
       return None
-    op, weights = op.base, weights[:1]
-  if getattr(op, "name", None) != "dot_general" or len(weights) != 1:
+    c = np.broadcast_to(np.asarray(weights[0], np.float64), node.shape).reshape(-1)
+    if not np.all(np.isfinite(c)) or (name == "div" and not np.all(c)):
+      return None
+    return np.diag(1.0 / c if name == "div" else c)
+  if name != "dot_general" or len(weights) != 1:
     return None
   in_shape = tuple(op.in_shape)
   if len(in_shape) < 1 or any(n != 1 for n in in_shape[:-1]):
     return None
   last = len(in_shape) - 1
-  w32 = np.asarray(weights[0])
-  w = w32.astype(np.float64)
+  w = np.asarray(weights[0], np.float64)
   numbers = dict(op.params).get("dimension_numbers")
   if w.ndim != 2 or node.size != w.shape[1 - op.var_pos] or node.shape[-1] != node.size:
     return None
@@ -141,11 +161,14 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
     matrix = w
   else:
     return None
-  if scale is None:
-    return matrix
-  if w32.dtype.itemsize > 4:
-    return None
-  return matrix * scale.astype(np.float64).reshape(-1, 1)
+  for kind, c in factors:
+    if np.size(c) != node.size:
+      return None
+    c = np.asarray(c, np.float64).reshape(-1, 1)
+    if not np.all(np.isfinite(c)) or (kind == "div" and not np.all(c)):
+      return None
+    matrix = matrix * c if kind == "mul" else matrix / c
+  return matrix
 
 
 _RESHAPES = ("reshape", "squeeze", "expand_dims")
@@ -166,6 +189,12 @@ def _moves_nothing(node: G.Node) -> bool:
     dims = tuple(dict(op.params).get("broadcast_dimensions", ()))
     return list(dims) == sorted(dims)
   return False
+
+
+def _clips_nothing(node: G.Node) -> bool:
+  """Whether a ``clip`` node clips nothing (its ends infinite: merge's identity beside f_q's clip)."""
+  return (len(node.weights) == 2 and bool(np.all(np.asarray(node.weights[0]) == -np.inf))
+          and bool(np.all(np.asarray(node.weights[1]) == np.inf)))
 
 
 def chain_of(merged) -> Optional[Chain]:
@@ -194,9 +223,20 @@ def chain_of(merged) -> Optional[Chain]:
       continue
     if a.kind == G.RELU:
       neurons += 2 * a.size
+    elif identity(a) and b.kind == G.ROUND and b.attrs[0] in ROUND_ERRORS:
+      pass  # f_q rounds with a static scale (the scale is an affine layer of its own), f does not
+    elif a.kind == G.CLIP and _clips_nothing(a):
+      pass  # f_q clips, f does not
     elif a.kind != G.AFFINE:
       return None
     kinds[i] = a.kind
+  order = list(kinds.values())
+  if not order or order[0] != G.AFFINE or order[-1] != G.AFFINE:
+    # A rounding of the input itself is left to the input-grid enumeration (qbound.exact.grid),
+    # exact where splitting at midpoints would need the pieces to meet the grid's steps.
+    return None
+  if any(k == G.RELU and order[j - 1] != G.AFFINE for j, k in enumerate(order)):
+    return None  # (the bounds read each ReLU's input bounds off the affine layer before it)
   if neurons > MAX_NEURONS:
     return None
   fm = {i: _dense_matrix(fg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
@@ -209,6 +249,11 @@ def chain_of(merged) -> Optional[Chain]:
   for i, kind in kinds.items():
     if kind == G.RELU:
       layers.append(("relu",))
+    elif kind == G.ROUND:
+      layers.append(("round", qg.nodes[i].attrs[0]))
+    elif kind == G.CLIP:
+      ends = [np.broadcast_to(np.asarray(w, np.float64), qg.nodes[i].shape).reshape(-1) for w in qg.nodes[i].weights]
+      layers.append(("clip", *ends))
     else:
       a, b = fg.nodes[i], qg.nodes[i]
       bias = lambda n: np.zeros(n.size) if n.bias is None else np.broadcast_to(  # noqa: E731
@@ -306,6 +351,8 @@ def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   for layer in chain.layers:
     if layer[0] == "relu":
       z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
+    elif layer[0] in ("round", "clip"):
+      zq = _step_values(layer, zq)
     else:
       _, w, b, wq, bq = layer
       z, zq = z @ w.T + b, zq @ wq.T + bq
@@ -314,16 +361,22 @@ def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
 
 def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: float):
   """Projected sign-gradient ascent on ``max_j |f_j - f_q,j|`` from each row of ``xs`` (exact
-  gradients: the networks are linear around almost every point). Returns the points visited."""
+  gradients where the networks are linear around the point; through f_q's roundings the
+  straight-through gradient, as quantization-aware training takes it). Returns the points visited."""
   visited = [xs]
   step = first_step * (box_hi - box_lo)
   for _ in range(steps):
     z = zq = xs
-    masks = []
-    for layer in chain.layers:
+    masks = {}
+    for j, layer in enumerate(chain.layers):
       if layer[0] == "relu":
-        masks.append((z > 0, zq > 0))
+        masks[j] = (z > 0, zq > 0)
         z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
+      elif layer[0] == "round":
+        zq = _step_values(layer, zq)
+      elif layer[0] == "clip":
+        masks[j] = (np.ones_like(zq, bool), (zq > layer[1]) & (zq < layer[2]))
+        zq = _step_values(layer, zq)
       else:
         z, zq = z @ layer[1].T + layer[2], zq @ layer[3].T + layer[4]
     d = (z - zq)[:, outputs]
@@ -331,12 +384,12 @@ def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: f
     sign = np.sign(d[np.arange(len(xs)), np.argmax(np.abs(d), axis=1)])
     grads = []
     for which in (1, 3):
-      g, mask_i = None, len(masks)
-      for layer in reversed(chain.layers):
-        if layer[0] == "relu":
-          mask_i -= 1
-          g = g * masks[mask_i][0 if which == 1 else 1]
-        else:
+      g = None
+      for i in range(len(chain.layers) - 1, -1, -1):
+        layer = chain.layers[i]
+        if i in masks:
+          g = g * masks[i][0 if which == 1 else 1]
+        elif layer[0] == "affine":
           g = layer[which][j] if g is None else g @ layer[which]
       grads.append(g)
     grad = sign[:, None] * (grads[0] - grads[1])
@@ -369,6 +422,11 @@ def _gradient_weight(chain: Chain, kept, dl, du, outputs):
           c, r = (g_lo + g_hi) / 2, (g_hi - g_lo) / 2
           c, r = c @ w, r @ np.abs(w)
           g_lo, g_hi = c - r, c + r
+      elif layer[0] == "round":
+        pass  # the straight-through derivative of f_q's rounding (a split heuristic, not a bound)
+      elif layer[0] == "clip":
+        if which == 3:  # f_q's clip: a derivative in [0, 1]
+          g_lo, g_hi = np.minimum(g_lo, 0.0), np.maximum(g_hi, 0.0)
       else:
         a = affine.index(j - 1)
         b = kept[:, starts[a]:starts[a + 1]].reshape(k, 6, sizes[a])
@@ -467,6 +525,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   to_input = lambda y: _unmap(x_chain, y, x_lo[0], x_hi[0])  # noqa: E731
 
   region_time, seen = [0.0], set()
+  # Linear regions are ReLU patterns (region_ascent); f_q's roundings and clips split them further.
+  linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
 
   def probe(los, his, dls, lds, uds):
     """The pieces' centres and, for each, the corner its worst bound's form points to."""
@@ -482,7 +542,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       xs = np.concatenate([xs, _ascent(chain, starts, box_lo[0], box_hi[0], outputs, 8, 0.05)])
     errs = np.abs(evaluate(chain, xs))[:, outputs].max(axis=1)
     best = int(np.argmax(errs))
-    if REGION_PROGRAMS and region_time[0] <= REGION_SHARE * (time.perf_counter() - start):
+    if REGION_PROGRAMS and linear_regions and region_time[0] <= REGION_SHARE * (time.perf_counter() - start):
       t = time.perf_counter()
       y, value = region_ascent(chain, xs[best], box_lo[0], box_hi[0], outputs, REGION_PROGRAMS, seen)
       region_time[0] += time.perf_counter() - t

@@ -1,7 +1,8 @@
 """Bounds on ``f - f_q`` over many small boxes at once, in NumPy float64: the bounding step of
 :mod:`qbound.bounds.host_bab`.
 
-For a paired chain of dense layers and ReLUs (:class:`Chain`), :func:`bound_pieces` bounds a batch
+For a paired chain of dense layers and ReLUs (:class:`Chain`; f_q may also round or clip on its
+own between them), :func:`bound_pieces` bounds a batch
 of pieces by forward symbolic intervals (Wang, Pei, Whitehouse, Yang, Jana, USENIX Security 2018)
 for f's ``z``, f_q's ``z_q`` and their difference ``d = z - z_q`` (NeuroDiff, Paulsen, Wang, Wang,
 Wang, ASE 2020), tightened by a backward (CROWN, Zhang et al., NeurIPS 2018) pass in ``d`` and
@@ -12,7 +13,9 @@ Soundness in float64: every form is widened by :data:`RELATIVE_SLACK` of its mag
 piece at each layer, and every backward step by the same fraction of the magnitude of every term it
 sums (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of their magnitude,
 Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the lines' offsets are checked at
-their ends with a few ulps to spare. The weights are float32 values, exact in float64.
+their ends with a few ulps to spare. The weights are float32 values, exact in float64, or folds of
+them (a scale divided or a second factor multiplied in, :func:`qbound.bounds.host_bab._dense_matrix`)
+rounded by at most 2^-53 of the entry per factor, far inside that slack.
 
 Example:
   >>> import numpy as np
@@ -53,7 +56,9 @@ BACKWARD_ROWS = "d"
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)`` or ``("relu",)``.
+  """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)``, ``("relu",)``, or a step
+  of f_q alone where f has an identity: ``("round", mode)`` (a static rounding, ``mode`` one of
+  :data:`ROUND_ERRORS`) or ``("clip", lo, hi)`` (bounds per entry).
 
   ``prefix``: elementwise monotone maps that f and f_q share before their first layer (an input
   normalisation, as ACAS Xu's ``.nnet`` files: ``("clip", lo, hi)``, ``("shift", b)`` for ``x + b``,
@@ -248,7 +253,8 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
   """Lower bounds of ``rows_d . d + rows_q . z_q`` at the output of layer ``upto - 1``, over each
   piece: CROWN's backward pass (Zhang et al., NeurIPS 2018) on the pair in the variables ``d`` and
   ``z_q`` (NeuroDiff's differential form, Paulsen et al., ASE 2020). ``rows_*``: ``(R, m)`` rows,
-  the same for every piece; ``lines[j]``: :class:`_PairLines` of ReLU layer ``j``; ``mags[j]``:
+  the same for every piece; ``lines[j]``: :class:`_PairLines` of ReLU layer ``j``, or the
+  per-piece interval ``(e_lo, e_hi)`` of f_q's step ``s(v) - v`` at a rounding or clip layer; ``mags[j]``:
   ``(d_max, q_max)`` at layer ``j``'s input. Returns ``(k, R)`` bounds, widened by the float64
   rounding of every step.
 
@@ -279,6 +285,18 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       err += np.concatenate([mag_d, mag_q], axis=1) @ bound.T
       lam = _times(lam, block)
       bound = bound @ np.abs(block)
+    elif layer[0] in ("round", "clip"):
+      # z_q' = z_q + e and d' = d - e (e in [e_lo, e_hi] per piece): the rows keep their
+      # coefficients and gain the least of (lam_q - lam_d) e, per piece.
+      e_lo, e_hi = lines[j]
+      m = lam.shape[-1] // 2
+      c = lam[..., m:] - lam[..., :m]
+      c_pos, c_neg = np.maximum(c, 0.0), np.minimum(c, 0.0)
+      if lam.ndim == 2:
+        const = const + e_lo @ c_pos.T + e_hi @ c_neg.T
+      else:
+        const = const + np.einsum("krm,km->kr", c_pos, e_lo) + np.einsum("krm,km->kr", c_neg, e_hi)
+      err += np.maximum(np.abs(e_lo), np.abs(e_hi)) @ (bound[:, :m] + bound[:, m:]).T
     else:
       ln = lines[j]
       m = lam.shape[-1] // 2
@@ -308,8 +326,9 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       bound_q = bound[:, m:] * np.maximum(ln.a, ln.s).max(axis=0) + bound[:, :m] * q_max.max(axis=0)
       bound = np.concatenate([bound_d, bound_q], axis=1)
       lam = new
-  if lam.ndim == 2:  # no ReLU layer on the way
-    lam, const = np.broadcast_to(lam, (k,) + lam.shape), np.broadcast_to(const, (k,) + const.shape)
+  if lam.ndim == 2:  # no ReLU layer on the way (a rounding or clip made the constants the pieces' own)
+    lam = np.broadcast_to(lam, (k,) + lam.shape)
+    const = const if const.ndim == 2 else np.broadcast_to(const, (k,) + const.shape)
   # At the input d = 0 and z_q = x.
   lam_q = lam[..., lam.shape[-1] // 2:]
   a, b = lam_q * lo[:, None], lam_q * hi[:, None]
@@ -349,6 +368,58 @@ def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str
     low[:, columns] = np.maximum(low[:, columns], v[:, 2 * i])
     up[:, columns] = np.minimum(up[:, columns], -v[:, 2 * i + 1])
   return _meet(zl, zu, ql, qu, dl, du)
+
+
+# A static rounding's error ``round(v) - v``, per mode (graph.ROUNDING's names).
+ROUND_ERRORS = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0)}
+
+
+def round_values(mode: str, x):
+  """``x`` rounded as a ``round`` node of that mode rounds it (monotone: bounds round to bounds)."""
+  if mode == "nearest":
+    return np.round(x)  # halves to even, as jnp.round
+  if mode == "away":
+    return np.where(x >= 0, np.floor(x + 0.5), np.ceil(x - 0.5))
+  return np.floor(x) if mode == "floor" else np.ceil(x)
+
+
+def _step_values(layer, x):
+  """f_q's value after a ``round`` or ``clip`` layer (f's is unchanged)."""
+  if layer[0] == "round":
+    return round_values(layer[1], x)
+  return np.clip(x, layer[1], layer[2])
+
+
+def _step_error(layer, ql, qu):
+  """Per piece and neuron, an interval holding ``e = s(v) - v`` for the step ``s`` of a ``round`` or
+  ``clip`` layer and every ``v`` in ``[ql, qu]``, rounded outward: ``s(v)`` lies in
+  ``[s(ql), s(qu)]`` (``s`` is monotone), and a rounding moves ``v`` by at most its mode's error."""
+  sl, su = _step_values(layer, ql), _step_values(layer, qu)
+  lo, hi = _down(sl - qu), _up(su - ql)
+  if layer[0] == "round":
+    e_lo, e_hi = ROUND_ERRORS[layer[1]]
+    lo, hi = np.maximum(lo, e_lo), np.minimum(hi, e_hi)
+  else:  # clip(v) - v is 0 inside the clip, a - v below it and b - v above it (ends may be infinite)
+    lo = np.maximum(lo, _down(np.minimum(layer[2] - qu, 0.0)))
+    hi = np.minimum(hi, _up(np.maximum(layer[1] - ql, 0.0)))
+  return lo, hi, sl, su
+
+
+def _shift(form, mag, shift, upper: bool):
+  """``form + shift`` (``shift`` per piece and neuron, on the constant), widened by the addition's
+  rounding; with its magnitude."""
+  out = form.copy()
+  out[:, -1] += shift
+  terms = mag + np.abs(shift)
+  out[:, -1] += RELATIVE_SLACK * terms if upper else -RELATIVE_SLACK * terms
+  return out, terms * (1 + RELATIVE_SLACK)
+
+
+def _constant(value, n_in: int):
+  """Forms that are the constant ``value`` (``(k, m)``), with their magnitude."""
+  form = np.zeros((value.shape[0], n_in + 1, value.shape[1]))
+  form[:, -1] = value
+  return form, np.abs(value)
 
 
 def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[np.ndarray] = None):
@@ -420,6 +491,31 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
                                                   columns, "d" if last else BACKWARD_ROWS)
       kept.append(np.stack([zl, zu, ql, qu, dl, du], axis=1).reshape(k, 6 * m))
       offset += 6 * m
+    elif layer[0] in ("round", "clip"):
+      # f_q alone: z_q' = s(z_q) = z_q + e, so d' = z - z_q' = d - e, with e in [e_lo, e_hi] per piece
+      # (_step_error); and z_q' lies in [s(ql), s(qu)], so d' in [z - s(qu), z - s(ql)]. Per neuron
+      # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
+      # within one step of a rounding, beyond one end of a clip) those are exact.
+      e_lo, e_hi, sl, su = _step_error(layer, ql, qu)
+      lines[j] = (e_lo, e_hi)
+      n_in = lo.shape[1]
+      (cl_form, mcl), (cu_form, mcu) = _constant(sl, n_in), _constant(su, n_in)
+      (sq_l, msq_l), (sq_u, msq_u) = _shift(lq, mql, e_lo, False), _shift(uq, mqu, e_hi, True)
+      width_q = _concrete(sq_u, msq_u, lo, hi, True) - _concrete(sq_l, msq_l, lo, hi, False)
+      use_values = (su - sl) <= width_q
+      (sd_l, msd_l), (sd_u, msd_u) = _shift(ld, mdl, -e_hi, False), _shift(ud, mdu, -e_lo, True)
+      (pd_l, mpd_l), (pd_u, mpd_u) = _shift(lz, mzl, -su, False), _shift(uz, mzu, -sl, True)
+      width_shift = _concrete(sd_u, msd_u, lo, hi, True) - _concrete(sd_l, msd_l, lo, hi, False)
+      width_values = _concrete(pd_u, mpd_u, lo, hi, True) - _concrete(pd_l, mpd_l, lo, hi, False)
+      use_z = width_values < width_shift
+      lq, uq = np.where(use_values[:, None], cl_form, sq_l), np.where(use_values[:, None], cu_form, sq_u)
+      mql, mqu = np.where(use_values, mcl, msq_l), np.where(use_values, mcu, msq_u)
+      ld, ud = np.where(use_z[:, None], pd_l, sd_l), np.where(use_z[:, None], pd_u, sd_u)
+      mdl, mdu = np.where(use_z, mpd_l, msd_l), np.where(use_z, mpd_u, msd_u)
+      ql, qu = sl, su
+      dl = np.maximum(_concrete(ld, mdl, lo, hi, False), _down(zl - su))
+      du = np.minimum(_concrete(ud, mdu, lo, hi, True), _up(zu - sl))
+      zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
     else:
       lines[j] = _pair_lines(zl, zu, ql, qu, dl, du)
       rz_l, rz_u, mrz_l, mrz_u = _relu_forms(lz, uz, mzl, mzu, zl, zu)
