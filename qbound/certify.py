@@ -320,6 +320,14 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     from qbound.bounds import host_bab
 
     host_chain = host_bab.chain_of(merged)
+    if host_chain is not None and staircase:
+      from qbound.exact.grid import auto_max_cells
+
+      # f_q rounds its input on a grid the enumeration covers in its share of the time: it is
+      # exact cell by cell, where splitting at midpoints meets the grid's steps only slowly.
+      cells = host_bab.input_grid_cells(host_chain, np.asarray(box.lower), np.asarray(box.upper))
+      if cells is not None and cells <= auto_max_cells(GRID_SHARE * min(time_budget, 3600.0)):
+        host_chain = None
   hosts: list = []
   host_closed = threading.Event()  # set when the host search closed the gap: the call returns
 

@@ -503,3 +503,28 @@ def test_certify_auto_on_a_relu_output():
   cert = qb.certify(f, fq, box, time_budget=3.0)
   values = H.eval64(qb.merge(f, fq, box).graph, H.sample_points(box, 2000))
   assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
+
+
+def test_a_small_input_grid_is_left_to_the_grid():
+  """f_q that scales and rounds its input first: a chain for the NumPy search, but where its input
+  grid is small certify(auto) enumerates it cell by cell (exact) instead; a dense layer first has
+  no input grid."""
+  rng = np.random.default_rng(1)
+  w1 = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+  # (f scales by 2 where f_q scales by 4, so the scaling is no shared input normalisation.)
+  f = lambda x: jax.nn.relu(((x * 2.0) / 2.0) @ w1) @ w2  # noqa: E731
+  fq = lambda x: jax.nn.relu((jnp.round(x * 4.0) / 4.0) @ w1) @ w2  # noqa: E731
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  chain = host_bab.chain_of(merged)
+  assert chain is not None and chain.layers[1][0] == "round"
+  assert 9 ** 3 <= host_bab.input_grid_cells(chain, box.lower, box.upper) <= 10 ** 3
+  cert = qb.certify(f, fq, box, time_budget=5.0)
+  assert "host-bab" not in cert.bounds and "grid" in cert.bounds
+  values = H.eval64(merged.graph, H.sample_points(box, 4000))
+  assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
+  g, gq = static_quant_pair(0, H.SHAPES[0], 3)
+  square = qb.Box(-jnp.ones(2), jnp.ones(2))
+  assert host_bab.input_grid_cells(host_bab.chain_of(qb.merge(g, gq, square)),
+                                   -np.ones(2), np.ones(2)) is None

@@ -342,6 +342,39 @@ def _unmap(chain: Chain, ys: np.ndarray, box_lo, box_hi) -> np.ndarray:
   return np.clip(xs, box_lo, box_hi)
 
 
+def input_grid_cells(chain: Chain, lower, upper) -> Optional[float]:
+  """At most how many cells the input grid of f_q has over the box ``[lower, upper]``, when f_q
+  rounds its input (after scalings entry by entry and clips, before any dense layer mixes the
+  entries), else None: the cells :mod:`qbound.exact.grid` enumerates, each input's count of
+  rounding steps over its range, multiplied.
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound.bounds.host_bab import Chain, input_grid_cells
+    >>> eye, w = np.eye(2), np.ones((1, 2))
+    >>> chain = Chain((("affine", eye, np.zeros(2), 4 * eye, np.zeros(2)), ("round", "nearest"),
+    ...                ("affine", w, np.zeros(1), w, np.zeros(1))), n_in=2, n_out=1)
+    >>> input_grid_cells(chain, -np.ones(2), np.ones(2))  # 4x over [-1, 1]: 9 steps (at most 10) each
+    100.0
+  """
+  lo, hi = map_box(chain, np.asarray(lower, np.float64).reshape(1, -1), np.asarray(upper, np.float64).reshape(1, -1))
+  lo, hi = lo[0], hi[0]
+  for layer in chain.layers:
+    if layer[0] == "affine":
+      wq, bq = layer[3], layer[4]
+      if wq.shape[0] != wq.shape[1] or np.count_nonzero(wq - np.diag(np.diag(wq))):
+        return None  # a dense layer first: no grid on the input
+      a, b = np.diag(wq) * lo + bq, np.diag(wq) * hi + bq
+      lo, hi = np.minimum(a, b), np.maximum(a, b)
+    elif layer[0] == "clip":
+      lo, hi = np.clip(lo, layer[1], layer[2]), np.clip(hi, layer[1], layer[2])
+    elif layer[0] == "round":
+      return float(np.prod(np.floor(hi) - np.ceil(lo) + 2.0))
+    else:
+      return None
+  return None
+
+
 def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
   z = np.asarray(xs, np.float64)
