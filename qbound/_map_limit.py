@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from typing import Optional
 
@@ -30,6 +31,11 @@ from typing import Optional
 # model adds about 2,000 maps, a large one a few thousand more, so a quarter of the default limit
 # stays free for the call that follows.
 SHARE = 0.75
+# Seconds between two reads of /proc/self/maps: the kernel writes it out on every read, 41 ms at
+# 40,000 maps (3 ms at 3,000), and a process adds at most about 1,000 maps a second (compiling
+# ~100 small programs), far less than the margin above.
+MIN_INTERVAL = 1.0
+_last_read = [-float("inf")]
 
 
 @functools.cache
@@ -53,10 +59,11 @@ def maps_in_use() -> Optional[int]:
 
 def release_if_near_limit(share: float = SHARE, *, warn: bool = True) -> bool:
   """Clears JAX's compilation caches if this process holds more than ``share`` of its memory-map
-  limit; returns whether it did."""
+  limit; returns whether it did. Reads the maps at most once every :data:`MIN_INTERVAL` seconds."""
   limit = map_limit()
-  if limit is None:
+  if limit is None or time.monotonic() - _last_read[0] < MIN_INTERVAL:
     return False
+  _last_read[0] = time.monotonic()
   used = maps_in_use()
   if used is None or used <= share * limit:
     return False

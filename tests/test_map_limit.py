@@ -11,7 +11,8 @@ import qbound as qb
 from qbound import _map_limit
 
 
-def test_counts_this_process_maps():
+def test_counts_this_process_maps(monkeypatch):
+  monkeypatch.setattr(_map_limit, "MIN_INTERVAL", 0.0)
   used, limit = _map_limit.maps_in_use(), _map_limit.map_limit()
   if used is None or limit is None:
     pytest.skip("no /proc on this system: the guard does nothing here")
@@ -20,6 +21,7 @@ def test_counts_this_process_maps():
 
 
 def test_near_the_limit_the_caches_are_cleared_with_a_warning(monkeypatch):
+  monkeypatch.setattr(_map_limit, "MIN_INTERVAL", 0.0)
   square = jax.jit(lambda x: x * x)
   square(jnp.ones(3))
   assert square._cache_size() == 1
@@ -31,6 +33,9 @@ def test_near_the_limit_the_caches_are_cleared_with_a_warning(monkeypatch):
   with pytest.warns(RuntimeWarning, match="vm.max_map_count"):
     assert _map_limit.release_if_near_limit()
   assert square._cache_size() == 0
+  monkeypatch.setattr(_map_limit, "MIN_INTERVAL", 3600.0)  # read a moment ago: not again yet
+  assert not _map_limit.release_if_near_limit()
+  monkeypatch.setattr(_map_limit, "MIN_INTERVAL", 0.0)
   monkeypatch.setattr(_map_limit, "map_limit", lambda: None)  # no /proc: nothing to do
   assert not _map_limit.release_if_near_limit()
 
