@@ -153,6 +153,8 @@ def _int_scaled_mlp(layers, x, factors=("mul",)):
 
 
 def _int_layers(seed, shape, bits=4):
+  """A random MLP and its layers as ``(W_int, s, b)``: integer weights at ``bits``, a scale per
+  output channel."""
   f, _ = pair(seed, shape, noise=0.0)
   layers = []
   for w, b in f.args[0]:
@@ -163,9 +165,9 @@ def _int_layers(seed, shape, bits=4):
 
 def test_batched_calls_and_rescaled_products_are_chains():
   """``model.apply(p, x[None])[0]`` (a batch axis added and removed) and products rescaled per
-  output channel (``(x @ W_int) * s``: AQT's weight-only layers) are chains too, whose NumPy
-  evaluation is the networks' difference and whose bounds hold; a product with a second factor is
-  left to the compiled search."""
+  output channel (``(x @ W_int) * s``: AQT's weight-only layers; also with a second factor) are
+  chains too, whose NumPy evaluation is the networks' difference and whose bounds hold; a reshape
+  that reorders the entries is not."""
   shape = H.SHAPES[2]
   f, layers = _int_layers(6, shape)
   box = qb.Box(-jnp.ones(shape[0]), jnp.ones(shape[0]))
