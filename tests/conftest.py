@@ -53,14 +53,14 @@ def strict_promotion():
     yield
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _compiled_programs_within_the_map_limit():
-  """Clears JAX's compilation caches between tests once a worker holds 70% of the kernel's limit on
-  memory maps: every XLA program keeps about nine, and a worker that reached the limit (65,530 by
-  default) crashed in XLA's compiler (qbound._map_limit). Below the library's own threshold, so
-  its warning never fires inside a test; each clear costs the tests after it recompilation, so
-  not lower."""
+  """Clears JAX's compilation caches after a test module once its worker holds 65% of the kernel's
+  limit on memory maps: every XLA program keeps about nine, and a worker that reached the limit
+  (65,530 by default) crashed in XLA's compiler (qbound._map_limit). After a module, not a test:
+  the module's tests share its programs (a module compiles at most some 15,000 maps' worth). Below
+  the library's own threshold, so its warning never fires inside a test."""
   yield
   from qbound import _map_limit
 
-  _map_limit.release_if_near_limit(0.7, warn=False)
+  _map_limit.release_if_near_limit(0.65, warn=False)

@@ -522,7 +522,7 @@ def test_a_small_input_grid_is_left_to_the_grid():
   chain = host_bab.chain_of(merged)
   assert chain is not None and chain.layers[1][0] == "round"
   assert 9 ** 3 <= host_bab.input_grid_cells(chain, box.lower, box.upper) <= 10 ** 3
-  cert = qb.certify(f, fq, box, time_budget=5.0)
+  cert = qb.certify(f, fq, box, time_budget=2.0)
   assert "host-bab" not in cert.bounds and "grid" in cert.bounds
   values = H.eval64(merged.graph, H.sample_points(box, 4000))
   assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
