@@ -57,11 +57,13 @@ def maps_in_use() -> Optional[int]:
     return None
 
 
-def release_if_near_limit(share: float = SHARE, *, warn: bool = True) -> bool:
+def release_if_near_limit(share: float = SHARE, *, warn: bool = True, min_interval: Optional[float] = None) -> bool:
   """Clears JAX's compilation caches if this process holds more than ``share`` of its memory-map
-  limit; returns whether it did. Reads the maps at most once every :data:`MIN_INTERVAL` seconds."""
+  limit; returns whether it did. Reads the maps at most once every ``min_interval`` seconds
+  (default :data:`MIN_INTERVAL`)."""
   limit = map_limit()
-  if limit is None or time.monotonic() - _last_read[0] < MIN_INTERVAL:
+  wait = MIN_INTERVAL if min_interval is None else min_interval
+  if limit is None or time.monotonic() - _last_read[0] < wait:
     return False
   _last_read[0] = time.monotonic()
   used = maps_in_use()
