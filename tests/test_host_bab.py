@@ -50,21 +50,27 @@ def test_piece_bounds_hold_at_sampled_points(seed, shape, kind, width):
   box = H.random_box(seed, shape[0])
   chain = host_bab.chain_of(qb.merge(f, fq, box))
   assert chain is not None
+  # (host_bab.evaluate is checked against the merged graph in float64 below.)
+  _bounds_hold_in_pieces_and_halves(chain, box, seed, width, lambda xs: host_bab.evaluate(chain, xs))
+
+
+def _bounds_hold_in_pieces_and_halves(chain, box, seed, width, values_at):
+  """Bounds of 4 random pieces of ``box`` (edges ``width`` of random spans), and of their halves
+  along the first input started from the pieces' bounds (a parent's), hold at 300 points sampled
+  in each and at its corners; ``values_at(xs)``: ``f - f_q`` at flat points ``(k, n_in)``."""
   rng = np.random.default_rng(seed)
   lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
   pieces = 4  # (a fixed count: the float64 reference compiles once per shape)
   a, b = rng.uniform(lo0, hi0, (2, pieces, lo0.size))
   lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
   dl, du, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
-  # And their halves along the first input, starting from the whole pieces' bounds (a parent's).
   half_hi = hi.copy()
   half_hi[:, 0] = (lo[:, 0] + hi[:, 0]) / 2
   hdl, hdu, _, _, _ = host_bab.bound_pieces(chain, lo, half_hi, kept)
   for dl, du, top in ((dl, du, hi), (hdl, hdu, half_hi)):
     xs = lo[:, None] + rng.uniform(size=(pieces, 300, lo0.size)) * (top - lo)[:, None]
     xs[:, 0], xs[:, 1] = lo, top  # the corners too
-    # (host_bab.evaluate is checked against the merged graph in float64 below.)
-    values = host_bab.evaluate(chain, xs.reshape(-1, lo0.size)).reshape(pieces, 300, -1)
+    values = np.asarray(values_at(xs.reshape(-1, lo0.size))).reshape(pieces, 300, -1)
     assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
 
 
@@ -461,22 +467,13 @@ def test_piece_bounds_hold_with_quantized_activations(seed, shape, bits, span, w
   merged = qb.merge(f, fq, box)
   chain = host_bab.chain_of(merged)
   assert chain is not None and {"round", "clip"} <= {layer[0] for layer in chain.layers}
-  rng = np.random.default_rng(seed)
-  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
-  pieces = 4
-  a, b = rng.uniform(lo0, hi0, (2, pieces, lo0.size))
-  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
-  dl, du, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
-  half_hi = hi.copy()
-  half_hi[:, 0] = (lo[:, 0] + hi[:, 0]) / 2
-  hdl, hdu, _, _, _ = host_bab.bound_pieces(chain, lo, half_hi, kept)
-  for dl, du, top in ((dl, du, hi), (hdl, hdu, half_hi)):
-    xs = lo[:, None] + rng.uniform(size=(pieces, 300, lo0.size)) * (top - lo)[:, None]
-    xs[:, 0], xs[:, 1] = lo, top
-    flat = xs.reshape(-1, lo0.size)
-    values = H.eval64(merged.graph, flat).reshape(pieces, 300, -1)
-    np.testing.assert_allclose(host_bab.evaluate(chain, flat).reshape(values.shape), values, rtol=0, atol=1e-12)
-    assert np.all(values >= dl[:, None] - 1e-12) and np.all(values <= du[:, None] + 1e-12)
+
+  def values_at(xs):
+    values = H.eval64(merged.graph, xs).reshape(len(xs), -1)
+    np.testing.assert_allclose(host_bab.evaluate(chain, xs), values, rtol=0, atol=1e-12)
+    return values
+
+  _bounds_hold_in_pieces_and_halves(chain, box, seed, width, values_at)
 
 
 def test_quantized_activations_converge_to_the_exact_value():
