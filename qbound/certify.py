@@ -341,11 +341,20 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
 
     try:
       pending = [0.0, None]  # the host's best input not yet handed to the tracker
+      candidates: list = []  # its staircase search's best inputs, not yet handed to the tracker
 
       def flush():
         if pending[1] is not None:
           track.add_witness(graph, pending[1].reshape(box.shape))  # evaluated again, in float64
           pending[1] = None
+        while candidates:
+          xs = candidates.pop()
+          track.add_witnesses(graph, xs.reshape(len(xs), *box.shape))
+
+      def report_candidates(xs):
+        candidates.append(xs)
+        if evaluator_ready.is_set():
+          flush()
 
       def report(upper, lower, witness):
         track.add_upper("host-bab", upper)
@@ -359,7 +368,8 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
         return
       res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
                                   epsilon=epsilon, stop=lambda: finished() or stages_failed.is_set(), report=report,
-                                  chain=host_chain, report_root=lambda lo, up: track.add_bounds("host-bab", lo, up))
+                                  chain=host_chain, report_root=lambda lo, up: track.add_bounds("host-bab", lo, up),
+                                  report_candidates=report_candidates)
       track.add_bounds("host-bab", res.diff_lower, res.diff_upper)
       evaluator_ready.wait(timeout=max(left(), 0.0))
       flush()

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import rms_rounding
+from qbound._arrays import namespace
 
 # The rounding mode of a ``round`` node that is a dynamically scaled fake quantization.
 DYNAMIC = "dynamic"
@@ -108,40 +109,44 @@ class DynamicScale:
 
 def scale_of(spec: DynamicScale, x):
   """The scale the library computes from ``x`` (per tensor, or per group: ``spec.axes``), with its guard."""
-  keep = spec.axes is not None
+  xp, keep = namespace(x), spec.axes is not None
   if spec.norm == "rms":
-    s = jnp.sqrt(jnp.sum(jnp.square(x), axis=spec.axes, keepdims=keep)) / spec.divisor
+    s = xp.sqrt(xp.sum(xp.square(x), axis=spec.axes, keepdims=keep)) / spec.divisor
   elif spec.zero_point is None:
-    s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
+    s = xp.max(xp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
   else:
     low_c, high_c = _calibration(spec, x)
     s = (high_c - low_c) / spec.zero_point[1]
   if spec.guard is not None:
     cmp, cut, fallback = spec.guard
     fires = {"lt": s < cut, "le": s <= cut, "eq": s == cut}[cmp]
-    s = jnp.where(fires, jnp.asarray(fallback, s.dtype), s)
+    s = xp.where(fires, xp.asarray(fallback, s.dtype), s)
   return s
 
 
 def _calibration(spec: DynamicScale, x):
   """qwix's ``minmax``: ``c min(min x, 0)`` and ``c max(max x, 0)`` per group."""
-  keep, c = spec.axes is not None, spec.zero_point[1] / spec.divisor
-  return (jnp.minimum(jnp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c,
-          jnp.maximum(jnp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c)
+  xp, keep, c = namespace(x), spec.axes is not None, spec.zero_point[1] / spec.divisor
+  return (xp.minimum(xp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c,
+          xp.maximum(xp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c)
 
 
 def _round(spec: DynamicScale, z):
-  return jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
+  if spec.rounding == "nearest":
+    return namespace(z).round(z)
+  if namespace(z) is np:
+    return np.where(z >= 0, np.floor(z + 0.5), np.ceil(z - 0.5))
+  return jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
 
 
 def quantize(spec: DynamicScale, x):
   """``q(x) = s(x) * clip(round(x / s(x)), low, high)``, the dynamically fake-quantized ``x`` (with a
   zero point ``z``: ``s * (clip(round(x / s + z)) - z)``)."""
-  s = scale_of(spec, x)
+  xp, s = namespace(x), scale_of(spec, x)
   if spec.zero_point is None:
-    return s * jnp.clip(_round(spec, x / s), spec.low, spec.high)
-  z = jnp.round(spec.zero_point[0] - _calibration(spec, x)[0] / s)
-  return s * (jnp.clip(_round(spec, x / s + z), spec.low, spec.high) - z)
+    return s * xp.clip(_round(spec, x / s), spec.low, spec.high)
+  z = xp.round(spec.zero_point[0] - _calibration(spec, x)[0] / s)
+  return s * (xp.clip(_round(spec, x / s + z), spec.low, spec.high) - z)
 
 
 def check_guard(spec: DynamicScale) -> Optional[str]:
@@ -204,22 +209,24 @@ def _span(spec: DynamicScale, lo, hi, axes):
   ``[lo, hi]``, per group of ``axes`` (``max|t|``; with a zero point ``max(max t, 0) - min(min t, 0)``),
   widened by ``_REL``; ``parts`` with a zero point, the bounds ``(top_lo, top_hi, neg_lo, neg_hi)``
   of ``max(max t, 0)`` and ``-min(min t, 0)``, else None."""
+  xp = namespace(lo, hi)
   if spec.zero_point is None:
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
-    return (jnp.max(mig, axis=axes, keepdims=True) * (1 - _REL), jnp.max(mag, axis=axes, keepdims=True) * (1 + _REL),
+    mag = xp.maximum(xp.abs(lo), xp.abs(hi))
+    mig = xp.where((lo <= 0) & (hi >= 0), 0.0, xp.minimum(xp.abs(lo), xp.abs(hi)))
+    return (xp.max(mig, axis=axes, keepdims=True) * (1 - _REL), xp.max(mag, axis=axes, keepdims=True) * (1 + _REL),
             None)
-  top_lo = jnp.maximum(jnp.max(lo, axis=axes, keepdims=True), 0.0)
-  top_hi = jnp.maximum(jnp.max(hi, axis=axes, keepdims=True), 0.0)
-  neg_lo = jnp.maximum(-jnp.min(hi, axis=axes, keepdims=True), 0.0)
-  neg_hi = jnp.maximum(-jnp.min(lo, axis=axes, keepdims=True), 0.0)
+  top_lo = xp.maximum(xp.max(lo, axis=axes, keepdims=True), 0.0)
+  top_hi = xp.maximum(xp.max(hi, axis=axes, keepdims=True), 0.0)
+  neg_lo = xp.maximum(-xp.min(hi, axis=axes, keepdims=True), 0.0)
+  neg_hi = xp.maximum(-xp.min(lo, axis=axes, keepdims=True), 0.0)
   return (top_lo + neg_lo) * (1 - _REL), (top_hi + neg_hi) * (1 + _REL), (top_lo, top_hi, neg_lo, neg_hi)
 
 
 def _guard_may_fire(spec: DynamicScale, m_lo):
   """Where the scale's guard may replace it (a range of at most ``m_lo`` below its cut)."""
+  xp = namespace(m_lo)
   if spec.guard is None:
-    return jnp.zeros_like(m_lo, bool)
+    return xp.zeros_like(m_lo, bool)
   if spec.guard[0] == "eq":
     return m_lo <= 0
   return m_lo <= spec.divisor * spec.guard[1] * (1 + _REL)
@@ -235,6 +242,7 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   inside one rounding step), so ``v_lo <= v <= v_hi``. All in float32 with slack ``_REL``.
   ``rest`` (``rms`` only): an optional :class:`qbound.rms_rounding.Joint` (:func:`qbound.rms_rounding.parts`).
   """
+  xp = namespace(lo, hi)
   axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
   if spec.norm == "rms":
     return rms_rounding.bounds(spec, lo, hi, axes, rest)
@@ -247,44 +255,44 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
     # stays inside one step.
     offset, span = spec.zero_point
     top_lo, top_hi, neg_lo, neg_hi = parts
-    share_lo = jnp.where(neg_lo > 0, neg_lo / jnp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
-    share_hi = jnp.where(top_lo > 0, neg_hi / jnp.where(top_lo > 0, top_lo + neg_hi, 1.0), 1.0)
+    share_lo = xp.where(neg_lo > 0, neg_lo / xp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
+    share_hi = xp.where(top_lo > 0, neg_hi / xp.where(top_lo > 0, top_lo + neg_hi, 1.0), 1.0)
     arg_slack = (abs(offset) + span + 1) * _REL
     arg_lo, arg_hi = offset + span * share_lo - arg_slack, offset + span * share_hi + arg_slack
-    zero = jnp.round(arg_lo)
+    zero = xp.round(arg_lo)
     zero_known = (arg_lo > zero - 0.5) & (arg_hi < zero + 0.5)
     # |z - arg| <= 1/2 and arg in [offset, offset + span]: x / s + z stays within
     # [offset - max(Q - span, 0) - 1/2, offset + max(Q, span) + 1/2] (Q = divisor), so a clip to
     # [low, high] costs at most this many steps more than the rounding's 1/2:
     zero_steps = max(0.0, spec.low - offset + max(q - span, 0.0), offset + max(q, span) - spec.high)
   # The quotient u = x / s = Q t / m, for t in [lo, hi] and m in [m_lo, m_hi]; |u| <= Q.
-  safe_lo = jnp.where(m_lo > 0, m_lo, 1.0)
-  u_lo = jnp.where(m_lo > 0, q * jnp.minimum(lo / safe_lo, lo / m_hi), jnp.where(lo >= 0, 0.0, -q))
-  u_hi = jnp.where(m_lo > 0, q * jnp.maximum(hi / safe_lo, hi / m_hi), jnp.where(hi <= 0, 0.0, q))
-  u_lo = jnp.maximum(u_lo - jnp.abs(u_lo) * _REL, -q * (1 + _REL)) + zero
-  u_hi = jnp.minimum(u_hi + jnp.abs(u_hi) * _REL, q * (1 + _REL)) + zero
+  safe_lo = xp.where(m_lo > 0, m_lo, 1.0)
+  u_lo = xp.where(m_lo > 0, q * xp.minimum(lo / safe_lo, lo / m_hi), xp.where(lo >= 0, 0.0, -q))
+  u_hi = xp.where(m_lo > 0, q * xp.maximum(hi / safe_lo, hi / m_hi), xp.where(hi <= 0, 0.0, q))
+  u_lo = xp.maximum(u_lo - xp.abs(u_lo) * _REL, -q * (1 + _REL)) + zero
+  u_hi = xp.minimum(u_hi + xp.abs(u_hi) * _REL, q * (1 + _REL)) + zero
   # Each entry's error, in steps: 1/2, or where it may saturate, how far past the clip it reaches.
   if spec.zero_point is None:
-    band = jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo))
+    band = xp.maximum(0.5, xp.maximum(u_hi - spec.high, spec.low - u_lo))
   else:
-    band = jnp.where(zero_known, jnp.maximum(0.5, jnp.maximum(u_hi - spec.high, spec.low - u_lo)), 0.5 + zero_steps)
-    band = jnp.minimum(band, 0.5 + zero_steps) + (abs(spec.zero_point[0]) + q + spec.zero_point[1] + 1) * _REL
+    band = xp.where(zero_known, xp.maximum(0.5, xp.maximum(u_hi - spec.high, spec.low - u_lo)), 0.5 + zero_steps)
+    band = xp.minimum(band, 0.5 + zero_steps) + (abs(spec.zero_point[0]) + q + spec.zero_point[1] + 1) * _REL
   half = m_hi * ((band / q) * (1 + _REL) + _REL)
   guard_may_fire = _guard_may_fire(spec, m_lo)
   if spec.guard is not None and spec.guard[0] != "eq":
     # where the guard fires, q = 0 and the error is |t| <= m < Q cut
-    half = jnp.maximum(half, jnp.minimum(m_hi, q * spec.guard[1] * (1 + _REL)))
-  k = jnp.clip(jnp.round(u_lo), spec.low, spec.high)
+    half = xp.maximum(half, xp.minimum(m_hi, q * spec.guard[1] * (1 + _REL)))
+  k = xp.clip(xp.round(u_lo), spec.low, spec.high)
   one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
   at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
   at_low = u_hi < spec.low + 0.5
-  k = jnp.where(at_high, spec.high, jnp.where(at_low, spec.low, k)) - zero
+  k = xp.where(at_high, spec.high, xp.where(at_low, spec.low, k)) - zero
   flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire & zero_known
   ends = (k * (m_lo / q) * (1 - _REL), k * (m_hi / q) * (1 + _REL))
-  v_lo = jnp.where(k >= 0, ends[0], ends[1])
-  v_hi = jnp.where(k >= 0, ends[1], ends[0])
-  shape = jnp.shape(lo)
-  return (jnp.broadcast_to(half, shape), flat, jnp.where(flat, v_lo, 0.0), jnp.where(flat, v_hi, 0.0))
+  v_lo = xp.where(k >= 0, ends[0], ends[1])
+  v_hi = xp.where(k >= 0, ends[1], ends[0])
+  shape = xp.shape(lo)
+  return (xp.broadcast_to(half, shape), flat, xp.where(flat, v_lo, 0.0), xp.where(flat, v_hi, 0.0))
 
 
 def value_range(spec: DynamicScale, lo, hi, ndim: int, value):

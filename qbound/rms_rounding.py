@@ -60,6 +60,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from qbound._arrays import namespace
+
 # float32's rounding of a few operations (a relative 2^-24 each): 2^-18 covers them many times over;
 # a sum of n squares adds n 2^-24 at most, counted twice.
 _REL = 2.0 ** -18
@@ -123,76 +125,77 @@ def parts(spec, lo, hi, axes: tuple, rest=None) -> Parts:
   ``rest``: an optional :class:`Joint` (from :func:`qbound.bounds.rms_rest.joint_bounds`): each
   entry's others' norm bounded below, met with the bound from their intervals, and its saturation
   errors bounded above, met with the bounds from the intervals."""
+  xp = namespace(lo, hi)
   d, top, bottom = float(spec.divisor), float(spec.high), float(spec.low)
   terms = int(np.prod([lo.shape[a] for a in axes], dtype=np.int64))
   rel = slack(terms)
-  mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-  mig = jnp.where((lo <= 0) & (hi >= 0), 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
-  big = jnp.max(mag, axis=axes, keepdims=True)  # each group's largest magnitude: the unit below
-  unit = jnp.where(big > 0, big, 1.0)
+  mag = xp.maximum(xp.abs(lo), xp.abs(hi))
+  mig = xp.where((lo <= 0) & (hi >= 0), 0.0, xp.minimum(xp.abs(lo), xp.abs(hi)))
+  big = xp.max(mag, axis=axes, keepdims=True)  # each group's largest magnitude: the unit below
+  unit = xp.where(big > 0, big, 1.0)
   ln, hn, mag_n, mig_n = lo / unit, hi / unit, mag / unit, mig / unit
-  sq_hi = jnp.sum(mag_n * mag_n, axis=axes, keepdims=True) * (1 + rel) + 1e-30  # bounds of sum x^2 / unit^2
-  sq_lo = jnp.maximum(jnp.sum(mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30, 0.0)
-  m_hi = jnp.sqrt(sq_hi) * unit * (1 + rel)  # bounds of m = sqrt(sum x^2)
-  m_lo = jnp.sqrt(sq_lo) * unit * (1 - rel)
+  sq_hi = xp.sum(mag_n * mag_n, axis=axes, keepdims=True) * (1 + rel) + 1e-30  # bounds of sum x^2 / unit^2
+  sq_lo = xp.maximum(xp.sum(mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30, 0.0)
+  m_hi = xp.sqrt(sq_hi) * unit * (1 + rel)  # bounds of m = sqrt(sum x^2)
+  m_lo = xp.sqrt(sq_lo) * unit * (1 - rel)
   # each entry's others: r_i^2 = m^2 - x_i^2 >= rest_i^2 (the sum rounded down, the entry's part up)
-  rest2 = jnp.maximum((sq_lo - mig_n * mig_n * (1 + rel)) * (1 - rel) - 1e-30, 0.0)
+  rest2 = xp.maximum((sq_lo - mig_n * mig_n * (1 + rel)) * (1 - rel) - 1e-30, 0.0)
   if rest is not None:  # r_i >= rest_i, and so m^2 >= rest_i^2 + mig_i^2 for every i
     rest_n = rest.rest / unit
-    rest2 = jnp.maximum(rest2, rest_n * rest_n * (1 - rel) - 1e-30)
-    sq_lo = jnp.maximum(sq_lo, jnp.max(rest2 + mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30)
-    m_lo = jnp.sqrt(sq_lo) * unit * (1 - rel)
+    rest2 = xp.maximum(rest2, rest_n * rest_n * (1 - rel) - 1e-30)
+    sq_lo = xp.maximum(sq_lo, xp.max(rest2 + mig_n * mig_n, axis=axes, keepdims=True) * (1 - rel) - 1e-30)
+    m_lo = xp.sqrt(sq_lo) * unit * (1 - rel)
 
   def ratio(t):  # t / sqrt(t^2 + rest^2), in [-1, 1]; where the denominator underflows, +-1 bounds it
-    den = jnp.sqrt(t * t + rest2)
-    return jnp.where(den > 0, t / jnp.where(den > 0, den, 1.0), jnp.sign(t))
+    den = xp.sqrt(t * t + rest2)
+    return xp.where(den > 0, t / xp.where(den > 0, den, 1.0), xp.sign(t))
 
-  m_hi_n = jnp.sqrt(sq_hi)  # >= 1 where the group is not all 0
-  up = jnp.where(hn > 0, ratio(hn), hn / m_hi_n)  # u_i / D for t_i <= hi_i: x_i / m <= hi_i / m_hi if hi_i <= 0
-  down = jnp.where(ln < 0, ratio(ln), ln / m_hi_n)
-  u_hi = jnp.clip(d * up, -d, d)
-  u_lo = jnp.clip(d * down, -d, d)
-  u_hi = u_hi + (jnp.abs(u_hi) + 1e-30) * 2 * rel
-  u_lo = u_lo - (jnp.abs(u_lo) + 1e-30) * 2 * rel
+  m_hi_n = xp.sqrt(sq_hi)  # >= 1 where the group is not all 0
+  up = xp.where(hn > 0, ratio(hn), hn / m_hi_n)  # u_i / D for t_i <= hi_i: x_i / m <= hi_i / m_hi if hi_i <= 0
+  down = xp.where(ln < 0, ratio(ln), ln / m_hi_n)
+  u_hi = xp.clip(d * up, -d, d)
+  u_lo = xp.clip(d * down, -d, d)
+  u_hi = u_hi + (xp.abs(u_hi) + 1e-30) * 2 * rel
+  u_lo = u_lo - (xp.abs(u_lo) + 1e-30) * 2 * rel
   s_hi = m_hi / d
   # the library's scale is s (1 +- rel): a value k s moves by k s rel <= m rel
   base = 0.5 * s_hi * (1 + rel) + m_hi * 2 * rel
   # saturation past the top: x_i - (top / D) sqrt(x_i^2 + r_i^2) <= its value at hi_i, rest_i (top < D)
   if top < d:
-    root = jnp.sqrt(hn * hn + rest2) * (1 - rel)
-    past = jnp.maximum(hn - (top / d) * root, 0.0) * unit
+    root = xp.sqrt(hn * hn + rest2) * (1 - rel)
+    past = xp.maximum(hn - (top / d) * root, 0.0) * unit
     if rest is not None:  # x_i - top s <= x_i - (top / D) (1 - rel) m, bounded on the network
-      past = jnp.minimum(past, jnp.maximum(rest.top, 0.0))
+      past = xp.minimum(past, xp.maximum(rest.top, 0.0))
   else:  # u <= D <= top: only float32's slack can reach past it
-    past = s_hi * jnp.maximum(u_hi - top, 0.0)
-  over_top = jnp.where(u_hi > top + 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
+    past = s_hi * xp.maximum(u_hi - top, 0.0)
+  over_top = xp.where(u_hi > top + 0.5, xp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
   if -bottom < d:
-    root = jnp.sqrt(ln * ln + rest2) * (1 - rel)
-    past = jnp.maximum(-ln + (bottom / d) * root, 0.0) * unit
+    root = xp.sqrt(ln * ln + rest2) * (1 - rel)
+    past = xp.maximum(-ln + (bottom / d) * root, 0.0) * unit
     if rest is not None:
-      past = jnp.minimum(past, jnp.maximum(rest.bottom, 0.0))
+      past = xp.minimum(past, xp.maximum(rest.bottom, 0.0))
   else:
-    past = s_hi * jnp.maximum(bottom - u_lo, 0.0)
-  over_bottom = jnp.where(u_lo < bottom - 0.5, jnp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
-  guard_may_fire = jnp.zeros_like(m_lo, bool)
+    past = s_hi * xp.maximum(bottom - u_lo, 0.0)
+  over_bottom = xp.where(u_lo < bottom - 0.5, xp.maximum(past * (1 + rel) + m_hi * 2 * rel - base, 0.0), 0.0)
+  guard_may_fire = xp.zeros_like(m_lo, bool)
   if spec.guard is not None and spec.guard[0] != "eq":
     cut = spec.guard[1]
     guard_may_fire = m_lo <= d * cut * (1 + rel)  # where it fires, q = 0 and |t| <= m < D cut
-    base = jnp.maximum(base, jnp.minimum(m_hi, d * cut * (1 + rel)))
+    base = xp.maximum(base, xp.minimum(m_hi, d * cut * (1 + rel)))
   elif spec.guard is not None:
     guard_may_fire = m_lo <= 0
-  k = jnp.clip(jnp.round(u_lo), bottom, top)
+  k = xp.clip(xp.round(u_lo), bottom, top)
   one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
   at_high = u_lo > top - 0.5
   at_low = u_hi < bottom + 0.5
-  k = jnp.where(at_high, top, jnp.where(at_low, bottom, k))
+  k = xp.where(at_high, top, xp.where(at_low, bottom, k))
   flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire
   ends = (k * (m_lo / d) * (1 - rel), k * (m_hi / d) * (1 + rel))
-  v_lo = jnp.where(k >= 0, ends[0], ends[1])
-  v_hi = jnp.where(k >= 0, ends[1], ends[0])
-  shape = jnp.shape(lo)
-  return Parts(jnp.broadcast_to(base, shape), over_top, over_bottom, flat, jnp.where(flat, v_lo, 0.0),
-               jnp.where(flat, v_hi, 0.0))
+  v_lo = xp.where(k >= 0, ends[0], ends[1])
+  v_hi = xp.where(k >= 0, ends[1], ends[0])
+  shape = xp.shape(lo)
+  return Parts(xp.broadcast_to(base, shape), over_top, over_bottom, flat, xp.where(flat, v_lo, 0.0),
+               xp.where(flat, v_hi, 0.0))
 
 
 def bounds(spec, lo, hi, axes: tuple, rest=None):
@@ -209,5 +212,6 @@ def bounds(spec, lo, hi, axes: tuple, rest=None):
   Returns:
     ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
   """
+  xp = namespace(lo, hi)
   p = parts(spec, lo, hi, axes, rest)
-  return p.base + jnp.maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi
+  return p.base + xp.maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi

@@ -122,6 +122,33 @@ def random_box(seed: int, n_in: int, *, radius=(0.05, 1.0)) -> qb.Box:
   return qb.Box(jnp.asarray(center - r, jnp.float32), jnp.asarray(center + r, jnp.float32))
 
 
+def dynamic_quant_library(spec, x, reciprocal: bool = False):
+  """A dynamic fake quantization of ``x`` as the libraries compute it in float32, written as qwix and
+  AQT do (``x / s``, or ``x * (1 / s)`` as XLA may rewrite it, or as AQT does), independent of
+  :func:`qbound.dynamic_rounding.quantize` (``spec``: its :class:`~qbound.dynamic_rounding.DynamicScale`,
+  ``norm="max"``)."""
+  keep = spec.axes is not None
+  if spec.zero_point is None:
+    s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
+  else:
+    offset, span = spec.zero_point
+    c = span / spec.divisor
+    low = jnp.minimum(jnp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c
+    high = jnp.maximum(jnp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c
+    s = (high - low) / span
+  if spec.guard is not None:
+    s = jnp.where(s < spec.guard[1], spec.guard[2], s)
+  z = x * (1 / s) if reciprocal else x / s
+  zero = 0.0
+  if spec.zero_point is not None:
+    zero = jnp.round(spec.zero_point[0] - low / s)
+    z = z + zero
+  if spec.low == -127:  # AQT: clip, then round
+    z = jnp.clip(z, spec.low, spec.high)
+  r = jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
+  return s * (jnp.clip(r, spec.low, spec.high) - zero)
+
+
 @functools.lru_cache(maxsize=None)
 def _batched64(structure):
   del structure  # one compiled function per graph structure (weights are arguments)

@@ -277,6 +277,7 @@ def test_bab_on_many_inputs_still_runs_the_stages_before_it(setting, value, monk
   assert called and set(cert.bounds) == {"bab"} and cert.lower <= cert.upper
 
 
+@pytest.mark.slow  # ~20 s: an opt-in stage (PLAIN_DIFF_BESIDE_BAB) compiled for this test alone
 def test_plain_differential_pass_beside_branch_and_bound_is_sound(monkeypatch):
   """Opt-in (certify.PLAIN_DIFF_BESIDE_BAB): on a staircase with few inputs, auto also runs the
   plain differential pass in a thread beside branch and bound; its bound holds against sampling."""

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import helpers as H
 import qbound as qb
+from qbound import dynamic_rounding as DR
 from qbound.bounds import host_bab, host_bounds
 from qbound.exact.encoding import _matrices
 
@@ -248,18 +249,23 @@ def _rounding_pairs():
 def test_a_rounding_in_f_q_alone_is_not_skipped(kind):
   """f's identity beside f_q's own rounding is not a chain's skipped identity (it once was, and the
   search proved bounds near 0 on errors of 0.076, which certify's final check caught as a
-  SoundnessError). A rounding of the input (static) goes to the input grid, one with scales from
-  the input (dynamic) to the compiled search; a static one behind a dense layer is modelled (below)."""
+  SoundnessError). A static rounding of the input is no chain (the input grid takes it); one with
+  scales from the input is a chain layer of its own, ``dynamic``, and certify's NumPy search takes it."""
   f, fqs = _rounding_pairs()
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   merged = qb.merge(f, fqs[kind], box)
   assert any(n.kind == "round" and n.attrs[0] != "none" for n in merged.fq_graph.nodes)
-  assert host_bab.chain_of(merged) is None
+  chain = host_bab.chain_of(merged)
+  if kind == "static":
+    assert chain is None
+  else:
+    assert [layer[0] for layer in chain.layers] == ["dynamic", "affine", "relu", "dynamic", "affine"]
   cert = qb.certify(f, fqs[kind], box, time_budget=2.0)
   xs = jnp.asarray(H.sample_points(box, 4000), jnp.float32)
   errors = np.abs(np.asarray(jax.vmap(f)(xs)) - np.asarray(jax.vmap(fqs[kind])(xs)))
   assert errors.max() <= cert.upper
-  assert "host-bab" not in cert.bounds
+  assert np.abs(H.eval64(merged, np.asarray(xs, np.float64))).max() <= cert.upper
+  assert ("host-bab" in cert.bounds) == (kind == "dynamic")
 
 
 @pytest.mark.parametrize("seed, shape, bits", [(0, H.SHAPES[0], 3),
@@ -527,3 +533,101 @@ def test_a_small_input_grid_is_left_to_the_grid():
   square = qb.Box(-jnp.ones(2), jnp.ones(2))
   assert host_bab.input_grid_cells(host_bab.chain_of(qb.merge(g, gq, square)),
                                    -np.ones(2), np.ones(2)) is None
+
+
+# Dynamic quantizations of every dense layer's input, written as qwix computes them:
+# ``(clip(round(x / s)) @ W) * s + b`` with ``s`` from ``x`` (guarded against 0): (Q, low, high,
+# rounding, norm).
+DYNAMIC_KINDS = {"absmax int8": (127.5, -128, 127, "nearest", "max"),
+                 "absmax,0.9 int4 away": (7.5 / 0.9, -8, 7, "away", "max"),  # the largest saturate
+                 "rms,3 int4": (7.5 / 3.0, -8, 7, "nearest", "rms"),
+                 "rms,2 int8": (127.5 / 2.0, -128, 127, "nearest", "rms")}  # a few entries at once saturate
+
+
+def dynamic_quant_pair(seed, shape, kind):
+  """A random ReLU MLP of ``shape`` and its copy whose dense layers read their input dynamically
+  quantized (``DYNAMIC_KINDS[kind]``), the model's input included."""
+  f, _ = pair(seed, shape, noise=0.0)
+  layers = f.args[0]
+  q, low, high, rounding, norm = DYNAMIC_KINDS[kind]
+
+  def dense(x, w, b):
+    s = (jnp.max(jnp.abs(x)) if norm == "max" else jnp.sqrt(jnp.mean(jnp.square(x)))) / q
+    s = jnp.where(s < 1e-19, 1.0, s)
+    method = jax.lax.RoundingMethod.TO_NEAREST_EVEN if rounding == "nearest" else jax.lax.RoundingMethod.AWAY_FROM_ZERO
+    c = jnp.clip(jax.lax.round(x / s, method), low, high)
+    return (c @ w) * s + b
+
+  def fq(x):
+    for i, (w, b) in enumerate(layers):
+      x = dense(x, w, b)
+      if i < len(layers) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+  return f, fq
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(H.SHAPES[:3]), kind=st.sampled_from(sorted(DYNAMIC_KINDS)),
+       width=st.floats(0.01, 1.0))
+def test_piece_bounds_hold_with_dynamic_scales(seed, shape, kind, width):
+  """f_q's dynamically scaled quantizations (scales from each input: absmax, saturating, rms; qwix's
+  zero points and AQT's in test_quant_libraries) are chain layers whose bounds hold at points
+  sampled in each piece and its halves, in float64, as the merged graph and the chain evaluate them."""
+  f, fq = dynamic_quant_pair(seed, shape, kind)
+  box = H.random_box(seed, shape[0])
+  merged = qb.merge(f, fq, box)
+  chain = host_bab.chain_of(merged)
+  assert chain is not None and [layer[0] for layer in chain.layers][:2] == ["dynamic", "affine"]
+
+  # The merged graph's float64 evaluation, and the chain's own in NumPy: they may round a quotient
+  # on a tie apart (a group's largest entry is at +-Q exactly), and the bounds cover either.
+  _bounds_hold_in_pieces_and_halves(chain, box, seed, width, lambda xs: H.eval64(merged.graph, xs))
+  _bounds_hold_in_pieces_and_halves(chain, box, seed, width, lambda xs: host_bab.evaluate(chain, xs))
+
+
+_GUARD = ("lt", 1e-19, 1.0)
+
+
+@pytest.mark.parametrize("spec", [
+    DR.DynamicScale(127.5, -128, 127, guard=_GUARD), DR.DynamicScale(7.5 / 0.9, -8, 7, rounding="away"),
+    DR.DynamicScale(255.0, -128, 127, guard=_GUARD, zero_point=(-128.0, 255.0)),
+    DR.DynamicScale(7.0, -7, 7, guard=("lt", DR.RECIPROCAL_OVERFLOW, 1.0)),
+    DR.DynamicScale(127.5, -128, 127, guard=_GUARD, axes=(-1,)),
+    DR.DynamicScale(2.0 * 127.5 / 3.0, -128, 127, guard=_GUARD, norm="rms")])
+def test_dynamic_rounding_bounds_agree_in_numpy_and_jax(spec):
+  """qbound.dynamic_rounding's bounds, written once for both array libraries, give the NumPy search
+  what the compiled passes compute (both in float64 here), and its NumPy quantizer keeps within them."""
+  rng = np.random.default_rng(0)
+  centre = rng.normal(size=(30, 2, 4)) * rng.choice([1e-3, 1.0, 20.0], size=(30, 1, 1))
+  radius = np.abs(rng.normal(size=(30, 2, 4))) * rng.choice([0.0, 1e-3, 0.3], size=(30, 1, 1))
+  lo, hi = centre - radius, centre + radius
+  in_numpy = DR.bounds(spec, lo, hi, 2)
+  with jax.enable_x64(True):
+    in_jax = [np.asarray(a) for a in DR.bounds(spec, jnp.asarray(lo), jnp.asarray(hi), 2)]
+  assert all(isinstance(a, np.ndarray) for a in in_numpy)
+  for a, b in zip(in_numpy, in_jax):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+  assert in_numpy[1].any() and not in_numpy[1].all()
+  half, flat, v_lo, v_hi = in_numpy
+  points = lo + rng.uniform(size=(20, *lo.shape)) * (hi - lo)
+  # (with one scale per tensor, quantize takes one (2, 4) tensor at a time; per row, any batch)
+  q = np.stack([np.stack([DR.quantize(spec, x) for x in p]) if spec.axes is None else DR.quantize(spec, p)
+                for p in points])
+  assert isinstance(q, np.ndarray) and np.all(np.abs(q - points) <= half)
+  assert np.all((q >= v_lo) & (q <= v_hi) | ~flat)
+
+
+def test_certify_auto_with_dynamic_scales_takes_the_numpy_search():
+  """certify(auto) on a small pair whose f_q quantizes its activations with scales from the input
+  runs the NumPy search (nothing compiled for it), soundly against the library's float32 f_q."""
+  f, fq = dynamic_quant_pair(2, H.SHAPES[1], "absmax,0.9 int4 away")
+  box = qb.Box(-jnp.ones(H.SHAPES[1][0]), jnp.ones(H.SHAPES[1][0]))
+  cert = qb.certify(f, fq, box, time_budget=4.0)
+  assert "host-bab" in cert.bounds
+  xs = H.sample_points(box, 4000)
+  errors = np.abs(np.asarray(jax.vmap(f)(jnp.asarray(xs, jnp.float32)) - jax.vmap(fq)(jnp.asarray(xs, jnp.float32))))
+  assert errors.max() <= cert.upper
+  assert np.abs(H.eval64(qb.merge(f, fq, box), xs)).max() <= cert.upper
+  assert 0 < cert.lower <= cert.upper

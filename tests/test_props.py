@@ -51,6 +51,7 @@ def test_verdicts_hold_against_sampling(seed, shape, bits, delta, radius):
   assert_verdict_holds(prop, f, fq, box, verdict)
 
 
+@pytest.mark.slow  # ~18 s: how tight the proof is; the verdicts' soundness is checked by the other tests
 def test_proof_needs_the_differential_rows(monkeypatch):
   """A close copy (weights + 0.1% noise) on the whole box [-1, 1]^5, delta = 0.9: the bounds of f
   and f_q alone need tens of thousands of pieces, the mixed sums (``d_c - d_m`` against f's margin,

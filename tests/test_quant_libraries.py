@@ -465,6 +465,28 @@ def test_aqt_dynamic_activation_scales_are_paired_and_sound(original):
   _check_dynamic(f, fq, box, method="interval")
 
 
+@pytest.mark.parametrize("library", ["qwix minmax", "aqt"])
+def test_dynamic_scales_go_to_the_numpy_search(original, library):
+  """certify(auto) on the 4-input MLP with dynamic activation scales (qwix's asymmetric ``minmax``
+  with zero points, AQT's int8 with its clip before rounding and its overflow guard): the NumPy
+  branch and bound models every dynamic rounding node (a chain layer of its own, nothing compiled
+  for it), and its bounds hold."""
+  from qbound.bounds import host_bab
+
+  model, params = original
+  f = functools.partial(model.apply, params)
+  if library == "aqt":
+    aqt_config, _, aqt_flax = _aqt()
+    qmodel = _MLP(dot_general_cls=lambda: aqt_flax.AqtDotGeneral(aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8)))
+    fq = lambda x: qmodel.apply(params, x, rngs={"params": jax.random.key(0)})  # noqa: E731
+  else:
+    fq = _qwix_dynamic_ptq(model, params, jnp.zeros(INPUTS), act_calibration_method="minmax")
+  chain = host_bab.chain_of(qb.merge(f, fq, _box()))
+  assert [layer[0] for layer in chain.layers].count("dynamic") == 3
+  cert = _check_dynamic(f, fq, time_budget=3.0)
+  assert "host-bab" in cert.bounds
+
+
 @pytest.mark.slow  # about two minutes: it certifies seven models live
 def test_walkthrough_notebook_runs(monkeypatch):
   pytest.importorskip("qwix", reason="qwix is not installed (pip install 'qbound[qwix]')")

@@ -235,6 +235,7 @@ def _saturating_bab(box, sound, batches, seed=0):
   return counts
 
 
+@pytest.mark.slow  # ~10 s: the split rule's choice; the joint bounds' soundness is checked above
 def test_branch_and_bound_on_saturating_nets_splits_one_dimension():
   """Once the open pieces fill the batch, a net whose f_q may saturate under rms,c is branched on one
   dimension per piece (bab.SATURATING_CANDIDATES), and its bound holds against sampling."""

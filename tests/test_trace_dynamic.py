@@ -31,31 +31,6 @@ SPECS = [DR.DynamicScale(127.5, -128, 127, guard=_GUARD),
          DR.DynamicScale(127.5, -127, 127, guard=("lt", DR.RECIPROCAL_OVERFLOW, 1.0))]  # AQT
 
 
-def _library(spec, x, reciprocal):
-  """The library's float32 computation, written as qwix and AQT do (``x / s``, or ``x * (1 / s)`` as
-  XLA may rewrite it, or as AQT does), independent of :func:`qbound.dynamic_rounding.quantize`."""
-  keep = spec.axes is not None
-  if spec.zero_point is None:
-    s = jnp.max(jnp.abs(x), axis=spec.axes, keepdims=keep) / spec.divisor
-  else:
-    offset, span = spec.zero_point
-    c = span / spec.divisor
-    low = jnp.minimum(jnp.min(x, axis=spec.axes, keepdims=keep), 0.0) * c
-    high = jnp.maximum(jnp.max(x, axis=spec.axes, keepdims=keep), 0.0) * c
-    s = (high - low) / span
-  if spec.guard is not None:
-    s = jnp.where(s < spec.guard[1], spec.guard[2], s)
-  z = x * (1 / s) if reciprocal else x / s
-  zero = 0.0
-  if spec.zero_point is not None:
-    zero = jnp.round(spec.zero_point[0] - low / s)
-    z = z + zero
-  if spec.low == -127:  # AQT: clip, then round
-    z = jnp.clip(z, spec.low, spec.high)
-  r = jnp.round(z) if spec.rounding == "nearest" else jax.lax.round(z, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
-  return s * (jnp.clip(r, spec.low, spec.high) - zero)
-
-
 def _check_bounds(spec, lo, hi, rng, samples=100):
   """Samples of each box (and its two corners) stay within the node's bounds, both ways XLA computes."""
   n, shape = lo.shape[0], lo.shape[1:]
@@ -63,7 +38,7 @@ def _check_bounds(spec, lo, hi, rng, samples=100):
   xs = lo[:, None] + rng.uniform(size=(n, samples, *shape)).astype(np.float32) * (hi - lo)[:, None]
   xs = np.concatenate([xs, lo[:, None], hi[:, None]], axis=1)
   for reciprocal in (False, True):
-    q = np.asarray(jax.vmap(jax.vmap(lambda x: _library(spec, x, reciprocal)))(jnp.asarray(xs)))
+    q = np.asarray(jax.vmap(jax.vmap(lambda x: H.dynamic_quant_library(spec, x, reciprocal)))(jnp.asarray(xs)))
     assert np.all(np.abs(q.astype(np.float64) - xs) <= half[:, None] * (1 + 1e-6))
     inside = (q >= v_lo[:, None]) & (q <= v_hi[:, None])
     assert np.all(inside | ~flat[:, None])

@@ -25,8 +25,11 @@ behind a dense layer: ``clip(round(h / s), lo, hi) * s``, as qwix's and AQT's st
 quantization and :func:`qbound.quantize.fake_quant` compute it), the chain has a layer for that step:
 ``z_q' = z_q + e`` with ``e`` bounded per piece (within half a step, and by where the piece's bounds
 put the rounding and the clip), so ``d' = d - e``; where a piece's bounds pin the step to one value
-``c``, ``z_q' = c`` and ``d' = z - c`` exactly. A rounding of the input itself is left to the
-input-grid enumeration, scales computed from the input to the compiled search.
+``c``, ``z_q' = c`` and ``d' = z - c`` exactly. A static rounding of the input itself is left to
+the input-grid enumeration. Scales computed from the input (qwix's and AQT's dynamic activation
+quantization, :mod:`qbound.dynamic_rounding`; also of the input) are a ``dynamic`` layer: the same
+``z_q' = z_q + e``, ``e`` within the band that each group's largest magnitude over the piece
+allows, or pinned to one step's values where the piece keeps the quotient on one step.
 
 On a piece where every ReLU of f and f_q is stable (and every rounding pinned) the bounds are the
 networks' own affine pieces, so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
@@ -35,7 +38,8 @@ along the input whose interval-gradient smear is largest (ReluVal's, as :mod:`qb
 Every new piece's centre and the corner its bound points to are evaluated, a few steps of
 sign-gradient ascent run from the best of them, and linear programs over linear regions
 (:mod:`qbound.bounds.region_ascent`) climb from the round's best point to a local maximum, so the
-reached error rises too. Open pieces are kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
+reached error rises too; where f_q rounds, runs of a derivative-free search
+(:mod:`qbound.bounds.host_staircase`) take up to ``STAIRCASE_SHARE`` of the time. Open pieces are kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
 by a relative slack, and hold for the real-arithmetic networks. An input normalisation the two
@@ -65,8 +69,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qbound import graph as G
-from qbound.bounds.host_bounds import ROUND_ERRORS, Chain, _down, _step_values, _up, bound_pieces
+from qbound import dynamic_rounding
+from qbound.bounds.host_bounds import (ROUND_ERRORS, Chain, _down, _step_values, _up, bound_pieces, evaluate,  # noqa: F401
+                                      prefix_step)  # (evaluate: re-exported, part of this module's interface)
 from qbound.bounds.host_pool import PiecePool
+from qbound.bounds.host_staircase import staircase_search
 from qbound.bounds.region_ascent import region_ascent
 
 # Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries
@@ -89,6 +96,9 @@ REGION_SHARE = 0.15
 # Open pieces kept at most (``stopped == "max_pieces"`` past it; each keeps 6 float64 bounds per
 # neuron, 1.4 kB on a 5-12-8-8-2 pair).
 MAX_PIECES = 200_000
+# Where f_q rounds (a staircase), runs of the derivative-free search (qbound.bounds.host_staircase)
+# take up to this share of the time: one before the first split, then one whenever they are below it.
+STAIRCASE_SHARE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,15 +235,20 @@ def chain_of(merged) -> Optional[Chain]:
       neurons += 2 * a.size
     elif identity(a) and b.kind == G.ROUND and b.attrs[0] in ROUND_ERRORS:
       pass  # f_q rounds with a static scale (the scale is an affine layer of its own), f does not
+    elif identity(a) and G.is_dynamic_rounding(b):
+      if dynamic_rounding.check_guard(b.attrs[1]) is not None:
+        return None  # (the compiled path says why)
     elif a.kind == G.CLIP and _clips_nothing(a):
       pass  # f_q clips, f does not
     elif a.kind != G.AFFINE:
       return None
     kinds[i] = a.kind
   order = list(kinds.values())
-  if not order or order[0] != G.AFFINE or order[-1] != G.AFFINE:
-    # A rounding of the input itself is left to the input-grid enumeration (qbound.exact.grid),
-    # exact where splitting at midpoints would need the pieces to meet the grid's steps.
+  dynamic = {i for i in kinds if G.is_dynamic_rounding(qg.nodes[i])}
+  if not order or (order[0] != G.AFFINE and min(kinds) not in dynamic) or order[-1] != G.AFFINE:
+    # A static rounding of the input itself is left to the input-grid enumeration (qbound.exact.grid),
+    # exact where splitting at midpoints would need the pieces to meet the grid's steps; a dynamic
+    # one has no grid (its scale moves with the input).
     return None
   if any(k == G.RELU and order[j - 1] != G.AFFINE for j, k in enumerate(order)):
     return None  # (the bounds read each ReLU's input bounds off the affine layer before it)
@@ -249,6 +264,8 @@ def chain_of(merged) -> Optional[Chain]:
   for i, kind in kinds.items():
     if kind == G.RELU:
       layers.append(("relu",))
+    elif i in dynamic:
+      layers.append(("dynamic", qg.nodes[i].attrs[1], tuple(qg.nodes[i].shape)))
     elif kind == G.ROUND:
       layers.append(("round", qg.nodes[i].attrs[0]))
     elif kind == G.CLIP:
@@ -311,21 +328,12 @@ def map_box(chain: Chain, lo: np.ndarray, hi: np.ndarray):
   """
   lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
   for step in chain.prefix:
-    a, b = _prefix_step(step, lo), _prefix_step(step, hi)
+    a, b = prefix_step(step, lo), prefix_step(step, hi)
     if step[0] == "clip":  # exact, and increasing
       lo, hi = a, b
     else:
       lo, hi = _down(np.minimum(a, b)), _up(np.maximum(a, b))
   return lo, hi
-
-
-def _prefix_step(step, x):
-  """One map of ``chain.prefix`` applied to ``x`` in float64."""
-  if step[0] == "clip":
-    return np.clip(x, step[1], step[2])
-  if step[0] == "shift":
-    return x + step[1]
-  return x / step[1] if step[0] == "div" else x * step[1]
 
 
 def _unmap(chain: Chain, ys: np.ndarray, box_lo, box_hi) -> np.ndarray:
@@ -375,23 +383,6 @@ def input_grid_cells(chain: Chain, lower, upper) -> Optional[float]:
   return None
 
 
-def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
-  """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
-  z = np.asarray(xs, np.float64)
-  for step in chain.prefix:
-    z = _prefix_step(step, z)
-  zq = z
-  for layer in chain.layers:
-    if layer[0] == "relu":
-      z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
-    elif layer[0] in ("round", "clip"):
-      zq = _step_values(layer, zq)
-    else:
-      _, w, b, wq, bq = layer
-      z, zq = z @ w.T + b, zq @ wq.T + bq
-  return z - zq
-
-
 def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: float):
   """Projected sign-gradient ascent on ``max_j |f_j - f_q,j|`` from each row of ``xs`` (exact
   gradients where the networks are linear around the point; through f_q's roundings the
@@ -405,7 +396,7 @@ def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: f
       if layer[0] == "relu":
         masks[j] = (z > 0, zq > 0)
         z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
-      elif layer[0] == "round":
+      elif layer[0] in ("round", "dynamic"):
         zq = _step_values(layer, zq)
       elif layer[0] == "clip":
         masks[j] = (np.ones_like(zq, bool), (zq > layer[1]) & (zq < layer[2]))
@@ -455,7 +446,7 @@ def _gradient_weight(chain: Chain, kept, dl, du, outputs):
           c, r = (g_lo + g_hi) / 2, (g_hi - g_lo) / 2
           c, r = c @ w, r @ np.abs(w)
           g_lo, g_hi = c - r, c + r
-      elif layer[0] == "round":
+      elif layer[0] in ("round", "dynamic"):
         pass  # the straight-through derivative of f_q's rounding (a split heuristic, not a bound)
       elif layer[0] == "clip":
         if which == 3:  # f_q's clip: a derivative in [0, 1]
@@ -493,7 +484,8 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
                           target_gap: float = 0.02, epsilon: Optional[float] = None, initial_lower: float = 0.0,
                           initial_witness=None, stop: Optional[Callable[[], bool]] = None,
                           report: Optional[Callable] = None, chain: Optional[Chain] = None,
-                          report_root: Optional[Callable] = None) -> HostBabResult:
+                          report_root: Optional[Callable] = None,
+                          report_candidates: Optional[Callable] = None) -> HostBabResult:
   """Input-splitting branch and bound on ``max |f - f_q|`` in NumPy (see the module docstring).
 
   Args:
@@ -509,6 +501,10 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
     chain: :func:`chain_of` ``(merged)``, if already computed.
     report_root: called as ``report_root(diff_lower, diff_upper)`` with the whole box's proven
       bounds on every output of ``f - f_q``, once, before any split.
+    report_candidates: where f_q rounds, called with each run of the staircase search's best inputs
+      (``(16, n_in)``, largest error first): a rounding tie may fall apart in another evaluation of
+      the networks (see :mod:`qbound.bounds.host_staircase`), so a caller that evaluates witnesses
+      its own way can take the best of several.
 
   Returns:
     A :class:`HostBabResult`.
@@ -529,11 +525,11 @@ def host_branch_and_bound(merged, box, *, outputs: Optional[Sequence[int]] = Non
   box = validate_box(box)
   with _one_blas_thread():
     return _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lower, initial_witness, stop,
-                   report, chain, report_root)
+                   report, chain, report_root, report_candidates)
 
 
 def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lower, initial_witness, stop, report,
-            chain, report_root=None) -> HostBabResult:
+            chain, report_root=None, report_candidates=None) -> HostBabResult:
   start = time.perf_counter()
   chain = chain_of(merged) if chain is None else chain
   if chain is None:
@@ -560,6 +556,20 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   region_time, seen = [0.0], set()
   # Linear regions are ReLU patterns (region_ascent); f_q's roundings and clips split them further.
   linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
+  staircase = any(layer[0] in ("round", "dynamic") for layer in chain.layers)
+  stair_time, stair_runs = [0.0], [0]
+
+  def staircase_run():
+    """One run of the derivative-free search (f_q rounds: gradient steps stop on its treads)."""
+    nonlocal lower, witness
+    t = time.perf_counter()
+    values, xs = staircase_search(chain, box_lo[0], box_hi[0], outputs, np.random.default_rng(stair_runs[0]))
+    stair_runs[0] += 1
+    stair_time[0] += time.perf_counter() - t
+    if values[0] > lower:
+      lower, witness = float(values[0]), xs[0]
+    if report_candidates is not None:
+      report_candidates(to_input(xs))
 
   def probe(los, his, dls, lds, uds):
     """The pieces' centres and, for each, the corner its worst bound's form points to."""
@@ -589,6 +599,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   if report_root is not None:
     report_root(root_lower, root_upper)
   probe(box_lo, box_hi, (dl, du), ld, ud)
+  if staircase:
+    staircase_run()
   bounded = 1
   # Open pieces (bound above the target) in a pool; the others are folded into closed_*.
   pool = PiecePool(dict(lo=box_lo, hi=box_hi, dl=dl, du=du, kept=kept), _error_bound(dl, du, outputs))
@@ -622,6 +634,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     if pool.count > MAX_PIECES:
       stopped = "max_pieces"
       break
+    if staircase and stair_time[0] <= STAIRCASE_SHARE * (time.perf_counter() - start):
+      staircase_run()
     # The worst pieces; each is split in half along the candidate dimension whose halves gain most.
     m = min(BATCH, pool.count)
     take = np.argpartition(-pool.bound[:pool.used], m - 1)[:m]

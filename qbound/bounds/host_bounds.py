@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from qbound import dynamic_rounding
+
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
 # The backward pass for the unstable neurons of hidden layers too (the outputs always get it).
@@ -57,8 +59,10 @@ BACKWARD_ROWS = "d"
 @dataclasses.dataclass(frozen=True)
 class Chain:
   """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)``, ``("relu",)``, or a step
-  of f_q alone where f has an identity: ``("round", mode)`` (a static rounding, ``mode`` one of
-  :data:`ROUND_ERRORS`) or ``("clip", lo, hi)`` (bounds per entry).
+  of f_q alone where f has an identity (:data:`F_Q_STEPS`): ``("round", mode)`` (a static rounding,
+  ``mode`` one of :data:`ROUND_ERRORS`), ``("clip", lo, hi)`` (bounds per entry) or ``("dynamic",
+  spec, shape)`` (a fake quantization with scales computed from its input, :mod:`qbound.dynamic_rounding`'s
+  ``spec``, the node's ``shape`` giving its groups).
 
   ``prefix``: elementwise monotone maps that f and f_q share before their first layer (an input
   normalisation, as ACAS Xu's ``.nnet`` files: ``("clip", lo, hi)``, ``("shift", b)`` for ``x + b``,
@@ -285,14 +289,20 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       err += np.concatenate([mag_d, mag_q], axis=1) @ bound.T
       lam = _times(lam, block)
       bound = bound @ np.abs(block)
-    elif layer[0] in ("round", "clip"):
+    elif layer[0] in F_Q_STEPS:
       # z_q' = z_q + e and d' = d - e (e in [e_lo, e_hi] per piece): the rows keep their
       # coefficients and gain the least of (lam_q - lam_d) e, per piece.
-      e_lo, e_hi = lines[j]
+      e_lo, e_hi = lines[j][:2]
       m = lam.shape[-1] // 2
       c = lam[..., m:] - lam[..., :m]
       c_pos, c_neg = np.maximum(c, 0.0), np.minimum(c, 0.0)
-      if lam.ndim == 2:
+      if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (_joint_band)
+        n_lo, n_hi, count = lines[j][2:]
+        c_pos, c_neg = (c_pos, c_neg) if lam.ndim == 3 else (c_pos[None], c_neg[None])
+        narrow = c_pos * n_lo[:, None] + c_neg * n_hi[:, None]  # (k, R, m)
+        beyond = np.minimum(c_pos * e_lo[:, None] + c_neg * e_hi[:, None] - narrow, 0.0)
+        const = const + narrow.sum(axis=-1) + np.partition(beyond, count - 1, axis=-1)[..., :count].sum(axis=-1)
+      elif lam.ndim == 2:
         const = const + e_lo @ c_pos.T + e_hi @ c_neg.T
       else:
         const = const + np.einsum("krm,km->kr", c_pos, e_lo) + np.einsum("krm,km->kr", c_neg, e_hi)
@@ -370,6 +380,9 @@ def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str
   return _meet(zl, zu, ql, qu, dl, du)
 
 
+# Layers of f_q alone (f has an identity there): z_q' = z_q + e with e bounded per piece.
+F_Q_STEPS = ("round", "clip", "dynamic")
+
 # A static rounding's error ``round(v) - v``, per mode (graph.ROUNDING's names).
 ROUND_ERRORS = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0)}
 
@@ -384,16 +397,27 @@ def round_values(mode: str, x):
 
 
 def _step_values(layer, x):
-  """f_q's value after a ``round`` or ``clip`` layer (f's is unchanged)."""
+  """f_q's value after a ``round``, ``clip`` or ``dynamic`` layer (f's is unchanged); ``x`` is
+  ``(k, neurons)``."""
   if layer[0] == "round":
     return round_values(layer[1], x)
+  if layer[0] == "dynamic":
+    _, spec, shape = layer
+    if spec.axes is None:  # one scale per piece's tensor, not over the batch of pieces
+      spec = dataclasses.replace(spec, axes=tuple(range(-len(shape), 0)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # the guard's scale of an all-zero group
+      return dynamic_rounding.quantize(spec, x.reshape(len(x), *shape)).reshape(x.shape)
   return np.clip(x, layer[1], layer[2])
 
 
 def _step_error(layer, ql, qu):
   """Per piece and neuron, an interval holding ``e = s(v) - v`` for the step ``s`` of a ``round`` or
   ``clip`` layer and every ``v`` in ``[ql, qu]``, rounded outward: ``s(v)`` lies in
-  ``[s(ql), s(qu)]`` (``s`` is monotone), and a rounding moves ``v`` by at most its mode's error."""
+  ``[s(ql), s(qu)]`` (``s`` is monotone), and a rounding moves ``v`` by at most its mode's error.
+  Returns ``(e_lo, e_hi, sl, su)``, ``s(v)`` in ``[sl, su]``; a ``dynamic`` layer's are
+  :func:`_dynamic_error`'s."""
+  if layer[0] == "dynamic":
+    return _dynamic_error(layer, ql, qu)
   sl, su = _step_values(layer, ql), _step_values(layer, qu)
   lo, hi = _down(sl - qu), _up(su - ql)
   if layer[0] == "round":
@@ -403,6 +427,44 @@ def _step_error(layer, ql, qu):
     lo = np.maximum(lo, _down(np.minimum(layer[2] - qu, 0.0)))
     hi = np.minimum(hi, _up(np.maximum(layer[1] - ql, 0.0)))
   return lo, hi, sl, su
+
+
+def _dynamic_error(layer, ql, qu):
+  """:func:`_step_error` of a ``dynamic`` layer: ``|s(v) - v| <= half`` per entry, from each group's
+  largest magnitude over the piece (:func:`qbound.dynamic_rounding.bounds`, which also covers the
+  library's float32 rounding of its scale and quotient), and ``s(v)`` in ``[v_lo, v_hi]`` where the
+  piece keeps an entry's quotient inside one rounding step (``flat``)."""
+  _, spec, shape = layer
+  k = len(ql)
+  with np.errstate(divide="ignore", invalid="ignore"):  # (quotients of all-zero groups, masked out)
+    half, flat, v_lo, v_hi = dynamic_rounding.bounds(spec, ql.reshape(k, *shape), qu.reshape(k, *shape), len(shape))
+  half, flat = half.reshape(ql.shape), flat.reshape(ql.shape)
+  v_lo, v_hi = v_lo.reshape(ql.shape), v_hi.reshape(ql.shape)
+  sl = np.where(flat, np.maximum(v_lo, _down(ql - half)), _down(ql - half))
+  su = np.where(flat, np.minimum(v_hi, _up(qu + half)), _up(qu + half))
+  return np.maximum(_down(sl - qu), -half), np.minimum(_up(su - ql), half), sl, su
+
+
+def _joint_band(layer, ql, qu, e_lo, e_hi) -> tuple:
+  """``(n_lo, n_hi, count)`` for a ``dynamic`` layer of qwix's ``rms,c`` with one scale for the
+  layer: every entry's error lies in ``[n_lo, n_hi]``, its interval met with the band every entry
+  keeps, but for at most ``count`` entries at once, those past a clip
+  (:func:`qbound.dynamic_rounding.joint_saturation`: the squares of the quotients sum to ``Q^2``);
+  else ``()``. An entry whose interval misses the band (pinned past a clip) keeps its interval, and
+  the count stays ``count`` for the others: a relaxation of the real constraint."""
+  if layer[0] != "dynamic" or layer[1].axes is not None:
+    return ()
+  _, spec, shape = layer
+  joint = dynamic_rounding.joint_saturation(spec, shape)
+  if joint is None:
+    return ()
+  k = len(ql)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    base = dynamic_rounding.saturation_parts(spec, ql.reshape(k, *shape), qu.reshape(k, *shape), len(shape)).base
+  base = base.reshape(ql.shape)
+  n_lo, n_hi = np.maximum(e_lo, -base), np.minimum(e_hi, base)
+  missed = n_lo > n_hi
+  return np.where(missed, e_lo, n_lo), np.where(missed, e_hi, n_hi), joint[0]
 
 
 def _shift(form, mag, shift, upper: bool):
@@ -420,6 +482,32 @@ def _constant(value, n_in: int):
   form = np.zeros((value.shape[0], n_in + 1, value.shape[1]))
   form[:, -1] = value
   return form, np.abs(value)
+
+
+def prefix_step(step, x):
+  """One map of ``chain.prefix`` applied to ``x`` in float64."""
+  if step[0] == "clip":
+    return np.clip(x, step[1], step[2])
+  if step[0] == "shift":
+    return x + step[1]
+  return x / step[1] if step[0] == "div" else x * step[1]
+
+
+def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
+  """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
+  z = np.asarray(xs, np.float64)
+  for step in chain.prefix:
+    z = prefix_step(step, z)
+  zq = z
+  for layer in chain.layers:
+    if layer[0] == "relu":
+      z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
+    elif layer[0] in F_Q_STEPS:
+      zq = _step_values(layer, zq)
+    else:
+      _, w, b, wq, bq = layer
+      z, zq = z @ w.T + b, zq @ wq.T + bq
+  return z - zq
 
 
 def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[np.ndarray] = None):
@@ -491,13 +579,13 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
                                                   columns, "d" if last else BACKWARD_ROWS)
       kept.append(np.stack([zl, zu, ql, qu, dl, du], axis=1).reshape(k, 6 * m))
       offset += 6 * m
-    elif layer[0] in ("round", "clip"):
+    elif layer[0] in F_Q_STEPS:
       # f_q alone: z_q' = s(z_q) = z_q + e, so d' = z - z_q' = d - e, with e in [e_lo, e_hi] per piece
       # (_step_error); and z_q' lies in [s(ql), s(qu)], so d' in [z - s(qu), z - s(ql)]. Per neuron
       # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
       # within one step of a rounding, beyond one end of a clip) those are exact.
       e_lo, e_hi, sl, su = _step_error(layer, ql, qu)
-      lines[j] = (e_lo, e_hi)
+      lines[j] = (e_lo, e_hi) + _joint_band(layer, ql, qu, e_lo, e_hi)
       n_in = lo.shape[1]
       (cl_form, mcl), (cu_form, mcu) = _constant(sl, n_in), _constant(su, n_in)
       (sq_l, msq_l), (sq_u, msq_u) = _shift(lq, mql, e_lo, False), _shift(uq, mqu, e_hi, True)

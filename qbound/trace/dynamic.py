@@ -458,12 +458,14 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
       if jnp.issubdtype(new, jnp.floating) and jnp.finfo(new).nmant >= 10:  # small integers stay exact
         return lazy(r)
       return None
-    if name in ("max", "min") and ins[1][0] == "const":
-      c = _uniform(ins[1][1])
-      if c is None:
-        return None
-      return lazy(dataclasses.replace(r, low=max(r.low, c)) if name == "max" else
-                  dataclasses.replace(r, high=min(r.high, c)))
+  # max(r, c) and min(r, c), either way round (jnp.clip writes max(c, r)): clipped to integer ends.
+  rounded_at = [i for i, form in enumerate(forms[:2]) if isinstance(form, Rounded)]
+  if name in ("max", "min") and len(ins) == 2 and len(rounded_at) == 1 and ins[1 - rounded_at[0]][0] == "const":
+    r, c = forms[rounded_at[0]], _uniform(ins[1 - rounded_at[0]][1])
+    if c is None:
+      return None
+    return lazy(dataclasses.replace(r, low=max(r.low, c)) if name == "max" else
+                dataclasses.replace(r, high=min(r.high, c)))
   if name == "clamp" and isinstance(forms[1], Rounded) and ins[0][0] == "const" and ins[2][0] == "const":
     lo, hi = _uniform(ins[0][1]), _uniform(ins[2][1])
     if lo is None or hi is None:
