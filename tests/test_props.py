@@ -1,6 +1,5 @@
 """qb.props: top-1, delta-top-1, max-error and polytope properties, decided soundly."""
 
-import functools
 import json
 import math
 

@@ -39,7 +39,8 @@ Every new piece's centre and the corner its bound points to are evaluated, a few
 sign-gradient ascent run from the best of them, and linear programs over linear regions
 (:mod:`qbound.bounds.region_ascent`) climb from the round's best point to a local maximum, so the
 reached error rises too; where f_q rounds, runs of a derivative-free search
-(:mod:`qbound.bounds.host_staircase`) take up to ``STAIRCASE_SHARE`` of the time. Open pieces are kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
+(:mod:`qbound.bounds.host_staircase`) take up to ``STAIRCASE_SHARE`` of the time. Open pieces are
+kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
 by a relative slack, and hold for the real-arithmetic networks. An input normalisation the two
@@ -68,10 +69,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from qbound import graph as G
 from qbound import dynamic_rounding
-from qbound.bounds.host_bounds import (ROUND_ERRORS, Chain, _down, _step_values, _up, bound_pieces, evaluate,  # noqa: F401
-                                      prefix_step)  # (evaluate: re-exported, part of this module's interface)
+from qbound import graph as G
+# (evaluate: re-exported, part of this module's interface)
+from qbound.bounds.host_bounds import (ROUND_ERRORS, Chain, _down, _step_values, _up, bound_pieces,  # noqa: F401
+                                       evaluate, prefix_step)
 from qbound.bounds.host_pool import PiecePool
 from qbound.bounds.host_staircase import staircase_search
 from qbound.bounds.region_ascent import region_ascent
