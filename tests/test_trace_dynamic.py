@@ -107,6 +107,20 @@ def test_hand_written_pattern_pairs_and_is_sound():
     assert 0 < cert.lower <= cert.upper
 
 
+def test_a_clip_after_the_rounding_is_the_same_node():
+  """``jnp.clip(round(x / s), lo, hi)`` (``jnp.clip`` writes ``max(lo, r)``, the constant first)
+  saturates as the integer cast does: one dynamic rounding node with those ends."""
+  w = jnp.ones((3, 2))
+
+  def fq(x):
+    s = jnp.max(jnp.abs(x)) / 7.5
+    s = jnp.where(s < 1e-19, 1.0, s)
+    return (jnp.clip(jnp.round(x / s), -8, 7) @ w) * s
+
+  (node,) = [n for n in qb.trace(fq, jnp.zeros(3)).nodes if n.kind == "round"]
+  assert node.attrs[0] == "dynamic" and (node.attrs[1].low, node.attrs[1].high) == (-8, 7)
+
+
 def test_a_box_where_the_guard_may_fire_is_sound():
   """Near 0 the scale falls below qwix's guard (s -> 1, q = 0): covered, not refused."""
   k1, k2 = jax.random.split(jax.random.key(1))
