@@ -378,15 +378,15 @@ def _host(f, fq, box, hidden=True):
   with or without the backward pass for hidden layers)."""
   import dataclasses
 
-  from qbound.bounds import host_bab, host_bounds
-  saved = host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD
-  host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = 10**6, hidden
+  from qbound.bounds import host_bab, host_bounds, host_chain
+  saved = host_chain.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD
+  host_chain.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = 10**6, hidden
   try:
     chain = host_bab.chain_of(merged(f, fq))
     lo, hi = host_bab.map_box(chain, np.asarray(box.lower, np.float64)[None], np.asarray(box.upper, np.float64)[None])
     dl, du, *_ = host_bounds.bound_pieces(dataclasses.replace(chain, prefix=()), lo, hi)
   finally:
-    host_bab.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = saved
+    host_chain.MAX_NEURONS, host_bounds.HIDDEN_BACKWARD = saved
   return qb.Box(dl[0], du[0])
 
 

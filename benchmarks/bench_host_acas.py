@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qbound as qb
-from qbound.bounds import host_bab, host_bounds
+from qbound.bounds import host_bab, host_bounds, host_chain
 from qbound.bounds.bab import branch_and_bound
 
 from bench_tight import _pairs  # ACAS Xu 1_k and its float16 copy, as the other ACAS benchmarks load them
@@ -78,7 +78,7 @@ def main():
   parser.add_argument("--pieces", action="store_true", help="bounds on random pieces of 1_1's box instead")
   args = parser.parse_args()
   print(f"load at start: {os.getloadavg()[0]:.1f}")
-  host_bab.MAX_NEURONS = 10**6
+  host_chain.MAX_NEURONS = 10**6
   if args.pieces:
     bench_pieces()
     print(f"load at end: {os.getloadavg()[0]:.1f}")

@@ -52,7 +52,7 @@ BAB_DEVICE_FRESH_SCOPE = None
 # it). False: the stages first, as before (benchmarks/bench_certify_fixed_cost.py compares them).
 BAB_BRANCH_FIRST = True
 METHODS = ("auto", "interval", "crown", "alpha", "diff", "diff-interval", "bab", "milp")
-# auto on small paired ReLU chains with few inputs (qbound.bounds.host_bab.chain_of) starts a branch
+# auto on small paired ReLU chains with few inputs (qbound.bounds.host_chain.chain_of) starts a branch
 # and bound in NumPy with the stages, which compiles nothing, and gives it this share of the time
 # left alone before the compiled branch and bound starts beside it: on bench_tight.py's exactness
 # nets it closes 11 of 12 on its own in 0.06-4.8 CPU seconds, seven of them in under 0.2, where

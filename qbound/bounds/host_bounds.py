@@ -14,7 +14,7 @@ piece at each layer, and every backward step by the same fraction of the magnitu
 sums (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of their magnitude,
 Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the lines' offsets are checked at
 their ends with a few ulps to spare. The weights are float32 values, exact in float64, or folds of
-them (a scale divided or a second factor multiplied in, :func:`qbound.bounds.host_bab._dense_matrix`)
+them (a scale divided or a second factor multiplied in, :func:`qbound.bounds.host_chain._dense_matrix`)
 rounded by at most 2^-53 of the entry per factor, far inside that slack.
 
 Example:
@@ -67,7 +67,7 @@ class Chain:
   ``prefix``: elementwise monotone maps that f and f_q share before their first layer (an input
   normalisation, as ACAS Xu's ``.nnet`` files: ``("clip", lo, hi)``, ``("shift", b)`` for ``x + b``,
   ``("div", r)`` for ``x / r``, ``("mul", r)`` for ``x * r``); ``layers`` read their result. The
-  bounds here take the pieces after it (:func:`qbound.bounds.host_bab.map_box`)."""
+  bounds here take the pieces after it (:func:`qbound.bounds.host_chain.map_box`)."""
 
   layers: tuple
   n_in: int
@@ -523,7 +523,7 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
   """
   if chain.prefix:
     raise ValueError("bound_pieces takes pieces after the chain's input normalisation (chain.prefix): map them "
-                     "with qbound.bounds.host_bab.map_box and pass dataclasses.replace(chain, prefix=()).")
+                     "with qbound.bounds.host_chain.map_box and pass dataclasses.replace(chain, prefix=()).")
   k, n = lo.shape
   eye = np.zeros((k, n + 1, n))
   eye[:, np.arange(n), np.arange(n)] = 1.0
