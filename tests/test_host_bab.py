@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import helpers as H
 import qbound as qb
 from qbound import dynamic_rounding as DR
-from qbound.bounds import host_bab, host_bounds, host_chain
+from qbound.bounds import host_bab, host_bounds, host_chain, host_float
 from qbound.exact.encoding import _matrices
 
 
@@ -370,8 +370,8 @@ def test_piece_bounds_hold_whichever_layers_get_backward_rows(depth, monkeypatch
 def test_outward_rounding_steps_past_the_neighbouring_floats(x):
   x = np.asarray(x, np.float64)
   with np.errstate(over="ignore"):  # at +-max the step overflows to +-inf: still outward
-    assert np.all(host_bounds._down(x) <= np.nextafter(x, -np.inf))
-    assert np.all(host_bounds._up(x) >= np.nextafter(x, np.inf))
+    assert np.all(host_float.down(x) <= np.nextafter(x, -np.inf))
+    assert np.all(host_float.up(x) >= np.nextafter(x, np.inf))
 
 
 def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):

@@ -70,9 +70,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qbound.bounds import host_chain
-from qbound.bounds.host_bounds import Chain, _step_values, bound_pieces, evaluate
+from qbound.bounds.host_bounds import Chain, bound_pieces, evaluate
 from qbound.bounds.host_chain import _unmap, chain_of, input_grid_cells, map_box
 from qbound.bounds.host_pool import PiecePool
+from qbound.bounds.host_steps import step_values
 from qbound.bounds.host_staircase import staircase_search
 from qbound.bounds.region_ascent import region_ascent
 
@@ -141,10 +142,10 @@ def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: f
         masks[j] = (z > 0, zq > 0)
         z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
       elif layer[0] in ("round", "dynamic"):
-        zq = _step_values(layer, zq)
+        zq = step_values(layer, zq)
       elif layer[0] == "clip":
         masks[j] = (np.ones_like(zq, bool), (zq > layer[1]) & (zq < layer[2]))
-        zq = _step_values(layer, zq)
+        zq = step_values(layer, zq)
       else:
         z, zq = z @ layer[1].T + layer[2], zq @ layer[3].T + layer[4]
     d = (z - zq)[:, outputs]

@@ -35,7 +35,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from qbound import dynamic_rounding
+from qbound.bounds.host_float import EPS, TINY, down, up
+from qbound.bounds.host_steps import F_Q_STEPS, joint_band, step_error, step_values
 
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
@@ -59,8 +60,8 @@ BACKWARD_ROWS = "d"
 @dataclasses.dataclass(frozen=True)
 class Chain:
   """A paired chain of layers in float64: ``("affine", W, b, W_q, b_q)``, ``("relu",)``, or a step
-  of f_q alone where f has an identity (:data:`F_Q_STEPS`): ``("round", mode)`` (a static rounding,
-  ``mode`` one of :data:`ROUND_ERRORS`), ``("clip", lo, hi)`` (bounds per entry) or ``("dynamic",
+  of f_q alone where f has an identity (:mod:`qbound.bounds.host_steps`): ``("round", mode)`` (a static rounding,
+  ``mode`` one of ``host_steps.ROUND_ERRORS``), ``("clip", lo, hi)`` (bounds per entry) or ``("dynamic",
   spec, shape)`` (a fake quantization with scales computed from its input, :mod:`qbound.dynamic_rounding`'s
   ``spec``, the node's ``shape`` giving its groups).
 
@@ -169,22 +170,6 @@ def _sum_forms(a, b, mag_a, mag_b, upper: bool):
   slack = RELATIVE_SLACK * terms
   out[:, -1] += slack if upper else -slack
   return out, terms + slack
-
-
-EPS = np.finfo(np.float64).eps
-TINY = np.finfo(np.float64).tiny
-
-
-def _down(x):
-  """At or below the float64 number below ``x``: ``|x| eps`` is at least one ulp of a normal ``x``
-  (exact: a power-of-two scaling), ``tiny`` at least one of a subnormal, and rounding is monotone,
-  so ``x - (|x| eps + tiny)`` rounds to at most ``np.nextafter(x, -inf)``; 8x faster than it."""
-  return x - (np.abs(x) * EPS + TINY)
-
-
-def _up(x):
-  """At or above the float64 number above ``x`` (as :func:`_down`)."""
-  return x + (np.abs(x) * EPS + TINY)
 
 
 class _PairLines(NamedTuple):
@@ -296,7 +281,7 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       m = lam.shape[-1] // 2
       c = lam[..., m:] - lam[..., :m]
       c_pos, c_neg = np.maximum(c, 0.0), np.minimum(c, 0.0)
-      if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (_joint_band)
+      if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (host_steps.joint_band)
         n_lo, n_hi, count = lines[j][2:]
         c_pos, c_neg = (c_pos, c_neg) if lam.ndim == 3 else (c_pos[None], c_neg[None])
         narrow = c_pos * n_lo[:, None] + c_neg * n_hi[:, None]  # (k, R, m)
@@ -350,9 +335,9 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
 
 def _meet(zl, zu, ql, qu, dl, du):
   """``z = z_q + d``: each pair of bounds tightens the third (rounded outward)."""
-  zl, zu = np.maximum(zl, _down(ql + dl)), np.minimum(zu, _up(qu + du))
-  ql, qu = np.maximum(ql, _down(zl - du)), np.minimum(qu, _up(zu - dl))
-  dl, du = np.maximum(dl, _down(zl - qu)), np.minimum(du, _up(zu - ql))
+  zl, zu = np.maximum(zl, down(ql + dl)), np.minimum(zu, up(qu + du))
+  ql, qu = np.maximum(ql, down(zl - du)), np.minimum(qu, up(zu - dl))
+  dl, du = np.maximum(dl, down(zl - qu)), np.minimum(du, up(zu - ql))
   return zl, zu, ql, qu, dl, du
 
 
@@ -374,97 +359,10 @@ def _backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str
   v = _backward(chain, upto, np.concatenate(on_d), np.concatenate(on_q), lines, mags, lo, hi).reshape(k, len(on_d), c)
   zl, zu, ql, qu, dl, du = (b.copy() for b in bounds)
   pairs = [(dl, du)] + ([(ql, qu), (zl, zu)] if which == "all" else [])
-  for i, (low, up) in enumerate(pairs):
+  for i, (low, high) in enumerate(pairs):
     low[:, columns] = np.maximum(low[:, columns], v[:, 2 * i])
-    up[:, columns] = np.minimum(up[:, columns], -v[:, 2 * i + 1])
+    high[:, columns] = np.minimum(high[:, columns], -v[:, 2 * i + 1])
   return _meet(zl, zu, ql, qu, dl, du)
-
-
-# Layers of f_q alone (f has an identity there): z_q' = z_q + e with e bounded per piece.
-F_Q_STEPS = ("round", "clip", "dynamic")
-
-# A static rounding's error ``round(v) - v``, per mode (graph.ROUNDING's names).
-ROUND_ERRORS = {"nearest": (-0.5, 0.5), "away": (-0.5, 0.5), "floor": (-1.0, 0.0), "ceil": (0.0, 1.0)}
-
-
-def round_values(mode: str, x):
-  """``x`` rounded as a ``round`` node of that mode rounds it (monotone: bounds round to bounds)."""
-  if mode == "nearest":
-    return np.round(x)  # halves to even, as jnp.round
-  if mode == "away":
-    return np.where(x >= 0, np.floor(x + 0.5), np.ceil(x - 0.5))
-  return np.floor(x) if mode == "floor" else np.ceil(x)
-
-
-def _step_values(layer, x):
-  """f_q's value after a ``round``, ``clip`` or ``dynamic`` layer (f's is unchanged); ``x`` is
-  ``(k, neurons)``."""
-  if layer[0] == "round":
-    return round_values(layer[1], x)
-  if layer[0] == "dynamic":
-    _, spec, shape = layer
-    if spec.axes is None:  # one scale per piece's tensor, not over the batch of pieces
-      spec = dataclasses.replace(spec, axes=tuple(range(-len(shape), 0)))
-    with np.errstate(divide="ignore", invalid="ignore"):  # the guard's scale of an all-zero group
-      return dynamic_rounding.quantize(spec, x.reshape(len(x), *shape)).reshape(x.shape)
-  return np.clip(x, layer[1], layer[2])
-
-
-def _step_error(layer, ql, qu):
-  """Per piece and neuron, an interval holding ``e = s(v) - v`` for the step ``s`` of a ``round`` or
-  ``clip`` layer and every ``v`` in ``[ql, qu]``, rounded outward: ``s(v)`` lies in
-  ``[s(ql), s(qu)]`` (``s`` is monotone), and a rounding moves ``v`` by at most its mode's error.
-  Returns ``(e_lo, e_hi, sl, su)``, ``s(v)`` in ``[sl, su]``; a ``dynamic`` layer's are
-  :func:`_dynamic_error`'s."""
-  if layer[0] == "dynamic":
-    return _dynamic_error(layer, ql, qu)
-  sl, su = _step_values(layer, ql), _step_values(layer, qu)
-  lo, hi = _down(sl - qu), _up(su - ql)
-  if layer[0] == "round":
-    e_lo, e_hi = ROUND_ERRORS[layer[1]]
-    lo, hi = np.maximum(lo, e_lo), np.minimum(hi, e_hi)
-  else:  # clip(v) - v is 0 inside the clip, a - v below it and b - v above it (ends may be infinite)
-    lo = np.maximum(lo, _down(np.minimum(layer[2] - qu, 0.0)))
-    hi = np.minimum(hi, _up(np.maximum(layer[1] - ql, 0.0)))
-  return lo, hi, sl, su
-
-
-def _dynamic_error(layer, ql, qu):
-  """:func:`_step_error` of a ``dynamic`` layer: ``|s(v) - v| <= half`` per entry, from each group's
-  largest magnitude over the piece (:func:`qbound.dynamic_rounding.bounds`, which also covers the
-  library's float32 rounding of its scale and quotient), and ``s(v)`` in ``[v_lo, v_hi]`` where the
-  piece keeps an entry's quotient inside one rounding step (``flat``)."""
-  _, spec, shape = layer
-  k = len(ql)
-  with np.errstate(divide="ignore", invalid="ignore"):  # (quotients of all-zero groups, masked out)
-    half, flat, v_lo, v_hi = dynamic_rounding.bounds(spec, ql.reshape(k, *shape), qu.reshape(k, *shape), len(shape))
-  half, flat = half.reshape(ql.shape), flat.reshape(ql.shape)
-  v_lo, v_hi = v_lo.reshape(ql.shape), v_hi.reshape(ql.shape)
-  sl = np.where(flat, np.maximum(v_lo, _down(ql - half)), _down(ql - half))
-  su = np.where(flat, np.minimum(v_hi, _up(qu + half)), _up(qu + half))
-  return np.maximum(_down(sl - qu), -half), np.minimum(_up(su - ql), half), sl, su
-
-
-def _joint_band(layer, ql, qu, e_lo, e_hi) -> tuple:
-  """``(n_lo, n_hi, count)`` for a ``dynamic`` layer of qwix's ``rms,c`` with one scale for the
-  layer: every entry's error lies in ``[n_lo, n_hi]``, its interval met with the band every entry
-  keeps, but for at most ``count`` entries at once, those past a clip
-  (:func:`qbound.dynamic_rounding.joint_saturation`: the squares of the quotients sum to ``Q^2``);
-  else ``()``. An entry whose interval misses the band (pinned past a clip) keeps its interval, and
-  the count stays ``count`` for the others: a relaxation of the real constraint."""
-  if layer[0] != "dynamic" or layer[1].axes is not None:
-    return ()
-  _, spec, shape = layer
-  joint = dynamic_rounding.joint_saturation(spec, shape)
-  if joint is None:
-    return ()
-  k = len(ql)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    base = dynamic_rounding.saturation_parts(spec, ql.reshape(k, *shape), qu.reshape(k, *shape), len(shape)).base
-  base = base.reshape(ql.shape)
-  n_lo, n_hi = np.maximum(e_lo, -base), np.minimum(e_hi, base)
-  missed = n_lo > n_hi
-  return np.where(missed, e_lo, n_lo), np.where(missed, e_hi, n_hi), joint[0]
 
 
 def _shift(form, mag, shift, upper: bool):
@@ -503,7 +401,7 @@ def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
     if layer[0] == "relu":
       z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
     elif layer[0] in F_Q_STEPS:
-      zq = _step_values(layer, zq)
+      zq = step_values(layer, zq)
     else:
       _, w, b, wq, bq = layer
       z, zq = z @ w.T + b, zq @ wq.T + bq
@@ -555,8 +453,8 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       zl, zu = _concrete(lz, mzl, lo, hi, False), _concrete(uz, mzu, lo, hi, True)
       ql, qu = _concrete(lq, mql, lo, hi, False), _concrete(uq, mqu, lo, hi, True)
       dl, du = _concrete(ld, mdl, lo, hi, False), _concrete(ud, mdu, lo, hi, True)
-      dl = _down(dl - RELATIVE_SLACK * np.abs(dl))
-      du = _up(du + RELATIVE_SLACK * np.abs(du))
+      dl = down(dl - RELATIVE_SLACK * np.abs(dl))
+      du = up(du + RELATIVE_SLACK * np.abs(du))
       zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
       m = w.shape[0]
       if prior is not None:
@@ -581,11 +479,11 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       offset += 6 * m
     elif layer[0] in F_Q_STEPS:
       # f_q alone: z_q' = s(z_q) = z_q + e, so d' = z - z_q' = d - e, with e in [e_lo, e_hi] per piece
-      # (_step_error); and z_q' lies in [s(ql), s(qu)], so d' in [z - s(qu), z - s(ql)]. Per neuron
+      # (host_steps.step_error); and z_q' lies in [s(ql), s(qu)], so d' in [z - s(qu), z - s(ql)]. Per neuron
       # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
       # within one step of a rounding, beyond one end of a clip) those are exact.
-      e_lo, e_hi, sl, su = _step_error(layer, ql, qu)
-      lines[j] = (e_lo, e_hi) + _joint_band(layer, ql, qu, e_lo, e_hi)
+      e_lo, e_hi, sl, su = step_error(layer, ql, qu)
+      lines[j] = (e_lo, e_hi) + joint_band(layer, ql, qu, e_lo, e_hi)
       n_in = lo.shape[1]
       (cl_form, mcl), (cu_form, mcu) = _constant(sl, n_in), _constant(su, n_in)
       (sq_l, msq_l), (sq_u, msq_u) = _shift(lq, mql, e_lo, False), _shift(uq, mqu, e_hi, True)
@@ -601,8 +499,8 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       ld, ud = np.where(use_z[:, None], pd_l, sd_l), np.where(use_z[:, None], pd_u, sd_u)
       mdl, mdu = np.where(use_z, mpd_l, msd_l), np.where(use_z, mpd_u, msd_u)
       ql, qu = sl, su
-      dl = np.maximum(_concrete(ld, mdl, lo, hi, False), _down(zl - su))
-      du = np.minimum(_concrete(ud, mdu, lo, hi, True), _up(zu - sl))
+      dl = np.maximum(_concrete(ld, mdl, lo, hi, False), down(zl - su))
+      du = np.minimum(_concrete(ud, mdu, lo, hi, True), up(zu - sl))
       zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
     else:
       lines[j] = _pair_lines(zl, zu, ql, qu, dl, du)
@@ -636,7 +534,7 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       relu_zl, relu_zu = np.maximum(zl, 0.0), np.maximum(zu, 0.0)
       relu_ql, relu_qu = np.maximum(ql, 0.0), np.maximum(qu, 0.0)
       zl, zu, ql, qu = relu_zl, relu_zu, relu_ql, relu_qu
-      dl = np.maximum(_concrete(ld, mdl, lo, hi, False), np.maximum(iv_l, _down(relu_zl - relu_qu)))
-      du = np.minimum(_concrete(ud, mdu, lo, hi, True), np.minimum(iv_u, _up(relu_zu - relu_ql)))
+      dl = np.maximum(_concrete(ld, mdl, lo, hi, False), np.maximum(iv_l, down(relu_zl - relu_qu)))
+      du = np.minimum(_concrete(ud, mdu, lo, hi, True), np.minimum(iv_u, up(relu_zu - relu_ql)))
       zl, zu, ql, qu, dl, du = _meet(zl, zu, ql, qu, dl, du)
   return dl, du, ld, ud, np.concatenate(kept, axis=1)

@@ -27,7 +27,9 @@ import numpy as np
 
 from qbound import dynamic_rounding
 from qbound import graph as G
-from qbound.bounds.host_bounds import ROUND_ERRORS, Chain, _down, _up, prefix_step
+from qbound.bounds.host_bounds import Chain, prefix_step
+from qbound.bounds.host_float import down, up
+from qbound.bounds.host_steps import ROUND_ERRORS
 
 # Nets of at most this many ReLUs (f's and f_q's together) and inputs of at most this many entries
 # (as certify's MILP and LOW_DIMENSIONAL_INPUTS): above, a batch's NumPy work grows past what the
@@ -240,7 +242,7 @@ def map_box(chain: Chain, lo: np.ndarray, hi: np.ndarray):
     if step[0] == "clip":  # exact, and increasing
       lo, hi = a, b
     else:
-      lo, hi = _down(np.minimum(a, b)), _up(np.maximum(a, b))
+      lo, hi = down(np.minimum(a, b)), up(np.maximum(a, b))
   return lo, hi
 
 
