@@ -212,6 +212,10 @@ def bounds(spec, lo, hi, axes: tuple, rest=None):
   Returns:
     ``|v - t| <= half`` for ``t`` in the bounds; where ``flat``, ``v_lo <= v <= v_hi``.
   """
-  xp = namespace(lo, hi)
-  p = parts(spec, lo, hi, axes, rest)
-  return p.base + xp.maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi
+  return from_parts(parts(spec, lo, hi, axes, rest))
+
+
+def from_parts(p: Parts):
+  """:func:`bounds`' ``(half, flat, v_lo, v_hi)`` from the node's :class:`Parts` (every entry's worst
+  case: its band and the larger of its saturation errors)."""
+  return p.base + namespace(p.base).maximum(p.over_top, p.over_bottom), p.flat, p.v_lo, p.v_hi

@@ -73,7 +73,7 @@ from qbound.bounds import host_chain
 from qbound.bounds.host_bounds import Chain, bound_pieces, evaluate
 from qbound.bounds.host_chain import _unmap, chain_of, input_grid_cells, map_box
 from qbound.bounds.host_pool import PiecePool
-from qbound.bounds.host_steps import step_values
+from qbound.bounds.host_steps import ROUNDINGS, step_values
 from qbound.bounds.host_staircase import staircase_search
 from qbound.bounds.region_ascent import region_ascent
 
@@ -141,7 +141,7 @@ def _ascent(chain: Chain, xs, box_lo, box_hi, outputs, steps: int, first_step: f
       if layer[0] == "relu":
         masks[j] = (z > 0, zq > 0)
         z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
-      elif layer[0] in ("round", "dynamic"):
+      elif layer[0] in ROUNDINGS:
         zq = step_values(layer, zq)
       elif layer[0] == "clip":
         masks[j] = (np.ones_like(zq, bool), (zq > layer[1]) & (zq < layer[2]))
@@ -191,7 +191,7 @@ def _gradient_weight(chain: Chain, kept, dl, du, outputs):
           c, r = (g_lo + g_hi) / 2, (g_hi - g_lo) / 2
           c, r = c @ w, r @ np.abs(w)
           g_lo, g_hi = c - r, c + r
-      elif layer[0] in ("round", "dynamic"):
+      elif layer[0] in ROUNDINGS:
         pass  # the straight-through derivative of f_q's rounding (a split heuristic, not a bound)
       elif layer[0] == "clip":
         if which == 3:  # f_q's clip: a derivative in [0, 1]
@@ -301,7 +301,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   region_time, seen = [0.0], set()
   # Linear regions are ReLU patterns (region_ascent); f_q's roundings and clips split them further.
   linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
-  staircase = any(layer[0] in ("round", "dynamic") for layer in chain.layers)
+  staircase = any(layer[0] in ROUNDINGS for layer in chain.layers)
   stair_time, stair_runs = [0.0], [0]
 
   def staircase_run():

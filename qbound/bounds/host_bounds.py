@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from qbound.bounds.host_float import EPS, TINY, down, up
-from qbound.bounds.host_steps import F_Q_STEPS, joint_band, step_error, step_values
+from qbound.bounds.host_steps import F_Q_STEPS, step_error, step_values
 
 # float64 forms are widened by this fraction of their magnitude over the piece, per layer.
 RELATIVE_SLACK = 1e-10
@@ -281,7 +281,7 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       m = lam.shape[-1] // 2
       c = lam[..., m:] - lam[..., :m]
       c_pos, c_neg = np.maximum(c, 0.0), np.minimum(c, 0.0)
-      if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (host_steps.joint_band)
+      if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (host_steps.step_error)
         n_lo, n_hi, count = lines[j][2:]
         c_pos, c_neg = (c_pos, c_neg) if lam.ndim == 3 else (c_pos[None], c_neg[None])
         narrow = c_pos * n_lo[:, None] + c_neg * n_hi[:, None]  # (k, R, m)
@@ -482,8 +482,8 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       # (host_steps.step_error); and z_q' lies in [s(ql), s(qu)], so d' in [z - s(qu), z - s(ql)]. Per neuron
       # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
       # within one step of a rounding, beyond one end of a clip) those are exact.
-      e_lo, e_hi, sl, su = step_error(layer, ql, qu)
-      lines[j] = (e_lo, e_hi) + joint_band(layer, ql, qu, e_lo, e_hi)
+      e_lo, e_hi, sl, su, joint = step_error(layer, ql, qu)
+      lines[j] = (e_lo, e_hi) + joint
       n_in = lo.shape[1]
       (cl_form, mcl), (cu_form, mcu) = _constant(sl, n_in), _constant(su, n_in)
       (sq_l, msq_l), (sq_u, msq_u) = _shift(lq, mql, e_lo, False), _shift(uq, mqu, e_hi, True)
