@@ -51,7 +51,7 @@ def run_milp(track, merged, box, outputs, time_limit: float) -> None:
 
 
 def run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap: float,
-              refine_deadline: Optional[float] = None) -> None:
+             refine_deadline: Optional[float] = None, compiled=None) -> None:
   """Where f_q rounds its input first: the error cell by cell, if its first pass ends in time."""
   from qbound.exact.grid import auto_max_cells, grid_error
 
@@ -64,7 +64,7 @@ def run_grid(track, merged, box, sound: bool, deadline: float, stop, target_gap:
   res = grid_error(merged, box, deadline=deadline, max_cells=auto_max_cells(deadline - time.perf_counter()),
                    sound=sound, stop=stop, refine_gap=target_gap, reached=None if witness is None else witness[None],
                    refine_deadline=refine_deadline, report=lambda x: track.add_witness(merged.graph, x),
-                   report_upper=lambda upper: track.add_upper("grid", upper))
+                   report_upper=lambda upper: track.add_upper("grid", upper), compiled=compiled)
   if res is not None:
     track.add_bounds("grid", res.diff_lower, res.diff_upper)
     track.add_witness(merged.graph, res.witness)

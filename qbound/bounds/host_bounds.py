@@ -408,11 +408,17 @@ def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   return z - zq
 
 
-def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[np.ndarray] = None):
+def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[np.ndarray] = None,
+                 values: Optional[tuple] = None):
   """Proven bounds on ``f - f_q`` over each piece ``[lo_i, hi_i]`` (``(k, n_in)`` each).
 
   ``prior``: bounds of every affine layer's ``z``, ``z_q`` and ``d`` proven on a larger box holding
   each piece (its parent's ``kept``, ``(k, 6 * neurons)``), met with the new ones: tighter lines.
+
+  ``values``: where f_q rounds its input (:func:`qbound.bounds.host_chain.input_rounding`), a case
+  of each piece, ``(lowest, highest)`` (``(k, n_in)`` each) rounded values of the input: the bounds
+  then hold for the inputs of the piece whose rounded values lie there (the cases of
+  :func:`qbound.bounds.host_chain.aligned_splits`); ignored where a piece's values miss them.
 
   Returns:
     ``(d_lower, d_upper, d_lower_form, d_upper_form, kept)``: ``(k, n_out)`` bounds, the output's
@@ -483,6 +489,12 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
       # within one step of a rounding, beyond one end of a clip) those are exact.
       e_lo, e_hi, sl, su, joint = step_error(layer, ql, qu)
+      if values is not None and layer[0] == "round":  # f_q's rounding of its input, in the pieces' cases
+        case_l, case_u = np.maximum(sl, values[0]), np.minimum(su, values[1])
+        ok = case_l <= case_u
+        sl, su = np.where(ok, case_l, sl), np.where(ok, case_u, su)
+        e_lo, e_hi = np.maximum(e_lo, down(sl - qu)), np.minimum(e_hi, up(su - ql))
+        values = None  # (the input's rounding only: the first of f_q's roundings)
       lines[j] = (e_lo, e_hi) + joint
       n_in = lo.shape[1]
       (cl_form, mcl), (cu_form, mcu) = _constant(sl, n_in), _constant(su, n_in)

@@ -5,7 +5,8 @@
 weights of each dense layer as a matrix read off its node (:func:`_dense_matrix`: no JAX, which
 would compile on a first call), nodes that only reshape skipped, an input normalisation f and f_q
 share as the chain's ``prefix`` (:func:`map_box` maps a box through it, rounded outward), and
-:func:`input_grid_cells` tells how many cells f_q's rounding of its input has over a box.
+:func:`input_rounding` reads f_q's rounding of its input (if it rounds it first), whose cells over a
+box :func:`input_grid_cells` counts and on whose ties :func:`aligned_splits` splits pieces.
 
 Example:
   >>> import functools, jax, jax.numpy as jnp, qbound as qb
@@ -21,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -260,11 +261,59 @@ def _unmap(chain: Chain, ys: np.ndarray, box_lo, box_hi) -> np.ndarray:
   return np.clip(xs, box_lo, box_hi)
 
 
+class InputRounding(NamedTuple):
+  """f_q's rounding of its input, entry by entry (see :func:`input_rounding`): ``q = scale * x +
+  offset``, clipped to ``[clip_lo, clip_hi]``, rounded by ``mode``."""
+
+  scale: np.ndarray
+  offset: np.ndarray
+  clip_lo: np.ndarray
+  clip_hi: np.ndarray
+  mode: str
+
+
+def input_rounding(chain: Chain) -> Optional[InputRounding]:
+  """Where f_q rounds its input (after scalings entry by entry and clips, before any dense layer
+  mixes the entries), the map from the chain's input to the values it rounds; else None.
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound.bounds.host_chain import Chain, input_rounding
+    >>> eye, w = np.eye(2), np.ones((1, 2))
+    >>> chain = Chain((("affine", eye, np.zeros(2), 4 * eye, np.ones(2)), ("round", "nearest"),
+    ...                ("affine", w, np.zeros(1), w, np.zeros(1))), n_in=2, n_out=1)
+    >>> r = input_rounding(chain)
+    >>> r.scale.tolist(), r.offset.tolist(), r.mode
+    ([4.0, 4.0], [1.0, 1.0], 'nearest')
+  """
+  n = chain.n_in
+  scale, offset = np.ones(n), np.zeros(n)
+  clip_lo, clip_hi = np.full(n, -np.inf), np.full(n, np.inf)
+  for layer in chain.layers:
+    if layer[0] == "affine":
+      wq, bq = layer[3], layer[4]
+      if wq.shape[0] != wq.shape[1] or np.count_nonzero(wq - np.diag(np.diag(wq))):
+        return None  # a dense layer first: no grid on the input
+      a = np.diag(wq)
+      # clip(v, lo, hi) then a v + b: the clip moves to the new values (its ends mapped, in order).
+      ends = np.stack([a * clip_lo + bq, a * clip_hi + bq])
+      with np.errstate(invalid="ignore"):  # (inf * 0: a zero scale makes the entry constant)
+        ends = np.where(np.isnan(ends), bq, ends)
+      clip_lo, clip_hi = ends.min(axis=0), ends.max(axis=0)
+      scale, offset = a * scale, a * offset + bq
+    elif layer[0] == "clip":
+      clip_lo, clip_hi = np.maximum(clip_lo, layer[1]), np.minimum(clip_hi, layer[2])
+    elif layer[0] == "round":
+      return InputRounding(scale, offset, clip_lo, clip_hi, layer[1])
+    else:
+      return None
+  return None
+
+
 def input_grid_cells(chain: Chain, lower, upper) -> Optional[float]:
   """At most how many cells the input grid of f_q has over the box ``[lower, upper]``, when f_q
-  rounds its input (after scalings entry by entry and clips, before any dense layer mixes the
-  entries), else None: the cells :mod:`qbound.exact.grid` enumerates, each input's count of
-  rounding steps over its range, multiplied.
+  rounds its input (:func:`input_rounding`), else None: the cells :mod:`qbound.exact.grid`
+  enumerates, each input's count of rounding steps over its range, multiplied.
 
   Example:
     >>> import numpy as np
@@ -275,19 +324,67 @@ def input_grid_cells(chain: Chain, lower, upper) -> Optional[float]:
     >>> input_grid_cells(chain, -np.ones(2), np.ones(2))  # 4x over [-1, 1]: 9 steps (at most 10) each
     100.0
   """
+  rounding = input_rounding(chain)
+  if rounding is None:
+    return None
   lo, hi = map_box(chain, np.asarray(lower, np.float64).reshape(1, -1), np.asarray(upper, np.float64).reshape(1, -1))
-  lo, hi = lo[0], hi[0]
-  for layer in chain.layers:
-    if layer[0] == "affine":
-      wq, bq = layer[3], layer[4]
-      if wq.shape[0] != wq.shape[1] or np.count_nonzero(wq - np.diag(np.diag(wq))):
-        return None  # a dense layer first: no grid on the input
-      a, b = np.diag(wq) * lo + bq, np.diag(wq) * hi + bq
-      lo, hi = np.minimum(a, b), np.maximum(a, b)
-    elif layer[0] == "clip":
-      lo, hi = np.clip(lo, layer[1], layer[2]), np.clip(hi, layer[1], layer[2])
-    elif layer[0] == "round":
-      return float(np.prod(np.floor(hi) - np.ceil(lo) + 2.0))
-    else:
-      return None
-  return None
+  a = np.stack([rounding.scale * lo[0] + rounding.offset, rounding.scale * hi[0] + rounding.offset])
+  lo, hi = np.clip(a.min(axis=0), rounding.clip_lo, rounding.clip_hi), np.clip(a.max(axis=0), rounding.clip_lo,
+                                                                               rounding.clip_hi)
+  return float(np.prod(np.floor(hi) - np.ceil(lo) + 2.0))
+
+
+# A split on f_q's input grid (aligned_splits) overlaps its two halves by this much of the rounded
+# value, relative, on each side of the tie: within it float arithmetic may round either way (float32's
+# product and sum err by about 1.2e-7 of the magnitudes, the bounds' own slack is 1e-10).
+TIE_MARGIN = 1e-6
+
+
+class AlignedSplit(NamedTuple):
+  """Per piece, a split on one input's rounding tie (:func:`aligned_splits`): the lower half ends
+  at ``lower_hi``, the upper half starts at ``upper_lo`` (the halves overlap around the tie); where
+  ``usable``, the lower half's rounded values are at most / at least (``lower_caps``: at most)
+  ``lower_value``, the upper half's the other way from ``upper_value``."""
+
+  lower_hi: np.ndarray
+  upper_lo: np.ndarray
+  usable: np.ndarray
+  lower_caps: np.ndarray
+  lower_value: np.ndarray
+  upper_value: np.ndarray
+
+
+def aligned_splits(rounding: InputRounding, lo, hi, axes, mid) -> AlignedSplit:
+  """Splits of the pieces (rows of ``lo``, ``hi``) along ``axes`` on the tie of f_q's input
+  rounding nearest ``mid``, where one lies inside the piece (else at ``mid``, not ``usable``).
+
+  Midpoint splits meet the rounding's ties only in the limit: every piece crossing a tie keeps the
+  rounding's whole band, and the roundings of f_q's hidden layers theirs. A split on a tie is a case
+  split: the lower half (up to just past the tie) takes the inputs whose rounded value is the one
+  below the tie, the upper half (from just before it) those rounding to the one above; an input
+  within ``TIE_MARGIN`` of the tie, where float arithmetic may round either way, lies in both. The
+  bounds of a half then hold for its inputs of its case (:func:`qbound.bounds.host_bounds.bound_pieces`'s
+  ``values``); a piece inside one step of every input is exact in f_q: f_q is constant on it.
+  """
+  rows = np.arange(len(axes))
+  a, b = rounding.scale[axes], rounding.offset[axes]
+  l, h = lo[rows, axes], hi[rows, axes]
+  # Ties: v.5 for rounding to nearest (below them v, above v + 1); integers j for floor (j - 1, j)
+  # and ceil (j, j + 1).
+  shift = {"nearest": 0.5, "away": 0.5, "floor": 0.0, "ceil": 0.0}[rounding.mode]
+  below_value = {"nearest": -0.5, "away": -0.5, "floor": -1.0, "ceil": 0.0}[rounding.mode]
+  tie = np.round(a * mid + b - shift) + shift
+  # Only ties strictly inside the clip: at its ends the clipped value does not jump.
+  first = np.floor(rounding.clip_lo[axes] - shift) + 1.0 + shift
+  last = np.ceil(rounding.clip_hi[axes] - shift) - 1.0 + shift
+  tie = np.clip(tie, first, last)
+  margin = TIE_MARGIN * (1.0 + np.abs(tie) + np.abs(b))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    x_minus, x_plus = (tie - margin - b) / a, (tie + margin - b) / a
+  before, after = np.minimum(x_minus, x_plus), np.maximum(x_minus, x_plus)
+  usable = (a != 0) & np.isfinite(before) & np.isfinite(after) & (before > l) & (after < h) & (first <= last)
+  value_below, value_above = tie + below_value, tie + below_value + 1.0
+  increasing = a > 0  # the lower half of x holds the values below the tie
+  return AlignedSplit(lower_hi=np.where(usable, after, mid), upper_lo=np.where(usable, before, mid), usable=usable,
+                      lower_caps=increasing, lower_value=np.where(increasing, value_below, value_above),
+                      upper_value=np.where(increasing, value_above, value_below))

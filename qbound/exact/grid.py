@@ -309,7 +309,7 @@ def _f_on_cells_np(value, lam, blk_lo, blk_hi, cell_lo, cell_hi):
 def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int = MAX_CELLS, sound: bool = True,
                stop=None, refine_gap: float = 0.02, large_refine_gap: Optional[float] = None,
                reached=None, refine_deadline: Optional[float] = None, report=None,
-               report_upper=None) -> Optional[GridResult]:
+               report_upper=None, compiled=None) -> Optional[GridResult]:
   """The maximal error of a merged network whose f_q rounds its input first, cell by cell.
 
   A first pass bounds every cell with f's linear bounds over blocks of cells. Then the cells whose
@@ -339,6 +339,9 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     report_upper: optional callable, given the bound proven so far (a float) during the refinement,
       every :data:`REPORT_SECONDS` at most: a caller that must answer at a deadline keeps it even if
       this call returns a moment after.
+    compiled: optional callable, called once the first chunk is bounded (its programs compiled, or
+      read from the cache): from then on the enumeration is compute-bound, and the chunks after the
+      first decide whether the first pass ends by the deadline.
 
   Returns:
     A :class:`GridResult`, or None when f_q does not round its input first (see the module
@@ -404,6 +407,8 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
                                            blk_hi[rows], k=k, counts=grid.counts, per=grid.per,
                                            blocks_per=grid.blocks_per, candidates=True)
     worst.append(np.asarray(out, np.float64))
+    if chunk == 0 and compiled is not None:
+      compiled()
     # The chunk's cells whose error looks largest (one per group of cells): their corners are
     # evaluated now, so the reached error rises during the pass, not only after it (on AQT's whole
     # box the first pass's largest bounds sit where f's block bounds are loose, not where the error
