@@ -49,6 +49,12 @@ HIDDEN_BACKWARD = True
 # backward pass would, so its rows bought nothing there: on the exactness table's nets 0-2.6% more
 # pieces without them, at a quarter less time per piece on 5-12-16-16-2 (docs/results/exactness.md).
 BACKWARD_FROM_DEPTH = 3
+# Behind an rms,c layer (a joint saturation term: host_steps.step_error) the backward rows count only
+# as many saturated entries as can saturate at once, which forward intervals cannot: rows from the
+# second dense layer on there. qwix rms,3 MLPs, a machine's first call, 10 s: nnx 1.74 -> 1.67 and
+# 1.73 -> 1.66 (QT), linen 1.25 -> 1.18 (both); from the first layer on, nnx 1.71; rows on d, z_q
+# and z as well (BACKWARD_ROWS = "all"), 1.80 (docs/results/quant-libraries.md).
+JOINT_BACKWARD_FROM_DEPTH = 2
 # Which values of a hidden layer's unstable neurons the backward pass bounds: "d" (rows +-e on d),
 # or "all" (on d, z_q and z = z_q + d, as the compiled differential pass): about as tight as it on
 # pieces of ACAS Xu 1_1 (where "d" alone is 1.4-2,500x looser), at 1.1-3x the cost of a piece, and
@@ -476,7 +482,10 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
         else:
           columns = np.flatnonzero((((zl < 0) & (zu > 0)) | ((ql < 0) & (qu > 0))).any(axis=0))
           depth = sum(layer[0] == "affine" for layer in chain.layers[:j + 1])
-          if not HIDDEN_BACKWARD or depth < BACKWARD_FROM_DEPTH:
+          # Behind a joint saturation term (an rms,c layer: host_steps.step_error) the backward rows
+          # see what forward intervals cannot, from the second dense layer on.
+          joint = any(chain.layers[i][0] in F_Q_STEPS and len(lines[i]) > 2 for i in lines)
+          if not HIDDEN_BACKWARD or depth < (JOINT_BACKWARD_FROM_DEPTH if joint else BACKWARD_FROM_DEPTH):
             columns = columns[:0]
         if len(columns):
           zl, zu, ql, qu, dl, du = _backward_node(chain, j + 1, lines, mags, lo, hi, (zl, zu, ql, qu, dl, du),
