@@ -365,6 +365,17 @@ def aligned_splits(rounding: InputRounding, lo, hi, axes, mid) -> AlignedSplit:
   within ``TIE_MARGIN`` of the tie, where float arithmetic may round either way, lies in both. The
   bounds of a half then hold for its inputs of its case (:func:`qbound.bounds.host_bounds.bound_pieces`'s
   ``values``); a piece inside one step of every input is exact in f_q: f_q is constant on it.
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound.bounds.host_chain import InputRounding, aligned_splits
+    >>> grid = InputRounding(np.array([4.0]), np.zeros(1), np.full(1, -np.inf), np.full(1, np.inf), "nearest")
+    >>> cut = aligned_splits(grid, np.array([[0.0]]), np.array([[1.0]]), np.array([0]), np.array([0.5]))
+    >>> # 4 x = 2.5 is the tie nearest the middle: below it x rounds to 2, above it to 3
+    >>> bool(cut.usable[0]), cut.lower_value.tolist(), cut.upper_value.tolist()
+    (True, [2.0], [3.0])
+    >>> bool(cut.upper_lo[0] < 0.625 < cut.lower_hi[0] < 0.625 + 1e-5)
+    True
   """
   rows = np.arange(len(axes))
   a, b = rounding.scale[axes], rounding.offset[axes]
