@@ -32,6 +32,7 @@ from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, validate_box
 from qbound.certificate import Certificate
+from qbound.certify_host import HostSearch, host_chain_for
 from qbound.errors import BoundOverflowError, SoundnessError, UnboundedLayerError
 from qbound.merge import MergedNetwork, merge
 
@@ -106,7 +107,7 @@ FIRST_RANDOM_CORNERS = 13
 GRID_SHARE = 0.8
 GRID_KEEPS_REST = True
 # Where the grid is enumerated, the NumPy search (qbound.bounds.host_bab) still runs while the grid's
-# programs compile, and waits once they run (see bound_stages).
+# programs compile, and waits once they run (qbound.certify_host.host_chain_for).
 HOST_WHILE_GRID_COMPILES = True
 
 # The methods ``time_budget`` holds (the others are one bound propagation each, run to the end).
@@ -320,84 +321,15 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   host_chain = None
   if (method == "auto" and HOST_HEAD_START is not None and merged.paired and not transformer
       and int(np.prod(box.shape)) <= LOW_DIMENSIONAL_INPUTS):
-    from qbound.bounds import host_bab
-
-    host_chain = host_bab.chain_of(merged)
-    if host_chain is not None and staircase:
-      from qbound.exact.grid import auto_max_cells
-
-      # f_q rounds its input on a grid the enumeration covers in its share of the time: it is
-      # exact cell by cell, where splitting at midpoints meets the grid's steps only slowly. So the
-      # NumPy search only runs while the grid's programs compile (all of a machine's first call on
-      # AQT's 1.9e7 cells, whose interval bound was 141-173x the error), and waits while the grid
-      # computes (with the CPU to itself it ends at 1.05-1.16x, beside the search at 1.86x).
-      cells = host_bab.input_grid_cells(host_chain, np.asarray(box.lower), np.asarray(box.upper))
-      if cells is not None and cells <= auto_max_cells(GRID_SHARE * min(time_budget, 3600.0)):
-        if not HOST_WHILE_GRID_COMPILES:
-          host_chain = None
-  hosts: list = []
-  grid_idle = threading.Event()  # cleared while the input grid computes: the host search waits
-  grid_idle.set()
-
-  def host_stop() -> bool:
-    while not grid_idle.wait(0.02):
-      if finished() or stages_failed.is_set():
-        break
-    return finished() or stages_failed.is_set()
-
-  host_closed = threading.Event()  # set when the host search closed the gap: the call returns
-
+    host_chain = host_chain_for(merged, box, time_budget=time_budget, grid_share=GRID_SHARE,
+                                while_grid_compiles=HOST_WHILE_GRID_COMPILES)
   # Set once the first probes have compiled the float64 evaluation of the witnesses: the host search
   # re-evaluates its inputs with it only then (compiling it in two threads at once costs twice).
   evaluator_ready = threading.Event()
   stages_failed = threading.Event()
-
-  def run_host():
-    from qbound.bounds.host_bab import host_branch_and_bound
-
-    try:
-      pending = [0.0, None]  # the host's best input not yet handed to the tracker
-      candidates: list = []  # its staircase search's best inputs, not yet handed to the tracker
-
-      def flush():
-        if pending[1] is not None:
-          track.add_witness(graph, pending[1].reshape(box.shape))  # evaluated again, in float64
-          pending[1] = None
-        while candidates:
-          xs = candidates.pop()
-          track.add_witnesses(graph, xs.reshape(len(xs), *box.shape))
-
-      def report_candidates(xs):
-        candidates.append(xs)
-        if evaluator_ready.is_set():
-          flush()
-
-      def report(upper, lower, witness):
-        track.add_upper("host-bab", upper)
-        if lower > pending[0]:
-          pending[:] = [lower, witness]
-        if evaluator_ready.is_set():
-          flush()
-
-      budget = left()
-      if budget <= 0:  # the call's time ran out before this thread started (a short budget, a loaded machine)
-        return
-      res = host_branch_and_bound(merged, box, outputs=outputs, time_budget=budget, target_gap=target_gap,
-                                  epsilon=epsilon, stop=host_stop, report=report,
-                                  chain=host_chain, report_root=lambda lo, up: track.add_bounds("host-bab", lo, up),
-                                  report_candidates=report_candidates)
-      track.add_bounds("host-bab", res.diff_lower, res.diff_upper)
-      evaluator_ready.wait(timeout=max(left(), 0.0))
-      flush()
-      if track.done(target_gap, epsilon):
-        host_closed.set()
-    except BaseException as err:  # noqa: BLE001 - raised by the stages once they end
-      search_failure.append(err)
-
-  def start_host_search():
-    host = threading.Thread(target=run_host, name="qbound-host-bab", daemon=False)
-    host.start()
-    hosts.append(host)
+  host = HostSearch(track, merged, box, host_chain, outputs=outputs, target_gap=target_gap, epsilon=epsilon,
+                    left=left, finished=finished, failed=stages_failed, evaluator_ready=evaluator_ready,
+                    failures=search_failure)
 
   from qbound.bounds.bab import small_net_steps
   from qbound.bounds.common import step_compile
@@ -427,7 +359,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       raise
     finally:
       evaluator_ready.set()
-      for searcher in searchers + hosts:
+      for searcher in searchers + ([host.thread] if host.thread is not None else []):
         searcher.join()
     if search_failure:
       raise search_failure[0]
@@ -456,7 +388,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     # corners. Every later search starts from it, so a certificate never reports lower = 0 where one
     # of these inputs already differs, however the time budget is spent.
     if host_chain is not None:  # NumPy only: it starts at once, beside the compilations below
-      start_host_search()
+      host.start()
     track.add_witnesses(graph, _first_probes(box, key))
     # What the certificate itself evaluates at its witness, done once now: its compilations are then
     # behind it when the call ends at its deadline.
@@ -472,9 +404,9 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if method == "auto" and staircase and not halted():
       try:
         stages.run_grid(track, merged, box, sound, time.perf_counter() + GRID_SHARE * left(), halted, target_gap,
-                        refine_deadline=stages_end if GRID_KEEPS_REST else None, compiled=grid_idle.clear)
+                        refine_deadline=stages_end if GRID_KEEPS_REST else None, compiled=host.grid_idle.clear)
       finally:
-        grid_idle.set()
+        host.grid_idle.set()
       if track.done(target_gap, epsilon):  # the grid closed the gap: nothing left to prove
         return
     if not branch_first:
@@ -523,12 +455,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     if host_chain is not None:
       if not finished():
         # Alone first: on the nets it closes quickly nothing more is compiled.
-        hosts[0].join(timeout=None if left() == float("inf") else max(HOST_HEAD_START * left(), 0.0))
+        host.thread.join(timeout=None if left() == float("inf") else max(HOST_HEAD_START * left(), 0.0))
       # The interval bound only now, if the NumPy search has proven nothing (its budget ran out
       # before it started) or stopped short of the gap with time left: compiled beside it on a
       # first call, its tracing took the search's interpreter lock for 0.4 of 4.4 s; and compiled
       # at the deadline, it ran beside the next call's search (docs/results/host-search.md).
-      stopped_early = not hosts[0].is_alive() and left() > 0 and not track.done(target_gap, epsilon)
+      stopped_early = not host.thread.is_alive() and left() > 0 and not track.done(target_gap, epsilon)
       if not track.snapshot()["per_method"] or stopped_early:
         interval_stage()
       if finished():
@@ -584,7 +516,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
       stages.run_milp(track, merged, box, outputs, max(left(), 1.0))
 
   if method in TIMED_METHODS:
-    run_until_deadline(run_stages, track, stop, deadline=stages_end, closed=host_closed)
+    run_until_deadline(run_stages, track, stop, deadline=stages_end, closed=host.closed)
   else:  # one bound propagation, run to its end whatever the budget
     run_stages()
   final = track.snapshot()
