@@ -104,9 +104,10 @@ MAX_PIECES = 200_000
 STAIRCASE_SHARE = 0.2
 # Where f_q rounds its input, pieces are split on the rounding's ties, a case on each side
 # (host_chain.aligned_splits): at midpoints, a piece across a tie keeps the rounding's band, and the
-# bound stalls (a 2-8-8-1 pair rounding its input to thirds and its hidden layer to eighths: 2.7x the
-# error after 70,000 pieces, against the gap of 1% in 115 pieces with them; AQT's 4-16-16-2 MLP on
-# [-1, 1]^4: 1.79x after 30 s, stalled, against 1.62x after 10 s and 1.44x after 30 s).
+# bound stalls (benchmarks/bench_input_grid.py: a 2-8-8-1 pair rounding its input to thirds and its
+# hidden layer to eighths, 1.77x the error after 10 s and 30 s, against the gap of 2% in 93 pieces
+# with them; AQT's 4-16-16-2 MLP on [-1, 1]^4, 1.82x after 10 s and 1.79x after 30 s, against 1.62x
+# and 1.46x; qwix's nnx rms,3 static MLP, 1.04x after 10 s, against the gap in 773 pieces).
 ALIGNED_SPLITS = True
 
 
