@@ -90,6 +90,13 @@ __all__ = ["HostBabResult", "host_branch_and_bound", "Chain", "chain_of", "map_b
 # kept for twice the pieces bounded (on the exactness table's nets 3,769 against 7,193 pieces
 # bounded to the gap on 5-12-8-8-2, 34,385 against 61,225 on 5-12-16-16-2; docs/results/exactness.md).
 BATCH = 128
+# Once more than BROAD_FRONTIER x BATCH pieces are open, a round splits a BROAD_FRONTIER-th of them,
+# up to MAX_BATCH: the frontier is broad, and larger batches spend less of the time in Python per
+# piece. The qwix nnx rms,3 MLP, 10 s: 1.641 -> 1.595 (84,479 -> 102,499 pieces); AQT's static po2
+# MLP: 1.627 -> 1.594; the exactness table's nets, whose frontiers stay narrow, the same pieces to
+# the gap (benchmarks/bench_host_search.py).
+MAX_BATCH = 512
+BROAD_FRONTIER = 16
 CANDIDATES = 1
 ASCENT = 8
 # Linear programs over linear regions (qbound.bounds.region_ascent) from the round's best new point,
@@ -398,7 +405,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     if staircase and stair_time[0] <= STAIRCASE_SHARE * (time.perf_counter() - start):
       staircase_run()
     # The worst pieces; each is split in half along the candidate dimension whose halves gain most.
-    m = min(BATCH, pool.count)
+    m = min(max(BATCH, min(pool.count // BROAD_FRONTIER, MAX_BATCH)), pool.count)
     take = np.argpartition(-pool.bound[:pool.used], m - 1)[:m]
     p_lo, p_hi, p_dl, p_du, p_kept = (piece[name][take] for name in ("lo", "hi", "dl", "du", "kept"))
     mid = (p_lo + p_hi) / 2
