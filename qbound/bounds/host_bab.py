@@ -42,7 +42,8 @@ Every new piece's centre and the corner its bound points to are evaluated, a few
 sign-gradient ascent run from the best of them, and linear programs over linear regions
 (:mod:`qbound.bounds.region_ascent`) climb from the round's best point to a local maximum, so the
 reached error rises too; where f_q rounds, runs of a derivative-free search
-(:mod:`qbound.bounds.host_staircase`) take up to ``STAIRCASE_SHARE`` of the time. Open pieces are
+(:mod:`qbound.bounds.host_staircase`) take a share of the time (``STAIRCASE_SHARE``, less while
+they raise nothing and the bound falls, more while the bound stalls). Open pieces are
 kept in a :class:`~qbound.bounds.host_pool.PiecePool`.
 
 The bounds (:mod:`qbound.bounds.host_bounds`) are computed in float64 with every rounding covered
@@ -107,7 +108,8 @@ REGION_SHARE = 0.15
 # neuron, 1.4 kB on a 5-12-8-8-2 pair).
 MAX_PIECES = 200_000
 # Where f_q rounds (a staircase), runs of the derivative-free search (qbound.bounds.host_staircase)
-# take up to this share of the time: one before the first split, then one whenever they are below it.
+# take this share of the time (but see STALE_RUNS below): one before the first split, then one
+# whenever they are below it.
 STAIRCASE_SHARE = 0.2
 # The share moves to whichever side still moves: STALE_SHARE once STALE_RUNS runs in a row raised
 # nothing (the bound then gets the time), STALLED_SHARE once the upper bound has not fallen by 0.1%
