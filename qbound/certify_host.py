@@ -42,7 +42,7 @@ def host_chain_for(merged, box: Box, *, time_budget: float, grid_share: float, w
   from qbound.bounds import host_bab
 
   chain = host_bab.chain_of(merged)
-  if chain is not None and attack.has_rounding(merged.graph) and not while_grid_compiles:
+  if chain is not None and not while_grid_compiles and attack.has_rounding(merged.graph):
     from qbound.exact.grid import auto_max_cells
 
     cells = host_bab.input_grid_cells(chain, np.asarray(box.lower), np.asarray(box.upper))

@@ -82,34 +82,41 @@ def _near_ties(rounding, lo, hi, axes, rng, count):
   return xs
 
 
+def _tie_splits(seed, rounding, width, count):
+  """``count`` random pieces of ``[-1, 1]^2`` (edges ``width`` of random spans) of a ``grid_pair``,
+  each split on a tie along a random input: ``(merged, chain, rng, lo, hi, axes, cut)``."""
+  f, fq = grid_pair(seed, rounding)
+  merged, chain = _chain(f, fq, qb.Box(-jnp.ones(2), jnp.ones(2)))
+  rng = np.random.default_rng(seed)
+  a, b = rng.uniform(-1, 1, (2, count, 2))
+  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b) + 1e-3
+  axes = rng.integers(0, 2, count)
+  rows = np.arange(count)
+  cut = host_chain.aligned_splits(host_chain.input_rounding(chain), lo, hi, axes, (lo[rows, axes] + hi[rows, axes]) / 2)
+  return merged, chain, rng, lo, hi, axes, cut
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), rounding=st.sampled_from(sorted(ROUNDINGS)), width=st.floats(0.05, 1.0))
 def test_tie_splits_cover_the_piece_in_their_cases(seed, rounding, width):
   """Every input of a piece, on a tie, a few ulps from one (float32 and float64) or anywhere, lies
   in a half whose case holds the value f_q rounds it to, in either precision."""
-  f, fq = grid_pair(seed, rounding)
-  box = qb.Box(-jnp.ones(2), jnp.ones(2))
-  _, chain = _chain(f, fq, box)
-  grid = host_chain.input_rounding(chain)
-  rng = np.random.default_rng(seed)
-  a, b = rng.uniform(-1, 1, (2, 16, 2))
-  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b) + 1e-3
-  axes = rng.integers(0, 2, 16)
+  _, _, rng, lo, hi, axes, cut = _tie_splits(seed, rounding, width, 16)
   rows = np.arange(16)
-  cut = host_chain.aligned_splits(grid, lo, hi, axes, (lo[rows, axes] + hi[rows, axes]) / 2)
   assert np.all(cut.upper_lo <= cut.lower_hi)
   assert np.all((cut.lower_hi > lo[rows, axes]) & (cut.upper_lo < hi[rows, axes]))
   xs = np.concatenate([_near_ties(rounding, lo, hi, axes, rng, 40),
                        lo[:, None] + rng.uniform(size=(16, 40, 2)) * (hi - lo)[:, None]], axis=1)
-  x_axis = xs[rows[:, None], np.arange(xs.shape[1])[None], axes[:, None]]
+  halves = cut.halves(lo, hi, np.full_like(lo, -np.inf), np.full_like(lo, np.inf), axes)  # (as host_bab splits)
   for values in _rounded(rounding, xs):
-    v = values[rows[:, None], np.arange(xs.shape[1])[None], axes[:, None]]
-    in_lower = (x_axis <= cut.lower_hi[:, None]) & np.where(cut.lower_caps[:, None], v <= cut.lower_value[:, None],
-                                                            v >= cut.lower_value[:, None])
-    in_upper = (x_axis >= cut.upper_lo[:, None]) & np.where(cut.lower_caps[:, None], v >= cut.upper_value[:, None],
-                                                            v <= cut.upper_value[:, None])
-    covered = np.where(cut.usable[:, None], in_lower | in_upper, True)
+    covered = np.zeros(xs.shape[:2], bool)
+    for h_lo, h_hi, v_lo, v_hi in halves:
+      in_box = np.all((xs >= h_lo[:, None]) & (xs <= h_hi[:, None]), axis=2)
+      in_case = np.all((values >= v_lo[:, None]) & (values <= v_hi[:, None]), axis=2)
+      covered |= in_box & in_case
     assert covered.all()
+  for _, _, v_lo, v_hi in halves:  # and each half of a split on a tie has a case on that input
+    assert np.all(np.isfinite(v_lo[rows, axes]) | np.isfinite(v_hi[rows, axes]) | ~cut.usable)
 
 
 @settings(max_examples=8, deadline=None)
@@ -117,29 +124,11 @@ def test_tie_splits_cover_the_piece_in_their_cases(seed, rounding, width):
 def test_bounds_of_each_case_hold_at_its_inputs(seed, rounding, width):
   """The two halves of tie splits, bounded in their cases from their parent's bounds, hold at the
   halves' inputs of their cases (the merged graph in float64), next to the ties included."""
-  f, fq = grid_pair(seed, rounding)
-  box = qb.Box(-jnp.ones(2), jnp.ones(2))
-  merged, chain = _chain(f, fq, box)
-  grid = host_chain.input_rounding(chain)
-  rng = np.random.default_rng(seed)
-  a, b = rng.uniform(-1, 1, (2, 4, 2))
-  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b) + 1e-3
+  merged, chain, rng, lo, hi, axes, cut = _tie_splits(seed, rounding, width, 4)
   free = (np.full_like(lo, -np.inf), np.full_like(lo, np.inf))
   *_, kept = host_bounds.bound_pieces(chain, lo, hi, values=free)
-  axes = rng.integers(0, 2, 4)
-  rows = np.arange(4)
-  cut = host_chain.aligned_splits(grid, lo, hi, axes, (lo[rows, axes] + hi[rows, axes]) / 2)
   halves = []
-  for lower in (True, False):
-    h_lo, h_hi, v_lo, v_hi = lo.copy(), hi.copy(), free[0].copy(), free[1].copy()
-    caps = cut.lower_caps if lower else ~cut.lower_caps
-    value = cut.lower_value if lower else cut.upper_value
-    if lower:
-      h_hi[rows, axes] = cut.lower_hi
-    else:
-      h_lo[rows, axes] = cut.upper_lo
-    v_hi[rows, axes] = np.where(cut.usable & caps, value, np.inf)
-    v_lo[rows, axes] = np.where(cut.usable & ~caps, value, -np.inf)
+  for h_lo, h_hi, v_lo, v_hi in cut.halves(lo, hi, *free, axes):  # (as host_bab splits its pieces)
     dl, du, *_ = host_bounds.bound_pieces(chain, h_lo, h_hi, kept, values=(v_lo, v_hi))
     halves.append((h_lo, h_hi, v_lo, v_hi, dl, du))
   for h_lo, h_hi, v_lo, v_hi, dl, du in halves:

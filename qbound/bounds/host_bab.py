@@ -446,17 +446,13 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     c_lo[rows, cands + np.arange(cands)[None], axes] = mid[rows, axes]
     c_cases = None
     if cases is not None:  # f_q rounds its input: split on its ties, a case on each side
-      c_vlo = np.repeat(piece["vlo"][take][:, None], 2 * cands, axis=1)
-      c_vhi = np.repeat(piece["vhi"][take][:, None], 2 * cands, axis=1)
+      p_vlo, p_vhi = piece["vlo"][take], piece["vhi"][take]
+      c_vlo, c_vhi = np.empty_like(c_lo), np.empty_like(c_hi)
       for c in range(cands):
         ax = axes[:, c]
         cut = aligned_splits(grid, p_lo, p_hi, ax, mid[np.arange(m), ax])
-        c_hi[np.arange(m), c, ax] = cut.lower_hi
-        c_lo[np.arange(m), cands + c, ax] = cut.upper_lo
-        for half, value, caps in ((c, cut.lower_value, cut.lower_caps), (cands + c, cut.upper_value, ~cut.lower_caps)):
-          old_lo, old_hi = c_vlo[np.arange(m), half, ax], c_vhi[np.arange(m), half, ax]
-          c_vhi[np.arange(m), half, ax] = np.where(cut.usable & caps, np.minimum(old_hi, value), old_hi)
-          c_vlo[np.arange(m), half, ax] = np.where(cut.usable & ~caps, np.maximum(old_lo, value), old_lo)
+        for half, parts in zip((c, cands + c), cut.halves(p_lo, p_hi, p_vlo, p_vhi, ax)):
+          c_lo[:, half], c_hi[:, half], c_vlo[:, half], c_vhi[:, half] = parts
       c_cases = (c_vlo.reshape(-1, n), c_vhi.reshape(-1, n))
     c_lo, c_hi = c_lo.reshape(-1, n), c_hi.reshape(-1, n)
     reps = 2 * cands

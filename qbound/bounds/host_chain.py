@@ -353,6 +353,24 @@ class AlignedSplit(NamedTuple):
   lower_value: np.ndarray
   upper_value: np.ndarray
 
+  def halves(self, lo, hi, v_lo, v_hi, axes):
+    """The two halves of the pieces ``[lo, hi]`` with cases ``[v_lo, v_hi]`` (rows), split along
+    ``axes``: ``((lo, hi, v_lo, v_hi) of the lower halves, the same of the upper halves)``."""
+    rows = np.arange(len(axes))
+    out = []
+    for lower in (True, False):
+      h_lo, h_hi, c_lo, c_hi = lo.copy(), hi.copy(), v_lo.copy(), v_hi.copy()
+      if lower:
+        h_hi[rows, axes] = self.lower_hi
+      else:
+        h_lo[rows, axes] = self.upper_lo
+      value = self.lower_value if lower else self.upper_value
+      caps = self.lower_caps if lower else ~self.lower_caps
+      c_hi[rows, axes] = np.where(self.usable & caps, np.minimum(c_hi[rows, axes], value), c_hi[rows, axes])
+      c_lo[rows, axes] = np.where(self.usable & ~caps, np.maximum(c_lo[rows, axes], value), c_lo[rows, axes])
+      out.append((h_lo, h_hi, c_lo, c_hi))
+    return tuple(out)
+
 
 def aligned_splits(rounding: InputRounding, lo, hi, axes, mid) -> AlignedSplit:
   """Splits of the pieces (rows of ``lo``, ``hi``) along ``axes`` on the tie of f_q's input
