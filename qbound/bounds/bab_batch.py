@@ -54,6 +54,10 @@ ZONOTOPE_SPLIT = False
 # ACAS Xu vs float16: 0%.
 F_CROWN_WIDENING = 1.15
 
+# Pairs that really differ (f's own CROWN bounds kept) also bound the selected outputs of f and of
+# f_q by CROWN rows, met with the differential rows (sparse.diff_bounds_sparse's own_output_rows).
+OWN_OUTPUT_ROWS = True
+
 # Above this widening measured on the sparse bounds, f_q is taken as a copy that really differs
 # without measuring again on every neuron (see _batch_bounds).
 SPARSE_WIDENING_DOUBT = 2.0
@@ -116,7 +120,7 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
       k = len(nodes)
       known = tuple(node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
-                             prior=known, check=check)
+                             prior=known, check=check, own_output_rows=f_crown and OWN_OUTPUT_ROWS)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
     if zonotope:
