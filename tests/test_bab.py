@@ -276,3 +276,31 @@ def test_closing_the_gap_on_few_inputs_takes_larger_batches():
   assert values.max() <= gap.upper + 1e-9
   reached = np.abs(H.eval64(merged, gap.witness[None])).max()
   assert reached == pytest.approx(gap.lower, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(monkeypatch, seed):
+  """On nets above SMALL_NET_NEURONS (lowered here so a small net takes the path), a copy that
+  really differs is bounded without differential rows at the hidden layers and with its own output
+  rows (bab_batch.DIFFERING_HIDDEN_DIFF_ROWS, OWN_OUTPUT_ROWS): every batch after the root's takes
+  that path, and every stop is sound against the exact value (MILP)."""
+  from qbound.bounds import sparse
+
+  monkeypatch.setattr(bab, "SMALL_NET_NEURONS", 4)
+  calls = []
+  real = sparse.diff_bounds_sparse
+
+  def spy(*args, **kwargs):
+    calls.append((kwargs.get("own_output_rows"), kwargs.get("hidden_diff_rows")))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(bab_batch, "diff_bounds_sparse", spy)
+  f, fq, _, _ = H.random_pair(seed, H.SHAPES[1], noise=0.3, init_scale=2.0)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  exact = qb.exact.milp(f, fq, box, time_limit=60)
+  assert exact.optimal
+  for budget in (0.5, 3.0):
+    res = bab.branch_and_bound(merged, box, time_budget=budget, target_gap=0.01)
+    assert res.lower <= exact.upper + exact.tolerance and res.upper >= exact.value - exact.tolerance
+  assert (True, False) in calls and (True, True) in calls  # (the root's batch keeps the rows)

@@ -367,7 +367,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.
     return sharding.gather(batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
                                          dense=dense and not constrained, zonotope=zonotope,
-                                         check=not constrained, split_rule=split_rule, ties=ties))
+                                         check=not constrained, split_rule=split_rule, ties=ties,
+                                         hidden_diff_rows=small or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))

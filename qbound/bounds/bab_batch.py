@@ -55,8 +55,14 @@ ZONOTOPE_SPLIT = False
 F_CROWN_WIDENING = 1.15
 
 # Pairs that really differ (f's own CROWN bounds kept) also bound the selected outputs of f and of
-# f_q by CROWN rows, met with the differential rows (sparse.diff_bounds_sparse's own_output_rows).
+# f_q by CROWN rows, met with the differential rows (sparse.diff_bounds_sparse's own_output_rows),
+# and, on nets above bab.SMALL_NET_NEURONS, no differential rows at the hidden layers
+# (DIFFERING_HIDDEN_DIFF_ROWS False, batch_bounds' hidden_diff_rows): there the two networks' own
+# rows hold the bound, and without those rows a batch takes about 2/3 of the time (ACAS Xu pruned
+# pairs, docs/results/pruned-pairs.md#own-output-rows). The root's batch keeps them (the widening
+# that tells close copies from such pairs is measured on it).
 OWN_OUTPUT_ROWS = True
+DIFFERING_HIDDEN_DIFF_ROWS = False
 
 # Above this widening measured on the sparse bounds, f_q is taken as a copy that really differs
 # without measuring again on every neuron (see _batch_bounds).
@@ -70,7 +76,8 @@ WIDENING_AT_BATCH_SHAPE = True
 
 def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
-                  zonotope: bool = False, check: bool = True, split_rule: str = "bound", ties: bool = False):
+                  zonotope: bool = False, check: bool = True, split_rule: str = "bound", ties: bool = False,
+                  hidden_diff_rows: bool = True):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -97,6 +104,9 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
 
   ``ties`` (paired nets): the bounds passed on include f_q's dynamic roundings' values, which tie
   splits clamp (:mod:`qbound.bounds.tiesplit`).
+
+  ``hidden_diff_rows=False`` (pairs that really differ, sparse passes): no differential rows at the
+  activations' inputs, except in the ``widening`` batch (see ``DIFFERING_HIDDEN_DIFF_ROWS``).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -120,7 +130,8 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
       k = len(nodes)
       known = tuple(node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
-                             prior=known, check=check, own_output_rows=f_crown and OWN_OUTPUT_ROWS)
+                             prior=known, check=check, own_output_rows=f_crown and OWN_OUTPUT_ROWS,
+                             hidden_diff_rows=hidden_diff_rows or widening or not f_crown)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
     if zonotope:

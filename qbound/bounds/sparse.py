@@ -253,7 +253,7 @@ def output_scatter(bounds, outputs, low):
 def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, f_crown: bool = True,
                        prior: Optional[Sequence] = None, outputs: Optional[Sequence[int]] = None,
                        coefficients: bool = False, check: bool = True, every_neuron: bool = False,
-                       own_output_rows: bool = False) -> SparseDiff:
+                       own_output_rows: bool = False, hidden_diff_rows: bool = True) -> SparseDiff:
   """Differential bounds of two paired graphs over a batch of boxes, rows only where they matter.
 
   The same bounds as :func:`qbound.bounds.diff.diff_bounds` (``batched=True``) where they could
@@ -280,6 +280,10 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       differential ones through ``d = z - z_q``. Where f_q really differs from f, that is the
       tighter bound on many pieces (ACAS Xu pruned pairs, property 8: 17% below the interval
       bounds of ``z`` and ``z_q`` the output took without them; ``bab_batch.OWN_OUTPUT_ROWS``).
+    hidden_diff_rows: differential rows at the activations' inputs where the pair's lines are loose
+      (False: ``d`` there from its forward intervals met with ``z - z_q`` only; the output keeps its
+      rows). Pairs that really differ, whose own rows hold the bound, go faster without
+      (``bab_batch.DIFFERING_HIDDEN_DIFF_ROWS``).
   """
   nonlinear.require_none(fg, "differential bounds")
   n_nodes = len(fg.nodes)
@@ -339,7 +343,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       if prior is not None and late:
         zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
-      if i in exact_diff:
+      if i in exact_diff or not hidden_diff_rows:
         rows[i] = 0
       else:
         pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
