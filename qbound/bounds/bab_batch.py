@@ -54,13 +54,14 @@ ZONOTOPE_SPLIT = False
 # ACAS Xu vs float16: 0%.
 F_CROWN_WIDENING = 1.15
 
-# Pairs that really differ (f's own CROWN bounds kept) also bound the selected outputs of f and of
-# f_q by CROWN rows, met with the differential rows (sparse.diff_bounds_sparse's own_output_rows),
-# and, on nets above bab.SMALL_NET_NEURONS, no differential rows at the hidden layers
-# (DIFFERING_HIDDEN_DIFF_ROWS False, batch_bounds' hidden_diff_rows): there the two networks' own
-# rows hold the bound, and without those rows a batch takes about 2/3 of the time (ACAS Xu pruned
-# pairs, docs/results/pruned-pairs.md#own-output-rows). The root's batch keeps them (the widening
-# that tells close copies from such pairs is measured on it).
+# On nets above bab.SMALL_NET_NEURONS, pairs that really differ (f's own CROWN bounds kept) also
+# bound the selected outputs of f and of f_q by CROWN rows, met with the differential rows
+# (OWN_OUTPUT_ROWS; sparse.diff_bounds_sparse's own_output_rows), and take no differential rows at
+# the hidden layers (DIFFERING_HIDDEN_DIFF_ROWS False): there the two networks' own rows hold the
+# bound, and without those rows a batch takes about 2/3 of the time (ACAS Xu pruned pairs,
+# docs/results/pruned-pairs.md#own-output-rows; small nets were not measured and keep the rows
+# they had). The root's batch keeps the hidden rows (the widening that tells close copies from
+# such pairs is measured on it).
 OWN_OUTPUT_ROWS = True
 DIFFERING_HIDDEN_DIFF_ROWS = False
 
@@ -77,7 +78,7 @@ WIDENING_AT_BATCH_SHAPE = True
 def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
                   zonotope: bool = False, check: bool = True, split_rule: str = "bound", ties: bool = False,
-                  hidden_diff_rows: bool = True):
+                  own_output_rows: bool = False, hidden_diff_rows: bool = True):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -105,8 +106,9 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
   ``ties`` (paired nets): the bounds passed on include f_q's dynamic roundings' values, which tie
   splits clamp (:mod:`qbound.bounds.tiesplit`).
 
-  ``hidden_diff_rows=False`` (pairs that really differ, sparse passes): no differential rows at the
-  activations' inputs, except in the ``widening`` batch (see ``DIFFERING_HIDDEN_DIFF_ROWS``).
+  ``own_output_rows``, ``hidden_diff_rows=False`` (pairs that really differ, ``f_crown``, sparse
+  passes): CROWN rows at f's and f_q's outputs too; no differential rows at the activations' inputs
+  except in the ``widening`` batch (see ``OWN_OUTPUT_ROWS``, ``DIFFERING_HIDDEN_DIFF_ROWS``).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -130,7 +132,7 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
       k = len(nodes)
       known = tuple(node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
-                             prior=known, check=check, own_output_rows=f_crown and OWN_OUTPUT_ROWS,
+                             prior=known, check=check, own_output_rows=f_crown and own_output_rows,
                              hidden_diff_rows=hidden_diff_rows or widening or not f_crown)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
