@@ -278,8 +278,7 @@ def test_closing_the_gap_on_few_inputs_takes_larger_batches():
   assert reached == pytest.approx(gap.lower, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(monkeypatch, seed):
+def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(monkeypatch, seed=0):
   """On nets above SMALL_NET_NEURONS (lowered here so a small net takes the path), a copy that
   really differs is bounded without differential rows at the hidden layers and with its own output
   rows (bab_batch.DIFFERING_HIDDEN_DIFF_ROWS, OWN_OUTPUT_ROWS): every batch after the root's takes
@@ -300,7 +299,7 @@ def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(mon
   merged = qb.merge(f, fq, box)
   exact = qb.exact.milp(f, fq, box, time_limit=60)
   assert exact.optimal
-  for budget in (0.5, 3.0):
+  for budget in (0.3, 1.5):
     res = bab.branch_and_bound(merged, box, time_budget=budget, target_gap=0.01)
     assert res.lower <= exact.upper + exact.tolerance and res.upper >= exact.value - exact.tolerance
   assert (True, False) in calls and (True, True) in calls  # (the root's batch keeps the rows)
