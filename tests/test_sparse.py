@@ -206,3 +206,29 @@ def test_own_output_rows_are_sound_and_tighten_pairs_that_differ(seed):
   assert gain > 0
   np.testing.assert_array_less(np.asarray(with_rows.z[out][1])[:, 1], np.asarray(own_f[1])[:, 1] + 1e-5)
   np.testing.assert_array_less(np.asarray(own_f[0])[:, 1], np.asarray(with_rows.z[out][0])[:, 1] + 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounds_without_hidden_diff_rows_hold_at_every_node(seed):
+  """``hidden_diff_rows=False`` (``d`` at the activations' inputs from its forward intervals and
+  ``z - z_q`` only): every node's bounds of f, f_q and their difference hold at samples of each box
+  in float64, on a pair that really differs, with and without the own output rows."""
+  import helpers as H
+  import qbound as qb
+  from qbound.bounds import sparse
+
+  f, fq, _, _ = H.random_pair(seed, (3, (10, 10), 2), noise=0.5, init_scale=1.5)
+  boxes = [H.random_box(seed * 10 + k, 3, radius=(0.1, 1.0)) for k in range(3)]
+  batch = qb.Box(jnp.stack([b.lower for b in boxes]), jnp.stack([b.upper for b in boxes]))
+  merged = qb.merge(f, fq, boxes[0])
+  fg, qg = merged.f_graph, merged.fq_graph
+  for own in (False, True):
+    res = sparse.diff_bounds_sparse(fg, qg, batch, own_output_rows=own, hidden_diff_rows=False)
+    assert all(count == 0 for count in res.rows.values())
+    for k, b in enumerate(boxes):
+      xs = H.sample_points(b, 300, seed + k)
+      zf, zq = H.node_values64(fg, xs), H.node_values64(qg, xs)
+      for i in range(1, len(fg.nodes)):
+        for (lo, hi), value in ((res.z[i], zf[i]), (res.zq[i], zq[i]), (res.d[i], zf[i] - zq[i])):
+          lo, hi = np.asarray(lo, np.float64)[k], np.asarray(hi, np.float64)[k]
+          assert np.all(lo <= value) and np.all(value <= hi), (i, k, own)
