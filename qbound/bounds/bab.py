@@ -343,7 +343,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   elif zonotope:
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
-  # Pairs that really differ, on large nets: f's and f_q's own output rows, no hidden differential rows.
+  # Pairs that really differ, on large nets: f's and f_q's own output rows, no hidden differential rows
+  # (after the root's batch, which tells them from close copies: their first calls compile no more).
   differing_rows = (not small and bab_batch.OWN_OUTPUT_ROWS, small or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS)
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
@@ -363,8 +364,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     layout.update(sharding.layout(lo))
     if root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
-                                       zonotope=zonotope, split_rule=split_rule, ties=ties,
-                                       own_output_rows=differing_rows[0])
+                                       zonotope=zonotope, split_rule=split_rule, ties=ties)
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
     # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.

@@ -60,8 +60,9 @@ F_CROWN_WIDENING = 1.15
 # the hidden layers (DIFFERING_HIDDEN_DIFF_ROWS False): there the two networks' own rows hold the
 # bound, and without those rows a batch takes about 2/3 of the time (ACAS Xu pruned pairs,
 # docs/results/pruned-pairs.md#own-output-rows; small nets were not measured and keep the rows
-# they had). The root's batch keeps the hidden rows (the widening that tells close copies from
-# such pairs is measured on it).
+# they had). The root's batch keeps the hidden rows and takes no own output rows: the widening that
+# tells close copies from such pairs is measured on it, and close copies' first calls then compile
+# nothing more.
 OWN_OUTPUT_ROWS = True
 DIFFERING_HIDDEN_DIFF_ROWS = False
 
