@@ -172,6 +172,19 @@ def test_crown_sparse_known_bounds_met_after_the_rows_stay_sound(monkeypatch, af
     assert np.all(np.asarray(res[i][1]) <= np.asarray(known[i][1]))
 
 
+def _differing_pair_and_boxes(seed: int, count: int):
+  """A 3-10-10-2 pair that really differs (weights perturbed by half their scale), ``count`` random
+  boxes and the batch of them: ``(f's graph, f_q's graph, boxes, batch)``."""
+  import helpers as H
+  import qbound as qb
+
+  f, fq, _, _ = H.random_pair(seed, (3, (10, 10), 2), noise=0.5, init_scale=1.5)
+  boxes = [H.random_box(seed * 10 + k, 3, radius=(0.1, 1.0)) for k in range(count)]
+  batch = qb.Box(jnp.stack([b.lower for b in boxes]), jnp.stack([b.upper for b in boxes]))
+  merged = qb.merge(f, fq, boxes[0])
+  return merged.f_graph, merged.fq_graph, boxes, batch
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_own_output_rows_are_sound_and_tighten_pairs_that_differ(seed):
   """``own_output_rows``: f's and f_q's own CROWN rows at the selected outputs, met with the
@@ -180,14 +193,10 @@ def test_own_output_rows_are_sound_and_tighten_pairs_that_differ(seed):
   (the interval bounds of ``z`` and ``z_q`` it replaces are loose there), and f's output bounds are
   as tight as CROWN's own on f."""
   import helpers as H
-  import qbound as qb
   from qbound.bounds import sparse
 
-  f, fq, _, _ = H.random_pair(seed, (3, (10, 10), 2), noise=0.5, init_scale=1.5)
-  boxes = [H.random_box(seed * 10 + k, 3, radius=(0.1, 1.0)) for k in range(4)]
-  batch = qb.Box(jnp.stack([b.lower for b in boxes]), jnp.stack([b.upper for b in boxes]))
-  merged = qb.merge(f, fq, boxes[0])
-  fg, qg, out = merged.f_graph, merged.fq_graph, merged.f_graph.output
+  fg, qg, boxes, batch = _differing_pair_and_boxes(seed, 4)
+  out = fg.output
   without = sparse.diff_bounds_sparse(fg, qg, batch, outputs=[1])
   with_rows = sparse.diff_bounds_sparse(fg, qg, batch, outputs=[1], own_output_rows=True)
   own_f = sparse.crown_bounds_sparse(fg, batch, outputs=[1])[out]
@@ -214,14 +223,9 @@ def test_bounds_without_hidden_diff_rows_hold_at_every_node(seed):
   ``z - z_q`` only): every node's bounds of f, f_q and their difference hold at samples of each box
   in float64, on a pair that really differs, with and without the own output rows."""
   import helpers as H
-  import qbound as qb
   from qbound.bounds import sparse
 
-  f, fq, _, _ = H.random_pair(seed, (3, (10, 10), 2), noise=0.5, init_scale=1.5)
-  boxes = [H.random_box(seed * 10 + k, 3, radius=(0.1, 1.0)) for k in range(3)]
-  batch = qb.Box(jnp.stack([b.lower for b in boxes]), jnp.stack([b.upper for b in boxes]))
-  merged = qb.merge(f, fq, boxes[0])
-  fg, qg = merged.f_graph, merged.fq_graph
+  fg, qg, boxes, batch = _differing_pair_and_boxes(seed, 3)
   for own in (False, True):
     res = sparse.diff_bounds_sparse(fg, qg, batch, own_output_rows=own, hidden_diff_rows=False)
     assert all(count == 0 for count in res.rows.values())

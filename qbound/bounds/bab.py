@@ -343,9 +343,6 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   elif zonotope:
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
-  # Pairs that really differ, on large nets: f's and f_q's own output rows, no hidden differential rows
-  # (after the root's batch, which tells them from close copies: their first calls compile no more).
-  differing_rows = (not small and bab_batch.OWN_OUTPUT_ROWS, small or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS)
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
   # dynamic roundings' values (the second of the three groups z, z_q, d of bab_batch.kept_nodes).
@@ -367,11 +364,16 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                        zonotope=zonotope, split_rule=split_rule, ties=ties)
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
+    # A large net's copy that really differs (known from the root's batch on, which is bounded as
+    # for any pair: close copies' first calls compile nothing more): f's and f_q's own output rows,
+    # no hidden differential rows (bab_batch.OWN_OUTPUT_ROWS, DIFFERING_HIDDEN_DIFF_ROWS).
+    differs = f_crown and not small
     # ReLU-split sub-problems live in their bounds (the dense passes ignore a parent's), and may be empty.
     return sharding.gather(batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, f_crown, prior=prior,
                                          dense=dense and not constrained, zonotope=zonotope,
                                          check=not constrained, split_rule=split_rule, ties=ties,
-                                         own_output_rows=differing_rows[0], hidden_diff_rows=differing_rows[1]))
+                                         own_output_rows=differs and bab_batch.OWN_OUTPUT_ROWS,
+                                         hidden_diff_rows=not differs or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))

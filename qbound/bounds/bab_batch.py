@@ -107,9 +107,10 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
   ``ties`` (paired nets): the bounds passed on include f_q's dynamic roundings' values, which tie
   splits clamp (:mod:`qbound.bounds.tiesplit`).
 
-  ``own_output_rows``, ``hidden_diff_rows=False`` (pairs that really differ, ``f_crown``, sparse
-  passes): CROWN rows at f's and f_q's outputs too; no differential rows at the activations' inputs
-  except in the ``widening`` batch (see ``OWN_OUTPUT_ROWS``, ``DIFFERING_HIDDEN_DIFF_ROWS``).
+  ``own_output_rows``, ``hidden_diff_rows=False`` (paired nets, sparse passes; branch and bound
+  asks for them on large nets' copies that really differ, see ``OWN_OUTPUT_ROWS`` and
+  ``DIFFERING_HIDDEN_DIFF_ROWS``): CROWN rows at f's and f_q's outputs too; no differential rows at
+  the activations' inputs.
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -133,8 +134,8 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
       k = len(nodes)
       known = tuple(node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
-                             prior=known, check=check, own_output_rows=f_crown and own_output_rows,
-                             hidden_diff_rows=hidden_diff_rows or widening or not f_crown)
+                             prior=known, check=check, own_output_rows=own_output_rows,
+                             hidden_diff_rows=hidden_diff_rows)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
     if zonotope:

@@ -357,17 +357,17 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     elif i == out_idx:
       shape = tuple(nf.shape)
       out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
+      selected = jnp.asarray(outputs)
       if own_output_rows:
         low_q = backward_lower(qg, i, out_rows, zq + [qi], box, sound=sound, batched=True,
                                lines={k: v[1] for k, v in lines.items()})
-        qi = output_scatter(qi, jnp.asarray(outputs), low_q)
-        zi = output_scatter(zi, jnp.asarray(outputs), backward_lower(fg, i, out_rows, z + [zi], box, sound=sound,
-                                                                     batched=True))
+        qi = output_scatter(qi, selected, low_q)
+        zi = output_scatter(zi, selected, backward_lower(fg, i, out_rows, z + [zi], box, sound=sound, batched=True))
       low = diff_backward_lower(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound, batched=True,
                                 with_coefficients=coefficients, lines=lines)
       if coefficients:
         low, coef = low
-      di = output_scatter(di, jnp.asarray(outputs), low)
+      di = output_scatter(di, selected, low)
       zi, qi, di = _tighten(zi, qi, di, sound)
     z.append(zi)
     zq.append(qi)
