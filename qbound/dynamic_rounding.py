@@ -249,10 +249,14 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   q = spec.divisor
   m_lo, m_hi, parts = _span(spec, lo, hi, axes)
   if spec.zero_point is None:
-    zero, zero_known, zero_steps = 0.0, True, 0.0
+    zeros, zero_steps = (0.0,), 0.0
+    zero_known = True
   else:
     # The zero point is z = round(offset - span min(min t, 0) / m), constant where its argument
-    # stays inside one step.
+    # stays inside one step. Rounding is monotone, so z lies in [round(arg_lo), round(arg_hi)]:
+    # where that is two integers (a piece across the tie, as every piece is near inputs whose
+    # largest and smallest entries are opposite, max t = -min t for int8's offset -128 and span 255),
+    # each entry is bounded in both cases and its value is known where both cases pin it.
     offset, span = spec.zero_point
     top_lo, top_hi, neg_lo, neg_hi = parts
     share_lo = xp.where(neg_lo > 0, neg_lo / xp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
@@ -261,6 +265,8 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
     arg_lo, arg_hi = offset + span * share_lo - arg_slack, offset + span * share_hi + arg_slack
     zero = xp.round(arg_lo)
     zero_known = (arg_lo > zero - 0.5) & (arg_hi < zero + 0.5)
+    zero_two = ~zero_known & (xp.round(arg_hi) <= zero + 1)
+    zeros = (zero, zero + 1)
     # |z - arg| <= 1/2 and arg in [offset, offset + span]: x / s + z stays within
     # [offset - max(Q - span, 0) - 1/2, offset + max(Q, span) + 1/2] (Q = divisor), so a clip to
     # [low, high] costs at most this many steps more than the rounding's 1/2:
@@ -269,30 +275,50 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
   safe_lo = xp.where(m_lo > 0, m_lo, 1.0)
   u_lo = xp.where(m_lo > 0, q * xp.minimum(lo / safe_lo, lo / m_hi), xp.where(lo >= 0, 0.0, -q))
   u_hi = xp.where(m_lo > 0, q * xp.maximum(hi / safe_lo, hi / m_hi), xp.where(hi <= 0, 0.0, q))
-  u_lo = xp.maximum(u_lo - xp.abs(u_lo) * _REL, -q * (1 + _REL)) + zero
-  u_hi = xp.minimum(u_hi + xp.abs(u_hi) * _REL, q * (1 + _REL)) + zero
-  # Each entry's error, in steps: 1/2, or where it may saturate, how far past the clip it reaches.
-  if spec.zero_point is None:
-    band = xp.maximum(0.5, xp.maximum(u_hi - spec.high, spec.low - u_lo))
-  else:
-    band = xp.where(zero_known, xp.maximum(0.5, xp.maximum(u_hi - spec.high, spec.low - u_lo)), 0.5 + zero_steps)
+  u_lo = xp.maximum(u_lo - xp.abs(u_lo) * _REL, -q * (1 + _REL))
+  u_hi = xp.minimum(u_hi + xp.abs(u_hi) * _REL, q * (1 + _REL))
+  # Per zero point case: each entry's error in steps (1/2, or where it may saturate, how far past
+  # the clip it reaches), whether the case pins its step, and that step's value k (v = k s).
+  cases = [_zero_case(spec, u_lo + z, u_hi + z, z) for z in zeros]
+  band, pinned, k = cases[0]
+  if spec.zero_point is not None:
+    band_two, pinned_two = xp.maximum(band, cases[1][0]), pinned & cases[1][1]
+    band = xp.where(zero_known, band, xp.where(zero_two, band_two, 0.5 + zero_steps))
     band = xp.minimum(band, 0.5 + zero_steps) + (abs(spec.zero_point[0]) + q + spec.zero_point[1] + 1) * _REL
+    pinned = xp.where(zero_known, pinned, zero_two & pinned_two)
   half = m_hi * ((band / q) * (1 + _REL) + _REL)
   guard_may_fire = _guard_may_fire(spec, m_lo)
   if spec.guard is not None and spec.guard[0] != "eq":
     # where the guard fires, q = 0 and the error is |t| <= m < Q cut
     half = xp.maximum(half, xp.minimum(m_hi, q * spec.guard[1] * (1 + _REL)))
-  k = xp.clip(xp.round(u_lo), spec.low, spec.high)
-  one_step = (u_lo > k - 0.5) & (u_hi < k + 0.5)  # strictly inside one step: no tie either way
-  at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
-  at_low = u_hi < spec.low + 0.5
-  k = xp.where(at_high, spec.high, xp.where(at_low, spec.low, k)) - zero
-  flat = (one_step | at_high | at_low) & (m_lo > 0) & ~guard_may_fire & zero_known
-  ends = (k * (m_lo / q) * (1 - _REL), k * (m_hi / q) * (1 + _REL))
-  v_lo = xp.where(k >= 0, ends[0], ends[1])
-  v_hi = xp.where(k >= 0, ends[1], ends[0])
+  flat = pinned & (m_lo > 0) & ~guard_may_fire
+  v_lo, v_hi = _step_values(k, m_lo, m_hi, q, xp)
+  if spec.zero_point is not None:  # across the tie: both cases' values
+    two_lo, two_hi = _step_values(cases[1][2], m_lo, m_hi, q, xp)
+    v_lo = xp.where(zero_known, v_lo, xp.minimum(v_lo, two_lo))
+    v_hi = xp.where(zero_known, v_hi, xp.maximum(v_hi, two_hi))
   shape = xp.shape(lo)
   return (xp.broadcast_to(half, shape), flat, xp.where(flat, v_lo, 0.0), xp.where(flat, v_hi, 0.0))
+
+
+def _zero_case(spec: DynamicScale, u_lo, u_hi, zero):
+  """``(band, pinned, k)`` for the quotient plus zero point ``x / s + z`` in ``[u_lo, u_hi]``:
+  each entry's error in steps (1/2, or how far past a clip it reaches), whether the rounding and
+  clip give it one integer ``c`` over the whole range, and ``k = c - z`` there (``v = k s``)."""
+  xp = namespace(u_lo, u_hi)
+  band = xp.maximum(0.5, xp.maximum(u_hi - spec.high, spec.low - u_lo))
+  c = xp.clip(xp.round(u_lo), spec.low, spec.high)
+  one_step = (u_lo > c - 0.5) & (u_hi < c + 0.5)  # strictly inside one step: no tie either way
+  at_high = u_lo > spec.high - 0.5  # every value rounds to high or above, and saturates there
+  at_low = u_hi < spec.low + 0.5
+  c = xp.where(at_high, spec.high, xp.where(at_low, spec.low, c))
+  return band, one_step | at_high | at_low, c - zero
+
+
+def _step_values(k, m_lo, m_hi, q, xp):
+  """Bounds of ``v = k m / Q`` for ``m`` in ``[m_lo, m_hi]``, widened by ``_REL``."""
+  ends = (k * (m_lo / q) * (1 - _REL), k * (m_hi / q) * (1 + _REL))
+  return xp.where(k >= 0, ends[0], ends[1]), xp.where(k >= 0, ends[1], ends[0])
 
 
 def value_range(spec: DynamicScale, lo, hi, ndim: int, value):

@@ -44,9 +44,11 @@ def readme():
   f = functools.partial(model.apply, params)
   fq = functools.partial(model.apply, qparams)
   box = qb.Box(lower=-jnp.ones(5), upper=jnp.ones(5))
-  # The README's call, with room for a cold compile on a loaded machine (it stops at the target gap):
-  # with the default 10 s the deadline could come before the search that the sampling test relies on.
-  cert = qb.certify(f, fq, box, time_budget=25)
+  # The README's call, with room for a cold compile on a loaded machine: with the default 10 s the
+  # deadline could come before the search that the sampling test relies on. It runs to its deadline
+  # (this random net's gap is 1.9 after 25 s, 2.3 after 10 s; the search's error is the same in all),
+  # so the budget is what this fixture costs the suite.
+  cert = qb.certify(f, fq, box, time_budget=15)
   return f, fq, params, qparams, box, cert
 
 

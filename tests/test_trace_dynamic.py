@@ -75,6 +75,31 @@ def test_bounds_hold_in_random_boxes(seed, spec, shape):
   _check_bounds(spec, lo, hi, rng, samples=50)
 
 
+@pytest.mark.parametrize("spec", [SPECS[5], SPECS[6]], ids=["minmax int8", "minmax,0.8 int4"])
+def test_boxes_across_the_zero_points_tie_are_sound_and_pin_the_steps_both_cases_agree_on(spec):
+  """Where a box holds inputs whose zero points differ by one (their largest and smallest entries
+  nearly opposite: qwix's minmax at int8 puts the tie at max t = -min t), each entry is bounded in
+  both cases: sound at samples of the box (with both zero points among them), and the entries that
+  both cases pin (none before) are pinned."""
+  spec = DR.DynamicScale(spec.divisor, spec.low, spec.high, spec.rounding, spec.guard, (-1,), spec.zero_point)
+  rng = np.random.default_rng(0)
+  offset, span = spec.zero_point
+  # The tie: offset + span * share = an integer + 1/2, share = -min / (max - min), max = 1.
+  tie = (np.floor(offset + span / 2) + 0.5 - offset) / span
+  lowest = -tie / (1 - tie)
+  centre = np.stack([np.ones(64), rng.uniform(-0.9, 0.9, 64), np.full(64, lowest), rng.uniform(lowest, 0.9, 64)], 1)
+  width = rng.choice([1e-6, 1e-5, 1e-4], size=(64, 1)) * np.ones(4)
+  lo, hi = (centre - width).astype(np.float32), (centre + width).astype(np.float32)
+  flat = _check_bounds(spec, lo, hi, rng, samples=200)
+  xs = lo[:, None] + rng.uniform(size=(64, 200, 4)).astype(np.float32) * (hi - lo)[:, None]
+  c = span / spec.divisor
+  low, high = np.minimum(xs.min(-1), 0) * c, np.maximum(xs.max(-1), 0) * c
+  zeros = np.round(offset - low / ((high - low) / span))
+  across = zeros.max(1) > zeros.min(1)
+  assert across.sum() >= 16  # the boxes do hold both zero points
+  assert flat[across].any()  # ... and entries both cases pin are known there
+
+
 def _fq(w1, b1, w2):
   def quantized_dense(x, w):
     s = jnp.max(jnp.abs(x)) / 127.5
