@@ -31,7 +31,7 @@ import functools
 import os
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -387,7 +387,7 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
   validate.function("fn", fn)
   box = validate_box(box)
   key = validate.prng_key("key", key)
-  search = validate.search_settings(search)
+  search = check_search(search)
   validate.mesh_or_devices(mesh, None)
   key = jax.random.key(0) if key is None else key
   search = search or Search()
@@ -415,6 +415,15 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
 
 
 # --- projected gradient ascent on many pieces at once, one objective per output and sign -----------
+
+
+def check_search(value: Any):
+  """None or a :class:`qbound.attack.Search` (whose fields check themselves)."""
+  if value is not None and not isinstance(value, Search):
+    raise TypeError(f"search must be None or a qbound.Search(samples=..., restarts=..., steps=..., "
+                    f"learning_rate=...); got {type(value).__name__} {validate.shown(value)}.")
+  return value
+
 
 @dataclasses.dataclass(frozen=True)
 class PieceSearch:

@@ -37,7 +37,7 @@ from qbound.bounds.interval import interval_bounds
 from qbound.box import Box, box_at, validate_boxes
 from qbound.certificate import Certificate, max_abs
 from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError
-from qbound.merge import MergedNetwork, merge
+from qbound.merge import MergedNetwork, check_networks, merge
 
 BATCH_METHODS = ("interval", "crown", "diff", "diff-interval", "alpha")
 # What each field of a BatchCertificate holds, for reading it back (qbound.serialize).
@@ -357,11 +357,11 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
     raise ValueError(f"unknown method {method!r}; certify_batch takes one of {', '.join(BATCH_METHODS)}.")
   _map_limit.release_if_near_limit()  # (before this call compiles anything)
   # Every other argument is checked before tracing or compiling anything (qbound.validate).
-  validate.networks(f, fq)
+  check_networks(f, fq)
   validate.mesh_or_devices(mesh, devices)
   key = validate.prng_key("key", key)
   sound = validate.boolean("sound", sound)
-  search = validate.search_settings(search)
+  search = attack.check_search(search)
   outputs = validate.output_indices("outputs", outputs)
   alpha_steps = validate.integer("alpha_steps", alpha_steps, minimum=0)
   if memory_budget is not None:

@@ -34,7 +34,7 @@ from qbound.box import Box, validate_box
 from qbound.certificate import Certificate
 from qbound.certify_host import HostSearch, host_chain_for
 from qbound.errors import BoundOverflowError, SoundnessError, UnboundedLayerError
-from qbound.merge import MergedNetwork, merge
+from qbound.merge import MergedNetwork, check_networks, merge
 
 # Inputs of at most this many entries count as low-dimensional: auto branches on the input first.
 LOW_DIMENSIONAL_INPUTS = 8
@@ -231,11 +231,11 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   start = time.perf_counter()
   # Every argument is checked before tracing or compiling anything (qbound.validate).
   validate.choice("method", method, METHODS)
-  validate.networks(f, fq)
+  check_networks(f, fq)
   key = validate.prng_key("key", key)
   sound = validate.boolean("sound", sound)
   progress = validate.optional_boolean("progress", progress)
-  search = validate.search_settings(search)
+  search = attack.check_search(search)
   time_budget = validate.seconds("time_budget", time_budget)
   target_gap = validate.non_negative("target_gap", target_gap)
   epsilon = validate.optional_non_negative("epsilon", epsilon)

@@ -17,7 +17,7 @@ the two have the same structure (what the differential bounds need).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ import numpy as np
 
 from qbound import graph as G
 from qbound import validate
+from qbound.box import Box
 from qbound.trace import trace
 from qbound.trace.scaled import ScaledOp, fuse_scales, scaled_like
 
@@ -340,6 +341,32 @@ def _dense_chain(graph: G.Graph) -> list[tuple[np.ndarray, np.ndarray, str]]:
   return layers
 
 
+def check_networks(f: Any, fq: Any) -> None:
+  """``f`` and ``fq`` two functions, or ``f`` a :class:`~qbound.merge.MergedNetwork` and ``fq`` None."""
+  if isinstance(f, MergedNetwork):
+    if fq is not None:
+      raise ValueError("pass either a MergedNetwork with fq=None, or two functions f and fq.")
+    return
+  validate.function("f", f)
+  if fq is None:
+    raise TypeError("fq is None: pass the compressed network fq as well (or a qbound.MergedNetwork as f, "
+                    "from qbound.merge(f, fq, box)).")
+  validate.function("fq", fq)
+
+
+def check_example(name: str, value: Any) -> None:
+  """An input fixing the shape and dtype: an array of numbers, a ``jax.ShapeDtypeStruct`` or a Box."""
+  if isinstance(value, (Box, jax.ShapeDtypeStruct)):
+    return
+  accepted = "an input (an array of numbers), a jax.ShapeDtypeStruct or a qbound.Box fixing the input shape"
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {validate.shown(value)}.")
+  dtype = validate.dtype_of(value)
+  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) or jax.dtypes.issubdtype(
+      dtype, jax.numpy.floating)):
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} of dtype {dtype}.")
+
+
 def merge_graphs(f_graph: G.Graph, fq_graph: G.Graph) -> MergedNetwork:
   """Merges two traced graphs with the same input shape into ``g = f - f_q``."""
   if f_graph.input_shape != fq_graph.input_shape:
@@ -394,7 +421,7 @@ def merge(f: Callable, fq: Callable, example) -> MergedNetwork:
   """
   validate.function("f", f)
   validate.function("fq", fq)
-  validate.example("example", example)
+  check_example("example", example)
   f_graph = trace(f, example, label="f")
   fq_graph = trace(fq, example, label="fq")
   G.check_finite(f_graph, label="f")

@@ -11,6 +11,10 @@ for time).
 Each check raises :class:`TypeError` for a value of the wrong kind and :class:`ValueError` for one
 out of range, with a message of the form ``"<name> must be <what is accepted>; got <value>."``,
 and returns the value in a normal form (a Python ``float``, ``int`` or ``bool``, an index array).
+The checks of qbound's own types live beside them and word their messages with these
+(:func:`qbound.merge.check_networks`, :func:`qbound.merge.check_example`,
+:func:`qbound.attack.check_search`, :func:`qbound.bounds.arguments.branch_and_bound_args`): this
+module imports no other qbound module.
 
 Example:
   >>> from qbound import validate
@@ -35,7 +39,7 @@ import numpy as np
 # ------------------------------------------------------------------------------------------ numbers
 
 
-def _show(value: Any) -> str:
+def shown(value: Any) -> str:
   """The value as a message quotes it: short, with its type when that is the problem."""
   text = repr(value)
   return text if len(text) <= 80 else text[:77] + "..."
@@ -45,7 +49,7 @@ def _real(name: str, value: Any, accepted: str) -> float:
   """``value`` as a float, or a TypeError: Python and numpy numbers and 0-d arrays, never bools."""
   # bool is an int in Python: time_budget=True or epsilon=False is a slip, not a number.
   if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, (str, bytes)):
-    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {shown(value)}.")
   if isinstance(value, numbers.Real):
     return float(value)
   try:
@@ -55,7 +59,7 @@ def _real(name: str, value: Any, accepted: str) -> float:
   if array is None or array.shape != () or not (np.issubdtype(array.dtype, np.integer)
                                                 or np.issubdtype(array.dtype, np.floating)):
     shape = "" if array is None or array.shape == () else f" of shape {array.shape}"
-    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__}{shape} {_show(value)}.")
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__}{shape} {shown(value)}.")
   return float(array)
 
 
@@ -90,7 +94,7 @@ def number(name: str, value: Any, *, minimum: Optional[float] = None, strict: bo
   if math.isinf(result) and not (allow_inf and result > 0):
     raise ValueError(f"{name} must be {accepted}; got {result}.")
   if minimum is not None and (result < minimum or (strict and result == minimum)):
-    raise ValueError(f"{name} must be {accepted}; got {_show(value)}.")
+    raise ValueError(f"{name} must be {accepted}; got {shown(value)}.")
   return result
 
 
@@ -146,7 +150,7 @@ def integer(name: str, value: Any, *, minimum: Optional[int] = None, accepted: O
   """
   accepted = accepted or ("an integer" if minimum is None else f"an integer >= {minimum}")
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
+    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {shown(value)}.")
   result = int(value)
   if minimum is not None and result < minimum:
     raise ValueError(f"{name} must be {accepted}; got {result}.")
@@ -163,7 +167,7 @@ def boolean(name: str, value: Any) -> bool:
     TypeError: sound must be True or False; got str 'no'.
   """
   if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be True or False; got {type(value).__name__} {_show(value)}.")
+    raise TypeError(f"{name} must be True or False; got {type(value).__name__} {shown(value)}.")
   return bool(value)
 
 
@@ -175,7 +179,7 @@ def optional_boolean(name: str, value: Any) -> Optional[bool]:
 def choice(name: str, value: Any, choices: Sequence[str]) -> str:
   """One of ``choices`` (strings)."""
   if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"unknown {name} {_show(value)}; choose one of {', '.join(choices)}.")
+    raise ValueError(f"unknown {name} {shown(value)}; choose one of {', '.join(choices)}.")
   return value
 
 
@@ -222,30 +226,15 @@ def prng_key(name: str, key: Any):
       return key
     raise TypeError(f"{name} must be {accepted}; got an array of dtype {np.dtype(dtype).name} and shape "
                     f"{tuple(key.shape)}.")
-  raise TypeError(f"{name} must be {accepted}; got {type(key).__name__} {_show(key)}{hint}.")
+  raise TypeError(f"{name} must be {accepted}; got {type(key).__name__} {shown(key)}{hint}.")
 
 
 def function(name: str, fn: Any) -> Callable:
   """A callable (a network: a pure function of one input, a traced Graph, a MergedNetwork)."""
   if not callable(fn):
     raise TypeError(f"{name} must be a function of one input (e.g. functools.partial(model.apply, params)); "
-                    f"got {type(fn).__name__} {_show(fn)}.")
+                    f"got {type(fn).__name__} {shown(fn)}.")
   return fn
-
-
-def networks(f: Any, fq: Any) -> None:
-  """``f`` and ``fq`` two functions, or ``f`` a :class:`~qbound.merge.MergedNetwork` and ``fq`` None."""
-  from qbound.merge import MergedNetwork
-
-  if isinstance(f, MergedNetwork):
-    if fq is not None:
-      raise ValueError("pass either a MergedNetwork with fq=None, or two functions f and fq.")
-    return
-  function("f", f)
-  if fq is None:
-    raise TypeError("fq is None: pass the compressed network fq as well (or a qbound.MergedNetwork as f, "
-                    "from qbound.merge(f, fq, box)).")
-  function("fq", fq)
 
 
 def dtype_of(value: Any) -> np.dtype:
@@ -268,29 +257,6 @@ def is_number(token: str) -> bool:
   return True
 
 
-def example(name: str, value: Any) -> None:
-  """An input fixing the shape and dtype: an array of numbers, a ``jax.ShapeDtypeStruct`` or a Box."""
-  from qbound.box import Box
-
-  if isinstance(value, (Box, jax.ShapeDtypeStruct)):
-    return
-  accepted = "an input (an array of numbers), a jax.ShapeDtypeStruct or a qbound.Box fixing the input shape"
-  if value is None or isinstance(value, (str, bytes)):
-    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {_show(value)}.")
-  dtype = dtype_of(value)
-  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) or jax.dtypes.issubdtype(
-      dtype, jax.numpy.floating)):
-    raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} of dtype {dtype}.")
-
-
-def search_settings(value: Any):
-  """None or a :class:`qbound.attack.Search` (whose fields check themselves)."""
-  from qbound.attack import Search
-
-  if value is not None and not isinstance(value, Search):
-    raise TypeError(f"search must be None or a qbound.Search(samples=..., restarts=..., steps=..., "
-                    f"learning_rate=...); got {type(value).__name__} {_show(value)}.")
-  return value
 
 
 def output_indices(name: str, outputs: Any, n_out: Optional[int] = None) -> Optional[np.ndarray]:
@@ -313,13 +279,13 @@ def output_indices(name: str, outputs: Any, n_out: Optional[int] = None) -> Opti
     return None
   accepted = "None, a flat output index or a sequence of them (integers)"
   if isinstance(outputs, (str, bytes, bool, np.bool_)):
-    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.")
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {shown(outputs)}.")
   try:
     array = np.asarray(outputs)
   except Exception:
-    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.") from None
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {shown(outputs)}.") from None
   if array.size and not np.issubdtype(array.dtype, np.integer):
-    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {_show(outputs)}.")
+    raise TypeError(f"{name} must be {accepted}; got {type(outputs).__name__} {shown(outputs)}.")
   array = array.astype(np.int64).reshape(-1)
   if array.size == 0:
     raise ValueError(f"{name} is empty; give at least one output index, or None for all outputs.")
@@ -338,54 +304,11 @@ def mesh_or_devices(mesh: Any, devices: Any) -> None:
     return
   if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence) or not devices:
     raise TypeError(f"devices must be None or a non-empty list of JAX devices (e.g. jax.devices()[:2]); "
-                    f"got {_show(devices)}.")
+                    f"got {shown(devices)}.")
   for device in devices:
     if not isinstance(device, jax.Device):
       raise TypeError(f"devices must hold JAX devices (from jax.devices()); got {type(device).__name__} "
-                      f"{_show(device)}.")
-
-
-# --------------------------------------------------------------------------------- public entry points
-
-
-def branch_and_bound_args(merged, box, *, outputs=None, time_budget=10.0, target_gap=0.05, epsilon=None,
-                          batch_size=None, max_pieces=1_000_000, initial_lower=0.0, initial_witness=None,
-                          sound=True, strong_branching_dims=8, mesh=None, progress=False):
-  """Checks every argument of :func:`qbound.bounds.branch_and_bound`; returns the box, validated.
-
-  Meant as the first line of ``branch_and_bound`` (``box = validate.branch_and_bound_args(merged, box,
-  outputs=outputs, ...)``), with the same defaults, so that it refuses what it cannot use before
-  compiling anything.
-  """
-  from qbound.box import validate_box
-  from qbound.merge import MergedNetwork
-
-  if not isinstance(merged, MergedNetwork):
-    raise TypeError(f"merged must be a qbound.MergedNetwork, from qbound.merge(f, fq, box); got "
-                    f"{type(merged).__name__}.")
-  box = validate_box(box)
-  if tuple(box.shape) != tuple(merged.input_shape):
-    raise ValueError(f"box has shape {box.shape} but the network's input has shape {tuple(merged.input_shape)}.")
-  output_indices("outputs", outputs, int(np.prod(merged.output_shape)))
-  # 0 is allowed here (bound the root piece only); the public entry points ask for > 0.
-  number("time_budget", time_budget, minimum=0.0, allow_inf=True,
-         accepted="a number of seconds >= 0 (math.inf for no limit)")
-  optional_boolean("progress", progress)
-  non_negative("target_gap", target_gap)
-  optional_non_negative("epsilon", epsilon)
-  if batch_size is not None:
-    integer("batch_size", batch_size, minimum=1, accepted="None or an integer >= 1")
-  integer("max_pieces", max_pieces, minimum=1)
-  non_negative("initial_lower", initial_lower)
-  if initial_witness is not None:
-    witness = np.asarray(initial_witness)
-    if witness.shape != tuple(box.shape) or not np.issubdtype(witness.dtype, np.number):
-      raise ValueError(f"initial_witness must be None or an input of the box's shape {box.shape}; got an array of "
-                       f"shape {witness.shape} and dtype {witness.dtype}.")
-  boolean("sound", sound)
-  integer("strong_branching_dims", strong_branching_dims, minimum=0)
-  mesh_or_devices(mesh, None)
-  return box
+                      f"{shown(device)}.")
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -16,6 +16,7 @@ import pytest
 
 import qbound as qb
 from qbound import validate
+from qbound.bounds.arguments import branch_and_bound_args
 
 NAN = float("nan")
 
@@ -193,13 +194,13 @@ def test_milp_refuses(pair):
 
 
 def test_branch_and_bound_arguments(pair):
-  """qb.bounds.branch_and_bound's arguments, through validate.branch_and_bound_args (the check it is
+  """qb.bounds.branch_and_bound's arguments, through branch_and_bound_args (the check it is
   meant to call first; qbound/bounds/ is another change's, so the hook is left to it)."""
   f, fq, box = pair
   merged = qb.merge(f, fq, box)
-  check = lambda **kw: validate.branch_and_bound_args(merged, kw.pop("box", box), **kw)
+  check = lambda **kw: branch_and_bound_args(merged, kw.pop("box", box), **kw)
   assert check().shape == (2,)
-  refused(lambda: validate.branch_and_bound_args(f, box), TypeError, "merged must be a qbound.MergedNetwork")
+  refused(lambda: branch_and_bound_args(f, box), TypeError, "merged must be a qbound.MergedNetwork")
   refused(lambda: check(box=qb.Box(jnp.zeros(3), jnp.ones(3))), ValueError, "box has shape (3,)", "(2,)")
   refused(lambda: check(box=qb.Box(jnp.ones(2), jnp.zeros(2))), ValueError, "box is empty")
   refused(lambda: check(time_budget=NAN), ValueError, "time_budget", "nan")

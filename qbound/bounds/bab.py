@@ -47,12 +47,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qbound import graph as G
-from qbound import sharding, validate
+from qbound import sharding
 from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import (candidate_axes, resolve_split_rule, split_at, split_scores,
                                      strong_branching_axis)
 from qbound.bounds import bab_batch
+from qbound.bounds.arguments import branch_and_bound_args
 from qbound.bounds.bab_batch import batch_bounds
 from qbound.bounds import zonotope as zonotope_domain
 from qbound.box import Box
@@ -320,7 +321,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     True
   """
   start = time.perf_counter()
-  box = validate.branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
+  box = branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
                                        epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
                                        initial_lower=initial_lower, initial_witness=initial_witness, sound=sound,
                                        strong_branching_dims=strong_branching_dims, mesh=mesh,

@@ -65,8 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
-from qbound import validate
 from qbound.bounds import guards
+from qbound.bounds.arguments import branch_and_bound_args
 from qbound.bounds.probe import probe_piece
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower
@@ -418,7 +418,7 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
   from qbound.bounds.bab import BabResult
 
   start = time.perf_counter()
-  box = validate.branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
+  box = branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
                                        epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
                                        initial_lower=initial_lower, initial_witness=initial_witness, sound=sound)
   domain = DOMAIN if domain is None else domain

@@ -13,7 +13,7 @@ import numpy as np
 from qbound import validate
 from qbound.box import Box, validate_box
 from qbound.certify import Certificate, certify
-from qbound.merge import merge
+from qbound.merge import check_networks, merge
 from qbound.props import engine
 from qbound.props.spec import DeltaTop1, MaxError, RelativeError, Top1, Unsafe
 
@@ -130,7 +130,7 @@ def verify(f: Callable, fq: Callable, box: Box, prop, *, time_budget: float = 10
   """
   start = time.perf_counter()
   _check_property(prop)
-  validate.networks(f, fq)
+  check_networks(f, fq)
   key = validate.prng_key("key", key)
   if key is None:
     key = jax.random.key(0)
