@@ -207,7 +207,7 @@ def test_widening_measured_at_the_batch_shape_is_the_same(monkeypatch):
 def _saturating_bab(box, sound, batches, seed=0):
   """bab.SATURATING_CANDIDATES on the deep rms,3 net over ``box``: the candidate counts strong
   branching used, and whether the bound holds against float32 and float64 sampling."""
-  from qbound.bounds import bab, splitting
+  from qbound.bounds import bab, bab_children, splitting
 
   f, fq = _deep_rms_mlp()
   merged = qb.merge(f, fq, box)
@@ -219,13 +219,13 @@ def _saturating_bab(box, sound, batches, seed=0):
     counts.append(count)
     return original(width, coefficients, count)
 
-  bab.candidate_axes = recorded
+  bab_children.candidate_axes = recorded
   try:
     # A fixed number of batches whatever the time (a first call compiles for seconds).
     res = bab.branch_and_bound(merged, box, time_budget=float("inf"), target_gap=0.0, batch_size=16, sound=sound,
                                search=False, stop=lambda: len(counts) >= batches)
   finally:
-    bab.candidate_axes = original
+    bab_children.candidate_axes = original
   rng = np.random.default_rng(seed)
   xs = _samples(rng, np.asarray(box.lower)[None], np.asarray(box.upper)[None], 2000)[0]
   err32 = np.abs(np.asarray(jax.vmap(f)(jnp.asarray(xs)) - jax.vmap(fq)(jnp.asarray(xs)), np.float64)).max()

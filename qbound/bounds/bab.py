@@ -50,9 +50,8 @@ from qbound import graph as G
 from qbound import sharding
 from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
-from qbound.bounds.splitting import (candidate_axes, resolve_split_rule, split_at, split_scores,
-                                     strong_branching_axis)
-from qbound.bounds import bab_batch
+from qbound.bounds.splitting import resolve_split_rule, split_at, strong_branching_axis
+from qbound.bounds import bab_batch, bab_children
 from qbound.bounds.arguments import branch_and_bound_args
 from qbound.bounds.bab_batch import batch_bounds
 from qbound.bounds import zonotope as zonotope_domain
@@ -546,85 +545,35 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       break
     if dim <= strong_branching_dims:
       # Strong branching: bound both halves along each candidate dimension and keep the best split.
-      take, axes, los, his, priors = [], [], [], [], []
       # Few open pieces leave room in the batch (a fixed shape: the padding costs as much as
       # pieces): they try more dimensions, and the first splits, which matter most, are chosen
       # among more of them.
       count = max(candidate_count, (batch_size // 2) // len(heap)) if FILL_CANDIDATES else candidate_count
-      depths, splits = [], []
-      while heap:
-        candidates = candidate_axes(heap[0][3] - heap[0][2], heap[0][7], count)
-        # ReLU splits (qbound/bounds/relusplit.py) compete with the input splits once the piece has
-        # been split RELU_SPLIT_DEPTH times along its input.
-        neurons = []
-        if relu_split and heap[0][9] >= RELU_SPLIT_DEPTH:
-          kept = heap[0][8]
-          neurons = relusplit.neuron_candidates(kept, 2 * len(kept) // 3 if paired else len(kept),
-                                                RELU_SPLIT_CANDIDATES)
-        # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py) likewise.
-        tie_splits = []
-        if tie_entries and heap[0][9] >= tiesplit.DEPTH:
-          tie_splits = tiesplit.tie_candidates(heap[0][8], tie_entries, tiesplit.CANDIDATES)
-        if take and len(los) + 2 * (len(candidates) + len(neurons) + len(tie_splits)) > batch_size:  # the batch is full
-          break
-        t = heapq.heappop(heap)
-        if not candidates and not neurons and not tie_splits:  # a single point, nothing loose left to split
-          close(t)
-          continue
-        take.append(t)
-        axes.append(candidates + neurons + tie_splits)
-        for axis in candidates:
-          left_hi, right_lo = split_at(t[2], t[3], axis)
-          los += [t[2], right_lo]
-          his += [left_hi, t[3]]
-          priors += [t[8], t[8]]
-          depths += [t[9] + 1] * 2
-          splits += [t[10]] * 2
-        for entry, neuron in neurons:
-          los += [t[2], t[2]]
-          his += [t[3], t[3]]
-          priors += list(relusplit.split(t[8], entry, neuron))
-          depths += [t[9]] * 2
-          splits += [t[10] + 1] * 2
-        for entry, index, threshold in tie_splits:
-          los += [t[2], t[2]]
-          his += [t[3], t[3]]
-          priors += list(tiesplit.split(t[8], entry, index, threshold))
-          depths += [t[9]] * 2
-          splits += [t[10] + 1] * 2
+      # ReLU splits (qbound/bounds/relusplit.py) compete with the input splits once a piece has been
+      # split RELU_SPLIT_DEPTH times along its input; splits on a dynamic rounding's step
+      # (qbound/bounds/tiesplit.py) likewise.
+      batch = bab_children.strong_branching(heap, count, batch_size, close, relu_split=relu_split,
+                                            relu_depth=RELU_SPLIT_DEPTH, relu_candidates=RELU_SPLIT_CANDIDATES,
+                                            paired=paired, tie_entries=tie_entries)
       children = []
-      for chunk in range(0, len(los), batch_size):
+      for chunk in range(0, len(batch.los), batch_size):
         part = slice(chunk, chunk + batch_size)
-        children += bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part])
+        children += bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
+                                splits=batch.splits[part])
       offset = 0
-      for t, candidates in zip(take, axes):
+      for t, candidates in zip(batch.parents, batch.options):
         options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
         offset += len(options)
         best = strong_branching_axis(-t[0], [(options[2 * a][0], options[2 * a + 1][0])
                                               for a in range(len(candidates))])
         push(options[2 * best:2 * best + 2])
       continue
-    take = [heapq.heappop(heap) for _ in range(min(max(batch_size // 2, 1), len(heap)))]
-    los, his, priors, depths, splits = [], [], [], [], []
-    parents = []
-    for t in take:
-      lo, hi = t[2], t[3]
-      width = hi - lo
-      axis = int(np.argmax(split_scores(width, t[7])))
-      if width[axis] <= 0:  # a single point: nothing left to split
-        close(t)
-        continue
-      parents += [t, t]
-      left_hi, right_lo = split_at(lo, hi, axis)
-      los += [lo, right_lo]
-      his += [left_hi, hi]
-      priors += [t[8], t[8]]
-      depths += [t[9] + 1] * 2
-      splits += [t[10]] * 2
-    for chunk in range(0, len(los), batch_size):
+    batch = bab_children.halves(heap, batch_size, close)
+    for chunk in range(0, len(batch.los), batch_size):
       part = slice(chunk, chunk + batch_size)
-      children = bound_batch(los[part], his[part], priors[part], depths=depths[part], splits=splits[part])
-      push([within(c, t) for c, t in zip(children, parents[part])])
+      children = bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
+                             splits=batch.splits[part])
+      push([within(c, t) for c, t in zip(children, batch.parents[part])])
 
   bar.close()
   for item in heap:
