@@ -58,7 +58,7 @@ import numpy as np
 from qbound import graph as G
 from qbound.box import Box
 from qbound.trace.builder import _Builder
-from qbound.trace.dynamic import materialize
+from qbound.trace.dynamic_forms import materialize
 from qbound.trace.linear import LinearOp
 from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
 from qbound.trace.simplify import _simplify

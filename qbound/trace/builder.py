@@ -26,7 +26,7 @@ from qbound import piecewise as PW
 from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_term_counts, host_array
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
-from qbound.trace import dynamic
+from qbound.trace import dynamic, dynamic_forms
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
 from qbound.trace.unsupported import message as unsupported_message, user_operation
 
@@ -181,7 +181,7 @@ class _Builder:
                          tuple(eqn.outvars[0].aval.shape), outer_where) if defer else None
       if out is not None:
         return [out]
-      ins = [dynamic.materialize(self, v) for v in ins]
+      ins = [dynamic_forms.materialize(self, v) for v in ins]
       self.current_where = _where(eqn, outer_where)
     if all(v[0] == "const" for v in ins):
       outs = prim.bind(*[v[1] for v in ins], **eqn.params)

@@ -10,14 +10,14 @@ dynamic rounding node ``q`` (bounded from the bounds of ``x``: ``x`` plus at mos
 largest scale over them, or, where ``x / s`` stays on one step, that step times the scale) before
 the same product the float model has, so the layers pair for the differential bounds.
 
-How: the values of the pattern are kept symbolic (``("lazy", Deferred)``) while they are read
+How: the values of the pattern are kept symbolic (``("lazy", Deferred)``, :mod:`qbound.trace.dynamic_forms`) while they are read
 only by the next step of the pattern: ``|x|`` (:class:`AbsOf`), its maximum over some axes and the
 constants it is divided by (:class:`Scale`), the guard's comparison (:class:`Compare`) and
 ``where`` (a guarded :class:`Scale`), ``x / s`` (:class:`Quotient`), its rounding and saturating
 cast (:class:`Rounded`), the product of that with constant weights (:class:`Pending`, the product
 still divided by ``s``), and the rescale by ``s`` that completes it. Each deferred value keeps the
 equation that made it: used in any other way, it is replayed through the ordinary rules
-(:func:`materialize`), so nothing changes for functions without the pattern, and one whose pattern
+(:func:`~qbound.trace.dynamic_forms.materialize`), so nothing changes for functions without the pattern, and one whose pattern
 qbound does not know (a scale that varies along a contracted axis) fails as before, naming the
 library's line.
 
@@ -26,7 +26,7 @@ Variants of the same node:
 * a scale per group of entries (per token, per channel): the maximum over some axes. Each scale
   carries ``tags``, its entries' group numbers, moved through every broadcast, reshape and
   transpose the library applies; where it divides ``x`` and where it rescales the product they
-  must be the groups of the entries they meet (:func:`_groups`), and the scale must be constant
+  must be the groups of the entries they meet (:func:`group_numbers`), and the scale must be constant
   along the contracted axes (:func:`_product_groups`), or it does not factor out of the sums.
 * asymmetric scales with a zero point (qwix's ``minmax``): ``min x`` and ``max x`` clipped to
   include 0 (:class:`Extreme`), ``s = c (max - min) / 255``, the zero point ``round(qmin - c min / s)``
@@ -61,7 +61,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
@@ -69,220 +69,12 @@ import numpy as np
 
 from qbound import dynamic_rounding as DR
 from qbound import graph as G
+from qbound.trace.dynamic_forms import (AbsOf, Compare, Extreme, Overflow, Pending, Quotient, Reciprocal, Rounded, Scale,
+                                        SquareOf, SquareSum, ZeroPoint, ZeroProduct, deferred, form_of,
+                                        group_numbers, laid_out, moved_form, same_scale, uniform_value)
 
 if TYPE_CHECKING:
   from qbound.trace.builder import _Builder
-
-
-@dataclasses.dataclass(frozen=True)
-class AbsOf:
-  x: int  # node index
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-  """``max|x|`` over ``axes`` of ``x`` (a scale per group of entries), then ``factors`` (``("div", c)`` /
-  ``("mul", c)``), then a guard.
-
-  ``tags`` has the shape of the scale's value as it is now (reshaped, broadcast, transposed as the
-  library moves it) and holds each entry's group number: where the scale meets ``x`` or the
-  product, its tags must be the groups of the entries it scales (:func:`_groups`), so a scale moved
-  to the wrong axis is never taken for the right one.
-  """
-  x: int
-  axes: tuple = ()  # the reduced axes of x (with every axis of length 1)
-  factors: tuple = ()
-  spread: Optional[float] = None  # asymmetric: the scale is c (max(max x, 0) - min(min x, 0)) (c: spread)
-  guard: Optional[tuple] = None
-  norm: str = "max"  # "rms": the scale is sqrt(sum of x^2 over axes), not max|x| (qwix's rms,c)
-  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-  @property
-  def divisor(self) -> float:
-    q = 1.0
-    for kind, c in self.factors:
-      q = q * c if kind == "div" else q / c
-    return q
-
-
-def _groups(shape, axes) -> np.ndarray:
-  """Each entry's group number for a scale that reduces ``axes`` of a tensor of ``shape``."""
-  kept = [1 if d in axes else n for d, n in enumerate(shape)]
-  return np.broadcast_to(np.arange(int(np.prod(kept, dtype=np.int64))).reshape(kept), shape)
-
-
-def _laid_out(tags, groups) -> bool:
-  """Whether a scale with ``tags``, broadcast as the operation does, scales entries of ``groups``."""
-  try:
-    return bool(np.array_equal(np.broadcast_to(tags, groups.shape), groups))
-  except ValueError:
-    return False
-
-
-def _same_scale(a, b) -> bool:
-  return isinstance(a, Scale) and isinstance(b, Scale) and a == b and np.array_equal(a.tags, b.tags)
-
-
-@dataclasses.dataclass(frozen=True)
-class SquareOf:
-  """``x^2`` (on the way to qwix's ``rms``: ``sqrt(mean(x^2))``)."""
-  x: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SquareSum:
-  """``sum(x^2)`` over ``axes`` of ``x``, divided by ``count`` (``jnp.mean``'s ``n``), until its square root
-  makes it a :class:`Scale` of norm ``rms``; ``tags`` as for :class:`Scale`."""
-  x: int
-  axes: tuple
-  count: float = 1.0
-  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class Extreme:
-  """``min x`` or ``max x`` over ``axes`` (qwix's ``minmax``), then clipped to include 0, then times ``factor``."""
-  x: int
-  kind: str  # "min" or "max"
-  axes: tuple
-  with_zero: bool = False
-  factor: float = 1.0
-  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ZeroPoint:
-  """``offset - low / s`` (``low`` the clipped minimum, :class:`Extreme`), rounded once ``rounded``,
-  then saturated to ``[low, high]`` by an integer cast: the zero point of an asymmetric scale."""
-  scale: Scale
-  offset: float = 0.0
-  negated: bool = False
-  rounded: bool = False
-  low: float = -np.inf
-  high: float = np.inf
-  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ZeroProduct:
-  """The product of a zero point (broadcast over ``x``'s shape) with constant weights."""
-  zero: ZeroPoint
-  weights: Any = dataclasses.field(compare=False, hash=False)
-  params: Any = dataclasses.field(compare=False, hash=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class Compare:
-  scale: Scale
-  cmp: str  # the scale ``cmp`` the cut: "lt", "le", "eq"
-  cut: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Quotient:
-  x: int
-  scale: Scale
-  zero: Optional[ZeroPoint] = None
-  low: float = -np.inf  # clipped before rounding (AQT)
-  high: float = np.inf
-  reciprocal_guarded: bool = False  # x * where(isinf(1 / s), 1, 1 / s) (AQT)
-  layout: Any = dataclasses.field(default=None, compare=False, hash=False)  # see Rounded
-
-
-@dataclasses.dataclass(frozen=True)
-class Reciprocal:
-  """``1 / s`` (``magnitude``: its absolute value, on the way to ``isinf``), ``guarded`` once an
-  overflow to inf is replaced by 1."""
-  scale: Scale
-  magnitude: bool = False
-  guarded: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Overflow:
-  """``isinf(1 / s)``."""
-  scale: Scale
-
-
-@dataclasses.dataclass(frozen=True)
-class Rounded:
-  x: int
-  scale: Scale
-  rounding: str
-  low: float = -np.inf
-  high: float = np.inf
-  zero: Optional[ZeroPoint] = None
-  reciprocal_guarded: bool = False
-  # Reshaped or transposed on the way (qwix's tiles: x split into tiles, divided, flattened to round,
-  # split again to rescale): which entry of x each entry now holds; None: x's own layout. Only
-  # elementwise steps read a value out of its layout.
-  layout: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-
-def _moved(b: _Builder, form, eqn):
-  """``form`` (a :class:`Quotient` or :class:`Rounded`) reshaped or transposed by ``eqn``."""
-  x_shape = b.shape_of(("node", form.x))
-  home = np.arange(int(np.prod(x_shape, dtype=np.int64))).reshape(x_shape)
-  layout = np.asarray(eqn.primitive.bind(jnp.asarray(home if form.layout is None else form.layout, jnp.int32),
-                                         **eqn.params))
-  at_home = layout.shape == home.shape and np.array_equal(layout, home)
-  return dataclasses.replace(form, layout=None if at_home else layout)
-
-
-@dataclasses.dataclass(frozen=True)
-class Pending:
-  """A product node of the quantized activation, still to be multiplied by ``1 / scale``; ``tags``:
-  the group of the scale each of the product's entries needs (:class:`Scale`)."""
-  node: int
-  scale: Scale
-  tags: Any = dataclasses.field(default=None, compare=False, hash=False)
-  # with a zero point, the product of the zero point with the same weights is still to be subtracted
-  zero_product: Optional[tuple] = dataclasses.field(default=None, compare=False, hash=False)
-
-
-@dataclasses.dataclass(eq=False)
-class Deferred:
-  """A symbolic value and the equation that made it (replayed by :func:`materialize`)."""
-  form: Any
-  eqn: Any
-  ins: list
-  outer_where: str
-  calls: list
-  shape: tuple
-  value: Any = None  # the materialized value, once made
-
-
-def _lazy(form, b: _Builder, eqn, ins, outer_where, shape):
-  return ("lazy", Deferred(form, eqn, list(ins), outer_where, list(getattr(b, "calls", [])), tuple(shape)))
-
-
-def materialize(b: _Builder, v):
-  """``v`` as an ordinary value (node or constant): a deferred value's equation replayed."""
-  if v[0] != "lazy":
-    return v
-  d: Deferred = v[1]
-  if d.value is None:
-    ins = [materialize(b, i) for i in d.ins]
-    saved = getattr(b, "calls", [])
-    b.calls = d.calls
-    try:
-      (d.value,) = b.equation(d.eqn, ins, d.outer_where, defer=False)
-    finally:
-      b.calls = saved
-  return d.value
-
-
-def _uniform(c) -> Optional[float]:
-  """A constant's one value if all its entries are equal (a scalar), else None."""
-  a = np.asarray(c)
-  if a.size == 0 or not np.issubdtype(a.dtype, np.number):
-    return None
-  first = a.reshape(-1)[0]
-  return float(first) if np.all(a == first) else None
-
-
-def _form(v):
-  return v[1].form if v[0] == "lazy" else None
 
 
 _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
@@ -291,16 +83,16 @@ _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
 def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
   """The pattern's next value for ``eqn`` on (possibly) deferred inputs, or None to materialize them."""
   name = eqn.primitive.name
-  forms = [_form(v) for v in ins]
+  forms = [form_of(v) for v in ins]
 
   def lazy(form):
-    return _lazy(form, b, eqn, ins, outer_where, shape)
+    return deferred(form, b, eqn, ins, outer_where, shape)
 
   if name == "abs" and ins[0][0] == "node":
     return lazy(AbsOf(ins[0][1]))
   if isinstance(forms[0], (Quotient, Rounded)) and len(ins) == 1 and name in ("reshape", "transpose", "squeeze",
                                                                               "expand_dims"):
-    return lazy(_moved(b, forms[0], eqn))
+    return lazy(moved_form(b, forms[0], eqn))
   if ins[0][0] == "node" and (name == "square" or (name == "integer_pow" and eqn.params["y"] == 2)):
     return lazy(SquareOf(ins[0][1]))  # qwix's rms calibration: sqrt(mean(x^2))
   if name == "reduce_sum" and isinstance(forms[0], SquareOf):
@@ -308,7 +100,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     axes = tuple(sorted(set(eqn.params["axes"]) | {d for d, n in enumerate(x_shape) if n == 1}))
     return lazy(SquareSum(forms[0].x, axes, tags=np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)))
   if isinstance(forms[0], SquareSum) and len(ins) == 2 and name in ("div", "mul") and ins[1][0] == "const":
-    c = _uniform(ins[1][1])  # the mean's division by n
+    c = uniform_value(ins[1][1])  # the mean's division by n
     if c is None or not (c > 0 and np.isfinite(c)):
       return None
     return lazy(dataclasses.replace(forms[0], count=forms[0].count * c if name == "div" else forms[0].count / c))
@@ -329,13 +121,13 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     for a, c in ((0, 1), (1, 0)):
       e = forms[a]
       if (isinstance(e, Extreme) and e.kind == name and not e.with_zero and e.factor == 1.0
-          and ins[c][0] == "const" and _uniform(ins[c][1]) == 0.0):
+          and ins[c][0] == "const" and uniform_value(ins[c][1]) == 0.0):
         return lazy(dataclasses.replace(e, with_zero=True))
   if name == "mul" and len(ins) == 2:  # the calibration's factor: minmax,c
     for a, c in ((0, 1), (1, 0)):
       e = forms[a]
       if isinstance(e, Extreme) and e.with_zero and ins[c][0] == "const":
-        factor = _uniform(ins[c][1])
+        factor = uniform_value(ins[c][1])
         if factor is not None and factor > 0 and np.isfinite(factor):
           return lazy(dataclasses.replace(e, factor=e.factor * factor))
   if name == "sub" and isinstance(forms[0], Extreme) and isinstance(forms[1], Extreme):
@@ -355,7 +147,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     return None
   if (name == "sub" and ins[0][0] == "const" and isinstance(forms[1], ZeroPoint)
       and not forms[1].negated and not forms[1].rounded):
-    offset = _uniform(ins[0][1])
+    offset = uniform_value(ins[0][1])
     if offset is None:
       return None
     return lazy(dataclasses.replace(forms[1], offset=offset, negated=True))  # offset - c min / s
@@ -382,54 +174,54 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     return lazy(dataclasses.replace(forms[0], tags=tags))
   for a, kinds in ((0, ("div", "mul")), (1, ("mul",))):
     if name in kinds and len(ins) == 2 and isinstance(forms[a], Scale) and ins[1 - a][0] == "const":
-      return _scaled(forms[a], name, _uniform(ins[1 - a][1]), lazy)
+      return _scaled(forms[a], name, uniform_value(ins[1 - a][1]), lazy)
   if name == "integer_pow" and isinstance(forms[0], Scale) and eqn.params["y"] == -1:
     return lazy(Reciprocal(forms[0]))  # AQT: x * (1 / s)
-  if name == "div" and ins[0][0] == "const" and isinstance(forms[1], Scale) and _uniform(ins[0][1]) == 1.0:
+  if name == "div" and ins[0][0] == "const" and isinstance(forms[1], Scale) and uniform_value(ins[0][1]) == 1.0:
     return lazy(Reciprocal(forms[1]))
   if name == "abs" and isinstance(forms[0], Reciprocal) and not forms[0].magnitude:
     return lazy(dataclasses.replace(forms[0], magnitude=True))  # jnp.isinf(1 / s): |1 / s| == inf
   if (name == "eq" and isinstance(forms[0], Reciprocal) and forms[0].magnitude and ins[1][0] == "const"
-      and _uniform(ins[1][1]) == np.inf):
+      and uniform_value(ins[1][1]) == np.inf):
     return lazy(Overflow(forms[0].scale))
   if (name == "select_n" and isinstance(forms[0], Overflow) and len(ins) == 3 and isinstance(forms[1], Reciprocal)
-      and not forms[1].magnitude and _same_scale(forms[1].scale, forms[0].scale) and ins[2][0] == "const"
-      and _uniform(ins[2][1]) == 1.0):
+      and not forms[1].magnitude and same_scale(forms[1].scale, forms[0].scale) and ins[2][0] == "const"
+      and uniform_value(ins[2][1]) == 1.0):
     return lazy(dataclasses.replace(forms[1], guarded=True))  # where(isinf(1 / s), 1, 1 / s)
   if name == "mul" and len(ins) == 2:  # x * (1 / s)
     for a, c in ((0, 1), (1, 0)):
       r = forms[c]
       if (ins[a][0] == "node" and isinstance(r, Reciprocal) and not r.magnitude and b.same(ins[a][1], r.scale.x)
-          and b.shape_of(ins[a]) == tuple(shape) and _laid_out(r.scale.tags, _groups(tuple(shape), r.scale.axes))):
+          and b.shape_of(ins[a]) == tuple(shape) and laid_out(r.scale.tags, group_numbers(tuple(shape), r.scale.axes))):
         if not (r.guarded or DR.reciprocal_is_finite(r.scale.guard)):
           return None  # 1 / s may overflow to inf and nothing replaces it
         return lazy(Quotient(ins[a][1], r.scale, reciprocal_guarded=r.guarded))
   if isinstance(forms[0], Quotient) and name in ("max", "min") and len(ins) == 2 and ins[1][0] == "const":
-    return _clipped(forms[0], name, _uniform(ins[1][1]), lazy)
+    return _clipped(forms[0], name, uniform_value(ins[1][1]), lazy)
   if name in ("max", "min") and len(ins) == 2 and isinstance(forms[1], Quotient) and ins[0][0] == "const":
-    return _clipped(forms[1], name, _uniform(ins[0][1]), lazy)  # AQT clips x / s before rounding
+    return _clipped(forms[1], name, uniform_value(ins[0][1]), lazy)  # AQT clips x / s before rounding
   if name == "clamp" and isinstance(forms[1], Quotient) and ins[0][0] == "const" and ins[2][0] == "const":
-    low = _clipped(forms[1], "max", _uniform(ins[0][1]), lazy)
-    return None if low is None else _clipped(_form(low), "min", _uniform(ins[2][1]), lazy)
+    low = _clipped(forms[1], "max", uniform_value(ins[0][1]), lazy)
+    return None if low is None else _clipped(form_of(low), "min", uniform_value(ins[2][1]), lazy)
   if name in _FLIP and len(ins) == 2:
     (s, c), cmp = (forms[0], ins[1]), name
     if not isinstance(s, Scale):
       (s, c), cmp = (forms[1], ins[0]), _FLIP[name]
-    cut = _uniform(c[1]) if isinstance(s, Scale) and c[0] == "const" else None
+    cut = uniform_value(c[1]) if isinstance(s, Scale) and c[0] == "const" else None
     if cut is None or cmp not in ("lt", "le", "eq") or s.guard is not None:
       return None
     return lazy(Compare(s, cmp, cut))
   if name == "select_n" and isinstance(forms[0], Compare) and len(ins) == 3:
     pred = forms[0]
-    if _same_scale(forms[1], pred.scale) and ins[2][0] == "const":  # where(s < cut, fallback, s)
-      fallback = _uniform(ins[2][1])
+    if same_scale(forms[1], pred.scale) and ins[2][0] == "const":  # where(s < cut, fallback, s)
+      fallback = uniform_value(ins[2][1])
       if fallback is not None:
         return lazy(dataclasses.replace(pred.scale, guard=(pred.cmp, pred.cut, fallback)))
     return None
   if name == "div" and ins[0][0] == "node" and isinstance(forms[1], Scale):
     if not b.same(ins[0][1], forms[1].x) or b.shape_of(ins[0]) != tuple(shape):
       return None  # x divided by the scale of another value
-    if not _laid_out(forms[1].tags, _groups(tuple(shape), forms[1].axes)):
+    if not laid_out(forms[1].tags, group_numbers(tuple(shape), forms[1].axes)):
       return None  # each entry divided by another group's scale
     return lazy(Quotient(ins[0][1], forms[1]))
   if name == "add" and len(ins) == 2:  # x / s + z
@@ -437,8 +229,8 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
       quotient, zero = forms[a], forms[c]
       if (isinstance(quotient, Quotient) and quotient.zero is None and quotient.layout is None
           and isinstance(zero, ZeroPoint)
-          and zero.rounded and _same_scale(zero.scale, quotient.scale)
-          and _laid_out(zero.tags, _groups(tuple(shape), quotient.scale.axes))):
+          and zero.rounded and same_scale(zero.scale, quotient.scale)
+          and laid_out(zero.tags, group_numbers(tuple(shape), quotient.scale.axes))):
         return lazy(dataclasses.replace(quotient, zero=zero))
   if name == "round" and isinstance(forms[0], Quotient):
     mode = "nearest" if eqn.params.get("rounding_method") == jax.lax.RoundingMethod.TO_NEAREST_EVEN else "away"
@@ -461,13 +253,13 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
   # max(r, c) and min(r, c), either way round (jnp.clip writes max(c, r)): clipped to integer ends.
   rounded_at = [i for i, form in enumerate(forms[:2]) if isinstance(form, Rounded)]
   if name in ("max", "min") and len(ins) == 2 and len(rounded_at) == 1 and ins[1 - rounded_at[0]][0] == "const":
-    r, c = forms[rounded_at[0]], _uniform(ins[1 - rounded_at[0]][1])
+    r, c = forms[rounded_at[0]], uniform_value(ins[1 - rounded_at[0]][1])
     if c is None:
       return None
     return lazy(dataclasses.replace(r, low=max(r.low, c)) if name == "max" else
                 dataclasses.replace(r, high=min(r.high, c)))
   if name == "clamp" and isinstance(forms[1], Rounded) and ins[0][0] == "const" and ins[2][0] == "const":
-    lo, hi = _uniform(ins[0][1]), _uniform(ins[2][1])
+    lo, hi = uniform_value(ins[0][1]), uniform_value(ins[2][1])
     if lo is None or hi is None:
       return None
     return lazy(dataclasses.replace(forms[1], low=max(forms[1].low, lo), high=min(forms[1].high, hi)))
@@ -475,7 +267,7 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     for pos in (0, 1):
       z = forms[pos]
       if (isinstance(z, ZeroPoint) and z.rounded and ins[1 - pos][0] == "const"
-          and _laid_out(z.tags, _groups(z.tags.shape, z.scale.axes))):
+          and laid_out(z.tags, group_numbers(z.tags.shape, z.scale.axes))):
         return lazy(ZeroProduct(z, (pos, ins[1 - pos][1]), (name, eqn.params)))
   if (name == "sub" and isinstance(forms[0], Pending) and forms[0].zero_product is not None
       and isinstance(forms[1], ZeroProduct)):
@@ -507,12 +299,12 @@ def rule(b: _Builder, eqn, ins, where: str, shape, outer_where: str):
     return lazy(forms[0]) if jnp.issubdtype(eqn.params["new_dtype"], jnp.floating) else None
   if name == "mul" and len(ins) == 2:
     for a, c in ((0, 1), (1, 0)):
-      if (isinstance(forms[a], Pending) and _same_scale(forms[c], forms[a].scale) and forms[a].zero_product is None
-          and b.shape_of(("node", forms[a].node)) == tuple(shape) and _laid_out(forms[c].tags, forms[a].tags)):
+      if (isinstance(forms[a], Pending) and same_scale(forms[c], forms[a].scale) and forms[a].zero_product is None
+          and b.shape_of(("node", forms[a].node)) == tuple(shape) and laid_out(forms[c].tags, forms[a].tags)):
         return ("node", forms[a].node)  # (q @ W) / s * s, each entry by its own group's scale
-      if (isinstance(forms[a], Rounded) and _same_scale(forms[c], forms[a].scale) and forms[a].zero is None
+      if (isinstance(forms[a], Rounded) and same_scale(forms[c], forms[a].scale) and forms[a].zero is None
           and forms[a].layout is None and b.shape_of(("node", forms[a].x)) == tuple(shape)
-          and _laid_out(forms[c].tags, _groups(tuple(shape), forms[a].scale.axes))):
+          and laid_out(forms[c].tags, group_numbers(tuple(shape), forms[a].scale.axes))):
         return _quantized(b, forms[a], eqn, where)  # the fake-quantized activation, dequantized in float
   return None
 
@@ -548,7 +340,7 @@ def _product_groups(b: _Builder, r: Rounded, eqn, pos: int, out_shape) -> Option
   """The scale group each entry of the product ``eqn`` of ``r`` (its operand ``pos``) needs, or None
   when the scale varies along a contracted axis (then it does not factor out of the sums)."""
   x_shape = b.shape_of(("node", r.x))
-  groups = _groups(x_shape, r.scale.axes)
+  groups = group_numbers(x_shape, r.scale.axes)
   if eqn.primitive.name == "conv_general_dilated":
     lhs_spec, _, out_spec = eqn.params["dimension_numbers"]
     if pos != 0 or any(d != lhs_spec[0] and d not in r.scale.axes for d in range(len(x_shape))):
