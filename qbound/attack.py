@@ -107,6 +107,14 @@ STAIRCASE = Search(samples=16384, restarts=0, steps=0, refine_rounds=40, refine_
                    refine_radius=0.1)
 
 
+def check_search(value: Any):
+  """None or a :class:`qbound.attack.Search` (whose fields check themselves)."""
+  if value is not None and not isinstance(value, Search):
+    raise TypeError(f"search must be None or a qbound.Search(samples=..., restarts=..., steps=..., "
+                    f"learning_rate=...); got {type(value).__name__} {validate.shown(value)}.")
+  return value
+
+
 def _abs_max(fn, x, outputs=None):
   y = fn(x)
   return jnp.max(jnp.abs(y if outputs is None else y.reshape(-1)[jnp.asarray(outputs)]))
@@ -415,14 +423,6 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
 
 
 # --- projected gradient ascent on many pieces at once, one objective per output and sign -----------
-
-
-def check_search(value: Any):
-  """None or a :class:`qbound.attack.Search` (whose fields check themselves)."""
-  if value is not None and not isinstance(value, Search):
-    raise TypeError(f"search must be None or a qbound.Search(samples=..., restarts=..., steps=..., "
-                    f"learning_rate=...); got {type(value).__name__} {validate.shown(value)}.")
-  return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,8 +194,8 @@ def test_milp_refuses(pair):
 
 
 def test_branch_and_bound_arguments(pair):
-  """qb.bounds.branch_and_bound's arguments, through branch_and_bound_args (the check it is
-  meant to call first; qbound/bounds/ is another change's, so the hook is left to it)."""
+  """qb.bounds.branch_and_bound's arguments, through qbound.bounds.arguments.branch_and_bound_args
+  (the check it calls first)."""
   f, fq, box = pair
   merged = qb.merge(f, fq, box)
   check = lambda **kw: branch_and_bound_args(merged, kw.pop("box", box), **kw)

@@ -321,10 +321,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   """
   start = time.perf_counter()
   box = branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
-                                       epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
-                                       initial_lower=initial_lower, initial_witness=initial_witness, sound=sound,
-                                       strong_branching_dims=strong_branching_dims, mesh=mesh,
-                                       progress=progress)
+                              epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
+                              initial_lower=initial_lower, initial_witness=initial_witness, sound=sound,
+                              strong_branching_dims=strong_branching_dims, mesh=mesh,
+                              progress=progress)
   n_out = int(np.prod(merged.output_shape))
   outputs = np.arange(n_out) if outputs is None else np.asarray(outputs, dtype=np.int64)
   # Products and smooth curves (transformers) have no differential rule: CROWN on the merged net.

@@ -419,8 +419,8 @@ def forward_branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int
 
   start = time.perf_counter()
   box = branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
-                                       epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
-                                       initial_lower=initial_lower, initial_witness=initial_witness, sound=sound)
+                              epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
+                              initial_lower=initial_lower, initial_witness=initial_witness, sound=sound)
   domain = DOMAIN if domain is None else domain
   relu_rules = "node" if relu_rules is None else relu_rules
   output_backward = OUTPUT_BACKWARD if output_backward is None else bool(output_backward)
