@@ -75,6 +75,21 @@ def test_bounds_hold_in_random_boxes(seed, spec, shape):
   _check_bounds(spec, lo, hi, rng, samples=50)
 
 
+def _boxes_across_the_zero_tie(spec, rng, n, entries=4, top=1.0):
+  """``n`` boxes of ``entries`` entries around inputs on the zero point's tie: the argument
+  ``offset + span * share`` is an integer + 1/2 (``share = -min / (max - min)``), with the largest
+  entry ``top`` and the smallest at the tie's value, at random places; widths 1e-6..1e-4 of ``top``."""
+  offset, span = spec.zero_point
+  tie = (np.floor(offset + span / 2) + 0.5 - offset) / span
+  lowest = -top * tie / (1 - tie)
+  centre = rng.uniform(lowest, top, size=(n, entries))
+  for row in centre:
+    i, j = rng.choice(entries, size=2, replace=False)
+    row[i], row[j] = top, lowest
+  width = rng.choice([1e-6, 1e-5, 1e-4], size=(n, 1)) * top * np.ones(entries)
+  return (centre - width).astype(np.float32), (centre + width).astype(np.float32)
+
+
 @pytest.mark.parametrize("spec", [SPECS[5], SPECS[6]], ids=["minmax int8", "minmax,0.8 int4"])
 def test_boxes_across_the_zero_points_tie_are_sound_and_pin_the_steps_both_cases_agree_on(spec):
   """Where a box holds inputs whose zero points differ by one (their largest and smallest entries
@@ -84,12 +99,7 @@ def test_boxes_across_the_zero_points_tie_are_sound_and_pin_the_steps_both_cases
   spec = DR.DynamicScale(spec.divisor, spec.low, spec.high, spec.rounding, spec.guard, (-1,), spec.zero_point)
   rng = np.random.default_rng(0)
   offset, span = spec.zero_point
-  # The tie: offset + span * share = an integer + 1/2, share = -min / (max - min), max = 1.
-  tie = (np.floor(offset + span / 2) + 0.5 - offset) / span
-  lowest = -tie / (1 - tie)
-  centre = np.stack([np.ones(64), rng.uniform(-0.9, 0.9, 64), np.full(64, lowest), rng.uniform(lowest, 0.9, 64)], 1)
-  width = rng.choice([1e-6, 1e-5, 1e-4], size=(64, 1)) * np.ones(4)
-  lo, hi = (centre - width).astype(np.float32), (centre + width).astype(np.float32)
+  lo, hi = _boxes_across_the_zero_tie(spec, rng, 64)
   flat = _check_bounds(spec, lo, hi, rng, samples=200)
   xs = lo[:, None] + rng.uniform(size=(64, 200, 4)).astype(np.float32) * (hi - lo)[:, None]
   c = span / spec.divisor
@@ -98,6 +108,15 @@ def test_boxes_across_the_zero_points_tie_are_sound_and_pin_the_steps_both_cases
   across = zeros.max(1) > zeros.min(1)
   assert across.sum() >= 16  # the boxes do hold both zero points
   assert flat[across].any()  # ... and entries both cases pin are known there
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([SPECS[5], SPECS[6]]), st.sampled_from([2, 4, 7]),
+       st.sampled_from([1e-3, 1.0, 30.0]))
+def test_bounds_across_the_zero_points_tie_hold(seed, spec, entries, top):
+  spec = DR.DynamicScale(spec.divisor, spec.low, spec.high, spec.rounding, spec.guard, (-1,), spec.zero_point)
+  rng = np.random.default_rng(seed)
+  lo, hi = _boxes_across_the_zero_tie(spec, rng, 16, entries, top)
+  _check_bounds(spec, lo, hi, rng, samples=100)
 
 
 def _fq(w1, b1, w2):
