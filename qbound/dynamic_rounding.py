@@ -253,10 +253,10 @@ def bounds(spec: DynamicScale, lo, hi, ndim: int, rest=None):
     zero_known = True
   else:
     # The zero point is z = round(offset - span min(min t, 0) / m), constant where its argument
-    # stays inside one step. Rounding is monotone, so z lies in [round(arg_lo), round(arg_hi)]:
-    # where that is two integers (a piece across the tie, as every piece is near inputs whose
-    # largest and smallest entries are opposite, max t = -min t for int8's offset -128 and span 255),
-    # each entry is bounded in both cases and its value is known where both cases pin it.
+    # stays inside one step. Rounding is monotone, so z lies in [round(arg_lo), round(arg_hi)].
+    # Where that is two integers (a piece across the tie; at int8's offset -128 and span 255, any
+    # piece near inputs whose largest and smallest entries are opposite, max t = -min t), each entry
+    # is bounded in both cases, and its value is known where both cases pin it.
     offset, span = spec.zero_point
     top_lo, top_hi, neg_lo, neg_hi = parts
     share_lo = xp.where(neg_lo > 0, neg_lo / xp.where(neg_lo > 0, top_hi + neg_lo, 1.0), 0.0)
