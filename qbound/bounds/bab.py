@@ -445,6 +445,15 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     return [(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
              tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
 
+  def bound_children(batch: bab_children.Children) -> list:
+    """Every child of ``batch``, bounded in batches of ``batch_size``."""
+    children = []
+    for chunk in range(0, len(batch.los), batch_size):
+      part = slice(chunk, chunk + batch_size)
+      children += bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
+                              splits=batch.splits[part])
+    return children
+
   def within(child, parent):
     """``child`` (an item of bound_batch) with its bounds met with those of ``parent`` (a heap item)."""
     up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count = child
@@ -555,11 +564,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       batch = bab_children.strong_branching(heap, count, batch_size, close, relu_split=relu_split,
                                             relu_depth=RELU_SPLIT_DEPTH, relu_candidates=RELU_SPLIT_CANDIDATES,
                                             paired=paired, tie_entries=tie_entries)
-      children = []
-      for chunk in range(0, len(batch.los), batch_size):
-        part = slice(chunk, chunk + batch_size)
-        children += bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
-                                splits=batch.splits[part])
+      children = bound_children(batch)
       offset = 0
       for t, candidates in zip(batch.parents, batch.options):
         options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
@@ -569,11 +574,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
         push(options[2 * best:2 * best + 2])
       continue
     batch = bab_children.halves(heap, batch_size, close)
-    for chunk in range(0, len(batch.los), batch_size):
-      part = slice(chunk, chunk + batch_size)
-      children = bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
-                             splits=batch.splits[part])
-      push([within(c, t) for c, t in zip(children, batch.parents[part])])
+    push([within(c, t) for c, t in zip(bound_children(batch), batch.parents)])
 
   bar.close()
   for item in heap:
