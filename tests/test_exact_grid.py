@@ -229,6 +229,90 @@ def test_ties_at_the_box_ends_are_cells_of_their_own():
   assert res.upper >= 0.5
 
 
+def _branching_net(key, inputs=3, width=6):
+  """A net with every node kind the linear forms take: affine, ReLU, a clip that clips, a
+  concatenation and a difference of two input-dependent values."""
+  k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+  w1 = jax.random.normal(k1, (inputs, width))
+  w3 = jax.random.normal(k2, (inputs, width))
+  w2 = jax.random.normal(k3, (2 * width, 2)) / np.sqrt(width)
+  w4 = jax.random.normal(k4, (2 * width, 2)) / np.sqrt(width)
+  b1 = 0.3 * jax.random.normal(k5, (width,))
+
+  def f(x):
+    h = jnp.concatenate([jax.nn.relu(x @ w1 + b1), jnp.clip(x @ w3, -0.3, 0.4)])
+    return h @ w2 - jax.nn.relu(h @ w4)
+
+  return f
+
+
+def _forms_hold(g, lo, hi, rng):
+  """linear_bounds(g) over each box below every sampled value of g there (float64 evaluation)."""
+  value, lam = forms.linear_bounds(g, lo, hi)
+  k, d = lo.shape
+  xs = lo[:, None] + rng.uniform(size=(k, 200, d)) * (hi - lo)[:, None]
+  out = np.asarray(H.eval64(g, xs.reshape(-1, d).astype(np.float32)), np.float64).reshape(k, 200, -1)
+  xs = xs.astype(np.float32).astype(np.float64)
+  rows = np.concatenate([out, -out], axis=-1)  # (k, 200, 2n): +f_j, -f_j
+  at_min = np.minimum(lam * lo[:, None], lam * hi[:, None]).sum(-1)  # (k, 2n)
+  bound = value[:, None] + np.einsum("kri,kpi->kpr", lam, xs) - at_min[:, None]
+  assert np.all(rows >= bound - 1e-5 * (1 + np.abs(rows)))
+  return value, lam
+
+
+@pytest.mark.parametrize("path", ["numpy", "jax"])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), width=st.sampled_from([0.01, 0.2, 1.0]))
+def test_linear_forms_of_every_node_kind_hold_on_random_boxes(path, seed, width):
+  g = qb.trace(_branching_net(jax.random.key(seed)), jnp.zeros(3))
+  assert forms.supported(g) and forms._numpy_steps(g) is not None
+  assert {n.kind for n in g.nodes} >= {"affine", "relu", "clip", "concat", "add"}
+  rng = np.random.default_rng(seed)
+  lo = rng.uniform(-1, 0.8, (32, 3)).astype(np.float32)
+  hi = (lo + rng.uniform(0, width, (32, 3))).astype(np.float32)
+  with pytest.MonkeyPatch.context() as patch:
+    if path == "jax":
+      patch.setattr(forms, "_numpy_steps", lambda graph: None)
+    _forms_hold(g, lo, hi, rng)
+
+
+def test_numpy_and_compiled_linear_forms_agree():
+  # The NumPy path (no compilation: a first call's grid starts at once) computes what the compiled
+  # float64 program does, up to the rounding of float64 sums (a float32 ulp of the result at most).
+  g = qb.trace(_branching_net(jax.random.key(3)), jnp.zeros(3))
+  rng = np.random.default_rng(1)
+  lo = rng.uniform(-1, 0.8, (300, 3)).astype(np.float32)
+  hi = (lo + rng.uniform(0, 0.3, (300, 3))).astype(np.float32)
+  v_np, lam_np = forms.linear_bounds(g, lo, hi)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(forms, "_numpy_steps", lambda graph: None)
+    v_jax, lam_jax = forms.linear_bounds(g, lo, hi)
+  assert v_np.dtype == v_jax.dtype == np.float32 and lam_np.shape == lam_jax.shape
+  np.testing.assert_allclose(v_np, v_jax, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lam_np, lam_jax, rtol=1e-6, atol=1e-6)
+
+
+def test_convolutions_take_the_compiled_linear_forms():
+  w = jax.random.normal(jax.random.key(0), (3, 3, 1, 2))
+  f = lambda x: jax.nn.relu(jax.lax.conv_general_dilated(  # noqa: E731
+      x[None], w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))).reshape(-1)
+  g = qb.trace(f, jnp.zeros((4, 4, 1)))
+  assert forms.supported(g) and forms._numpy_steps(g) is None
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(-1, 0.8, (8, 4, 4, 1)).astype(np.float32)
+  hi = lo + np.float32(0.1)
+  value, lam = forms.linear_bounds(g, lo, hi)
+  assert value.shape == (8, 16) and lam.shape == (8, 16, 4, 4, 1)
+  xs = lo + rng.uniform(size=(200, *lo.shape)).astype(np.float32) * (hi - lo)
+  out = np.stack([np.asarray(H.eval64(g, x), np.float64) for x in xs], 1)  # (8, 200, 8)
+  rows = np.concatenate([out, -out], axis=-1)
+  flat = lambda a: a.reshape(a.shape[0], -1).astype(np.float64)  # noqa: E731
+  lam2 = lam.reshape(8, 16, -1).astype(np.float64)
+  at_min = np.minimum(lam2 * flat(lo)[:, None], lam2 * flat(hi)[:, None]).sum(-1)
+  bound = value[:, None] + np.einsum("kri,pki->kpr", lam2, xs.reshape(200, 8, -1).astype(np.float64)) - at_min[:, None]
+  assert np.all(rows >= bound - 1e-5 * (1 + np.abs(rows)))
+
+
 def test_linear_forms_hold_on_random_boxes():
   f, _ = _rounded_mlp(jax.random.key(2))
   g = qb.trace(f, jnp.zeros(3))

@@ -136,13 +136,13 @@ def test_dense_matrices_read_off_the_weights():
     ref = _matrices(graph)
     for i, node in enumerate(graph.nodes):
       if node.kind == "affine":
-        np.testing.assert_array_equal(host_chain._dense_matrix(node), ref[i])
+        np.testing.assert_array_equal(host_chain.dense_matrix(node), ref[i])
   f, fq = pair(0, H.SHAPES[1], bits=4)
   graph = qb.merge(f, fq, box).f_graph
   ref = _matrices(graph)
   for i, node in enumerate(graph.nodes):
     if node.kind == "affine":
-      np.testing.assert_array_equal(host_chain._dense_matrix(node), ref[i])
+      np.testing.assert_array_equal(host_chain.dense_matrix(node), ref[i])
 
 
 def _int_scaled_mlp(layers, x, factors=("mul",)):

@@ -416,3 +416,62 @@ def test_nnx_conv_batch_norm_dropout_in_eval_mode():
   graphdef, state = nnx.split(model)
   graph = assert_traces_exactly(lambda x: nnx.merge(graphdef, state)(x), (4, 4, 1))
   assert {"tanh", "relu"} <= set(kinds(graph))
+
+
+def _quantized_inside(w, scale_of):
+  """A layer that quantizes its weights inside the forward pass, as AQT and qwix do: ``round(w / s)``
+  with ``s`` from ``w``'s largest magnitudes (a dozen equations on constants), applied to the input
+  through a straight-through ``custom_vjp`` whose arguments are the input and the constants."""
+
+  @jax.custom_vjp
+  def ste(x, wq):
+    return x @ wq
+
+  ste.defvjp(lambda x, wq: (x @ wq, (x, wq)), lambda res, g: (g @ res[1].T, res[0][:, None] * g))
+
+  def layer(x):
+    s = scale_of(w)
+    wq = jnp.clip(jnp.round(w / s), -127, 127).astype(jnp.int8).astype(jnp.float32) * s
+    return jax.nn.relu(ste(x, wq)) + jnp.round(jnp.abs(w).max() * 4) / 4
+
+  return layer
+
+
+@pytest.mark.parametrize("scale_of", [lambda w: jnp.max(jnp.abs(w), axis=0) / 127,
+                                      lambda w: jnp.sqrt(jnp.mean(w * w)) * 3 / 127 + 1e-6],
+                         ids=["absmax per column", "rms"])
+def test_constant_parts_fold_and_the_graph_equals_the_function(scale_of):
+  w = jax.random.normal(jax.random.key(0), (5, 4))
+  fn = _quantized_inside(w, scale_of)
+  closed = jax.make_jaxpr(fn)(jnp.zeros(5))
+  from qbound.trace.fold import fold
+  from qbound.trace.builder import FOLD_MIN_EQUATIONS
+  rest, values = fold(closed, [None], FOLD_MIN_EQUATIONS)   # the weights' quantization: large enough
+  assert values and len(rest.jaxpr.eqns) < len(closed.jaxpr.eqns)
+  assert fold(jax.make_jaxpr(lambda x: x @ w)(jnp.zeros(5)), [None], FOLD_MIN_EQUATIONS) is None
+  g = qb.trace(fn, jnp.zeros(5))
+  xs = jax.random.normal(jax.random.key(1), (64, 5))
+  np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)), np.asarray(jax.vmap(fn)(xs)))
+  assert [n.kind for n in g.nodes if n.kind != "affine"] == ["input", "relu"]
+
+
+def test_a_custom_vjp_calls_constant_part_folds_where_the_walk_reaches_it(monkeypatch):
+  # Partial evaluation keeps a custom_vjp call whole; the walk folds its constant arguments' part.
+  w = jax.random.normal(jax.random.key(2), (3, 3))
+
+  @jax.custom_vjp
+  def quantized_matmul(x, w):
+    s = jnp.max(jnp.abs(w)) / 127
+    wq = jnp.round(jnp.clip(w / s, -127, 127)) * s
+    return jnp.tanh(x) @ (wq + jnp.floor(w * 0) + jnp.ceil(w * 0) - jnp.abs(w) * 0)
+
+  quantized_matmul.defvjp(lambda x, w: (quantized_matmul(x, w), None), lambda res, g: (g, g))
+  from qbound.trace import builder
+  folded = []
+  real = builder.fold
+  monkeypatch.setattr(builder, "fold", lambda *a: folded.append(real(*a)) or folded[-1])
+  g = qb.trace(lambda x: quantized_matmul(x, w), jnp.zeros(3))
+  assert [f is not None for f in folded] == [True]
+  xs = jax.random.normal(jax.random.key(3), (32, 3))
+  np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)),
+                                np.asarray(jax.vmap(lambda x: quantized_matmul(x, w))(xs)))

@@ -14,7 +14,7 @@ piece at each layer, and every backward step by the same fraction of the magnitu
 sums (the rounding of float64 sums of a few thousand terms is below ``1e-12`` of their magnitude,
 Higham 2002, section 3.1), as :mod:`qbound.exact.forms` does; the lines' offsets are checked at
 their ends with a few ulps to spare. The weights are float32 values, exact in float64, or folds of
-them (a scale divided or a second factor multiplied in, :func:`qbound.bounds.host_chain._dense_matrix`)
+them (a scale divided or a second factor multiplied in, :func:`qbound.bounds.host_chain.dense_matrix`)
 rounded by at most 2^-53 of the entry per factor, far inside that slack.
 
 Example:

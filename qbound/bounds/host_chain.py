@@ -2,7 +2,7 @@
 
 :mod:`qbound.bounds.host_bab` searches such chains in NumPy (:class:`~qbound.bounds.host_bounds.Chain`):
 :func:`chain_of` reads one off a :class:`~qbound.merge.MergedNetwork` (or says it is none), the
-weights of each dense layer as a matrix read off its node (:func:`_dense_matrix`: no JAX, which
+weights of each dense layer as a matrix read off its node (:func:`dense_matrix`: no JAX, which
 would compile on a first call), nodes that only reshape skipped, an input normalisation f and f_q
 share as the chain's ``prefix`` (:func:`map_box` maps a box through it, rounded outward), and
 :func:`input_rounding` reads f_q's rounding of its input (if it rounds it first), whose cells over a
@@ -39,7 +39,7 @@ MAX_NEURONS = 128
 MAX_INPUTS = 8
 
 
-def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
+def dense_matrix(node: G.Node) -> Optional[np.ndarray]:
   """A linear layer's ``(n_out, n_in)`` matrix read off its weights, or None for other linear maps:
   ``x @ W``, ``W @ x`` (also on an input with leading axes of length 1, as ``model.apply(params,
   x[None])`` traces), ``x * c`` and ``x / c`` by a constant entry by entry (a quantizer's scale), and
@@ -95,7 +95,7 @@ def _dense_matrix(node: G.Node) -> Optional[np.ndarray]:
 _RESHAPES = ("reshape", "squeeze", "expand_dims")
 
 
-def _moves_nothing(node: G.Node) -> bool:
+def moves_nothing(node: G.Node) -> bool:
   """Whether an affine node only reshapes: it keeps every entry, in row-major order (``x[None]``,
   a squeeze of unit axes), so the chain, on flat vectors, can skip it."""
   op = node.op
@@ -112,7 +112,7 @@ def _moves_nothing(node: G.Node) -> bool:
   return False
 
 
-def _clips_nothing(node: G.Node) -> bool:
+def clips_nothing(node: G.Node) -> bool:
   """Whether a ``clip`` node clips nothing (its ends infinite: merge's identity beside f_q's clip)."""
   return (len(node.weights) == 2 and bool(np.all(np.asarray(node.weights[0]) == -np.inf))
           and bool(np.all(np.asarray(node.weights[1]) == np.inf)))
@@ -120,9 +120,9 @@ def _clips_nothing(node: G.Node) -> bool:
 
 def chain_of(merged) -> Optional[Chain]:
   """The merged network as a :class:`Chain`, or None when it is not a small paired chain of dense
-  layers (``x @ W + b``, see :func:`_dense_matrix`) and ReLUs with few inputs (see ``MAX_NEURONS``,
+  layers (``x @ W + b``, see :func:`dense_matrix`) and ReLUs with few inputs (see ``MAX_NEURONS``,
   ``MAX_INPUTS``); roundings that are identities in both nets, and nodes that only reshape in both
-  (:func:`_moves_nothing`), are skipped. An input normalisation that f and f_q share exactly (clip,
+  (:func:`moves_nothing`), are skipped. An input normalisation that f and f_q share exactly (clip,
   shift, divide or multiply entry by entry, as :func:`qbound.io.load_nnet` builds) becomes the
   chain's ``prefix``."""
   if not merged.paired:
@@ -139,7 +139,7 @@ def chain_of(merged) -> Optional[Chain]:
     identity = lambda n: n.kind == G.ROUND and n.attrs[0] == "none"  # noqa: E731
     if a.kind != b.kind or a.inputs != (i - 1,) or b.inputs != (i - 1,):
       return None
-    if (identity(a) and identity(b)) or (_moves_nothing(a) and _moves_nothing(b)):
+    if (identity(a) and identity(b)) or (moves_nothing(a) and moves_nothing(b)):
       # (f's identity beside f_q's own rounding, static or dynamic, is not skipped: f_q rounds there.)
       continue
     if a.kind == G.RELU:
@@ -149,7 +149,7 @@ def chain_of(merged) -> Optional[Chain]:
     elif identity(a) and G.is_dynamic_rounding(b):
       if dynamic_rounding.check_guard(b.attrs[1]) is not None:
         return None  # (the compiled path says why)
-    elif a.kind == G.CLIP and _clips_nothing(a):
+    elif a.kind == G.CLIP and clips_nothing(a):
       pass  # f_q clips, f does not
     elif a.kind != G.AFFINE:
       return None
@@ -165,8 +165,8 @@ def chain_of(merged) -> Optional[Chain]:
     return None  # (the bounds read each ReLU's input bounds off the affine layer before it)
   if neurons > MAX_NEURONS:
     return None
-  fm = {i: _dense_matrix(fg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
-  qm = {i: _dense_matrix(qg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
+  fm = {i: dense_matrix(fg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
+  qm = {i: dense_matrix(qg.nodes[i]) for i, kind in kinds.items() if kind == G.AFFINE}
   if any(m is None for m in (*fm.values(), *qm.values())):
     # Other linear maps (convolutions, other scalings) would be read through JAX, compiling on a
     # first call what this search exists to avoid: left to the compiled search.

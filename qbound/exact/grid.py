@@ -401,11 +401,15 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     if chunk == 1:
       timed_from = now
     rows = slice(chunk * k, (chunk + 1) * k)
-    value, lam = linear_bounds(fg, blk_lo[rows], blk_hi[rows])
-    forms_np.append((value, lam))
+    if chunk == 0:
+      forms_np.append(linear_bounds(fg, blk_lo[rows], blk_hi[rows]))
+    value, lam = forms_np[chunk]
     out, positions, guesses = chunk_bounds(qg, grid.q_err, grid.tables, chunk * k, value, lam, blk_lo[rows],
                                            blk_hi[rows], k=k, counts=grid.counts, per=grid.per,
                                            blocks_per=grid.blocks_per, candidates=True)
+    if chunk + 1 < n_chunks:  # the next chunk's forms (NumPy) while the device bounds this one's cells
+      following = slice((chunk + 1) * k, (chunk + 2) * k)
+      forms_np.append(linear_bounds(fg, blk_lo[following], blk_hi[following]))
     worst.append(np.asarray(out, np.float64))
     if chunk == 0 and compiled is not None:
       compiled()

@@ -57,8 +57,9 @@ import numpy as np
 
 from qbound import graph as G
 from qbound.box import Box
-from qbound.trace.builder import _Builder
+from qbound.trace.builder import FOLD_MIN_EQUATIONS, _Builder
 from qbound.trace.dynamic_forms import materialize
+from qbound.trace.fold import fold
 from qbound.trace.linear import LinearOp
 from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
 from qbound.trace.simplify import _simplify
@@ -118,8 +119,15 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
   out_aval = jaxpr.outvars[0].aval
   if not jnp.issubdtype(out_aval.dtype, jnp.floating):
     raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
+  # What does not depend on the input as one compiled program where it is large (a library's weight
+  # quantization); otherwise the walk evaluates it (trace.fold, FOLD_MIN_EQUATIONS).
+  folded = fold(closed, [None], FOLD_MIN_EQUATIONS)
+  args = [("node", 0)]
+  if folded is not None:
+    closed, residuals = folded
+    args = [("const", r) for r in residuals] + args
   builder = _Builder(spec.shape, spec.dtype)
-  (out,) = builder.run(jaxpr, closed.consts, [("node", 0)])
+  (out,) = builder.run(closed.jaxpr, closed.consts, args)
   out = materialize(builder, out)
   if out[0] == "const":
     raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")

@@ -27,6 +27,7 @@ from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_te
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
 from qbound.trace import dynamic, dynamic_forms
+from qbound.trace.fold import fold
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
 from qbound.trace.unsupported import message as unsupported_message, user_operation
 
@@ -109,6 +110,12 @@ def _gelu_input(eqn, producers, read):
   return None
 
 
+# Inside a call with constant and input-dependent arguments, a constant part of at least this many
+# equations is evaluated as one compiled program (trace.fold); each equation costs a compilation of
+# its own otherwise (AQT's weight quantization: 15-20 equations per layer).
+FOLD_MIN_EQUATIONS = 8
+
+
 class _Builder:
   """Walks jaxpr equations and emits graph nodes."""
 
@@ -169,9 +176,18 @@ class _Builder:
       # a jit boundary), for naming the user's operation in unsupported()'s message.
       self.calls = getattr(self, "calls", []) + [eqn]
       try:
-        if isinstance(sub, jcore.ClosedJaxpr):
-          return self.run(sub.jaxpr, sub.consts, ins, _where(eqn, outer_where))
-        return self.run(sub, (), ins, _where(eqn, outer_where))
+        closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
+        kinds = {v[0] for v in ins}
+        folded = None
+        if kinds == {"const", "node"}:
+          # (a custom_vjp or custom_jvp call that partial evaluation kept whole: its constant part,
+          # a library's weight quantization, as one compiled program where it is large; a small
+          # one is walked as written, which keeps the equations' tracebacks for naming them)
+          folded = fold(closed, [v[1] if v[0] == "const" else None for v in ins], FOLD_MIN_EQUATIONS)
+        if folded is not None:
+          closed, values = folded
+          ins = [("const", v) for v in values] + [v for v in ins if v[0] == "node"]
+        return self.run(closed.jaxpr, closed.consts, ins, _where(eqn, outer_where))
       finally:
         self.calls = self.calls[:-1]
     if any(v[0] == "lazy" for v in ins) or (defer and name in dynamic.STARTS and ins[0][0] == "node"):

@@ -1,0 +1,55 @@
+"""What does not depend on the input, evaluated as one compiled program before the walk.
+
+The tracer walks a jaxpr equation by equation; an equation whose inputs are all constants (a
+library's weight quantization inside the forward pass: AQT's and qwix's ``round(w / s)``, scale
+computations, casts) used to be evaluated on its own, each operation compiling a program of its own
+(a few milliseconds to 25 ms each, hundreds of them: 2.2 s of a machine's first call on AQT's static
+po2 MLP). :func:`fold` splits a jaxpr by data dependence with JAX's partial evaluation (nested
+``jit`` calls included; a ``custom_vjp`` or ``custom_jvp`` call is split where the walk reaches it,
+:meth:`qbound.trace.builder._Builder.equation`), evaluates the known part as one compiled program,
+and returns the rest with the values it needs. XLA computes each operation as the user's jitted model
+does (it does not reassociate floating-point arithmetic), so the constants are those the model uses.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from qbound.trace.fold import fold
+  >>> closed = jax.make_jaxpr(lambda x: x * jnp.round(jnp.arange(3.0) / 2))(jnp.zeros(3))
+  >>> rest, values = fold(closed, [None])
+  >>> len(rest.jaxpr.eqns), [v.tolist() for v in values]   # the product left; round(arange / 2) known
+  (1, [[0.0, 0.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+from jax._src import core as jcore  # (the builder reads the same internals)
+from jax._src.interpreters import partial_eval as pe
+
+__all__ = ["fold"]
+
+
+def fold(closed, known: Sequence[Optional[object]], min_equations: int = 0):
+  """Splits ``closed`` (a ``ClosedJaxpr``) into its part that depends only on the known inputs,
+  evaluated now, and the rest.
+
+  Args:
+    closed: the jaxpr.
+    known: per input, its value where known, else None.
+    min_equations: return None when the known part has fewer equations than this (the walk then
+      evaluates them one by one, as it reads the original equations: worth it where they are few).
+
+  Returns:
+    ``(rest, values)``: ``rest`` a ``ClosedJaxpr`` whose inputs are ``values`` (the known part's
+    results it needs) followed by the unknown inputs, in order; its outputs are ``closed``'s. Or None
+    (see ``min_equations``).
+  """
+  unknowns = [v is None for v in known]
+  part, rest, _, _ = pe.partial_eval_jaxpr_nounits(closed, unknowns=unknowns, instantiate=True)
+  if len(part.jaxpr.eqns) < min_equations:
+    return None
+  args = [v for v in known if v is not None]
+  if not part.jaxpr.eqns:  # values passed through only: nothing to compile
+    return rest, jcore.eval_jaxpr(part.jaxpr, part.consts, *args)
+  return rest, jax.jit(jcore.jaxpr_as_fun(part))(*args)
