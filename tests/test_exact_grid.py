@@ -419,3 +419,20 @@ def test_grid_refines_until_its_own_deadline(monkeypatch):
   assert full.upper <= early.upper
   edges = cells.input_cells(merged.fq_graph, box)
   assert _sampled_max(merged, box, edges) <= full.upper
+
+
+@pytest.mark.parametrize("scale", [1 / 8, 0.37])
+def test_the_input_chain_read_off_the_weights_equals_its_evaluation(scale):
+  # cells._dense_path (NumPy: nothing compiles) and cells._path_by_jax give the same chain.
+  w = jax.random.normal(jax.random.key(0), (3, 4))
+  fq = lambda x: jnp.round(jnp.clip((x * 2.0 + 0.25) / scale, -127, 127)) @ w  # noqa: E731
+  g = qb.trace(fq, jnp.zeros(3))
+  gate = cells.pre_rounding(g)[0][0]
+  src = g.nodes[gate].inputs[0]
+  while g.nodes[src].kind == "clip":
+    src = g.nodes[src].inputs[0]
+  m, b = cells._dense_path(g, src, 3)
+  m_jax, b_jax = cells._path_by_jax(g, src, 3)
+  np.testing.assert_allclose(m, m_jax, rtol=1e-15)
+  np.testing.assert_allclose(b, b_jax, rtol=1e-15, atol=1e-15)
+  assert np.count_nonzero(m - np.diag(np.diag(m))) == 0 and np.allclose(np.diag(m), 2.0 / scale)

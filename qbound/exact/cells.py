@@ -62,6 +62,52 @@ def _entrywise_affine(graph: G.Graph, gate: int):
   while graph.nodes[src].kind == G.CLIP:
     clips.append(graph.nodes[src])
     src = graph.nodes[src].inputs[0]
+  m_b = _dense_path(graph, src, n_in)
+  if m_b is not None:
+    m, b = m_b
+  else:
+    m, b = _path_by_jax(graph, src, n_in)
+  if np.any((m != 0).sum(axis=1) > 1):
+    return None
+  lo = np.full(b.shape, -np.inf)
+  hi = np.full(b.shape, np.inf)
+  for node in reversed(clips):  # innermost first
+    c_lo = np.broadcast_to(np.asarray(node.weights[0], np.float64), node.shape).reshape(-1)
+    c_hi = np.broadcast_to(np.asarray(node.weights[1], np.float64), node.shape).reshape(-1)
+    lo, hi = np.minimum(np.maximum(lo, c_lo), c_hi), np.minimum(np.maximum(hi, c_lo), c_hi)
+  return m, b, lo, hi
+
+
+def _dense_path(graph: G.Graph, src: int, n_in: int):
+  """``(M, b)`` with node ``src`` ``= M x + b`` (float64, flat), read off the weights where the path
+  to it is a chain of dense maps (:func:`qbound.bounds.host_chain.dense_matrix`), reshapes and
+  clips (passed through, as :func:`_path_by_jax` does); else None. NumPy: nothing compiles."""
+  from qbound.bounds import host_chain
+
+  m, b, node_id = np.eye(n_in), np.zeros(n_in), src
+  path = []
+  while node_id != 0:
+    node = graph.nodes[node_id]
+    if len(node.inputs) != 1:
+      return None
+    path.append(node)
+    node_id = node.inputs[0]
+  for node in reversed(path):
+    if node.kind == G.CLIP or host_chain.moves_nothing(node):
+      continue
+    if node.kind != G.AFFINE:
+      return None
+    matrix = host_chain.dense_matrix(node)
+    if matrix is None:
+      return None
+    bias = 0.0 if node.bias is None else np.broadcast_to(np.asarray(node.bias, np.float64), node.shape).reshape(-1)
+    m, b = matrix @ m, matrix @ b + bias
+  return m, b
+
+
+def _path_by_jax(graph: G.Graph, src: int, n_in: int):
+  """:func:`_dense_path` for any linear path: node ``src`` evaluated in float64 at 0 and the unit
+  vectors (each operation compiles on a first call)."""
   with jax.enable_x64(True):
     g64 = G.float64_copy(graph)
     def value(x):
@@ -76,15 +122,7 @@ def _entrywise_affine(graph: G.Graph, gate: int):
     b = np.asarray(value(zero), np.float64)
     basis = jnp.eye(n_in, dtype=jnp.float64).reshape((n_in, *graph.input_shape))
     m = np.asarray(jax.vmap(value)(basis), np.float64).reshape(n_in, -1).T - b[:, None]
-  if np.any((m != 0).sum(axis=1) > 1):
-    return None
-  lo = np.full(b.shape, -np.inf)
-  hi = np.full(b.shape, np.inf)
-  for node in reversed(clips):  # innermost first
-    c_lo = np.broadcast_to(np.asarray(node.weights[0], np.float64), node.shape).reshape(-1)
-    c_hi = np.broadcast_to(np.asarray(node.weights[1], np.float64), node.shape).reshape(-1)
-    lo, hi = np.minimum(np.maximum(lo, c_lo), c_hi), np.minimum(np.maximum(hi, c_lo), c_hi)
-  return m, b, lo, hi
+  return m, b
 
 
 def _ties(mode: str, u_lo: float, u_hi: float) -> np.ndarray:
