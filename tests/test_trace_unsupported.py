@@ -25,9 +25,18 @@ W = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
     (jax.nn.softplus, "jax.nn.softplus", None),
     (jax.nn.mish, "jax.nn.mish", None),
 ], ids=["log_softmax", "elu", "celu", "softplus", "mish"])
-def test_library_functions_are_named_with_the_users_line(fn, operation, primitive):
+@pytest.mark.parametrize("weights", ["float", "quantized inside"])
+def test_library_functions_are_named_with_the_users_line(fn, operation, primitive, weights):
+  # "quantized inside": a constant part large enough to be folded as one program (trace.fold),
+  # whose partial evaluation inlines custom_jvp calls: the message still names the function.
+  def weight():  # (called inside the traced function: its operations are the jaxpr's)
+    if weights == "float":
+      return W
+    scale = jnp.max(jnp.abs(W)) / 127
+    return jnp.round(jnp.clip(W / scale, -127, 127)) * scale + jnp.floor(W * 0) + jnp.ceil(W * 0)
+
   with pytest.raises(qb.UnsupportedPrimitiveError) as err:
-    qb.trace(lambda x: fn(x @ W), jnp.zeros(4))  # the user's line: this one
+    qb.trace(lambda x: fn(x @ weight()), jnp.zeros(4))  # the user's line: this one
   message = str(err.value)
   assert message.startswith(f"qbound cannot bound {operation}, called at "), message
   assert "test_trace_unsupported.py:" in message and "/jax/_src/" not in message.split("Supported")[0]

@@ -78,6 +78,13 @@ def _as_spec(example):
   return jax.ShapeDtypeStruct(tuple(arr.shape), jax.dtypes.canonicalize_dtype(dtype))
 
 
+def _walk(spec, closed, constants):
+  """The builder after walking ``closed`` (inputs: ``constants``, then the input), and its output."""
+  builder = _Builder(spec.shape, spec.dtype)
+  (out,) = builder.run(closed.jaxpr, closed.consts, [("const", c) for c in constants] + [("node", 0)])
+  return builder, materialize(builder, out)
+
+
 def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
   """Traces ``fn`` (a pure function of ONE unbatched input) into a :class:`~qbound.graph.Graph`.
 
@@ -122,13 +129,14 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
   # What does not depend on the input as one compiled program where it is large (a library's weight
   # quantization); otherwise the walk evaluates it (trace.fold, FOLD_MIN_EQUATIONS).
   folded = fold(closed, [None], FOLD_MIN_EQUATIONS)
-  args = [("node", 0)]
-  if folded is not None:
-    closed, residuals = folded
-    args = [("const", r) for r in residuals] + args
-  builder = _Builder(spec.shape, spec.dtype)
-  (out,) = builder.run(closed.jaxpr, closed.consts, args)
-  out = materialize(builder, out)
+  try:
+    builder, out = _walk(spec, *(folded if folded is not None else (closed, [])))
+  except UnsupportedPrimitiveError:
+    if folded is None:
+      raise
+    # Partial evaluation inlines custom_jvp calls, whose tracebacks name the library function the
+    # user called (jax.nn.softplus): the message comes from the jaxpr as written.
+    builder, out = _walk(spec, closed, [])
   if out[0] == "const":
     raise ValueError(f"the output of {label} does not depend on its input; there is nothing to bound.")
   nodes, output = _simplify(builder.nodes, out[1])
