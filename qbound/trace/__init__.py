@@ -37,6 +37,8 @@ The package, one idea per module:
 
 * :mod:`qbound.trace.primitives`: the primitives known, :class:`UnsupportedPrimitiveError`;
 * :mod:`qbound.trace.linear`: :class:`LinearOp`, a linear map given by one primitive;
+* :mod:`qbound.trace.fold`: what does not depend on the input, evaluated as one compiled program
+  before the walk (a library's weight quantization inside the forward pass);
 * :mod:`qbound.trace.builder`: the jaxpr walker and the emitters the rules build nodes with;
 * :mod:`qbound.trace.unsupported`: the message of :class:`UnsupportedPrimitiveError`, naming the
   user's operation (``jax.nn.gelu``) rather than JAX's primitive where it can;
