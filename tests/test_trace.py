@@ -444,11 +444,11 @@ def test_constant_parts_fold_and_the_graph_equals_the_function(scale_of):
   w = jax.random.normal(jax.random.key(0), (5, 4))
   fn = _quantized_inside(w, scale_of)
   closed = jax.make_jaxpr(fn)(jnp.zeros(5))
-  from qbound.trace.fold import fold
+  from qbound.trace.fold import fold_constants
   from qbound.trace.builder import FOLD_MIN_EQUATIONS
-  rest, values = fold(closed, [None], FOLD_MIN_EQUATIONS)   # the weights' quantization: large enough
+  rest, values = fold_constants(closed, [None], FOLD_MIN_EQUATIONS)   # the weights' quantization: large enough
   assert values and len(rest.jaxpr.eqns) < len(closed.jaxpr.eqns)
-  assert fold(jax.make_jaxpr(lambda x: x @ w)(jnp.zeros(5)), [None], FOLD_MIN_EQUATIONS) is None
+  assert fold_constants(jax.make_jaxpr(lambda x: x @ w)(jnp.zeros(5)), [None], FOLD_MIN_EQUATIONS) is None
   g = qb.trace(fn, jnp.zeros(5))
   xs = jax.random.normal(jax.random.key(1), (64, 5))
   np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)), np.asarray(jax.vmap(fn)(xs)))
@@ -468,10 +468,28 @@ def test_a_custom_vjp_calls_constant_part_folds_where_the_walk_reaches_it(monkey
   quantized_matmul.defvjp(lambda x, w: (quantized_matmul(x, w), None), lambda res, g: (g, g))
   from qbound.trace import builder
   folded = []
-  real = builder.fold
-  monkeypatch.setattr(builder, "fold", lambda *a: folded.append(real(*a)) or folded[-1])
+  real = builder.fold_constants
+  monkeypatch.setattr(builder, "fold_constants", lambda *a: folded.append(real(*a)) or folded[-1])
   g = qb.trace(lambda x: quantized_matmul(x, w), jnp.zeros(3))
   assert [f is not None for f in folded] == [True]
   xs = jax.random.normal(jax.random.key(3), (32, 3))
   np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)),
                                 np.asarray(jax.vmap(lambda x: quantized_matmul(x, w))(xs)))
+
+
+def test_a_folded_program_is_shared_by_models_of_the_same_shape_with_their_own_weights():
+  # trace.fold keeps the known part's program by its text, the constants as arguments: a second
+  # model of the same structure reuses it and still gets its own weights' quantization.
+  from qbound.trace import fold as fold_module
+
+  fns = [_quantized_inside(jax.random.normal(jax.random.key(seed), (5, 4)) * scale,
+                           lambda w: jnp.max(jnp.abs(w), axis=0) / 127)
+         for seed, scale in [(0, 1.0), (1, 3.0)]]
+  graphs = [qb.trace(fn, jnp.zeros(5)) for fn in fns]
+  programs = len(fold_module._PROGRAMS)
+  again = qb.trace(fns[1], jnp.zeros(5))
+  assert len(fold_module._PROGRAMS) == programs  # reused, not compiled again
+  xs = jax.random.normal(jax.random.key(2), (64, 5))
+  for g, fn in zip(graphs + [again], fns + [fns[1]]):
+    np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)), np.asarray(jax.vmap(fn)(xs)))
+  assert not np.array_equal(np.asarray(jax.vmap(graphs[0])(xs)), np.asarray(jax.vmap(graphs[1])(xs)))

@@ -61,7 +61,7 @@ from qbound import graph as G
 from qbound.box import Box
 from qbound.trace.builder import FOLD_MIN_EQUATIONS, _Builder
 from qbound.trace.dynamic_forms import materialize
-from qbound.trace.fold import fold
+from qbound.trace.fold import fold_constants
 from qbound.trace.linear import LinearOp
 from qbound.trace.primitives import SUPPORTED, UnsupportedPrimitiveError
 from qbound.trace.simplify import _simplify
@@ -130,7 +130,7 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
     raise ValueError(f"{label} must return a float array, got dtype {out_aval.dtype}.")
   # What does not depend on the input as one compiled program where it is large (a library's weight
   # quantization); otherwise the walk evaluates it (trace.fold, FOLD_MIN_EQUATIONS).
-  folded = fold(closed, [None], FOLD_MIN_EQUATIONS)
+  folded = fold_constants(closed, [None], FOLD_MIN_EQUATIONS)
   try:
     builder, out = _walk(spec, *(folded if folded is not None else (closed, [])))
   except UnsupportedPrimitiveError:

@@ -27,7 +27,7 @@ from qbound.trace.linear import LinearOp, _freeze, _op_of, _Unhashable, _with_te
 from qbound.trace.primitives import (SUPPORTED, UnsupportedPrimitiveError, _CALL_PARAM_NAMES,
                                      _COEFFICIENT_PRIMS, _PRECISE_PRIMS, _ROUTING_PRIMS)
 from qbound.trace import dynamic, dynamic_forms
-from qbound.trace.fold import fold
+from qbound.trace.fold import fold_constants
 from qbound.trace.rules import _RULES, _max_pair, _min_pair
 from qbound.trace.unsupported import message as unsupported_message, user_operation
 
@@ -183,7 +183,7 @@ class _Builder:
           # (a custom_vjp or custom_jvp call that partial evaluation kept whole: its constant part,
           # a library's weight quantization, as one compiled program where it is large; a small
           # one is walked as written, which keeps the equations' tracebacks for naming them)
-          folded = fold(closed, [v[1] if v[0] == "const" else None for v in ins], FOLD_MIN_EQUATIONS)
+          folded = fold_constants(closed, [v[1] if v[0] == "const" else None for v in ins], FOLD_MIN_EQUATIONS)
         if folded is not None:
           closed, values = folded
           ins = [("const", v) for v in values] + [v for v in ins if v[0] == "node"]

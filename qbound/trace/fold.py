@@ -4,7 +4,7 @@ The tracer walks a jaxpr equation by equation; an equation whose inputs are all 
 library's weight quantization inside the forward pass: AQT's and qwix's ``round(w / s)``, scale
 computations, casts) used to be evaluated on its own, each operation compiling a program of its own
 (a few milliseconds to 25 ms each, hundreds of them: 2.2 s of a machine's first call on AQT's static
-po2 MLP). :func:`fold` splits a jaxpr by data dependence with JAX's partial evaluation (nested
+po2 MLP). :func:`fold_constants` splits a jaxpr by data dependence with JAX's partial evaluation (nested
 ``jit`` calls included; a ``custom_vjp`` or ``custom_jvp`` call is split where the walk reaches it,
 :meth:`qbound.trace.builder._Builder.equation`), evaluates the known part as one compiled program,
 and returns the rest with the values it needs. XLA computes each operation as the user's jitted model
@@ -12,25 +12,26 @@ does (it does not reassociate floating-point arithmetic), so the constants are t
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from qbound.trace.fold import fold
+  >>> from qbound.trace.fold import fold_constants
   >>> closed = jax.make_jaxpr(lambda x: x * jnp.round(jnp.arange(3.0) / 2))(jnp.zeros(3))
-  >>> rest, values = fold(closed, [None])
+  >>> rest, values = fold_constants(closed, [None])
   >>> len(rest.jaxpr.eqns), [v.tolist() for v in values]   # the product left; round(arange / 2) known
   (1, [[0.0, 0.0, 1.0]])
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import collections
+from typing import Callable, Optional, Sequence
 
 import jax
 from jax._src import core as jcore  # (the builder reads the same internals)
 from jax._src.interpreters import partial_eval as pe
 
-__all__ = ["fold"]
+__all__ = ["fold_constants"]
 
 
-def fold(closed, known: Sequence[Optional[object]], min_equations: int = 0):
+def fold_constants(closed, known: Sequence[Optional[object]], min_equations: int = 0):
   """Splits ``closed`` (a ``ClosedJaxpr``) into its part that depends only on the known inputs,
   evaluated now, and the rest.
 
@@ -52,4 +53,31 @@ def fold(closed, known: Sequence[Optional[object]], min_equations: int = 0):
   args = [v for v in known if v is not None]
   if not part.jaxpr.eqns:  # values passed through only: nothing to compile
     return rest, jcore.eval_jaxpr(part.jaxpr, part.consts, *args)
-  return rest, jax.jit(jcore.jaxpr_as_fun(part))(*args)
+  return rest, _program(part.jaxpr)(*part.consts, *args)
+
+
+# Compiled known parts by their text (constants as arguments): tracing the same model again in a
+# process (a second certify call, a test suite's many) reuses the program, where a new function
+# object would be traced, lowered and looked up in the persistent cache again (0.1-0.3 s each).
+_PROGRAMS: "collections.OrderedDict[str, Callable]" = collections.OrderedDict()
+MAX_PROGRAMS = 256
+
+
+def _program(jaxpr) -> Callable:
+  """A jitted function of ``jaxpr``'s constants and inputs, shared by every jaxpr of the same text.
+
+  The text names every operation with its parameters and every value's shape and dtype, so equal
+  texts compute the same function of their arguments; a parameter printed as a Python object's
+  address (a callback) could repeat after that object is gone, so such a jaxpr is never shared."""
+  opened = pe.convert_constvars_jaxpr(jaxpr)
+  text = str(opened)
+  fn = _PROGRAMS.get(text)
+  if fn is None:
+    fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(opened, ())))
+    if " at 0x" not in text:
+      _PROGRAMS[text] = fn
+      while len(_PROGRAMS) > MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+  else:
+    _PROGRAMS.move_to_end(text)
+  return fn
