@@ -8,7 +8,9 @@ no bounds computed. Rebuild after editing this file, then execute headless::
     python notebooks/build_notebooks.py
     python experiments/run_all.py --smoke          # runs the experiments, then every notebook
 
-The notebooks are written without outputs; ``run_all.py`` saves executed copies under
+The notebooks are committed with the outputs of a run on the full results
+(``python notebooks/build_notebooks.py --execute``): the docs site renders them as committed, and the
+tests run each one again on smoke results. ``run_all.py`` saves executed copies under
 ``results/[smoke/]notebooks/``.
 
 One notebook is a walkthrough rather than an analysis: ``quant_libraries`` quantizes a small model
@@ -99,7 +101,7 @@ def load(name: str) -> str:
   return f'''NAME = "{name}"
 RESULTS = experiment_dir(NAME)
 summary = json.loads((RESULTS / "summary.json").read_text())
-print(f"results from {{RESULTS}} (smoke run: {{summary['smoke']}}, {{summary['seconds']:.0f}} s, "
+print(f"results from {{os.path.relpath(RESULTS, pathlib.Path.cwd().parent)}} (smoke run: {{summary['smoke']}}, {{summary['seconds']:.0f}} s, "
       f"{{summary['machine']['cpu_count']}} CPUs, jax {{summary['machine']['jax']}})")'''
 
 
@@ -625,14 +627,31 @@ def build(name: str, cells) -> nbformat.NotebookNode:
   return nb
 
 
+def execute(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+  """``nb`` run headless in this folder (results/ as the full runs left it), with its outputs."""
+  import nbclient
+
+  nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+  for cell in nb.cells:  # libraries' warnings (tqdm's about widgets) name this machine's paths
+    if cell.cell_type == "code":
+      cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+  return nb
+
+
 def main(argv=None) -> list[pathlib.Path]:
-  names = list(argv if argv is not None else sys.argv[1:]) or list(NOTEBOOKS)
+  """``python notebooks/build_notebooks.py [--execute] [NAME ...]``: writes the notebooks (all by
+  default); with ``--execute``, with their outputs, as the docs site shows them (it renders the
+  committed notebooks without running them: rebuild with ``--execute`` after new results)."""
+  args = list(argv if argv is not None else sys.argv[1:])
+  run = "--execute" in args
+  names = [a for a in args if a != "--execute"] or list(NOTEBOOKS)
   written = []
   for name in names:
     path = HERE / f"{name}.ipynb"
-    nbformat.write(build(name, NOTEBOOKS[name]), path)
+    nb = build(name, NOTEBOOKS[name])
+    nbformat.write(execute(nb) if run else nb, path)
     written.append(path)
-    print(f"wrote {path.relative_to(HERE.parent)}")
+    print(f"wrote {path.relative_to(HERE.parent)}" + (" (executed)" if run else ""))
   return written
 
 

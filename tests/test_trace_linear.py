@@ -33,7 +33,7 @@ def _both(fn, in_shape, *consts, var_pos=0):
   return (ruled.terms, ruled.terms_transpose), (counted.terms, counted.terms_transpose)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)  # (the profile's examples: 15 by default, 300 with HYPOTHESIS_PROFILE=thorough)
 @given(spatial=st.integers(1, 2), data=st.data())
 def test_convolution_counts_equal_counting_on_ones(spatial, data):
   ints = lambda lo, hi: st.lists(st.integers(lo, hi), min_size=spatial, max_size=spatial)  # noqa: E731
