@@ -493,3 +493,21 @@ def test_a_folded_program_is_shared_by_models_of_the_same_shape_with_their_own_w
   for g, fn in zip(graphs + [again], fns + [fns[1]]):
     np.testing.assert_array_equal(np.asarray(jax.vmap(g)(xs)), np.asarray(jax.vmap(fn)(xs)))
   assert not np.array_equal(np.asarray(jax.vmap(graphs[0])(xs)), np.asarray(jax.vmap(graphs[1])(xs)))
+
+
+def test_a_known_part_with_a_callback_is_never_shared():
+  # A callback's text names no function: two known parts that differ only in it print alike.
+  import importlib
+
+  fold_module = importlib.import_module("qbound.trace.fold")
+  outs = []
+  for value in (1.0, 2.0):
+    callback = lambda v=value: np.full((3,), v, np.float32)  # noqa: E731
+    fn = lambda x, cb=callback: x * (jax.pure_callback(cb, jax.ShapeDtypeStruct((3,), jnp.float32)) + jnp.round(  # noqa: E731
+        jnp.arange(3.0) / 2) + jnp.floor(jnp.arange(3.0) / 3) + jnp.ceil(jnp.arange(3.0) / 4) - jnp.abs(jnp.arange(3.0)))
+    closed = jax.make_jaxpr(fn)(jnp.zeros(3))
+    part, _, _, _ = fold_module.pe.partial_eval_jaxpr_nounits(closed, [True], True)
+    assert not fold_module._shareable(fold_module.pe.convert_constvars_jaxpr(part.jaxpr))
+    _, values = fold_module.fold_constants(closed, [None])
+    outs.append([np.asarray(v) for v in values])
+  assert any(not np.array_equal(a, b) for a, b in zip(*outs))

@@ -22,9 +22,11 @@ Example:
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Callable, Optional, Sequence
 
 import jax
+import numpy as np
 from jax._src import core as jcore  # (the builder reads the same internals)
 from jax._src.interpreters import partial_eval as pe
 
@@ -61,23 +63,46 @@ def fold_constants(closed, known: Sequence[Optional[object]], min_equations: int
 # object would be traced, lowered and looked up in the persistent cache again (0.1-0.3 s each).
 _PROGRAMS: "collections.OrderedDict[str, Callable]" = collections.OrderedDict()
 MAX_PROGRAMS = 256
+_PROGRAMS_LOCK = threading.Lock()
 
 
 def _program(jaxpr) -> Callable:
   """A jitted function of ``jaxpr``'s constants and inputs, shared by every jaxpr of the same text.
 
   The text names every operation with its parameters and every value's shape and dtype, so equal
-  texts compute the same function of their arguments; a parameter printed as a Python object's
-  address (a callback) could repeat after that object is gone, so such a jaxpr is never shared."""
+  texts compute the same function of their arguments, except where a parameter's text does not
+  say what it computes: a callback (its function), a nested jaxpr's constants or an array
+  parameter (values not printed), an object's address (reusable once it is gone). Such a jaxpr is
+  never shared (:func:`_shareable`)."""
   opened = pe.convert_constvars_jaxpr(jaxpr)
   text = str(opened)
-  fn = _PROGRAMS.get(text)
-  if fn is None:
-    fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(opened, ())))
-    if " at 0x" not in text:
-      _PROGRAMS[text] = fn
-      while len(_PROGRAMS) > MAX_PROGRAMS:
-        _PROGRAMS.popitem(last=False)
-  else:
-    _PROGRAMS.move_to_end(text)
+  with _PROGRAMS_LOCK:  # (certify_batch may trace in threads)
+    fn = _PROGRAMS.get(text)
+    if fn is None:
+      fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(opened, ())))
+      if " at 0x" not in text and _shareable(opened):
+        _PROGRAMS[text] = fn
+        while len(_PROGRAMS) > MAX_PROGRAMS:
+          _PROGRAMS.popitem(last=False)
+    else:
+      _PROGRAMS.move_to_end(text)
   return fn
+
+
+def _shareable(jaxpr) -> bool:
+  """Whether ``jaxpr``'s text says all it computes: no callback, no nested jaxpr with constants of
+  its own, no array parameter (checked through nested jaxprs)."""
+  for eqn in jaxpr.eqns:
+    if "callback" in eqn.primitive.name:
+      return False
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, jcore.ClosedJaxpr):
+          if item.consts or not _shareable(item.jaxpr):
+            return False
+        elif isinstance(item, jcore.Jaxpr):
+          if not _shareable(item):
+            return False
+        elif isinstance(item, (np.ndarray, jax.Array)) and np.size(item) > 1:
+          return False
+  return True
