@@ -20,6 +20,7 @@ with qwix and with AQT and certifies it live (about a minute on 2 cores), then s
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -101,7 +102,7 @@ def load(name: str) -> str:
   return f'''NAME = "{name}"
 RESULTS = experiment_dir(NAME)
 summary = json.loads((RESULTS / "summary.json").read_text())
-print(f"results from {{os.path.relpath(RESULTS, pathlib.Path.cwd().parent)}} (smoke run: {{summary['smoke']}}, {{summary['seconds']:.0f}} s, "
+print(f"results from {{RESULTS}} (smoke run: {{summary['smoke']}}, {{summary['seconds']:.0f}} s, "
       f"{{summary['machine']['cpu_count']}} CPUs, jax {{summary['machine']['jax']}})")'''
 
 
@@ -632,9 +633,13 @@ def execute(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
   import nbclient
 
   nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
-  for cell in nb.cells:  # libraries' warnings (tqdm's about widgets) name this machine's paths
+  root = f"{HERE.parent}{os.sep}"
+  for cell in nb.cells:  # this machine's paths left out: libraries' warnings (tqdm's), the results folder
     if cell.cell_type == "code":
       cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+      for out in cell.outputs:
+        if out.get("output_type") == "stream":
+          out["text"] = out["text"].replace(root, "")
   return nb
 
 

@@ -177,6 +177,7 @@ def _deep_rms_mlp(c=3.0, seed=11):
   return f, fq
 
 
+@pytest.mark.slow  # (12-13 s: a consistency check of the batch shape, not a bound's soundness)
 def test_widening_measured_at_the_batch_shape_is_the_same(monkeypatch):
   """bab_batch.WIDENING_AT_BATCH_SHAPE: the widening measured again on every neuron, on the root box
   repeated over the batch, equals the one measured on a batch of one (it only reuses programs)."""
