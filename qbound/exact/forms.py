@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound._arrays import namespace
 from qbound.bounds import host_chain
 
 # float64 forms are widened by this fraction of their magnitude over the box, per node.
@@ -173,18 +174,24 @@ def _bounds64(g64: G.Graph, lo, hi, group: int):
   lf, uf = lf.reshape(k, -1, n), uf.reshape(k, -1, n)
   # Rows: +e_j (f_j >= lower form) and -e_j (-f_j >= -upper form).
   forms = jnp.concatenate([lf, -uf], axis=2).transpose(0, 2, 1)  # (k, 2n, P)
+  return _float32_rows(forms, lo.reshape(k, 1, -1), hi.reshape(k, 1, -1))
+
+
+def _float32_rows(forms, lo_f, hi_f):
+  """``(value, lam)`` in float32 from float64 forms ``(k, rows, P)`` over boxes ``(k, 1, n_in)``
+  (NumPy or JAX arrays alike)."""
+  xp = namespace(forms, lo_f, hi_f)
   lam64 = forms[..., :-1]
-  lam = lam64.astype(jnp.float32)
-  lo_f, hi_f = lo.reshape(k, 1, -1), hi.reshape(k, 1, -1)
+  lam = lam64.astype(xp.float32)
   # Rounding lam to float32 moves the form by at most |lam64 - lam| |x|; the minimum over the box of
   # the float32 form plus the constant, less that and float64's slack, then rounded down.
-  xmax = jnp.maximum(jnp.abs(lo_f), jnp.abs(hi_f))
-  lam32 = lam.astype(jnp.float64)
-  low = jnp.minimum(lam32 * lo_f, lam32 * hi_f).sum(-1) + forms[..., -1]
-  low -= (jnp.abs(lam64 - lam32) * xmax).sum(-1)
-  low -= RELATIVE_SLACK * ((jnp.abs(lam64) * xmax).sum(-1) + jnp.abs(forms[..., -1]))
-  value = jnp.nextafter(low.astype(jnp.float32), jnp.float32(-jnp.inf))
-  value = jnp.where(value.astype(jnp.float64) > low, jnp.nextafter(value, jnp.float32(-jnp.inf)), value)
+  xmax = xp.maximum(xp.abs(lo_f), xp.abs(hi_f))
+  lam32 = lam.astype(xp.float64)
+  low = xp.minimum(lam32 * lo_f, lam32 * hi_f).sum(-1) + forms[..., -1]
+  low -= (xp.abs(lam64 - lam32) * xmax).sum(-1)
+  low -= RELATIVE_SLACK * ((xp.abs(lam64) * xmax).sum(-1) + xp.abs(forms[..., -1]))
+  value = xp.nextafter(low.astype(xp.float32), xp.float32(-np.inf))
+  value = xp.where(value.astype(xp.float64) > low, xp.nextafter(value, xp.float32(-np.inf)), value)
   return value, lam
 
 
@@ -330,17 +337,7 @@ def _bounds_np(steps, graph: G.Graph, lo, hi):
   """:func:`_bounds64` in NumPy (flat float64 boxes ``(k, n_in)``)."""
   lf, uf = _forms_np(steps, graph, lo, hi)
   forms = np.concatenate([lf, -uf], axis=2).transpose(0, 2, 1)  # (k, 2n, P)
-  lam64 = forms[..., :-1]
-  lam = lam64.astype(np.float32)
-  lam32 = lam.astype(np.float64)
-  lo_f, hi_f = lo[:, None], hi[:, None]
-  xmax = np.maximum(np.abs(lo_f), np.abs(hi_f))
-  low = np.minimum(lam32 * lo_f, lam32 * hi_f).sum(-1) + forms[..., -1]
-  low -= (np.abs(lam64 - lam32) * xmax).sum(-1)
-  low -= RELATIVE_SLACK * ((np.abs(lam64) * xmax).sum(-1) + np.abs(forms[..., -1]))
-  value = np.nextafter(low.astype(np.float32), np.float32(-np.inf))
-  value = np.where(value.astype(np.float64) > low, np.nextafter(value, np.float32(-np.inf)), value)
-  return value, lam
+  return _float32_rows(forms, lo[:, None], hi[:, None])
 
 
 def linear_bounds(graph: G.Graph, lower, upper):
