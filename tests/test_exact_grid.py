@@ -436,3 +436,16 @@ def test_the_input_chain_read_off_the_weights_equals_its_evaluation(scale):
   np.testing.assert_allclose(m, m_jax, rtol=1e-15)
   np.testing.assert_allclose(b, b_jax, rtol=1e-15, atol=1e-15)
   assert np.count_nonzero(m - np.diag(np.diag(m))) == 0 and np.allclose(np.diag(m), 2.0 / scale)
+
+
+@given(st.integers(1, 3000), st.integers(1, 40), st.integers(1, 64), st.booleans(), st.integers(0, 2**31 - 1))
+def test_the_largest_finite_bounds_are_found_row_by_row(size, n, row, ties, seed):
+  """The pass keeps each chunk's largest finite bounds (where the refinement starts) by rows: they
+  are the largest of all, ties and infinite bounds (possible ties of f_q) included."""
+  rng = np.random.default_rng(seed)
+  values = rng.integers(0, 20, size).astype(np.float64) if ties else rng.random(size)
+  values[rng.random(size) < 0.3] = np.inf
+  got = grid._largest_finite(values, n, row=row)
+  assert np.unique(got).size == got.size and np.all(np.isfinite(values[got]))
+  finite = np.sort(values[np.isfinite(values)])[::-1]
+  np.testing.assert_array_equal(np.sort(values[got])[::-1], finite[:n])

@@ -378,7 +378,13 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   # chunks after the first (which compiles) tells whether the rest ends before the deadline: if not,
   # give up at once and leave the time to the caller's other methods.
   blk_lo, blk_hi = grid.block_boxes(n_chunks * k)
-  forms_np, worst = [], []
+  forms_np = []
+  # Every cell's bound, written chunk by chunk; per chunk also its largest finite bounds and its
+  # infinite ones, so nothing scans all cells between the pass and the refinement (on AQT's whole
+  # box a concatenation, a partition and a scan of 1.9e7 bounds took 2.1 s there on a first call).
+  chunk_cells = k * grid.cells_per_block
+  bounds = np.empty(n_chunks * chunk_cells, np.float64)
+  top_finite, infinite = [], []
   lower, witness = 0.0, None
 
   def reach(more, x):
@@ -410,7 +416,10 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     if chunk + 1 < n_chunks:  # the next chunk's forms (NumPy) while the device bounds this one's cells
       following = slice((chunk + 1) * k, (chunk + 2) * k)
       forms_np.append(linear_bounds(fg, blk_lo[following], blk_hi[following]))
-    worst.append(np.asarray(out, np.float64))
+    part = bounds[chunk * chunk_cells: (chunk + 1) * chunk_cells]
+    part[:] = np.asarray(out)
+    top_finite.append(chunk * chunk_cells + _largest_finite(part, WITNESS_CELLS))
+    infinite.append(chunk * chunk_cells + np.flatnonzero(np.isinf(part)))
     if chunk == 0 and compiled is not None:
       compiled()
     # The chunk's cells whose error looks largest (one per group of cells): their corners are
@@ -426,11 +435,10 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   block_forms = (np.concatenate([v for v, _ in forms_np]), np.concatenate([m for _, m in forms_np]), blk_lo, blk_hi)
   # Every cell has a bound now (inf where f_q's float32 value met a possible tie): from here on a
   # deadline returns the bound proven so far.
-  bounds = np.concatenate(worst)
   late = late_refining
   # A reached error from the cells with the largest finite first bounds, refined on their own.
-  finite = np.flatnonzero(np.isfinite(bounds))
-  order = finite[np.argpartition(-bounds[finite], min(WITNESS_CELLS, finite.size - 1))[:WITNESS_CELLS]]
+  candidates = np.concatenate(top_finite)
+  order = candidates[_largest_finite(bounds[candidates], WITNESS_CELLS)]
   if order.size:
     d, idx = grid.refine(order)
     bounds[order] = np.minimum(bounds[order], d)
@@ -438,7 +446,7 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
   threshold = lambda: (1 + refine_gap) * lower  # noqa: E731
   # Cells whose float32 value met a possible tie: f_q in float64 there, f from its block's bounds
   # (cheap: no new linear bounds; done even past the deadline, as the bound is infinite without it).
-  flagged = np.flatnonzero(np.isinf(bounds))
+  flagged = np.concatenate(infinite)
   for first in range(0, flagged.size, REFINE_BATCH):
     part = flagged[first: first + REFINE_BATCH]
     blocks = np.minimum(part // grid.cells_per_block, grid.n_blocks - 1)
@@ -491,6 +499,23 @@ def grid_error(merged, box: Box, *, deadline: float = math.inf, max_cells: int =
     if tried is not None and tried[0].max() > lower:  # more corners to try, in the cells bounded highest
       reach(*_reached(merged, box, grid.tables_np, tried[1][np.argsort(-tried[0])[:WITNESS_CELLS]]))
   return _result(grid, bounds, lower, witness, start)
+
+
+def _largest_finite(values, n: int, row: int = 1024):
+  """The indices of the ``n`` largest finite ``values`` (fewer if fewer are finite; ties either way), in
+  no order. By rows of ``row`` values: the ``n`` largest values lie in the ``n`` rows of largest
+  maxima (any other row's values have ``n`` maxima at least as large), so only those rows are
+  partitioned (4 ms for 2^20 values against 12 ms for a partition of them all)."""
+  masked = np.where(np.isfinite(values), values, -np.inf)
+  rows = -(-masked.size // row)
+  padded = np.pad(masked, (0, rows * row - masked.size), constant_values=-np.inf).reshape(rows, row)
+  maxima = padded.max(axis=1)
+  best_rows = np.argpartition(maxima, rows - n)[rows - n:] if rows > n else np.arange(rows)
+  picked = (best_rows[:, None] * row + np.arange(row)).reshape(-1)
+  among = padded.reshape(-1)[picked]
+  top = np.argpartition(among, among.size - n)[among.size - n:] if among.size > n else np.arange(among.size)
+  top = top[np.isfinite(among[top])]
+  return picked[top]
 
 
 def _result(grid, bounds, lower, witness, start) -> GridResult:
