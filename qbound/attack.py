@@ -43,6 +43,7 @@ from qbound import sharding, validate
 from qbound.bounds.common import FAST_COMPILE, tracing
 from qbound.box import Box, sample_uniform, sample_vertices, validate_box
 from qbound.errors import BoundOverflowError
+from qbound.merge import MergedNetwork
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,8 +391,6 @@ def maximize_error(fn, box: Box, *, key=None, search: Optional[Search] = None, m
     >>> round(v, 3)
     0.125
   """
-  from qbound.merge import MergedNetwork
-
   validate.function("fn", fn)
   box = validate_box(box)
   key = validate.prng_key("key", key)
