@@ -61,7 +61,7 @@ def test_demo_subcommand(capsys):
 def test_certify_json_is_a_certificate(capsys, tmp_path):
   output = tmp_path / "cert.json"
   code, out, err = run(["certify", DIGITS, "--bits", "4", "--per-channel", "--center", "0.3",
-                        "--radius", "0.02", "--json", "--output", str(output)], capsys)
+                        "--radius", "0.02", "--json", "--output", str(output), "--time-budget", "3"], capsys)
   assert code == 0, err
   cert = qb.Certificate.from_json(out)
   assert 0 < cert.lower <= cert.upper
