@@ -52,6 +52,7 @@ from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import resolve_split_rule, split_at, strong_branching_axis
 from qbound.bounds import bab_batch, bab_children
+from qbound.bounds.bab_children import BoundedPiece
 from qbound.bounds.arguments import branch_and_bound_args
 from qbound.bounds.bab_batch import batch_bounds
 from qbound.bounds import zonotope as zonotope_domain
@@ -387,8 +388,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   if best_x is None:
     best_x = ((lower0 + upper0) / 2).reshape(shape)
 
-  # (-upper, tiebreak, lower corner, upper corner, worst output, diff lo, diff hi, the bound's |input coefficients|)
-  heap: list = []
+  heap: list[bab_children.OpenPiece] = []
   counter = itertools.count()
   bounded = 0
 
@@ -442,8 +442,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if values[i] > best_lower:
       best_lower, best_x = float(values[i]), np.asarray(points[i])
     bounded += k
-    return [(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
-             tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
+    return [BoundedPiece(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
+                         tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
 
   def bound_children(batch: bab_children.Children) -> list:
     """Every child of ``batch``, bounded in batches of ``batch_size``."""
@@ -454,28 +454,27 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                               splits=batch.splits[part])
     return children
 
-  def within(child, parent):
-    """``child`` (an item of bound_batch) with its bounds met with those of ``parent`` (a heap item)."""
-    up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count = child
-    if not WITHIN_PARENT or (split_count and np.all(dlo == np.inf)):  # (an empty sub-problem stays empty)
+  def within(child: BoundedPiece, parent: bab_children.OpenPiece) -> BoundedPiece:
+    """``child`` with its bounds met with those of its ``parent``."""
+    if not WITHIN_PARENT or (child.splits and np.all(child.diff_lower == np.inf)):  # (an empty sub-problem stays empty)
       return child
-    dlo, dhi = np.maximum(dlo, parent[5]), np.minimum(dhi, parent[6])
+    dlo, dhi = np.maximum(child.diff_lower, parent.diff_lower), np.minimum(child.diff_upper, parent.diff_upper)
     sel = np.maximum(-dlo[outputs], dhi[outputs])
     worst = int(np.argmax(sel))
-    return (float(sel[worst]), lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count)
+    return child._replace(bound=float(sel[worst]), worst=worst, diff_lower=dlo, diff_upper=dhi)
 
-  def push(items):
-    for up, lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count in items:
-      if split_count and np.all(dlo == np.inf):  # an empty sub-problem (see bound_batch)
+  def push(pieces: list[BoundedPiece]) -> None:
+    for piece in pieces:
+      if piece.splits and np.all(piece.diff_lower == np.inf):  # an empty sub-problem (see bound_batch)
         continue
-      heapq.heappush(heap, (-up, next(counter), lo, hi, worst, dlo, dhi, sensitivity, kept, depth, split_count))
+      heapq.heappush(heap, piece.open(next(counter)))
 
   closed = {"upper": 0.0, "lo": np.full(n_out, np.inf), "hi": np.full(n_out, -np.inf)}
 
-  def close(item):
-    closed["upper"] = max(closed["upper"], -item[0])
-    closed["lo"] = np.minimum(closed["lo"], item[5])
-    closed["hi"] = np.maximum(closed["hi"], item[6])
+  def close(piece: bab_children.OpenPiece) -> None:
+    closed["upper"] = max(closed["upper"], -piece.neg_bound)
+    closed["lo"] = np.minimum(closed["lo"], piece.diff_lower)
+    closed["hi"] = np.maximum(closed["hi"], piece.diff_upper)
 
   bar = tqdm(desc="branch and bound", unit="piece", disable=None if progress is None else not progress,
              leave=False)
@@ -490,13 +489,13 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     his += [left_hi, upper0]
   first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
   root = first[:1]
-  root_lower, root_upper = root[0][4], root[0][5]
-  if root_axes and root[0][0] > best_lower:
+  root_lower, root_upper = root[0].diff_lower, root[0].diff_upper
+  if root_axes and root[0].bound > best_lower:
     options = first[1:]
-    best = strong_branching_axis(root[0][0], [(options[2 * a][0], options[2 * a + 1][0])
-                                                for a in range(len(root_axes))])
+    best = strong_branching_axis(root[0].bound, [(options[2 * a].bound, options[2 * a + 1].bound)
+                                                 for a in range(len(root_axes))])
     chosen = options[2 * best:2 * best + 2]
-    if max(c[0] for c in chosen) <= root[0][0]:
+    if max(c.bound for c in chosen) <= root[0].bound:
       push(chosen)  # (they had no parent's bounds to start from: kept only if no looser)
     else:
       push(root)
@@ -513,27 +512,31 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # Hook: the root's bound reported as soon as it is known. The loop below runs a search round
   # first, and on a first call that round compiles for seconds: certify(auto)'s first call on a
   # small net then hit its deadline with only the interval bound (bench_tight.py's 5-12-8-8-2).
-  if report is not None and heap:
-    report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
+  def send_report() -> None:
+    nonlocal last_report
+    upper = max(-heap[0].neg_bound, closed["upper"])
+    report(root_lower, root_upper, upper, best_lower, np.asarray(best_x).reshape(shape))
     last_report = time.perf_counter()
+
+  if report is not None and heap:
+    send_report()
   while heap:
-    if searching is not None and searching.due(time.perf_counter() - start, -heap[0][0], epsilon, best_lower):
+    if searching is not None and searching.due(time.perf_counter() - start, -heap[0].neg_bound, epsilon, best_lower):
       value, x = searching.run(heap, best_x)
       if value > best_lower:
         best_lower, best_x = value, x
     if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
-      report(root_lower, root_upper, max(-heap[0][0], closed["upper"]), best_lower, np.asarray(best_x).reshape(shape))
-      last_report = time.perf_counter()
+      send_report()
     bar.update(bounded - bar.n)
-    bar.set_postfix_str(f"[{best_lower:.4g}, {-heap[0][0]:.4g}]", refresh=False)
+    bar.set_postfix_str(f"[{best_lower:.4g}, {-heap[0].neg_bound:.4g}]", refresh=False)
     # Pieces that cannot beat the best error reached are finished.
-    if -heap[0][0] <= best_lower:
+    if -heap[0].neg_bound <= best_lower:
       for item in heap:
         close(item)
       heap.clear()
       stopped = "exhausted"
       break
-    upper = -heap[0][0]
+    upper = -heap[0].neg_bound
     if epsilon is not None and upper <= epsilon:
       stopped = "proved"
       break
@@ -569,8 +572,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       for t, candidates in zip(batch.parents, batch.options):
         options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
         offset += len(options)
-        best = strong_branching_axis(-t[0], [(options[2 * a][0], options[2 * a + 1][0])
-                                              for a in range(len(candidates))])
+        best = strong_branching_axis(-t.neg_bound, [(options[2 * a].bound, options[2 * a + 1].bound)
+                                                     for a in range(len(candidates))])
         push(options[2 * best:2 * best + 2])
       continue
     batch = bab_children.halves(heap, batch_size, close)

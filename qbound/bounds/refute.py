@@ -220,10 +220,10 @@ class WorstPieceSearch:
 
   def run(self, heap: list, best_x) -> tuple[float, np.ndarray]:
     """One round on the box, around ``best_x`` and on the worst pieces of branch and bound's
-    ``heap`` (items ``(-upper, tiebreak, lower corner, upper corner, ...)``): the best
+    ``heap`` (:class:`~qbound.bounds.bab_children.OpenPiece`, worst bound first): the best
     ``(error, input)`` reached."""
     start = time.perf_counter()
-    worst = [(t[2], t[3]) for t in heapq.nsmallest(ROWS, heap)]
+    worst = [(piece.lo, piece.hi) for piece in heapq.nsmallest(ROWS, heap)]
     los, his = rows_to_search(self.lower, self.upper, np.asarray(best_x, np.float32).reshape(-1), worst)
     value, x = search_pieces(self.graph, los.reshape(-1, *self.shape), his.reshape(-1, *self.shape),
                              key=jax.random.key(self.seed + self.rounds), outputs=self.outputs, search=self.search)
