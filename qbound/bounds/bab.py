@@ -250,6 +250,26 @@ def _with_small_net_steps(search):
 
 
 @_with_small_net_steps
+def _stop_reason(upper: float, lower: float, *, epsilon: Optional[float], target_gap: float, past_budget: bool,
+                 stop, too_many: bool) -> Optional[str]:
+  """Why branch and bound stops with the proven ``upper`` and the reached ``lower``, or None to go on
+  (in this order: epsilon proved or refuted, the gap closed, the time budget spent, ``stop()``, too
+  many open pieces)."""
+  if epsilon is not None and upper <= epsilon:
+    return "proved"
+  if epsilon is not None and lower > epsilon:
+    return "refuted"
+  if lower > 0 and upper <= (1 + target_gap) * lower:
+    return "gap"
+  if past_budget:
+    return "time"
+  if stop is not None and stop():
+    return "stop"
+  if too_many:
+    return "max_pieces"
+  return None
+
+
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
@@ -536,24 +556,11 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       heap.clear()
       stopped = "exhausted"
       break
-    upper = -heap[0].neg_bound
-    if epsilon is not None and upper <= epsilon:
-      stopped = "proved"
-      break
-    if epsilon is not None and best_lower > epsilon:
-      stopped = "refuted"
-      break
-    if best_lower > 0 and upper <= (1 + target_gap) * best_lower:
-      stopped = "gap"
-      break
-    if time.perf_counter() - start > time_budget:
-      stopped = "time"
-      break
-    if stop is not None and stop():
-      stopped = "stop"
-      break
-    if len(heap) > max_pieces:
-      stopped = "max_pieces"
+    reason = _stop_reason(-heap[0].neg_bound, best_lower, epsilon=epsilon, target_gap=target_gap,
+                          past_budget=time.perf_counter() - start > time_budget, stop=stop,
+                          too_many=len(heap) > max_pieces)
+    if reason is not None:
+      stopped = reason
       break
     if dim <= strong_branching_dims:
       # Strong branching: bound both halves along each candidate dimension and keep the best split.
