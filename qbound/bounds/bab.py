@@ -249,7 +249,6 @@ def _with_small_net_steps(search):
   return run
 
 
-@_with_small_net_steps
 def _stop_reason(upper: float, lower: float, *, epsilon: Optional[float], target_gap: float, past_budget: bool,
                  stop, too_many: bool) -> Optional[str]:
   """Why branch and bound stops with the proven ``upper`` and the reached ``lower``, or None to go on
@@ -270,6 +269,7 @@ def _stop_reason(upper: float, lower: float, *, epsilon: Optional[float], target
   return None
 
 
+@_with_small_net_steps
 def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = None, time_budget: float = 10.0,
                      target_gap: float = 0.05, epsilon: Optional[float] = None, batch_size: Optional[int] = None,
                      max_pieces: int = 1_000_000, initial_lower: float = 0.0, initial_witness=None,
