@@ -474,7 +474,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                               splits=batch.splits[part])
     return children
 
-  def within(child: BoundedPiece, parent: bab_children.OpenPiece) -> BoundedPiece:
+  def within(child: BoundedPiece, parent: BoundedPiece) -> BoundedPiece:
     """``child`` with its bounds met with those of its ``parent``."""
     if not WITHIN_PARENT or (child.splits and np.all(child.diff_lower == np.inf)):  # (an empty sub-problem stays empty)
       return child
@@ -491,8 +491,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   closed = {"upper": 0.0, "lo": np.full(n_out, np.inf), "hi": np.full(n_out, -np.inf)}
 
-  def close(piece: bab_children.OpenPiece) -> None:
-    closed["upper"] = max(closed["upper"], -piece.neg_bound)
+  def close(piece: BoundedPiece) -> None:
+    closed["upper"] = max(closed["upper"], piece.bound)
     closed["lo"] = np.minimum(closed["lo"], piece.diff_lower)
     closed["hi"] = np.maximum(closed["hi"], piece.diff_upper)
 
@@ -534,29 +534,29 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # small net then hit its deadline with only the interval bound (bench_tight.py's 5-12-8-8-2).
   def send_report() -> None:
     nonlocal last_report
-    upper = max(-heap[0].neg_bound, closed["upper"])
+    upper = max(heap[0].piece.bound, closed["upper"])
     report(root_lower, root_upper, upper, best_lower, np.asarray(best_x).reshape(shape))
     last_report = time.perf_counter()
 
   if report is not None and heap:
     send_report()
   while heap:
-    if searching is not None and searching.due(time.perf_counter() - start, -heap[0].neg_bound, epsilon, best_lower):
+    if searching is not None and searching.due(time.perf_counter() - start, heap[0].piece.bound, epsilon, best_lower):
       value, x = searching.run(heap, best_x)
       if value > best_lower:
         best_lower, best_x = value, x
     if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
       send_report()
     bar.update(bounded - bar.n)
-    bar.set_postfix_str(f"[{best_lower:.4g}, {-heap[0].neg_bound:.4g}]", refresh=False)
+    bar.set_postfix_str(f"[{best_lower:.4g}, {heap[0].piece.bound:.4g}]", refresh=False)
     # Pieces that cannot beat the best error reached are finished.
-    if -heap[0].neg_bound <= best_lower:
+    if heap[0].piece.bound <= best_lower:
       for item in heap:
-        close(item)
+        close(item.piece)
       heap.clear()
       stopped = "exhausted"
       break
-    reason = _stop_reason(-heap[0].neg_bound, best_lower, epsilon=epsilon, target_gap=target_gap,
+    reason = _stop_reason(heap[0].piece.bound, best_lower, epsilon=epsilon, target_gap=target_gap,
                           past_budget=time.perf_counter() - start > time_budget, stop=stop,
                           too_many=len(heap) > max_pieces)
     if reason is not None:
@@ -579,7 +579,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       for t, candidates in zip(batch.parents, batch.options):
         options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
         offset += len(options)
-        best = strong_branching_axis(-t.neg_bound, [(options[2 * a].bound, options[2 * a + 1].bound)
+        best = strong_branching_axis(t.bound, [(options[2 * a].bound, options[2 * a + 1].bound)
                                                      for a in range(len(candidates))])
         push(options[2 * best:2 * best + 2])
       continue
@@ -588,7 +588,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   bar.close()
   for item in heap:
-    close(item)
+    close(item.piece)
   upper, diff_lower, diff_upper = closed["upper"], closed["lo"], closed["hi"]
   return BabResult(upper=float(upper), lower=best_lower, witness=np.asarray(best_x).reshape(shape),
                    diff_lower=diff_lower, diff_upper=diff_upper, pieces_bounded=bounded,

@@ -60,30 +60,22 @@ class BoundedPiece(NamedTuple):
 
   def open(self, tiebreak: int) -> "OpenPiece":
     """The heap's item for this piece."""
-    return OpenPiece(-self.bound, tiebreak, *self[1:])
+    return OpenPiece(-self.bound, tiebreak, self)
 
 
 class OpenPiece(NamedTuple):
-  """An open piece in branch and bound's heap: a :class:`BoundedPiece` ordered by its bound,
+  """An open piece in branch and bound's heap: its :class:`BoundedPiece` ordered by its bound,
   largest first (``neg_bound``), then by when it was pushed (``tiebreak``, never equal, so the
-  arrays are never compared)."""
+  pieces themselves are never compared)."""
 
   neg_bound: float
   tiebreak: int
-  lo: np.ndarray
-  hi: np.ndarray
-  worst: int
-  diff_lower: Any
-  diff_upper: Any
-  sensitivity: np.ndarray
-  kept: tuple
-  depth: int
-  splits: int
+  piece: BoundedPiece
 
 
 @dataclasses.dataclass
 class Children:
-  """The pieces of the next batch: ``parents`` (heap items), for strong branching ``options`` (per
+  """The pieces of the next batch: ``parents`` (:class:`BoundedPiece`), for strong branching ``options`` (per
   parent, the splits tried: input dimensions, ReLU and tie splits; two children each, in order),
   and each child's box, prior bounds, input-split depth and count of other splits."""
 
@@ -113,7 +105,7 @@ def strong_branching(heap: list[OpenPiece], count: int, batch_size: int, close: 
   (:mod:`qbound.bounds.tiesplit`)."""
   out = Children()
   while heap:
-    top = heap[0]
+    top = heap[0].piece
     candidates = candidate_axes(top.hi - top.lo, top.sensitivity, count)
     neurons = []
     if relu_split and top.depth >= relu_depth:
@@ -124,7 +116,7 @@ def strong_branching(heap: list[OpenPiece], count: int, batch_size: int, close: 
       tie_splits = tiesplit.tie_candidates(top.kept, tie_entries, tiesplit.CANDIDATES)
     if out.parents and len(out.los) + 2 * (len(candidates) + len(neurons) + len(tie_splits)) > batch_size:
       break  # the batch is full
-    t = heapq.heappop(heap)
+    t = heapq.heappop(heap).piece
     if not candidates and not neurons and not tie_splits:  # a single point, nothing loose left to split
       close(t)
       continue
@@ -148,7 +140,7 @@ def halves(heap: list[OpenPiece], batch_size: int, close: Callable) -> Children:
   bound (:func:`qbound.bounds.splitting.split_scores`); ``parents`` holds each child's parent."""
   out = Children()
   for _ in range(min(max(batch_size // 2, 1), len(heap))):
-    t = heapq.heappop(heap)
+    t = heapq.heappop(heap).piece
     lo, hi = t.lo, t.hi
     width = hi - lo
     axis = int(np.argmax(split_scores(width, t.sensitivity)))

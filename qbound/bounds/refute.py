@@ -223,7 +223,7 @@ class WorstPieceSearch:
     ``heap`` (:class:`~qbound.bounds.bab_children.OpenPiece`, worst bound first): the best
     ``(error, input)`` reached."""
     start = time.perf_counter()
-    worst = [(piece.lo, piece.hi) for piece in heapq.nsmallest(ROWS, heap)]
+    worst = [(item.piece.lo, item.piece.hi) for item in heapq.nsmallest(ROWS, heap)]
     los, his = rows_to_search(self.lower, self.upper, np.asarray(best_x, np.float32).reshape(-1), worst)
     value, x = search_pieces(self.graph, los.reshape(-1, *self.shape), his.reshape(-1, *self.shape),
                              key=jax.random.key(self.seed + self.rounds), outputs=self.outputs, search=self.search)
