@@ -387,6 +387,16 @@ def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):
       _, w, b, wq, bq = layer
       const += lam_d @ (b - bq) + lam_q @ bq
       lam_d, lam_q = lam_d @ w, lam_d @ (w - wq) + lam_q @ wq
+    elif layer[0] in host_bounds.F_Q_STEPS:  # z_q' = z_q + e: the least of (lam_q - lam_d) e per entry
+      c = lam_q - lam_d
+      least = lambda low, up: np.where(c >= 0, c * low[:, None], c * up[:, None])  # noqa: E731
+      e_lo, e_hi = lines[j][:2]
+      if len(lines[j]) > 2:  # every entry within its band [n_lo, n_hi] but `count` of them at most
+        n_lo, n_hi, count = lines[j][2:]
+        band, full = least(n_lo, n_hi), least(e_lo, e_hi)
+        const += band.sum(-1) + np.sort(full - band, axis=-1)[..., :count].sum(-1)
+      else:
+        const += least(e_lo, e_hi).sum(-1)
     else:
       ln = lines[j]
       pick = lambda lam, low, up: np.where(lam >= 0, low[:, None], up[:, None])  # noqa: E731
@@ -396,12 +406,17 @@ def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):
   return const + np.minimum(lam_q * lo[:, None], lam_q * hi[:, None]).sum(-1)
 
 
-@pytest.mark.parametrize("seed, shape, noise", [(1, H.SHAPES[1], 1.0), (4, H.SHAPES[2], None)])
+@pytest.mark.parametrize("seed, shape, noise", [(1, H.SHAPES[1], 1.0), (4, H.SHAPES[2], None),
+                                               (2, H.SHAPES[1], "rms,3 int4"), (6, H.SHAPES[1], "rms,2 int8")])
 def test_backward_pass_matches_a_plain_reference(seed, shape, noise, monkeypatch):
   """host_bounds._backward (rows shared by the pieces until the first ReLU layer, lines picked by
-  sign as products, the rounding's slack from a bound on |rows| over the whole batch) gives the
-  plain pass's values, lowered by no more than a small slack, on every backward pass of a batch."""
-  f, fq = pair(seed, shape, bits=None if noise else 4, noise=noise)
+  sign as products, the rounding's slack from a bound on |rows| over the whole batch; on qwix's
+  rms,c layers, the band's terms as products and the few saturating entries' as row minima) gives
+  the plain pass's values, lowered by no more than a small slack, on every backward pass of a batch."""
+  if isinstance(noise, str):
+    f, fq = dynamic_quant_pair(seed, shape, noise)
+  else:
+    f, fq = pair(seed, shape, bits=None if noise else 4, noise=noise)
   box = H.random_box(seed, shape[0])
   chain = host_bab.chain_of(qb.merge(f, fq, box))
   calls, real = [], host_bounds._backward
@@ -649,3 +664,28 @@ def test_rms_layers_take_backward_rows_from_the_second_dense_layer(monkeypatch):
     widths[depth] = (du - dl).sum(axis=1)
   assert widths[2].sum() < widths[3].sum()
   assert np.mean(widths[2] < widths[3] - 1e-12) > 0.5
+
+
+def test_large_batches_are_bounded_in_two_halves_as_two_calls_would(monkeypatch):
+  """A round's children above PARALLEL_FROM are bounded on two threads, each half on its own: the
+  result is exactly that of two calls of bound_pieces (not of one call on the whole batch, whose
+  batch-wide slacks differ), and it holds at sampled points."""
+  f, fq = dynamic_quant_pair(2, H.SHAPES[1], "rms,3 int4")
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  chain = host_bab.chain_of(merged)
+  rng = np.random.default_rng(1)
+  centre = rng.uniform(-0.9, 0.9, (40, 3))
+  lo, hi = centre - 0.1, centre + 0.1
+  _, _, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
+  monkeypatch.setattr(host_bab, "PARALLEL_FROM", 16)
+  monkeypatch.setattr(host_bab, "_usable_cores", lambda: 2)
+  both = host_bab._bound_children(chain, lo, hi, kept, None, parallel=True)
+  halves = [host_bab.bound_pieces(chain, lo[h], hi[h], kept[h]) for h in (slice(0, 20), slice(20, 40))]
+  for got, *parts in zip(both, *halves):
+    np.testing.assert_array_equal(got, np.concatenate(parts))
+  assert host_bab._bound_children(chain, lo[:15], hi[:15], kept[:15], None, parallel=True)[0].shape == (15, 2)
+  xs = lo[:, None] + rng.uniform(size=(40, 200, 3)) * (hi - lo)[:, None]
+  values = H.eval64(merged.graph, xs.reshape(-1, 3)).reshape(40, 200, -1)
+  assert np.all(values >= both[0][:, None] - 1e-12) and np.all(values <= both[1][:, None] + 1e-12)
+

@@ -66,8 +66,10 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -128,6 +130,13 @@ STALLED_SHARE = 0.5
 # with them; AQT's 4-16-16-2 MLP on [-1, 1]^4, 1.82x after 10 s and 1.79x after 30 s, against 1.62x
 # and 1.46x; qwix's nnx rms,3 static MLP, 1.04x after 10 s, against the gap in 773 pieces).
 ALIGNED_SPLITS = True
+# A round's children, when at least PARALLEL_FROM of them, are bounded in two halves on two threads
+# (NumPy releases the GIL inside its loops) where the process may use two cores or more, and where
+# f_q does not round its input (there the input grid's compilation may want the other core). Each
+# half is bounded on its own (its batch-wide slacks and backward rows are its own), so the result
+# is that of two calls, whatever the threads' timing. qwix's nnx rms,3 MLP, certify's 10 s, warm,
+# interleaved: bound / reached 1.546 against 1.587 (docs/results/host-search.md).
+PARALLEL_FROM = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +252,31 @@ def _error_bound(dl, du, outputs):
   return np.maximum(du[:, outputs], -dl[:, outputs]).max(axis=1)
 
 
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - macOS, Windows
+    return os.cpu_count() or 1
+
+
+_HALVES: list = []  # the two-thread pool of _bound_children, made on first use
+
+
+def _bound_children(chain, lo, hi, prior, values, parallel: bool):
+  """:func:`bound_pieces` of a round's children: in two halves on two threads when ``parallel``, the
+  batch is large (``PARALLEL_FROM``) and two cores are usable; else in one call."""
+  k = len(lo)
+  if not parallel or k < PARALLEL_FROM or _usable_cores() < 2:
+    return bound_pieces(chain, lo, hi, prior, values=values)
+  if not _HALVES:
+    _HALVES.append(concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="qbound-host-bounds"))
+  halves = (slice(0, k // 2), slice(k // 2, k))
+  calls = [_HALVES[0].submit(bound_pieces, chain, lo[h], hi[h], prior[h],
+                             values=None if values is None else (values[0][h], values[1][h])) for h in halves]
+  parts = [call.result() for call in calls]
+  return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
+
+
 def _one_blas_thread():
   """OpenBLAS's threads off while it runs: its matrices are small and many, and on two loaded cores
   the threads only wait for each other (5x the CPU time of one thread for a 40960 x 16 by 16 x 12
@@ -332,6 +366,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
   staircase = any(layer[0] in ROUNDINGS for layer in chain.layers)
   grid = input_rounding(chain) if ALIGNED_SPLITS else None
+  parallel = input_rounding(chain) is None  # (see PARALLEL_FROM)
   stair_time, stair_runs = [0.0], [0]
   stale_runs = [0]  # staircase runs since one last raised the error reached
   moved = [np.inf, 0.0]  # the upper bound when it last fell by more than 0.1%, and the time since start
@@ -456,7 +491,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       c_cases = (c_vlo.reshape(-1, n), c_vhi.reshape(-1, n))
     c_lo, c_hi = c_lo.reshape(-1, n), c_hi.reshape(-1, n)
     reps = 2 * cands
-    cdl, cdu, cld, cud, ckept = bound_pieces(chain, c_lo, c_hi, np.repeat(p_kept, reps, axis=0), values=c_cases)
+    cdl, cdu, cld, cud, ckept = _bound_children(chain, c_lo, c_hi, np.repeat(p_kept, reps, axis=0), c_cases,
+                                                parallel=parallel)
     bounded += len(c_lo)
     probe(c_lo, c_hi, (cdl, cdu), cld, cud)
     # Meet with the parent's bounds (the children lie inside it).

@@ -289,10 +289,20 @@ def _backward(chain: Chain, upto: int, rows_d, rows_q, lines: dict, mags: list, 
       c_pos, c_neg = np.maximum(c, 0.0), np.minimum(c, 0.0)
       if len(lines[j]) > 2:  # at most `count` entries beyond the band [n_lo, n_hi] at once (host_steps.step_error)
         n_lo, n_hi, count = lines[j][2:]
-        c_pos, c_neg = (c_pos, c_neg) if lam.ndim == 3 else (c_pos[None], c_neg[None])
-        narrow = c_pos * n_lo[:, None] + c_neg * n_hi[:, None]  # (k, R, m)
-        beyond = np.minimum(c_pos * e_lo[:, None] + c_neg * e_hi[:, None] - narrow, 0.0)
-        const = const + narrow.sum(axis=-1) + np.partition(beyond, count - 1, axis=-1)[..., :count].sum(axis=-1)
+        if lam.ndim == 2:
+          const = const + n_lo @ c_pos.T + n_hi @ c_neg.T
+          c_pos, c_neg = c_pos[None], c_neg[None]
+        else:
+          const = const + np.einsum("krm,km->kr", c_pos, n_lo) + np.einsum("krm,km->kr", c_neg, n_hi)
+        # What each entry adds when it leaves the band: c (e - n) <= 0, as e_lo <= n_lo and n_hi <= e_hi
+        # (host_steps._dynamic_error); the `count` most negative of them at once. One (k, R, m) array
+        # built in place: this is the backward pass's costliest step on rms layers.
+        beyond = c_pos * (e_lo - n_lo)[:, None]
+        beyond += c_neg * (e_hi - n_hi)[:, None]
+        if count == 1:
+          const = const + beyond.min(axis=-1)
+        else:
+          const = const + np.partition(beyond, count - 1, axis=-1)[..., :count].sum(axis=-1)
       elif lam.ndim == 2:
         const = const + e_lo @ c_pos.T + e_hi @ c_neg.T
       else:
