@@ -62,7 +62,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qbound import rms_rounding
@@ -321,34 +320,46 @@ def _step_values(k, m_lo, m_hi, q, xp):
   return xp.where(k >= 0, ends[0], ends[1]), xp.where(k >= 0, ends[1], ends[0])
 
 
+def step_range(spec: DynamicScale, lo, hi, ndim: int, value):
+  """The integers ``k`` a value ``v = k s`` in ``value = (lower, upper)`` may take for an input in
+  ``[lo, hi]`` (``k = c - z`` with a zero point), with the scale's bounds: ``(k_lo, k_hi, s_lo,
+  s_hi, known)``; ``known`` is False where the bounds say nothing (no positive scale, the guard may
+  fire, an infinite end). float32's rounding of ``s`` and of ``k s`` is inside the slack."""
+  value_lo, value_hi = value
+  xp = namespace(lo, hi, value_lo, value_hi)
+  axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
+  q = spec.divisor
+  m_lo, m_hi, _ = _span(spec, lo, hi, axes)
+  guard_may_fire = _guard_may_fire(spec, m_lo)  # where it fires, v = 0 with another scale: no step to read
+  # k = v / s with s in [m_lo, m_hi] / Q
+  safe = xp.where(m_lo > 0, m_lo, 1.0)
+  k_lo = xp.minimum(value_lo * q / safe, value_lo * q / m_hi)
+  k_hi = xp.maximum(value_hi * q / safe, value_hi * q / m_hi)
+  k_lo = xp.ceil(k_lo - xp.abs(k_lo) * 4 * _REL - _REL)
+  k_hi = xp.floor(k_hi + xp.abs(k_hi) * 4 * _REL + _REL)
+  known = (m_lo > 0) & ~guard_may_fire & xp.isfinite(k_lo) & xp.isfinite(k_hi)
+  return k_lo, k_hi, m_lo / q, m_hi / q, known
+
+
 def value_range(spec: DynamicScale, lo, hi, ndim: int, value):
   """Bounds on the node's value ``v`` on a sub-problem known to have ``v`` in ``value = (lower,
-  upper)`` (a branch-and-bound piece split on it, :mod:`qbound.bounds.tiesplit`), input in
+  upper)`` (a branch-and-bound piece split on it: :mod:`qbound.bounds.tiesplit`, or the NumPy
+  search's tie splits, :mod:`qbound.bounds.host_ties`; NumPy or JAX arrays), input in
   ``[lo, hi]``: ``value`` itself, narrowed to one step's ``k [m_lo, m_hi] / Q`` where it admits a
   single integer ``k`` (``v = k s``, ``k = c - z`` with a zero point). Where it admits none, the
   result is empty (lower above upper by more than ``hi - lo``): no input of the piece gives such a
   value.
   """
   value_lo, value_hi = value
-  axes = tuple(range(lo.ndim - ndim, lo.ndim)) if spec.axes is None else tuple(lo.ndim + a for a in spec.axes)
-  q = spec.divisor
-  m_lo, m_hi, _ = _span(spec, lo, hi, axes)
-  guard_may_fire = _guard_may_fire(spec, m_lo)  # where it fires, v = 0 with another scale: no step to read
-  # k = v / s with s in [m_lo, m_hi] / Q (float32's rounding of s and of k s inside the slack)
-  safe = jnp.where(m_lo > 0, m_lo, 1.0)
-  k_lo = jnp.minimum(value_lo * q / safe, value_lo * q / m_hi)
-  k_hi = jnp.maximum(value_hi * q / safe, value_hi * q / m_hi)
-  k_lo = jnp.ceil(k_lo - jnp.abs(k_lo) * 4 * _REL - _REL)
-  k_hi = jnp.floor(k_hi + jnp.abs(k_hi) * 4 * _REL + _REL)
-  known = (m_lo > 0) & ~guard_may_fire & jnp.isfinite(k_lo) & jnp.isfinite(k_hi)
-  ends = (k_lo * (m_lo / q) * (1 - _REL), k_lo * (m_hi / q) * (1 + _REL))
-  step_lo = jnp.where(k_lo >= 0, ends[0], ends[1])
-  step_hi = jnp.where(k_lo >= 0, ends[1], ends[0])
+  xp = namespace(lo, hi, value_lo, value_hi)
+  k_lo, k_hi, s_lo, s_hi, known = step_range(spec, lo, hi, ndim, value)
+  ends = (k_lo * s_lo * (1 - _REL), k_lo * s_hi * (1 + _REL))
+  step_lo = xp.where(k_lo >= 0, ends[0], ends[1])
+  step_hi = xp.where(k_lo >= 0, ends[1], ends[0])
   one = known & (k_lo == k_hi)
   none = known & (k_lo > k_hi)
-  out_lo = jnp.where(one, jnp.maximum(value_lo, step_lo), value_lo)
-  out_hi = jnp.where(one, jnp.minimum(value_hi, step_hi), value_hi)
+  out_lo = xp.where(one, xp.maximum(value_lo, step_lo), value_lo)
+  out_hi = xp.where(one, xp.minimum(value_hi, step_hi), value_hi)
   # Empty, kept finite (an infinity would turn into NaN in the rows that read it): a lower end
   # above the upper one by more than the input's width, so the error's bounds cross as well.
-  return jnp.where(none, value_hi + 2 * (hi - lo) + 1, out_lo), out_hi
-
+  return xp.where(none, value_hi + 2 * (hi - lo) + 1, out_lo), out_hi

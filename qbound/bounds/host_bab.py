@@ -32,7 +32,9 @@ its side's value, and the halves overlap where float arithmetic may round either
 inside one step of every input have f_q constant. Scales computed from the input (qwix's and AQT's dynamic activation
 quantization, :mod:`qbound.dynamic_rounding`; also of the input) are a ``dynamic`` layer: the same
 ``z_q' = z_q + e``, ``e`` within the band that each group's largest magnitude over the piece
-allows, or pinned to one step's values where the piece keeps the quotient on one step.
+allows, or pinned to one step's values where the piece keeps the quotient on one step. Where that
+layer rounds the input, a small piece that straddles one of its ties is also split on the
+rounding's value, two cases on the same box (:mod:`qbound.bounds.host_ties`).
 
 On a piece where every ReLU of f and f_q is stable (and every rounding pinned) the bounds are the
 networks' own affine pieces, so they become exact as pieces shrink. The pieces with the largest bounds are split first: in half
@@ -66,16 +68,16 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from qbound.bounds import host_chain
+from qbound.bounds import host_chain, host_ties
 from qbound.bounds.host_bounds import Chain, bound_pieces, evaluate
 from qbound.bounds.host_chain import _unmap, aligned_splits, chain_of, input_grid_cells, input_rounding, map_box
 from qbound.bounds.host_pool import PiecePool
@@ -120,6 +122,9 @@ STAIRCASE_SHARE = 0.2
 # error), the other dynamic rows the same; AQT static po2 1.59 -> 1.64 (a later run had reached
 # 0.0756 where these reach 0.0716); with 6 or 10 runs before the share falls, within 0.04 of that.
 STALE_RUNS = 3
+# A run counts as raising the error reached only by more than this fraction of it: runs converging
+# on the same tie creep up by ~1e-7 relative, which kept qwix's minmax nnx MLP at the full share.
+STALE_GAIN = 1e-4
 STALE_SHARE = 0.05
 STALLED_SECONDS = 2.0
 STALLED_SHARE = 0.5
@@ -137,6 +142,11 @@ ALIGNED_SPLITS = True
 # is that of two calls, whatever the threads' timing. qwix's nnx rms,3 MLP, certify's 10 s, warm,
 # interleaved: bound / reached 1.546 against 1.587 (docs/results/host-search.md).
 PARALLEL_FROM = 512
+# Where f_q rounds its input with a scale computed from it, a piece that straddles a tie is also
+# split on the rounding's value (host_ties) when its input split gained little: the geometric mean
+# of its halves' gains below TIE_GAIN of the piece's bound (qwix's minmax nnx MLP, the search alone,
+# 10 s: 1.5004 / 1.4999 / 1.4997 / 1.5004 for 1, 0.1, 0.01, 0.001; 1.516 without tie splits).
+TIE_GAIN = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +262,42 @@ def _error_bound(dl, du, outputs):
   return np.maximum(du[:, outputs], -dl[:, outputs]).max(axis=1)
 
 
+def _tie_splits(chain, ties, outputs, parent_bound, p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du, p_kept, smear, score,
+                halves, parallel) -> int:
+  """Splits on a tie (:mod:`qbound.bounds.host_ties`) of the round's pieces that straddle one, in
+  place of their input splits (``halves``: the chosen children's rows and bounds, per half) where
+  the two cases' gains score better (``score``: the input splits'). Cases that hold no input are
+  closed at once (bound 0, bounds on ``f - f_q`` empty). Returns the number of cases bounded."""
+  rows, _, _, below, above = host_ties.candidates(ties, p_lo, p_hi, p_vlo, p_vhi, smear)
+  # Only where the input split gained little (geometric mean of its halves' gains below
+  # TIE_GAIN of the piece's bound): elsewhere it is the better split.
+  stuck = -score[rows] <= (TIE_GAIN * parent_bound[rows]) ** 2
+  rows, below, above = rows[stuck], tuple(a[stuck] for a in below), tuple(a[stuck] for a in above)
+  if not len(rows):
+    return 0
+  n = p_lo.shape[1]
+  t_lo, t_hi = np.repeat(p_lo[rows], 2, axis=0), np.repeat(p_hi[rows], 2, axis=0)
+  t_vlo = np.stack([below[0], above[0]], axis=1).reshape(-1, n)
+  t_vhi = np.stack([below[1], above[1]], axis=1).reshape(-1, n)
+  tdl, tdu, _, _, tkept = _bound_children(chain, t_lo, t_hi, np.repeat(p_kept[rows], 2, axis=0), (t_vlo, t_vhi),
+                                          parallel=parallel)
+  tdl = np.maximum(tdl, np.repeat(p_dl[rows], 2, axis=0))
+  tdu = np.minimum(tdu, np.repeat(p_du[rows], 2, axis=0))
+  gone = host_ties.empty(ties, t_lo, t_hi, t_vlo, t_vhi)
+  tdl[gone], tdu[gone] = np.inf, -np.inf
+  t_bound = np.where(gone, 0.0, _error_bound(tdl, tdu, outputs))
+  gain = np.maximum(parent_bound[rows][:, None] - t_bound.reshape(-1, 2), 0.0)
+  win = -(gain[:, 0] * gain[:, 1]) - 1e-9 * (gain[:, 0] + gain[:, 1]) < score[rows]
+  dst = rows[win]
+  for half, (rows_new, bound) in enumerate(halves):
+    src = 2 * np.flatnonzero(win) + half
+    for name, values in (("lo", t_lo), ("hi", t_hi), ("dl", tdl), ("du", tdu), ("kept", tkept), ("vlo", t_vlo),
+                         ("vhi", t_vhi)):
+      rows_new[name][dst] = values[src]
+    bound[dst] = t_bound[src]
+  return len(t_lo)
+
+
 def _usable_cores() -> int:
   try:
     return len(os.sched_getaffinity(0))
@@ -259,22 +305,35 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-_HALVES: list = []  # the two-thread pool of _bound_children, made on first use
-
-
 def _bound_children(chain, lo, hi, prior, values, parallel: bool):
-  """:func:`bound_pieces` of a round's children: in two halves on two threads when ``parallel``, the
-  batch is large (``PARALLEL_FROM``) and two cores are usable; else in one call."""
+  """:func:`bound_pieces` of a round's children: in two halves, the second in a thread of its own,
+  when ``parallel``, the batch is large (``PARALLEL_FROM``) and two cores are usable; else in one call."""
   k = len(lo)
+  whole = lambda: bound_pieces(chain, lo, hi, prior, values=values)  # noqa: E731
   if not parallel or k < PARALLEL_FROM or _usable_cores() < 2:
-    return bound_pieces(chain, lo, hi, prior, values=values)
-  if not _HALVES:
-    _HALVES.append(concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="qbound-host-bounds"))
-  halves = (slice(0, k // 2), slice(k // 2, k))
-  calls = [_HALVES[0].submit(bound_pieces, chain, lo[h], hi[h], prior[h],
-                             values=None if values is None else (values[0][h], values[1][h])) for h in halves]
-  parts = [call.result() for call in calls]
-  return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
+    return whole()
+
+  def part(h):
+    return bound_pieces(chain, lo[h], hi[h], prior[h], values=None if values is None else (values[0][h], values[1][h]))
+
+  second: list = []
+
+  def run_second():
+    try:
+      second.append(part(slice(k // 2, k)))
+    except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
+      second.append(err)
+
+  helper = threading.Thread(target=run_second, name="qbound-host-bounds", daemon=True)
+  try:
+    helper.start()
+  except RuntimeError:  # no new thread at interpreter shutdown (a call still running as the process exits)
+    return whole()
+  first = part(slice(0, k // 2))
+  helper.join()
+  if isinstance(second[0], BaseException):
+    raise second[0]
+  return tuple(np.concatenate([a, b]) for a, b in zip(first, second[0]))
 
 
 def _one_blas_thread():
@@ -387,7 +446,9 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     values, xs = staircase_search(chain, box_lo[0], box_hi[0], outputs, np.random.default_rng(stair_runs[0]))
     stair_runs[0] += 1
     stair_time[0] += time.perf_counter() - t
-    stale_runs[0] = 0 if values[0] > lower else stale_runs[0] + 1
+    # Raised by less than STALE_GAIN counts as raising nothing: runs that converge on the same tie
+    # creep up by 1e-7 relative, and each such step kept the search's share at STAIRCASE_SHARE.
+    stale_runs[0] = 0 if values[0] > lower * (1 + STALE_GAIN) else stale_runs[0] + 1
     if values[0] > lower:
       lower, witness = float(values[0]), xs[0]
     if report_candidates is not None:
@@ -417,7 +478,10 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       lower, witness = float(errs[best]), xs[best]
 
   # Where f_q rounds its input, each piece's case: the lowest and highest rounded value of every input.
-  cases = None if grid is None else (np.full_like(box_lo, -np.inf), np.full_like(box_hi, np.inf))
+  # Where f_q's first layer rounds the input with a scale computed from it, each piece's tie case:
+  # bounds on that rounding's values (host_ties).
+  ties = host_ties.tie_layer(chain) if grid is None else None
+  cases = None if grid is None and ties is None else (np.full_like(box_lo, -np.inf), np.full_like(box_hi, np.inf))
   dl, du, ld, ud, kept = bound_pieces(chain, box_lo, box_hi, values=cases)
   root_lower, root_upper = dl[0].copy(), du[0].copy()
   if report_root is not None:
@@ -471,7 +535,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     p_lo, p_hi, p_dl, p_du, p_kept = (piece[name][take] for name in ("lo", "hi", "dl", "du", "kept"))
     mid = (p_lo + p_hi) / 2
     # ReluVal's smear with an interval gradient (as bab.py's split rule "gradient").
-    weight = _gradient_weight(chain, p_kept, p_dl, p_du, outputs) * (p_hi - p_lo)
+    smear = _gradient_weight(chain, p_kept, p_dl, p_du, outputs)
+    weight = smear * (p_hi - p_lo)
     cands = min(CANDIDATES, n)
     axes = np.argsort(-weight, axis=1)[:, :cands]  # (m, c)
     rows = np.arange(m)[:, None]
@@ -480,8 +545,11 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     c_hi[rows, np.arange(cands)[None], axes] = mid[rows, axes]
     c_lo[rows, cands + np.arange(cands)[None], axes] = mid[rows, axes]
     c_cases = None
-    if cases is not None:  # f_q rounds its input: split on its ties, a case on each side
+    if cases is not None:
       p_vlo, p_vhi = piece["vlo"][take], piece["vhi"][take]
+    if ties is not None:  # the halves keep their parent's tie case
+      c_cases = (np.repeat(p_vlo, 2 * cands, axis=0), np.repeat(p_vhi, 2 * cands, axis=0))
+    if grid is not None:  # f_q rounds its input: split on its ties, a case on each side
       c_vlo, c_vhi = np.empty_like(c_lo), np.empty_like(c_hi)
       for c in range(cands):
         ax = axes[:, c]
@@ -505,15 +573,21 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     gain = np.maximum(pool.bound[take][:, None, None] - child, 0.0)
     score = -(gain[:, 0] * gain[:, 1]) - 1e-9 * (gain[:, 0] + gain[:, 1])
     best = np.argmin(score, axis=1)
-    for half in (0, 1):  # the lower halves take their parents' slots, the upper halves new ones
+    halves = []
+    for half in (0, 1):
       pick = np.arange(m) * reps + half * cands + best
       rows_new = dict(lo=c_lo[pick], hi=c_hi[pick], dl=cdl[pick], du=cdu[pick], kept=ckept[pick])
       if c_cases is not None:
         rows_new.update(vlo=c_cases[0][pick], vhi=c_cases[1][pick])
+      halves.append((rows_new, child_bound[pick]))
+    if ties is not None:  # a split on a tie instead, where its two cases gain more
+      bounded += _tie_splits(chain, ties, outputs, pool.bound[take], p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du, p_kept,
+                             smear, score[np.arange(m), best], halves, parallel)
+    for half, (rows_new, bound) in enumerate(halves):  # the lower halves take their parents' slots
       if half == 0:
-        pool.put(take, rows_new, child_bound[pick])
+        pool.put(take, rows_new, bound)
       else:
-        pool.add(rows_new, child_bound[pick])
+        pool.add(rows_new, bound)
   slots = pool.open_slots()
   diff_lower = np.minimum(closed_lower, piece["dl"][slots].min(axis=0, initial=np.inf))
   diff_upper = np.maximum(closed_upper, piece["du"][slots].max(axis=0, initial=-np.inf))

@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from qbound import dynamic_rounding
 from qbound.bounds.host_float import EPS, TINY, down, up
 from qbound.bounds.host_steps import F_Q_STEPS, step_error, step_values
 
@@ -434,7 +435,9 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
   ``values``: where f_q rounds its input (:func:`qbound.bounds.host_chain.input_rounding`), a case
   of each piece, ``(lowest, highest)`` (``(k, n_in)`` each) rounded values of the input: the bounds
   then hold for the inputs of the piece whose rounded values lie there (the cases of
-  :func:`qbound.bounds.host_chain.aligned_splits`); ignored where a piece's values miss them.
+  :func:`qbound.bounds.host_chain.aligned_splits`); ignored where a piece's values miss them. The
+  same where the chain's first layer rounds the input with a scale computed from it (the tie
+  splits of :mod:`qbound.bounds.host_ties`; not behind an ``rms,c`` joint term).
 
   Returns:
     ``(d_lower, d_upper, d_lower_form, d_upper_form, kept)``: ``(k, n_out)`` bounds, the output's
@@ -508,7 +511,15 @@ def bound_pieces(chain: Chain, lo: np.ndarray, hi: np.ndarray, prior: Optional[n
       # the narrower forms are kept: where s(z_q) is pinned to one value over the piece (bounds
       # within one step of a rounding, beyond one end of a clip) those are exact.
       e_lo, e_hi, sl, su, joint = step_error(layer, ql, qu)
-      if values is not None and layer[0] == "round":  # f_q's rounding of its input, in the pieces' cases
+      if values is not None and layer[0] == "dynamic" and j == 0 and not joint:
+        # The input's dynamic rounding, in the pieces' tie cases (host_ties): one step's values where
+        # a case admits a single step.
+        _, spec, shape = layer
+        with np.errstate(divide="ignore", invalid="ignore"):
+          values = tuple(v.reshape(k, -1) for v in dynamic_rounding.value_range(
+              spec, ql.reshape(k, *shape), qu.reshape(k, *shape), len(shape),
+              (values[0].reshape(k, *shape), values[1].reshape(k, *shape))))
+      if values is not None and layer[0] in ("round", "dynamic"):  # f_q's rounding of its input, in the pieces' cases
         case_l, case_u = np.maximum(sl, values[0]), np.minimum(su, values[1])
         ok = case_l <= case_u
         sl, su = np.where(ok, case_l, sl), np.where(ok, case_u, su)
