@@ -79,9 +79,10 @@ def candidates(layer, lo, hi, value_lo, value_hi, weight):
   """The pieces to split on a tie, and how.
 
   A piece is a candidate where some entry may take exactly two steps ``k`` and ``k + 1`` (it
-  straddles one tie); of those entries, the one of largest ``weight`` (``(pieces, n_in)``, the
-  search's split weights of the inputs, which the entries follow one to one). ``theta`` is the
-  midpoint between the two steps' values at the middle of the piece's scale range.
+  straddles one tie) and no entry more than ``MAX_STEPS``; of those entries, the one of largest
+  ``weight`` (``(pieces, n_in)``, the search's split weights of the inputs, which the entries
+  follow one to one). ``theta`` is the midpoint between the two steps' values at the middle of the
+  piece's scale range.
 
   Returns:
     ``(rows, entry, theta, below, above)``: the candidates' row indices, the entry and threshold of
