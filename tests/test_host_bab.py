@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import helpers as H
 import qbound as qb
 from qbound import dynamic_rounding as DR
-from qbound.bounds import host_bab, host_bounds, host_chain, host_float
+from qbound.bounds import host_bab, host_bounds, host_chain, host_float, host_halves
 from qbound.exact.encoding import _matrices
 
 
@@ -667,7 +667,7 @@ def test_rms_layers_take_backward_rows_from_the_second_dense_layer(monkeypatch):
 
 
 def test_large_batches_are_bounded_in_two_halves_as_two_calls_would(monkeypatch):
-  """A round's children above PARALLEL_FROM are bounded on two threads, each half on its own: the
+  """A batch above host_halves.PARALLEL_FROM is bounded on two threads, each half on its own: the
   result is exactly that of two calls of bound_pieces (not of one call on the whole batch, whose
   batch-wide slacks differ), and it holds at sampled points."""
   f, fq = dynamic_quant_pair(2, H.SHAPES[1], "rms,3 int4")
@@ -678,13 +678,13 @@ def test_large_batches_are_bounded_in_two_halves_as_two_calls_would(monkeypatch)
   centre = rng.uniform(-0.9, 0.9, (40, 3))
   lo, hi = centre - 0.1, centre + 0.1
   _, _, _, _, kept = host_bab.bound_pieces(chain, lo, hi)
-  monkeypatch.setattr(host_bab, "PARALLEL_FROM", 16)
-  monkeypatch.setattr(host_bab, "_usable_cores", lambda: 2)
-  both = host_bab._bound_children(chain, lo, hi, kept, None, parallel=True)
+  monkeypatch.setattr(host_halves, "PARALLEL_FROM", 16)
+  monkeypatch.setattr(host_halves, "usable_cores", lambda: 2)
+  both = host_halves.bound_in_halves(chain, lo, hi, kept, None, parallel=True)
   halves = [host_bab.bound_pieces(chain, lo[h], hi[h], kept[h]) for h in (slice(0, 20), slice(20, 40))]
   for got, *parts in zip(both, *halves):
     np.testing.assert_array_equal(got, np.concatenate(parts))
-  assert host_bab._bound_children(chain, lo[:15], hi[:15], kept[:15], None, parallel=True)[0].shape == (15, 2)
+  assert host_halves.bound_in_halves(chain, lo[:15], hi[:15], kept[:15], None, parallel=True)[0].shape == (15, 2)
   xs = lo[:, None] + rng.uniform(size=(40, 200, 3)) * (hi - lo)[:, None]
   values = H.eval64(merged.graph, xs.reshape(-1, 3)).reshape(40, 200, -1)
   assert np.all(values >= both[0][:, None] - 1e-12) and np.all(values <= both[1][:, None] + 1e-12)

@@ -70,15 +70,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from qbound.bounds import host_chain, host_ties
-from qbound.bounds.host_bounds import Chain, bound_pieces, evaluate
+from qbound.bounds.host_bounds import Chain, bound_pieces, error_bound, evaluate
+from qbound.bounds.host_halves import bound_in_halves
 from qbound.bounds.host_chain import _unmap, aligned_splits, chain_of, input_grid_cells, input_rounding, map_box
 from qbound.bounds.host_pool import PiecePool
 from qbound.bounds.host_steps import ROUNDINGS, step_values
@@ -135,18 +134,6 @@ STALLED_SHARE = 0.5
 # with them; AQT's 4-16-16-2 MLP on [-1, 1]^4, 1.82x after 10 s and 1.79x after 30 s, against 1.62x
 # and 1.46x; qwix's nnx rms,3 static MLP, 1.04x after 10 s, against the gap in 773 pieces).
 ALIGNED_SPLITS = True
-# A round's children, when at least PARALLEL_FROM of them, are bounded in two halves on two threads
-# (NumPy releases the GIL inside its loops) where the process may use two cores or more, and where
-# f_q does not round its input (there the input grid's compilation may want the other core). Each
-# half is bounded on its own (its batch-wide slacks and backward rows are its own), so the result
-# is that of two calls, whatever the threads' timing. qwix's nnx rms,3 MLP, certify's 10 s, warm,
-# interleaved: bound / reached 1.546 against 1.587 (docs/results/host-search.md).
-PARALLEL_FROM = 512
-# Where f_q rounds its input with a scale computed from it, a piece that straddles a tie is also
-# split on the rounding's value (host_ties) when its input split gained little: the geometric mean
-# of its halves' gains below TIE_GAIN of the piece's bound (qwix's minmax nnx MLP, the search alone,
-# 10 s: 1.5004 / 1.4999 / 1.4997 / 1.5004 for 1, 0.1, 0.01, 0.001; 1.516 without tie splits).
-TIE_GAIN = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,84 +245,6 @@ def _gradient_weight(chain: Chain, kept, dl, du, outputs):
   return np.maximum(np.abs(total_lo), np.abs(total_hi))
 
 
-def _error_bound(dl, du, outputs):
-  return np.maximum(du[:, outputs], -dl[:, outputs]).max(axis=1)
-
-
-def _tie_splits(chain, ties, outputs, parent_bound, p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du, p_kept, smear, score,
-                halves, parallel) -> int:
-  """Splits on a tie (:mod:`qbound.bounds.host_ties`) of the round's pieces that straddle one, in
-  place of their input splits (``halves``: the chosen children's rows and bounds, per half) where
-  the two cases' gains score better (``score``: the input splits'). Cases that hold no input are
-  closed at once (bound 0, bounds on ``f - f_q`` empty). Returns the number of cases bounded."""
-  rows, _, _, below, above = host_ties.candidates(ties, p_lo, p_hi, p_vlo, p_vhi, smear)
-  # Only where the input split gained little (geometric mean of its halves' gains below
-  # TIE_GAIN of the piece's bound): elsewhere it is the better split.
-  stuck = -score[rows] <= (TIE_GAIN * parent_bound[rows]) ** 2
-  rows, below, above = rows[stuck], tuple(a[stuck] for a in below), tuple(a[stuck] for a in above)
-  if not len(rows):
-    return 0
-  n = p_lo.shape[1]
-  t_lo, t_hi = np.repeat(p_lo[rows], 2, axis=0), np.repeat(p_hi[rows], 2, axis=0)
-  t_vlo = np.stack([below[0], above[0]], axis=1).reshape(-1, n)
-  t_vhi = np.stack([below[1], above[1]], axis=1).reshape(-1, n)
-  tdl, tdu, _, _, tkept = _bound_children(chain, t_lo, t_hi, np.repeat(p_kept[rows], 2, axis=0), (t_vlo, t_vhi),
-                                          parallel=parallel)
-  tdl = np.maximum(tdl, np.repeat(p_dl[rows], 2, axis=0))
-  tdu = np.minimum(tdu, np.repeat(p_du[rows], 2, axis=0))
-  gone = host_ties.empty(ties, t_lo, t_hi, t_vlo, t_vhi)
-  tdl[gone], tdu[gone] = np.inf, -np.inf
-  t_bound = np.where(gone, 0.0, _error_bound(tdl, tdu, outputs))
-  gain = np.maximum(parent_bound[rows][:, None] - t_bound.reshape(-1, 2), 0.0)
-  win = -(gain[:, 0] * gain[:, 1]) - 1e-9 * (gain[:, 0] + gain[:, 1]) < score[rows]
-  dst = rows[win]
-  for half, (rows_new, bound) in enumerate(halves):
-    src = 2 * np.flatnonzero(win) + half
-    for name, values in (("lo", t_lo), ("hi", t_hi), ("dl", tdl), ("du", tdu), ("kept", tkept), ("vlo", t_vlo),
-                         ("vhi", t_vhi)):
-      rows_new[name][dst] = values[src]
-    bound[dst] = t_bound[src]
-  return len(t_lo)
-
-
-def _usable_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - macOS, Windows
-    return os.cpu_count() or 1
-
-
-def _bound_children(chain, lo, hi, prior, values, parallel: bool):
-  """:func:`bound_pieces` of a round's children: in two halves, the second in a thread of its own,
-  when ``parallel``, the batch is large (``PARALLEL_FROM``) and two cores are usable; else in one call."""
-  k = len(lo)
-  whole = lambda: bound_pieces(chain, lo, hi, prior, values=values)  # noqa: E731
-  if not parallel or k < PARALLEL_FROM or _usable_cores() < 2:
-    return whole()
-
-  def part(h):
-    return bound_pieces(chain, lo[h], hi[h], prior[h], values=None if values is None else (values[0][h], values[1][h]))
-
-  second: list = []
-
-  def run_second():
-    try:
-      second.append(part(slice(k // 2, k)))
-    except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
-      second.append(err)
-
-  helper = threading.Thread(target=run_second, name="qbound-host-bounds", daemon=True)
-  try:
-    helper.start()
-  except RuntimeError:  # no new thread at interpreter shutdown (a call still running as the process exits)
-    return whole()
-  first = part(slice(0, k // 2))
-  helper.join()
-  if isinstance(second[0], BaseException):
-    raise second[0]
-  return tuple(np.concatenate([a, b]) for a, b in zip(first, second[0]))
-
-
 def _one_blas_thread():
   """OpenBLAS's threads off while it runs: its matrices are small and many, and on two loaded cores
   the threads only wait for each other (5x the CPU time of one thread for a 40960 x 16 by 16 x 12
@@ -425,7 +334,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
   staircase = any(layer[0] in ROUNDINGS for layer in chain.layers)
   grid = input_rounding(chain) if ALIGNED_SPLITS else None
-  parallel = input_rounding(chain) is None  # (see PARALLEL_FROM)
+  parallel = input_rounding(chain) is None  # (see host_halves.PARALLEL_FROM)
   stair_time, stair_runs = [0.0], [0]
   stale_runs = [0]  # staircase runs since one last raised the error reached
   moved = [np.inf, 0.0]  # the upper bound when it last fell by more than 0.1%, and the time since start
@@ -494,7 +403,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   fields = dict(lo=box_lo, hi=box_hi, dl=dl, du=du, kept=kept)
   if cases is not None:
     fields.update(vlo=cases[0], vhi=cases[1])
-  pool = PiecePool(fields, _error_bound(dl, du, outputs))
+  pool = PiecePool(fields, error_bound(dl, du, outputs))
   piece = pool.fields  # (the pool may grow: read its arrays through this dict)
   closed_lower = np.full(chain.n_out, np.inf)
   closed_upper = np.full(chain.n_out, -np.inf)
@@ -559,14 +468,14 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
       c_cases = (c_vlo.reshape(-1, n), c_vhi.reshape(-1, n))
     c_lo, c_hi = c_lo.reshape(-1, n), c_hi.reshape(-1, n)
     reps = 2 * cands
-    cdl, cdu, cld, cud, ckept = _bound_children(chain, c_lo, c_hi, np.repeat(p_kept, reps, axis=0), c_cases,
+    cdl, cdu, cld, cud, ckept = bound_in_halves(chain, c_lo, c_hi, np.repeat(p_kept, reps, axis=0), c_cases,
                                                 parallel=parallel)
     bounded += len(c_lo)
     probe(c_lo, c_hi, (cdl, cdu), cld, cud)
     # Meet with the parent's bounds (the children lie inside it).
     cdl = np.maximum(cdl, np.repeat(p_dl, reps, axis=0))
     cdu = np.minimum(cdu, np.repeat(p_du, reps, axis=0))
-    child_bound = _error_bound(cdl, cdu, outputs)
+    child_bound = error_bound(cdl, cdu, outputs)
     child = child_bound.reshape(m, 2, cands)
     # Ranked by the product of both halves' gains, as bab.py's strong branching: the worse half
     # alone keeps slicing one narrow dimension.
@@ -581,8 +490,8 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
         rows_new.update(vlo=c_cases[0][pick], vhi=c_cases[1][pick])
       halves.append((rows_new, child_bound[pick]))
     if ties is not None:  # a split on a tie instead, where its two cases gain more
-      bounded += _tie_splits(chain, ties, outputs, pool.bound[take], p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du, p_kept,
-                             smear, score[np.arange(m), best], halves, parallel)
+      bounded += host_ties.split_round(chain, ties, outputs, pool.bound[take], p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du,
+                                       p_kept, smear, score[np.arange(m), best], halves, parallel)
     for half, (rows_new, bound) in enumerate(halves):  # the lower halves take their parents' slots
       if half == 0:
         pool.put(take, rows_new, bound)

@@ -408,6 +408,11 @@ def prefix_step(step, x):
   return x / step[1] if step[0] == "div" else x * step[1]
 
 
+def error_bound(dl, du, outputs):
+  """Each piece's bound on ``max |f - f_q|`` over ``outputs``, from its bounds ``dl <= f - f_q <= du``."""
+  return np.maximum(du[:, outputs], -dl[:, outputs]).max(axis=1)
+
+
 def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
   z = np.asarray(xs, np.float64)

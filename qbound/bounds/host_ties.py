@@ -36,6 +36,8 @@ from typing import Optional
 import numpy as np
 
 from qbound import dynamic_rounding
+from qbound.bounds.host_bounds import error_bound
+from qbound.bounds.host_halves import bound_in_halves
 from qbound.bounds.host_steps import step_error
 
 # Whether the NumPy search splits pieces on its input rounding's steps, where f_q's first layer
@@ -46,6 +48,10 @@ ENABLED = True
 # that straddles a tie, 1.504 with at most 2 steps per entry, 1.501 with 3, 1.524 with 4, 1.516
 # without tie splits; docs/results/quant-libraries.md).
 MAX_STEPS = 3
+# A piece is split on a tie only where its input split gained little: the geometric mean of its
+# halves' gains below TIE_GAIN of the piece's bound (the minmax nnx MLP, the search alone, 10 s:
+# 1.5004 / 1.4999 / 1.4997 / 1.5004 for 1, 0.1, 0.01, 0.001; 1.516 without tie splits).
+TIE_GAIN = 0.01
 
 
 def tie_layer(chain) -> Optional[tuple]:
@@ -114,3 +120,41 @@ def empty(layer, lo, hi, value_lo, value_hi) -> np.ndarray:
     v_lo, v_hi = dynamic_rounding.value_range(spec, lo.reshape(k, *shape), hi.reshape(k, *shape), len(shape),
                                               (value_lo.reshape(k, *shape), value_hi.reshape(k, *shape)))
   return (v_lo > v_hi).reshape(k, -1).any(axis=1)
+
+
+def split_round(chain, layer, outputs, parent_bound, p_lo, p_hi, p_vlo, p_vhi, p_dl, p_du, p_kept, smear, score,
+                halves, parallel) -> int:
+  """Tie splits in one round of the NumPy search: the round's pieces (``p_*``, with their bounds
+  ``parent_bound`` and split weights ``smear``) that straddle a tie of ``layer``
+  (:func:`candidates`) are split on it in place of their input splits (``halves``: the chosen
+  children's rows and bounds, per half, changed in place) where the two cases' gains score better
+  (``score``: the input splits', as the search ranks them). Cases that hold no input are closed at
+  once (bound 0, bounds on ``f - f_q`` empty). Returns the number of cases bounded."""
+  rows, _, _, below, above = candidates(layer, p_lo, p_hi, p_vlo, p_vhi, smear)
+  # Only where the input split gained little (geometric mean of its halves' gains below
+  # TIE_GAIN of the piece's bound): elsewhere it is the better split.
+  stuck = -score[rows] <= (TIE_GAIN * parent_bound[rows]) ** 2
+  rows, below, above = rows[stuck], tuple(a[stuck] for a in below), tuple(a[stuck] for a in above)
+  if not len(rows):
+    return 0
+  n = p_lo.shape[1]
+  t_lo, t_hi = np.repeat(p_lo[rows], 2, axis=0), np.repeat(p_hi[rows], 2, axis=0)
+  t_vlo = np.stack([below[0], above[0]], axis=1).reshape(-1, n)
+  t_vhi = np.stack([below[1], above[1]], axis=1).reshape(-1, n)
+  tdl, tdu, _, _, tkept = bound_in_halves(chain, t_lo, t_hi, np.repeat(p_kept[rows], 2, axis=0), (t_vlo, t_vhi),
+                                         parallel=parallel)
+  tdl = np.maximum(tdl, np.repeat(p_dl[rows], 2, axis=0))
+  tdu = np.minimum(tdu, np.repeat(p_du[rows], 2, axis=0))
+  gone = empty(layer, t_lo, t_hi, t_vlo, t_vhi)
+  tdl[gone], tdu[gone] = np.inf, -np.inf
+  t_bound = np.where(gone, 0.0, error_bound(tdl, tdu, outputs))
+  gain = np.maximum(parent_bound[rows][:, None] - t_bound.reshape(-1, 2), 0.0)
+  win = -(gain[:, 0] * gain[:, 1]) - 1e-9 * (gain[:, 0] + gain[:, 1]) < score[rows]
+  dst = rows[win]
+  for half, (rows_new, bound) in enumerate(halves):
+    src = 2 * np.flatnonzero(win) + half
+    for name, values in (("lo", t_lo), ("hi", t_hi), ("dl", tdl), ("du", tdu), ("kept", tkept), ("vlo", t_vlo),
+                         ("vhi", t_vhi)):
+      rows_new[name][dst] = values[src]
+    bound[dst] = t_bound[src]
+  return len(t_lo)
