@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qbound import dynamic_rounding as DR
+from qbound.box import Box
 from qbound.bounds import host_bab, host_ties
 from qbound.bounds.host_bounds import Chain, bound_pieces, evaluate
 from qbound.bounds.host_steps import step_values
@@ -115,8 +116,6 @@ def test_no_tie_splits_behind_rms_layers_or_static_roundings():
 def test_the_search_with_tie_splits_is_sound(kind, monkeypatch):
   """host_branch_and_bound with tie splits, on a small box across ties: its bounds hold against
   dense sampling."""
-  from qbound.box import Box
-
   chain = chain_with_input_rounding(5, SPECS[kind])
   lo, hi = piece_on_a_tie(chain, 5, 0.02)
   box = Box(lo.astype(np.float32), hi.astype(np.float32))

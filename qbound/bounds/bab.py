@@ -476,7 +476,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   def within(child: BoundedPiece, parent: BoundedPiece) -> BoundedPiece:
     """``child`` with its bounds met with those of its ``parent``."""
-    if not WITHIN_PARENT or (child.splits and np.all(child.diff_lower == np.inf)):  # (an empty sub-problem stays empty)
+    if not WITHIN_PARENT or child.empty:  # (an empty sub-problem stays empty)
       return child
     dlo, dhi = np.maximum(child.diff_lower, parent.diff_lower), np.minimum(child.diff_upper, parent.diff_upper)
     sel = np.maximum(-dlo[outputs], dhi[outputs])
@@ -485,7 +485,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   def push(pieces: list[BoundedPiece]) -> None:
     for piece in pieces:
-      if piece.splits and np.all(piece.diff_lower == np.inf):  # an empty sub-problem (see bound_batch)
+      if piece.empty:  # (see bound_batch)
         continue
       heapq.heappush(heap, piece.open(next(counter)))
 

@@ -58,6 +58,11 @@ class BoundedPiece(NamedTuple):
   depth: int
   splits: int
 
+  @property
+  def empty(self) -> bool:
+    """A sub-problem (a ReLU or tie split's) that holds no input: its bounds came out empty."""
+    return bool(self.splits) and bool(np.all(self.diff_lower == np.inf))
+
   def open(self, tiebreak: int) -> "OpenPiece":
     """The heap's item for this piece."""
     return OpenPiece(-self.bound, tiebreak, self)

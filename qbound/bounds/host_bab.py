@@ -333,8 +333,9 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
   # Linear regions are ReLU patterns (region_ascent); f_q's roundings and clips split them further.
   linear_regions = all(layer[0] in ("affine", "relu") for layer in chain.layers)
   staircase = any(layer[0] in ROUNDINGS for layer in chain.layers)
-  grid = input_rounding(chain) if ALIGNED_SPLITS else None
-  parallel = input_rounding(chain) is None  # (see host_halves.PARALLEL_FROM)
+  rounding = input_rounding(chain)
+  grid = rounding if ALIGNED_SPLITS else None
+  parallel = rounding is None  # (see host_halves.PARALLEL_FROM)
   stair_time, stair_runs = [0.0], [0]
   stale_runs = [0]  # staircase runs since one last raised the error reached
   moved = [np.inf, 0.0]  # the upper bound when it last fell by more than 0.1%, and the time since start
@@ -355,8 +356,7 @@ def _search(merged, box, outputs, time_budget, target_gap, epsilon, initial_lowe
     values, xs = staircase_search(chain, box_lo[0], box_hi[0], outputs, np.random.default_rng(stair_runs[0]))
     stair_runs[0] += 1
     stair_time[0] += time.perf_counter() - t
-    # Raised by less than STALE_GAIN counts as raising nothing: runs that converge on the same tie
-    # creep up by 1e-7 relative, and each such step kept the search's share at STAIRCASE_SHARE.
+    # (A raise below STALE_GAIN is none.)
     stale_runs[0] = 0 if values[0] > lower * (1 + STALE_GAIN) else stale_runs[0] + 1
     if values[0] > lower:
       lower, witness = float(values[0]), xs[0]
