@@ -106,6 +106,66 @@ class Parts(NamedTuple):
   v_hi: jnp.ndarray
 
 
+def may_saturate(spec) -> bool:
+  """Whether an ``rms`` scale without zero point lets entries reach past a clip (``D`` above it)."""
+  return (spec.norm == "rms" and spec.zero_point is None
+          and float(spec.divisor) > min(float(spec.high), -float(spec.low)) - 0.5)
+
+
+def group_others(shape: tuple, axes) -> np.ndarray:
+  """``(n, n)`` booleans over the flattened entries of a value of ``shape``: entry ``j`` is in entry
+  ``i``'s group and is not ``i`` (``axes``: a scale's reduced axes, or None for the whole tensor)."""
+  n = int(np.prod(shape, dtype=np.int64))
+  reduced = range(len(shape)) if axes is None else [len(shape) + a if a < 0 else a for a in axes]
+  kept = [a for a in range(len(shape)) if a not in reduced]
+  index = np.indices(shape).reshape(len(shape), -1)
+  group = (np.ravel_multi_index(tuple(index[a] for a in kept), tuple(shape[a] for a in kept)) if kept
+           else np.zeros(n, np.int64))
+  return (group[:, None] == group[None, :]) & ~np.eye(n, dtype=bool)
+
+
+def saturation_rows(center, others, c_top: float, c_bottom: float, bottom: bool, u: float):
+  """Linear rows whose lower bounds over a box bound an ``rms`` node's saturations
+  (:mod:`qbound.bounds.rms_rest`): per entry ``i`` of ``center`` (``(..., n)``, the node's input at
+  the box's centre, flattened; leading axes a batch of boxes) ``w_i``, the centre with entry ``i``
+  and every entry outside its group (``others``, ``(n, n)``) set to 0, scaled to norm at most 1 (so
+  ``r_i >= w_i . x``), and the negated saturation rows ``t_i = (1 - c_top alpha_i) e_i - c_top
+  beta_i w_i`` and, with ``bottom``, ``b_i = -(1 + c_bottom alpha_i) e_i - c_bottom beta_i w_i``
+  (``(alpha_i, beta_i)`` the direction of ``(x_i, r_i)`` at the centre, of norm at most 1).
+  ``u``: the unit roundoff of the arithmetic; every scale is shrunk by a few of it, so that the
+  norms stay at most 1 whatever the rounding. Returns ``(..., 2n or 3n, n)``: ``[w; -t(; -b)]``."""
+  xp = namespace(center)
+  n = center.shape[-1]
+  p = xp.where(others, center[..., None, :], 0.0)
+  norm = xp.sqrt(xp.sum(p * p, axis=-1)) * (1 + 2 * (n + 4) * u)  # >= |p|
+  w = p / xp.where(norm > 0, norm, 1.0)[..., None] * (1 - 4 * u)  # |w| <= 1
+  whole = xp.sqrt(center * center + norm * norm)
+  safe = xp.where(whole > 0, whole, 1.0)
+  alpha = xp.where(whole > 0, center / safe, 0.0) * (1 - 8 * u)
+  beta = xp.where(whole > 0, norm / safe, 0.0) * (1 - 8 * u)
+  eye = xp.eye(n, dtype=center.dtype)
+  top = (1 - c_top * alpha)[..., None] * eye - (c_top * beta)[..., None] * w
+  parts = [w, -top]
+  if bottom:
+    parts.append((1 + c_bottom * alpha)[..., None] * eye + (c_bottom * beta)[..., None] * w)
+  return xp.concatenate(parts, axis=-2)
+
+
+def joint_from_rows(low, rows, mag, u: float, tiny: float):
+  """``(rest, top, bottom)`` of a :class:`Joint` (flat, before any outward rounding) from lower bounds
+  ``low`` (``(..., 2n or 3n)``) of :func:`saturation_rows`' ``rows`` over a box where the node's
+  input has magnitudes at most ``mag`` (``(..., n)``). The rows' coefficients carry their own
+  rounding: each lower bound is lowered by ``4 u |row| . mag``."""
+  xp = namespace(low, rows, mag)
+  n = mag.shape[-1]
+  slack = 4 * u * xp.sum(xp.abs(rows) * mag[..., None, :], axis=-1) + 16 * tiny
+  rest = xp.maximum(low[..., :n] - slack[..., :n], 0.0)
+  top = -low[..., n:2 * n] + slack[..., n:2 * n]
+  bottom = (-low[..., 2 * n:] + slack[..., 2 * n:] if low.shape[-1] > 2 * n
+            else xp.full(top.shape, xp.inf, dtype=top.dtype))
+  return rest, top, bottom
+
+
 def saturating_count(spec, terms: int) -> int:
   """How many of a group's ``terms`` entries can be past a clip at once (by more than half a step).
 

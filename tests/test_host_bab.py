@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import helpers as H
 import qbound as qb
 from qbound import dynamic_rounding as DR
-from qbound.bounds import host_bab, host_bounds, host_chain, host_float, host_halves
+from qbound import rms_rounding
+from qbound.bounds import host_backward, host_bab, host_bounds, host_chain, host_float, host_halves
 from qbound.exact.encoding import _matrices
 
 
@@ -375,11 +376,11 @@ def test_outward_rounding_steps_past_the_neighbouring_floats(x):
 
 
 def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):
-  """The backward pass of host_bounds._backward written out plainly (np.where on each entry's sign,
-  the rows copied for every piece, no rounding slack)."""
+  """The backward pass of host_backward.backward written out plainly (np.where on each entry's sign,
+  the rows copied for every piece unless they are the pieces' own, no rounding slack)."""
   k = lo.shape[0]
-  lam_d = np.broadcast_to(rows_d, (k,) + rows_d.shape).copy()
-  lam_q = np.broadcast_to(rows_q, (k,) + rows_q.shape).copy()
+  lam_d = np.broadcast_to(rows_d, (k,) + rows_d.shape[-2:]).copy()
+  lam_q = np.broadcast_to(rows_q, (k,) + rows_q.shape[-2:]).copy()
   const = np.zeros(lam_d.shape[:2])
   for j in range(upto - 1, -1, -1):
     layer = chain.layers[j]
@@ -409,23 +410,23 @@ def _reference_backward(chain, upto, rows_d, rows_q, lines, lo, hi):
 @pytest.mark.parametrize("seed, shape, noise", [(1, H.SHAPES[1], 1.0), (4, H.SHAPES[2], None),
                                                (2, H.SHAPES[1], "rms,3 int4"), (6, H.SHAPES[1], "rms,2 int8")])
 def test_backward_pass_matches_a_plain_reference(seed, shape, noise, monkeypatch):
-  """host_bounds._backward (rows shared by the pieces until the first ReLU layer, lines picked by
+  """host_backward.backward (rows shared by the pieces until the first ReLU layer, lines picked by
   sign as products, the rounding's slack from a bound on |rows| over the whole batch; on qwix's
-  rms,c layers, the band's terms as products and the few saturating entries' as row minima) gives
-  the plain pass's values, lowered by no more than a small slack, on every backward pass of a batch."""
+  rms,c layers, the band's terms as products and the few saturating entries' as row minima; and
+  the saturation rows, each piece's own) gives the plain pass's values, lowered by no more than a small slack, on every backward pass of a batch."""
   if isinstance(noise, str):
     f, fq = dynamic_quant_pair(seed, shape, noise)
   else:
     f, fq = pair(seed, shape, bits=None if noise else 4, noise=noise)
   box = H.random_box(seed, shape[0])
   chain = host_bab.chain_of(qb.merge(f, fq, box))
-  calls, real = [], host_bounds._backward
+  calls, real = [], host_backward.backward
 
   def spy(*args):
     calls.append((args, real(*args)))
     return calls[-1][1]
 
-  monkeypatch.setattr(host_bounds, "_backward", spy)
+  monkeypatch.setattr(host_backward, "backward", spy)
   monkeypatch.setattr(host_bounds, "BACKWARD_FROM_DEPTH", 2)
   rng = np.random.default_rng(seed)
   lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
@@ -664,6 +665,66 @@ def test_rms_layers_take_backward_rows_from_the_second_dense_layer(monkeypatch):
     widths[depth] = (du - dl).sum(axis=1)
   assert widths[2].sum() < widths[3].sum()
   assert np.mean(widths[2] < widths[3] - 1e-12) > 0.5
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["rms,3 int4", "rms,2 int8"]), width=st.floats(0.02, 1.0))
+def test_saturations_bounded_on_the_network_hold_at_sampled_points(seed, kind, width):
+  """The saturation rows of an rms,c layer (host_backward.saturation_rest, per piece from its centre)
+  bound, at 300 points sampled in each piece, every entry's others' norm from below and its
+  saturation errors at the top and bottom from above, as their definitions compute them from f_q's
+  values at the layer's input."""
+  f, fq = dynamic_quant_pair(seed, H.SHAPES[0], kind)
+  box = H.random_box(seed, 2)
+  chain = host_bab.chain_of(qb.merge(f, fq, box))
+  seen = []
+  original = host_backward.saturation_rest
+
+  def recording(chain, j, lines, mags, lo, hi, ql, qu):
+    joint = original(chain, j, lines, mags, lo, hi, ql, qu)
+    if joint is not None:
+      seen.append((j, lo, hi, joint))
+    return joint
+
+  rng = np.random.default_rng(seed)
+  lo0, hi0 = np.asarray(box.lower, np.float64), np.asarray(box.upper, np.float64)
+  a, b = rng.uniform(lo0, hi0, (2, 6, 2))
+  lo, hi = np.minimum(a, b), np.minimum(a, b) + width * np.abs(a - b)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(host_backward, "saturation_rest", recording)
+    host_bab.bound_pieces(chain, lo, hi)
+  assert [j for j, *_ in seen] == [3, 6]  # the two hidden layers' roundings (the input's 2 entries never saturate)
+  for j, lo, hi, joint in seen:
+    spec = chain.layers[j][1]
+    n = chain.layers[j][2][-1]
+    c = 1 - rms_rounding.slack(n)
+    xs = lo[:, None] + rng.uniform(size=(len(lo), 300, 2)) * (hi - lo)[:, None]
+    x = host_backward.values_q(chain, j, xs.reshape(-1, 2)).reshape(len(lo), 300, n)
+    m = np.sqrt((x * x).sum(-1, keepdims=True))
+    rest = np.sqrt(np.maximum(m * m - x * x, 0.0))
+    tol = 1e-9 * (1 + m)
+    assert np.all(rest >= joint.rest.reshape(-1, 1, n) - tol)
+    assert np.all(x - float(spec.high) / float(spec.divisor) * c * m <= joint.top.reshape(-1, 1, n) + tol)
+    assert np.all(-x + float(spec.low) / float(spec.divisor) * c * m <= joint.bottom.reshape(-1, 1, n) + tol)
+    assert np.all(np.isfinite(joint.top))
+
+
+def test_saturation_rows_tighten_the_pieces_bounds(monkeypatch):
+  """On random pieces of an rms,2 int8 pair, the saturations bounded on the network give tighter
+  output bounds than the entries' intervals alone, on most pieces and in total."""
+  f, fq = dynamic_quant_pair(2, H.SHAPES[1], "rms,2 int8")
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  chain = host_bab.chain_of(qb.merge(f, fq, box))
+  rng = np.random.default_rng(0)
+  centre = rng.uniform(-0.9, 0.9, (64, 3))
+  lo, hi = centre - 0.05, centre + 0.05
+  widths = {}
+  for rows in (False, True):
+    monkeypatch.setattr(host_bounds, "SATURATION_ROWS", rows)
+    dl, du, *_ = host_bab.bound_pieces(chain, lo, hi)
+    widths[rows] = (du - dl).sum(axis=1)
+  assert widths[True].sum() < widths[False].sum()
+  assert np.mean(widths[True] < widths[False] - 1e-12) > 0.5
 
 
 def test_large_batches_are_bounded_in_two_halves_as_two_calls_would(monkeypatch):

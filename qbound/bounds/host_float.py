@@ -17,6 +17,9 @@ import numpy as np
 
 EPS = np.finfo(np.float64).eps
 TINY = np.finfo(np.float64).tiny
+# The NumPy search's float64 forms and backward steps are widened by this fraction of the magnitude of
+# the terms they sum, per layer (qbound.bounds.host_bounds, qbound.bounds.host_backward).
+RELATIVE_SLACK = 1e-10
 
 
 def down(x):

@@ -56,14 +56,15 @@ def step_values(layer, x):
   return np.clip(x, layer[1], layer[2])
 
 
-def step_error(layer, ql, qu):
+def step_error(layer, ql, qu, rest=None):
   """Per piece and neuron, an interval holding ``e = s(v) - v`` for the step ``s`` of a ``round`` or
   ``clip`` layer and every ``v`` in ``[ql, qu]``, rounded outward: ``s(v)`` lies in
   ``[s(ql), s(qu)]`` (``s`` is monotone), and a rounding moves ``v`` by at most its mode's error.
   Returns ``(e_lo, e_hi, sl, su, joint)``, ``s(v)`` in ``[sl, su]``, and ``joint`` ``()`` but for an
-  ``rms,c`` layer (:func:`_dynamic_error`)."""
+  ``rms,c`` layer (:func:`_dynamic_error`; ``rest``, an optional :class:`qbound.rms_rounding.Joint` of
+  its saturations bounded on the network, ``(k, *shape)`` arrays, is used there)."""
   if layer[0] == "dynamic":
-    return _dynamic_error(layer, ql, qu)
+    return _dynamic_error(layer, ql, qu, rest)
   sl, su = step_values(layer, ql), step_values(layer, qu)
   lo, hi = down(sl - qu), up(su - ql)
   if layer[0] == "round":
@@ -75,7 +76,7 @@ def step_error(layer, ql, qu):
   return lo, hi, sl, su, ()
 
 
-def _dynamic_error(layer, ql, qu):
+def _dynamic_error(layer, ql, qu, rest=None):
   """:func:`step_error` of a ``dynamic`` layer: ``|s(v) - v| <= half`` per entry, from each group's
   largest magnitude over the piece (:func:`qbound.dynamic_rounding.bounds`, which also covers the
   library's float32 rounding of its scale and quotient), and ``s(v)`` in ``[v_lo, v_hi]`` where the
@@ -95,7 +96,7 @@ def _dynamic_error(layer, ql, qu):
     if joint is None:
       half, flat, v_lo, v_hi = dynamic_rounding.bounds(spec, lo, hi, len(shape))
     else:  # (the band and the worst case from the same parts, computed once)
-      parts = dynamic_rounding.saturation_parts(spec, lo, hi, len(shape))
+      parts = dynamic_rounding.saturation_parts(spec, lo, hi, len(shape), rest)
       half, flat, v_lo, v_hi = rms_rounding.from_parts(parts)
   half, flat = half.reshape(ql.shape), flat.reshape(ql.shape)
   v_lo, v_hi = v_lo.reshape(ql.shape), v_hi.reshape(ql.shape)

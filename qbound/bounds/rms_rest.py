@@ -74,54 +74,22 @@ def applies(node: G.Node) -> bool:
   """Whether ``node`` is an ``rms`` dynamic rounding whose entries may saturate (``D`` above the clip)."""
   if not ENABLED or not G.is_dynamic_rounding(node):
     return False
-  spec = node.attrs[1]
-  return (spec.norm == "rms" and spec.zero_point is None
-          and float(spec.divisor) > min(float(spec.high), -float(spec.low)) - 0.5)
-
-
-def _others(shape: tuple, axes) -> np.ndarray:
-  """``(n, n)``: entry ``j`` is in entry ``i``'s group and is not ``i`` (``axes``: the reduced axes, or
-  None for the whole tensor)."""
-  n = int(np.prod(shape, dtype=np.int64))
-  reduced = range(len(shape)) if axes is None else [len(shape) + a if a < 0 else a for a in axes]
-  kept = [a for a in range(len(shape)) if a not in reduced]
-  index = np.indices(shape).reshape(len(shape), -1)
-  group = (np.ravel_multi_index(tuple(index[a] for a in kept), tuple(shape[a] for a in kept)) if kept
-           else np.zeros(n, np.int64))
-  return (group[:, None] == group[None, :]) & ~np.eye(n, dtype=bool)
+  return rms_rounding.may_saturate(node.attrs[1])
 
 
 def _rows(center, others, c_top, c_bottom, bottom: bool):
-  """The rows ``[w; -t; -b]`` (``(3n, *shape)``; without ``-b`` unless ``bottom``): ``w`` per entry,
-  and the negated saturation rows ``t = (1 - c_top alpha) e_i - c_top beta w`` and
-  ``b = -(1 + c_bottom alpha) e_i - c_bottom beta w``."""
-  flat = center.reshape(-1)
-  n = flat.size
-  u = fp.unit_roundoff(flat.dtype)
-  p = jnp.where(others, flat[None, :], 0)
-  norm = jnp.sqrt(jnp.sum(p * p, axis=1)) * (1 + 2 * (n + 4) * u)  # >= |p|
-  w = p / jnp.where(norm > 0, norm, 1)[:, None] * (1 - 4 * u)  # |w| <= 1
-  whole = jnp.sqrt(flat * flat + norm * norm)
-  alpha = jnp.where(whole > 0, flat / jnp.where(whole > 0, whole, 1), 0) * (1 - 8 * u)
-  beta = jnp.where(whole > 0, norm / jnp.where(whole > 0, whole, 1), 0) * (1 - 8 * u)
-  eye = jnp.eye(n, dtype=flat.dtype)
-  top = (1 - c_top * alpha)[:, None] * eye - (c_top * beta)[:, None] * w
-  parts = [w, -top]
-  if bottom:
-    parts.append((1 + c_bottom * alpha)[:, None] * eye + (c_bottom * beta)[:, None] * w)
-  return jnp.concatenate(parts).reshape((len(parts) * n, *center.shape))
+  """The rows ``[w; -t; -b]`` (``(3n, *shape)``; without ``-b`` unless ``bottom``):
+  :func:`qbound.rms_rounding.saturation_rows` of the centre, in its float type."""
+  rows = rms_rounding.saturation_rows(center.reshape(-1), others, c_top, c_bottom, bottom,
+                                      fp.unit_roundoff(center.dtype))
+  return rows.reshape((rows.shape[0], *center.shape))
 
 
 def _finish(low, rows, mag, sound: bool):
   """:class:`qbound.rms_rounding.Joint` from the rows' lower bounds (flat, per entry; ``+inf`` for
   the bottom without its rows)."""
-  n = mag.size
-  u = fp.unit_roundoff(low.dtype)
-  # the rows' coefficients carry their own rounding: 4 u of |row| . max|x|
-  slack = 4 * u * jnp.sum(jnp.abs(rows.reshape(rows.shape[0], -1)) * mag.reshape(1, -1), axis=1) + 16 * fp.tiny(low.dtype)
-  rest = jnp.maximum(low[:n] - slack[:n], 0)
-  top = -low[n:2 * n] + slack[n:2 * n]
-  bottom = -low[2 * n:] + slack[2 * n:] if low.shape[0] > 2 * n else jnp.full_like(top, jnp.inf)
+  rest, top, bottom = rms_rounding.joint_from_rows(low, rows.reshape(rows.shape[0], -1), mag.reshape(-1),
+                                                   fp.unit_roundoff(low.dtype), fp.tiny(low.dtype))
   if sound:
     rest, top, bottom = jnp.maximum(fp.round_down(rest), 0), fp.round_up(top), fp.round_up(bottom)
   finite = lambda v, fallback: jnp.where(jnp.isfinite(v), v, fallback)  # noqa: E731
@@ -173,7 +141,7 @@ def joint_bounds(graph: G.Graph, idx: int, bounds, box, backward_lower, *, sound
   rel = rms_rounding.slack(int(np.prod([shape[a] for a in axes], dtype=np.int64)))
   d = float(spec.divisor)
   c_top, c_bottom = float(spec.high) / d * (1 - rel), -float(spec.low) / d * (1 - rel)
-  others = jnp.asarray(_others(shape, spec.axes))
+  others = jnp.asarray(rms_rounding.group_others(shape, spec.axes))
   center = _center_value(graph, box.lower, box.upper, y, batched)
   # A ReLU's outputs never reach the bottom clip: 2n rows, as many as a node's own bounds take, so
   # the backward steps compiled for those serve these too (a first call compiles no more of them).
