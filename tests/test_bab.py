@@ -304,3 +304,29 @@ def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(mon
     assert res.lower <= exact.upper + exact.tolerance and res.upper >= exact.value - exact.tolerance
   # The root's batch is bounded as before (no own output rows, hidden rows kept); the others not.
   assert calls[0] == (False, True) and (True, False) in calls
+
+
+def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
+  """Proving an epsilon on a large net's close copy takes batches of CLOSE_COPY_BATCH_SIZE; a copy
+  that really differs goes back to 32 after the root's batch, which tells the two apart. Both
+  stay sound at sampled points."""
+  shapes = []
+  real = bab.batch_bounds
+
+  def spy(fg, qg, mg, lo, hi, *args, **kwargs):
+    shapes.append(lo.shape[0])
+    return real(fg, qg, mg, lo, hi, *args, **kwargs)
+
+  monkeypatch.setattr(bab, "batch_bounds", spy)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  seen = {}
+  for name, compression in (("close", {"noise": 1e-4}), ("coarse", {"bits": 2})):
+    f, fq, _, _ = H.random_pair(7, (2, (150, 150), 1), init_scale=2.0, **compression)
+    merged = qb.merge(f, fq, box)
+    values = np.abs(H.eval64(merged.graph, H.sample_points(box, 2000)))
+    shapes.clear()
+    res = bab.branch_and_bound(merged, box, epsilon=2 * values.max(), time_budget=3.0, search=False)
+    assert values.max() <= res.upper + 1e-9 and len(shapes) >= 2
+    seen[name] = list(shapes)
+  assert set(seen["close"]) == {bab.CLOSE_COPY_BATCH_SIZE}
+  assert seen["coarse"][0] == bab.CLOSE_COPY_BATCH_SIZE and set(seen["coarse"][1:]) == {32}

@@ -143,6 +143,16 @@ def gap_batch_size(merged, inputs: int, epsilon: Optional[float], strong_branchi
   size = default_batch_size(merged)
   return max(size, GAP_BATCH_SIZE) if epsilon is None and inputs <= strong_branching_dims else size
 
+# Proving an epsilon on a large net's close copy (f's own CROWN rows skipped: bab_batch.F_CROWN_WIDENING)
+# on at most strong_branching_dims inputs: batches of this many pieces. Such proofs go level by
+# level, each with fewer than 16 pieces above epsilon, so larger batches were mostly padding. ACAS
+# Xu 1_1..1_9 vs float16, property 1, eps 0.05, warm, sizes interleaved per net (idle machine):
+# output 0 median 0.349 s (12: 0.353, 24: 0.403, 32: 0.492), all five outputs 0.385 s against
+# 0.532 s. Pairs that really differ go back to default_batch_size after the root's batch (the
+# root's batch tells them apart): their open pieces are many, and 16 was slower on 7 of 8 pruned
+# ACAS Xu instances (1_9 property 8 proved in 12.8-13.1 s against 9.4-9.5 s; docs/results/acas-speed.md).
+CLOSE_COPY_BATCH_SIZE = 16
+
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
 # nets; 2 was slower on one net by 4x. On nets above SMALL_NET_NEURONS (ACAS Xu) 2 did better: vs
@@ -351,8 +361,12 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # Products and smooth curves (transformers) have no differential rule: CROWN on the merged net.
   paired = merged.paired and nonlinear.first_nonlinear(merged.f_graph) is None
   mesh = sharding.resolve_mesh(mesh)
+  after_root = None  # the batch size once the root's batch tells a close copy from a pair that differs
   if batch_size is None:
     batch_size = gap_batch_size(merged, int(np.prod(box.shape)), epsilon, strong_branching_dims)
+    if (paired and epsilon is not None and int(np.prod(box.shape)) <= strong_branching_dims
+            and _activation_neurons(merged) > SMALL_NET_NEURONS):
+      batch_size, after_root = CLOSE_COPY_BATCH_SIZE, batch_size
   batch_size = sharding.padded_size(batch_size, mesh)
   fg, qg, mg = sharding.put_replicated((merged.f_graph, merged.fq_graph, merged.graph), mesh)
   out_idx = sharding.put_replicated(np.asarray(outputs), mesh)
@@ -508,6 +522,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     los += [lower0, right_lo]
     his += [left_hi, upper0]
   first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
+  if after_root is not None and f_crown:  # a pair that really differs (see CLOSE_COPY_BATCH_SIZE)
+    batch_size = sharding.padded_size(after_root, mesh)
   root = first[:1]
   root_lower, root_upper = root[0].diff_lower, root[0].diff_upper
   if root_axes and root[0].bound > best_lower:
