@@ -9,7 +9,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import bab, bab_batch, splitting
+from qbound.bounds import bab, bab_batch, bab_children, splitting
 from qbound.bounds.diff import diff_bounds
 
 
@@ -318,6 +318,9 @@ def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
     return real(fg, qg, mg, lo, hi, *args, **kwargs)
 
   monkeypatch.setattr(bab, "batch_bounds", spy)
+  grids = []
+  real_grid = bab_children.grid
+  monkeypatch.setattr(bab_children, "grid", lambda *args: grids.append(args[1]) or real_grid(*args))
   box = qb.Box(-jnp.ones(2), jnp.ones(2))
   seen = {}
   for name, compression in (("close", {"noise": 1e-4}), ("coarse", {"bits": 2})):
@@ -328,5 +331,36 @@ def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
     res = bab.branch_and_bound(merged, box, epsilon=2 * values.max(), time_budget=3.0, search=False)
     assert values.max() <= res.upper + 1e-9 and len(shapes) >= 2
     seen[name] = list(shapes)
+    seen[name + " grids"] = list(grids)
+    grids.clear()
   assert set(seen["close"]) == {bab.CLOSE_COPY_BATCH_SIZE}
   assert seen["coarse"][0] == bab.CLOSE_COPY_BATCH_SIZE and set(seen["coarse"][1:]) == {32}
+  # While at most a quarter of a batch needs splitting, the close copy's pieces are cut in grids.
+  assert seen["close grids"] and all(0 < live <= bab.CLOSE_COPY_BATCH_SIZE // 4 for live in seen["close grids"])
+  assert not seen["coarse grids"]
+
+
+def test_grid_cells_tile_their_parent():
+  """bab_children.grid cuts each of the worst pieces in 2 ** splits cells along its dimensions that
+  weigh most: the cells tile the parent (their volumes add up to its own, each lies inside it), the
+  parent is recorded per cell, and only the ``count`` worst pieces leave the heap."""
+  import heapq
+
+  rng = np.random.default_rng(0)
+  heap = []
+  for i in range(5):
+    lo = rng.uniform(-1, 0, 3).astype(np.float32)
+    hi = lo + rng.uniform(0.5, 1, 3).astype(np.float32)
+    piece = bab_children.BoundedPiece(float(i), lo, hi, 0, np.zeros(1), np.zeros(1), rng.uniform(size=3), (), 0, 0)
+    heapq.heappush(heap, piece.open(i))
+  closed = []
+  out = bab_children.grid(heap, 2, 2, closed.append)
+  assert len(heap) == 3 and not closed and len(out.los) == 8 and len(out.parents) == 8
+  assert [p.bound for p in out.parents] == [4.0] * 4 + [3.0] * 4
+  for k in (0, 4):
+    parent = out.parents[k]
+    cells = list(zip(out.los[k:k + 4], out.his[k:k + 4]))
+    assert all(np.all(parent.lo <= lo) and np.all(hi <= parent.hi) for lo, hi in cells)
+    volume = sum(np.prod(hi.astype(np.float64) - lo) for lo, hi in cells)
+    assert volume == pytest.approx(np.prod(parent.hi.astype(np.float64) - parent.lo), rel=1e-6)
+    assert all(d == 2 for d in out.depths[k:k + 4])

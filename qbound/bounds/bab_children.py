@@ -157,3 +157,29 @@ def halves(heap: list[OpenPiece], batch_size: int, close: Callable) -> Children:
     out.add(lo, left_hi, t.kept, t.depth + 1, t.splits)
     out.add(right_lo, hi, t.kept, t.depth + 1, t.splits)
   return out
+
+
+
+def grid(heap: list[OpenPiece], count: int, splits: int, close: Callable) -> Children:
+  """The ``count`` worst pieces, each cut in ``2 ** splits`` cells: halved along each of its ``splits``
+  dimensions that weigh most in its bound (:func:`qbound.bounds.splitting.candidate_axes`), every
+  cell kept; ``parents`` holds each child's parent."""
+  out = Children()
+  for _ in range(min(count, len(heap))):
+    t = heapq.heappop(heap).piece
+    axes = candidate_axes(t.hi - t.lo, t.sensitivity, splits)
+    if not axes:  # a single point: nothing left to split
+      close(t)
+      continue
+    cells = [(t.lo, t.hi)]
+    for axis in axes:
+      cells = [half for lo, hi in cells for half in _halves(lo, hi, axis)]
+    for lo, hi in cells:
+      out.parents.append(t)
+      out.add(lo, hi, t.kept, t.depth + len(axes), t.splits)
+  return out
+
+
+def _halves(lo, hi, axis) -> tuple:
+  left_hi, right_lo = split_at(lo, hi, axis)
+  return (lo, left_hi), (right_lo, hi)
