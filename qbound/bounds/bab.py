@@ -512,7 +512,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if after_root is None or f_crown or not CLOSE_COPY_GRID_SPLITS or dim > strong_branching_dims:
       return False
     settled = settled_level(best_lower, epsilon, target_gap)
-    live = sum(item.piece.bound > settled for item in heap) if len(heap) <= 4 * batch_size else len(heap)
+    live = sum(item.piece.bound > settled for item in heap) if len(heap) <= 64 * batch_size else len(heap)
     if not live or 4 * live > batch_size:
       return False
     splits = min(int(np.log2(batch_size // live)), CLOSE_COPY_GRID_SPLITS)
