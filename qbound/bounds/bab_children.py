@@ -159,7 +159,6 @@ def halves(heap: list[OpenPiece], batch_size: int, close: Callable) -> Children:
   return out
 
 
-
 def grid(heap: list[OpenPiece], count: int, splits: int, close: Callable) -> Children:
   """The ``count`` worst pieces, each cut in ``2 ** splits`` cells: halved along each of its ``splits``
   dimensions that weigh most in its bound (:func:`qbound.bounds.splitting.candidate_axes`), every
@@ -181,5 +180,6 @@ def grid(heap: list[OpenPiece], count: int, splits: int, close: Callable) -> Chi
 
 
 def _halves(lo, hi, axis) -> tuple:
+  """The two halves ``((lo, hi'), (lo', hi))`` of a box split at its midpoint along ``axis``."""
   left_hi, right_lo = split_at(lo, hi, axis)
   return (lo, left_hi), (right_lo, hi)
