@@ -3,6 +3,8 @@ exact maximal error on small ReLU nets."""
 
 from __future__ import annotations
 
+import heapq
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -346,8 +348,6 @@ def test_grid_cells_tile_their_parent():
   """bab_children.grid cuts each of the worst pieces in 2 ** splits cells along its dimensions that
   weigh most: the cells tile the parent (their volumes add up to its own, each lies inside it), the
   parent is recorded per cell, and only the ``count`` worst pieces leave the heap."""
-  import heapq
-
   rng = np.random.default_rng(0)
   heap = []
   for i in range(5):
