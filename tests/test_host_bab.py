@@ -17,7 +17,7 @@ import helpers as H
 import qbound as qb
 from qbound import dynamic_rounding as DR
 from qbound import rms_rounding
-from qbound.bounds import host_backward, host_bab, host_bounds, host_chain, host_float, host_halves
+from qbound.bounds import host_backward, host_bab, host_bounds, host_chain, host_float, host_halves, host_steps
 from qbound.exact.encoding import _matrices
 
 
@@ -699,7 +699,7 @@ def test_saturations_bounded_on_the_network_hold_at_sampled_points(seed, kind, w
     n = chain.layers[j][2][-1]
     c = 1 - rms_rounding.slack(n)
     xs = lo[:, None] + rng.uniform(size=(len(lo), 300, 2)) * (hi - lo)[:, None]
-    x = host_backward.values_q(chain, j, xs.reshape(-1, 2)).reshape(len(lo), 300, n)
+    x = host_steps.chain_values(chain.layers[:j], xs.reshape(-1, 2))[1].reshape(len(lo), 300, n)
     m = np.sqrt((x * x).sum(-1, keepdims=True))
     rest = np.sqrt(np.maximum(m * m - x * x, 0.0))
     tol = 1e-9 * (1 + m)

@@ -509,7 +509,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   def close_copy_grid() -> bool:
     """A batch of grid cells (see CLOSE_COPY_GRID_SPLITS) if this search proves an epsilon on a close
     copy in small batches and few pieces need splitting; whether it ran."""
-    if after_root is None or f_crown or not CLOSE_COPY_GRID_SPLITS or dim > strong_branching_dims:
+    if after_root is None or f_crown or not CLOSE_COPY_GRID_SPLITS:  # (after_root: at most strong_branching_dims inputs)
       return False
     settled = settled_level(best_lower, epsilon, target_gap)
     live = sum(item.piece.bound > settled for item in heap) if len(heap) <= 64 * batch_size else len(heap)

@@ -32,7 +32,7 @@ import numpy as np
 
 from qbound import dynamic_rounding, rms_rounding
 from qbound.bounds.host_float import EPS, RELATIVE_SLACK, TINY, down, up
-from qbound.bounds.host_steps import F_Q_STEPS, step_values
+from qbound.bounds.host_steps import F_Q_STEPS, chain_values
 
 if TYPE_CHECKING:  # (host_bounds imports this module)
   from qbound.bounds.host_bounds import Chain
@@ -248,19 +248,6 @@ def backward_node(chain, upto, lines, mags, lo, hi, bounds, columns, which: str 
   return meet(zl, zu, ql, qu, dl, du)
 
 
-def values_q(chain: Chain, upto: int, x):
-  """f_q's values at the output of layer ``upto - 1`` for inputs ``x`` (``(k, n_in)``), in float64."""
-  zq = x
-  for layer in chain.layers[:upto]:
-    if layer[0] == "relu":
-      zq = np.maximum(zq, 0.0)
-    elif layer[0] in F_Q_STEPS:
-      zq = step_values(layer, zq)
-    else:
-      zq = zq @ layer[3].T + layer[4]
-  return zq
-
-
 def saturation_rest(chain: Chain, j: int, lines: dict, mags: list, lo, hi, ql, qu):
   """What the network proves of the saturations of the ``rms,c`` layer ``j`` (a
   :class:`qbound.rms_rounding.Joint` of ``(k, *shape)`` arrays), or None where the layer cannot
@@ -271,15 +258,14 @@ def saturation_rest(chain: Chain, j: int, lines: dict, mags: list, lo, hi, ql, q
   if layer[0] != "dynamic":
     return None
   _, spec, shape = layer
-  if (spec.axes is not None or not rms_rounding.may_saturate(spec)
-          or dynamic_rounding.joint_saturation(spec, shape) is None):
+  if spec.axes is not None or dynamic_rounding.joint_saturation(spec, shape) is None:
     return None
   k, n = ql.shape
   rel = rms_rounding.slack(n)
   d = float(spec.divisor)
   c_top, c_bottom = float(spec.high) / d * (1 - rel), -float(spec.low) / d * (1 - rel)
   with np.errstate(divide="ignore", invalid="ignore"):  # (dynamic roundings of all-zero groups on the way)
-    center = values_q(chain, j, (lo + hi) / 2)
+    center = chain_values(chain.layers[:j], (lo + hi) / 2)[1]
   others = rms_rounding.group_others(tuple(shape), None)
   rows = rms_rounding.saturation_rows(center, others, c_top, c_bottom, bool((ql < 0).any()), EPS)
   low = backward(chain, j, np.zeros_like(rows), rows, lines, mags, lo, hi)

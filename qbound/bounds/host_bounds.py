@@ -39,7 +39,7 @@ from qbound import dynamic_rounding
 from qbound.bounds import host_backward
 from qbound.bounds.host_backward import meet, pair_lines, times
 from qbound.bounds.host_float import RELATIVE_SLACK, down, up
-from qbound.bounds.host_steps import F_Q_STEPS, step_error, step_values
+from qbound.bounds.host_steps import F_Q_STEPS, chain_values, step_error
 # The backward pass for the unstable neurons of hidden layers too (the outputs always get it).
 # False: 4-5x cheaper per piece at ACAS Xu's size (6 x 50 ReLUs) but looser, so more pieces:
 # benchmarks/bench_host_acas.py, docs/results/acas-search.md.
@@ -208,18 +208,10 @@ def error_bound(dl, du, outputs):
 
 def evaluate(chain: Chain, xs: np.ndarray) -> np.ndarray:
   """``f(x) - f_q(x)`` in float64 for a batch ``xs`` of shape ``(k, n_in)``."""
-  z = np.asarray(xs, np.float64)
+  x = np.asarray(xs, np.float64)
   for step in chain.prefix:
-    z = prefix_step(step, z)
-  zq = z
-  for layer in chain.layers:
-    if layer[0] == "relu":
-      z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
-    elif layer[0] in F_Q_STEPS:
-      zq = step_values(layer, zq)
-    else:
-      _, w, b, wq, bq = layer
-      z, zq = z @ w.T + b, zq @ wq.T + bq
+    x = prefix_step(step, x)
+  z, zq = chain_values(chain.layers, x)
   return z - zq
 
 

@@ -56,6 +56,21 @@ def step_values(layer, x):
   return np.clip(x, layer[1], layer[2])
 
 
+def chain_values(layers, x):
+  """f's and f_q's values ``(z, z_q)`` after ``layers`` (a paired chain's, or its first few) for
+  inputs ``x`` (``(k, n_in)``, after the chain's prefix), in float64."""
+  z = zq = x
+  for layer in layers:
+    if layer[0] == "relu":
+      z, zq = np.maximum(z, 0.0), np.maximum(zq, 0.0)
+    elif layer[0] in F_Q_STEPS:
+      zq = step_values(layer, zq)
+    else:
+      _, w, b, wq, bq = layer
+      z, zq = z @ w.T + b, zq @ wq.T + bq
+  return z, zq
+
+
 def step_error(layer, ql, qu, rest=None):
   """Per piece and neuron, an interval holding ``e = s(v) - v`` for the step ``s`` of a ``round`` or
   ``clip`` layer and every ``v`` in ``[ql, qu]``, rounded outward: ``s(v)`` lies in
