@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qbound as qb
+from qbound.bounds import bab, fused
 from qbound.bounds.bab import branch_and_bound
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
@@ -190,18 +191,31 @@ def bench_acas(budget: float):
 def bench_acas_nets(calls: int = 3):
   print("\n== 5. ACAS Xu 1_1..1_9 vs 16-bit copies, property 1, epsilon 0.05: qb.certify(method='bab') ==")
   box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
-  print(f"{'net':<6}{'output 0: s':>13}{'upper':>10}{'all five: s':>13}{'upper':>10}")
+  print("warm: after two calls and fused.wait() (the walks' own programs compiled); 'steps': output 0 with "
+        "bab.FUSED_WALKS off, interleaved")
+  print(f"{'net':<6}{'output 0: s':>13}{'steps: s':>10}{'upper':>10}{'all five: s':>13}{'upper':>10}")
   medians = []
   for i in range(1, 10):
     f, fq = _pairs(f"ACASXU_run2a_1_{i}_batch_2000")
     run = lambda outputs: qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=outputs, time_budget=30)
     run([0]), run(None)  # compile (and warm the caches) first
-    one, five = zip(*[(run([0]), run(None)) for _ in range(calls)])
-    t1, t5 = np.median([c.seconds for c in one]), np.median([c.seconds for c in five])
-    medians.append((t1, t5))
-    print(f"1_{i:<4}{t1:>13.2f}{max(c.upper for c in one):>10.4f}{t5:>13.2f}{max(c.upper for c in five):>10.4f}", flush=True)
-  t1, t5 = np.median(medians, axis=0)
-  print(f"median over the nets: output 0 {t1:.2f} s, all five {t5:.2f} s (NeuroDiff: 0.23-0.26 s per output, idle)")
+    fused.wait()
+
+    def steps_only():
+      bab.FUSED_WALKS = False
+      try:
+        return run([0])
+      finally:
+        bab.FUSED_WALKS = True
+
+    one, steps, five = zip(*[(run([0]), steps_only(), run(None)) for _ in range(calls)])
+    t1, ts, t5 = (np.median([c.seconds for c in cs]) for cs in (one, steps, five))
+    medians.append((t1, ts, t5))
+    print(f"1_{i:<4}{t1:>13.2f}{ts:>10.2f}{max(c.upper for c in one):>10.4f}{t5:>13.2f}"
+          f"{max(c.upper for c in five):>10.4f}", flush=True)
+  t1, ts, t5 = np.median(medians, axis=0)
+  print(f"median over the nets: output 0 {t1:.3f} s (steps only {ts:.3f} s), all five {t5:.3f} s "
+        "(NeuroDiff: 0.23-0.26 s per output, idle)")
 
 
 class _Stopwatch:

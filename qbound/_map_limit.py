@@ -79,6 +79,9 @@ def release_if_near_limit(share: float = SHARE, *, warn: bool = True, min_interv
         "(vm.max_map_count), mostly compiled XLA programs; past it the next compilation would crash "
         "the process. qbound clears JAX's compilation caches (jax.clear_caches()) to free them: "
         "programs still in use compile again.", RuntimeWarning, stacklevel=3)
+  from qbound.bounds import fused
+
+  fused.clear()  # the walks' own programs hold maps too
   jax.clear_caches()
   gc.collect()
   return True

@@ -26,7 +26,7 @@ import numpy as np
 
 from qbound import _map_limit, attack, certify_stages as stages, validate
 from qbound.anytime import Tracker, closing_reserve, run_until_deadline
-from qbound.bounds import nonlinear
+from qbound.bounds import fused, nonlinear
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds, require_paired
 from qbound.bounds.interval import interval_bounds
@@ -157,6 +157,7 @@ def _device_loop(merged: MergedNetwork, box: Box) -> bool:
   return gradient_supported(merged.f_graph, merged.fq_graph)
 
 
+@fused.while_in_use
 def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "auto", key=None, sound: bool = True,
             search: Optional[attack.Search] = None, time_budget: float = 10.0, target_gap: float = 0.02,
             outputs: Optional[Sequence[int]] = None, epsilon: Optional[float] = None,

@@ -28,6 +28,7 @@ import numpy as np
 
 from qbound import graph as G
 from qbound.bounds import fp, nonlinear, rms_rest, rules, tiesplit
+from qbound.bounds import fused as fused_programs
 from qbound.bounds.common import local
 from qbound.bounds.crown import ACTIVATIONS, backward_lower, intersect, relu_inputs
 from qbound.bounds.diff import _activation_lines as _diff_lines
@@ -250,10 +251,23 @@ def output_scatter(bounds, outputs, low):
   return new_lo.reshape((batch, *shape)), new_hi.reshape((batch, *shape))
 
 
+def _walks(by_programs: bool):
+  """The batched backward walks: each by its own program once compiled (:mod:`qbound.bounds.fused`),
+  or step by step."""
+  if by_programs:
+    return fused_programs.crown_lower, fused_programs.diff_lower
+  crown_walk = lambda graph, target, rows, bounds, box, **kw: backward_lower(graph, target, rows, bounds, box,
+                                                                            batched=True, **kw)
+  diff_walk = lambda fg, qg, target, rows, z, zq, d, box, **kw: diff_backward_lower(fg, qg, target, rows, z, zq, d,
+                                                                                  box, batched=True, **kw)
+  return crown_walk, diff_walk
+
+
 def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, f_crown: bool = True,
                        prior: Optional[Sequence] = None, outputs: Optional[Sequence[int]] = None,
                        coefficients: bool = False, check: bool = True, every_neuron: bool = False,
-                       own_output_rows: bool = False, hidden_diff_rows: bool = True) -> SparseDiff:
+                       own_output_rows: bool = False, hidden_diff_rows: bool = True,
+                       fused: bool = False) -> SparseDiff:
   """Differential bounds of two paired graphs over a batch of boxes, rows only where they matter.
 
   The same bounds as :func:`qbound.bounds.diff.diff_bounds` (``batched=True``) where they could
@@ -284,8 +298,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       (False: ``d`` there from its forward intervals met with ``z - z_q`` only; the output keeps its
       rows). Pairs that really differ, whose own rows hold the bound, go faster without
       (``bab_batch.DIFFERING_HIDDEN_DIFF_ROWS``).
+    fused: each backward walk, and each node's forward intervals, by one compiled program once a
+      worker thread has compiled it (:mod:`qbound.bounds.fused`; the same bounds, fewer
+      dispatches): for branch and bound's many batches of one shape.
   """
   nonlinear.require_none(fg, "differential bounds")
+  crown_walk, diff_walk = _walks(fused)
   n_nodes = len(fg.nodes)
 
   def loose(mask):
@@ -309,10 +327,14 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
   for i in range(1, n_nodes):
     nf, nq = fg.nodes[i], qg.nodes[i]
     ins = nf.inputs
-    zi = _node_interval(local(nf), tuple(z[j] for j in ins), sound=sound, batched=True)
-    qi = _node_interval(local(nq), tuple(zq[j] for j in ins), sound=sound, batched=True)
-    di = _diff_interval_step(local(nf), local(nq), tuple(z[j] for j in ins), tuple(zq[j] for j in ins),
-                             tuple(d[j] for j in ins), sound=sound, batched=True)
+    z_in, q_in, d_in = (tuple(b[j] for j in ins) for b in (z, zq, d))
+    step_by_step = lambda: (_node_interval(local(nf), z_in, sound=sound, batched=True),
+                            _node_interval(local(nq), q_in, sound=sound, batched=True),
+                            _diff_interval_step(local(nf), local(nq), z_in, q_in, d_in, sound=sound, batched=True))
+    if fused:
+      zi, qi, di = fused_programs.node_intervals(local(nf), local(nq), z_in, q_in, d_in, sound=sound, fallback=step_by_step)
+    else:
+      zi, qi, di = step_by_step()
     if nf.kind in ACTIVATIONS and SHARE_LINES:
       extra = None
       if rms_rest.applies(nq):  # which entries of an rms quantization can saturate: three rows per entry
@@ -333,13 +355,13 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       if i not in exact_own:  # (else intervals are exact: no row could tighten them)
         state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
         qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
-                           lambda r, g, i=i: backward_lower(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                            batched=True, lines=g["lines"]), state_q, sound=sound)
+                           lambda r, g, i=i: crown_walk(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
+                                                        lines=g["lines"]), state_q, sound=sound)
       if f_crown and i not in exact_own:
         state_f = {"box": boxes, "bounds": z + [zi]}
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
-                           lambda r, g, i=i: backward_lower(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                            batched=True), state_f, sound=sound)
+                           lambda r, g, i=i: crown_walk(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound),
+                           state_f, sound=sound)
       if prior is not None and late:
         zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
@@ -350,8 +372,8 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
         mask = loose(_diff_loose_any(pairs, zi, qi, di))
         rows[i] = int(np.asarray(mask).sum())
         state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
-        di = tighten_where(di, mask, lambda r, g, i=i: diff_backward_lower(
-            fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, batched=True, lines=g["lines"]),
+        di = tighten_where(di, mask, lambda r, g, i=i: diff_walk(
+            fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, lines=g["lines"]),
             state_d, sound=sound)
         zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
@@ -359,12 +381,11 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
       selected = jnp.asarray(outputs)
       if own_output_rows:
-        low_q = backward_lower(qg, i, out_rows, zq + [qi], box, sound=sound, batched=True,
-                               lines={k: v[1] for k, v in lines.items()})
+        low_q = crown_walk(qg, i, out_rows, zq + [qi], box, sound=sound, lines={k: v[1] for k, v in lines.items()})
         qi = output_scatter(qi, selected, low_q)
-        zi = output_scatter(zi, selected, backward_lower(fg, i, out_rows, z + [zi], box, sound=sound, batched=True))
-      low = diff_backward_lower(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound, batched=True,
-                                with_coefficients=coefficients, lines=lines)
+        zi = output_scatter(zi, selected, crown_walk(fg, i, out_rows, z + [zi], box, sound=sound))
+      low = diff_walk(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound,
+                      with_coefficients=coefficients, lines=lines)
       if coefficients:
         low, coef = low
       di = output_scatter(di, selected, low)

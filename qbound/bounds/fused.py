@@ -1,0 +1,248 @@
+"""Bigger compiled programs for branch and bound's warm batches, compiled on a second thread.
+
+Bound propagation runs as a Python loop over small compiled steps: each step compiles once per node
+kind and shape and serves every node and walk of that kind, so a first call compiles little. The
+backward passes (:func:`qbound.bounds.crown.backward_lower`,
+:func:`qbound.bounds.diff.diff_backward_lower`) walk from a target node to the input one step per
+node, about ten steps a walk on ACAS Xu's six layers, and the forward intervals take three steps a
+node (f, f_q and their difference). Each step is one dispatch from Python, and on the many small
+batches of a branch and bound that proves an epsilon for a close copy (ACAS Xu against its float16
+copy: batches of 16 pieces, 30-35 ms each) the dispatches and the arrays passed between steps cost
+about a third of each batch.
+
+So there, each walk also gets one compiled program of its own (for its target, row count and batch
+shape), and so do each node's three forward intervals. Compiling them takes seconds (7.3 s for one
+ACAS Xu batch's 18 programs: a walk's program grows with its depth, and each target and row count
+is one more), which a first call would pay in full; and on a 2-core machine a compilation beside a
+call slows the call as much (ACAS Xu 1_1's first call 21-22 s against 10.8 s, warm calls in a loop
+0.65-1.5 s against 0.4 s). So a call asks for the programs it lacks and goes on step by step; a
+worker thread compiles them only once no bounding call (:func:`while_in_use`: ``certify``,
+``branch_and_bound``) has run for ``IDLE_SECONDS``, or at once in :func:`wait`. Later calls take
+each program that is ready. The bounds are the same computation (up to XLA's order of
+floating-point operations, which the proven margins already allow for, :mod:`qbound.bounds.fp`).
+
+On ACAS Xu 1_1..1_9 vs float16 (property 1, epsilon 0.05, output 0), warm after :func:`wait`:
+median 0.319 s against 0.374 s step by step, interleaved (docs/results/acas-speed.md). JAX's
+persistent compilation cache (:mod:`qbound._compilation_cache`) keeps the programs for later
+processes (which still compile, i.e. load, them between calls).
+
+``ENABLED = False`` turns this off (every pass step by step).
+
+Example:
+  >>> import jax, jax.numpy as jnp, qbound as qb
+  >>> from qbound.bounds import fused
+  >>> from qbound.bounds.crown import crown_bounds
+  >>> g = qb.trace(lambda x: jax.nn.relu(x @ jnp.array([[1.0, -1.0], [2.0, 0.5]])) @ jnp.ones((2, 1)),
+  ...              jnp.zeros(2))
+  >>> box = qb.Box(-jnp.ones((4, 2)), jnp.ones((4, 2)))
+  >>> bounds = crown_bounds(g, box, batched=True)
+  >>> rows = jnp.ones((4, 1, 1))
+  >>> first = fused.crown_lower(g, g.output, rows, bounds, box, sound=True)  # step by step
+  >>> fused.wait()  # its program, compiled now rather than after a second of idleness
+  >>> again = fused.crown_lower(g, g.output, rows, bounds, box, sound=True)  # one program
+  >>> bool(jnp.allclose(first, again)), fused.programs() >= 1
+  (True, True)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import threading
+import time
+import weakref
+
+import jax
+import numpy as np
+
+from qbound.bounds.crown import backward_lower
+from qbound.bounds.diff import diff_backward_lower, diff_interval_node
+from qbound.bounds.interval import node_interval
+from qbound.box import Box
+
+ENABLED = True
+# At most this many programs per process (each holds a compiled executable and its memory maps, see
+# qbound._map_limit, which clears them with JAX's caches); past it, the others stay step by step.
+MAX_PROGRAMS = 256
+
+_FAILED = object()  # a program that could not be compiled or called: its walks stay step by step
+_programs: dict = {}  # key -> compiled program, None until it is compiled, or _FAILED
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _crown_walk(graph, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients):
+  return backward_lower(graph, target, rows, bounds, Box(lo, hi), sound=sound, batched=True, lines=lines,
+                        with_coefficients=with_coefficients)
+
+
+def _diff_walk(pair, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients):
+  (fg, qg), (z, zq, d) = pair, bounds
+  return diff_backward_lower(fg, qg, target, rows, z, zq, d, Box(lo, hi), sound=sound, batched=True,
+                             lines=lines, with_coefficients=with_coefficients)
+
+
+def _node_intervals(pair, z_in, q_in, d_in, *, sound):
+  def one(z_in, q_in, d_in):
+    nf, nq = pair
+    return (node_interval(nf, z_in, sound), node_interval(nq, q_in, sound),
+            diff_interval_node(nf, nq, z_in, q_in, d_in, sound))
+  return jax.vmap(one)(z_in, q_in, d_in)
+
+
+_PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_intervals}
+
+
+def crown_lower(graph, target: int, rows, bounds, box: Box, *, sound: bool, lines=None,
+                with_coefficients: bool = False):
+  """:func:`qbound.bounds.crown.backward_lower` over a batch of boxes (``batched=True``), by its
+  walk's own program once compiled (see the module docstring)."""
+  args = (graph, rows, list(bounds[:target + 1]), box.lower, box.upper, lines)
+  return _run("crown", args, dict(target=target, sound=sound, with_coefficients=with_coefficients))
+
+
+def diff_lower(fg, qg, target: int, rows, z, zq, d, box: Box, *, sound: bool, lines=None,
+               with_coefficients: bool = False):
+  """:func:`qbound.bounds.diff.diff_backward_lower` over a batch of boxes (``batched=True``), by its
+  walk's own program once compiled (see the module docstring)."""
+  bounds = (list(z[:target + 1]), list(zq[:target + 1]), list(d[:target + 1]))
+  args = ((fg, qg), rows, bounds, box.lower, box.upper, lines)
+  return _run("diff", args, dict(target=target, sound=sound, with_coefficients=with_coefficients))
+
+
+def node_intervals(nf, nq, z_in, q_in, d_in, *, sound: bool, fallback):
+  """Interval bounds of f's node ``nf``, f_q's ``nq`` and their difference over a batch of boxes
+  (:func:`qbound.bounds.interval.node_interval`, :func:`qbound.bounds.diff.diff_interval_node`;
+  ``nf``, ``nq`` reading inputs ``0..k-1``), by one program once compiled; until then
+  ``fallback()``, the same three by their steps."""
+  args = ((nf, nq), z_in, q_in, d_in)
+  leaves, tree = jax.tree_util.tree_flatten(args)
+  key = ("intervals", sound, tree, tuple(_aval(leaf) for leaf in leaves))
+  return _run(key, args, dict(sound=sound), fallback)
+
+
+def _run(kind, args, static: dict, fallback=None):
+  program_fn = _PROGRAMS[kind if isinstance(kind, str) else kind[0]]
+  step_by_step = fallback or (lambda: program_fn(*args, **static))
+  if not ENABLED:
+    return step_by_step()
+  if isinstance(kind, tuple):  # the key itself
+    key = kind
+  else:
+    graphs, rows, _, lo, _, lines = args
+    # Everything else a walk reads (every node's bounds, the lines' arrays) has the shapes the
+    # graphs and the batch give it; an argument that does not fit after all makes the call raise,
+    # and that walk stays step by step.
+    key = (kind, tuple(sorted(static.items())), _graphs_key(graphs), tuple(rows.shape), rows.dtype,
+           tuple(lo.shape), jax.tree_util.tree_structure(lines))
+  program = _programs.get(key)
+  if program is None or program is _FAILED:
+    if key not in _programs and len(_programs) < MAX_PROGRAMS:
+      _programs[key] = None
+      abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(*_aval(leaf)), args)
+      _worker().submit(_compile, key, program_fn, abstract, static)
+    return step_by_step()
+  try:
+    return program(*args)
+  except (TypeError, ValueError):  # arguments the program does not take after all (e.g. weak types)
+    _programs[key] = _FAILED
+    return step_by_step()
+
+
+_graph_keys: dict = {}  # id(graph) -> its structure and weights' shapes, while the graph lives
+
+
+def _graphs_key(graphs):
+  """The structure of a graph (or of a pair of graphs) and its weights' shapes: what a walk's program
+  is compiled for. Kept per graph object (graphs are frozen), since a walk is called many times."""
+  if isinstance(graphs, tuple):
+    return tuple(_graphs_key(g) for g in graphs)
+  key = _graph_keys.get(id(graphs))
+  if key is None:
+    leaves, tree = jax.tree_util.tree_flatten(graphs)
+    key = _graph_keys[id(graphs)] = (tree, tuple(_aval(leaf) for leaf in leaves))
+    weakref.finalize(graphs, _graph_keys.pop, id(graphs), None)
+  return key
+
+
+def _aval(leaf) -> tuple:
+  if not hasattr(leaf, "dtype"):  # a Python number (arrays' attributes are read directly: np.result_type
+    leaf = np.asarray(leaf)       # on a JAX array goes through a deprecation path costing microseconds)
+  return tuple(leaf.shape), leaf.dtype
+
+
+def _compile(key, walk, abstract, static: dict) -> None:
+  # Only once no bounding call has run for IDLE_SECONDS (or in wait()): on a 2-core machine a
+  # compilation next to a first call made it twice as slow (ACAS Xu 1_1: 21-22 s against 10.8 s),
+  # and warm calls in a loop 1.2-1.5 s against 0.4 s.
+  while not _forced.is_set() and threading.main_thread().is_alive():
+    if _active == 0 and time.monotonic() - _last_end >= IDLE_SECONDS:
+      break
+    _forced.wait(timeout=0.1)
+  if not threading.main_thread().is_alive():  # the interpreter is exiting: compile nothing more
+    _programs[key] = _FAILED
+    return
+  try:
+    fn = jax.jit(functools.partial(walk, **static))
+    _programs[key] = fn.trace(*abstract).lower().compile()
+  except Exception:  # noqa: BLE001 (any failure keeps the pass step by step, which reports errors itself)
+    _programs[key] = _FAILED
+
+
+def _worker() -> concurrent.futures.ThreadPoolExecutor:
+  global _executor
+  with _executor_lock:
+    if _executor is None:
+      _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbound-programs")
+    return _executor
+
+
+# Programs compile only after this long without a bounding call (see _compile).
+IDLE_SECONDS = 1.0
+_active = 0  # how many bounding calls run now (see while_in_use)
+_last_end = 0.0  # when the last one ended (time.monotonic)
+_active_lock = threading.Lock()
+_forced = threading.Event()  # set while wait() asks for every program now
+
+
+def while_in_use(fn):
+  """``fn`` marked as a bounding call: no program compiles while one runs, nor until
+  ``IDLE_SECONDS`` after (or in :func:`wait`)."""
+
+  @functools.wraps(fn)
+  def marked(*args, **kwargs):
+    global _active, _last_end
+    with _active_lock:
+      _active += 1
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      with _active_lock:
+        _active -= 1
+        _last_end = time.monotonic()
+
+  return marked
+
+
+def wait() -> None:
+  """Compiles every program asked for so far, now, and returns when they are ready (between calls:
+  a script's warm runs, benchmarks, tests; otherwise they compile once qbound has been idle for
+  ``IDLE_SECONDS``)."""
+  if _active:
+    raise RuntimeError("fused.wait() was called during a bounding call; call it between calls.")
+  if _executor is not None:
+    _forced.set()
+    try:
+      _executor.submit(lambda: None).result()
+    finally:
+      _forced.clear()
+
+
+def clear() -> None:
+  """Forgets every program (to free their memory; a program compiling now is kept when it is ready)."""
+  _programs.clear()
+
+
+def programs() -> int:
+  """How many compiled programs are ready now."""
+  return sum(1 for p in _programs.values() if p is not None and p is not _FAILED)

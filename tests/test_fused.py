@@ -1,0 +1,126 @@
+"""Walks and node intervals by their own compiled programs (qbound.bounds.fused): the same bounds as
+step by step, compiled only between calls, and step by step whenever a program cannot serve."""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers as H
+import qbound as qb
+from qbound.bounds import bab, fused
+from qbound.bounds.sparse import diff_bounds_sparse
+
+
+@pytest.fixture
+def own_programs(monkeypatch):
+  """A fresh table of programs for this test (programs other tests asked for stay out of it)."""
+  monkeypatch.setattr(fused, "_programs", {})
+  yield fused._programs
+
+
+def pieces(seed, n_in, count=4, width=0.5):
+  rng = np.random.default_rng(seed)
+  lo = rng.uniform(-1, 1 - width, size=(count, n_in)).astype(np.float32)
+  return qb.Box(jnp.asarray(lo), jnp.asarray(lo + width))
+
+
+def counting(programs):
+  """Each ready program wrapped to count its calls; returns the counter."""
+  calls = {"n": 0}
+  for key, program in list(programs.items()):
+    if program is not None and program is not fused._FAILED:
+      def counted(*args, _program=program):
+        calls["n"] += 1
+        return _program(*args)
+      programs[key] = counted
+  return calls
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_programs_give_the_step_by_step_bounds(own_programs, sound):
+  f, fq, _, _ = H.random_pair(3, (3, (24, 24), 2), noise=1e-2)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  fg, qg = merged.f_graph, merged.fq_graph
+  boxes = pieces(0, 3)
+  steps = diff_bounds_sparse(fg, qg, boxes, sound=sound, f_crown=False, outputs=[0, 1], coefficients=True)
+  first = diff_bounds_sparse(fg, qg, boxes, sound=sound, f_crown=False, outputs=[0, 1], coefficients=True,
+                             fused=True)
+  assert own_programs and all(p is None for p in own_programs.values())  # asked for, not compiled in the call
+  fused.wait()
+  calls = counting(own_programs)
+  assert calls and len(own_programs) >= 3
+  again = diff_bounds_sparse(fg, qg, boxes, sound=sound, f_crown=False, outputs=[0, 1], coefficients=True,
+                             fused=True)
+  assert calls["n"] >= len(own_programs)  # every walk and node by its program
+  for run in (first, again):
+    for mine, ref in zip(run.d + run.z + run.zq, steps.d + steps.z + steps.zq):
+      for a, b in zip(mine, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  out = fg.output
+  lo, hi = (np.asarray(v, np.float64) for v in again.d[out])
+  for k in range(boxes.lower.shape[0]):
+    piece = qb.Box(boxes.lower[k], boxes.upper[k])
+    values = H.eval64(merged, H.sample_points(piece, 500))
+    assert np.all(values >= lo[k] - 1e-9) and np.all(values <= hi[k] + 1e-9)
+
+
+def test_programs_compile_only_after_calls_and_idle_time(own_programs, monkeypatch):
+  monkeypatch.setattr(fused, "IDLE_SECONDS", 3600.0)
+  f, fq, _, _ = H.random_pair(4, (3, (16, 16), 2), noise=1e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  boxes = pieces(1, 3)
+
+  @fused.while_in_use
+  def call():
+    with pytest.raises(RuntimeError, match="between calls"):
+      fused.wait()
+    return diff_bounds_sparse(merged.f_graph, merged.fq_graph, boxes, f_crown=False, fused=True)
+
+  call()
+  time.sleep(0.5)
+  assert own_programs and all(p is None for p in own_programs.values())  # not idle for an hour yet
+  fused.wait()  # now
+  assert all(p is not None for p in own_programs.values()) and fused.programs() >= len(own_programs)
+
+
+def test_a_program_that_refuses_its_arguments_leaves_the_walk_step_by_step(own_programs):
+  f, fq, _, _ = H.random_pair(5, (3, (16, 16), 2), noise=1e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  boxes = pieces(2, 3)
+  run = lambda: diff_bounds_sparse(merged.f_graph, merged.fq_graph, boxes, f_crown=False, outputs=[0], fused=True)
+  ref = run()
+  fused.wait()
+
+  def refuses(*args):
+    raise TypeError("arguments of another structure")
+
+  for key in own_programs:
+    own_programs[key] = refuses
+  out = run()
+  assert all(p is fused._FAILED for p in own_programs.values())
+  for a, b in zip(out.d[merged.f_graph.output], ref.d[merged.f_graph.output]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_branch_and_bound_on_a_large_close_copy_proves_the_same_with_programs(own_programs):
+  """Above SMALL_NET_NEURONS, after the programs compiled, an epsilon proof takes the same pieces'
+  bounds: the same verdict, and sound at sampled points."""
+  f, fq, _, _ = H.random_pair(4, (3, (140, 140), 2), noise=1e-3)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  assert bab.FUSED_WALKS
+  run = lambda: bab.branch_and_bound(merged, box, time_budget=60, epsilon=0.05, max_pieces=400)
+  first = run()
+  fused.wait()
+  calls = counting(own_programs)
+  second = run()
+  assert calls["n"] > 0
+  assert first.stopped == second.stopped
+  assert second.upper == pytest.approx(first.upper, rel=1e-4, abs=1e-6)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= second.upper + 1e-9
