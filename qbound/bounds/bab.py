@@ -125,11 +125,12 @@ CLOSE_COPY_BATCH_SIZE = 16
 # net (0 turns it off; 3 splits: 0.53 s).
 CLOSE_COPY_GRID_SPLITS = 2
 
-# On nets above SMALL_NET_NEURONS, paired batches after the root's walk back by each walk's own
-# compiled program once a worker thread has compiled it (qbound/bounds/fused.py): the same
-# bounds in fewer dispatches. ACAS Xu 1_1..1_9 vs float16, output 0, warm: median 0.315 s against
-# 0.263 s. Small nets keep the step-by-step walks (their batches are cheap, and a test suite of
-# small nets would compile the programs for nothing).
+# On nets above SMALL_NET_NEURONS, paired batches after the root's take each backward walk, and each
+# node's forward intervals, by a compiled program of their own once a worker thread has compiled it
+# between calls (qbound/bounds/fused.py): the same bounds in fewer dispatches. ACAS Xu 1_1..1_9 vs
+# float16, output 0, warm after fused.wait(), interleaved: median 0.319 s against 0.374 s step by
+# step. Small nets keep the steps (their batches cost little more than the dispatches' Python, and
+# a test suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
 
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.

@@ -332,7 +332,8 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
                             _node_interval(local(nq), q_in, sound=sound, batched=True),
                             _diff_interval_step(local(nf), local(nq), z_in, q_in, d_in, sound=sound, batched=True))
     if fused:
-      zi, qi, di = fused_programs.node_intervals(local(nf), local(nq), z_in, q_in, d_in, sound=sound, fallback=step_by_step)
+      zi, qi, di = fused_programs.node_intervals(local(nf), local(nq), z_in, q_in, d_in, sound=sound,
+                                                 fallback=step_by_step)
     else:
       zi, qi, di = step_by_step()
     if nf.kind in ACTIVATIONS and SHARE_LINES:
