@@ -268,6 +268,7 @@ def bench_acas_profile(calls: int = 3):
     for outputs, label in (([0], "0"), (None, "all")):
       run = lambda: qb.certify(f, fq, box, method="bab", epsilon=0.05, outputs=outputs, time_budget=30)
       run()  # compile (and warm the caches) first
+      fused.wait()
       measured, plain = [], []
       for _ in range(calls):
         watch = _Stopwatch([(bab, "batch_bounds", "bounds", True), (refute.WorstPieceSearch, "run", "search", False),

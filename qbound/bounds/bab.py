@@ -125,8 +125,8 @@ CLOSE_COPY_BATCH_SIZE = 16
 # net (0 turns it off; 3 splits: 0.53 s).
 CLOSE_COPY_GRID_SPLITS = 2
 
-# On nets above SMALL_NET_NEURONS, paired batches after the root's take each backward walk, and each
-# node's forward intervals, by a compiled program of their own once a worker thread has compiled it
+# On nets above SMALL_NET_NEURONS, paired batches (the root's too, with its widening measure) take
+# each backward walk, and each node's forward intervals, by a compiled program of their own once a worker thread has compiled it
 # between calls (qbound/bounds/fused.py): the same bounds in fewer dispatches. ACAS Xu 1_1..1_9 vs
 # float16, output 0, warm after fused.wait(), interleaved: median 0.319 s against 0.374 s step by
 # step. Small nets keep the steps (their batches cost little more than the dispatches' Python, and
@@ -357,7 +357,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     layout.update(sharding.layout(lo))
     if root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
-                                       zonotope=zonotope, split_rule=split_rule, ties=ties)
+                                       zonotope=zonotope, split_rule=split_rule, ties=ties,
+                                       fused=FUSED_WALKS and not small)
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
     # A large net's copy that really differs (known from the root's batch on, which is bounded as

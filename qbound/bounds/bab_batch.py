@@ -163,7 +163,7 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
     if F_CROWN_WIDENING < spread <= SPARSE_WIDENING_DOUBT:
       if WIDENING_AT_BATCH_SHAPE:  # the root repeated over the batch: this batch's programs serve it
         whole = Box(jnp.broadcast_to(lo[:1], lo.shape), jnp.broadcast_to(hi[:1], hi.shape))
-        full = diff_bounds_sparse(fg, qg, whole, sound=sound, outputs=outputs, every_neuron=True)
+        full = diff_bounds_sparse(fg, qg, whole, sound=sound, outputs=outputs, every_neuron=True, fused=fused)
         spread = widening_of(fg, root(full.z), root(full.zq), root(full.d))
       else:
         full = diff_bounds_sparse(fg, qg, Box(lo[:1], hi[:1]), sound=sound, outputs=outputs, every_neuron=True)
