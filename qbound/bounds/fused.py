@@ -71,15 +71,15 @@ _executor = None
 _executor_lock = threading.Lock()
 
 
-def _crown_walk(graph, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients):
+def _crown_walk(graph, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients, signed_pairs):
   return backward_lower(graph, target, rows, bounds, Box(lo, hi), sound=sound, batched=True, lines=lines,
-                        with_coefficients=with_coefficients)
+                        with_coefficients=with_coefficients, signed_pairs=signed_pairs)
 
 
-def _diff_walk(pair, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients):
+def _diff_walk(pair, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients, signed_pairs):
   (fg, qg), (z, zq, d) = pair, bounds
   return diff_backward_lower(fg, qg, target, rows, z, zq, d, Box(lo, hi), sound=sound, batched=True,
-                             lines=lines, with_coefficients=with_coefficients)
+                             lines=lines, with_coefficients=with_coefficients, signed_pairs=signed_pairs)
 
 
 def _node_intervals(pair, z_in, q_in, d_in, *, sound):
@@ -94,20 +94,22 @@ _PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_interv
 
 
 def crown_lower(graph, target: int, rows, bounds, box: Box, *, sound: bool, lines=None,
-                with_coefficients: bool = False):
+                with_coefficients: bool = False, signed_pairs: bool = False):
   """:func:`qbound.bounds.crown.backward_lower` over a batch of boxes (``batched=True``), by its
   walk's own program once compiled (see the module docstring)."""
   args = (graph, rows, list(bounds[:target + 1]), box.lower, box.upper, lines)
-  return _run("crown", args, dict(target=target, sound=sound, with_coefficients=with_coefficients))
+  return _run("crown", args, dict(target=target, sound=sound, with_coefficients=with_coefficients,
+                                  signed_pairs=signed_pairs))
 
 
 def diff_lower(fg, qg, target: int, rows, z, zq, d, box: Box, *, sound: bool, lines=None,
-               with_coefficients: bool = False):
+               with_coefficients: bool = False, signed_pairs: bool = False):
   """:func:`qbound.bounds.diff.diff_backward_lower` over a batch of boxes (``batched=True``), by its
   walk's own program once compiled (see the module docstring)."""
   bounds = (list(z[:target + 1]), list(zq[:target + 1]), list(d[:target + 1]))
   args = ((fg, qg), rows, bounds, box.lower, box.upper, lines)
-  return _run("diff", args, dict(target=target, sound=sound, with_coefficients=with_coefficients))
+  return _run("diff", args, dict(target=target, sound=sound, with_coefficients=with_coefficients,
+                                 signed_pairs=signed_pairs))
 
 
 def node_intervals(nf, nq, z_in, q_in, d_in, *, sound: bool, fallback):

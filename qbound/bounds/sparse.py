@@ -53,23 +53,24 @@ def _padded(count: int) -> int:
 @functools.partial(jax.jit, static_argnames=("shape",))
 def _pair_rows(flat, shape, like):
   """Rows ``+e_k`` and ``-e_k`` for every ``k`` in ``flat`` (boxes, R): shape ``(boxes, 2R, *shape)``,
-  the two rows of ``flat[b, r]`` at ``2r`` and ``2r + 1``."""
+  ``[R; -R]`` (the two rows of ``flat[b, r]`` at ``r`` and ``R + r``), so that a walk's first,
+  linear step takes half of them (``signed_pairs``, :func:`qbound.bounds.common.mirror_rows`)."""
   n = int(np.prod(shape))
   unit = jax.nn.one_hot(flat, n, dtype=like.dtype)
-  rows = jnp.stack([unit, -unit], axis=2)
+  rows = jnp.concatenate([unit, -unit], axis=1)
   return rows.reshape((flat.shape[0], 2 * flat.shape[1], *shape))
 
 
 @jax.jit
 def _scatter(bounds, flat, low):
   """``bounds`` (lower, upper; leading axis of boxes) intersected with the rows' results ``low``
-  (boxes, 2R) of the neurons ``flat`` (boxes, R)."""
+  (boxes, 2R) of the neurons ``flat`` (boxes, R), rows laid out as :func:`_pair_rows` makes them."""
   lo, hi = bounds
   batch, shape = lo.shape[0], lo.shape[1:]
-  low = low.reshape(batch, -1, 2)
+  count = flat.shape[1]
   box = jnp.arange(batch)[:, None]
-  new_lo = lo.reshape(batch, -1).at[box, flat].max(low[..., 0])
-  new_hi = hi.reshape(batch, -1).at[box, flat].min(-low[..., 1])
+  new_lo = lo.reshape(batch, -1).at[box, flat].max(low[:, :count])
+  new_hi = hi.reshape(batch, -1).at[box, flat].min(-low[:, count:])
   return new_lo.reshape((batch, *shape)), new_hi.reshape((batch, *shape))
 
 
@@ -357,12 +358,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
         state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
         qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
                            lambda r, g, i=i: crown_walk(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                        lines=g["lines"]), state_q, sound=sound)
+                                                        lines=g["lines"], signed_pairs=True), state_q, sound=sound)
       if f_crown and i not in exact_own:
         state_f = {"box": boxes, "bounds": z + [zi]}
         zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
-                           lambda r, g, i=i: crown_walk(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound),
-                           state_f, sound=sound)
+                           lambda r, g, i=i: crown_walk(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
+                                                        signed_pairs=True), state_f, sound=sound)
       if prior is not None and late:
         zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
@@ -374,7 +375,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
         rows[i] = int(np.asarray(mask).sum())
         state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
         di = tighten_where(di, mask, lambda r, g, i=i: diff_walk(
-            fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, lines=g["lines"]),
+            fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, lines=g["lines"], signed_pairs=True),
             state_d, sound=sound)
         zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
@@ -382,11 +383,12 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       out_rows = output_rows(nf.size, outputs, shape, box.lower.dtype, box.lower.shape[0])
       selected = jnp.asarray(outputs)
       if own_output_rows:
-        low_q = crown_walk(qg, i, out_rows, zq + [qi], box, sound=sound, lines={k: v[1] for k, v in lines.items()})
+        low_q = crown_walk(qg, i, out_rows, zq + [qi], box, sound=sound, lines={k: v[1] for k, v in lines.items()},
+                           signed_pairs=True)
         qi = output_scatter(qi, selected, low_q)
-        zi = output_scatter(zi, selected, crown_walk(fg, i, out_rows, z + [zi], box, sound=sound))
+        zi = output_scatter(zi, selected, crown_walk(fg, i, out_rows, z + [zi], box, sound=sound, signed_pairs=True))
       low = diff_walk(fg, qg, i, out_rows, z + [zi], zq + [qi], d + [di], box, sound=sound,
-                      with_coefficients=coefficients, lines=lines)
+                      with_coefficients=coefficients, lines=lines, signed_pairs=True)
       if coefficients:
         low, coef = low
       di = output_scatter(di, selected, low)
@@ -424,14 +426,15 @@ def crown_bounds_sparse(graph: G.Graph, box: Box, *, sound: bool = True, prior: 
     if i in targets:
       b = tighten_where(b, _loose_any(tuple(graph.nodes[c] for c in cons[i]), b),
                         lambda r, g, i=i: backward_lower(graph, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                         batched=True), {"box": boxes, "bounds": bounds + [b]},
+                                                         batched=True, signed_pairs=True),
+                        {"box": boxes, "bounds": bounds + [b]},
                         sound=sound)
       if _known(prior, i) is not None and late:
         b = intersect(b, prior[i], sound=sound)
     elif i == out_idx:
       out_rows = output_rows(node.size, outputs, tuple(node.shape), box.lower.dtype, box.lower.shape[0])
       low = backward_lower(graph, i, out_rows, bounds + [b], box, sound=sound, batched=True,
-                           with_coefficients=coefficients)
+                           with_coefficients=coefficients, signed_pairs=True)
       if coefficients:
         low, coef = low
       b = output_scatter(b, jnp.asarray(outputs), low)
