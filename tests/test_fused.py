@@ -21,6 +21,7 @@ def own_programs(monkeypatch):
   compile only in fused.wait() (the calls below are not all marked as bounding calls)."""
   monkeypatch.setattr(fused, "_programs", {})
   monkeypatch.setattr(fused, "IDLE_SECONDS", 3600.0)
+  monkeypatch.setattr(fused, "_last_end", time.monotonic())
   yield fused._programs
 
 

@@ -202,7 +202,7 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
 # Programs compile only after this long without a bounding call (see _compile).
 IDLE_SECONDS = 1.0
 _active = 0  # how many bounding calls run now (see while_in_use)
-_last_end = 0.0  # when the last one ended (time.monotonic)
+_last_end = time.monotonic()  # when the last one ended (or this module was imported)
 _active_lock = threading.Lock()
 _forced = threading.Event()  # set while wait() asks for every program now
 
