@@ -128,8 +128,8 @@ CLOSE_COPY_GRID_SPLITS = 2
 # On nets above SMALL_NET_NEURONS, paired batches (the root's too, with its widening measure) take
 # each backward walk, and each node's forward intervals, by a compiled program of their own once a worker thread has compiled it
 # between calls (qbound/bounds/fused.py): the same bounds in fewer dispatches. ACAS Xu 1_1..1_9 vs
-# float16, output 0, warm after fused.wait(), interleaved: median 0.319 s against 0.374 s step by
-# step. Small nets keep the steps (their batches cost little more than the dispatches' Python, and
+# float16, output 0, warm after fused.wait(): median 0.29-0.31 s against 0.37-0.38 s step by step
+# in the same runs (benchmarks/bench_tight.py --only acas-nets). Small nets keep the steps (their batches cost little more than the dispatches' Python, and
 # a test suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
 

@@ -22,7 +22,7 @@ each program that is ready. The bounds are the same computation (up to XLA's ord
 floating-point operations, which the proven margins already allow for, :mod:`qbound.bounds.fp`).
 
 On ACAS Xu 1_1..1_9 vs float16 (property 1, epsilon 0.05, output 0), warm after :func:`wait`:
-median 0.319 s against 0.374 s step by step, interleaved (docs/results/acas-speed.md). JAX's
+median 0.29-0.31 s against 0.37-0.38 s step by step in the same runs (docs/results/acas-speed.md). JAX's
 persistent compilation cache (:mod:`qbound._compilation_cache`) keeps the programs for later
 processes (which still compile, i.e. load, them between calls).
 
@@ -176,7 +176,7 @@ def _aval(leaf) -> tuple:
 def _compile(key, walk, abstract, static: dict) -> None:
   # Only once no bounding call has run for IDLE_SECONDS (or in wait()): on a 2-core machine a
   # compilation next to a first call made it twice as slow (ACAS Xu 1_1: 21-22 s against 10.8 s),
-  # and warm calls in a loop 1.2-1.5 s against 0.4 s.
+  # and warm calls in a loop 0.65-1.5 s against 0.4 s.
   while not _forced.is_set() and threading.main_thread().is_alive():
     if _active == 0 and time.monotonic() - _last_end >= IDLE_SECONDS:
       break
@@ -185,10 +185,11 @@ def _compile(key, walk, abstract, static: dict) -> None:
     _programs[key] = _FAILED
     return
   try:
-    fn = jax.jit(functools.partial(walk, **static))
-    _programs[key] = fn.trace(*abstract).lower().compile()
+    program = jax.jit(functools.partial(walk, **static)).trace(*abstract).lower().compile()
   except Exception:  # noqa: BLE001 (any failure keeps the pass step by step, which reports errors itself)
-    _programs[key] = _FAILED
+    program = _FAILED
+  if key in _programs:  # (not forgotten by clear() meanwhile)
+    _programs[key] = program
 
 
 def _worker() -> concurrent.futures.ThreadPoolExecutor:
@@ -241,10 +242,10 @@ def wait() -> None:
 
 
 def clear() -> None:
-  """Forgets every program (to free their memory; a program compiling now is kept when it is ready)."""
+  """Forgets every program (to free their memory)."""
   _programs.clear()
 
 
 def programs() -> int:
   """How many compiled programs are ready now."""
-  return sum(1 for p in _programs.values() if p is not None and p is not _FAILED)
+  return sum(1 for p in list(_programs.values()) if p is not None and p is not _FAILED)
