@@ -53,6 +53,11 @@ def resolve_mesh(mesh: Optional[Mesh] = None, devices: Optional[Sequence] = None
   if AXIS not in mesh.axis_names or len(mesh.axis_names) != 1:
     raise ValueError(f"the mesh must have exactly one axis, named {AXIS!r} (qbound.sharding.AXIS), got axes "
                      f"{mesh.axis_names}; build it with qbound.sharding.default_mesh(devices).")
+  if any(kind != jax.sharding.AxisType.Auto for kind in getattr(mesh, "axis_types", ())):
+    # jax.make_mesh's axes are Explicit: arrays then carry their sharding in their types, and the
+    # bound steps, mapped over boxes beside arrays built on one device, were refused deep inside JAX
+    # ("inputs passed to vmap should be sharded the same"). qbound places its arrays itself.
+    mesh = Mesh(mesh.devices, mesh.axis_names)
   return mesh
 
 

@@ -4,6 +4,7 @@ step by step, compiled only between calls, and step by step whenever a program c
 from __future__ import annotations
 
 import time
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +131,9 @@ def test_branch_and_bound_on_a_large_close_copy_proves_the_same_with_programs(ow
   assert second.upper == pytest.approx(first.upper, rel=1e-4, abs=1e-6)
   values = H.eval64(merged, H.sample_points(box, 2000))
   assert np.abs(values).max() <= second.upper + 1e-9
+
+
+def test_batches_sharded_over_several_devices_keep_the_steps():
+  one, eight = (types.SimpleNamespace(devices=np.empty(k)) for k in (1, 8))
+  assert bab._use_programs(False, None) and bab._use_programs(False, one)
+  assert not bab._use_programs(False, eight) and not bab._use_programs(True, None)

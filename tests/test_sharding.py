@@ -96,6 +96,15 @@ def test_mesh_helpers():
   np.testing.assert_array_equal(sharding.gather(ints), np.arange(len(jax.devices())))
 
 
+def test_a_mesh_with_explicit_axes_is_taken_as_auto():
+  """jax.make_mesh gives Explicit axes, on which the sparse passes' mapped steps were refused inside
+  JAX; qbound takes the same devices with Auto axes (it places its arrays itself)."""
+  mesh = jax.make_mesh((1,), (sharding.AXIS,))
+  resolved = sharding.resolve_mesh(mesh)
+  assert all(kind == jax.sharding.AxisType.Auto for kind in resolved.axis_types)
+  assert list(resolved.devices.flat) == list(mesh.devices.flat) and resolved.axis_names == mesh.axis_names
+
+
 def test_certify_batch_on_a_given_device_list():
   f, fq, _, _ = H.random_pair(0, (2, (8,), 2), bits=4)
   boxes = qb.linf_ball(jnp.zeros((3, 2)), 0.5)

@@ -133,6 +133,12 @@ CLOSE_COPY_GRID_SPLITS = 2
 # a test suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
 
+
+def _use_programs(small: bool, mesh) -> bool:
+  """Whether a search's batches take the walks' own programs (FUSED_WALKS): large nets on one
+  device (a batch sharded over several keeps the steps, which map over its boxes as they lie)."""
+  return FUSED_WALKS and not small and sharding.size(mesh) == 1
+
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
 # nets; 2 was slower on one net by 4x. On nets above SMALL_NET_NEURONS (ACAS Xu) 2 did better: vs
@@ -358,7 +364,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
                                        zonotope=zonotope, split_rule=split_rule, ties=ties,
-                                       fused=FUSED_WALKS and not small)
+                                       fused=_use_programs(small, mesh))
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
     # A large net's copy that really differs (known from the root's batch on, which is bounded as
@@ -371,7 +377,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          check=not constrained, split_rule=split_rule, ties=ties,
                                          own_output_rows=differs and bab_batch.OWN_OUTPUT_ROWS,
                                          hidden_diff_rows=not differs or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS,
-                                         fused=FUSED_WALKS and not small))
+                                         fused=_use_programs(small, mesh)))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
