@@ -126,11 +126,12 @@ CLOSE_COPY_BATCH_SIZE = 16
 CLOSE_COPY_GRID_SPLITS = 2
 
 # On nets above SMALL_NET_NEURONS, paired batches (the root's too, with its widening measure) take
-# each backward walk, and each node's forward intervals, by a compiled program of their own once a worker thread has compiled it
-# between calls (qbound/bounds/fused.py): the same bounds in fewer dispatches. ACAS Xu 1_1..1_9 vs
-# float16, output 0, warm after fused.wait(): median 0.29-0.31 s against 0.37-0.38 s step by step
-# in the same runs (benchmarks/bench_tight.py --only acas-nets). Small nets keep the steps (their batches cost little more than the dispatches' Python, and
-# a test suite of small nets would compile programs for nothing).
+# each backward walk, and each node's forward intervals, by a compiled program of their own once a
+# worker thread has compiled it between calls (qbound/bounds/fused.py): the same bounds in fewer
+# dispatches. ACAS Xu 1_1..1_9 vs float16, output 0, warm after fused.wait(): median 0.29-0.31 s
+# against 0.37-0.38 s step by step in the same runs (benchmarks/bench_tight.py --only acas-nets).
+# Small nets keep the steps (their batches cost little more than the dispatches' Python, and a test
+# suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
 
 
@@ -345,6 +346,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   elif zonotope:
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
+  programs = _use_programs(small, mesh)
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
   # dynamic roundings' values (the second of the three groups z, z_q, d of bab_batch.kept_nodes).
@@ -364,7 +366,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
                                        zonotope=zonotope, split_rule=split_rule, ties=ties,
-                                       fused=_use_programs(small, mesh))
+                                       fused=programs)
       f_crown = widening > bab_batch.F_CROWN_WIDENING
       return sharding.gather(bounds)
     # A large net's copy that really differs (known from the root's batch on, which is bounded as
@@ -377,7 +379,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          check=not constrained, split_rule=split_rule, ties=ties,
                                          own_output_rows=differs and bab_batch.OWN_OUTPUT_ROWS,
                                          hidden_diff_rows=not differs or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS,
-                                         fused=_use_programs(small, mesh)))
+                                         fused=programs))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
@@ -526,7 +528,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   def close_copy_grid() -> bool:
     """A batch of grid cells (see CLOSE_COPY_GRID_SPLITS) if this search proves an epsilon on a close
     copy in small batches and few pieces need splitting; whether it ran."""
-    if after_root is None or f_crown or not CLOSE_COPY_GRID_SPLITS:  # (after_root: at most strong_branching_dims inputs)
+    # (after_root is set only on at most strong_branching_dims inputs)
+    if after_root is None or f_crown or not CLOSE_COPY_GRID_SPLITS:
       return False
     settled = settled_level(best_lower, epsilon, target_gap)
     live = sum(item.piece.bound > settled for item in heap) if len(heap) <= 64 * batch_size else len(heap)

@@ -98,8 +98,8 @@ def crown_lower(graph, target: int, rows, bounds, box: Box, *, sound: bool, line
   """:func:`qbound.bounds.crown.backward_lower` over a batch of boxes (``batched=True``), by its
   walk's own program once compiled (see the module docstring)."""
   args = (graph, rows, list(bounds[:target + 1]), box.lower, box.upper, lines)
-  return _run("crown", args, dict(target=target, sound=sound, with_coefficients=with_coefficients,
-                                  signed_pairs=signed_pairs))
+  static = dict(target=target, sound=sound, with_coefficients=with_coefficients, signed_pairs=signed_pairs)
+  return _run("crown", _walk_key("crown", graph, rows, box, lines, static), args, static)
 
 
 def diff_lower(fg, qg, target: int, rows, z, zq, d, box: Box, *, sound: bool, lines=None,
@@ -108,8 +108,8 @@ def diff_lower(fg, qg, target: int, rows, z, zq, d, box: Box, *, sound: bool, li
   walk's own program once compiled (see the module docstring)."""
   bounds = (list(z[:target + 1]), list(zq[:target + 1]), list(d[:target + 1]))
   args = ((fg, qg), rows, bounds, box.lower, box.upper, lines)
-  return _run("diff", args, dict(target=target, sound=sound, with_coefficients=with_coefficients,
-                                 signed_pairs=signed_pairs))
+  static = dict(target=target, sound=sound, with_coefficients=with_coefficients, signed_pairs=signed_pairs)
+  return _run("diff", _walk_key("diff", (fg, qg), rows, box, lines, static), args, static)
 
 
 def node_intervals(nf, nq, z_in, q_in, d_in, *, sound: bool, fallback):
@@ -120,23 +120,24 @@ def node_intervals(nf, nq, z_in, q_in, d_in, *, sound: bool, fallback):
   args = ((nf, nq), z_in, q_in, d_in)
   leaves, tree = jax.tree_util.tree_flatten(args)
   key = ("intervals", sound, tree, tuple(_aval(leaf) for leaf in leaves))
-  return _run(key, args, dict(sound=sound), fallback)
+  return _run("intervals", key, args, dict(sound=sound), fallback)
 
 
-def _run(kind, args, static: dict, fallback=None):
-  program_fn = _PROGRAMS[kind if isinstance(kind, str) else kind[0]]
+def _walk_key(name: str, graphs, rows, box: Box, lines, static: dict) -> tuple:
+  """What a walk's program is compiled for. Everything else a walk reads (every node's bounds, the
+  lines' arrays) has the shapes the graphs and the batch give it; an argument that does not fit
+  after all makes the call raise, and that walk stays step by step."""
+  return (name, tuple(sorted(static.items())), _graphs_key(graphs), tuple(rows.shape), rows.dtype,
+          tuple(box.lower.shape), jax.tree_util.tree_structure(lines))
+
+
+def _run(name: str, key, args, static: dict, fallback=None):
+  """``_PROGRAMS[name](*args, **static)`` by its program under ``key`` if compiled, else step by
+  step (``fallback()``, by default the same function uncompiled) after asking for the program."""
+  program_fn = _PROGRAMS[name]
   step_by_step = fallback or (lambda: program_fn(*args, **static))
   if not ENABLED:
     return step_by_step()
-  if isinstance(kind, tuple):  # the key itself
-    key = kind
-  else:
-    graphs, rows, _, lo, _, lines = args
-    # Everything else a walk reads (every node's bounds, the lines' arrays) has the shapes the
-    # graphs and the batch give it; an argument that does not fit after all makes the call raise,
-    # and that walk stays step by step.
-    key = (kind, tuple(sorted(static.items())), _graphs_key(graphs), tuple(rows.shape), rows.dtype,
-           tuple(lo.shape), jax.tree_util.tree_structure(lines))
   program = _programs.get(key)
   if program is None or program is _FAILED:
     if key not in _programs and len(_programs) < MAX_PROGRAMS:

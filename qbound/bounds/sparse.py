@@ -257,11 +257,7 @@ def _walks(by_programs: bool):
   or step by step."""
   if by_programs:
     return fused_programs.crown_lower, fused_programs.diff_lower
-  crown_walk = lambda graph, target, rows, bounds, box, **kw: backward_lower(graph, target, rows, bounds, box,
-                                                                            batched=True, **kw)
-  diff_walk = lambda fg, qg, target, rows, z, zq, d, box, **kw: diff_backward_lower(fg, qg, target, rows, z, zq, d,
-                                                                                  box, batched=True, **kw)
-  return crown_walk, diff_walk
+  return functools.partial(backward_lower, batched=True), functools.partial(diff_backward_lower, batched=True)
 
 
 def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True, f_crown: bool = True,
