@@ -137,3 +137,56 @@ def test_batches_sharded_over_several_devices_keep_the_steps():
   one, eight = (types.SimpleNamespace(devices=np.empty(k)) for k in (1, 8))
   assert bab._use_programs(False, None) and bab._use_programs(False, one)
   assert not bab._use_programs(False, eight) and not bab._use_programs(True, None)
+
+
+def test_the_end_of_batch_check_by_its_program_counts_as_the_host_does(own_programs):
+  """The check of every node's bounds (qbound.bounds.guards) by a program of its own once compiled:
+  the same counts, and an inverted or NaN interval is still raised for, naming its node."""
+  from qbound.bounds import guards
+  from qbound.errors import BoundOverflowError, InvalidBoundsError
+
+  f, fq, _, _ = H.random_pair(6, (3, (16, 16), 2), noise=1e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  out = diff_bounds_sparse(merged.f_graph, merged.fq_graph, pieces(3, 3), f_crown=False, fused=True)
+  groups = [("f", merged.f_graph, out.z), ("d = f - f_q", merged.f_graph, out.d)]
+  host = guards.host_counts(groups, sound=True)
+  np.testing.assert_array_equal(np.asarray(fused.bound_counts(groups, sound=True)), host)  # (host, not compiled)
+  fused.wait()
+  assert any(key[0] == "counts" and p not in (None, fused._FAILED) for key, p in own_programs.items())
+  np.testing.assert_array_equal(np.asarray(fused.bound_counts(groups, sound=True)), host)
+  node = merged.f_graph.output
+  lo, hi = out.z[node]
+  for bad, error in ((lo.at[1, 0].set(hi[1, 0] + 1.0), InvalidBoundsError), (lo.at[0, 1].set(jnp.nan), BoundOverflowError)):
+    broken = list(out.z)
+    broken[node] = (bad, hi)
+    with pytest.raises(error, match=f"node {node}"):
+      guards.check_bounds([("f", merged.f_graph, broken)], sound=True, counter=fused.bound_counts)
+
+
+def test_a_copy_close_by_its_weights_skips_the_root_measure_and_proves_the_same(monkeypatch):
+  """A float16-like copy of a large net is known as close before the root's batch (no f CROWN rows
+  and no widening measured there); a 4-bit copy, or one that rounds its activations, is not. Either
+  way branch and bound proves the same epsilon, and its upper bound holds at sampled points."""
+  from qbound.bounds import bab_batch
+
+  f, fq, params, _ = H.random_pair(4, (3, (140, 140), 2), noise=1e-4)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  assert bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
+  _, f4, _, _ = H.random_pair(4, (3, (140, 140), 2), bits=4)
+  assert not bab_batch.close_by_weights(merged.f_graph, qb.merge(f, f4, box).fq_graph)
+  rounds = qb.merge(f, lambda x: f(jnp.round(x * 64) / 64), box)
+  assert not bab_batch.close_by_weights(rounds.f_graph, rounds.fq_graph)
+
+  measured = []
+  real = bab_batch.widening_of
+  monkeypatch.setattr(bab_batch, "widening_of", lambda *a: measured.append(1) or real(*a))
+  run = lambda: bab.branch_and_bound(merged, box, time_budget=60, epsilon=0.05, max_pieces=400)
+  by_weights = run()
+  assert not measured
+  monkeypatch.setattr(bab_batch, "CLOSE_WEIGHTS", 0.0)
+  by_measure = run()
+  assert measured
+  assert by_weights.stopped == by_measure.stopped == "proved" and by_weights.upper <= 0.05
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= by_weights.upper + 1e-9

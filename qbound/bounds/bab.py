@@ -359,11 +359,17 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     tie_entries = [len(kept_at) + p for p, i in enumerate(kept_at) if tiesplit.applies(merged.fq_graph.nodes[i])]
   split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
 
+  # A copy close to f by its weights is known as such before the root's batch, which then skips f's
+  # own CROWN rows and the widening measure (bab_batch.CLOSE_WEIGHTS).
+  close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
+
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
     lo, hi, prior = sharding.put_batch((lo, hi, prior), mesh)
     layout.update(sharding.layout(lo))
-    if root and paired:
+    if root and close_weights:
+      f_crown = False
+    elif root and paired:
       bounds, widening = batch_bounds(fg, qg, mg, lo, hi, paired, sound, outputs, True, True, prior,
                                        zonotope=zonotope, split_rule=split_rule, ties=ties,
                                        fused=programs)

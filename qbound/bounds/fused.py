@@ -55,6 +55,7 @@ import weakref
 import jax
 import numpy as np
 
+from qbound.bounds import guards
 from qbound.bounds.crown import backward_lower
 from qbound.bounds.diff import diff_backward_lower, diff_interval_node
 from qbound.bounds.interval import node_interval
@@ -90,7 +91,11 @@ def _node_intervals(pair, z_in, q_in, d_in, *, sound):
   return jax.vmap(one)(z_in, q_in, d_in)
 
 
-_PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_intervals}
+def _bound_counts(bounds, *, sound):
+  return guards._counts(bounds, sound=sound)
+
+
+_PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_intervals, "counts": _bound_counts}
 
 
 def crown_lower(graph, target: int, rows, bounds, box: Box, *, sound: bool, lines=None,
@@ -121,6 +126,17 @@ def node_intervals(nf, nq, z_in, q_in, d_in, *, sound: bool, fallback):
   leaves, tree = jax.tree_util.tree_flatten(args)
   key = ("intervals", sound, tree, tuple(_aval(leaf) for leaf in leaves))
   return _run("intervals", key, args, dict(sound=sound), fallback)
+
+
+def bound_counts(groups, *, sound: bool):
+  """:func:`qbound.bounds.guards.counts` of ``groups`` (``(what, graph, bounds)`` triples) by one
+  program once compiled; until then counted by NumPy on the host, as
+  :func:`qbound.bounds.guards.check_bounds` does for few entries (its end-of-batch check read every
+  node's bounds one array at a time: 4 ms of an ACAS Xu batch's 26). Returns ``(nodes, 2)`` counts."""
+  bounds = tuple(tuple(tuple(b) for b in group_bounds) for _, _, group_bounds in groups)
+  leaves, tree = jax.tree_util.tree_flatten(bounds)
+  key = ("counts", sound, tree, tuple(_aval(leaf) for leaf in leaves))
+  return _run("counts", key, (bounds,), dict(sound=sound), lambda: guards.host_counts(groups, sound=sound))
 
 
 def _walk_key(name: str, graphs, rows, box: Box, lines, static: dict) -> tuple:

@@ -77,7 +77,7 @@ def _counts(bounds, sound: bool):
 DIFFERENCES = "d = f - f_q"
 
 
-def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool) -> None:
+def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool, counter=None) -> None:
   """Raises if any node's ``(lower, upper)`` holds NaN or ``lower > upper``.
 
   Args:
@@ -85,6 +85,9 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
       ``graph`` (batched or not), and ``what`` names them in the message (e.g. ``"CROWN bounds of
       f_q"``). All groups are checked by one compiled reduction and one transfer.
     sound: whether they were computed with proven margins (else small inversions are tolerated).
+    counter: optional ``counter(groups, sound=sound)`` returning :func:`counts` (e.g.
+      :func:`qbound.bounds.fused.bound_counts`, by a program compiled between calls), used
+      instead of choosing between the host and the compiled reduction here.
   """
   leaves = [leaf for _, _, bounds in groups for leaf in jax.tree_util.tree_leaves(bounds)]
   if tracing(leaves):  # under jit or vmap: the caller returns counts() from its program instead
@@ -95,8 +98,10 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
       continue
     if graph is not None and bounds is not None and len(bounds) == len(graph.nodes):
       nonlinear.check_domains(graph, bounds)
-  if sum(int(np.size(leaf)) for leaf in leaves) <= HOST_CHECK_ENTRIES:
-    raise_for_counts(_host_counts(groups, sound=sound), groups, sound=sound)
+  if counter is not None:
+    raise_for_counts(np.asarray(counter(groups, sound=sound)), groups, sound=sound)
+  elif sum(int(np.size(leaf)) for leaf in leaves) <= HOST_CHECK_ENTRIES:
+    raise_for_counts(host_counts(groups, sound=sound), groups, sound=sound)
   else:
     raise_for_counts(np.asarray(counts(groups, sound=sound)), groups, sound=sound)
 
@@ -106,7 +111,7 @@ def check_bounds(groups: Sequence[tuple[str, G.Graph, Sequence]], *, sound: bool
 HOST_CHECK_ENTRIES = 1 << 18
 
 
-def _host_counts(groups, *, sound: bool) -> np.ndarray:
+def host_counts(groups, *, sound: bool) -> np.ndarray:
   """:func:`counts` computed by NumPy on the host."""
   tolerance = 0.0 if sound else UNSOUND_TOLERANCE
   rows = []

@@ -397,7 +397,8 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     d.append(di)
   if check:
     check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),
-                  ("differential bounds: d = f - f_q", fg, d)], sound=sound)
+                  ("differential bounds: d = f - f_q", fg, d)], sound=sound,
+                 counter=fused_programs.bound_counts if fused else None)
   return SparseDiff(z, zq, d, rows, coef)
 
 
