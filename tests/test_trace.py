@@ -511,3 +511,31 @@ def test_a_known_part_with_a_callback_is_never_shared():
     _, values = fold_module.fold_constants(closed, [None])
     outs.append([np.asarray(v) for v in values])
   assert any(not np.array_equal(a, b) for a, b in zip(*outs))
+
+
+def test_a_function_traced_again_gives_its_kept_graph_unless_its_constants_can_change():
+  """Traced graphs are kept by their jaxpr's text and their constants' identities, where those are
+  JAX arrays: the same function, or one computing the same with the same arrays, gives the same
+  graph object; other arrays, another input shape, or a closure over a NumPy array (which can
+  change in place) are traced afresh, so the graph always computes what the function does now."""
+  model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+  params = model.init(jax.random.key(0), jnp.zeros(3))
+  f = functools.partial(model.apply, params)
+  g = qb.trace(f, jnp.zeros(3))
+  assert qb.trace(f, jnp.zeros(3)) is g
+  assert qb.trace(functools.partial(model.apply, params), jnp.zeros(3)) is g
+  other = jax.tree_util.tree_map(lambda w: w + 1.0, params)
+  g_other = qb.trace(functools.partial(model.apply, other), jnp.zeros(3))
+  assert g_other is not g
+  x = jnp.array([0.3, -0.2, 0.5])
+  np.testing.assert_allclose(g_other(x), model.apply(other, x), rtol=1e-6)
+  assert qb.trace(lambda v: f(v[:3]), jnp.zeros(4)) is not g
+
+  w = np.array([[1.0, -2.0], [0.5, 1.5]], np.float32)
+  h = lambda v: jax.nn.relu(v @ w)  # noqa: E731
+  first = qb.trace(h, jnp.zeros(2))
+  w[0, 0] = 3.0  # changed in place: the same object, another network
+  second = qb.trace(h, jnp.zeros(2))
+  y = jnp.array([1.0, 1.0])
+  np.testing.assert_allclose(second(y), h(y), rtol=1e-6)
+  assert not np.allclose(first(y), second(y))
