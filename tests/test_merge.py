@@ -174,3 +174,25 @@ def test_dense_layers_need_an_mlp():
   merged = qb.merge(fn, fn, jnp.zeros(2))
   with pytest.raises(ValueError, match="simple chain; dense_layers"):
     merged.dense_layers()
+
+
+def test_merging_the_same_functions_again_gives_the_kept_network():
+  """A certify call in a loop merges the same f and f_q each time: the traced graphs are kept
+  (qbound.trace), and so is their merge; another f_q is merged afresh, and non-finite weights are
+  still refused on every call."""
+  model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+  params = model.init(jax.random.key(0), jnp.zeros(3))
+  f = functools.partial(model.apply, params)
+  fq = functools.partial(model.apply, qb.quantize.uniform(params, bits=4))
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  assert qb.merge(f, fq, box) is merged
+  other = qb.merge(f, functools.partial(model.apply, qb.quantize.uniform(params, bits=3)), box)
+  assert other is not merged and other.f_graph is merged.f_graph
+  x = jnp.array([0.2, -0.4, 0.7])
+  np.testing.assert_allclose(other(x), f(x) - model.apply(qb.quantize.uniform(params, bits=3), x), rtol=1e-5,
+                             atol=1e-6)
+  broken = jax.tree_util.tree_map(lambda w: w.at[0].set(jnp.nan) if w.ndim == 1 else w, params)
+  for _ in range(2):
+    with pytest.raises(ValueError, match="NaN"):
+      qb.merge(f, functools.partial(model.apply, broken), box)

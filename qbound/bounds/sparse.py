@@ -20,6 +20,7 @@ Runs eagerly (it reads on the host which rows to compute); under ``jax.jit`` use
 from __future__ import annotations
 
 import functools
+import threading
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -191,7 +192,7 @@ def _same_node(a: G.Node, b: G.Node) -> bool:
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
-def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[set, set]:
+def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[frozenset, frozenset]:
   """Targets whose interval bounds CROWN's rows cannot tighten: ``(own, diff)``.
 
   ``own``: affine nodes reading a node whose values fill a box (the input, or entrywise maps of it:
@@ -202,6 +203,26 @@ def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[set, set]:
   is linear over the same box. On ACAS Xu these are the first dense layer's rows: 18 of each
   network's 50 neurons a piece, padded to 32, through four steps (see docs/results/acas-batch.md).
   """
+  key = (id(fg), id(qg))
+  with _exact_lock:
+    kept = _exact_kept.get(key)
+    if kept is not None and kept[0] is fg and kept[1] is qg:
+      return kept[2]
+  found = _exact_targets(fg, qg)
+  with _exact_lock:
+    _exact_kept[key] = (fg, qg, found)  # (the graphs kept with it: their ids stay theirs)
+    while len(_exact_kept) > 8:
+      _exact_kept.pop(next(iter(_exact_kept)))
+  return found
+
+
+# exact_targets of the last few graphs (or pairs): every batch of a branch and bound asks again, and
+# comparing the weights read each one back from the device (18 arrays a batch on ACAS Xu).
+_exact_kept: dict = {}
+_exact_lock = threading.Lock()
+
+
+def _exact_targets(fg: G.Graph, qg: Optional[G.Graph]) -> tuple[frozenset, frozenset]:
   graphs = [fg] if qg is None else [fg, qg]
   boxlike = [[False] * len(g.nodes) for g in graphs]
   for b, g in zip(boxlike, graphs):
@@ -210,12 +231,12 @@ def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[set, set]:
   own = {i for i, node in enumerate(fg.nodes)
          if node.kind == G.AFFINE and len(node.inputs) == 1 and all(b[node.inputs[0]] for b in boxlike)}
   if qg is None:
-    return own, set()
+    return frozenset(own), frozenset()
   diff = set()
   for i in sorted(own):
     if all(_same_node(fg.nodes[j], qg.nodes[j]) for j in range(1, fg.nodes[i].inputs[0] + 1)):
       diff.add(i)
-  return own, diff
+  return frozenset(own), frozenset(diff)
 
 
 def _known(prior, i):
