@@ -206,10 +206,12 @@ def test_float64_copies_are_kept_while_their_graph_lives():
 
   from qbound import attack
   from qbound import graph as G
+  from qbound.merge import merge_graphs
 
   f, fq, _, _ = H.random_pair(0, H.SHAPES[0], bits=4)
   box = H.random_box(0, 2)
-  graph = qb.merge(f, fq, box).graph
+  # (merge_graphs: qb.merge keeps its last merges, and their graphs with them)
+  graph = merge_graphs(qb.trace(f, box), qb.trace(fq, box)).graph
   other = qb.merge(fq, f, box).graph
   with jax.enable_x64(True):
     copy = G.float64_copy(graph)
