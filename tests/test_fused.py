@@ -190,3 +190,33 @@ def test_a_copy_close_by_its_weights_skips_the_root_measure_and_proves_the_same(
   assert by_weights.stopped == by_measure.stopped == "proved" and by_weights.upper <= 0.05
   values = H.eval64(merged, H.sample_points(box, 2000))
   assert np.abs(values).max() <= by_weights.upper + 1e-9
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_row_counts_taken_ahead_give_the_bounds_read_as_usual(sound):
+  """With ``row_sizes`` (branch and bound's earlier batches) the row indices come from the device
+  for sizes fixed in advance; sizes too small for some box make the pass run again with the sizes
+  it needed, so the bounds are those of the usual pass, whatever the sizes given."""
+  from qbound.bounds import sparse
+
+  f, fq, _, _ = H.random_pair(7, (3, (24, 24), 2), noise=3e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  fg, qg = merged.f_graph, merged.fq_graph
+  boxes = pieces(4, 3, count=6, width=0.8)
+  run = lambda sizes: diff_bounds_sparse(fg, qg, boxes, sound=sound, f_crown=True, outputs=[0, 1], coefficients=True,
+                                         row_sizes=sizes)
+  usual = run(None)
+  sizes: dict = {}
+  recorded = run(sizes)  # (nothing known yet: counts read and recorded)
+  assert sizes and all(0 <= v <= 24 for v in sizes.values()) and any(v > 0 for v in sizes.values())
+  for given in (dict(sizes), {key: 0 for key in sizes}, {key: 1000 for key in sizes}):
+    before = sparse.PASSES_AGAIN[0]
+    ahead = run(given)
+    if all(v == 0 for v in given.values()):
+      assert sparse.PASSES_AGAIN[0] > before  # too small: the pass ran again
+    assert given == sizes  # (the sizes it needed, recorded)
+    for out in (recorded, ahead):
+      for mine, ref in zip(out.d + out.z + out.zq, usual.d + usual.z + usual.zq):
+        for a, b in zip(mine, ref):
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(out.coefficients), np.asarray(usual.coefficients), rtol=1e-5, atol=1e-6)

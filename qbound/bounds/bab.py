@@ -136,6 +136,11 @@ CLOSE_COPY_GRID_SPLITS = 2
 FUSED_WALKS = True
 
 
+# Whether the searches that take the walks' programs also take each walk's row count from their
+# earlier batches (sparse.diff_bounds_sparse's row_sizes).
+ROWS_AHEAD = True
+
+
 def _use_programs(small: bool, mesh) -> bool:
   """Whether a search's batches take the walks' own programs (FUSED_WALKS): large nets on one
   device (a batch sharded over several keeps the steps, which map over its boxes as they lie)."""
@@ -363,6 +368,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # A copy close to f by its weights is known as such before the root's batch, which then skips f's
   # own CROWN rows and the widening measure (bab_batch.CLOSE_WEIGHTS).
   close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
+  # With the programs, each walk's row count is taken from the search's earlier batches (sparse's
+  # row_sizes): the walks of a batch then queue on the device with nothing read back in between.
+  row_sizes = {} if programs and ROWS_AHEAD else None
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
@@ -386,7 +394,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          check=not constrained, split_rule=split_rule, ties=ties,
                                          own_output_rows=differs and bab_batch.OWN_OUTPUT_ROWS,
                                          hidden_diff_rows=not differs or bab_batch.DIFFERING_HIDDEN_DIFF_ROWS,
-                                         fused=programs))
+                                         fused=programs, row_sizes=row_sizes))
 
   def probe_fn(xs, lo, hi, worst):
     return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))

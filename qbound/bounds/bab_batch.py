@@ -86,7 +86,8 @@ WIDENING_AT_BATCH_SHAPE = True
 def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, sound: bool, outputs,
                   f_crown: bool = True, widening: bool = False, prior=None, dense: bool = False,
                   zonotope: bool = False, check: bool = True, split_rule: str = "bound", ties: bool = False,
-                  own_output_rows: bool = False, hidden_diff_rows: bool = True, fused: bool = False):
+                  own_output_rows: bool = False, hidden_diff_rows: bool = True, fused: bool = False,
+                  row_sizes=None):
   """Bounds on ``f - f_q`` over a batch of pieces (leading axis of ``lo``, ``hi``), backward rows only
   where they matter (:mod:`qbound.bounds.sparse`): differential bounds for paired nets, CROWN on the
   merged net otherwise. With ``dense``, close copies (``f_crown=False``) take the dense differential
@@ -120,7 +121,9 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
   the activations' inputs.
 
   ``fused`` (paired nets, sparse passes): walks by their own programs once compiled
-  (:mod:`qbound.bounds.fused`).
+  (:mod:`qbound.bounds.fused`); ``row_sizes`` (paired nets, sparse passes): each walk's row count
+  from the earlier batches of the same search, kept in this dict (see
+  :func:`qbound.bounds.sparse.diff_bounds_sparse`).
   """
   box = Box(lo, hi)
   if paired and not f_crown and dense:
@@ -145,7 +148,7 @@ def batch_bounds(fg: G.Graph, qg: G.Graph, mg: G.Graph, lo, hi, paired: bool, so
       known = tuple(node_list(len(fg.nodes), nodes, prior[j * k:(j + 1) * k]) for j in range(3))
     out = diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, outputs=outputs, coefficients=True,
                              prior=known, check=check, own_output_rows=own_output_rows,
-                             hidden_diff_rows=hidden_diff_rows, fused=fused)
+                             hidden_diff_rows=hidden_diff_rows, fused=fused, row_sizes=row_sizes)
     keep = tuple(b[i] for b in (out.z, out.zq, out.d) for i in nodes)
     d_out = out.d[fg.output]
     if zonotope:

@@ -110,6 +110,34 @@ def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   return out if sound else fp.unsound_order(out)
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def _rows_on_device(mask, size: int):
+  """:func:`tighten_where`'s row indices computed on the device for a row count ``size`` fixed in
+  advance: ``(flat, most)``, ``most`` the largest count of set entries in a box (rows beyond
+  ``size`` are missing where it exceeds ``size``)."""
+  where = mask.reshape(mask.shape[0], -1)
+  counts = jnp.sum(where, axis=1)
+  order = jnp.argsort(~where, axis=1, stable=True)[:, :size]
+  last = order[jnp.arange(where.shape[0]), jnp.clip(counts - 1, 0, size - 1)]
+  flat = jnp.where(jnp.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(jnp.int32)
+  return flat, jnp.max(counts)
+
+
+def tighten_ahead(bounds, mask, lower_fn, state, size: int, sound: bool = True):
+  """:func:`tighten_where` with each box's row count ``size`` chosen in advance (a branch and bound's
+  earlier batches: :func:`diff_bounds_sparse`'s ``row_sizes``), so that nothing is read to the host
+  and the walks queue behind each other. Returns ``(bounds, most)``: ``most``, on the device, the
+  largest number of set entries in a box; where it exceeds ``size`` some entries got no row and
+  kept their (sound, looser) bounds, and the caller bounds the batch again with larger sizes."""
+  lo = bounds[0]
+  if size == 0:
+    return bounds, jnp.max(jnp.sum(mask.reshape(mask.shape[0], -1), axis=1))
+  flat, most = _rows_on_device(mask, size=size)
+  rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
+  out = _scatter(bounds, flat, lower_fn(rows, state))
+  return (out if sound else fp.unsound_order(out)), most
+
+
 def _consumers(graph: G.Graph) -> list[list[int]]:
   """For every node, the activation nodes that read it."""
   out: list[list[int]] = [[] for _ in graph.nodes]
@@ -245,7 +273,8 @@ def _known(prior, i):
 
 class SparseDiff(NamedTuple):
   """What :func:`diff_bounds_sparse` returns: per node ``(lower, upper)`` of f (``z``), f_q (``zq``)
-  and the difference (``d``), each with a leading axis of boxes; the rows computed per target; and
+  and the difference (``d``), each with a leading axis of boxes; per target, the mask of the neurons
+  given differential rows (0 where none); and
   the input coefficients of the output's bounds, ``(boxes, 2 * outputs, *input shape)`` (lower
   rows of the selected outputs, then upper ones), or None."""
 
@@ -285,7 +314,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
                        prior: Optional[Sequence] = None, outputs: Optional[Sequence[int]] = None,
                        coefficients: bool = False, check: bool = True, every_neuron: bool = False,
                        own_output_rows: bool = False, hidden_diff_rows: bool = True,
-                       fused: bool = False) -> SparseDiff:
+                       fused: bool = False, row_sizes: Optional[dict] = None) -> SparseDiff:
   """Differential bounds of two paired graphs over a batch of boxes, rows only where they matter.
 
   The same bounds as :func:`qbound.bounds.diff.diff_bounds` (``batched=True``) where they could
@@ -319,7 +348,60 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     fused: each backward walk, and each node's forward intervals, by one compiled program once a
       worker thread has compiled it (:mod:`qbound.bounds.fused`; the same bounds, fewer
       dispatches): for branch and bound's many batches of one shape.
+    row_sizes: a dict kept by the caller across calls on batches of the same networks (branch and
+      bound's), per target and walk the rows each box got last time. Where it holds a size, the
+      row indices are computed on the device for that size (:func:`tighten_ahead`) and nothing is
+      read to the host until the end, so the walks queue behind each other while Python prepares
+      the next; a box that needed more rows than its size makes the pass run again with the sizes
+      it needed (the same bounds as without, up to the order of floating-point sums). Where it
+      holds none, the counts are read as usual and recorded.
   """
+  if row_sizes is not None:
+    for _ in range(3):
+      pending: list = []
+      out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
+                                coefficients=coefficients, check=False, every_neuron=every_neuron,
+                                own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused,
+                                row_sizes=row_sizes, pending=pending)
+      if not pending:
+        break
+      most = np.asarray(jnp.stack([m for _, _, _, m in pending]))
+      short = False
+      for (key, size, n, _), count in zip(pending, most):
+        needed = min(_padded(int(count)), n) if count > 0 else 0
+        short = short or count > size
+        row_sizes[key] = needed
+      if not short:
+        break
+      PASSES_AGAIN[0] += 1
+    else:  # (sizes that kept growing: the counts read as usual)
+      row_sizes = None
+    if row_sizes is not None:
+      if check:
+        _check(fg, qg, out, sound, fused)
+      return out
+  out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
+                            coefficients=coefficients, check=False, every_neuron=every_neuron,
+                            own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused)
+  if check:
+    _check(fg, qg, out, sound, fused)
+  return out
+
+
+# How many passes ran again because a box needed more rows than its size (for benchmarks).
+PASSES_AGAIN = [0]
+
+
+def _check(fg, qg, out, sound: bool, fused: bool) -> None:
+  check_bounds([("differential bounds: f's nodes", fg, out.z), ("differential bounds: f_q's nodes", qg, out.zq),
+                ("differential bounds: d = f - f_q", fg, out.d)], sound=sound,
+               counter=fused_programs.bound_counts if fused else None)
+
+
+def _diff_bounds_sparse(fg, qg, box, *, sound, f_crown, prior, outputs, coefficients, check, every_neuron,
+                        own_output_rows, hidden_diff_rows, fused, row_sizes=None, pending=None) -> SparseDiff:
+  """:func:`diff_bounds_sparse`'s pass; with ``row_sizes``, row counts taken from it where it has
+  them (each appended to ``pending`` as ``(key, size, neurons, most)``) and recorded where not."""
   nonlinear.require_none(fg, "differential bounds")
   # With the programs, each walk's first step takes half of its row pairs (signed_pairs); step by
   # step, the extra slicing and mirroring cost as much as they save (ACAS Xu batches: 37.6-39.7 ms
@@ -341,6 +423,22 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
   rows: dict = {}
   coef = None
   boxes = (box.lower, box.upper)
+  def tighten(key, bounds, mask, lower_fn, state):
+    """tighten_where, or with row_sizes its row count from earlier batches (tighten_ahead)."""
+    n = int(np.prod(bounds[0].shape[1:]))
+    size = None if row_sizes is None else row_sizes.get(key)
+    if size is not None:
+      size = min(size, n)
+    if size is None:
+      if row_sizes is not None:  # recorded for the next batches
+        counts = np.asarray(mask).reshape(mask.shape[0], -1).sum(axis=1)
+        most = int(counts.max(initial=0))
+        row_sizes[key] = min(_padded(most), n) if most else 0
+      return tighten_where(bounds, mask, lower_fn, state, sound=sound)
+    out, most = tighten_ahead(bounds, mask, lower_fn, state, size, sound=sound)
+    pending.append((key, size, n, most))
+    return out
+
   # Each activation pair's relaxation lines, computed once its input's bounds are final and shared
   # by the walks from every later target (else each walk computed them again: 30 more steps per
   # batch of ACAS Xu pieces): (differential lines, f_q's lines).
@@ -376,14 +474,14 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     if i in targets:
       if i not in exact_own:  # (else intervals are exact: no row could tighten them)
         state_q = {"box": boxes, "bounds": zq + [qi], "lines": {k: v[1] for k, v in lines.items()}}
-        qi = tighten_where(qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
-                           lambda r, g, i=i: crown_walk(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                        lines=g["lines"], signed_pairs=fused), state_q, sound=sound)
+        qi = tighten(("q", i), qi, loose(_loose_any(tuple(qg.nodes[c] for c in cons_q[i]), qi)),
+                     lambda r, g, i=i: crown_walk(qg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
+                                                  lines=g["lines"], signed_pairs=fused), state_q)
       if f_crown and i not in exact_own:
         state_f = {"box": boxes, "bounds": z + [zi]}
-        zi = tighten_where(zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
-                           lambda r, g, i=i: crown_walk(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
-                                                        signed_pairs=fused), state_f, sound=sound)
+        zi = tighten(("f", i), zi, loose(_loose_any(tuple(fg.nodes[c] for c in cons_f[i]), zi)),
+                     lambda r, g, i=i: crown_walk(fg, i, r, g["bounds"], Box(*g["box"]), sound=sound,
+                                                  signed_pairs=fused), state_f)
       if prior is not None and late:
         zi, qi, di = meet((zi, qi, di))
       zi, qi, di = _tighten(zi, qi, di, sound)
@@ -392,11 +490,11 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       else:
         pairs = tuple((fg.nodes[c], qg.nodes[c]) for c in cons_f[i])
         mask = loose(_diff_loose_any(pairs, zi, qi, di))
-        rows[i] = int(np.asarray(mask).sum())
+        rows[i] = mask
         state_d = {"box": boxes, "z": z + [zi], "zq": zq + [qi], "d": d + [di], "lines": dict(lines)}
-        di = tighten_where(di, mask, lambda r, g, i=i: diff_walk(
+        di = tighten(("d", i), di, mask, lambda r, g, i=i: diff_walk(
             fg, qg, i, r, g["z"], g["zq"], g["d"], Box(*g["box"]), sound=sound, lines=g["lines"], signed_pairs=fused),
-            state_d, sound=sound)
+            state_d)
         zi, qi, di = _tighten(zi, qi, di, sound)
     elif i == out_idx:
       shape = tuple(nf.shape)
@@ -416,10 +514,6 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     z.append(zi)
     zq.append(qi)
     d.append(di)
-  if check:
-    check_bounds([("differential bounds: f's nodes", fg, z), ("differential bounds: f_q's nodes", qg, zq),
-                  ("differential bounds: d = f - f_q", fg, d)], sound=sound,
-                 counter=fused_programs.bound_counts if fused else None)
   return SparseDiff(z, zq, d, rows, coef)
 
 
