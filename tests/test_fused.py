@@ -193,7 +193,7 @@ def test_a_copy_close_by_its_weights_skips_the_root_measure_and_proves_the_same(
 
 
 @pytest.mark.parametrize("sound", [True, False])
-def test_row_counts_taken_ahead_give_the_bounds_read_as_usual(sound):
+def test_row_counts_taken_ahead_give_the_bounds_read_as_usual(own_programs, sound):
   """With ``row_sizes`` (branch and bound's earlier batches) the row indices come from the device
   for sizes fixed in advance; sizes too small for some box make the pass run again with the sizes
   it needed, so the bounds are those of the usual pass, whatever the sizes given."""
@@ -209,7 +209,12 @@ def test_row_counts_taken_ahead_give_the_bounds_read_as_usual(sound):
   sizes: dict = {}
   recorded = run(sizes)  # (nothing known yet: counts read and recorded)
   assert sizes and all(0 <= v <= 24 for v in sizes.values()) and any(v > 0 for v in sizes.values())
-  for given in (dict(sizes), {key: 0 for key in sizes}, {key: 1000 for key in sizes}):
+  cases = lambda: [dict(sizes), {key: 0 for key in sizes}, {key: 1000 for key in sizes}]  # noqa: E731
+  for given in cases() + [None] + cases():  # host indices, then (after wait) their programs
+    if given is None:
+      fused.wait()
+      assert any(key[0] == "rows" and p not in (None, fused._FAILED) for key, p in own_programs.items())
+      continue
     before = sparse.PASSES_AGAIN[0]
     ahead = run(given)
     if all(v == 0 for v in given.values()):

@@ -141,6 +141,16 @@ FUSED_WALKS = True
 ROWS_AHEAD = True
 
 
+# The row sizes after the root's batch of the last few searches (see ROWS_AHEAD), by their graphs
+# (compared by identity: qb.merge keeps its last merges), box, outputs, batch size and mode, so
+# that a search of the same boxes again reads nothing back in its root's batch either.
+_ROOT_ROW_SIZES: list = []
+
+
+def _same_key(a, b) -> bool:
+  return a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
+
+
 def _use_programs(small: bool, mesh) -> bool:
   """Whether a search's batches take the walks' own programs (FUSED_WALKS): large nets on one
   device (a batch sharded over several keeps the steps, which map over its boxes as they lie)."""
@@ -370,7 +380,11 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
   # With the programs, each walk's row count is taken from the search's earlier batches (sparse's
   # row_sizes): the walks of a batch then queue on the device with nothing read back in between.
-  row_sizes = {} if programs and ROWS_AHEAD else None
+  row_sizes = None
+  if programs and ROWS_AHEAD:  # (the root's batch of an earlier search of these boxes: its sizes)
+    root_key = (merged.f_graph, merged.fq_graph, tuple(np.asarray(box.lower).reshape(-1).tolist()),
+                tuple(np.asarray(box.upper).reshape(-1).tolist()), tuple(outputs.tolist()), batch_size, sound)
+    row_sizes = dict(next((sizes for key, sizes in _ROOT_ROW_SIZES if _same_key(key, root_key)), {}))
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
@@ -508,6 +522,9 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     los += [lower0, right_lo]
     his += [left_hi, upper0]
   first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
+  if row_sizes is not None:
+    _ROOT_ROW_SIZES[:] = [(root_key, dict(row_sizes))] + [kept for kept in _ROOT_ROW_SIZES
+                                                         if not _same_key(kept[0], root_key)][:7]
   if after_root is not None and f_crown:  # a pair that really differs (see CLOSE_COPY_BATCH_SIZE)
     batch_size = sharding.padded_size(after_root, mesh)
   root = first[:1]

@@ -55,6 +55,7 @@ import time
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qbound.bounds import guards
@@ -97,7 +98,26 @@ def _bound_counts(bounds, *, sound):
   return guards._counts(bounds, sound=sound)
 
 
-_PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_intervals, "counts": _bound_counts}
+def _row_indices(mask, *, size):
+  where = mask.reshape(mask.shape[0], -1)
+  counts = jnp.sum(where, axis=1)
+  order = jnp.argsort(~where, axis=1, stable=True)[:, :size]
+  last = order[jnp.arange(where.shape[0]), jnp.clip(counts - 1, 0, size - 1)]
+  flat = jnp.where(jnp.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(jnp.int32)
+  return flat, jnp.max(counts)
+
+
+def _host_row_indices(mask, size: int):
+  where = np.asarray(mask).reshape(mask.shape[0], -1)
+  counts = where.sum(axis=1)
+  order = np.argsort(~where, axis=1, kind="stable")[:, :size]
+  last = order[np.arange(where.shape[0]), np.clip(counts - 1, 0, size - 1)]
+  flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
+  return flat, int(counts.max(initial=0))
+
+
+_PROGRAMS = {"crown": _crown_walk, "diff": _diff_walk, "intervals": _node_intervals, "counts": _bound_counts,
+             "rows": _row_indices}
 
 
 def crown_lower(graph, target: int, rows, bounds, box: Box, *, sound: bool, lines=None,
@@ -139,6 +159,15 @@ def bound_counts(groups, *, sound: bool):
   leaves, tree = jax.tree_util.tree_flatten(bounds)
   key = ("counts", sound, tree, tuple(_aval(leaf) for leaf in leaves))
   return _run("counts", key, (bounds,), dict(sound=sound), lambda: guards.host_counts(groups, sound=sound))
+
+
+def row_indices(mask, size: int):
+  """Each box's first ``size`` set entries of ``mask`` (leading axis of boxes), padded with its last
+  one (entry 0 where none), as :func:`qbound.bounds.sparse.tighten_ahead` takes them: ``(flat,
+  most)``, ``flat`` ``(boxes, size)`` int32 and ``most`` the largest count of set entries in a box.
+  By one program once compiled (nothing read to the host); until then on the host (``most`` an int)."""
+  key = ("rows", size, _aval(mask))
+  return _run("rows", key, (mask,), dict(size=size), lambda: _host_row_indices(mask, size))
 
 
 def _walk_key(name: str, graphs, rows, box: Box, lines, static: dict) -> tuple:

@@ -110,29 +110,18 @@ def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   return out if sound else fp.unsound_order(out)
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _rows_on_device(mask, size: int):
-  """:func:`tighten_where`'s row indices computed on the device for a row count ``size`` fixed in
-  advance: ``(flat, most)``, ``most`` the largest count of set entries in a box (rows beyond
-  ``size`` are missing where it exceeds ``size``)."""
-  where = mask.reshape(mask.shape[0], -1)
-  counts = jnp.sum(where, axis=1)
-  order = jnp.argsort(~where, axis=1, stable=True)[:, :size]
-  last = order[jnp.arange(where.shape[0]), jnp.clip(counts - 1, 0, size - 1)]
-  flat = jnp.where(jnp.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(jnp.int32)
-  return flat, jnp.max(counts)
-
-
 def tighten_ahead(bounds, mask, lower_fn, state, size: int, sound: bool = True):
   """:func:`tighten_where` with each box's row count ``size`` chosen in advance (a branch and bound's
   earlier batches: :func:`diff_bounds_sparse`'s ``row_sizes``), so that nothing is read to the host
-  and the walks queue behind each other. Returns ``(bounds, most)``: ``most``, on the device, the
-  largest number of set entries in a box; where it exceeds ``size`` some entries got no row and
-  kept their (sound, looser) bounds, and the caller bounds the batch again with larger sizes."""
+  and the walks queue behind each other (the indices by a program of their own once compiled,
+  :func:`qbound.bounds.fused.row_indices`; read on the host until then). Returns ``(bounds,
+  most)``: ``most`` (on the device, or an int) the largest number of set entries in a box; where it
+  exceeds ``size`` some entries got no row and kept their (sound, looser) bounds, and the caller
+  bounds the batch again with larger sizes."""
   lo = bounds[0]
   if size == 0:
-    return bounds, jnp.max(jnp.sum(mask.reshape(mask.shape[0], -1), axis=1))
-  flat, most = _rows_on_device(mask, size=size)
+    return bounds, int(np.asarray(mask).reshape(mask.shape[0], -1).sum(axis=1).max(initial=0))
+  flat, most = fused_programs.row_indices(mask, size)
   rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
   out = _scatter(bounds, flat, lower_fn(rows, state))
   return (out if sound else fp.unsound_order(out)), most
@@ -365,7 +354,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
                                 row_sizes=row_sizes, pending=pending)
       if not pending:
         break
-      most = np.asarray(jnp.stack([m for _, _, _, m in pending]))
+      most = [int(m) for m in jax.device_get([m for _, _, _, m in pending])]
       short = False
       for (key, size, n, _), count in zip(pending, most):
         needed = min(_padded(int(count)), n) if count > 0 else 0
