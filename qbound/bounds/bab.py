@@ -129,8 +129,8 @@ CLOSE_COPY_GRID_SPLITS = 2
 # each backward walk, and each node's forward intervals, by a compiled program of their own once a
 # worker thread has compiled it between calls (qbound/bounds/fused.py): the same bounds in fewer
 # dispatches. ACAS Xu 1_1..1_9 vs float16, output 0, warm after fused.wait(): median 0.29-0.31 s
-# against 0.37-0.38 s step by step in the same runs (0.257 s against 0.313 s since the root's batch
-# skips f's rows for close copies; benchmarks/bench_tight.py --only acas-nets).
+# against 0.37-0.38 s step by step in the same runs (0.216 s against 0.292 s with ROWS_AHEAD and the
+# root's batch skipping f's rows for close copies; benchmarks/bench_tight.py --only acas-nets).
 # Small nets keep the steps (their batches cost little more than the dispatches' Python, and a test
 # suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
