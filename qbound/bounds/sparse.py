@@ -349,7 +349,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
     for _ in range(3):
       pending: list = []
       out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
-                                coefficients=coefficients, check=False, every_neuron=every_neuron,
+                                coefficients=coefficients, every_neuron=every_neuron,
                                 own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused,
                                 row_sizes=row_sizes, pending=pending)
       if not pending:
@@ -370,7 +370,7 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
         _check(fg, qg, out, sound, fused)
       return out
   out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
-                            coefficients=coefficients, check=False, every_neuron=every_neuron,
+                            coefficients=coefficients, every_neuron=every_neuron,
                             own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused)
   if check:
     _check(fg, qg, out, sound, fused)
@@ -387,7 +387,7 @@ def _check(fg, qg, out, sound: bool, fused: bool) -> None:
                counter=fused_programs.bound_counts if fused else None)
 
 
-def _diff_bounds_sparse(fg, qg, box, *, sound, f_crown, prior, outputs, coefficients, check, every_neuron,
+def _diff_bounds_sparse(fg, qg, box, *, sound, f_crown, prior, outputs, coefficients, every_neuron,
                         own_output_rows, hidden_diff_rows, fused, row_sizes=None, pending=None) -> SparseDiff:
   """:func:`diff_bounds_sparse`'s pass; with ``row_sizes``, row counts taken from it where it has
   them (each appended to ``pending`` as ``(key, size, neurons, most)``) and recorded where not."""
