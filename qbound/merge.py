@@ -16,9 +16,7 @@ the two have the same structure (what the differential bounds need).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -27,6 +25,7 @@ import numpy as np
 
 from qbound import graph as G
 from qbound import validate
+from qbound._recent import Recent
 from qbound.box import Box
 from qbound.trace import trace
 from qbound.trace.scaled import ScaledOp, fuse_scales, scaled_like
@@ -426,24 +425,17 @@ def merge(f: Callable, fq: Callable, example) -> MergedNetwork:
   check_example("example", example)
   f_graph = trace(f, example, label="f")
   fq_graph = trace(fq, example, label="fq")
-  with _merged_lock:
-    kept = _merged.get((id(f_graph), id(fq_graph)))
-    if kept is not None and kept[0] is f_graph and kept[1] is fq_graph:
-      return kept[2]
-  G.check_finite(f_graph, label="f")
-  G.check_finite(fq_graph, label="fq")
-  merged = merge_graphs(f_graph, fq_graph)
-  with _merged_lock:
-    _merged[(id(f_graph), id(fq_graph))] = (f_graph, fq_graph, merged)
-    while len(_merged) > MERGED_KEPT:
-      _merged.popitem(last=False)
+  key, pair = (id(f_graph), id(fq_graph)), (f_graph, fq_graph)
+  merged = _merged.get(key, pair)
+  if merged is None:
+    G.check_finite(f_graph, label="f")
+    G.check_finite(fq_graph, label="fq")
+    merged = merge_graphs(f_graph, fq_graph)
+    _merged.put(key, merged, pair)
   return merged
 
 
 # The last merges, by their traced graphs (which qbound.trace keeps for functions traced again): a
 # certify call in a loop then gets the same merged network, and what is kept per graph object
-# (float64 copies, the programs' keys, the weights' comparison) is found again. The graphs are
-# kept with it, so their ids stay theirs.
-MERGED_KEPT = 4
-_merged: collections.OrderedDict = collections.OrderedDict()
-_merged_lock = threading.Lock()
+# (float64 copies, the programs' keys, the weights' comparison) is found again.
+_merged = Recent(size=4)

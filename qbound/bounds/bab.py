@@ -46,6 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qbound import graph as G
+from qbound._recent import Recent
 from qbound import sharding
 from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
@@ -142,13 +143,9 @@ ROWS_AHEAD = True
 
 
 # The row sizes after the root's batch of the last few searches (see ROWS_AHEAD), by their graphs
-# (compared by identity: qb.merge keeps its last merges), box, outputs, batch size and mode, so
-# that a search of the same boxes again reads nothing back in its root's batch either.
-_ROOT_ROW_SIZES: list = []
-
-
-def _same_key(a, b) -> bool:
-  return a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
+# (qb.merge keeps its last merges), box, outputs, batch size and mode, so that a search of the same
+# boxes again reads nothing back in its root's batch either.
+_ROOT_ROW_SIZES = Recent(size=8)
 
 
 def _use_programs(small: bool, mesh) -> bool:
@@ -382,9 +379,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # row_sizes): the walks of a batch then queue on the device with nothing read back in between.
   row_sizes = None
   if programs and ROWS_AHEAD:  # (the root's batch of an earlier search of these boxes: its sizes)
-    root_key = (merged.f_graph, merged.fq_graph, tuple(np.asarray(box.lower).reshape(-1).tolist()),
+    graphs = (merged.f_graph, merged.fq_graph)
+    root_key = (id(graphs[0]), id(graphs[1]), tuple(np.asarray(box.lower).reshape(-1).tolist()),
                 tuple(np.asarray(box.upper).reshape(-1).tolist()), tuple(outputs.tolist()), batch_size, sound)
-    row_sizes = dict(next((sizes for key, sizes in _ROOT_ROW_SIZES if _same_key(key, root_key)), {}))
+    row_sizes = dict(_ROOT_ROW_SIZES.get(root_key, graphs) or {})
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
@@ -523,8 +521,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     his += [left_hi, upper0]
   first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
   if row_sizes is not None:
-    _ROOT_ROW_SIZES[:] = [(root_key, dict(row_sizes))] + [kept for kept in _ROOT_ROW_SIZES
-                                                         if not _same_key(kept[0], root_key)][:7]
+    _ROOT_ROW_SIZES.put(root_key, dict(row_sizes), graphs)
   if after_root is not None and f_crown:  # a pair that really differs (see CLOSE_COPY_BATCH_SIZE)
     batch_size = sharding.padded_size(after_root, mesh)
   root = first[:1]

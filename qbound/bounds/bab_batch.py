@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound.merge import same_structure
 from qbound.bounds import tiesplit
 from qbound.bounds.crown import relu_inputs
 from qbound.bounds.diff import diff_backward_lower, diff_bounds
@@ -219,22 +220,18 @@ def close_by_weights(fg: G.Graph, qg: G.Graph) -> bool:
   roundings alike), and every affine node's weights and bias within ``CLOSE_WEIGHTS`` times the
   largest magnitude among them. Such a copy is taken as close without measuring the widening (f's
   own CROWN bounds skipped, see ``F_CROWN_WIDENING``): a speed decision, not a soundness one."""
-  if len(fg.nodes) != len(qg.nodes):
+  if not same_structure(fg, qg):
     return False
   for a, b in zip(fg.nodes, qg.nodes):
-    if (a.kind, a.inputs, a.op, a.attrs) != (b.kind, b.inputs, b.op, b.attrs) or len(a.weights) != len(b.weights):
-      return False
-    if (a.bias is None) != (b.bias is None):
+    if a.attrs != b.attrs:  # (a rounding facing another mode: a step of f_q's own)
       return False
     arrays = [(np.asarray(x), np.asarray(y)) for x, y in zip(a.weights, b.weights)]
     if a.bias is not None:
       arrays.append((np.asarray(a.bias), np.asarray(b.bias)))
     if a.kind != G.AFFINE:  # (clips' ends) equal, or not the same node
-      if not all(x.shape == y.shape and np.array_equal(x, y) for x, y in arrays):
+      if not all(np.array_equal(x, y) for x, y in arrays):
         return False
       continue
-    if any(x.shape != y.shape for x, y in arrays):
-      return False
     scale = max((float(np.max(np.abs(x), initial=0.0)) for x, _ in arrays), default=0.0)
     if any(float(np.max(np.abs(x - y), initial=0.0)) > CLOSE_WEIGHTS * scale for x, y in arrays):
       return False

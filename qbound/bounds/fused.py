@@ -62,6 +62,7 @@ from qbound.bounds import guards
 from qbound.bounds.crown import backward_lower
 from qbound.bounds.diff import diff_backward_lower, diff_interval_node
 from qbound.bounds.interval import node_interval
+from qbound.bounds.rows import first_set_entries
 from qbound.box import Box
 
 ENABLED = True
@@ -99,20 +100,12 @@ def _bound_counts(bounds, *, sound):
 
 
 def _row_indices(mask, *, size):
-  where = mask.reshape(mask.shape[0], -1)
-  counts = jnp.sum(where, axis=1)
-  order = jnp.argsort(~where, axis=1, stable=True)[:, :size]
-  last = order[jnp.arange(where.shape[0]), jnp.clip(counts - 1, 0, size - 1)]
-  flat = jnp.where(jnp.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(jnp.int32)
+  flat, counts = first_set_entries(mask.reshape(mask.shape[0], -1), size)
   return flat, jnp.max(counts)
 
 
 def _host_row_indices(mask, size: int):
-  where = np.asarray(mask).reshape(mask.shape[0], -1)
-  counts = where.sum(axis=1)
-  order = np.argsort(~where, axis=1, kind="stable")[:, :size]
-  last = order[np.arange(where.shape[0]), np.clip(counts - 1, 0, size - 1)]
-  flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
+  flat, counts = first_set_entries(np.asarray(mask).reshape(mask.shape[0], -1), size)
   return flat, int(counts.max(initial=0))
 
 

@@ -12,6 +12,9 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from qbound._arrays import namespace
 
 # Nodes of at least this many rows go in two blocks or more (see qbound.memory.default_row_chunk).
 MIN_BLOCKED_ROWS = 64
@@ -53,3 +56,18 @@ def node_bounds_by_rows(lower_fn: Callable, n: int, shape, dtype, row_chunk: Opt
 
     low = jax.lax.map(block, ids).reshape(-1)[:total]
   return low[:n].reshape(shape), -low[n:].reshape(shape)
+
+
+def first_set_entries(where, size: int):
+  """Each box's first ``size`` set entries of ``where`` (boxes, n) in order, padded with its last
+  one (entry 0 where it has none): the neurons whose rows a sparse pass computes, ``(boxes, size)``
+  int32, and each box's count of set entries. NumPy arrays in, NumPy out (host); JAX arrays, JAX
+  (traceable: :func:`qbound.bounds.fused.row_indices`). Padding repeats a real neuron's row, whose
+  bound, scattered again, changes nothing."""
+  xp = namespace(where)
+  counts = where.sum(axis=1)
+  order = (np.argsort(~where, axis=1, kind="stable") if xp is np else jnp.argsort(~where, axis=1, stable=True))
+  order = order[:, :size]
+  last = order[xp.arange(where.shape[0]), xp.clip(counts - 1, 0, size - 1)]
+  flat = xp.where(xp.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(xp.int32)
+  return flat, counts

@@ -20,7 +20,6 @@ Runs eagerly (it reads on the host which rows to compute); under ``jax.jit`` use
 from __future__ import annotations
 
 import functools
-import threading
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound._recent import Recent
 from qbound.bounds import fp, nonlinear, rms_rest, rules, tiesplit
 from qbound.bounds import fused as fused_programs
 from qbound.bounds.common import local
@@ -36,6 +36,7 @@ from qbound.bounds.diff import _activation_lines as _diff_lines
 from qbound.bounds.diff import _diff_interval_step, _tighten, diff_backward_lower
 from qbound.bounds.guards import check_bounds
 from qbound.bounds.interval import _node_interval
+from qbound.bounds.rows import first_set_entries
 from qbound.box import Box
 
 # Each box's rows are padded to a power of ROW_GROWTH, at least MIN_ROWS: every row count compiles
@@ -49,6 +50,11 @@ def _padded(count: int) -> int:
   while size < count:
     size *= ROW_GROWTH
   return size
+
+
+def _rows_for(count: int, neurons: int) -> int:
+  """The rows each box gets when the box with the most set entries has ``count`` (none for 0)."""
+  return min(_padded(count), neurons) if count > 0 else 0
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -98,13 +104,8 @@ def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   most = int(counts.max(initial=0))
   if most == 0:
     return bounds
-  size = min(_padded(most), where.shape[1])
-  # A box's padding repeats one of its set entries (entry 0 when it has none): a proven bound on a
-  # real neuron, scattered again or once more, changes nothing unsound.
-  order = np.argsort(~where, axis=1, kind="stable")[:, :size]  # each box's set entries first
-  last = order[np.arange(where.shape[0]), np.maximum(counts - 1, 0)]
-  flat = np.where(np.arange(size)[None, :] < counts[:, None], order, last[:, None]).astype(np.int32)
-  flat = jnp.asarray(flat)
+  size = _rows_for(most, where.shape[1])
+  flat = jnp.asarray(first_set_entries(where, size)[0])
   rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
   out = _scatter(bounds, flat, lower_fn(rows, state))
   return out if sound else fp.unsound_order(out)
@@ -220,23 +221,17 @@ def exact_targets(fg: G.Graph, qg: Optional[G.Graph] = None) -> tuple[frozenset,
   is linear over the same box. On ACAS Xu these are the first dense layer's rows: 18 of each
   network's 50 neurons a piece, padded to 32, through four steps (see docs/results/acas-batch.md).
   """
-  key = (id(fg), id(qg))
-  with _exact_lock:
-    kept = _exact_kept.get(key)
-    if kept is not None and kept[0] is fg and kept[1] is qg:
-      return kept[2]
-  found = _exact_targets(fg, qg)
-  with _exact_lock:
-    _exact_kept[key] = (fg, qg, found)  # (the graphs kept with it: their ids stay theirs)
-    while len(_exact_kept) > 8:
-      _exact_kept.pop(next(iter(_exact_kept)))
+  key, pair = (id(fg), id(qg)), (fg, qg)
+  found = _exact_kept.get(key, pair)
+  if found is None:
+    found = _exact_targets(fg, qg)
+    _exact_kept.put(key, found, pair)
   return found
 
 
 # exact_targets of the last few graphs (or pairs): every batch of a branch and bound asks again, and
 # comparing the weights read each one back from the device (18 arrays a batch on ACAS Xu).
-_exact_kept: dict = {}
-_exact_lock = threading.Lock()
+_exact_kept = Recent(size=8)
 
 
 def _exact_targets(fg: G.Graph, qg: Optional[G.Graph]) -> tuple[frozenset, frozenset]:
@@ -345,35 +340,16 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
       it needed (the same bounds as without, up to the order of floating-point sums). Where it
       holds none, the counts are read as usual and recorded.
   """
-  if row_sizes is not None:
-    for _ in range(3):
-      pending: list = []
-      out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
-                                coefficients=coefficients, every_neuron=every_neuron,
-                                own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused,
-                                row_sizes=row_sizes, pending=pending)
-      if not pending:
-        break
-      most = [int(m) for m in jax.device_get([m for _, _, _, m in pending])]
-      short = False
-      for (key, size, n, _), count in zip(pending, most):
-        needed = min(_padded(int(count)), n) if count > 0 else 0
-        short = short or count > size
-        row_sizes[key] = needed
-      if not short:
-        break
-      PASSES_AGAIN[0] += 1
-    else:  # (sizes that kept growing: the counts read as usual)
-      row_sizes = None
-    if row_sizes is not None:
-      if check:
-        _check(fg, qg, out, sound, fused)
-      return out
-  out = _diff_bounds_sparse(fg, qg, box, sound=sound, f_crown=f_crown, prior=prior, outputs=outputs,
-                            coefficients=coefficients, every_neuron=every_neuron,
-                            own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows, fused=fused)
+  passes = dict(sound=sound, f_crown=f_crown, prior=prior, outputs=outputs, coefficients=coefficients,
+                every_neuron=every_neuron, own_output_rows=own_output_rows, hidden_diff_rows=hidden_diff_rows,
+                fused=fused)
+  out = None if row_sizes is None else _with_sizes_ahead(fg, qg, box, row_sizes, passes)
+  if out is None:
+    out = _diff_bounds_sparse(fg, qg, box, **passes)
   if check:
-    _check(fg, qg, out, sound, fused)
+    check_bounds([("differential bounds: f's nodes", fg, out.z), ("differential bounds: f_q's nodes", qg, out.zq),
+                  ("differential bounds: d = f - f_q", fg, out.d)], sound=sound,
+                 counter=fused_programs.bound_counts if fused else None)
   return out
 
 
@@ -381,10 +357,20 @@ def diff_bounds_sparse(fg: G.Graph, qg: G.Graph, box: Box, *, sound: bool = True
 PASSES_AGAIN = [0]
 
 
-def _check(fg, qg, out, sound: bool, fused: bool) -> None:
-  check_bounds([("differential bounds: f's nodes", fg, out.z), ("differential bounds: f_q's nodes", qg, out.zq),
-                ("differential bounds: d = f - f_q", fg, out.d)], sound=sound,
-               counter=fused_programs.bound_counts if fused else None)
+def _with_sizes_ahead(fg, qg, box, row_sizes: dict, passes: dict) -> Optional[SparseDiff]:
+  """The pass with the row counts of ``row_sizes`` (see :func:`diff_bounds_sparse`), run again with
+  the counts a box needed while some box needed more; None if they still grew after three passes."""
+  for _ in range(3):
+    pending: list = []
+    out = _diff_bounds_sparse(fg, qg, box, **passes, row_sizes=row_sizes, pending=pending)
+    short = False
+    for (key, size, n, _), count in zip(pending, jax.device_get([m for _, _, _, m in pending])):
+      row_sizes[key] = _rows_for(int(count), n)
+      short = short or count > size
+    if not short:
+      return out
+    PASSES_AGAIN[0] += 1
+  return None
 
 
 def _diff_bounds_sparse(fg, qg, box, *, sound, f_crown, prior, outputs, coefficients, every_neuron,
@@ -421,8 +407,7 @@ def _diff_bounds_sparse(fg, qg, box, *, sound, f_crown, prior, outputs, coeffici
     if size is None:
       if row_sizes is not None:  # recorded for the next batches
         counts = np.asarray(mask).reshape(mask.shape[0], -1).sum(axis=1)
-        most = int(counts.max(initial=0))
-        row_sizes[key] = min(_padded(most), n) if most else 0
+        row_sizes[key] = _rows_for(int(counts.max(initial=0)), n)
       return tighten_where(bounds, mask, lower_fn, state, sound=sound)
     out, most = tighten_ahead(bounds, mask, lower_fn, state, size, sound=sound)
     pending.append((key, size, n, most))

@@ -51,8 +51,6 @@ The package, one idea per module:
 
 from __future__ import annotations
 
-import collections
-import threading
 from typing import Callable
 
 import jax
@@ -60,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbound import graph as G
+from qbound._recent import Recent
 from qbound.box import Box
 from qbound.trace.builder import FOLD_MIN_EQUATIONS, _Builder
 from qbound.trace.dynamic_forms import materialize
@@ -125,29 +124,21 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
     raise ValueError(f"{label} could not be evaluated on an input of shape {spec.shape} and dtype "
                      f"{spec.dtype} (the box's shape): {type(err).__name__}: {err}") from err
   key = _cache_key(closed, spec)
-  with _traced_lock:
-    kept = _traced.get(key) if key is not None else None
-    if kept is not None:
-      _traced.move_to_end(key)
-      return kept[0]
-  graph = _trace_closed(closed, spec, label)
-  if key is not None:
-    with _traced_lock:
-      _traced[key] = (graph, list(closed.consts))  # (the constants kept alive: their ids stay theirs)
-      while len(_traced) > TRACED_KEPT:
-        _traced.popitem(last=False)
+  graph = None if key is None else _traced.get(key, closed.consts)
+  if graph is None:
+    graph = _trace_closed(closed, spec, label)
+    if key is not None:
+      _traced.put(key, graph, closed.consts)
   return graph
 
 
 # Graphs traced lately, by what determines them: the jaxpr as text, the identities of its constants
-# and the input's shape. Only where every constant is a JAX array (immutable; a NumPy array could
-# change in place under the same identity). A certify call in a loop traced f and f_q afresh each
-# time: 4-6 ms each on ACAS Xu of a 0.26 s proof, against 0.4 ms for the jaxpr and 1.2-2 ms for its text;
-# and with the same graph objects, what is kept per graph (float64 copies, programs' keys) is found
-# again.
-TRACED_KEPT = 4
-_traced: collections.OrderedDict = collections.OrderedDict()
-_traced_lock = threading.Lock()
+# (kept alive with the entry) and the input's shape. Only where every constant is a JAX array
+# (immutable; a NumPy array could change in place under the same identity). A certify call in a
+# loop traced f and f_q afresh each time: 4-6 ms each on ACAS Xu of a 0.26 s proof, against 0.4 ms
+# for the jaxpr and 1.2-2 ms for its text; and with the same graph objects, what is kept per graph
+# (float64 copies, programs' keys) is found again.
+_traced = Recent(size=4)
 
 
 def _cache_key(closed, spec):
