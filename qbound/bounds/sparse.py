@@ -104,10 +104,14 @@ def tighten_where(bounds, mask, lower_fn, state, sound: bool = True):
   most = int(counts.max(initial=0))
   if most == 0:
     return bounds
-  size = _rows_for(most, where.shape[1])
-  flat = jnp.asarray(first_set_entries(where, size)[0])
-  rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
-  out = _scatter(bounds, flat, lower_fn(rows, state))
+  flat = jnp.asarray(first_set_entries(where, _rows_for(most, where.shape[1]))[0])
+  return _tightened_at(bounds, flat, lower_fn, state, sound)
+
+
+def _tightened_at(bounds, flat, lower_fn, state, sound: bool):
+  """``bounds`` met with the lower bounds of the row pairs of the neurons ``flat`` (boxes, R)."""
+  lo = bounds[0]
+  out = _scatter(bounds, flat, lower_fn(_pair_rows(flat, tuple(lo.shape[1:]), lo), state))
   return out if sound else fp.unsound_order(out)
 
 
@@ -119,13 +123,10 @@ def tighten_ahead(bounds, mask, lower_fn, state, size: int, sound: bool = True):
   most)``: ``most`` (on the device, or an int) the largest number of set entries in a box; where it
   exceeds ``size`` some entries got no row and kept their (sound, looser) bounds, and the caller
   bounds the batch again with larger sizes."""
-  lo = bounds[0]
   if size == 0:
     return bounds, int(np.asarray(mask).reshape(mask.shape[0], -1).sum(axis=1).max(initial=0))
   flat, most = fused_programs.row_indices(mask, size)
-  rows = _pair_rows(flat, tuple(lo.shape[1:]), lo)
-  out = _scatter(bounds, flat, lower_fn(rows, state))
-  return (out if sound else fp.unsound_order(out)), most
+  return _tightened_at(bounds, flat, lower_fn, state, sound), most
 
 
 def _consumers(graph: G.Graph) -> list[list[int]]:
