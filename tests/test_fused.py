@@ -3,9 +3,11 @@ step by step, compiled only between calls, and step by step whenever a program c
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,6 +95,86 @@ def test_programs_compile_only_after_calls_and_idle_time(own_programs, monkeypat
     time.sleep(0.1)
   assert all(p is not None and p is not fused._FAILED for p in own_programs.values())
   fused.wait()  # (nothing left to compile)
+
+
+def test_a_long_call_lets_its_programs_compile_beside_it_until_it_ends(own_programs):
+  f, fq, _, _ = H.random_pair(4, (3, (16, 16), 2), noise=1e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  boxes = pieces(1, 3)
+  run = lambda: diff_bounds_sparse(merged.f_graph, merged.fq_graph, boxes, f_crown=False, fused=True)
+
+  @fused.while_in_use
+  def call(beside):
+    run()
+    time.sleep(0.3)
+    assert own_programs and all(p is None for p in own_programs.values())  # in a call: they wait
+    if beside:
+      fused.compile_beside()
+      deadline = time.monotonic() + 120
+      while any(p is None for p in own_programs.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert all(p is not None and p is not fused._FAILED for p in own_programs.values())
+    return fused._beside
+
+  fused.compile_beside()  # between calls it grants nothing
+  assert not fused._beside
+  assert call(beside=True)
+  assert not fused._beside  # the call ended: programs asked for later wait for idleness again
+  own_programs.clear()
+  assert not call(beside=False)
+
+
+def test_branch_and_bound_lets_its_programs_compile_beside_it_once_it_runs_long(own_programs, monkeypatch):
+  """A search on a large net that has run a while, warm, with time left asks for the programs it lacks
+  now (BESIDE_AFTER, BESIDE_WARM_SECONDS, BESIDE_SECONDS_LEFT); short or nearly finished searches
+  never do."""
+  f, fq, _, _ = H.random_pair(4, (3, (140, 140), 2), bits=3)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  asked = []
+  real = fused.compile_beside
+  monkeypatch.setattr(fused, "compile_beside", lambda: asked.append(1) or real())
+  run = lambda: bab.branch_and_bound(merged, box, time_budget=4, target_gap=0.0, max_pieces=10**6)
+  monkeypatch.setattr(bab, "BESIDE_SECONDS_LEFT", 1e9)
+  run()
+  assert not asked and not fused.programs()
+  monkeypatch.setattr(bab, "BESIDE_AFTER", 0.5)
+  monkeypatch.setattr(bab, "BESIDE_WARM_SECONDS", 0.0)
+  monkeypatch.setattr(bab, "BESIDE_SECONDS_LEFT", 0.0)
+  res = run()
+  assert asked and fused.programs() > 0  # compiled during the call (IDLE_SECONDS is an hour here)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= res.upper + 1e-9
+
+
+def test_compilations_are_timed_outside_the_programs_worker_only():
+  fresh = lambda: jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(3))  # a new function: traced and compiled
+  fresh()
+  assert fused.seconds_since_compilation() < 1.0
+  time.sleep(0.3)
+  before = fused.seconds_since_compilation()
+  worker = threading.Thread(target=fresh, name=fused._WORKER_NAME + "_test")
+  worker.start()
+  worker.join()
+  assert fused.seconds_since_compilation() >= before  # the programs' own compilations do not count
+
+
+def test_a_search_with_programs_keeps_its_arrays_uncommitted_as_the_programs_return_them(monkeypatch):
+  """Steps fed both committed arrays (a one-device mesh's) and the programs' plain results compiled
+  once for each mix; with the programs, every batch is plain."""
+  f, fq, _, _ = H.random_pair(4, (3, (140, 140), 2), noise=1e-3)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  seen = []
+  real = bab.batch_bounds
+  def recorded(fg, qg, mg, lo, hi, *args, **kwargs):
+    weights = [w for node in fg.nodes + qg.nodes for w in node.weights]
+    seen.append([lo.committed, hi.committed] + [w.committed for w in weights if isinstance(w, jax.Array)])
+    return real(fg, qg, mg, lo, hi, *args, **kwargs)
+
+  monkeypatch.setattr(bab, "batch_bounds", recorded)
+  bab.branch_and_bound(merged, box, time_budget=5, epsilon=0.05, max_pieces=200)
+  assert seen and len(seen[0]) > 2 and not any(any(batch) for batch in seen)
 
 
 def test_a_program_that_refuses_its_arguments_leaves_the_walk_step_by_step(own_programs):

@@ -139,7 +139,8 @@ def test_branch_and_bound_with_search_is_sound_and_its_witness_is_real():
 def test_without_epsilon_rounds_also_search_the_whole_box_for_the_selected_outputs(monkeypatch):
   """Closing the gap (no epsilon), a round past ``global_after`` also runs ``maximize_error`` on the
   whole box, on the selected outputs only (here the output of smaller error): what it returns is
-  that output's error at its input; with an epsilon, or before ``global_after``, it does not run."""
+  that output's error at its input. With an epsilon it runs only once the bound is far from it
+  (FAR_GLOBAL: a proof is out of reach there), and never before ``global_after``."""
   f, fq, _, _ = H.random_pair(4, H.SHAPES[0], bits=3)
   box = qb.Box(-jnp.ones(2), jnp.ones(2))
   merged = qb.merge(f, fq, box)
@@ -151,11 +152,14 @@ def test_without_epsilon_rounds_also_search_the_whole_box_for_the_selected_outpu
   monkeypatch.setattr(refute, "maximize_error", lambda *a, **k: calls.append(k["outputs"]) or real(*a, **k))
   make = lambda: refute.WorstPieceSearch(merged.graph, np.array([small]), np.asarray(box.lower),
                                          np.asarray(box.upper), (2,), search=SMALL, first_after=0.0,
-                                         global_after=0.5, global_search=H.search())
-  for epsilon, elapsed, runs in ((None, 0.2, False), (None, 1.0, True), (0.5, 1.0, False)):
+                                         global_after=0.5, global_search=H.search(), far_after=0.0)
+  assert refute.FAR_GLOBAL
+  far = 200 * 0.5
+  for epsilon, elapsed, upper, runs in ((None, 0.2, np.inf, False), (None, 1.0, np.inf, True),
+                                        (0.5, 1.0, 1.0, False), (0.5, 1.0, far, True), (0.5, 0.2, far, False)):
     s = make()
     s.due(0.0, epsilon=epsilon)  # the root's end
-    assert s.due(elapsed, epsilon=epsilon)
+    assert s.due(elapsed, upper=upper, epsilon=epsilon)
     calls.clear()
     value, x = s.run([], np.zeros(2, np.float32))
     assert bool(calls) == runs and all(list(c) == [small] for c in calls)

@@ -42,6 +42,8 @@ import itertools
 import time
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -135,6 +137,18 @@ CLOSE_COPY_GRID_SPLITS = 2
 # Small nets keep the steps (their batches cost little more than the dispatches' Python, and a test
 # suite of small nets would compile programs for nothing).
 FUSED_WALKS = True
+
+
+# A search that takes the walks' programs lets those it lacks compile beside it (fused.compile_beside,
+# rather than once qbound is idle) when it has run this many seconds with this many seconds of its
+# budget left, and nothing was compiled for BESIDE_WARM_SECONDS: it is warm and long, and the
+# programs pay for their compilation several times over (a first call still compiling its steps
+# would only be slowed: 1_1 property 1 at 0.05 against its pruned copy went from proved in 14.7 s
+# to undecided after 20 s), and so would a proof of a second or two (after 1,000 pieces instead, 1_1
+# property 1 took 2.1 s against 0.6 s). ACAS Xu pruned pairs, 20 s budgets: docs/results/pruned-pairs.md.
+BESIDE_AFTER = 2.0
+BESIDE_SECONDS_LEFT = 5.0
+BESIDE_WARM_SECONDS = 1.0
 
 
 # Whether the searches that take the walks' programs also take each walk's row count from their
@@ -349,8 +363,23 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
             and _activation_neurons(merged) > SMALL_NET_NEURONS):
       batch_size, after_root = CLOSE_COPY_BATCH_SIZE, batch_size
   batch_size = sharding.padded_size(batch_size, mesh)
-  fg, qg, mg = sharding.put_replicated((merged.f_graph, merged.fq_graph, merged.graph), mesh)
-  out_idx = sharding.put_replicated(np.asarray(outputs), mesh)
+  small = _activation_neurons(merged) <= SMALL_NET_NEURONS
+  programs = _use_programs(small, mesh)
+  # The walks' programs return plain arrays (on the default device, committed to none), as jax.jit
+  # does for such arguments. Networks and batches put on a one-device mesh (committed, with its
+  # sharding) made the steps' results committed, so steps met both kinds and compiled once for each
+  # mix: on the ACAS Xu pruned pairs, 15-23 compilations (about 1 s) in each new instance once the
+  # programs were ready, against 1-16 without them. With the programs, everything stays plain.
+  plain = programs and mesh.devices.flat[0] == jax.devices()[0]
+
+  def put(tree, put_on_mesh):
+    if not plain:
+      return put_on_mesh(tree, mesh)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic, jax.Array))
+                                  else x, tree)
+
+  fg, qg, mg = put((merged.f_graph, merged.fq_graph, merged.graph), sharding.put_replicated)
+  out_idx = put(np.asarray(outputs), sharding.put_replicated)
   layout = {}
   f_crown = True
   dense = _dense_for_close_copies(merged)
@@ -358,8 +387,6 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     zonotope = ZONOTOPE and zonotope_domain.supported(merged.f_graph, merged.fq_graph)
   elif zonotope:
     zonotope_domain.check_supported(merged.f_graph, merged.fq_graph)
-  small = _activation_neurons(merged) <= SMALL_NET_NEURONS
-  programs = _use_programs(small, mesh)
   relu_split = RELU_SPLIT if relu_split is None else bool(relu_split)
   # Splits on a dynamic rounding's step (qbound/bounds/tiesplit.py): the kept entries holding f_q's
   # dynamic roundings' values (the second of the three groups z, z_q, d of bab_batch.kept_nodes).
@@ -386,7 +413,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
-    lo, hi, prior = sharding.put_batch((lo, hi, prior), mesh)
+    lo, hi, prior = put((lo, hi, prior), sharding.put_batch)
     layout.update(sharding.layout(lo))
     if root and close_weights:
       f_crown = False
@@ -409,7 +436,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          fused=programs, row_sizes=row_sizes))
 
   def probe_fn(xs, lo, hi, worst):
-    return sharding.gather(probe_batch(mg, out_idx, *sharding.put_batch((xs, lo, hi, worst), mesh), mesh))
+    return sharding.gather(probe_batch(mg, out_idx, *put((xs, lo, hi, worst), sharding.put_batch), mesh))
   shape = box.shape
   lower0 = np.asarray(box.lower, np.float32).reshape(-1)
   upper0 = np.asarray(box.upper, np.float32).reshape(-1)
@@ -593,6 +620,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if reason is not None:
       stopped = reason
       break
+    elapsed = time.perf_counter() - start
+    if (programs and elapsed >= BESIDE_AFTER and time_budget - elapsed >= BESIDE_SECONDS_LEFT
+            and fused.seconds_since_compilation() >= BESIDE_WARM_SECONDS):
+      fused.compile_beside()
     if close_copy_grid():
       continue
     if dim <= strong_branching_dims:

@@ -17,8 +17,9 @@ is one more), which a first call would pay in full; and on a 2-core machine a co
 call slows the call as much (ACAS Xu 1_1's first call 21-22 s against 10.8 s, warm calls in a loop
 0.65-1.5 s against 0.4 s). So a call asks for the programs it lacks and goes on step by step; a
 worker thread compiles them only once no bounding call (:func:`while_in_use`: ``certify``,
-``branch_and_bound``) has run for ``IDLE_SECONDS``, or at once in :func:`wait`. Later calls take
-each program that is ready. The bounds are the same computation (up to XLA's order of
+``branch_and_bound``) has run for ``IDLE_SECONDS``, or at once in :func:`wait`, or beside a
+search that runs long and warm (:func:`compile_beside`: its compilation then pays for itself many
+times over). Later batches and calls take each program that is ready. The bounds are the same computation (up to XLA's order of
 floating-point operations, which the proven margins already allow for, :mod:`qbound.bounds.fp`).
 
 On ACAS Xu 1_1..1_9 vs float16 (property 1, epsilon 0.05, output 0), warm after :func:`wait`:
@@ -74,6 +75,7 @@ _FAILED = object()  # a program that could not be compiled or called: its walks 
 _programs: dict = {}  # key -> compiled program, None until it is compiled, or _FAILED
 _executor = None
 _executor_lock = threading.Lock()
+_WORKER_NAME = "qbound-programs"
 
 
 def _crown_walk(graph, rows, bounds, lo, hi, lines, *, target, sound, with_coefficients, signed_pairs):
@@ -219,7 +221,7 @@ def _compile(key, walk, abstract, static: dict) -> None:
   # compilation next to a first call made it twice as slow (ACAS Xu 1_1: 21-22 s against 10.8 s),
   # and warm calls in a loop 0.65-1.5 s against 0.4 s.
   while not _forced.is_set() and threading.main_thread().is_alive():
-    if _active == 0 and time.monotonic() - _last_end >= IDLE_SECONDS:
+    if _beside or (_active == 0 and time.monotonic() - _last_end >= IDLE_SECONDS):
       break
     _forced.wait(timeout=0.1)
   if not threading.main_thread().is_alive():  # the interpreter is exiting: compile nothing more
@@ -237,13 +239,15 @@ def _worker() -> concurrent.futures.ThreadPoolExecutor:
   global _executor
   with _executor_lock:
     if _executor is None:
-      _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbound-programs")
+      _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WORKER_NAME)
     return _executor
 
 
-# Programs compile only after this long without a bounding call (see _compile).
+# Programs compile only after this long without a bounding call (see _compile), or beside a long one
+# (compile_beside).
 IDLE_SECONDS = 1.0
 _active = 0  # how many bounding calls run now (see while_in_use)
+_beside = False  # whether the bounding calls running now let programs compile beside them
 _last_end = time.monotonic()  # when the last one ended (or this module was imported)
 _active_lock = threading.Lock()
 _forced = threading.Event()  # set while wait() asks for every program now
@@ -255,7 +259,7 @@ def while_in_use(fn):
 
   @functools.wraps(fn)
   def marked(*args, **kwargs):
-    global _active, _last_end
+    global _active, _last_end, _beside
     with _active_lock:
       _active += 1
     try:
@@ -264,8 +268,65 @@ def while_in_use(fn):
       with _active_lock:
         _active -= 1
         _last_end = time.monotonic()
+        if _active == 0:
+          _beside = False
 
   return marked
+
+
+def _note_compilation(event: str, duration: float, **kwargs) -> None:
+  global _last_compilation
+  if event == _TRACED and not threading.current_thread().name.startswith(_WORKER_NAME):
+    _last_compilation = time.monotonic()
+
+
+# When the last function was traced for compilation by a thread other than the programs' worker (a
+# step met with new shapes, a first call, a search round): what tells a warm search from one still
+# compiling. Every in-memory cache miss traces, whether the persistent cache then holds the
+# executable or not.
+_TRACED = "/jax/core/compile/jaxpr_trace_duration"
+_last_compilation = time.monotonic()
+jax.monitoring.register_event_duration_secs_listener(_note_compilation)
+
+
+def seconds_since_compilation() -> float:
+  """Seconds since a function was last traced for compilation outside the programs' worker.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qbound.bounds import fused
+    >>> _ = jax.jit(lambda x: x + 41.0)(jnp.ones(2))  # a new function: traced and compiled
+    >>> fused.seconds_since_compilation() < 5.0
+    True
+  """
+  return time.monotonic() - _last_compilation
+
+
+def compile_beside() -> None:
+  """Lets the programs asked for compile now, beside the bounding calls running, until the last of
+  them ends (then they wait for idleness again).
+
+  For a search that will run long anyway: its batches are warm (nothing compiled for a while, see
+  :func:`seconds_since_compilation`) and many remain, so the seconds a compilation takes beside it
+  come back several times over (ACAS Xu 1_6 against its pruned copy, property 8, epsilon 0.5: 52
+  programs compiled in 3.5 s; the proof then took 15-16 s against 25 s step by step). A call that
+  ends within seconds (a first call compiling its steps, a close copy's proof) never asks: it would
+  only be slowed (branch and bound asks as ``bab.BESIDE_AFTER`` and the settings beside it say).
+  Outside a bounding call it grants nothing.
+
+  Example:
+    >>> from qbound.bounds import fused
+    >>> @fused.while_in_use
+    ... def long_search():
+    ...   fused.compile_beside()  # programs asked for from now on compile on the worker thread
+    ...   return "bounded"
+    >>> long_search()
+    'bounded'
+  """
+  global _beside
+  with _active_lock:
+    if _active:
+      _beside = True
 
 
 def wait() -> None:
