@@ -142,10 +142,10 @@ FUSED_WALKS = True
 # A search that takes the walks' programs lets those it lacks compile beside it (fused.compile_beside,
 # rather than once qbound is idle) when it has run this many seconds with this many seconds of its
 # budget left, and nothing was compiled for BESIDE_WARM_SECONDS: it is warm and long, and the
-# programs pay for their compilation several times over (a first call still compiling its steps
-# would only be slowed: 1_1 property 1 at 0.05 against its pruned copy went from proved in 14.7 s
-# to undecided after 20 s), and so would a proof of a second or two (after 1,000 pieces instead, 1_1
-# property 1 took 2.1 s against 0.6 s). ACAS Xu pruned pairs, 20 s budgets: docs/results/pruned-pairs.md.
+# programs pay for their compilation several times over (ACAS Xu 1_6 against its pruned copy,
+# property 8, epsilon 0.5: 15-17 s against 25 s once they are ready). A first call still compiling
+# its steps, or a proof of a second or two, would only be slowed on a 2-core machine (see fused's
+# module docstring). ACAS Xu pruned pairs, 20 s budgets: docs/results/pruned-pairs.md.
 BESIDE_AFTER = 2.0
 BESIDE_SECONDS_LEFT = 5.0
 BESIDE_WARM_SECONDS = 1.0

@@ -18,9 +18,10 @@ call slows the call as much (ACAS Xu 1_1's first call 21-22 s against 10.8 s, wa
 0.65-1.5 s against 0.4 s). So a call asks for the programs it lacks and goes on step by step; a
 worker thread compiles them only once no bounding call (:func:`while_in_use`: ``certify``,
 ``branch_and_bound``) has run for ``IDLE_SECONDS``, or at once in :func:`wait`, or beside a
-search that runs long and warm (:func:`compile_beside`: its compilation then pays for itself many
-times over). Later batches and calls take each program that is ready. The bounds are the same computation (up to XLA's order of
-floating-point operations, which the proven margins already allow for, :mod:`qbound.bounds.fp`).
+search that runs long and warm (:func:`compile_beside`: the compilation then pays for itself many
+times over). Later batches and calls take each program that is ready. The bounds are the same
+computation (up to XLA's order of floating-point operations, which the proven margins already allow
+for, :mod:`qbound.bounds.fp`).
 
 On ACAS Xu 1_1..1_9 vs float16 (property 1, epsilon 0.05, output 0), warm after :func:`wait`:
 median 0.29-0.31 s against 0.37-0.38 s step by step in the same runs (docs/results/acas-speed.md; with
