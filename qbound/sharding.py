@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -107,12 +108,26 @@ def put_batch(tree, mesh: Mesh):
 
 def put_replicated(tree, mesh: Mesh):
   """Every array leaf of ``tree`` copied to every device of the mesh (non-array leaves kept)."""
-  def put(x):
-    if isinstance(x, (np.ndarray, jax.Array, np.generic)):
-      return _global(x, replicated(mesh))
-    return x
+  return jax.tree_util.tree_map(lambda x: _global(x, replicated(mesh)) if _is_array(x) else x, tree)
 
-  return jax.tree_util.tree_map(put, tree)
+
+def put_plain(tree):
+  """Every array leaf of ``tree`` as a JAX array on the default device, committed to none (non-array
+  leaves kept): what ``jax.jit`` and compiled programs return for such arguments, so that functions
+  fed both see one kind of array (jit compiles once per mix of its arguments' shardings).
+
+  Example:
+    >>> import numpy as np
+    >>> from qbound import sharding
+    >>> x, label = sharding.put_plain((np.zeros(3, np.float32), "kept"))
+    >>> x.committed, label
+    (False, 'kept')
+  """
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x) if _is_array(x) else x, tree)
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (np.ndarray, jax.Array, np.generic))
 
 
 def gather(tree):
@@ -146,8 +161,6 @@ def constrain_batch(x, mesh: Optional[Mesh]):
 
 def device_index(mesh: Optional[Mesh], rows: int):
   """Inside a :func:`data_parallel` body: the mesh position of this device, once per local row."""
-  import jax.numpy as jnp
-
   if mesh is None:
     return jnp.zeros(rows, jnp.int32)
   return jnp.full(rows, jax.lax.axis_index(AXIS), jnp.int32)

@@ -43,7 +43,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -371,15 +370,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   # mix: on the ACAS Xu pruned pairs, 15-23 compilations (about 1 s) in each new instance once the
   # programs were ready, against 1-16 without them. With the programs, everything stays plain.
   plain = programs and mesh.devices.flat[0] == jax.devices()[0]
-
-  def put(tree, put_on_mesh):
-    if not plain:
-      return put_on_mesh(tree, mesh)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic, jax.Array))
-                                  else x, tree)
-
-  fg, qg, mg = put((merged.f_graph, merged.fq_graph, merged.graph), sharding.put_replicated)
-  out_idx = put(np.asarray(outputs), sharding.put_replicated)
+  put_networks = sharding.put_plain if plain else functools.partial(sharding.put_replicated, mesh=mesh)
+  put_batch = sharding.put_plain if plain else functools.partial(sharding.put_batch, mesh=mesh)
+  fg, qg, mg = put_networks((merged.f_graph, merged.fq_graph, merged.graph))
+  out_idx = put_networks(np.asarray(outputs))
   layout = {}
   f_crown = True
   dense = _dense_for_close_copies(merged)
@@ -413,7 +407,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
-    lo, hi, prior = put((lo, hi, prior), sharding.put_batch)
+    lo, hi, prior = put_batch((lo, hi, prior))
     layout.update(sharding.layout(lo))
     if root and close_weights:
       f_crown = False
@@ -436,7 +430,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                          fused=programs, row_sizes=row_sizes))
 
   def probe_fn(xs, lo, hi, worst):
-    return sharding.gather(probe_batch(mg, out_idx, *put((xs, lo, hi, worst), sharding.put_batch), mesh))
+    return sharding.gather(probe_batch(mg, out_idx, *put_batch((xs, lo, hi, worst)), mesh))
   shape = box.shape
   lower0 = np.asarray(box.lower, np.float32).reshape(-1)
   upper0 = np.asarray(box.upper, np.float32).reshape(-1)
