@@ -182,6 +182,34 @@ def test_a_search_with_programs_keeps_its_arrays_uncommitted_as_the_programs_ret
   assert seen and len(seen[0]) > 2 and not any(any(batch) for batch in seen)
 
 
+def test_a_long_search_bounds_a_second_batch_on_its_own_thread_and_stays_sound(monkeypatch):
+  """Past BATCHES_AT_ONCE_AFTER, on a broad frontier, a search with the programs bounds two batches at once,
+  the second on its own thread; every piece's bound still holds."""
+  f, fq, _, _ = H.random_pair(4, (3, (140, 140), 2), bits=3)
+  box = qb.Box(-jnp.ones(3), jnp.ones(3))
+  merged = qb.merge(f, fq, box)
+  threads = []
+  real = bab.batch_bounds
+  def recorded(*args, **kwargs):
+    threads.append(threading.current_thread().name)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(bab, "batch_bounds", recorded)
+  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_OPEN", 4)
+  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_AFTER", 1e9)
+  bab.branch_and_bound(merged, box, time_budget=2, target_gap=0.0)
+  assert threads and not any(name.startswith("qbound-other-batch") for name in threads)
+  threads.clear()
+  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_AFTER", 0.0)
+  res = bab.branch_and_bound(merged, box, time_budget=3, target_gap=0.0)
+  second = sum(name.startswith("qbound-other-batch") for name in threads)
+  assert 0 < second < len(threads)
+  values = H.eval64(merged, H.sample_points(box, 2000))
+  assert np.abs(values).max() <= res.upper + 1e-9
+  reached = np.abs(H.eval64(merged, np.asarray(res.witness)[None])).max()
+  assert 0 < res.lower <= reached * (1 + 1e-5) and res.lower <= res.upper
+
+
 def test_a_program_that_refuses_its_arguments_leaves_the_walk_step_by_step(own_programs):
   f, fq, _, _ = H.random_pair(5, (3, (16, 16), 2), noise=1e-2)
   merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))

@@ -36,9 +36,11 @@ alpha-beta-CROWN (Wang et al., NeurIPS 2021).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import heapq
 import itertools
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -148,6 +150,25 @@ FUSED_WALKS = True
 BESIDE_AFTER = 2.0
 BESIDE_SECONDS_LEFT = 5.0
 BESIDE_WARM_SECONDS = 1.0
+
+
+# A long search on a broad frontier bounds BATCHES_AT_ONCE batches at once, all but the first on
+# threads of their own (BATCHES_AT_ONCE_AFTER seconds in, with at least BATCHES_AT_ONCE_OPEN open
+# pieces): XLA runs much of a batch's steps on one core here, and JAX lets go of the interpreter
+# while a step runs.
+BATCHES_AT_ONCE = 2
+BATCHES_AT_ONCE_AFTER = 2.0
+BATCHES_AT_ONCE_OPEN = 64
+_batch_threads = None  # the threads bounding the other batches (made on first use)
+_batch_threads_lock = threading.Lock()
+
+
+def _other_batches() -> concurrent.futures.ThreadPoolExecutor:
+  global _batch_threads
+  with _batch_threads_lock:
+    if _batch_threads is None:
+      _batch_threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="qbound-other-batch")
+    return _batch_threads
 
 
 # Whether the searches that take the walks' programs also take each walk's row count from their
@@ -444,6 +465,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   heap: list[bab_children.OpenPiece] = []
   counter = itertools.count()
   bounded = 0
+  found_lock = threading.Lock()  # (batches may be bounded at once, see BATCHES_AT_ONCE)
 
   def bound_batch(los, his, priors, root=False, depths=None, splits=None):
     """Bounds ``len(los)`` pieces (``priors``: each one's parent's kept bounds, or None; ``depths``:
@@ -492,9 +514,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       guards.check_points(merged.graph, np.asarray(points)[suspect], dlo[suspect], dhi[suspect], sound=sound,
                           what="branch and bound, a piece's bounds", outputs=outputs)
     i = int(np.argmax(values))
-    if values[i] > best_lower:
-      best_lower, best_x = float(values[i]), np.asarray(points[i])
-    bounded += k
+    with found_lock:
+      if values[i] > best_lower:
+        best_lower, best_x = float(values[i]), np.asarray(points[i])
+      bounded += k
     return [BoundedPiece(ups[i], lo[i].reshape(-1), hi[i].reshape(-1), int(worst[i]), dlo[i], dhi[i], sensitivity[i],
                          tuple((a[i], b[i]) for a, b in keep), depths[i], splits[i]) for i in range(k)]
 
@@ -506,6 +529,20 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       children += bound_batch(batch.los[part], batch.his[part], batch.priors[part], depths=batch.depths[part],
                               splits=batch.splits[part])
     return children
+
+  def bound_side_by_side(batches: list) -> list:
+    """bound_children of each batch, all but the first on threads of their own."""
+    others = [_other_batches().submit(bound_children, batch) for batch in batches[1:]]
+    try:
+      first = [bound_children(batch) for batch in batches[:1]]
+    finally:
+      rest = [other.result() for other in others]
+    return first + rest
+
+  def batches_at_once() -> int:
+    due = (programs and len(heap) >= BATCHES_AT_ONCE_OPEN
+           and time.perf_counter() - start >= BATCHES_AT_ONCE_AFTER)
+    return max(BATCHES_AT_ONCE, 1) if due else 1
 
   def within(child: BoundedPiece, parent: BoundedPiece) -> BoundedPiece:
     """``child`` with its bounds met with those of its ``parent``."""
@@ -629,20 +666,23 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       # ReLU splits (qbound/bounds/relusplit.py) compete with the input splits once a piece has been
       # split RELU_SPLIT_DEPTH times along its input; splits on a dynamic rounding's step
       # (qbound/bounds/tiesplit.py) likewise.
-      batch = bab_children.strong_branching(heap, count, batch_size, close, relu_split=relu_split,
-                                            relu_depth=RELU_SPLIT_DEPTH, relu_candidates=RELU_SPLIT_CANDIDATES,
-                                            paired=paired, tie_entries=tie_entries)
-      children = bound_children(batch)
-      offset = 0
-      for t, candidates in zip(batch.parents, batch.options):
-        options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
-        offset += len(options)
-        best = strong_branching_axis(t.bound, [(options[2 * a].bound, options[2 * a + 1].bound)
-                                                     for a in range(len(candidates))])
-        push(options[2 * best:2 * best + 2])
+      take = functools.partial(bab_children.strong_branching, heap, count, batch_size, close,
+                               relu_split=relu_split, relu_depth=RELU_SPLIT_DEPTH,
+                               relu_candidates=RELU_SPLIT_CANDIDATES, paired=paired, tie_entries=tie_entries)
+      batches = [batch for batch in (take() for _ in range(batches_at_once())) if batch.parents]
+      for batch, children in zip(batches, bound_side_by_side(batches)):
+        offset = 0
+        for t, candidates in zip(batch.parents, batch.options):
+          options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
+          offset += len(options)
+          best = strong_branching_axis(t.bound, [(options[2 * a].bound, options[2 * a + 1].bound)
+                                                       for a in range(len(candidates))])
+          push(options[2 * best:2 * best + 2])
       continue
-    batch = bab_children.halves(heap, batch_size, close)
-    push([within(c, t) for c, t in zip(bound_children(batch), batch.parents)])
+    batches = [bab_children.halves(heap, batch_size, close) for _ in range(batches_at_once())]
+    batches = [batch for batch in batches if batch.parents]
+    for batch, children in zip(batches, bound_side_by_side(batches)):
+      push([within(c, t) for c, t in zip(children, batch.parents)])
 
   bar.close()
   for item in heap:
