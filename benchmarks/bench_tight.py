@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qbound as qb
-from qbound.bounds import bab, fused
+from qbound.bounds import bab_machine, fused
 from qbound.bounds.bab import branch_and_bound
 from qbound.bounds.crown import crown_bounds
 from qbound.bounds.diff import diff_bounds
@@ -192,7 +192,7 @@ def bench_acas_nets(calls: int = 3):
   print("\n== 5. ACAS Xu 1_1..1_9 vs 16-bit copies, property 1, epsilon 0.05: qb.certify(method='bab') ==")
   box = qb.Box(jnp.array([55947.691, -3.141592, -3.141592, 1145, 0]), jnp.array([60760, 3.141592, 3.141592, 1200, 60.0]))
   print("warm: after two calls and fused.wait() (the walks' own programs compiled); 'steps': output 0 with "
-        "bab.FUSED_WALKS off, interleaved")
+        "bab_machine.FUSED_WALKS off, interleaved")
   print(f"{'net':<6}{'output 0: s':>13}{'steps: s':>10}{'upper':>10}{'all five: s':>13}{'upper':>10}")
   medians = []
   for i in range(1, 10):
@@ -202,11 +202,11 @@ def bench_acas_nets(calls: int = 3):
     fused.wait()
 
     def steps_only():
-      bab.FUSED_WALKS = False
+      bab_machine.FUSED_WALKS = False
       try:
         return run([0])
       finally:
-        bab.FUSED_WALKS = True
+        bab_machine.FUSED_WALKS = True
 
     one, steps, five = zip(*[(run([0]), steps_only(), run(None)) for _ in range(calls)])
     t1, ts, t5 = (np.median([c.seconds for c in cs]) for cs in (one, steps, five))

@@ -14,7 +14,7 @@ import pytest
 
 import helpers as H
 import qbound as qb
-from qbound.bounds import bab, fused
+from qbound.bounds import bab, bab_machine, fused
 from qbound.bounds.sparse import diff_bounds_sparse
 
 
@@ -135,12 +135,12 @@ def test_branch_and_bound_lets_its_programs_compile_beside_it_once_it_runs_long(
   real = fused.compile_beside
   monkeypatch.setattr(fused, "compile_beside", lambda: asked.append(1) or real())
   run = lambda: bab.branch_and_bound(merged, box, time_budget=4, target_gap=0.0, max_pieces=10**6)
-  monkeypatch.setattr(bab, "BESIDE_SECONDS_LEFT", 1e9)
+  monkeypatch.setattr(bab_machine, "BESIDE_SECONDS_LEFT", 1e9)
   run()
   assert not asked and not fused.programs()
-  monkeypatch.setattr(bab, "BESIDE_AFTER", 0.5)
-  monkeypatch.setattr(bab, "BESIDE_WARM_SECONDS", 0.0)
-  monkeypatch.setattr(bab, "BESIDE_SECONDS_LEFT", 0.0)
+  monkeypatch.setattr(bab_machine, "BESIDE_AFTER", 0.5)
+  monkeypatch.setattr(bab_machine, "BESIDE_WARM_SECONDS", 0.0)
+  monkeypatch.setattr(bab_machine, "BESIDE_SECONDS_LEFT", 0.0)
   res = run()
   assert asked
   # Started during the call (IDLE_SECONDS is an hour here); one still compiling when it ended finishes.
@@ -195,12 +195,12 @@ def test_a_long_search_bounds_a_second_batch_on_its_own_thread_and_stays_sound(m
     return real(*args, **kwargs)
 
   monkeypatch.setattr(bab, "batch_bounds", recorded)
-  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_OPEN", 4)
-  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_AFTER", 1e9)
+  monkeypatch.setattr(bab_machine, "BATCHES_AT_ONCE_OPEN", 4)
+  monkeypatch.setattr(bab_machine, "BATCHES_AT_ONCE_AFTER", 1e9)
   bab.branch_and_bound(merged, box, time_budget=2, target_gap=0.0)
   assert threads and not any(name.startswith("qbound-other-batch") for name in threads)
   threads.clear()
-  monkeypatch.setattr(bab, "BATCHES_AT_ONCE_AFTER", 0.0)
+  monkeypatch.setattr(bab_machine, "BATCHES_AT_ONCE_AFTER", 0.0)
   res = bab.branch_and_bound(merged, box, time_budget=3, target_gap=0.0)
   second = sum(name.startswith("qbound-other-batch") for name in threads)
   assert 0 < second < len(threads)
@@ -235,7 +235,7 @@ def test_branch_and_bound_on_a_large_close_copy_proves_the_same_with_programs(ow
   f, fq, _, _ = H.random_pair(4, (3, (140, 140), 2), noise=1e-3)
   box = qb.Box(-jnp.ones(3), jnp.ones(3))
   merged = qb.merge(f, fq, box)
-  assert bab.FUSED_WALKS
+  assert bab_machine.FUSED_WALKS
   run = lambda: bab.branch_and_bound(merged, box, time_budget=60, epsilon=0.05, max_pieces=400)
   first = run()
   fused.wait()
@@ -250,8 +250,8 @@ def test_branch_and_bound_on_a_large_close_copy_proves_the_same_with_programs(ow
 
 def test_batches_sharded_over_several_devices_keep_the_steps():
   one, eight = (types.SimpleNamespace(devices=np.empty(k)) for k in (1, 8))
-  assert bab._use_programs(False, None) and bab._use_programs(False, one)
-  assert not bab._use_programs(False, eight) and not bab._use_programs(True, None)
+  assert bab_machine.use_programs(False, None) and bab_machine.use_programs(False, one)
+  assert not bab_machine.use_programs(False, eight) and not bab_machine.use_programs(True, None)
 
 
 def test_the_end_of_batch_check_by_its_program_counts_as_the_host_does(own_programs):

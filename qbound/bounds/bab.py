@@ -36,7 +36,6 @@ alpha-beta-CROWN (Wang et al., NeurIPS 2021).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import heapq
 import itertools
@@ -44,17 +43,15 @@ import threading
 import time
 from typing import Optional, Sequence
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from qbound import graph as G
-from qbound._recent import Recent
 from qbound import sharding
 from qbound.bounds import common, guards, nonlinear, refute, relusplit, rms_rest, tiesplit
 from qbound.bounds.probe import probe_batch
 from qbound.bounds.splitting import resolve_split_rule, split_at, strong_branching_axis
-from qbound.bounds import bab_batch, bab_children, fused
+from qbound.bounds import bab_batch, bab_children, bab_machine, fused
 from qbound.bounds.bab_children import BoundedPiece
 from qbound.bounds.bab_result import BabResult, settled_level, stop_reason
 from qbound.bounds.arguments import branch_and_bound_args
@@ -128,64 +125,6 @@ CLOSE_COPY_BATCH_SIZE = 16
 # 1_1..1_9 vs float16, output 0, warm, interleaved: median 0.326 s against 0.386 s, faster on every
 # net (0 turns it off; 3 splits: 0.53 s).
 CLOSE_COPY_GRID_SPLITS = 2
-
-# On nets above SMALL_NET_NEURONS, paired batches (the root's too, with its widening measure) take
-# each backward walk, and each node's forward intervals, by a compiled program of their own once a
-# worker thread has compiled it between calls (qbound/bounds/fused.py): the same bounds in fewer
-# dispatches. ACAS Xu 1_1..1_9 vs float16, output 0, warm after fused.wait(): median 0.29-0.31 s
-# against 0.37-0.38 s step by step in the same runs (0.216 s against 0.292 s with ROWS_AHEAD and the
-# root's batch skipping f's rows for close copies; benchmarks/bench_tight.py --only acas-nets).
-# Small nets keep the steps (their batches cost little more than the dispatches' Python, and a test
-# suite of small nets would compile programs for nothing).
-FUSED_WALKS = True
-
-
-# A search that takes the walks' programs lets those it lacks compile beside it (fused.compile_beside,
-# rather than once qbound is idle) when it has run this many seconds with this many seconds of its
-# budget left, and nothing was compiled for BESIDE_WARM_SECONDS: it is warm and long, and the
-# programs pay for their compilation several times over (ACAS Xu 1_6 against its pruned copy,
-# property 8, epsilon 0.5: 15-17 s against 25 s once they are ready). A first call still compiling
-# its steps, or a proof of a second or two, would only be slowed on a 2-core machine (see fused's
-# module docstring). ACAS Xu pruned pairs, 20 s budgets: docs/results/pruned-pairs.md.
-BESIDE_AFTER = 2.0
-BESIDE_SECONDS_LEFT = 5.0
-BESIDE_WARM_SECONDS = 1.0
-
-
-# A long search on a broad frontier bounds BATCHES_AT_ONCE batches at once, all but the first on
-# threads of their own (BATCHES_AT_ONCE_AFTER seconds in, with at least BATCHES_AT_ONCE_OPEN open
-# pieces): XLA runs much of a batch's steps on one core here, and JAX lets go of the interpreter
-# while a step runs.
-BATCHES_AT_ONCE = 2
-BATCHES_AT_ONCE_AFTER = 2.0
-BATCHES_AT_ONCE_OPEN = 64
-_batch_threads = None  # the threads bounding the other batches (made on first use)
-_batch_threads_lock = threading.Lock()
-
-
-def _other_batches() -> concurrent.futures.ThreadPoolExecutor:
-  global _batch_threads
-  with _batch_threads_lock:
-    if _batch_threads is None:
-      _batch_threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="qbound-other-batch")
-    return _batch_threads
-
-
-# Whether the searches that take the walks' programs also take each walk's row count from their
-# earlier batches (sparse.diff_bounds_sparse's row_sizes).
-ROWS_AHEAD = True
-
-
-# The row sizes after the root's batch of the last few searches (see ROWS_AHEAD), by their graphs
-# (qb.merge keeps its last merges), box, outputs, batch size and mode, so that a search of the same
-# boxes again reads nothing back in its root's batch either.
-_ROOT_ROW_SIZES = Recent(size=8)
-
-
-def _use_programs(small: bool, mesh) -> bool:
-  """Whether a search's batches take the walks' own programs (FUSED_WALKS): large nets on one
-  device (a batch sharded over several keeps the steps, which map over its boxes as they lie)."""
-  return FUSED_WALKS and not small and sharding.size(mesh) == 1
 
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
@@ -384,15 +323,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       batch_size, after_root = CLOSE_COPY_BATCH_SIZE, batch_size
   batch_size = sharding.padded_size(batch_size, mesh)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
-  programs = _use_programs(small, mesh)
-  # The walks' programs return plain arrays (on the default device, committed to none), as jax.jit
-  # does for such arguments. Networks and batches put on a one-device mesh (committed, with its
-  # sharding) made the steps' results committed, so steps met both kinds and compiled once for each
-  # mix: on the ACAS Xu pruned pairs, 15-23 compilations (about 1 s) in each new instance once the
-  # programs were ready, against 1-16 without them. With the programs, everything stays plain.
-  plain = programs and mesh.devices.flat[0] == jax.devices()[0]
-  put_networks = sharding.put_plain if plain else functools.partial(sharding.put_replicated, mesh=mesh)
-  put_batch = sharding.put_plain if plain else functools.partial(sharding.put_batch, mesh=mesh)
+  programs = bab_machine.use_programs(small, mesh)
+  put_networks, put_batch = bab_machine.placements(programs, mesh)
   fg, qg, mg = put_networks((merged.f_graph, merged.fq_graph, merged.graph))
   out_idx = put_networks(np.asarray(outputs))
   layout = {}
@@ -419,12 +351,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
   # With the programs, each walk's row count is taken from the search's earlier batches (sparse's
   # row_sizes): the walks of a batch then queue on the device with nothing read back in between.
-  row_sizes = None
-  if programs and ROWS_AHEAD:  # (the root's batch of an earlier search of these boxes: its sizes)
-    graphs = (merged.f_graph, merged.fq_graph)
-    root_key = (id(graphs[0]), id(graphs[1]), tuple(np.asarray(box.lower).reshape(-1).tolist()),
-                tuple(np.asarray(box.upper).reshape(-1).tolist()), tuple(outputs.tolist()), batch_size, sound)
-    row_sizes = dict(_ROOT_ROW_SIZES.get(root_key, graphs) or {})
+  graphs = (merged.f_graph, merged.fq_graph)
+  root_key, row_sizes = bab_machine.root_row_sizes(programs, graphs, box, outputs, batch_size, sound)
 
   def bound_fn(lo, hi, prior, root=False, constrained=False):
     nonlocal f_crown
@@ -465,7 +393,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   heap: list[bab_children.OpenPiece] = []
   counter = itertools.count()
   bounded = 0
-  found_lock = threading.Lock()  # (batches may be bounded at once, see BATCHES_AT_ONCE)
+  found_lock = threading.Lock()  # (batches may be bounded at once, see bab_machine.BATCHES_AT_ONCE)
 
   def bound_batch(los, his, priors, root=False, depths=None, splits=None):
     """Bounds ``len(los)`` pieces (``priors``: each one's parent's kept bounds, or None; ``depths``:
@@ -530,19 +458,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                               splits=batch.splits[part])
     return children
 
-  def bound_side_by_side(batches: list) -> list:
-    """bound_children of each batch, all but the first on threads of their own."""
-    others = [_other_batches().submit(bound_children, batch) for batch in batches[1:]]
-    try:
-      first = [bound_children(batch) for batch in batches[:1]]
-    finally:
-      rest = [other.result() for other in others]
-    return first + rest
-
   def batches_at_once() -> int:
-    due = (programs and len(heap) >= BATCHES_AT_ONCE_OPEN
-           and time.perf_counter() - start >= BATCHES_AT_ONCE_AFTER)
-    return max(BATCHES_AT_ONCE, 1) if due else 1
+    return bab_machine.batches_at_once(programs, len(heap), time.perf_counter() - start)
 
   def within(child: BoundedPiece, parent: BoundedPiece) -> BoundedPiece:
     """``child`` with its bounds met with those of its ``parent``."""
@@ -579,7 +496,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     his += [left_hi, upper0]
   first = bound_batch(los, his, [None] * len(los), root=True, depths=[0] + [1] * (len(los) - 1))
   if row_sizes is not None:
-    _ROOT_ROW_SIZES.put(root_key, dict(row_sizes), graphs)
+    bab_machine.remember_root_row_sizes(root_key, row_sizes, graphs)
   if after_root is not None and f_crown:  # a pair that really differs (see CLOSE_COPY_BATCH_SIZE)
     batch_size = sharding.padded_size(after_root, mesh)
   root = first[:1]
@@ -651,10 +568,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     if reason is not None:
       stopped = reason
       break
-    elapsed = time.perf_counter() - start
-    if (programs and elapsed >= BESIDE_AFTER and time_budget - elapsed >= BESIDE_SECONDS_LEFT
-            and fused.seconds_since_compilation() >= BESIDE_WARM_SECONDS):
-      fused.compile_beside()
+    bab_machine.ask_beside(programs, time.perf_counter() - start, time_budget)
     if close_copy_grid():
       continue
     if dim <= strong_branching_dims:
@@ -670,7 +584,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                relu_split=relu_split, relu_depth=RELU_SPLIT_DEPTH,
                                relu_candidates=RELU_SPLIT_CANDIDATES, paired=paired, tie_entries=tie_entries)
       batches = [batch for batch in (take() for _ in range(batches_at_once())) if batch.parents]
-      for batch, children in zip(batches, bound_side_by_side(batches)):
+      for batch, children in zip(batches, bab_machine.side_by_side(bound_children, batches)):
         offset = 0
         for t, candidates in zip(batch.parents, batch.options):
           options = [within(c, t) for c in children[offset:offset + 2 * len(candidates)]]
@@ -681,7 +595,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       continue
     batches = [bab_children.halves(heap, batch_size, close) for _ in range(batches_at_once())]
     batches = [batch for batch in batches if batch.parents]
-    for batch, children in zip(batches, bound_side_by_side(batches)):
+    for batch, children in zip(batches, bab_machine.side_by_side(bound_children, batches)):
       push([within(c, t) for c, t in zip(children, batch.parents)])
 
   bar.close()

@@ -312,7 +312,7 @@ def compile_beside() -> None:
   come back several times over (ACAS Xu 1_6 against its pruned copy, property 8, epsilon 0.5: 52
   programs compiled in 3.5 s; the proof then took 15-16 s against 25 s step by step). A call that
   ends within seconds (a first call compiling its steps, a close copy's proof) never asks: it would
-  only be slowed (branch and bound asks as ``bab.BESIDE_AFTER`` and the settings beside it say).
+  only be slowed (branch and bound asks as ``bab_machine.BESIDE_AFTER`` and the settings beside it say).
   Outside a bounding call it grants nothing.
 
   Example:
