@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import functools
 import threading
 from typing import Callable, Optional
@@ -123,8 +124,9 @@ def batches_at_once(programs: bool, open_pieces: int, elapsed: float) -> int:
 
 
 def side_by_side(bound: Callable, batches: list) -> list:
-  """``[bound(batch) for batch in batches]``, all but the first batch on threads of their own."""
-  others = [_other_batches().submit(bound, batch) for batch in batches[1:]]
+  """``[bound(batch) for batch in batches]``, all but the first batch on threads of their own (in a
+  copy of this thread's context: the steps' XLA options, :func:`qbound.bounds.common.step_compile`)."""
+  others = [_other_batches().submit(contextvars.copy_context().run, bound, batch) for batch in batches[1:]]
   try:
     first = [bound(batch) for batch in batches[:1]]
   finally:
