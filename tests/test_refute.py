@@ -12,7 +12,7 @@ import pytest
 import helpers as H
 import qbound as qb
 from qbound.attack import PieceSearch, search_pieces
-from qbound.bounds import bab, refute
+from qbound.bounds import bab, fused, refute
 
 SMALL = PieceSearch(starts=4, steps=30)
 
@@ -87,6 +87,38 @@ def test_search_share_grows_only_when_the_bound_is_far_from_epsilon():
   assert s.due(10.0, upper=100.0, epsilon=0.5)  # far (200x epsilon after 8 s): up to half the time
   assert not s.due(5.0, upper=100.0, epsilon=0.5)  # far, but too early to give up on a proof
   assert not s.due(10.0, upper=100.0)  # no epsilon: no proof to give up on
+
+
+def test_a_proof_is_given_up_only_after_far_after_seconds_of_search_not_of_compilation():
+  """A first call compiles for most of its first seconds; the far test counts the rest only."""
+  compiled = [3.0]
+  s = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), share=0.1, far_share=0.5,
+                              first_after=0.5, far_after=8.0, spent=2.0, compiling=lambda: compiled[0],
+                              compiled_before=1.0)
+  compiled[0] = 6.0  # 5 s compiling since branch and bound began
+  assert not s.due(10.0, upper=100.0, epsilon=0.5) and not s.far  # 5 s of search: not far yet
+  assert s.due(13.0, upper=100.0, epsilon=0.5) and s.far  # 8 s of search
+  fresh = refute.WorstPieceSearch(None, np.arange(1), np.zeros(1), np.ones(1), (1,), far_after=8.0,
+                                  compiling=lambda: compiled[0])
+  assert fresh.compiled_before == 6.0  # (the clock read when the search is made, by default)
+
+
+def test_branch_and_bound_counts_its_root_compilation_out_of_the_far_test(monkeypatch):
+  """branch_and_bound reads the compiling clock as it begins, before its root's batch (which a first
+  call compiles), and its search rounds count from that reading."""
+  readings = []
+  def clock():
+    readings.append(float(len(readings)))
+    return readings[-1]
+
+  monkeypatch.setattr(fused, "seconds_compiling", clock)
+  made = []
+  real = refute.searcher
+  monkeypatch.setattr(refute, "searcher", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+  f, fq, _, _ = H.random_pair(6, (2, (8,), 1), bits=4)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  bab.branch_and_bound(qb.merge(f, fq, box), box, time_budget=1.0, epsilon=0.01)
+  assert made and made[0].compiled_before == readings[0] == 0.0 and made[0].compiling is clock
 
 
 def test_rounds_are_charged_before_they_run_only_where_a_counterexample_looks_unlikely(monkeypatch):

@@ -305,6 +305,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     True
   """
   start = time.perf_counter()
+  compiled_before = fused.seconds_compiling()  # (the search rounds' far test counts searching time only)
   box = branch_and_bound_args(merged, box, outputs=outputs, time_budget=time_budget, target_gap=target_gap,
                               epsilon=epsilon, batch_size=batch_size, max_pieces=max_pieces,
                               initial_lower=initial_lower, initial_witness=initial_witness, sound=sound,
@@ -519,7 +520,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   stopped = "exhausted"
   last_report = -np.inf
   # Hook: counterexample search rounds (qbound/bounds/refute.py), in their own share of the time.
-  searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search, time_budget)
+  searching = refute.searcher(mg, out_idx, lower0, upper0, shape, search, time_budget, compiled_before)
   # Hook: the root's bound reported as soon as it is known. The loop below runs a search round
   # first, and on a first call that round compiles for seconds: certify(auto)'s first call on a
   # small net then hit its deadline with only the interval bound (bench_tight.py's 5-12-8-8-2).

@@ -276,9 +276,13 @@ def while_in_use(fn):
 
 
 def _note_compilation(event: str, duration: float, **kwargs) -> None:
-  global _last_compilation
-  if event == _TRACED and not threading.current_thread().name.startswith(_WORKER_NAME):
+  global _last_compilation, _compiling
+  if threading.current_thread().name.startswith(_WORKER_NAME):
+    return
+  if event == _TRACED:
     _last_compilation = time.monotonic()
+  if event in _COMPILING:
+    _compiling += duration
 
 
 # When the last function was traced for compilation by a thread other than the programs' worker (a
@@ -287,6 +291,10 @@ def _note_compilation(event: str, duration: float, **kwargs) -> None:
 # executable or not.
 _TRACED = "/jax/core/compile/jaxpr_trace_duration"
 _last_compilation = time.monotonic()
+# ... and how long such compilations took in all (tracing, lowering, XLA's compilation or the
+# persistent cache's load): what tells a search's own progress from its first call's compiling.
+_COMPILING = (_TRACED, "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+_compiling = 0.0
 jax.monitoring.register_event_duration_secs_listener(_note_compilation)
 
 
@@ -301,6 +309,21 @@ def seconds_since_compilation() -> float:
     True
   """
   return time.monotonic() - _last_compilation
+
+
+def seconds_compiling() -> float:
+  """Seconds spent so far in this process compiling (tracing, lowering, XLA) outside the programs'
+  worker; the difference between two readings is what a call between them spent compiling.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qbound.bounds import fused
+    >>> before = fused.seconds_compiling()
+    >>> _ = jax.jit(lambda x: x * 7.0 - 2.0)(jnp.ones(2))  # a new function: traced and compiled
+    >>> fused.seconds_compiling() > before
+    True
+  """
+  return _compiling
 
 
 def compile_beside() -> None:
