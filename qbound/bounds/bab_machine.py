@@ -1,9 +1,10 @@
 """How a branch-and-bound search on a large net uses the machine: the walks' own programs and when
 they compile, how its arrays are placed, the row counts it takes ahead, and batches bounded at once.
 
-None of this changes a bound: the same pieces get the same bounds step by step or by programs, with
-row counts read back or taken ahead, one batch at a time or two. What changes is how many pieces a
-second the search bounds (``docs/results/acas-speed.md``, ``docs/results/pruned-pairs.md``).
+None of this changes a piece's bound: a piece gets the same bounds step by step or by programs, with
+row counts read back or taken ahead, in a batch bounded alone or beside another. What changes is
+how many pieces a second the search bounds, and with batches at once the order in which it takes
+them from its heap (``docs/results/acas-speed.md``, ``docs/results/pruned-pairs.md``).
 
 Example:
   >>> from qbound.bounds import bab_machine

@@ -282,7 +282,8 @@ def _note_compilation(event: str, duration: float, **kwargs) -> None:
   if event == _TRACED:
     _last_compilation = time.monotonic()
   if event in _COMPILING:
-    _compiling += duration
+    with _compiling_lock:  # (branch and bound's other batches compile on threads of their own)
+      _compiling += duration
 
 
 # When the last function was traced for compilation by a thread other than the programs' worker (a
@@ -295,6 +296,7 @@ _last_compilation = time.monotonic()
 # persistent cache's load): what tells a search's own progress from its first call's compiling.
 _COMPILING = (_TRACED, "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
 _compiling = 0.0
+_compiling_lock = threading.Lock()
 jax.monitoring.register_event_duration_secs_listener(_note_compilation)
 
 

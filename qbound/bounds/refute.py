@@ -21,6 +21,8 @@ momentum as in MI-FGSM, Dong et al., CVPR 2018) on a fixed number of rows:
   (:data:`GLOBAL_SEARCH`): a close copy's error has many peaks of nearly equal height, and the
   rows above climb to the nearest one (issue 14). With an epsilon, the same once the bound is far
   from it (:data:`FAR_GLOBAL`): a proof is then out of reach, and a higher peak elsewhere decides.
+  "Far" is judged after :data:`FAR_AFTER` of the budget spent searching: the seconds the process
+  spent compiling meanwhile (a first call's steps) do not count.
 
 The rows have one fixed count, so one compilation serves every round. A round runs when the time
 spent searching is at most :data:`SHARE` of the time branch and bound has run since its root's batch,
@@ -170,6 +172,8 @@ class WorstPieceSearch:
     seed: the rounds' keys are ``jax.random.key(seed + round)``.
     far: whether the last :meth:`due` found the bound far from epsilon.
     origin: seconds of branch and bound at the first :meth:`due` (its root's end), or 0.
+    compiled_before: the ``compiling`` clock's reading when branch and bound began (None: read when
+      this search is made).
 
   Example (with ``first_from_root`` the clock starts at the first :meth:`due`, after the root):
 
