@@ -125,6 +125,15 @@ CLOSE_COPY_BATCH_SIZE = 16
 # 1_1..1_9 vs float16, output 0, warm, interleaved: median 0.326 s against 0.386 s, faster on every
 # net (0 turns it off; 3 splits: 0.53 s).
 CLOSE_COPY_GRID_SPLITS = 2
+# A copy not close to f by its weights (bab_batch.close_by_weights: pruned, QAT, 4-6 bit) bounds its
+# root's batch at the size of a pair that differs, which such copies turn out to be (ACAS Xu pruned
+# and 6- and 8-bit per-channel copies, even f's weights scaled by 1.01): the steps compiled for the
+# root then serve the batches after it. A first call (nothing cached) on ACAS Xu 1_1 against its
+# pruned copy, property 1 at 0.05, compiled 149 functions against 213 and proved it in 14.6 s
+# against 19 s (undecided, upper 0.26, in the same hour); against a 6-bit copy 202 against 265. Warm,
+# 16 pruned-pair instances interleaved three times: median 0.554 s against 0.564 s. A copy that
+# turns out close after all (its widening) takes CLOSE_COPY_BATCH_SIZE from its second batch on.
+ROOT_AT_DIFFERING_SIZE = True
 
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
@@ -317,11 +326,18 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
   paired = merged.paired and nonlinear.first_nonlinear(merged.f_graph) is None
   mesh = sharding.resolve_mesh(mesh)
   after_root = None  # the batch size once the root's batch tells a close copy from a pair that differs
+  close_after_root = None  # (the same for a close copy, where the root's batch had the other size)
+  # A copy close to f by its weights is known as such before the root's batch, which then skips f's
+  # own CROWN rows and the widening measure (bab_batch.CLOSE_WEIGHTS).
+  close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
   if batch_size is None:
     batch_size = gap_batch_size(merged, int(np.prod(box.shape)), epsilon, strong_branching_dims)
     if (paired and epsilon is not None and int(np.prod(box.shape)) <= strong_branching_dims
             and _activation_neurons(merged) > SMALL_NET_NEURONS):
-      batch_size, after_root = CLOSE_COPY_BATCH_SIZE, batch_size
+      if close_weights or not ROOT_AT_DIFFERING_SIZE:
+        batch_size, after_root = CLOSE_COPY_BATCH_SIZE, batch_size
+      else:
+        after_root, close_after_root = batch_size, CLOSE_COPY_BATCH_SIZE
   batch_size = sharding.padded_size(batch_size, mesh)
   small = _activation_neurons(merged) <= SMALL_NET_NEURONS
   programs = bab_machine.use_programs(small, mesh)
@@ -347,9 +363,6 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     tie_entries = [len(kept_at) + p for p, i in enumerate(kept_at) if tiesplit.applies(merged.fq_graph.nodes[i])]
   split_rule = resolve_split_rule(merged, paired, SPLIT_RULE if split_rule is None else split_rule)
 
-  # A copy close to f by its weights is known as such before the root's batch, which then skips f's
-  # own CROWN rows and the widening measure (bab_batch.CLOSE_WEIGHTS).
-  close_weights = paired and bab_batch.close_by_weights(merged.f_graph, merged.fq_graph)
   # With the programs, each walk's row count is taken from the search's earlier batches (sparse's
   # row_sizes): the walks of a batch then queue on the device with nothing read back in between.
   graphs = (merged.f_graph, merged.fq_graph)
@@ -500,6 +513,8 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
     bab_machine.remember_root_row_sizes(root_key, row_sizes, graphs)
   if after_root is not None and f_crown:  # a pair that really differs (see CLOSE_COPY_BATCH_SIZE)
     batch_size = sharding.padded_size(after_root, mesh)
+  elif close_after_root is not None and not f_crown:
+    batch_size = sharding.padded_size(close_after_root, mesh)
   root = first[:1]
   root_lower, root_upper = root[0].diff_lower, root[0].diff_upper
   if root_axes and root[0].bound > best_lower:
