@@ -125,15 +125,17 @@ CLOSE_COPY_BATCH_SIZE = 16
 # 1_1..1_9 vs float16, output 0, warm, interleaved: median 0.326 s against 0.386 s, faster on every
 # net (0 turns it off; 3 splits: 0.53 s).
 CLOSE_COPY_GRID_SPLITS = 2
-# A copy not close to f by its weights (bab_batch.close_by_weights: pruned, QAT, 4-6 bit) bounds its
-# root's batch at the size of a pair that differs, which such copies turn out to be (ACAS Xu pruned
-# and 6- and 8-bit per-channel copies, even f's weights scaled by 1.01): the steps compiled for the
-# root then serve the batches after it. A first call (nothing cached) on ACAS Xu 1_1 against its
-# pruned copy, property 1 at 0.05, compiled 149 functions against 213 and proved it in 14.6 s
-# against 19 s (undecided, upper 0.26, in the same hour); against a 6-bit copy 202 against 265. Warm,
-# 16 pruned-pair instances interleaved three times: median 0.554 s against 0.564 s. A copy that
-# turns out close after all (its widening) takes CLOSE_COPY_BATCH_SIZE from its second batch on.
-ROOT_AT_DIFFERING_SIZE = True
+# Whether a copy not close to f by its weights (bab_batch.close_by_weights: pruned, QAT, 4-6 bit)
+# bounds its root's batch at the size of a pair that differs, which such copies turn out to be
+# (ACAS Xu pruned and 6- and 8-bit per-channel copies, even f's weights scaled by 1.01), so that the
+# steps compiled for the root serve the batches after it; a copy found close after all (its
+# widening) then takes CLOSE_COPY_BATCH_SIZE from its second batch on. A first call (nothing cached)
+# on ACAS Xu 1_1 against its pruned copy, property 1 at 0.05, compiled 149 functions against 213 and
+# proved it in 14.6-15.3 s against 16.3-19 s; against a 6-bit copy 202 against 265. But every warm
+# call pays for the larger root batch: 90 pruned-pair instances decided, interleaved, median 0.449 s
+# against 0.418 s (a second interleaved run of 16: 0.554 against 0.564). The persistent compilation
+# cache pays a first call's compilations once per machine, so it stays off.
+ROOT_AT_DIFFERING_SIZE = False
 
 # Strong branching tries at most this many dimensions, those that weigh most in the piece's bound.
 # On 12 random MLPs with 4-5 inputs, trying 3 rather than all 4-5 closed the gap faster on 4 of 5
