@@ -98,10 +98,7 @@ def test_f_crown_is_skipped_only_for_close_copies():
   """Branch and bound drops f's CROWN bounds when z_q + d is barely wider than them (a close copy),
   and keeps them for a coarse one."""
   widening = {}
-  cases = (("close", {"noise": 1e-4}, False), ("coarse", {"bits": 2}, False), ("coarse, root at 32", {"bits": 2}, True),
-           ("close by widening, root at 32", {"noise": 5e-3}, True))
-  for name, compression, root_at_32 in cases:
-    monkeypatch.setattr(bab, "ROOT_AT_DIFFERING_SIZE", root_at_32)
+  for name, compression in (("close", {"noise": 1e-4}), ("coarse", {"bits": 2})):
     f, fq, _, _ = H.random_pair(3, H.SHAPES[1], init_scale=2.0, **compression)
     box = qb.Box(-jnp.ones(3), jnp.ones(3))
     merged = qb.merge(f, fq, box)
@@ -314,9 +311,9 @@ def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(mon
 def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
   """Proving an epsilon on a large net's close copy takes batches of CLOSE_COPY_BATCH_SIZE; a copy
   that really differs goes back to 32 after the root's batch, which tells the two apart (with
-  ROOT_AT_DIFFERING_SIZE, a copy not close by its weights bounds its root's batch at 32, and keeps 32
-  if it really differs, or goes to CLOSE_COPY_BATCH_SIZE if the root's batch finds it close after
-  all). All stay sound at sampled points."""
+  ROOT_AT_DIFFERING_SIZE, a copy not close by its weights bounds its root's batch at 32, and goes to
+  CLOSE_COPY_BATCH_SIZE if the root's batch finds it close after all). All stay sound at sampled
+  points."""
   shapes = []
   real = bab.batch_bounds
 
@@ -330,7 +327,7 @@ def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
   monkeypatch.setattr(bab_children, "grid", lambda *args: grids.append(args[1]) or real_grid(*args))
   box = qb.Box(-jnp.ones(2), jnp.ones(2))
   seen = {}
-  cases = (("close", {"noise": 1e-4}, False), ("coarse", {"bits": 2}, False), ("coarse, root at 32", {"bits": 2}, True),
+  cases = (("close", {"noise": 1e-4}, False), ("coarse", {"bits": 2}, False),
            ("close by widening, root at 32", {"noise": 5e-3}, True))
   for name, compression, root_at_32 in cases:
     monkeypatch.setattr(bab, "ROOT_AT_DIFFERING_SIZE", root_at_32)
@@ -347,12 +344,11 @@ def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
     grids.clear()
   assert set(seen["close"]) == {bab.CLOSE_COPY_BATCH_SIZE}
   assert seen["coarse"][0] == bab.CLOSE_COPY_BATCH_SIZE and set(seen["coarse"][1:]) == {32}
-  assert set(seen["coarse, root at 32"]) == {32}
   widening = seen["close by widening, root at 32"]
   assert widening[0] == 32 and set(widening[1:]) == {bab.CLOSE_COPY_BATCH_SIZE}
   # While at most a quarter of a batch needs splitting, the close copy's pieces are cut in grids.
   assert seen["close grids"] and all(0 < live <= bab.CLOSE_COPY_BATCH_SIZE // 4 for live in seen["close grids"])
-  assert not seen["coarse grids"] and not seen["coarse, root at 32 grids"]
+  assert not seen["coarse grids"]
 
 
 def test_grid_cells_tile_their_parent():
