@@ -196,6 +196,7 @@ def test_a_long_search_bounds_a_second_batch_on_its_own_thread_and_stays_sound(m
 
   monkeypatch.setattr(bab, "batch_bounds", recorded)
   monkeypatch.setattr(bab_machine, "BATCHES_AT_ONCE_OPEN", 4)
+  monkeypatch.setattr(bab_machine, "usable_cores", lambda: 2)  # (a runner pinned to one core, too)
   monkeypatch.setattr(bab_machine, "BATCHES_AT_ONCE_AFTER", 1e9)
   bab.branch_and_bound(merged, box, time_budget=2, target_gap=0.0)
   assert threads and not any(name.startswith("qbound-other-batch") for name in threads)

@@ -30,6 +30,7 @@ import numpy as np
 from qbound import sharding
 from qbound._recent import Recent
 from qbound.bounds import fused
+from qbound.bounds.host_halves import usable_cores
 
 # On nets above bab.SMALL_NET_NEURONS, paired batches (the root's too, with its widening measure) take
 # each backward walk, and each node's forward intervals, by a compiled program of their own once a
@@ -119,15 +120,22 @@ def ask_beside(programs: bool, elapsed: float, time_budget: float) -> None:
 
 
 def batches_at_once(programs: bool, open_pieces: int, elapsed: float) -> int:
-  """How many batches a search takes from its heap at once (see BATCHES_AT_ONCE)."""
-  due = programs and open_pieces >= BATCHES_AT_ONCE_OPEN and elapsed >= BATCHES_AT_ONCE_AFTER
+  """How many batches a search takes from its heap at once (see BATCHES_AT_ONCE): one where a
+  single core is usable, as the NumPy search's halves (:func:`~qbound.bounds.host_halves.usable_cores`)."""
+  due = (programs and open_pieces >= BATCHES_AT_ONCE_OPEN and elapsed >= BATCHES_AT_ONCE_AFTER
+         and usable_cores() >= 2)
   return max(BATCHES_AT_ONCE, 1) if due else 1
 
 
 def side_by_side(bound: Callable, batches: list) -> list:
   """``[bound(batch) for batch in batches]``, all but the first batch on threads of their own (in a
-  copy of this thread's context: the steps' XLA options, :func:`qbound.bounds.common.step_compile`)."""
-  others = [_other_batches().submit(contextvars.copy_context().run, bound, batch) for batch in batches[1:]]
+  copy of this thread's context: the steps' XLA options, :func:`qbound.bounds.common.step_compile`);
+  all in this thread once the interpreter is shutting down (a certify stage still finishing its
+  batch as a script exits), where no thread takes new work."""
+  try:
+    others = [_other_batches().submit(contextvars.copy_context().run, bound, batch) for batch in batches[1:]]
+  except RuntimeError:  # ("cannot schedule new futures after interpreter shutdown"), as host_halves does
+    return [bound(batch) for batch in batches]
   try:
     first = [bound(batch) for batch in batches[:1]]
   finally:
