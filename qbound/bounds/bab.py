@@ -474,8 +474,10 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                               splits=batch.splits[part])
     return children
 
-  def batches_at_once() -> int:
-    return bab_machine.batches_at_once(programs, len(heap), time.perf_counter() - start)
+  def take_batches(take) -> list:
+    """``take()`` as many times as batches go at once now (bab_machine.batches_at_once), empty ones left out."""
+    count = bab_machine.batches_at_once(programs, len(heap), time.perf_counter() - start)
+    return [batch for batch in (take() for _ in range(count)) if batch.parents]
 
   def within(child: BoundedPiece, parent: BoundedPiece) -> BoundedPiece:
     """``child`` with its bounds met with those of its ``parent``."""
@@ -601,7 +603,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
       take = functools.partial(bab_children.strong_branching, heap, count, batch_size, close,
                                relu_split=relu_split, relu_depth=RELU_SPLIT_DEPTH,
                                relu_candidates=RELU_SPLIT_CANDIDATES, paired=paired, tie_entries=tie_entries)
-      batches = [batch for batch in (take() for _ in range(batches_at_once())) if batch.parents]
+      batches = take_batches(take)
       for batch, children in zip(batches, bab_machine.side_by_side(bound_children, batches)):
         offset = 0
         for t, candidates in zip(batch.parents, batch.options):
@@ -611,8 +613,7 @@ def branch_and_bound(merged, box: Box, *, outputs: Optional[Sequence[int]] = Non
                                                        for a in range(len(candidates))])
           push(options[2 * best:2 * best + 2])
       continue
-    batches = [bab_children.halves(heap, batch_size, close) for _ in range(batches_at_once())]
-    batches = [batch for batch in batches if batch.parents]
+    batches = take_batches(functools.partial(bab_children.halves, heap, batch_size, close))
     for batch, children in zip(batches, bab_machine.side_by_side(bound_children, batches)):
       push([within(c, t) for c, t in zip(children, batch.parents)])
 
