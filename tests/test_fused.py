@@ -97,6 +97,26 @@ def test_programs_compile_only_after_calls_and_idle_time(own_programs, monkeypat
   fused.wait()  # (nothing left to compile)
 
 
+def test_wait_waits_for_a_bounding_call_still_running_on_another_thread():
+  """certify returns at its deadline while a stage may still finish its batch: wait() after it waits
+  for that batch instead of raising."""
+  started, release = threading.Event(), threading.Event()
+
+  @fused.while_in_use
+  def straggler():
+    started.set()
+    release.wait(10)
+
+  thread = threading.Thread(target=straggler)
+  thread.start()
+  started.wait(10)
+  threading.Timer(0.3, release.set).start()
+  begun = time.monotonic()
+  fused.wait()
+  assert not thread.is_alive() and time.monotonic() - begun >= 0.25
+  thread.join()
+
+
 def test_a_long_call_lets_its_programs_compile_beside_it_until_it_ends(own_programs):
   f, fq, _, _ = H.random_pair(4, (3, (16, 16), 2), noise=1e-2)
   merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))

@@ -251,6 +251,8 @@ _active = 0  # how many bounding calls run now (see while_in_use)
 _beside = False  # whether the bounding calls running now let programs compile beside them
 _last_end = time.monotonic()  # when the last one ended (or this module was imported)
 _active_lock = threading.Lock()
+_ended = threading.Condition(_active_lock)  # notified when the last bounding call running ends
+_in_call = threading.local()  # how deep this thread is in bounding calls
 _forced = threading.Event()  # set while wait() asks for every program now
 
 
@@ -263,14 +265,17 @@ def while_in_use(fn):
     global _active, _last_end, _beside
     with _active_lock:
       _active += 1
+    _in_call.depth = getattr(_in_call, "depth", 0) + 1
     try:
       return fn(*args, **kwargs)
     finally:
+      _in_call.depth -= 1
       with _active_lock:
         _active -= 1
         _last_end = time.monotonic()
         if _active == 0:
           _beside = False
+          _ended.notify_all()
 
   return marked
 
@@ -358,9 +363,18 @@ def compile_beside() -> None:
 def wait() -> None:
   """Compiles every program asked for so far, now, and returns when they are ready (between calls:
   a script's warm runs, benchmarks, tests; otherwise they compile once qbound has been idle for
-  ``IDLE_SECONDS``)."""
-  if _active:
+  ``IDLE_SECONDS``).
+
+  Bounding calls still running on other threads are waited for first: ``certify`` returns at its
+  deadline while one of its stages may still finish the batch it bounds.
+
+  Raises:
+    RuntimeError: when called from inside a bounding call (it would wait for itself).
+  """
+  if getattr(_in_call, "depth", 0):
     raise RuntimeError("fused.wait() was called during a bounding call; call it between calls.")
+  with _active_lock:
+    _ended.wait_for(lambda: _active == 0)
   if _executor is not None:
     _forced.set()
     try:
