@@ -526,6 +526,20 @@ def test_certify_auto_on_a_relu_output():
   assert np.abs(values).max() <= cert.upper and cert.lower <= cert.upper
 
 
+def test_certify_auto_on_affine_layers_only():
+  """Two dense layers and no activation (an nnx.Linear, a linen Sequential of Dense): the NumPy
+  search's region ascent met a region with no ReLU rows and crashed (ValueError in its linear
+  program); the region is the whole box, and the bound is the exact maximum."""
+  box = qb.Box(-jnp.ones(5), jnp.ones(5))
+  w = np.asarray(jax.random.normal(jax.random.key(0), (5, 3)), np.float32)
+  f = lambda x: x @ w  # noqa: E731
+  fq = lambda x: x @ (np.round(w * 8) / 8)  # noqa: E731
+  cert = qb.certify(f, fq, box, time_budget=3.0)
+  exact = np.abs(np.round(w * 8) / 8 - w).sum(axis=0).max()  # at a corner of the box
+  assert cert.lower <= cert.upper and exact <= cert.upper <= exact * (1 + 1e-4)
+  assert cert.lower >= exact * (1 - 1e-4)
+
+
 def test_a_small_input_grid_goes_to_the_grid():
   """f_q that scales and rounds its input first: a chain for the NumPy search, and where its input
   grid is small certify(auto) enumerates it (exact cell by cell; the NumPy search runs only while

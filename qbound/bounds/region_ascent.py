@@ -90,8 +90,10 @@ def _solve(chain, pattern, objective_sign, output, lo, hi):
       # on: a x + c >= 0, i.e. -a x <= c; off: a x + c <= 0.
       rows.append(np.where(on[:, None], -a, a))
       rhs.append(np.where(on, c, -c))
-  res = scipy.optimize.linprog(-objective_sign * g[output], A_ub=np.concatenate(rows), b_ub=np.concatenate(rhs),
-                               bounds=list(zip(lo, hi)), method="highs")
+  # (Without ReLUs the region is the whole box: no rows.)
+  a_ub, b_ub = (np.concatenate(rows), np.concatenate(rhs)) if rows else (None, None)
+  res = scipy.optimize.linprog(-objective_sign * g[output], A_ub=a_ub, b_ub=b_ub, bounds=list(zip(lo, hi)),
+                               method="highs")
   if res.status != 0 or res.x is None:
     return None, pre
   return np.clip(res.x, lo, hi), pre
@@ -134,7 +136,7 @@ def region_ascent(chain, x, lo, hi, outputs, max_programs: int = 40, seen: Optio
   while candidates and programs < max_programs:
     moved = None
     for pattern in candidates:
-      key = b"".join(np.packbits(np.concatenate(p)).tobytes() for p in pattern)
+      key = b"".join(np.packbits(np.concatenate(p)).tobytes() for p in pattern if p)
       if seen is not None:
         if key in seen:
           continue
