@@ -24,7 +24,7 @@ from qbound.attack import Search, maximize_error
 from qbound.batch import BatchCertificate, certify_batch
 from qbound.box import Box, linf_ball
 from qbound.certify import Certificate, certify
-from qbound.errors import BoundOverflowError, InfiniteBoundWarning, InvalidBoundsError, SoundnessError, VnnlibError
+from qbound.errors import BoundOverflowError, FloatTieWarning, InfiniteBoundWarning, InvalidBoundsError, SoundnessError, VnnlibError
 from qbound.graph import Graph, Node
 from qbound.merge import MergedNetwork, merge
 from qbound.trace import UnsupportedPrimitiveError, trace
@@ -37,6 +37,7 @@ __all__ = [
     "Box",
     "Certificate",
     "Graph",
+    "FloatTieWarning",
     "InfiniteBoundWarning",
     "InvalidBoundsError",
     "MergedNetwork",

@@ -493,6 +493,8 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
   lower = np.max(np.abs(sel), axis=1) + 0.0
   lower_float32 = np.asarray(float32_errors(witness), np.float64)
   bad = np.flatnonzero(lower > upper)
+  if not bad.size:
+    validate.float_ties("batch certificate", lower_float32, upper, witness)
   if bad.size:
     i = int(bad[0])
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"

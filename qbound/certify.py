@@ -537,6 +537,7 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
                          f"({final['per_method']}){hint}; please report this input.")
+  validate.float_ties("certificate", lower_float32, upper, witness)
   per_method, best = final["per_method"], final["best_method"]
   if method != "auto":  # a named method reports under its own name (its preliminary bounds included)
     per_method, best = {method: upper}, method

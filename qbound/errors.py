@@ -37,6 +37,14 @@ class InfiniteBoundWarning(RuntimeWarning):
   down, shrink the box, or compute in float64 (``jax.enable_x64``)."""
 
 
+class FloatTieWarning(RuntimeWarning):
+  """At a certificate's witness, f and fq as they run (float32) differ by more than the proven upper
+  bound, which holds for the real-arithmetic networks (docs/concepts/soundness.md): in float32 a
+  rounding of fq's (``round(x / s)``) lands on the other side of a tie, a whole quantization step
+  away from the real-arithmetic value. The bound is still proven for the real-arithmetic error; the
+  networks as executed can exceed it at such inputs."""
+
+
 class VnnlibError(ValueError):
   """A VNN-LIB file that :func:`qbound.io.load_vnnlib` cannot read, or a problem in it qbound does
   not support. The message names the file, the line (and column when known) and what is wrong, as

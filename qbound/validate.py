@@ -314,6 +314,39 @@ def mesh_or_devices(mesh: Any, devices: Any) -> None:
 # ----------------------------------------------------------------------------------------- results
 
 
+def float_ties(what: str, lower_float32, upper, witness) -> None:
+  """Warns (:class:`~qbound.errors.FloatTieWarning`) where the error at a witness as f and fq run in
+  float32 exceeds the real-arithmetic upper bound: a rounding tie that float32 resolves the other way.
+
+  Args:
+    what: names the certificate in messages.
+    lower_float32: the float32 error(s) at the witness(es), or None.
+    upper: the proven upper bound(s).
+    witness: the witness input(s), one per bound.
+  """
+  import warnings
+
+  from qbound.errors import FloatTieWarning
+
+  if lower_float32 is None:
+    return
+  lower_float32 = np.asarray(lower_float32, np.float64).reshape(-1)
+  upper = np.asarray(upper, np.float64).reshape(-1)
+  # (float32 rounding of the outputs themselves moves them by ulps: only a larger excess is a tie's)
+  over = np.flatnonzero(lower_float32 > upper + 1e-5 * np.maximum(np.abs(upper), 1e-30))
+  if not over.size:
+    return
+  i = int(over[0])
+  x = np.asarray(witness, np.float64).reshape(upper.size, -1)[i]
+  where = "" if upper.size == 1 else f" for {over.size} of {upper.size} boxes (box {i})"
+  warnings.warn(
+      f"{what}: at the witness {x.tolist()}, f and fq as they run in float32 differ by {float(lower_float32[i])!r}, "
+      f"above the proven bound {float(upper[i])!r}{where}. The bound holds for the real-arithmetic networks; in "
+      "float32 a rounding in fq (round(x / s)) lands on the other side of a tie there, a whole quantization "
+      "step away. Inputs within a few ulps of fq's rounding ties can exceed the bound when the networks run "
+      "in float32 (docs/concepts/soundness.md).", FloatTieWarning, stacklevel=4)
+
+
 def certificate_values(what: str, lower, upper, *, warn: bool = True) -> None:
   """Checks the proven and reached errors of a certificate (one box or a batch) as they are built.
 

@@ -3,6 +3,7 @@
 import functools
 import importlib
 import json
+import warnings
 
 import flax.linen as nn
 import jax
@@ -300,3 +301,23 @@ def test_plain_differential_pass_beside_branch_and_bound_is_sound(monkeypatch):
   values = H.eval64(qb.merge(f, fq, box), H.sample_points(box, 2000))
   assert np.all(values >= cert.diff_lower) and np.all(values <= cert.diff_upper)
   assert np.max(np.abs(values)) <= cert.upper and cert.lower <= cert.upper
+
+
+def test_a_float32_tie_beyond_the_real_arithmetic_bound_warns():
+  """At x0, 0.7 x0 / 0.1 is -37.4999993 in real arithmetic (rounds to -37) but -37.5 exactly in
+  float32 (rounds to -38): the networks as executed differ by a whole step more than the proven
+  real-arithmetic maximum. certify says so (FloatTieWarning) instead of returning silently; where
+  the bound covers the float32 error, nothing is said."""
+  s, w, a = jnp.float32(0.1), jnp.float32(0.7), jnp.float32(-3.75)
+  head = lambda y: jnp.concatenate([y[None], 2.0 * jax.nn.relu(a - y)[None]])  # noqa: E731
+  f = lambda x: head(x[0] * w)  # noqa: E731
+  fq = lambda x: head(jnp.round(x[0] * w / s) * s)  # noqa: E731
+  x0 = np.float32(-5.357143)
+  box = qb.Box(jnp.array([x0]), jnp.array([x0 + np.float32(0.01)]))
+  with pytest.warns(qb.FloatTieWarning, match="float32"):
+    cert = qb.certify(f, fq, box, method="auto", time_budget=2.0)
+  assert cert.lower <= cert.upper < cert.lower_float32
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", qb.FloatTieWarning)
+    cert = qb.certify(f, fq, box, method="diff")  # its rounding band holds both sides of the tie
+  assert cert.lower_float32 <= cert.upper
