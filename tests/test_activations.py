@@ -184,3 +184,21 @@ def test_unsound_mode_stays_within_sound_mode():
   loose = crown_bounds(merged.graph, BOX, None, False)[merged.graph.output]
   assert np.all(np.asarray(sound[0]) <= np.asarray(loose[0])) and np.all(np.asarray(loose[1]) <= np.asarray(sound[1]))
   np.testing.assert_allclose(loose[1], sound[1], rtol=1e-3, atol=1e-4)
+
+
+def test_abs_is_bounded_at_least_zero_and_crown_upper_is_the_chord():
+  """|x| as relu(x) + relu(-x): interval and CROWN bounds never go below 0 (the generic -x + relu(2x)
+  gave [-1, 3] over [-1, 1]), CROWN's upper is the chord, and 1 / (1 + |x W|) is bounded (its
+  denominator was taken as possibly 0)."""
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  w = jnp.array([[1.0, -2.0], [0.5, 1.0]])
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(lambda x: jnp.abs(x @ w), box)
+    assert np.all(np.asarray(out.lower) >= -1e-30)
+  crown = qb.bounds.crown(lambda x: jnp.abs(2.0 * x), box)
+  assert np.all(np.asarray(crown.upper) <= 2.0 + 1e-4)
+  g = lambda x: x / (1.0 + jnp.abs(x @ w))  # noqa: E731
+  out = qb.bounds.crown(g, box)
+  xs = np.random.default_rng(0).uniform(-1, 1, (4000, 2)).astype(np.float32)
+  values = np.asarray(jax.vmap(g)(jnp.asarray(xs)))
+  assert np.all(values >= np.asarray(out.lower) - 1e-6) and np.all(values <= np.asarray(out.upper) + 1e-6)
