@@ -539,3 +539,21 @@ def test_a_function_traced_again_gives_its_kept_graph_unless_its_constants_can_c
   y = jnp.array([1.0, 1.0])
   np.testing.assert_allclose(second(y), h(y), rtol=1e-6)
   assert not np.allclose(first(y), second(y))
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("concatenate, a constant between", lambda x: jnp.concatenate([x, jnp.array([5.0]), 2 * x])),
+    ("stack of scalars", lambda x: jnp.stack([x[0], x[1]])),
+    ("stack of vectors", lambda x: jnp.stack([x, 2 * x])),
+    ("stack with a constant", lambda x: jnp.stack([x, jnp.ones(2), -x], axis=1)),
+])
+def test_concatenate_and_stack_keep_every_part_in_place(name, fn):
+  """A constant concatenated between input-dependent parts was dropped (one output short, the rest
+  misplaced); jnp.stack (its own primitive in current JAX) was refused."""
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  xs = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (500, 2)), jnp.float32)
+  values = np.asarray(jax.vmap(fn)(xs))
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(fn, box)
+    assert out.lower.shape == values.shape[1:], name
+    assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)

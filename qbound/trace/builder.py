@@ -240,8 +240,12 @@ class _Builder:
     name = eqn.primitive.name
     if len(var_positions) > 1:
       if name == "concatenate":
-        return self.emit(G.Node(kind=G.CONCAT, inputs=tuple(v[1] for v in ins if v[0] == "node"),
-                                shape=out_shape, attrs=(eqn.params["dimension"],), where=where))
+        return self.concatenate(ins, eqn.params["dimension"], where, out_shape)
+      if name == "stack":  # each part given the new axis, then concatenated along it
+        axis = eqn.params["axis"]
+        parts = [self.route(v, lambda t, axis=axis: jnp.expand_dims(t, axis), where) if v[0] == "node"
+                 else ("const", np.expand_dims(np.asarray(v[1]), axis)) for v in ins]
+        return self.concatenate(parts, axis, where, out_shape)
       self.unsupported(eqn, "it multiplies two input-dependent values, which is not linear")
     pos = var_positions[0]
     if name == "div" and pos != 0:
@@ -288,6 +292,34 @@ class _Builder:
     node = G.Node(kind=G.AFFINE, inputs=(in_value[1],), shape=out_shape, op=op, weights=tuple(consts),
                   bias=bias, where=where)
     return self.emit(node)
+
+  def concatenate(self, parts, axis: int, where, out_shape):
+    """``jnp.concatenate(parts, axis)`` of input-dependent parts (at least two) and constants.
+
+    Without constants, one CONCAT node. With them, each input-dependent part zero-padded to the
+    output's shape (a routing op), summed, plus the constants at their places: a CONCAT node of the
+    input-dependent parts alone would drop them and misplace what follows.
+    """
+    if all(v[0] == "node" for v in parts):
+      return self.emit(G.Node(kind=G.CONCAT, inputs=tuple(v[1] for v in parts), shape=out_shape, attrs=(axis,),
+                              where=where))
+    axis = axis % len(out_shape)
+    constants = np.zeros(out_shape, self.dtype)
+    total, start = None, 0
+    for v in parts:
+      size = (self.shape_of(v) if v[0] == "node" else np.shape(v[1]))[axis]
+      if v[0] == "node":
+        config = [(0, 0, 0)] * len(out_shape)
+        config[axis] = (start, out_shape[axis] - start - size, 0)
+        padded = self.route(v, lambda t, zero, config=tuple(config): lax.pad(t, zero, config), where,
+                            host_array(0, self.dtype))
+        total = padded if total is None else self.combine(total, padded, 1, where, out_shape)
+      else:
+        index = [slice(None)] * len(out_shape)
+        index[axis] = slice(start, start + size)
+        constants[tuple(index)] = np.broadcast_to(np.asarray(v[1], self.dtype), constants[tuple(index)].shape)
+      start += size
+    return self.shift(total, constants, where, out_shape)
 
   def _check_no_overflow(self, eqn, op, consts, pos):
     """An integer product (qwix's int8 x int8 -> int32) equals its real value unless it wraps
