@@ -97,6 +97,25 @@ def test_programs_compile_only_after_calls_and_idle_time(own_programs, monkeypat
   fused.wait()  # (nothing left to compile)
 
 
+def test_a_batch_finishing_at_interpreter_exit_goes_step_by_step(own_programs, monkeypatch):
+  """A certify stage still bounding its batch as the script exits: the programs' worker refuses new
+  work then; the batch is bounded step by step and nothing is asked for (it raised before)."""
+  f, fq, _, _ = H.random_pair(4, (3, (16, 16), 2), noise=1e-2)
+  merged = qb.merge(f, fq, qb.Box(-jnp.ones(3), jnp.ones(3)))
+  boxes = pieces(2, 3)
+  usual = diff_bounds_sparse(merged.f_graph, merged.fq_graph, boxes, f_crown=False, fused=False)
+
+  class Exiting:
+    def submit(self, *args, **kwargs):
+      raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+  monkeypatch.setattr(fused, "_worker", Exiting)
+  out = diff_bounds_sparse(merged.f_graph, merged.fq_graph, boxes, f_crown=False, fused=True)
+  assert own_programs and all(p is fused._FAILED for p in own_programs.values())
+  for mine, ref in zip(out.d, usual.d):
+    np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
+
+
 def test_wait_waits_for_a_bounding_call_still_running_on_another_thread():
   """certify returns at its deadline while a stage may still finish its batch: wait() after it waits
   for that batch instead of raising."""

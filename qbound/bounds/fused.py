@@ -186,7 +186,10 @@ def _run(name: str, key, args, static: dict, fallback=None):
     if key not in _programs and len(_programs) < MAX_PROGRAMS:
       _programs[key] = None
       abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(*_aval(leaf)), args)
-      _worker().submit(_compile, key, program_fn, abstract, static)
+      try:
+        _worker().submit(_compile, key, program_fn, abstract, static)
+      except RuntimeError:  # the interpreter is exiting (a certify stage finishing its batch): none is compiled
+        _programs[key] = _FAILED
     return step_by_step()
   try:
     return program(*args)
