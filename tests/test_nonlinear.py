@@ -247,3 +247,24 @@ def test_gelu_curve_is_tighter_than_its_pieces():
   ys = jax.nn.gelu(xs @ w1) @ w2
   assert bool(jnp.all((one.lower <= ys) & (ys <= one.upper)))
   assert float(jnp.sum(one.upper - one.lower)) < 0.8 * float(jnp.sum(split.upper - split.lower))
+
+
+def test_softmax_interval_bounds_stay_within_zero_and_one():
+  """softmax(s)_i = 1 / sum_j exp(s_j - s_i): interval bounds of s_i - s_i could not see that it is 0,
+  and the reciprocal's upper bound reached 1e11 on a 6-8-4 MLP; the diagonal is exactly 0 now."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.softmax(nn.Dense(4)(nn.relu(nn.Dense(8)(x))))
+
+  net = Net()
+  params = net.init(jax.random.key(0), jnp.zeros(6))
+  f = functools.partial(net.apply, params)
+  box = qb.Box(-jnp.ones(6), jnp.ones(6))
+  xs = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2000, 6)), jnp.float32)
+  values = np.asarray(jax.vmap(f)(xs))
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(f, box)
+    assert np.all(np.asarray(out.upper) <= 1.0 + 1e-4) and np.all(np.asarray(out.lower) >= 0.0)
+    assert np.all(values >= np.asarray(out.lower)) and np.all(values <= np.asarray(out.upper))
