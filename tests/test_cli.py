@@ -146,7 +146,10 @@ def test_bad_files_exit_2_naming_the_file(capsys, tmp_path):
   binary.write_bytes(bytes(range(256)))
   no_keys = tmp_path / "box.npz"
   np.savez(no_keys, lo=np.zeros(64))
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_bytes(b"garbage")
   for argv, message in [([str(broken)], "broken.nnet, line 3"),
+                        ([DIGITS, "--box-npz", str(garbage)], "not a NumPy .npz archive"),
                         ([str(binary)], "not a text NNet file"),
                         ([DIGITS, "--box-npz", str(no_keys)], "must hold arrays 'lower' and 'upper'"),
                         ([DIGITS, "--output", str(tmp_path)], "is a directory"),

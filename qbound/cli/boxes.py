@@ -94,6 +94,16 @@ def fit(values: np.ndarray, shape: Optional[tuple[int, ...]], option: str) -> np
 
 def box_from_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   try:
+    with open(path, "rb") as file:
+      head = file.read(4)
+  except FileNotFoundError:
+    raise UsageError(f"--box-npz {path}: no such file.") from None
+  except OSError as err:
+    raise UsageError(f"--box-npz {path}: cannot be read ({err}).") from None
+  if head != b"PK\x03\x04":  # (np.load would try it as pickled data and say so)
+    raise UsageError(f"--box-npz {path}: not a NumPy .npz archive (a zip of arrays, as np.savez writes, with "
+                     "'lower' and 'upper' or 'center' and 'radius').")
+  try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
   except FileNotFoundError:
