@@ -26,7 +26,7 @@ import numpy as np
 from qbound import graph as G
 from qbound import validate
 from qbound._recent import Recent
-from qbound.box import Box
+from qbound.box import Box, validate_box
 from qbound.trace import trace
 from qbound.trace.scaled import ScaledOp, fuse_scales, scaled_like
 
@@ -357,7 +357,11 @@ def check_networks(f: Any, fq: Any) -> None:
 
 def check_example(name: str, value: Any) -> None:
   """An input fixing the shape and dtype: an array of numbers, a ``jax.ShapeDtypeStruct`` or a Box."""
-  if isinstance(value, (Box, jax.ShapeDtypeStruct)):
+  if isinstance(value, Box):
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in (value.lower, value.upper)):
+      validate_box(value, name=name)  # (an empty or NaN box would only fail later, where it is used)
+    return
+  if isinstance(value, jax.ShapeDtypeStruct):
     return
   accepted = "an input (an array of numbers), a jax.ShapeDtypeStruct or a qbound.Box fixing the input shape"
   if value is None or isinstance(value, (str, bytes)):

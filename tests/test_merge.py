@@ -196,3 +196,15 @@ def test_merging_the_same_functions_again_gives_the_kept_network():
   for _ in range(2):
     with pytest.raises(ValueError, match="NaN"):
       qb.merge(f, functools.partial(model.apply, broken), box)
+
+
+@pytest.mark.parametrize("lower, upper, message", [
+    (jnp.ones(2), -jnp.ones(2), "empty"),
+    (jnp.array([jnp.nan, 0.0]), jnp.ones(2), "not finite"),
+    (jnp.zeros(2), jnp.ones(3), "shape"),
+])
+def test_merge_rejects_a_box_that_certifies_nothing(lower, upper, message):
+  """A box given to merge fixed only the input shape: an empty, NaN or mismatched one passed, and
+  only failed later where it was used."""
+  with pytest.raises(ValueError, match=message):
+    qb.merge(lambda x: x * 2.0, lambda x: x * 2.0, qb.Box(lower, upper))
