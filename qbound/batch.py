@@ -282,13 +282,19 @@ def _key_data(key, n: int):
   return np.asarray(keys), None
 
 
-def _float32_errors(f, fq, merged: MergedNetwork, xs):
+def _float32_errors(f, fq, merged: MergedNetwork, xs, outputs=None):
   """Compiled ``max_j |f_j(x) - fq_j(x)|`` per witness for witnesses shaped like ``xs``, as the user's
-  functions compute it (as certify does)."""
+  functions compute it (as certify does), and the magnitude of their outputs (0 for a merged network)."""
+  def error(d):
+    d = jnp.ravel(d)
+    return jnp.max(jnp.abs(d if outputs is None else d[np.asarray(outputs)]))
+
   if f is merged:
-    fn = lambda x: jnp.max(jnp.abs(merged.graph(x)))
+    fn = lambda x: (error(merged.graph(x)), jnp.zeros((), jnp.float32))
   else:
-    fn = lambda x: jnp.max(jnp.abs(f(x) - fq(x)))
+    def fn(x):
+      y, yq = f(x), fq(x)
+      return error(y - yq), jnp.maximum(jnp.max(jnp.abs(y)), jnp.max(jnp.abs(yq)))
   return jax.jit(jax.vmap(fn)).lower(jax.ShapeDtypeStruct(xs.shape, xs.dtype)).compile()
 
 
@@ -445,7 +451,7 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
       break
     plan = smaller
   # The witnesses' float32 and float64 (host CPU) evaluations, compiled for n witnesses now too.
-  float32_errors = _float32_errors(f, fq, merged, lo_all)
+  float32_errors = _float32_errors(f, fq, merged, lo_all, outputs)
   attack.exact_errors(merged.graph, lo_all)
   compile_seconds = time.perf_counter() - t0
   shards = sharding.layout(lo)
@@ -491,10 +497,10 @@ def certify_batch(f: Callable, fq: Optional[Callable], boxes: Box, *, method: st
   witness_diff = attack.exact_errors(merged.graph, witness).reshape(n, -1)
   sel = witness_diff if outputs is None else witness_diff[:, outputs]
   lower = np.max(np.abs(sel), axis=1) + 0.0
-  lower_float32 = np.asarray(float32_errors(witness), np.float64)
+  lower_float32, scale_float32 = (np.asarray(v, np.float64) for v in float32_errors(witness))
   bad = np.flatnonzero(lower > upper)
   if not bad.size:
-    validate.float_ties("batch certificate", lower_float32, upper, witness)
+    validate.float_ties("batch certificate", lower_float32, upper, witness, scale_float32)
   if bad.size:
     i = int(bad[0])
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"

@@ -116,12 +116,16 @@ TIMED_METHODS = ("auto", "bab", "milp")
 
 @jax.jit
 def _graph_at(graph, x):
-  return graph(x)
+  return graph(x), jnp.zeros((), jnp.float32)  # (f's and fq's own values are not at hand)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _error_at(f, fq, x):
-  return f(x) - fq(x)
+def _error_and_scale(f, fq, x):
+  """``f(x) - fq(x)`` as they compute it, and the larger of their outputs' magnitudes."""
+  y, yq = f(x), fq(x)
+  return y - yq, jnp.maximum(jnp.max(jnp.abs(y)), jnp.max(jnp.abs(yq)))
+
+
+_error_at = jax.jit(_error_and_scale, static_argnums=(0, 1))
 
 
 def _hashable(*objects) -> bool:
@@ -272,12 +276,15 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
   if isinstance(f, MergedNetwork):
     error_float32 = functools.partial(_graph_at, graph)
   else:
-    error_float32 = functools.partial(_error_at, f, fq) if _hashable(f, fq) else (lambda x: f(x) - fq(x))
+    error_float32 = functools.partial(_error_at if _hashable(f, fq) else _error_and_scale, f, fq)
 
   def closing_values(witness):
-    """``f - f_q`` at the witness in float64, and the error as f and fq compute it themselves."""
+    """``f - f_q`` at the witness in float64, the error as f and fq compute it themselves, and the
+    magnitude of their outputs there (0 when not known)."""
     witness_diff = attack.exact_error(graph, witness)
-    return witness_diff, float(np.max(np.abs(np.asarray(error_float32(jnp.asarray(witness))))))
+    diff32, scale = error_float32(jnp.asarray(witness))
+    diff32 = np.asarray(diff32).reshape(-1)
+    return witness_diff, float(np.max(np.abs(diff32 if outputs is None else diff32[outputs]))), float(scale)
 
   stop = threading.Event()  # set when the call returns at its deadline: later stages are skipped
   # The stages' own deadline: the call's, less what the certificate itself takes at the end.
@@ -532,12 +539,12 @@ def certify(f: Callable, fq: Optional[Callable], box: Box, *, method: str = "aut
     final = track.snapshot()
 
   lower, upper, witness = final["lower"], final["upper"], final["witness"]
-  witness_diff, lower_float32 = closing_values(witness)
+  witness_diff, lower_float32, scale_float32 = closing_values(witness)
   if lower > upper:
     hint = "" if sound else " (sound=False skips the floating-point margins; use sound=True)"
     raise SoundnessError(f"reached error {lower!r} at {witness.tolist()} exceeds the proven bound {upper!r} "
                          f"({final['per_method']}){hint}; please report this input.")
-  validate.float_ties("certificate", lower_float32, upper, witness)
+  validate.float_ties("certificate", lower_float32, upper, witness, scale_float32)
   per_method, best = final["per_method"], final["best_method"]
   if method != "auto":  # a named method reports under its own name (its preliminary bounds included)
     per_method, best = {method: upper}, method

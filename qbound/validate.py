@@ -314,7 +314,7 @@ def mesh_or_devices(mesh: Any, devices: Any) -> None:
 # ----------------------------------------------------------------------------------------- results
 
 
-def float_ties(what: str, lower_float32, upper, witness) -> None:
+def float_ties(what: str, lower_float32, upper, witness, scale=None) -> None:
   """Warns (:class:`~qbound.errors.FloatTieWarning`) where the error at a witness as f and fq run in
   float32 exceeds the real-arithmetic upper bound: a rounding tie that float32 resolves the other way.
 
@@ -323,6 +323,7 @@ def float_ties(what: str, lower_float32, upper, witness) -> None:
     lower_float32: the float32 error(s) at the witness(es), or None.
     upper: the proven upper bound(s).
     witness: the witness input(s), one per bound.
+    scale: the magnitude(s) of f's and fq's float32 outputs at the witness(es) (0 or None: not known).
   """
   import warnings
 
@@ -332,8 +333,12 @@ def float_ties(what: str, lower_float32, upper, witness) -> None:
     return
   lower_float32 = np.asarray(lower_float32, np.float64).reshape(-1)
   upper = np.asarray(upper, np.float64).reshape(-1)
-  # (float32 rounding of the outputs themselves moves them by ulps: only a larger excess is a tie's)
-  over = np.flatnonzero(lower_float32 > upper + 1e-5 * np.maximum(np.abs(upper), 1e-30))
+  # float32's own rounding moves the outputs by ulps of their magnitude, and a tight certificate's
+  # gap may be smaller than that: only an excess well beyond it (about 100 ulps of the outputs, 0.1%
+  # of the bound, or 1% where the outputs' magnitude is not known) is taken as a tie's.
+  scale = np.zeros_like(upper) if scale is None else np.broadcast_to(np.asarray(scale, np.float64), upper.shape)
+  noise = np.where(scale > 0, np.maximum(1e-5 * scale, 1e-3 * np.abs(upper)), 1e-2 * np.abs(upper))
+  over = np.flatnonzero(lower_float32 > upper + noise)
   if not over.size:
     return
   i = int(over[0])

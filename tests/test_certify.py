@@ -321,3 +321,30 @@ def test_a_float32_tie_beyond_the_real_arithmetic_bound_warns():
     warnings.simplefilter("error", qb.FloatTieWarning)
     cert = qb.certify(f, fq, box, method="diff")  # its rounding band holds both sides of the tie
   assert cert.lower_float32 <= cert.upper
+
+
+def test_lower_float32_counts_the_chosen_outputs_only():
+  """lower_float32 was the largest error over every output, also where `outputs` chose fewer (and
+  then stood above `upper`); it counts the chosen ones now, as lower does, in certify_batch too."""
+  w = jnp.array([[1.0, 3.0], [0.5, -2.0]])
+  f = lambda x: x @ w  # noqa: E731
+  fq = lambda x: x @ (w * jnp.array([0.99, 0.9]))  # noqa: E731  (output 1 errs ten times as much)
+  box = qb.Box(-jnp.ones(2), jnp.ones(2))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", qb.FloatTieWarning)
+    cert = qb.certify(f, fq, box, method="crown", outputs=[0])
+    batch = qb.certify_batch(f, fq, qb.Box(box.lower[None], box.upper[None]), method="crown", outputs=[0])
+  assert cert.lower_float32 == pytest.approx(cert.lower, rel=1e-5) and cert.lower_float32 <= cert.upper
+  assert batch.lower_float32[0] == pytest.approx(batch.lower[0], rel=1e-5)
+
+
+def test_float_ties_warn_only_beyond_float32_noise():
+  """A tight certificate's gap can be smaller than float32's rounding of large outputs: an excess
+  within about 100 ulps of the outputs is no tie's and says nothing."""
+  from qbound import validate
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", qb.FloatTieWarning)
+    validate.float_ties("certificate", 1.00002e-5, 1.0e-5, np.zeros(2), 100.0)  # 2e-10 over, outputs ~100
+    validate.float_ties("certificate", 1.001e-5, 1.0e-5, np.zeros(2), 0.0)  # not known: 1% allowed
+  with pytest.warns(qb.FloatTieWarning):
+    validate.float_ties("certificate", 0.1, 0.05, np.zeros(2), 4.0)
