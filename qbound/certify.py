@@ -10,7 +10,8 @@ What "proven" means: in the default sound mode, the bounds hold for the real-ari
 f and f_q (their weights being exactly the given float values), despite the bounds themselves
 being computed in float32 (see :mod:`qbound.bounds.fp`). ``lower`` is the error at the witness
 evaluated in float64 (the real-arithmetic value to about 1e-16 relative); ``lower_float32`` is the
-same error as f and fq compute it in their own dtype, which differs from it by rounding.
+same error as f and fq compute it in their own dtype, which differs from it by rounding (by a whole
+quantization step where f_q's rounding meets a tie: :class:`~qbound.errors.FloatTieWarning`).
 """
 
 from __future__ import annotations
