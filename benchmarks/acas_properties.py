@@ -140,7 +140,11 @@ def _outward_box(lo: np.ndarray, hi: np.ndarray) -> qb.Box:
 
 
 if __name__ == "__main__":
+  import argparse
   from pathlib import Path
+
+  argparse.ArgumentParser(description="Prints the VNN-COMP ACAS Xu properties' boxes, raw and normalised for "
+                          "net 1_1 (the module's PROPERTIES).").parse_args()
 
   path = Path(__file__).resolve().parents[1] / "qbound" / "data" / "ACASXU_run2a_1_1_batch_2000.nnet"
   _, params = qb.io.load_nnet(path)

@@ -11,6 +11,7 @@ weights (the gradient is right; the straight-through estimator around it is what
   PYTHONPATH=$PWD python benchmarks/bench_certified_retrain.py
 """
 
+import argparse
 import functools
 import os
 import sys
@@ -78,4 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
+  argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
   main()

@@ -66,7 +66,11 @@ def run(config: str) -> dict:
 
 
 def main(argv=None):
-  configs = (argv if argv is not None else sys.argv[1:]) or CONFIGS
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("configs", nargs="*", help=f"dynamic forms to run (default: all of {', '.join(CONFIGS)})")
+  configs = parser.parse_args(argv if argv is not None else sys.argv[1:]).configs or CONFIGS
   rows = []
   for config in configs:
     rows.append(run(config))

@@ -22,7 +22,6 @@ Run: ``python benchmarks/neurodiff_reference.py neurify:nomono,neurify:coef 1,2,
 epsilon 0.05, output 0; at most 20,000 pieces each).
 """
 import pathlib
-import sys
 import time
 
 import numpy as np
@@ -165,6 +164,12 @@ def bab(lf, lq, lo, hi, eps, target=0, mode="neurify", use_mono=True, split="gra
 
 
 def main():
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("variants", help="comma-separated mode:split variants, e.g. neurify:nomono,neurify:coef")
+  parser.add_argument("nets", help="comma-separated k of the ACAS Xu nets 1_k, e.g. 1,2,7")
+  args = parser.parse_args()
   import qbound as qb
   B = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench"
   def layers_of(path):
@@ -173,12 +178,12 @@ def main():
     return p, [(np.asarray(d["kernel"], np.float64), np.asarray(d["bias"], np.float64)) for d in dense]
   lo_raw = np.array([55947.691, -3.141592, -3.141592, 1145, 0])
   hi_raw = np.array([60760, 3.141592, 3.141592, 1200, 60])
-  for k in [int(a) for a in sys.argv[2].split(",")]:
+  for k in [int(a) for a in args.nets.split(",")]:
     name = f"ACASXU_run2a_1_{k}_batch_2000"
     p, lf = layers_of(B / "nnet" / f"{name}.nnet"); _, lq = layers_of(B / "nnet_16bit" / f"{name}_16bit.nnet")
     m, r = np.asarray(p["normalisation"]["means"], np.float64), np.asarray(p["normalisation"]["ranges"], np.float64)
     lo, hi = (lo_raw - m) / r, (hi_raw - m) / r
-    for variant in sys.argv[1].split(","):
+    for variant in args.variants.split(","):
       mode, mono = variant.split(":")
       t = time.perf_counter()
       use_mono = (mono == "mono") if mono != "coef" else "coef"

@@ -320,6 +320,8 @@ def test_dqa_with_taps_and_bad_arguments(tapped_params, calib):
     A.dqa(tapped_mlp, tapped_params, calib, 3, 1, 1.5, tap=True)
   with pytest.raises(ValueError, match='extra_bits'):
     A.dqa(tapped_mlp, tapped_params, calib, 3, 0, 0.5, tap=True)
+  with pytest.raises(ValueError, match=r'bits \+ extra_bits at most 24.*bits=23'):
+    A.dqa(tapped_mlp, tapped_params, calib, 23, 2, 0.5, tap=True)
   with pytest.raises(ValueError, match='importance'):
     A.dqa(tapped_mlp, tapped_params, calib, 3, 1, 0.5, tap=True, importance='random')
 

@@ -478,7 +478,9 @@ def dqa(
   True
   """
   bits = numerics.check_bits(bits, minimum=2, maximum=numerics.MAX_INT_BITS - 1)
-  extra_bits = numerics.check_bits(extra_bits, minimum=1, maximum=numerics.MAX_INT_BITS - bits, what='extra_bits')
+  extra_bits = numerics.check_bits(
+      extra_bits, minimum=1, maximum=numerics.MAX_INT_BITS - bits, what='extra_bits',
+      why=f' (bits + extra_bits at most {numerics.MAX_INT_BITS}, the integers float32 holds exactly; bits={bits})')
   if isinstance(important_fraction, bool) or not isinstance(important_fraction, (int, float)) or not (
       0.0 <= important_fraction <= 1.0):
     raise ValueError(f'important_fraction must be a number in [0, 1], got {important_fraction!r}.')

@@ -72,8 +72,8 @@ FLOAT_FORMATS = types.MappingProxyType({
 MAX_INT_BITS = 24
 
 
-def check_bits(bits, *, minimum: int, maximum: int = MAX_INT_BITS, what: str = 'bits') -> int:
-  """Returns `bits` as an int, or raises a `ValueError` saying what is allowed."""
+def check_bits(bits, *, minimum: int, maximum: int = MAX_INT_BITS, what: str = 'bits', why: str = '') -> int:
+  """Returns `bits` as an int, or raises a `ValueError` saying what is allowed (and `why`, when given)."""
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
     raise ValueError(f'{what} must be an integer, got {bits!r}.')
   bits = int(bits)
@@ -81,7 +81,7 @@ def check_bits(bits, *, minimum: int, maximum: int = MAX_INT_BITS, what: str = '
     hint = ''
     if minimum == 2 and bits < 2:
       hint = ' For 1-bit or ternary weights use `binary`, `ternary` or `trained_ternary`.'
-    raise ValueError(f'{what} must be between {minimum} and {maximum}, got {bits}.{hint}')
+    raise ValueError(f'{what} must be between {minimum} and {maximum}{why}, got {bits}.{hint}')
   return bits
 
 
