@@ -109,7 +109,8 @@ def verify(f: Callable, fq: Callable, box: Box, prop, *, time_budget: float = 10
     prop: a property (``qb.props.Top1()``, ``DeltaTop1(0.9)``, ``MaxError(0.05)``,
       ``RelativeError(0.01, floor=1e-3)``, ``Unsafe(...)``).
     time_budget: seconds before it answers ``unknown`` (compilation included; a batch of pieces
-      started before the deadline is finished).
+      started before the deadline is finished, so a first call on a new network, whose first batch
+      compiles its steps, can take seconds past a short budget: 5.6 s for 1 s on a small CNN).
     key: a ``jax.random`` key for the counterexample search; ``jax.random.key(0)`` when omitted.
     sound: proven floating-point margins in every bound (the default).
     batch_size: pieces bounded at once (None: 64 for inputs of at most 64 entries, else 32).
