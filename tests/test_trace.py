@@ -557,3 +557,21 @@ def test_concatenate_and_stack_keep_every_part_in_place(name, fn):
     out = bound(fn, box)
     assert out.lower.shape == values.shape[1:], name
     assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("set a constant", lambda x: x.at[1].set(5.0)),
+    ("set an input-dependent value", lambda x: x.at[0].set(x[3] * 2.0)),
+    ("set a slice", lambda x: x.at[1:3].set(-x[:2])),
+])
+def test_at_set_with_constant_indices_is_traced(name, fn):
+  """x.at[i].set(u) (a scatter with constant indices) is linear in x and u together; it was refused."""
+  box = qb.Box(-jnp.ones(4), jnp.ones(4))
+  xs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (500, 4)), jnp.float32)
+  values = np.asarray(jax.vmap(fn)(xs))
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(fn, box)
+    assert out.lower.shape == values.shape[1:], name
+    assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
+  with pytest.raises(qb.UnsupportedPrimitiveError, match="scatter-add"):
+    qb.bounds.interval(lambda x: x.at[1:3].add(x[:2]), box)

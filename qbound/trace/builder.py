@@ -246,6 +246,14 @@ class _Builder:
         parts = [self.route(v, lambda t, axis=axis: jnp.expand_dims(t, axis), where) if v[0] == "node"
                  else ("const", np.expand_dims(np.asarray(v[1]), axis)) for v in ins]
         return self.concatenate(parts, axis, where, out_shape)
+      if name == "scatter" and var_positions == [0, 2]:
+        # x.at[i].set(u) with constant indices is linear in (x, u) together: the same scatter with
+        # zero updates (x, its set entries cleared) plus with a zero operand (u in place). (Not
+        # scatter-add: its parameters hold a float32 combiner, which float64 evaluations cannot bind.)
+        zeros = lambda v: ("const", host_array(0, self.dtype, self.shape_of(v)))  # noqa: E731
+        kept = self.linear(eqn, [ins[0], ins[1], zeros(ins[2])], where, out_shape)
+        placed = self.linear(eqn, [zeros(ins[0]), ins[1], ins[2]], where, out_shape)
+        return self.combine(kept, placed, 1, where, out_shape)
       self.unsupported(eqn, "it multiplies two input-dependent values, which is not linear")
     pos = var_positions[0]
     if name == "div" and pos != 0:

@@ -10,7 +10,7 @@ class UnsupportedPrimitiveError(ValueError):
 _CALL_PARAM_NAMES = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 _COEFFICIENT_PRIMS = {"dot_general", "conv_general_dilated", "mul", "div"}
 _ROUTING_PRIMS = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "reduce_sum",
-                  "slice", "pad", "rev", "concatenate", "stack", "dynamic_slice", "gather", "reduce_window_sum", "tile"}
+                  "slice", "pad", "rev", "concatenate", "stack", "scatter", "dynamic_slice", "gather", "reduce_window_sum", "tile"}
 _IDENTITY_PRIMS = {"copy", "copy_p", "optimization_barrier"}
 _PRECISE_PRIMS = {"dot_general", "conv_general_dilated"}
 SUPPORTED = sorted(_COEFFICIENT_PRIMS | _ROUTING_PRIMS | _IDENTITY_PRIMS |
