@@ -48,6 +48,13 @@ class Piecewise:
   offsets: tuple
   values: tuple
 
+  def __post_init__(self):
+    # Arithmetic on 0-d object arrays returns bare Fractions: a scalar's pieces (leaky_relu of one
+    # entry) are kept as arrays, as every other shape's are.
+    for name in ("breaks", "slopes", "offsets"):
+      object.__setattr__(self, name, tuple(v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)
+                                           for v in getattr(self, name)))
+
   @staticmethod
   def affine(slope, offset, shape, value) -> "Piecewise":
     return Piecewise((), (exact(slope, shape),), (exact(offset, shape),), (value,))

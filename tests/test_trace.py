@@ -575,3 +575,16 @@ def test_at_set_with_constant_indices_is_traced(name, fn):
     assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
   with pytest.raises(qb.UnsupportedPrimitiveError, match="scatter-add"):
     qb.bounds.interval(lambda x: x.at[1:3].add(x[:2]), box)
+
+
+@pytest.mark.parametrize("fn", [lambda x: jnp.where(x[0] > 0, x[0], 0.1 * x[0]),
+                                lambda x: jax.nn.leaky_relu(x[1]) * 3.0 + x[2]])
+def test_a_piecewise_function_of_one_entry_is_traced(fn):
+  """jnp.where / leaky_relu on a scalar (0-d) value crashed inside the tracer (a bare Fraction where
+  an array of them was expected)."""
+  box = qb.Box(-jnp.ones(4), jnp.ones(4))
+  xs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (500, 4)), jnp.float32)
+  values = np.asarray(jax.vmap(fn)(xs))
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(fn, box)
+    assert out.lower.shape == () and np.all(values >= float(out.lower) - 1e-5) and np.all(values <= float(out.upper) + 1e-5)

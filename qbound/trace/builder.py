@@ -238,6 +238,8 @@ class _Builder:
   def linear(self, eqn, ins, where, out_shape):
     var_positions = [i for i, v in enumerate(ins) if v[0] == "node"]
     name = eqn.primitive.name
+    if name == "scatter" and ins[1][0] == "node":
+      self.unsupported(eqn, "its indices depend on the input")
     if len(var_positions) > 1:
       if name == "concatenate":
         return self.concatenate(ins, eqn.params["dimension"], where, out_shape)
