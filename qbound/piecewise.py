@@ -52,7 +52,7 @@ class Piecewise:
     # Arithmetic on 0-d object arrays returns bare Fractions: a scalar's pieces (leaky_relu of one
     # entry) are kept as arrays, as every other shape's are.
     for name in ("breaks", "slopes", "offsets"):
-      object.__setattr__(self, name, tuple(v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)
+      object.__setattr__(self, name, tuple(v if isinstance(v, np.ndarray) else np.asarray(v)
                                            for v in getattr(self, name)))
 
   @staticmethod
