@@ -163,6 +163,7 @@ def test_a_long_call_lets_its_programs_compile_beside_it_until_it_ends(own_progr
   assert not call(beside=False)
 
 
+@pytest.mark.slow  # (13 s; the default suite sits near CI's 15 minutes)
 def test_branch_and_bound_lets_its_programs_compile_beside_it_once_it_runs_long(own_programs, monkeypatch):
   """A search on a large net that has run a while, warm, with time left asks for the programs it lacks
   now (BESIDE_AFTER, BESIDE_WARM_SECONDS, BESIDE_SECONDS_LEFT); short or nearly finished searches

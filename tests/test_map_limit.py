@@ -20,6 +20,7 @@ def test_counts_this_process_maps(monkeypatch):
   assert not _map_limit.release_if_near_limit()
 
 
+@pytest.mark.slow  # (12 s; the default suite sits near CI's 15 minutes)
 def test_near_the_limit_the_caches_are_cleared_with_a_warning(monkeypatch):
   monkeypatch.setattr(_map_limit, "MIN_INTERVAL", 0.0)
   square = jax.jit(lambda x: x * x)
