@@ -541,6 +541,18 @@ def test_a_function_traced_again_gives_its_kept_graph_unless_its_constants_can_c
   assert not np.allclose(first(y), second(y))
 
 
+def _interval_and_crown_enclose_samples(fn, n_in: int, seed: int, name: str = "") -> None:
+  """Interval and CROWN bounds of ``fn`` over [-1, 1]^n_in have its output's shape and hold at 500
+  sampled inputs."""
+  box = qb.Box(-jnp.ones(n_in), jnp.ones(n_in))
+  xs = jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (500, n_in)), jnp.float32)
+  values = np.asarray(jax.vmap(fn)(xs))
+  for bound in (qb.bounds.interval, qb.bounds.crown):
+    out = bound(fn, box)
+    assert out.lower.shape == values.shape[1:], name
+    assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
+
+
 @pytest.mark.parametrize("name, fn", [
     ("concatenate, a constant between", lambda x: jnp.concatenate([x, jnp.array([5.0]), 2 * x])),
     ("stack of scalars", lambda x: jnp.stack([x[0], x[1]])),
@@ -550,13 +562,7 @@ def test_a_function_traced_again_gives_its_kept_graph_unless_its_constants_can_c
 def test_concatenate_and_stack_keep_every_part_in_place(name, fn):
   """A constant concatenated between input-dependent parts was dropped (one output short, the rest
   misplaced); jnp.stack (its own primitive in current JAX) was refused."""
-  box = qb.Box(-jnp.ones(2), jnp.ones(2))
-  xs = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (500, 2)), jnp.float32)
-  values = np.asarray(jax.vmap(fn)(xs))
-  for bound in (qb.bounds.interval, qb.bounds.crown):
-    out = bound(fn, box)
-    assert out.lower.shape == values.shape[1:], name
-    assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
+  _interval_and_crown_enclose_samples(fn, 2, 0, name)
 
 
 @pytest.mark.parametrize("name, fn", [
@@ -566,15 +572,9 @@ def test_concatenate_and_stack_keep_every_part_in_place(name, fn):
 ])
 def test_at_set_with_constant_indices_is_traced(name, fn):
   """x.at[i].set(u) (a scatter with constant indices) is linear in x and u together; it was refused."""
-  box = qb.Box(-jnp.ones(4), jnp.ones(4))
-  xs = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (500, 4)), jnp.float32)
-  values = np.asarray(jax.vmap(fn)(xs))
-  for bound in (qb.bounds.interval, qb.bounds.crown):
-    out = bound(fn, box)
-    assert out.lower.shape == values.shape[1:], name
-    assert np.all(values >= np.asarray(out.lower) - 1e-5) and np.all(values <= np.asarray(out.upper) + 1e-5)
+  _interval_and_crown_enclose_samples(fn, 4, 1, name)
   with pytest.raises(qb.UnsupportedPrimitiveError, match="scatter-add"):
-    qb.bounds.interval(lambda x: x.at[1:3].add(x[:2]), box)
+    qb.bounds.interval(lambda x: x.at[1:3].add(x[:2]), qb.Box(-jnp.ones(4), jnp.ones(4)))
 
 
 @pytest.mark.parametrize("fn", [lambda x: jnp.where(x[0] > 0, x[0], 0.1 * x[0]),
@@ -582,9 +582,5 @@ def test_at_set_with_constant_indices_is_traced(name, fn):
 def test_a_piecewise_function_of_one_entry_is_traced(fn):
   """jnp.where / leaky_relu on a scalar (0-d) value crashed inside the tracer (a bare Fraction where
   an array of them was expected)."""
-  box = qb.Box(-jnp.ones(4), jnp.ones(4))
-  xs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (500, 4)), jnp.float32)
-  values = np.asarray(jax.vmap(fn)(xs))
-  for bound in (qb.bounds.interval, qb.bounds.crown):
-    out = bound(fn, box)
-    assert out.lower.shape == () and np.all(values >= float(out.lower) - 1e-5) and np.all(values <= float(out.upper) + 1e-5)
+  assert np.shape(fn(jnp.zeros(4))) == ()
+  _interval_and_crown_enclose_samples(fn, 4, 2)
