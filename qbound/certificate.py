@@ -87,6 +87,7 @@ class Certificate:
   def from_dict(cls, data: dict[str, Any]) -> "Certificate":
     """The certificate :meth:`to_dict` wrote (or parsed JSON); ``ValueError`` saying what is wrong otherwise."""
     kwargs = serialize.fields_from_dict(cls, data, _CERTIFICATE_FIELDS, "qbound certificate")
+    check_read("qbound certificate", kwargs)
     with warnings.catch_warnings():  # it warned when it was made; reading it back is no news
       warnings.simplefilter("ignore", InfiniteBoundWarning)
       return cls(**kwargs)
@@ -108,6 +109,39 @@ _CERTIFICATE_FIELDS = {
     "sound": serialize.BOOL, "lower_float32": serialize.FLOAT, "witness_diff": serialize.ARRAY,
     "box_lower": serialize.ARRAY, "box_upper": serialize.ARRAY,
 }
+
+
+def check_read(what: str, fields: dict[str, Any]) -> None:
+  """Raises ``ValueError`` where certificate fields read back from a file contradict each other as no
+  certificate qbound makes can: a NaN bound, a reached error above the proven bound (certify raises
+  a SoundnessError instead of returning that), bounds on ``f - f_q`` with lower above upper, a
+  witness shaped otherwise than the box or outside it. One box or a batch (a leading axis) alike."""
+  def arrays(*names):
+    return [None if fields.get(n) is None else np.asarray(fields[n], np.float64) for n in names]
+
+  lower, upper = arrays("lower", "upper")
+  for name, value in (("upper", upper), ("lower", lower)):
+    if value is not None and np.isnan(value).any():
+      raise ValueError(f"not a valid {what}: {name} is NaN (qbound never writes a NaN bound or reached error).")
+  if lower is not None and upper is not None and np.any(lower > upper):
+    raise ValueError(f"not a valid {what}: the reached error (lower, {np.max(lower)}) is above the proven upper "
+                     f"bound ({np.min(upper)}): qbound raises a SoundnessError rather than write that.")
+  diff_lower, diff_upper = arrays("diff_lower", "diff_upper")
+  if diff_lower is not None and diff_upper is not None:
+    if diff_lower.shape != diff_upper.shape:
+      raise ValueError(f"not a valid {what}: diff_lower has shape {diff_lower.shape} and diff_upper {diff_upper.shape}.")
+    if np.any(diff_lower > diff_upper):
+      raise ValueError(f"not a valid {what}: diff_lower is above diff_upper for some output.")
+  witness, box_lower, box_upper = arrays("witness", "box_lower", "box_upper")
+  if box_lower is not None and box_upper is not None:
+    if box_lower.shape != box_upper.shape or np.any(box_lower > box_upper):
+      raise ValueError(f"not a valid {what}: box_lower and box_upper are not the corners of a box (shapes "
+                       f"{box_lower.shape} and {box_upper.shape}, or lower above upper).")
+    if witness is not None:
+      if witness.shape != box_lower.shape:
+        raise ValueError(f"not a valid {what}: the witness has shape {witness.shape}, the box {box_lower.shape}.")
+      if np.any(witness < box_lower) or np.any(witness > box_upper):
+        raise ValueError(f"not a valid {what}: the witness lies outside the box.")
 
 
 def max_abs(lower, upper, outputs=None) -> float:

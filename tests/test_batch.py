@@ -55,6 +55,18 @@ def test_each_box_gets_what_certify_gives_it(pair, method):
   check_against_certify(f, fq, boxes, method, key, batch)
 
 
+@pytest.mark.parametrize("method", ["crown", "diff"])
+def test_deep_graphs_are_bounded_step_by_step_with_the_same_results(pair, method, monkeypatch):
+  # Graphs of STEP_NODES nodes or more skip the one program per chunk (its compilation grows with
+  # the square of the depth); here every graph is made to, and each box still gets what certify gives.
+  f, fq, boxes = pair
+  key = jax.random.key(7)
+  monkeypatch.setattr(qb.batch, "STEP_NODES", 0)
+  batch = qb.certify_batch(f, fq, boxes, method=method, key=key, search=H.search(), progress=False)
+  assert batch.layout["bounds"] == "steps" and batch.layout["device_of_box"] == [0] * N_BOXES
+  check_against_certify(f, fq, boxes, method, key, batch)
+
+
 @pytest.mark.slow
 def test_alpha_matches_certify(pair):
   f, fq, boxes = pair
@@ -112,6 +124,8 @@ def test_results_round_trip_and_read_well(pair):
   batch = qb.certify_batch(f, fq, boxes, method="interval", search=H.search(), progress=False)
   back = qb.BatchCertificate.from_json(batch.to_json())
   np.testing.assert_array_equal(back.upper, batch.upper)
+  with pytest.raises(ValueError, match="above the proven upper"):
+    qb.BatchCertificate.from_dict({**batch.to_dict(), "lower": (batch.upper + 1).tolist()})
   np.testing.assert_array_equal(back.witness, batch.witness)
   assert back.layout == json.loads(json.dumps(batch.layout))
   certs = batch.certificates()

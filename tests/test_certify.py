@@ -91,6 +91,17 @@ def test_json_round_trip(readme):
     np.testing.assert_array_equal(getattr(back, field), getattr(cert, field))
   with pytest.raises(ValueError, match="unknown fields"):
     qb.Certificate.from_dict({**cert.to_dict(), "colour": "red"})
+  # Files whose fields contradict each other as no certificate can are refused, saying what is wrong.
+  data = cert.to_dict()
+  witness = np.asarray(data["witness"])
+  for change, message in [({"lower": 2 * cert.upper}, "above the proven upper"),
+                          ({"upper": "NaN"}, "upper is NaN"),
+                          ({"diff_lower": (np.asarray(cert.diff_upper) + 1).tolist()}, "diff_lower is above"),
+                          ({"witness": witness[:1].tolist()}, "witness has shape"),
+                          ({"witness": (np.asarray(cert.box_upper) + 1).tolist()}, "outside the box"),
+                          ({"box_lower": (np.asarray(cert.box_upper) + 1).tolist()}, "not the corners")]:
+    with pytest.raises(ValueError, match=message):
+      qb.Certificate.from_json(json.dumps({**data, **change}))
 
 
 def test_sampled_errors_below_upper(readme):

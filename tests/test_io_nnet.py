@@ -168,6 +168,12 @@ def test_save_rejects_params_that_are_not_a_dense_chain(tmp_path):
   params["params"]["dense_1"]["kernel"] = jnp.zeros((4, 2))
   with pytest.raises(ValueError, match="takes 4 inputs"):
     save_nnet(tmp_path / "bad.nnet", params)
+  # A file load_nnet would refuse is never written: NaN or inf weights are named instead.
+  params = random_params(jax.random.key(2), [3, 5, 2])
+  params["params"]["dense_1"]["bias"] = params["params"]["dense_1"]["bias"].at[0].set(jnp.nan)
+  with pytest.raises(ValueError, match="'dense_1': its bias holds nan"):
+    save_nnet(tmp_path / "nan.nnet", params)
+  assert not (tmp_path / "nan.nnet").exists()
 
 
 def test_apply_refuses_a_batch():

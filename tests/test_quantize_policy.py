@@ -230,6 +230,13 @@ def test_patterns_that_match_nothing_raise_in_every_form():
     qz.uniform(params, 4, where=[])
   with pytest.raises(ValueError, match='no float parameters'):
     qz.uniform({'step': jnp.array(1, jnp.int32)}, 4, where='*')
+  # Without a pattern too: a tree with no float array (a module object, None, Python floats) would
+  # come back unchanged, and its "quantized copy" certify at an error of 0.
+  for tree in (nn.Dense(3), None, {'w': [0.37, -1.2]}):
+    with pytest.raises(ValueError, match='no float parameters to transform'):
+      qz.uniform(tree, 4)
+  with pytest.raises(ValueError, match='Python floats'):
+    qz.prune({'w': [0.37, -1.2]}, sparsity=0.5)
   # Patterns never match statistics, so one aimed only at them matches nothing.
   with pytest.raises(ValueError, match='matches nothing'):
     qz.uniform(_linen_variables(), 4, where='batch_stats/*')

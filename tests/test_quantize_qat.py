@@ -176,6 +176,15 @@ def test_retrain_bad_arguments(params, data):
     qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], data, **{**kwargs, 'steps': 0})
   with pytest.raises(ValueError, match='dampen must be a finite number >= 0'):
     qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], data, dampen=-1.0, **kwargs)
+  # Targets that do not fit the loss are named before anything compiles (optax's own errors are cryptic).
+  teacher = jax.vmap(MODEL.apply, in_axes=(None, 0))(params, data[0])
+  with pytest.raises(ValueError, match="integer class labels.*loss='mse'"):
+    qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], (data[0], teacher), **kwargs)
+  with pytest.raises(ValueError, match=r'one integer label per example'):
+    qat.retrain(MODEL.apply, params, QUANTIZERS['uniform2'], (data[0], jnp.zeros((len(data[0]), 2), jnp.int32)),
+                **kwargs)
+  with pytest.raises(ValueError, match='integer class labels'):
+    qat.retrain_ttq(MODEL.apply, params, (data[0], teacher), **kwargs)
 
 
 def test_ttq_gradients_follow_the_paper():

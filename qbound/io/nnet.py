@@ -238,6 +238,9 @@ def save_nnet(path: PathLike, params: Params, *, header: Iterable[str] = ()) -> 
     if vectors[name].shape != (n_in,):
       raise ValueError(f"params['normalisation'][{name!r}] has {vectors[name].size} values, "
                        f"the first layer has {n_in} inputs")
+    if name in ("means", "ranges") and not np.isfinite(vectors[name]).all():
+      raise ValueError(f"params['normalisation'][{name!r}] must be finite float32 numbers (load_nnet refuses "
+                       f"others), got {vectors[name].tolist()}")
   out_mean = np.asarray(norm.get("output_mean", 0.0), np.float32).reshape(1)
   out_range = np.asarray(norm.get("output_range", 1.0), np.float32).reshape(1)
 
@@ -413,6 +416,10 @@ def _dense_chain(params: Params) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
       raise ValueError(f"layer {name!r}: kernel must be (in, out) and bias (out,), "
                        f"got {kernel.shape} and {bias.shape}")
+    for what, values in (("kernel", kernel), ("bias", bias)):
+      if not np.isfinite(values).all():  # (load_nnet refuses such a file: never write one)
+        raise ValueError(f"layer {name!r}: its {what} holds {float(values[~np.isfinite(values)][0])}; the NNet format "
+                         "holds finite float32 numbers only (load_nnet refuses others).")
     if kernels and kernels[-1].shape[1] != kernel.shape[0]:
       raise ValueError(f"layer {name!r} takes {kernel.shape[0]} inputs but the layer before "
                        f"gives {kernels[-1].shape[1]}")

@@ -268,6 +268,8 @@ class Selection:
         i for i, (p, x, keep) in enumerate(zip(self.paths, self.leaves, parameter_mask(params, self.paths)))
         if keep and is_float_array(x)
     ]
+    if not candidates:
+      raise ValueError(_no_parameters(params))
     check_patterns_match(predicate, [self.paths[i] for i in candidates])
     self.indices: list[int] = [i for i in candidates if predicate(self.paths[i])]
     if check:
@@ -285,6 +287,17 @@ class Selection:
     for i, v in zip(self.indices, new_values, strict=True):
       leaves[i] = v
     return self.treedef.unflatten(leaves)
+
+
+def _no_parameters(params: PyTree) -> str:
+  """What to say when a transform is given a tree without one float array to change."""
+  what = type(params).__name__
+  hint = ''
+  if isinstance(params, (list, tuple, dict)) and any(isinstance(x, float) for x in jax.tree_util.tree_leaves(params)):
+    hint = ' Its numbers are Python floats: make each leaf an array first (jax.tree.map(jnp.asarray, params)).'
+  return (f'no float parameters to transform in the {what} given: pass the parameters pytree (the '
+          'variables from model.init, or nnx.state(model, nnx.Param)), whose weights are float arrays; '
+          f'the transform would otherwise return it unchanged.{hint}')
 
 
 def map_selected(fn: Callable[[Path, jax.Array], jax.Array], params: PyTree, where: Where = None) -> PyTree:

@@ -111,13 +111,28 @@ def _check_data(data, batch_size) -> tuple[jax.Array, jax.Array]:
   return x, y
 
 
+def _check_objective(objective, trainable, xb, yb, loss):
+  """The loss on one batch, shapes only: a clear error before the training loop compiles, where a
+  loss that does not fit the targets fails deep inside optax."""
+  if isinstance(loss, str) and loss == 'cross_entropy' and not jnp.issubdtype(yb.dtype, jnp.integer):
+    raise ValueError(f"loss='cross_entropy' takes integer class labels, got targets of dtype {yb.dtype}: for float "
+                     "targets, e.g. distillation towards f's outputs (x, f(x)), pass loss='mse'.")
+  try:
+    jax.eval_shape(objective, trainable, xb, yb)
+  except Exception as err:  # noqa: BLE001 (any failure here is the user's data not fitting the loss)
+    raise ValueError(f'the loss cannot be computed on a minibatch of inputs of shape {tuple(xb.shape)} and targets '
+                     f'of shape {tuple(yb.shape)} ({type(err).__name__}: {err}). cross_entropy takes one integer '
+                     "label per example (shape (n,) for outputs (n, classes)); mse takes targets shaped like "
+                     'the outputs.') from None
+
+
 def _check_steps(steps) -> int:
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f'steps must be a positive int, got {steps!r}.')
   return int(steps)
 
 
-def _fit(objective, trainable, data, *, optimizer, steps, key, batch_size, project=None):
+def _fit(objective, trainable, data, *, optimizer, steps, key, batch_size, project=None, loss=None):
   """Minimizes ``objective(trainable, xb, yb)`` with optax over random minibatches, in one jitted scan."""
   if not isinstance(optimizer, optax.GradientTransformation):
     raise ValueError(f'optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-3)), got {optimizer!r}.')
@@ -126,6 +141,7 @@ def _fit(objective, trainable, data, *, optimizer, steps, key, batch_size, proje
   steps = _check_steps(steps)
   x, y = _check_data(data, batch_size)
   n = x.shape[0]
+  _check_objective(objective, trainable, x[:batch_size], y[:batch_size], loss)
 
   def step(carry, k):
     tr, opt_state, x, y = carry
@@ -245,7 +261,7 @@ def retrain(
     return value
 
   trained, _ = _fit(objective, [x for _, x in sel.selected], data, optimizer=optimizer, steps=steps, key=key,
-                    batch_size=batch_size)
+                    batch_size=batch_size, loss=loss)
   return sel.rebuild(trained)
 
 
@@ -352,5 +368,5 @@ def retrain_ttq(
 
   start = {'params': [x for _, x in sel.selected], 'scales': scales}
   trained, _ = _fit(objective, start, data, optimizer=optimizer, steps=steps, key=key, batch_size=batch_size,
-                    project=project)
+                    project=project, loss=loss)
   return sel.rebuild(trained['params']), {name: tuple(pair) for name, pair in trained['scales'].items()}
