@@ -308,6 +308,7 @@ def test_pairs_that_differ_on_large_nets_stay_sound_without_hidden_diff_rows(mon
   assert calls[0] == (False, True) and (True, False) in calls
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_close_copies_of_large_nets_prove_in_batches_of_16(monkeypatch):
   """Proving an epsilon on a large net's close copy takes batches of CLOSE_COPY_BATCH_SIZE; a copy
   that really differs goes back to 32 after the root's batch, which tells the two apart (with

@@ -281,7 +281,8 @@ def test_sound_mode_survives_float32_cancellation(ulps):
     assert cert.lower <= result.upper and result.value <= cert.upper
 
 
-@pytest.mark.parametrize("shape", H.SHAPES[:3])
+# The first shape by default; the two others (~9 s) with -m slow.
+@pytest.mark.parametrize("shape", [H.SHAPES[0], *(pytest.param(s, marks=pytest.mark.slow) for s in H.SHAPES[1:3])])
 def test_batched_bounds_equal_one_box_at_a_time(shape):
   """``batched=True`` (branch and bound's path) bounds every box exactly as a call on it alone."""
   from qbound.bounds.diff import diff_bounds

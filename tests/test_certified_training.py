@@ -42,6 +42,7 @@ def test_error_bound_is_the_certified_bound_and_has_gradients(setting):
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(grads["params"]) if g.ndim == 2)
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_certified_retraining_lowers_the_training_bound(setting):
   """The same dampened distillation run (same key, steps, data) with the bound in the loss ends with a
   lower bound over the training boxes, re-certified soundly, than without it, and both below the start.

@@ -66,6 +66,7 @@ def test_an_error_before_the_deadline_is_raised(pair, monkeypatch):
     qb.certify(f, fq, box, time_budget=5.0)
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_an_error_after_the_deadline_is_logged(pair, monkeypatch, caplog):
   f, fq, box = pair
   qb.certify(f, fq, box, time_budget=5.0)

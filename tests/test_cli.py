@@ -88,6 +88,7 @@ def test_certify_box_npz_and_seed(capsys, tmp_path):
   assert cert["method"] == "interval" and cert["lower"] <= cert["upper"]
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_compare_acas_xu_with_its_16_bit_copy(capsys):
   # CROWN, not auto: auto adds the differential bound, whose first compilation on ACAS Xu's
   # seven layers takes ~40 s; the demo tests already run auto.

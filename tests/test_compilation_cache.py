@@ -56,6 +56,7 @@ def test_opt_out(tmp_path, opt_out):
   assert not (tmp_path / "qbound").exists()
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_on_by_default_and_reused_by_the_next_process(tmp_path):
   first = run({"XDG_CACHE_HOME": str(tmp_path)})
   cache = tmp_path / "qbound" / "jax"

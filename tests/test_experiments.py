@@ -114,6 +114,7 @@ def test_resiliency(smoke):
   assert isinstance(summary["cnn_supported"], bool) and summary["cnn_note"]
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_deep_compression(smoke):
   summary, out = smoke("deep_compression")
   stages = read_csv(out / "stages.csv")
@@ -125,6 +126,7 @@ def test_deep_compression(smoke):
   assert stages[3]["upper"] == stages[4]["upper"]  # Huffman coding changes storage, not values
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_bench_differential(smoke):
   summary, out = smoke("bench_differential")
   rows = read_csv(out / "bench.csv")

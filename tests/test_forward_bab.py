@@ -110,6 +110,7 @@ def test_refuses_unpaired_networks():
     forward_branch_and_bound(merged, box)
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_scanned_forward_pass_equals_the_unrolled_one(monkeypatch):
   """Identical blocks run as one lax.scan: the same values as unrolled, up to float32 rounding (the
   scanned body is compiled, the unrolled pass here runs op by op; each carries its own margins)."""

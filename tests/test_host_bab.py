@@ -498,6 +498,7 @@ def test_piece_bounds_hold_with_quantized_activations(seed, shape, bits, span, w
   _bounds_hold_in_pieces_and_halves(chain, box, seed, width, values_at)
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_quantized_activations_converge_to_the_exact_value():
   """With f_q's roundings and clips modelled, the search closes its gap on a small pair and its
   interval meets the exact MILP's; certify(auto) takes it and is sound against sampling."""

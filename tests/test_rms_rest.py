@@ -105,6 +105,7 @@ def test_joint_bounds_hold_at_sampled_inputs(seed, c, sound, relu):
     assert np.all(past.sum(axis=-1) <= joint_count[0])
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_joint_bounds_see_that_no_entry_dominates():
   """On a box where every hidden entry stays positive and none dominates, the others' norm is far
   from 0 and no entry can saturate, which the entries' intervals alone do not show."""
@@ -280,6 +281,7 @@ def test_nets_without_saturating_rms_keep_strong_branching():
   assert not bab._saturating(qb.merge(f, quantized(1.0, "absmax"), box))
 
 
+@pytest.mark.slow  # behaviour, not soundness: heavy for the default suite (CI's 15 minutes)
 def test_branch_and_bound_upper_never_rises_between_batches(monkeypatch):
   """bab.WITHIN_PARENT: a child's bounds are met with its parent's, so the largest open bound never
   rises from one batch to the next (a child's own passes may bound it more loosely than its parent,
