@@ -101,6 +101,14 @@ def test_usage_errors(extra, message, capsys, pair):
   assert code == 2 and message in err
 
 
+def test_no_box_is_a_usage_error_naming_the_first_network(capsys, pair):
+  # (It raised AttributeError: 'Namespace' object has no attribute 'model', exit 1 read as "unknown".)
+  f, g = pair
+  code = cli.main(["verify", f, g, "--top1"])
+  _, err = capsys.readouterr()
+  assert code == 2 and f"{f} declares no finite input range" in err
+
+
 def test_run_instance_script(tmp_path, pair):
   """VNN-COMP's run_instance.sh on a one-network VNN-LIB file: the results file's first line is the
   answer (the installed .venv of the checkout runs it)."""

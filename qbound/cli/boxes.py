@@ -35,6 +35,11 @@ def declared_box(params: dict):
   return mins, maxes
 
 
+def _model_name(args: argparse.Namespace) -> str:
+  """The model file the box is for: ``certify``'s MODEL, or ``verify``'s first network F."""
+  return getattr(args, "model", None) or getattr(args, "first", None) or "the model"
+
+
 def build_box(args: argparse.Namespace, shape: Optional[tuple[int, ...]], params: dict):
   """The input box from the command line (or the model's declared range), checked against ``shape``."""
   import qbound as qb
@@ -66,14 +71,14 @@ def build_box(args: argparse.Namespace, shape: Optional[tuple[int, ...]], params
   else:
     declared = declared_box(params)
     if declared is None:
-      raise UsageError(f"{args.model} declares no finite input range, so there is no default box; give one "
+      raise UsageError(f"{_model_name(args)} declares no finite input range, so there is no default box; give one "
                        "with --lower/--upper, --center/--radius or --box-npz.")
     lower, upper = declared
 
   if lower.shape != upper.shape:
     raise UsageError(f"the box's corners differ in size: lower has shape {lower.shape}, upper {upper.shape}.")
   if shape is not None and lower.shape != shape:
-    raise UsageError(f"the box has shape {lower.shape} ({lower.size} values per corner) but {args.model} "
+    raise UsageError(f"the box has shape {lower.shape} ({lower.size} values per corner) but {_model_name(args)} "
                      f"takes inputs of shape {shape} ({int(np.prod(shape))} values).")
   if np.any(lower > upper):
     i = tuple(int(k) for k in np.argwhere(lower > upper)[0])
@@ -141,7 +146,7 @@ def build_boxes(args: argparse.Namespace, shape: Optional[tuple[int, ...]]):
   if shape is not None:
     if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
       raise UsageError(f"--inputs {args.inputs}: each input has shape {x.shape[1:]} ({int(np.prod(x.shape[1:]))} "
-                       f"values) but {args.model} takes inputs of shape {shape} ({int(np.prod(shape))} values).")
+                       f"values) but {_model_name(args)} takes inputs of shape {shape} ({int(np.prod(shape))} values).")
     x = x.reshape((n, *shape))
   radius = fit(parse_values(args.radius, "--radius"), x.shape[1:], "--radius")
   if np.any(radius < 0):
