@@ -78,6 +78,20 @@ def test_certify_default_box_is_the_files_input_range(capsys):
   assert "asymmetric" in out and "proven upper bound" in out
 
 
+def test_typed_corners_are_rounded_outward_to_float32(capsys):
+  # 55947.691 lies between two float32 numbers: the box certified starts at the lower one (it was
+  # rounded to the nearest, 55947.69140625, leaving the typed corner outside the certified box).
+  code, out, err = run(["certify", ACAS, "--compare", ACAS_16, "--lower", "55947.691,-0.1,-0.1,1145,10",
+                        "--upper", "55947.7,0.1,0.1,1150,20.3", "--method", "interval", "--json"], capsys)
+  assert code == 0, err
+  cert = json.loads(out)
+  assert cert["box_lower"][0] <= 55947.691 and cert["box_upper"][4] >= 20.3
+  assert np.float32(cert["box_lower"][0]) == cert["box_lower"][0]  # float32 corners
+  code, _, err = run(["certify", ACAS, "--compare", ACAS_16, "--lower", "1e39,-3,-3,1145,0",
+                      "--upper", "2e39,3,3,1200,60"], capsys)
+  assert code == 2 and "beyond float32's range" in err
+
+
 def test_certify_box_npz_and_seed(capsys, tmp_path):
   box = tmp_path / "box.npz"
   np.savez(box, center=np.full(64, 0.5), radius=np.float64(0.01))
@@ -119,6 +133,7 @@ def test_compare_acas_xu_with_its_16_bit_copy(capsys):
     (["certify", DIGITS, "--method", "magic"], "invalid choice: 'magic'"),
     (["certify", DIGITS, "--box-npz", "nowhere.npz"], "nowhere.npz: no such file"),
     (["demo", "--image", "99"], "image must be an index"),
+    (["demo", "--bits", "8", "1"], "--bits: bits must be between 2 and"),  # before the demo's header (out == "")
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
 ])

@@ -93,6 +93,7 @@ def test_vnnlib_boxes(capsys, tmp_path, pair):
     (["--delta-top1", "1.5"], "--delta-top1 must be in (0, 1)"),
     (["--epsilon", "abc"], "--epsilon must be a number"),
     (["--top1", "--timeout", "-1"], "--timeout"),
+    (["--top1", "--counterexample", "/no/such/dir/ce.txt"], "--counterexample /no/such/dir/ce.txt: the directory"),
 ])
 def test_usage_errors(extra, message, capsys, pair):
   f, g = pair

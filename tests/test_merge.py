@@ -63,6 +63,19 @@ def test_merged_equals_difference_nnx():
   assert merged.paired
 
 
+def test_an_nnx_model_in_training_mode_is_told_to_call_eval():
+  # BatchNorm in training mode updates its statistics as it runs: a Flax trace error, explained.
+  model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), nnx.BatchNorm(6, rngs=nnx.Rngs(0)), nnx.relu)
+  graphdef, state = nnx.split(model)
+  f = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  with pytest.raises(ValueError, match=r"Call model.eval\(\)"):
+    qb.merge(f, f, qb.linf_ball(jnp.zeros(4), 0.1))
+  model.eval()
+  graphdef, state = nnx.split(model)
+  qb.merge(lambda x: nnx.merge(graphdef, state)(x), lambda x: nnx.merge(graphdef, state)(x),
+           qb.linf_ball(jnp.zeros(4), 0.1))
+
+
 def test_merged_graph_layout():
   f, fq, _, _ = H.random_pair(0, H.SHAPES[0], bits=4)
   merged = qb.merge(f, fq, jnp.zeros(2))

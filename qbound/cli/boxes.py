@@ -84,7 +84,22 @@ def build_box(args: argparse.Namespace, shape: Optional[tuple[int, ...]], params
     i = tuple(int(k) for k in np.argwhere(lower > upper)[0])
     where = i[0] if len(i) == 1 else i
     raise UsageError(f"the box is empty: lower > upper at input {where} ({lower[i]:g} > {upper[i]:g}).")
-  return qb.Box(lower=np.asarray(lower, np.float32), upper=np.asarray(upper, np.float32))
+  return float32_outward(lower, upper)
+
+
+def float32_outward(lower: np.ndarray, upper: np.ndarray):
+  """The box in float32, each corner rounded outward where the typed value has no float32 (55947.691
+  is between two float32 numbers): the box certified holds every input asked for, as
+  :func:`qbound.io.load_vnnlib`'s boxes do."""
+  import qbound as qb
+
+  big = float(np.finfo(np.float32).max)
+  for option, corner in (("lower", lower), ("upper", upper)):
+    if np.any(np.abs(corner) > big):
+      raise UsageError(f"the box's {option} corner has values beyond float32's range (+-{big:.4g}), which the "
+                       "networks compute in.")
+  box = qb.box.validate_box(qb.Box(lower=np.asarray(lower, np.float64), upper=np.asarray(upper, np.float64)))
+  return qb.Box(lower=np.asarray(box.lower, np.float32), upper=np.asarray(box.upper, np.float32))
 
 
 def fit(values: np.ndarray, shape: Optional[tuple[int, ...]], option: str) -> np.ndarray:
@@ -159,7 +174,7 @@ def build_boxes(args: argparse.Namespace, shape: Optional[tuple[int, ...]]):
     lower, upper = np.clip(lower, *lo_hi), np.clip(upper, *lo_hi)
     if np.any(x < lo_hi[0]) or np.any(x > lo_hi[1]):
       raise UsageError(f"--inputs {args.inputs}: some inputs lie outside --clip {args.clip}.")
-  return qb.Box(lower=np.asarray(lower, np.float32), upper=np.asarray(upper, np.float32))
+  return float32_outward(lower, upper)
 
 
 def inputs_from_file(path: str) -> np.ndarray:

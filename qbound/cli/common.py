@@ -152,24 +152,24 @@ def parse_bytes(text: str) -> float:
 # -------------------------------------------------------------------------------------------- output
 
 
-def write_output(path: Optional[str], text: str) -> None:
-  """Writes ``text`` (a certificate's JSON) to ``--output`` when it was given."""
+def write_output(path: Optional[str], text: str, option: str = "--output") -> None:
+  """Writes ``text`` (a certificate's JSON) to ``option``'s file (``--output``) when it was given."""
   if path is None:
     return
   try:
     pathlib.Path(path).write_text(text + "\n", encoding="utf-8")
   except OSError as err:
-    raise UsageError(f"--output {path}: cannot write it ({err.strerror or err}).") from None
+    raise UsageError(f"{option} {path}: cannot write it ({err.strerror or err}).") from None
 
 
-def check_output_path(path: Optional[str]) -> None:
-  """``--output`` must name a file in an existing directory; checked before a long computation."""
+def check_output_path(path: Optional[str], option: str = "--output") -> None:
+  """``option`` (``--output``) must name a file in an existing directory; checked before a long computation."""
   if path is None:
     return
   if pathlib.Path(path).is_dir():
-    raise UsageError(f"--output {path} is a directory; give a file name.")
+    raise UsageError(f"{option} {path} is a directory; give a file name.")
   if not pathlib.Path(path).resolve().parent.is_dir():
-    raise UsageError(f"--output {path}: the directory {pathlib.Path(path).parent} does not exist.")
+    raise UsageError(f"{option} {path}: the directory {pathlib.Path(path).parent} does not exist.")
 
 
 # ----------------------------------------------------------------------------------------- verbosity

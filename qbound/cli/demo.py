@@ -28,7 +28,13 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace, out) -> int:
   from qbound.demo import run_demo
+  from qbound.quantize.numerics import check_bits
 
+  for bits in args.bits:  # before the demo prints its header
+    try:
+      check_bits(bits, minimum=2)
+    except ValueError as err:
+      raise UsageError(f"--bits: {err}") from None
   # The demo's bar is its only sign of life on a first (compiling) run: shown unless asked not to.
   progress = not args.no_progress and common.verbosity(args) != common.QUIET
   try:

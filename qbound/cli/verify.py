@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, out) -> int:
 
   start = time.perf_counter()
   timeout = common.parse_seconds(args.timeout, "--timeout")
-  common.check_output_path(args.counterexample)
+  common.check_output_path(args.counterexample, "--counterexample")
   logits = bool(args.top1 or args.delta_top1 is not None)
   apply_f, params_f = load_model(args.first, logits=logits)
   apply_g, params_g = load_model(args.second, logits=logits)
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, out) -> int:
     if verdict.status == "unknown":
       answer = "unknown"
   if answer == "sat" and args.counterexample:  # written first: a reader may stop at the answer line
-    common.write_output(args.counterexample, counterexample_text(verdicts[-1]))
+    common.write_output(args.counterexample, counterexample_text(verdicts[-1]), "--counterexample")
   print(answer, file=out)
   if args.json:
     print(json.dumps({"answer": answer, "verdicts": [v.to_dict() for v in verdicts],

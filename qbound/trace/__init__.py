@@ -121,8 +121,13 @@ def trace(fn: Callable, example, *, label: str = "fn") -> G.Graph:
   try:
     closed = jax.make_jaxpr(fn)(jnp.zeros(spec.shape, spec.dtype))
   except Exception as err:  # the user's function rejected the input: say which input it was given
+    hint = ""
+    if "Cannot mutate" in str(err) or type(err).__name__ == "TraceContextError":
+      # (nnx's BatchNorm in training mode updates its batch statistics as it runs; so does Dropout's RNG.)
+      hint = (" It changes its own state as it runs: an nnx model in training mode (BatchNorm updating "
+              "its statistics, Dropout drawing masks). Call model.eval() before nnx.split, as inference does.")
     raise ValueError(f"{label} could not be evaluated on an input of shape {spec.shape} and dtype "
-                     f"{spec.dtype} (the box's shape): {type(err).__name__}: {err}") from err
+                     f"{spec.dtype} (the box's shape): {type(err).__name__}: {err}{hint}") from err
   key = _cache_key(closed, spec)
   graph = None if key is None else _traced.get(key, closed.consts)
   if graph is None:
