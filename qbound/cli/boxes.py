@@ -94,12 +94,16 @@ def float32_outward(lower: np.ndarray, upper: np.ndarray):
   import qbound as qb
 
   big = float(np.finfo(np.float32).max)
-  for option, corner in (("lower", lower), ("upper", upper)):
+  corners = []
+  for option, corner, outward in (("lower", lower, -np.inf), ("upper", upper, np.inf)):
+    corner = np.asarray(corner, np.float64)
     if np.any(np.abs(corner) > big):
       raise UsageError(f"the box's {option} corner has values beyond float32's range (+-{big:.4g}), which the "
                        "networks compute in.")
-  box = qb.box.validate_box(qb.Box(lower=np.asarray(lower, np.float64), upper=np.asarray(upper, np.float64)))
-  return qb.Box(lower=np.asarray(box.lower, np.float32), upper=np.asarray(box.upper, np.float32))
+    cast = corner.astype(np.float32)
+    inward = cast > corner if outward < 0 else cast < corner  # rounded to the nearest, into the box
+    corners.append(np.where(inward, np.nextafter(cast, np.float32(outward)), cast))
+  return qb.Box(lower=corners[0], upper=corners[1])
 
 
 def fit(values: np.ndarray, shape: Optional[tuple[int, ...]], option: str) -> np.ndarray:
