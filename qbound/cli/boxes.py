@@ -42,8 +42,6 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def build_box(args: argparse.Namespace, shape: Optional[tuple[int, ...]], params: dict):
   """The input box from the command line (or the model's declared range), checked against ``shape``."""
-  import qbound as qb
-
   forms = [name for name, given in (("--lower/--upper", args.lower is not None or args.upper is not None),
                                     ("--center/--radius", args.center is not None or args.radius is not None),
                                     ("--box-npz", args.box_npz is not None)) if given]
@@ -152,8 +150,6 @@ def box_from_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build_boxes(args: argparse.Namespace, shape: Optional[tuple[int, ...]]):
   """A batch of L-inf balls of ``--radius`` around the rows of ``--inputs`` (clipped to ``--clip``)."""
-  import qbound as qb
-
   for option, value in (("--lower", args.lower), ("--upper", args.upper), ("--center", args.center),
                         ("--box-npz", args.box_npz)):
     if value is not None:
