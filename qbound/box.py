@@ -167,7 +167,7 @@ def validate_box(box: Box, *, name: str = "box") -> Box:
                      "Swap the corners or build the box with qbound.linf_ball(center, radius).")
   dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower.dtype, np.float32)
                                         if np.issubdtype(lower.dtype, np.floating) else np.float32)
-  return Box(lower=_round_outward(lower, dtype, -np.inf), upper=_round_outward(upper, dtype, np.inf))
+  return Box(lower=round_outward(lower, dtype, -np.inf), upper=round_outward(upper, dtype, np.inf))
 
 
 def validate_boxes(boxes: Box, *, name: str = "boxes") -> Box:
@@ -191,7 +191,7 @@ def box_at(boxes: Box, index) -> Box:
   return Box(lower=boxes.lower[index], upper=boxes.upper[index])
 
 
-def _round_outward(values: np.ndarray, dtype, direction: float):
+def round_outward(values: np.ndarray, dtype, direction: float):
   """``values`` in ``dtype``, rounded toward ``direction`` where the cast is inexact, so a box
   narrowed from float64 to float32 never shrinks."""
   cast = values.astype(dtype)

@@ -98,9 +98,7 @@ def float32_outward(lower: np.ndarray, upper: np.ndarray):
     if np.any(np.abs(corner) > big):
       raise UsageError(f"the box's {option} corner has values beyond float32's range (+-{big:.4g}), which the "
                        "networks compute in.")
-    cast = corner.astype(np.float32)
-    inward = cast > corner if outward < 0 else cast < corner  # rounded to the nearest, into the box
-    corners.append(np.where(inward, np.nextafter(cast, np.float32(outward)), cast))
+    corners.append(np.asarray(qb.box.round_outward(corner, np.float32, outward)))
   return qb.Box(lower=corners[0], upper=corners[1])
 
 

@@ -114,7 +114,7 @@ def _check_data(data, batch_size) -> tuple[jax.Array, jax.Array]:
 def _check_objective(objective, trainable, xb, yb, loss):
   """The loss on one batch, shapes only: a clear error before the training loop compiles, where a
   loss that does not fit the targets fails deep inside optax."""
-  if isinstance(loss, str) and loss == 'cross_entropy' and not jnp.issubdtype(yb.dtype, jnp.integer):
+  if loss == 'cross_entropy' and not jnp.issubdtype(yb.dtype, jnp.integer):
     raise ValueError(f"loss='cross_entropy' takes integer class labels, got targets of dtype {yb.dtype}: for float "
                      "targets, e.g. distillation towards f's outputs (x, f(x)), pass loss='mse'.")
   try:
